@@ -1,0 +1,123 @@
+"""GGUFFile: a GGUF checkpoint seen as an HF model: HF config and HF-named, HF-layout tensors."""
+
+import os
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.gguf_reader import ReaderTensor
+from gguf.quants import dequantize
+
+from .errors import GGUFError
+from .layout import unpermute_rotary_rows
+from .metadata import architecture_spec, build_hf_config
+from .names import map_tensor_names
+
+_NATURAL_DTYPE = {
+    GGMLQuantizationType.F32: torch.float32,
+    GGMLQuantizationType.F16: torch.float16,
+    GGMLQuantizationType.BF16: torch.bfloat16,
+}
+
+
+def _open_reader(path: str) -> GGUFReader:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: GGUF file not found")
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as e:  # the gguf library raises ValueError, IndexError, etc. for damaged files
+        raise GGUFError(f"{path}: not a readable GGUF file, it may be truncated or corrupt "
+                        f"({type(e).__name__}: {e})") from e
+    file_size = os.path.getsize(path)
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > file_size or t.data.nbytes != int(t.n_bytes):
+            raise GGUFError(f"{path}: tensor '{t.name}' ends at byte {end} but the file has {file_size} bytes; "
+                            f"the file is truncated")
+    return reader
+
+
+class GGUFFile:
+    """A memory-mapped GGUF file. Tensor data is read (and dequantised) only by get_tensor/raw."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._reader = _open_reader(self.path)
+        self.architecture, self._spec = architecture_spec(self.path, self._reader.fields)
+        by_gguf_name = {t.name: t for t in self._reader.tensors}
+        self._gguf_names = map_tensor_names(self.path, self.architecture, list(by_gguf_name))
+        self._tensors: dict[str, ReaderTensor] = {hf: by_gguf_name[g] for hf, g in self._gguf_names.items()}
+        self._config = build_hf_config(self.path, self._reader.fields, set(by_gguf_name))
+
+    def __repr__(self) -> str:
+        return f"GGUFFile({self.path!r}, architecture={self.architecture!r}, tensors={len(self._tensors)})"
+
+    def hf_config(self) -> dict:
+        """The HF config.json dict for this model (a fresh copy)."""
+        import copy
+        return copy.deepcopy(self._config)
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._tensors
+
+    def gguf_name(self, key: str) -> str:
+        return self._tensor(key).name
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape in HF layout: GGUF lists dimensions innermost first, HF outermost first."""
+        return tuple(int(d) for d in reversed(self._tensor(key).shape))
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The float type the tensor holds once dequantised (float32 for quantized types)."""
+        return _NATURAL_DTYPE.get(self._tensor(key).tensor_type, torch.float32)
+
+    def nbytes(self, key: str) -> int:
+        """Bytes the tensor occupies in the file, as stored (quantized)."""
+        return int(self._tensor(key).n_bytes)
+
+    def ggml_type(self, key: str) -> str:
+        return self._tensor(key).tensor_type.name
+
+    def get_tensor(self, key: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor dequantised, in HF layout and conventions, as `dtype` (default: self.dtype(key))."""
+        t = self._tensor(key)
+        try:
+            values = dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise GGUFError(f"{self.path}: tensor '{t.name}': cannot dequantise {t.tensor_type.name} ({e})") from e
+        values = values.reshape(self.shape(key))
+        values = self._to_hf_rows(key, values)
+        if not values.flags.writeable:
+            values = values.copy()
+        tensor = torch.from_numpy(values)
+        if self._spec.norm_offset and t.name.endswith("norm.weight"):
+            tensor = tensor.float() - self._spec.norm_offset
+        return tensor.to(device=device, dtype=dtype if dtype is not None else self.dtype(key))
+
+    def raw(self, key: str) -> tuple[str, np.ndarray, tuple[int, ...]]:
+        """(ggml type name, stored bytes as uint8 [rows, bytes per row], HF shape). Rows are in HF order
+        (q/k permutation undone); values are as stored, so Gemma norms still carry llama.cpp's +1."""
+        t = self._tensor(key)
+        shape = self.shape(key)
+        # Quant blocks run along the innermost dimension, so a quantized 1-D tensor is one row.
+        rows = shape[0] if len(shape) > 1 or t.tensor_type in _NATURAL_DTYPE else 1
+        data = np.asarray(t.data).view(np.uint8).reshape(rows, -1)
+        return t.tensor_type.name, self._to_hf_rows(key, data), shape
+
+    def _to_hf_rows(self, key: str, rows: np.ndarray) -> np.ndarray:
+        if not self._spec.permuted_qk:
+            return rows
+        if ".self_attn.q_proj." in key:
+            return unpermute_rotary_rows(rows, self._config["num_attention_heads"])
+        if ".self_attn.k_proj." in key:
+            return unpermute_rotary_rows(rows, self._config["num_key_value_heads"])
+        return rows
+
+    def _tensor(self, key: str) -> ReaderTensor:
+        t = self._tensors.get(key)
+        if t is None:
+            raise KeyError(f"{self.path}: no tensor '{key}' (HF name) in this GGUF file")
+        return t
