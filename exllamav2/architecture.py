@@ -1,0 +1,154 @@
+"""Architecture parameters and the registry that maps an `architectures[0]` string to them.
+
+Each family declares its `ArchParams` as data in `exllamav2/architectures/<family>.py`. An optional
+`configure(params, cfg)` hook adjusts the copy for one model's config.json (e.g. GPT-NeoX's
+`use_parallel_residual`). Unknown architectures are refused, never loaded as Llama.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Callable
+
+
+class RopeStyle(IntEnum):
+    NONE = 0  # no rotary embedding (learned or no positional embedding)
+    GPTJ = 1  # rotate interleaved pairs (2i, 2i+1)
+    NEOX = 2  # rotate halves (i, i + rot_dim/2)
+
+
+def default_keys() -> dict:
+    return {
+        "norm_eps": "rms_norm_eps",
+        "embed_tokens": "model.embed_tokens",
+        "learned_pos_emb": None,
+        "layers": "model.layers",
+        "norm": "model.norm",
+        "lm_head": "lm_head",
+        "norm_1": ".input_layernorm",
+        "norm_1_post": None,
+        "norm_2": ".post_attention_layernorm",
+        "norm_2_post": None,
+        "attn_q": ".self_attn.q_proj",
+        "attn_k": ".self_attn.k_proj",
+        "attn_v": ".self_attn.v_proj",
+        "attn_o": ".self_attn.o_proj",
+        "attn_q_norm": ".self_attn.q_norm",
+        "attn_k_norm": ".self_attn.k_norm",
+        "fused_qkv": None,
+        "mlp_gate": ".mlp.gate_proj",
+        "mlp_up": ".mlp.up_proj",
+        "mlp_down": ".mlp.down_proj",
+        "fused_mlp_12": None,
+        "mlp_expert_gate": None,
+    }
+
+
+@dataclass
+class ArchParams:
+    """What differs between model families. Field names follow the original's `Params`."""
+
+    arch_string: str = ""
+    family: str = ""
+    keys: dict = field(default_factory=default_keys)
+    # tensor-name substitutions applied to every name read from a file: (find, replace);
+    # a `find` starting with "$" is anchored at the start of the name
+    keymap: list = field(default_factory=list)
+    orig_weights_transposed: bool = False  # GPT-2 Conv1D stores (in, out)
+
+    norm: str = "rmsnorm"  # "rmsnorm" | "layernorm"
+    norm_bias: bool = False  # layernorm with bias
+    norm_constant_bias: float = 0.0  # added to norm weights at load (Gemma: 1 + w)
+    headnorm: str = "rmsnorm"  # q/k norm kind
+    headnorm_per_head: bool = False  # q/k norm weight is (heads, head_dim) (Cohere)
+    qk_norm_before_reshape: bool = False  # q/k norm over the whole projection (OLMo 2)
+
+    mlp_gate: bool = True
+    mlp_act_func: str = "silu"  # silu | gelu | gelu_tanh | relu | quickgelu
+    mlp_bias: bool = False
+    is_moe: bool = False
+
+    attention_bias_qkv: bool = False
+    attention_bias_o: bool = False
+    rope_style: RopeStyle = RopeStyle.NEOX
+    parallel_decoder_blocks: bool = False
+    mqa: bool = False
+    fused_qkv_altpack: bool = False
+
+    normalize_embeddings: bool = False  # multiply embeddings by sqrt(hidden)
+    residual_stream_fp32: bool = False
+    requires_bos: bool = False
+    swa: bool = False  # honour config.sliding_window on every layer
+    alternating_swa: bool = False  # sliding window on some layers only (see config.layer_types)
+    sliding_rope_theta: float | None = None
+    sliding_rope_scale: float | None = None
+    head_bias: bool = False  # lm_head has a bias (GPT-J, Phi)
+    use_qk_norm: bool = False
+    supports_tp: bool = False
+
+    # config.json key aliases read for this family: field -> list of keys (first found wins)
+    config_aliases: dict = field(default_factory=dict)
+
+    def clone(self) -> "ArchParams":
+        return copy.deepcopy(self)
+
+
+@dataclass
+class ArchEntry:
+    params: ArchParams
+    configure: Callable[[ArchParams, dict], None] | None = None
+    notes: str = ""
+
+
+_REGISTRY: dict[str, ArchEntry] = {}
+
+
+def register(arch_string: str, params: ArchParams, configure=None, notes: str = "") -> None:
+    p = params.clone()
+    p.arch_string = arch_string
+    _REGISTRY[arch_string] = ArchEntry(p, configure, notes)
+
+
+def _load_families() -> None:
+    # importing the package registers every family module it lists
+    from . import architectures  # noqa: F401
+
+
+def supported_architectures() -> dict[str, ArchEntry]:
+    _load_families()
+    return dict(sorted(_REGISTRY.items()))
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+class ExLlamaV2ArchParams:
+    """`config.arch`: the language model's params in `.lm` (vision parts are not supported)."""
+
+    def __init__(self, arch_string: str, read_config: dict, source: str = "config.json"):
+        _load_families()
+        entry = _REGISTRY.get(arch_string)
+        if entry is None:
+            names = ", ".join(sorted(_REGISTRY))
+            raise UnsupportedArchitectureError(
+                f"{source}: architecture '{arch_string}' is not supported. Supported architectures: {names}"
+            )
+        self.arch_string = arch_string
+        self.lm = entry.params.clone()
+        self.lm_prefix = ""
+        self.notes = entry.notes
+        if entry.configure is not None:
+            entry.configure(self.lm, read_config)
+        # global overrides from config.json, as the original applies them
+        if read_config.get("attention_bias") and not (self.lm.attention_bias_qkv or self.lm.attention_bias_o):
+            self.lm.attention_bias_qkv = True
+            self.lm.attention_bias_o = True
+        if read_config.get("mlp_bias"):
+            self.lm.mlp_bias = True
+
+    @property
+    def keymap(self):
+        return self.lm.keymap

@@ -1,0 +1,184 @@
+"""ExLlamaV2Attention: norm -> q/k/v projections -> q/k norm -> RoPE -> KV cache -> attention -> o_proj
+[-> post norm] -> + residual. MHA, GQA and MQA; biases; sliding window; logit softcap; a causal mask in every
+path (including left padding through Params.input_mask)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .architecture import RopeStyle
+from .attn_params import Params
+from .headnorm import ExLlamaV2HeadNorm
+from .linear import ExLlamaV2Linear
+from .module import ExLlamaV2Module
+from .norms import make_norm
+
+
+class ExLlamaV2Attention(ExLlamaV2Module):
+    name = "Attention"
+    Params = Params
+    kv_layer = True  # owns a layer of the KV cache
+
+    def __init__(self, model, key, layer_idx: int, has_norm: bool = True, has_residual: bool = True,
+                 sliding_window: int = 0, archparams=None, rope_index: int = 0):
+        super().__init__(model, key, archparams)
+        cfg, ap = self.config, self.archparams
+        keys = ap.keys
+        self.layer_idx = layer_idx
+        self.has_norm = has_norm
+        self.has_residual = has_residual
+        self.sliding_window = sliding_window
+        self.rope_index = rope_index
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.scaling = cfg.attn_scale()
+        self.softcap = cfg.attn_logit_softcapping or 0.0
+        hidden, H, Hkv, d = cfg.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+
+        self.pre_layernorm = make_norm(model, key + keys["norm_1"], ap) if (has_norm and keys["norm_1"]) else None
+        self.post_layernorm = make_norm(model, key + keys["norm_1_post"], ap) if keys["norm_1_post"] else None
+
+        qkv_bias, o_bias = ap.attention_bias_qkv, ap.attention_bias_o
+        if keys["fused_qkv"]:
+            fk = key + keys["fused_qkv"]
+            total = (H + 2 * Hkv) * d
+            mk = lambda name, beg, end: ExLlamaV2Linear(model, key + name, hidden, end - beg, qkv_bias, f_key=fk,
+                                                         f_beg=beg, f_end=end, altpack_qkv=ap.fused_qkv_altpack,
+                                                         archparams=ap, fused_rows=total)
+            self.q_proj = mk(keys["attn_q"], 0, H * d)
+            self.k_proj = mk(keys["attn_k"], H * d, (H + Hkv) * d)
+            self.v_proj = mk(keys["attn_v"], (H + Hkv) * d, total)
+        else:
+            self.q_proj = ExLlamaV2Linear(model, key + keys["attn_q"], hidden, H * d, qkv_bias, archparams=ap)
+            self.k_proj = ExLlamaV2Linear(model, key + keys["attn_k"], hidden, Hkv * d, qkv_bias, archparams=ap)
+            self.v_proj = ExLlamaV2Linear(model, key + keys["attn_v"], hidden, Hkv * d, qkv_bias, archparams=ap)
+        self.o_proj = ExLlamaV2Linear(model, key + keys["attn_o"], H * d, hidden, o_bias, archparams=ap,
+                                      prescale=cfg.scale_depth)
+
+        self.q_norm = self.k_norm = None
+        if cfg.use_qk_norm:
+            if ap.qk_norm_before_reshape:
+                self.q_norm = make_norm(model, key + keys["attn_q_norm"], ap, size=H * d)
+                self.k_norm = make_norm(model, key + keys["attn_k_norm"], ap, size=Hkv * d)
+            else:
+                self.q_norm = ExLlamaV2HeadNorm(model, key + keys["attn_q_norm"], H, d, ap)
+                self.k_norm = ExLlamaV2HeadNorm(model, key + keys["attn_k_norm"], Hkv, d, ap)
+
+        self.submodules = [m for m in (self.pre_layernorm, self.q_proj, self.k_proj, self.v_proj, self.o_proj,
+                                       self.q_norm, self.k_norm, self.post_layernorm) if m is not None]
+
+    # ------------------------------------------------------------------ module interface
+
+    def load(self, device_context: bool = True):
+        for m in self.submodules:
+            m.load()
+
+    def unload(self):
+        for m in self.submodules:
+            m.unload()
+
+    def numel(self) -> int:
+        return sum(m.numel() for m in self.submodules)
+
+    def is_quant(self) -> bool:
+        return self.q_proj.is_quant()
+
+    def update_loras(self):
+        pass
+
+    def rope(self):
+        return self.model.rotary_for_layer(self.layer_idx, self.rope_index)
+
+    def scratch_space_fixed(self) -> int:
+        cfg = self.config
+        rows = cfg.max_input_len * cfg.max_batch_size
+        return rows * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim * 2 * 2
+
+    def scratch_space(self) -> int:
+        return self.scratch_space_fixed() + self.temp_attn_size()
+
+    def temp_attn_size(self) -> int:
+        cfg = self.config
+        return 2 * min(cfg.max_attention_size, cfg.max_seq_len ** 2) * self.num_heads * 2
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, hidden_states, cache=None, attn_params=None, past_len=None, intermediates=False,
+                loras=None, **kwargs):
+        b, s = hidden_states.shape[0], hidden_states.shape[1]
+        if attn_params is None:
+            past = past_len if past_len is not None else (cache.current_seq_len if cache is not None else 0)
+            attn_params = Params(b, s, past)
+        residual = hidden_states
+        x = self.pre_layernorm.forward(hidden_states) if self.pre_layernorm is not None else hidden_states
+        post_norm = x
+        attn_output = self.attend(x, cache, attn_params, loras)
+        o = self.o_proj.forward(attn_output, loras=loras)
+        if self.post_layernorm is not None:
+            o = self.post_layernorm.forward(o)
+        if self.has_residual:
+            out = residual.float() + o.float() if self.archparams.residual_stream_fp32 else residual + o.to(residual.dtype)
+        else:
+            out = o
+        if intermediates:
+            return {"post_norm": post_norm, "attn_output": attn_output, "hidden_states": out}
+        return out
+
+    def project_qkv(self, x, loras=None):
+        b, s = x.shape[0], x.shape[1]
+        q = self.q_proj.forward(x, loras=loras)
+        k = self.k_proj.forward(x, loras=loras)
+        v = self.v_proj.forward(x, loras=loras)
+        if self.q_norm is not None and self.archparams.qk_norm_before_reshape:
+            q, k = self.q_norm.forward(q), self.k_norm.forward(k)
+        q = q.view(b, s, self.num_heads, self.head_dim)
+        k = k.view(b, s, self.num_kv_heads, self.head_dim)
+        v = v.view(b, s, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and not self.archparams.qk_norm_before_reshape:
+            q, k = self.q_norm.forward(q), self.k_norm.forward(k)
+        return q, k, v
+
+    def attend(self, x, cache, attn_params: Params, loras=None) -> torch.Tensor:
+        """Everything between the input norm and o_proj: returns (b, s, heads * head_dim)."""
+        b, s = x.shape[0], x.shape[1]
+        q, k, v = self.project_qkv(x, loras)
+        if self.archparams.rope_style != RopeStyle.NONE:
+            pos, _ = attn_params.get_positions(q.device)
+            q, k = self.rope().apply(q, k, pos)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        past = attn_params.past_len
+        if cache is not None:
+            kc, vc = cache.get_kv_state(self.layer_idx, b, 0, past + s)
+            if kc.shape[0] < b:
+                raise ValueError(f"batch of {b} rows does not fit a cache built for batch_size={kc.shape[0]}")
+            kc[:b, :, past:past + s].copy_(k)
+            vc[:b, :, past:past + s].copy_(v)
+            k, v = kc[:b, :, :past + s], vc[:b, :, :past + s]
+            cache.store_kv_state(self.layer_idx, b, past, s)
+        mask = attn_params.get_attn_mask(q.device, self.sliding_window)
+        out = attention(q, k, v, mask, self.scaling, self.softcap, is_causal=(mask is None and s > 1))
+        return out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+
+
+def attention(q, k, v, mask, scale: float, softcap: float = 0.0, is_causal: bool = False) -> torch.Tensor:
+    """q (b, hq, s, d); k, v (b, hk, t, d); mask bool (b, 1, s, t) or None. Causal alignment is bottom-right:
+    query i sits at key position t - s + i."""
+    hq, hk = q.shape[1], k.shape[1]
+    if hq != hk:
+        k = k.repeat_interleave(hq // hk, dim=1)
+        v = v.repeat_interleave(hq // hk, dim=1)
+    s, t = q.shape[2], k.shape[2]
+    if softcap:
+        scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+        scores = softcap * torch.tanh(scores / softcap)
+        if mask is None and is_causal:
+            mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return (scores.softmax(-1) @ v.float()).to(q.dtype)
+    if is_causal and s != t:
+        mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
+        is_causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)

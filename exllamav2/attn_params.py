@@ -1,0 +1,70 @@
+"""Per-forward attention parameters: past length, padding mask, position offsets, and the masks derived
+from them (built once per forward and shared by every layer)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class Params:
+    """`input_mask` covers every key position of this forward, shape (batch, past_len + seq_len): either a bool
+    keep-mask (True = real token) or an additive float mask (0 = keep, large negative = padding).
+    `position_offsets` (batch, 1) is added to each row's positions (negative for left padding)."""
+
+    def __init__(self, batch_size: int = 1, seq_len: int | None = None, past_len: int | None = None,
+                 input_mask: torch.Tensor | None = None, position_offsets: torch.Tensor | None = None,
+                 paged: bool = False, alt_rope_embed=None, non_causal_attn: bool = False, rope_offsets=None):
+        self.batch_size = batch_size
+        self.seq_len = seq_len or 0
+        self.past_len = past_len or 0
+        self.paged = paged
+        self.non_causal_attn = non_causal_attn
+        self.position_offsets = position_offsets
+        self.input_mask = input_mask
+        self.alt_rope_embed = alt_rope_embed
+        self.rope_offsets = rope_offsets
+        self._keep = None
+        if input_mask is not None:
+            total = self.past_len + self.seq_len
+            if input_mask.dim() != 2 or input_mask.shape[0] != batch_size or input_mask.shape[1] < total:
+                raise ValueError(f"input_mask has shape {list(input_mask.shape)}, expected [{batch_size}, {total}] "
+                                 f"(batch, past_len + seq_len)")
+            m = input_mask[:, :total]
+            self._keep = m if m.dtype == torch.bool else (m > -1.0)
+        self._cache: dict = {}
+
+    def is_causal(self) -> bool:
+        return self._keep is None and not self.non_causal_attn
+
+    def get_positions(self, device) -> torch.Tensor:
+        """(batch, seq_len) long positions: past_len + i (+ offset), clamped at 0."""
+        key = ("pos", str(device))
+        if key not in self._cache:
+            pos = torch.arange(self.past_len, self.past_len + self.seq_len, device=device).unsqueeze(0)
+            pos = pos.expand(self.batch_size, -1)
+            if self.position_offsets is not None:
+                pos = (pos + self.position_offsets.to(device).view(-1, 1)).clamp(min=0)
+            self._cache[key] = (pos, int(pos.max().item()) + 1 if pos.numel() else 1)
+        return self._cache[key]
+
+    def get_attn_mask(self, device, sliding_window: int = 0) -> torch.Tensor | None:
+        """Bool mask (batch, 1, seq_len, past_len + seq_len), True = attend, or None when plain causal
+        attention over everything (the caller then uses is_causal for prompts, nothing for one token)."""
+        s, total = self.seq_len, self.past_len + self.seq_len
+        needs_window = bool(sliding_window) and total > sliding_window
+        if self._keep is None and not needs_window and not self.non_causal_attn:
+            return None
+        key = ("mask", str(device), sliding_window if needs_window else 0)
+        if key not in self._cache:
+            qpos = torch.arange(self.past_len, total, device=device).view(-1, 1)
+            kpos = torch.arange(total, device=device).view(1, -1)
+            m = torch.ones(s, total, dtype=torch.bool, device=device) if self.non_causal_attn else (kpos <= qpos)
+            if needs_window:
+                m = m & (qpos - kpos < sliding_window)
+            m = m.unsqueeze(0).expand(self.batch_size, -1, -1)
+            if self._keep is not None:
+                m = m & self._keep.to(device).unsqueeze(1)
+                # a padding query row would see nothing: let it see itself so softmax stays finite
+                m = m | (kpos == qpos).unsqueeze(0)
+            self._cache[key] = m.unsqueeze(1)
+        return self._cache[key]

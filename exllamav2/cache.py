@@ -1,0 +1,111 @@
+"""KV caches. Per attention layer one K and one V tensor, preallocated, laid out (batch, kv_heads, max_seq_len,
+head_dim) so attention reads a contiguous prefix per head without transposes. `current_seq_len` is the number
+of positions filled (shared by all rows; uneven prompts are left padded)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ExLlamaV2CacheBase:
+    def __init__(self, model, batch_size: int = 1, max_seq_len: int = -1, copy_from=None, lazy: bool = False,
+                 num_key_value_heads: int | None = None, fixed_device=None, dtype: torch.dtype | None = None):
+        self.model = model
+        cfg = model.config
+        self.batch_size = batch_size
+        self.max_seq_len = cfg.max_seq_len if max_seq_len == -1 else max_seq_len
+        if self.max_seq_len <= 0:
+            raise ValueError(f"cache max_seq_len must be positive, got {self.max_seq_len}")
+        self.num_key_value_heads = num_key_value_heads or cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.num_hidden_layers = cfg.num_hidden_layers
+        self.fixed_device = fixed_device
+        self.dtype = dtype or model.dtype
+        self.current_seq_len = 0
+        self.key_states: list = [None] * self.num_hidden_layers
+        self.value_states: list = [None] * self.num_hidden_layers
+        self.shape_basic = (batch_size, self.num_key_value_heads, self.max_seq_len, self.head_dim)
+        if not lazy:
+            self.create_state_tensors(copy_from)
+
+    def _layer_device(self, idx: int) -> str:
+        if self.fixed_device is not None:
+            return str(self.fixed_device)
+        cm = getattr(self.model, "cache_map", None) or {}
+        return cm.get(idx, "cpu")
+
+    def create_state_tensors(self, copy_from=None, lazy: bool = False) -> None:
+        for i in range(self.num_hidden_layers):
+            dev = self._layer_device(i)
+            if copy_from is not None:
+                self.key_states[i] = copy_from.key_states[i].clone()
+                self.value_states[i] = copy_from.value_states[i].clone()
+            else:
+                self.key_states[i] = torch.zeros(self.shape_basic, dtype=self.dtype, device=dev)
+                self.value_states[i] = torch.zeros(self.shape_basic, dtype=self.dtype, device=dev)
+        if copy_from is not None:
+            self.current_seq_len = copy_from.current_seq_len
+
+    def update_cache_tensors(self) -> None:
+        for i in range(self.num_hidden_layers):
+            dev = self._layer_device(i)
+            if self.key_states[i] is None:
+                self.key_states[i] = torch.zeros(self.shape_basic, dtype=self.dtype, device=dev)
+                self.value_states[i] = torch.zeros(self.shape_basic, dtype=self.dtype, device=dev)
+            elif str(self.key_states[i].device) != torch.device(dev).__str__():
+                self.key_states[i] = self.key_states[i].to(dev)
+                self.value_states[i] = self.value_states[i].to(dev)
+
+    def get_kv_state(self, layer_idx: int, batch_size: int, offset: int, width: int, page_size: int = 0,
+                     cache_seqlens=None, block_table=None):
+        return self.key_states[layer_idx], self.value_states[layer_idx]
+
+    def store_kv_state(self, layer_idx: int, batch_size: int, offset: int, width: int, page_size: int = 0,
+                       cache_seqlens=None, block_table=None):
+        pass
+
+    def check_room(self, q_len: int, past_len: int | None = None) -> None:
+        past = self.current_seq_len if past_len is None else past_len
+        if past + q_len > self.max_seq_len:
+            raise ValueError(f"input of {q_len} tokens after {past} cached ones needs {past + q_len} positions, "
+                             f"but the cache holds max_seq_len={self.max_seq_len}")
+
+    def copy_states(self, target, from_column: int, from_columns: int, to_column: int, to_columns: int,
+                    from_row: int, from_rows: int, to_row: int, to_rows: int) -> None:
+        """Copy token positions [from_column, +from_columns) of batch rows [from_row, +from_rows) into
+        `target` at [to_column, +to_columns) / [to_row, +to_rows)."""
+        if from_columns != to_columns or from_rows != to_rows:
+            raise ValueError("copy_states: source and target ranges must have the same size")
+        for i in range(self.num_hidden_layers):
+            for src, dst in ((self.key_states[i], target.key_states[i]), (self.value_states[i], target.value_states[i])):
+                dst[to_row:to_row + to_rows, :, to_column:to_column + to_columns].copy_(
+                    src[from_row:from_row + from_rows, :, from_column:from_column + from_columns])
+
+    def roll_left(self) -> None:
+        for i in range(self.num_hidden_layers):
+            for t in (self.key_states[i], self.value_states[i]):
+                t[:, :, :-1].copy_(t[:, :, 1:].clone())
+        self.current_seq_len = max(0, self.current_seq_len - 1)
+
+    def reset(self) -> None:
+        self.current_seq_len = 0
+
+    def all_tensors(self) -> list:
+        return [t for pair in zip(self.key_states, self.value_states) for t in pair if t is not None]
+
+    def footprint(self) -> dict:
+        out: dict = {}
+        for t in self.all_tensors():
+            out[str(t.device)] = out.get(str(t.device), 0) + t.numel() * t.element_size()
+        return out
+
+    def touch_device(self, device) -> None:
+        pass
+
+    def clone(self):
+        return type(self)(self.model, self.batch_size, self.max_seq_len, copy_from=self,
+                          num_key_value_heads=self.num_key_value_heads, fixed_device=self.fixed_device, dtype=self.dtype)
+
+
+class ExLlamaV2Cache(ExLlamaV2CacheBase):
+    """KV cache in the model's activation dtype."""

@@ -1,0 +1,59 @@
+"""Per-head norm on q or k, shape (b, s, heads, head_dim): RMSNorm or LayerNorm, weight (head_dim) shared by all
+heads or (heads, head_dim) per head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .module import ExLlamaV2Module, MissingTensorError, TensorShapeError
+from .rmsnorm import _with_constant_bias, rms_norm
+
+
+class ExLlamaV2HeadNorm(ExLlamaV2Module):
+    name = "HeadNorm"
+
+    def __init__(self, model, key, num_heads: int, head_dim: int, archparams=None):
+        super().__init__(model, key, archparams)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.is_rms = self.archparams.headnorm == "rmsnorm"
+        self.weight = None
+        self.bias = None
+        self.variance_epsilon = self.config.norm_eps
+        self.assumed_footprint = num_heads * head_dim * 2
+
+    def load(self, device_context: bool = True):
+        w = self.load_weight()
+        if w is None:
+            raise MissingTensorError(f"{self.key}.weight: tensor not found in the model files")
+        w, b = w if isinstance(w, tuple) else (w, None)
+        ok = (tuple(w.shape) in ((self.head_dim,), (self.num_heads, self.head_dim)))
+        if not ok:
+            raise TensorShapeError(f"{self.key}.weight: shape {list(w.shape)}, expected [{self.head_dim}] or "
+                                   f"[{self.num_heads}, {self.head_dim}]")
+        self.weight = _with_constant_bias(w, self.archparams.norm_constant_bias)
+        self.bias = b
+
+    def unload(self):
+        self.weight = self.bias = None
+
+    def numel(self) -> int:
+        return self.weight.numel() if self.weight is not None else self.head_dim
+
+    def forward(self, hidden_states, cache=None, attn_params=None, past_len=None,
+                intermediates=False, loras=None, **kwargs):
+        x = hidden_states
+        if self.is_rms:
+            y = rms_norm(x, self.weight, self.variance_epsilon, x.dtype)
+        else:
+            # LayerNorm over head_dim in fp32 (Cohere's per-head norm does its statistics in fp32)
+            xf = x.float()
+            mean = xf.mean(-1, keepdim=True)
+            var = (xf - mean).pow(2).mean(-1, keepdim=True)
+            y = (xf - mean) * torch.rsqrt(var + self.variance_epsilon)
+            y = y * self.weight.float()
+            if self.bias is not None:
+                y = y + self.bias.float()
+            y = y.to(x.dtype)
+        return {"hidden_states": y} if intermediates else y

@@ -1,0 +1,306 @@
+"""The module contract (seed 000): ExLlamaV2Module, the base of every model part, and Intervention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class MissingTensorError(KeyError):
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+class TensorShapeError(ValueError):
+    pass
+
+
+_EXL2_KEYS = ["q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups", "q_perm", "bias"]
+_GPTQ_KEYS = ["qweight", "qzeros", "scales", "g_idx", "bias"]
+
+
+class ExLlamaV2Module:
+    """Base class for every model part. `key` names the module's place in the weight namespace
+    (e.g. "model.layers.0.self_attn.q_proj"); a trailing dot is accepted and dropped."""
+
+    name: str = "Module"
+
+    def __init__(self, model, key: str, archparams=None):
+        self.model = model
+        self.config = model.config
+        self.key = key.rstrip(".") if key else key
+        self.alt_key = None
+        self.archparams = archparams if archparams is not None else model.config.arch.lm
+        self.device_idx = getattr(model, "default_device_idx", -1)
+        self.footprint = -1
+        self.submodules = []
+        self.assumed_footprint = 0
+
+    # ------------------------------------------------------------------ abstract interface
+
+    def numel(self) -> int:
+        raise NotImplementedError
+
+    def load(self, device_context: bool = True):
+        raise NotImplementedError
+
+    def unload(self):
+        raise NotImplementedError
+
+    def scratch_space_fixed(self) -> int:
+        return 0
+
+    def scratch_space_tp(self) -> int:
+        return 0
+
+    def scratch_space(self) -> int:
+        return 0
+
+    def forward(self, hidden_states, cache=None, attn_params=None, past_len=None,
+                intermediates=None, loras=None, **kwargs):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ concrete helpers
+
+    def device(self) -> str:
+        idx = self.device_idx
+        return "cpu" if idx is None or (isinstance(idx, int) and idx < 0) else f"cuda:{idx}"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def _source(self, name: str):
+        return self.config.tensor_file_map.get(name)
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self.config.tensor_file_map
+
+    def load_multi(self, key, keys, measure=False, cpu=False):
+        """Load `key.<suffix>` for each suffix present, grouped by source file. With `measure`, return the
+        sum of their stored sizes in bytes (from file headers; no tensor data is read)."""
+        by_file: dict = {}
+        for suffix in keys:
+            name = f"{key}.{suffix}"
+            src = self._source(name)
+            if src is not None:
+                by_file.setdefault(id(src), (src, []))[1].append((suffix, name))
+        if measure:
+            return sum(src.nbytes(name) for src, items in by_file.values() for _, name in items)
+        device = "cpu" if cpu else self.device()
+        out = {}
+        for src, items in by_file.values():
+            for suffix, name in items:
+                out[suffix] = src.get_tensor(name, device=device)
+        return out
+
+    def _float(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def load_weight(self, override_key=None, cpu=False):
+        """EXL2 dict if `<key>.q_weight` exists, GPTQ dict if `<key>.qweight`, else `Parameter(weight)` or
+        `(Parameter(weight), Parameter(bias))`; None when no candidate key has tensors."""
+        keys = [override_key] if override_key is not None else [self.key, self.alt_key]
+        for key in keys:
+            if key is None:
+                continue
+            if self.has_tensor(key + ".q_weight"):
+                t = self.load_multi(key, _EXL2_KEYS, cpu=cpu)
+                if "q_invperm" in t:
+                    t["q_perm"] = torch.argsort(t["q_invperm"].long()).to(torch.int32)
+                if "bias" in t:
+                    t["bias"] = self._float(t["bias"])
+                return t
+            if self.has_tensor(key + ".qweight"):
+                t = self.load_multi(key, _GPTQ_KEYS, cpu=cpu)
+                if "bias" in t:
+                    if not torch.any(t["bias"] != 0):
+                        del t["bias"]
+                    else:
+                        t["bias"] = self._float(t["bias"])
+                return t
+            if self.has_tensor(key + ".weight"):
+                t = self.load_multi(key, ["weight", "bias"], cpu=cpu)
+                w = self._float(t["weight"])
+                if self.archparams.orig_weights_transposed and w.dim() == 2:
+                    w = w.T.contiguous()
+                w = nn.Parameter(w, requires_grad=False)
+                if "bias" in t:
+                    return w, nn.Parameter(self._float(t["bias"]), requires_grad=False)
+                return w
+        return None
+
+    def load_weight_fused(self, f_key, f_beg, f_end, in_feat, out_feat, altpack_qkv):
+        """Rows [f_beg, f_end) of a fused tensor (and its bias). Handles a source stored transposed
+        ((in, rows) instead of (rows, in)) and the altpack QKV layout (per-KV-head [q.., k, v] blocks)."""
+        w_name = f_key + ".weight" if self.has_tensor(f_key + ".weight") else (f_key if self.has_tensor(f_key) else None)
+        if w_name is None:
+            return None
+        b_name = f_key + ".bias" if self.has_tensor(f_key + ".bias") else None
+        src = self._source(w_name)
+        shape = tuple(src.shape(w_name))
+        transposed = self.archparams.orig_weights_transposed or (
+            len(shape) == 2 and shape[1] != in_feat and shape[0] == in_feat)
+        rows = shape[1] if transposed else shape[0]
+        cols = shape[0] if transposed else shape[1]
+        if cols != in_feat or f_end > rows or f_beg < 0 or f_beg >= f_end:
+            expect = getattr(self, "fused_rows", None)
+            raise TensorShapeError(
+                f"{w_name}: fused tensor has shape {list(shape)}; expected {expect or f'>= {f_end}'} rows "
+                f"of {in_feat} input features{' (stored transposed)' if transposed else ''} to take rows [{f_beg}, {f_end})")
+        expect = getattr(self, "fused_rows", None)
+        if expect is not None and rows != expect:
+            raise TensorShapeError(f"{w_name}: fused tensor has {rows} rows, expected {expect} ({list(shape)})")
+        device = self.device()
+
+        def take(name, is_bias):
+            s = self._source(name)
+            if altpack_qkv:
+                full = s.get_tensor(name)
+                if transposed and not is_bias:
+                    full = full.T
+                return self._float(_altpack_rows(full, self.config, f_beg, f_end)).to(device)
+            if is_bias:
+                t = s.get_tensor(name)[f_beg:f_end]
+            elif hasattr(s, "get_slice") and not transposed:
+                t = s.get_slice(name, 0, f_beg, f_end)
+            elif hasattr(s, "get_slice"):
+                t = s.get_slice(name, 1, f_beg, f_end).T
+            else:
+                full = s.get_tensor(name)
+                t = (full.T if transposed else full)[f_beg:f_end]
+            return self._float(t.contiguous()).to(device)
+
+        w = nn.Parameter(take(w_name, False), requires_grad=False)
+        if w.shape != (f_end - f_beg, in_feat):
+            raise TensorShapeError(f"{w_name}: slice [{f_beg}, {f_end}) has shape {list(w.shape)}, expected {[f_end - f_beg, in_feat]}")
+        if b_name is not None:
+            return w, nn.Parameter(take(b_name, True), requires_grad=False)
+        return w
+
+    def weight_footprint(self) -> int:
+        """Bytes of this module's weights as stored on disk (cached); `assumed_footprint` when none found."""
+        if self.footprint >= 0:
+            return self.footprint
+        if self.submodules:
+            fp = sum(m.weight_footprint() for m in self.submodules)
+        else:
+            fp = 0
+            for key in (self.key, self.alt_key):
+                if key is None:
+                    continue
+                for keys in (_EXL2_KEYS, _GPTQ_KEYS, ["weight", "bias"]):
+                    fp = self.load_multi(key, keys, measure=True)
+                    if fp:
+                        break
+                if fp:
+                    break
+            if not fp:
+                fp = self.fused_footprint()
+            if not fp:
+                fp = self.assumed_footprint
+        self.footprint = fp
+        return fp
+
+    def fused_footprint(self) -> int:
+        return 0
+
+    def set_device_idx(self, idx: int | None):
+        self.device_idx = -1 if idx is None else idx
+        for m in self.submodules:
+            m.set_device_idx(idx)
+
+    def is_quant(self) -> bool:
+        return False
+
+    def reload(self):
+        self.unload()
+        self.load()
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.key!r})"
+
+
+def _altpack_rows(full: torch.Tensor, config, f_beg: int, f_end: int) -> torch.Tensor:
+    """Select rows [f_beg, f_end) of the unpacked q|k|v order from an altpack tensor whose rows are grouped
+    per KV head as [q_0..q_{g-1}, k, v] blocks of head_dim rows. Works for weights (rows, in) and biases."""
+    hkv, d = config.num_key_value_heads, config.head_dim
+    g = config.num_attention_heads // hkv
+    rest = full.shape[1:]
+    if full.shape[0] != hkv * (g + 2) * d:
+        raise TensorShapeError(f"altpack QKV tensor has {full.shape[0]} rows, expected {hkv * (g + 2) * d}")
+    blocks = full.reshape(hkv, g + 2, d, *rest)
+    q = blocks[:, :g].reshape(hkv * g * d, *rest)
+    k = blocks[:, g].reshape(hkv * d, *rest)
+    v = blocks[:, g + 1].reshape(hkv * d, *rest)
+    return torch.cat((q, k, v), 0)[f_beg:f_end]
+
+
+_OWN = ("inner", "pre_forward", "post_forward")
+
+
+class Intervention(ExLlamaV2Module):
+    """Wraps a module and calls `pre_forward(hidden_states, *args, **kwargs)` before and
+    `post_forward(hidden_states, *args, **kwargs)` after its forward. Each hook returns the (possibly
+    modified) hidden states, which are moved back to the device they were on. Everything else, attribute
+    reads and writes included, is delegated to the inner module, so a wrapped module keeps its
+    `layer_idx`, device placement and weights."""
+
+    def __init__(self, inner: ExLlamaV2Module, pre_forward=None, post_forward=None):
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "pre_forward", pre_forward)
+        object.__setattr__(self, "post_forward", post_forward)
+
+    def __getattr__(self, name):
+        if name in _OWN:
+            raise AttributeError(name)
+        return getattr(object.__getattribute__(self, "inner"), name)
+
+    def __setattr__(self, name, value):
+        if name in _OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.pre_forward is not None:
+            dev = hidden_states.device
+            hidden_states = self.pre_forward(hidden_states, *args, **kwargs).to(dev)
+        out = self.inner.forward(hidden_states, *args, **kwargs)
+        if self.post_forward is not None:
+            if isinstance(out, dict):
+                h = out["hidden_states"]
+                out["hidden_states"] = self.post_forward(h, *args, **kwargs).to(h.device)
+            else:
+                dev = out.device
+                out = self.post_forward(out, *args, **kwargs).to(dev)
+        return out
+
+    # explicit delegation of the base-class methods (attribute lookup would find the base versions first)
+    def numel(self): return self.inner.numel()
+    def load(self, *args, **kwargs): return self.inner.load(*args, **kwargs)
+    def unload(self): return self.inner.unload()
+    def scratch_space_fixed(self): return self.inner.scratch_space_fixed()
+    def scratch_space_tp(self): return self.inner.scratch_space_tp()
+    def scratch_space(self): return self.inner.scratch_space()
+    def device(self): return self.inner.device()
+    def load_multi(self, *args, **kwargs): return self.inner.load_multi(*args, **kwargs)
+    def load_weight(self, *args, **kwargs): return self.inner.load_weight(*args, **kwargs)
+    def load_weight_fused(self, *args, **kwargs): return self.inner.load_weight_fused(*args, **kwargs)
+    def weight_footprint(self): return self.inner.weight_footprint()
+    def set_device_idx(self, idx): return self.inner.set_device_idx(idx)
+    def is_quant(self): return self.inner.is_quant()
+    def reload(self): return self.inner.reload()
+    def has_tensor(self, name): return self.inner.has_tensor(name)
+    def fused_footprint(self): return self.inner.fused_footprint()
+
+    @property
+    def dtype(self):
+        return self.inner.dtype
+
+    @property
+    def name(self):
+        return self.inner.name
+
+    def __repr__(self):
+        return f"Intervention({self.inner!r})"
