@@ -1,0 +1,254 @@
+"""ExLlamaV2Tokenizer: encode/decode, special ids, padding and chat templates over HF `tokenizers`."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .chat_template import render_chat_template, select_chat_template
+from .sources import load_tokenizer_source
+from .stream import ExLlamaV2TokenizerStream
+
+# Additive mask value at pads: finite (a fully masked row must not turn into NaN) and exactly
+# representable in fp16/bf16/fp32, yet far below any attention score.
+PAD_MASK_VALUE = -65504.0
+
+
+class ExLlamaV2Tokenizer:
+    def __init__(self, config, lazy_init: bool = True, force_json: bool = False, force_spm: bool = False):
+        if force_spm:
+            raise ValueError("force_spm: SentencePiece tokenizer.model files are not supported; use tokenizer.json or a GGUF file")
+        self.config = config
+        model_dir = getattr(config, "model_dir", None)
+        gguf_path = getattr(config, "gguf_path", None)
+        source = load_tokenizer_source(model_dir, gguf_path)
+        self.origin = source.origin
+        self.tokenizer = source.tokenizer
+        self.chat_templates = source.chat_templates
+        self.add_bos_token_default = bool(source.add_bos_token)
+        self.add_eos_token_default = bool(source.add_eos_token)
+
+        added = self.tokenizer.get_added_tokens_decoder()
+        self.extended_piece_to_id: dict[str, int] = {a.content: i for i, a in added.items() if a.special}
+        for piece, token_id in source.extra_special_pieces.items():
+            if self.tokenizer.token_to_id(piece) == token_id:
+                self.extended_piece_to_id.setdefault(piece, token_id)
+        self.extended_id_to_piece = {i: p for p, i in self.extended_piece_to_id.items()}
+        self.unspecial_piece_to_id: dict[str, int] = {a.content: i for i, a in added.items() if not a.special}
+        self.special_ids = torch.tensor(sorted(self.extended_id_to_piece), dtype=torch.long)
+
+        self.actual_vocab_size = max(self.tokenizer.get_vocab_size(with_added_tokens=True),
+                                     max(added, default=-1) + 1)
+        self.unk_token_id = self._resolve_id(None, source, "unk_token", [])
+        self.bos_token_id = self._resolve_id(getattr(config, "bos_token_id", None), source, "bos_token", ["<s>", "<bos>", "<|begin_of_text|>"])
+        self.eos_token_id = self._resolve_id(getattr(config, "eos_token_id", None), source, "eos_token", ["</s>", "<eos>", "<|endoftext|>", "<|end_of_text|>"])
+        self.pad_token_id = self._resolve_id(getattr(config, "pad_token_id", None), source, "pad_token", ["<pad>"])
+        if self.pad_token_id is None:
+            self.pad_token_id = self.eos_token_id
+        self.eos_token_ids = self._collect_eos_ids(source)
+
+        self.bos_token = self._piece(self.bos_token_id)
+        self.eos_token = self._piece(self.eos_token_id)
+        self.pad_token = self._piece(self.pad_token_id)
+        self.unk_token = self._piece(self.unk_token_id)
+
+        self.newline_token_id = self._last_id("\n")
+        self.space_token_id = self._last_id(" ")
+
+        self._id_to_piece: list[str] | None = None
+        self._id_to_piece_special: list[str] | None = None
+        self._piece_to_id: dict[str, int] | None = None
+        if not lazy_init:
+            self.get_id_to_piece_list(True)
+            self.get_piece_to_id_dict()
+
+    # --- special ids --------------------------------------------------------------------------------
+
+    def _valid_id(self, token_id: Any) -> int | None:
+        if isinstance(token_id, (list, tuple)):
+            token_id = token_id[0] if token_id else None
+        if token_id is None:
+            return None
+        token_id = int(token_id)
+        return token_id if 0 <= token_id < self.actual_vocab_size else None
+
+    def _resolve_id(self, from_config: Any, source, name: str, fallback_pieces: list[str]) -> int | None:
+        """Config first, then the tokenizer files (ids from GGUF, pieces from tokenizer_config), then known pieces."""
+        token_id = self._valid_id(from_config)
+        if token_id is None:
+            token_id = self._valid_id(source.special_ids.get(name))
+        if token_id is None and source.special_tokens.get(name) is not None:
+            token_id = self.tokenizer.token_to_id(source.special_tokens[name])
+        for piece in fallback_pieces:
+            if token_id is not None:
+                break
+            token_id = self.tokenizer.token_to_id(piece)
+        return token_id
+
+    def _collect_eos_ids(self, source) -> list[int]:
+        candidates: list[Any] = [self.eos_token_id]
+        gen_eos = (getattr(self.config, "generation_config", None) or {}).get("eos_token_id")
+        candidates += gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
+        candidates.append(source.special_ids.get("eos_token"))
+        if source.special_tokens.get("eos_token") is not None:
+            candidates.append(self.tokenizer.token_to_id(source.special_tokens["eos_token"]))
+        ids = [self._valid_id(c) for c in candidates]
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
+    def _piece(self, token_id: int | None) -> str | None:
+        return None if token_id is None else self.tokenizer.id_to_token(token_id)
+
+    def _last_id(self, text: str) -> int | None:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return ids[-1] if ids else None
+
+    # --- encoding -----------------------------------------------------------------------------------
+
+    def _encode_lists(self, texts: list[str], add_bos: bool, add_eos: bool, encode_special_tokens: bool) -> list[list[int]]:
+        # tokenizers' flag means "split special tokens as text", the inverse of ours.
+        self.tokenizer.encode_special_tokens = not encode_special_tokens
+        try:
+            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        finally:
+            self.tokenizer.encode_special_tokens = False
+        prefix = [self.bos_token_id] if add_bos and self.bos_token_id is not None else []
+        suffix = [self.eos_token_id] if add_eos and self.eos_token_id is not None else []
+        return [prefix + e.ids + suffix for e in encodings]
+
+    def encode(
+        self,
+        text: str | Sequence[str],
+        add_bos: bool = False,
+        add_eos: bool = False,
+        encode_special_tokens: bool = False,
+        return_offsets: bool = False,
+        embeddings: Any = None,
+    ):
+        """LongTensor (1, n) for a string; for a list, (b, n) left-padded with `pad_token_id`.
+        With `return_offsets`, also a (b, 1) tensor of minus the pad length of each row."""
+        if embeddings:
+            raise NotImplementedError("encode: embeddings (text aliases) are not supported")
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("encode: expected a str or a list of str")
+        seqs = self._encode_lists(texts, add_bos, add_eos, encode_special_tokens)
+        length = max((len(s) for s in seqs), default=0)
+        pad = self.pad_token_id if self.pad_token_id is not None else 0
+        ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            if seq:
+                ids[row, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        if not return_offsets:
+            return ids
+        offsets = torch.tensor([[len(s) - length] for s in seqs], dtype=torch.long)
+        return ids, offsets
+
+    def num_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def single_id(self, piece: str) -> int | None:
+        """The id of one token given as its vocabulary piece (or text that encodes to one token)."""
+        if piece in self.extended_piece_to_id:
+            return self.extended_piece_to_id[piece]
+        token_id = self.tokenizer.token_to_id(piece)
+        if token_id is not None:
+            return token_id
+        ids = self.tokenizer.encode(piece, add_special_tokens=False).ids
+        return ids[0] if len(ids) == 1 else None
+
+    @staticmethod
+    def single_token(token_id: int) -> torch.Tensor:
+        return torch.tensor([[token_id]], dtype=torch.long)
+
+    def get_vocab_size(self) -> int:
+        return self.actual_vocab_size
+
+    def padding_mask(self, ids: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        """Additive attention mask, same shape as `ids`: 0, or PAD_MASK_VALUE on the left padding.
+        Only the leading run of pad ids counts, so a pad id that is also EOS stays visible later on."""
+        if self.pad_token_id is None:
+            return torch.zeros(ids.shape, dtype=dtype, device=ids.device)
+        leading_pad = torch.cumprod((ids == self.pad_token_id).to(torch.int32), dim=-1).bool()
+        mask = torch.zeros(ids.shape, dtype=dtype, device=ids.device)
+        return mask.masked_fill_(leading_pad, PAD_MASK_VALUE)
+
+    # --- decoding -----------------------------------------------------------------------------------
+
+    def decode_list(self, ids: list[int], decode_special_tokens: bool = False) -> str:
+        return self._decode_many([ids], decode_special_tokens, strip_left_pad=False)[0]
+
+    def _decode_many(self, seqs: list[list[int]], decode_special_tokens: bool, strip_left_pad: bool) -> list[str]:
+        cleaned = []
+        for seq in seqs:
+            if strip_left_pad and self.pad_token_id is not None:
+                start = 0
+                while start < len(seq) and seq[start] == self.pad_token_id:
+                    start += 1
+                seq = seq[start:]
+            if decode_special_tokens:
+                seq = [i for i in seq if 0 <= i < self.actual_vocab_size]
+            else:
+                seq = [i for i in seq if 0 <= i < self.actual_vocab_size and i != self.pad_token_id]
+            cleaned.append(seq)
+        return self.tokenizer.decode_batch(cleaned, skip_special_tokens=not decode_special_tokens)
+
+    def decode(self, ids, decode_special_tokens: bool = False):
+        """str for a 1-D tensor or list of ids; list[str] for a 2-D tensor (rows lose their left padding)."""
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() == 2:
+                return self._decode_many(ids.tolist(), decode_special_tokens, strip_left_pad=True)
+            if ids.dim() > 2:
+                raise ValueError(f"decode: expected a 1-D or 2-D tensor of ids, got shape {tuple(ids.shape)}")
+            ids = ids.tolist()
+        ids = list(ids)
+        if ids and isinstance(ids[0], (list, tuple)):
+            return self._decode_many([list(r) for r in ids], decode_special_tokens, strip_left_pad=True)
+        return self.decode_list([int(i) for i in ids], decode_special_tokens)
+
+    def stream(self, decode_special_tokens: bool = False) -> ExLlamaV2TokenizerStream:
+        """A fresh incremental decoder over this tokenizer."""
+        return ExLlamaV2TokenizerStream(self, decode_special_tokens)
+
+    # --- vocabulary views ---------------------------------------------------------------------------
+
+    def get_id_to_piece_list(self, include_special_tokens: bool = False) -> list[str]:
+        """The text each id decodes to in context (leading spaces kept); specials are '' unless included."""
+        cached = self._id_to_piece_special if include_special_tokens else self._id_to_piece
+        if cached is not None:
+            return cached
+        # Decode each token behind a plain anchor token and cut the anchor off: a token decoded alone
+        # would lose the leading space that SentencePiece decoders strip at the start of a text.
+        anchor = self.tokenizer.encode("a", add_special_tokens=False).ids[:1]
+        anchor_text = self.tokenizer.decode(anchor)
+        pieces = self.tokenizer.decode_batch([anchor + [i] for i in range(self.actual_vocab_size)],
+                                             skip_special_tokens=False)
+        pieces = [p[len(anchor_text):] for p in pieces]
+        if include_special_tokens:
+            self._id_to_piece_special = pieces
+        else:
+            for i in self.extended_id_to_piece:
+                pieces[i] = ""
+            self._id_to_piece = pieces
+        return pieces
+
+    def get_piece_to_id_dict(self) -> dict[str, int]:
+        if self._piece_to_id is None:
+            self._piece_to_id = {p: i for i, p in enumerate(self.get_id_to_piece_list(False)) if p}
+        return self._piece_to_id
+
+    # --- chat templates -----------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        template_name: str | None = None,
+        **template_kwargs: Any,
+    ) -> str:
+        source = select_chat_template(self.chat_templates, self.origin, template_name,
+                                      has_tools=bool(template_kwargs.get("tools")))
+        special = {"bos_token": self.bos_token, "eos_token": self.eos_token,
+                   "pad_token": self.pad_token, "unk_token": self.unk_token}
+        return render_chat_template(source, messages, add_generation_prompt, special, **template_kwargs)
