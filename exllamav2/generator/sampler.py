@@ -313,7 +313,7 @@ def _truncated_distribution(scores: torch.Tensor, settings, mu: torch.Tensor | N
     if 0.0 < s.tfs < 1.0:
         p = stages.tail_free(p, s.tfs)
     if 0.0 < s.typical < 1.0:
-        p = stages.typical(p, s.typical)
+        p, ids = stages.typical(p, ids, s.typical)
     if mu is not None:
         p = stages.mirostat_truncate(p, mu)
     post_temp = s.temperature if s.temperature_last else 1.0

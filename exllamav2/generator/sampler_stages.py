@@ -88,10 +88,11 @@ def tail_free(p: torch.Tensor, value: float) -> torch.Tensor:
     return _keep(p, keep)
 
 
-def typical(p: torch.Tensor, value: float) -> torch.Tensor:
+def typical(p: torch.Tensor, ids: torch.Tensor, value: float) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Locally typical sampling (as HF's TypicalLogitsWarper): order candidates by |-log p - H| and keep the
     shortest run in that order whose mass reaches `value`. (The original's C++ misplaces a log term here.)
+    This stage may drop the most likely candidate, so it re-sorts and returns (probs, ids).
     """
     live = p > 0
     entropy = _entropy(p).unsqueeze(-1)
@@ -101,7 +102,9 @@ def typical(p: torch.Tensor, value: float) -> torch.Tensor:
     count = (mass < value).sum(dim=-1, keepdim=True) + 1
     keep_in_order = torch.arange(p.shape[-1], device=p.device).unsqueeze(0) < count
     keep = torch.zeros_like(live).scatter(-1, order, keep_in_order) & live
-    return _keep(p, keep)
+    p = renormalise(torch.where(keep, p, torch.zeros_like(p)))
+    resort = torch.argsort(p, dim=-1, descending=True, stable=True)
+    return p.gather(-1, resort), ids.gather(-1, resort)
 
 
 def mirostat_truncate(p: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
