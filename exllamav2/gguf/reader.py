@@ -57,6 +57,11 @@ class GGUFFile:
         import copy
         return copy.deepcopy(self._config)
 
+    def metadata(self, key: str, default=None):
+        """A GGUF metadata field as Python values (e.g. 'general.name'), or `default` when absent."""
+        field = self._reader.fields.get(key)
+        return default if field is None else field.contents()
+
     def keys(self) -> list[str]:
         return list(self._tensors)
 

