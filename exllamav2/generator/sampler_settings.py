@@ -118,10 +118,10 @@ class ExLlamaV2SamplerSettings:
 
 
 def _piece_to_id(tokenizer, piece: str) -> int:
-    if hasattr(tokenizer, "single_id"):
-        return tokenizer.single_id(piece)
-    pieces = tokenizer.get_id_to_piece_list(True)
-    try:
-        return pieces.index(piece)
-    except ValueError:
-        raise ValueError(f"allow_tokens: {piece!r} is not a single token piece of the tokenizer") from None
+    token_id = tokenizer.single_id(piece) if hasattr(tokenizer, "single_id") else None
+    if token_id is None:
+        pieces = tokenizer.get_id_to_piece_list(True)
+        token_id = pieces.index(piece) if piece in pieces else None
+    if token_id is None:
+        raise ValueError(f"allow_tokens: {piece!r} is not a single token piece of the tokenizer")
+    return token_id
