@@ -145,8 +145,8 @@ class ExLlamaV2Tokenizer:
         offsets = torch.tensor([[len(s) - length] for s in seqs], dtype=torch.long)
         return ids, offsets
 
-    def num_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+    def num_tokens(self, text: str, encode_special_tokens: bool = False) -> int:
+        return len(self._encode_lists([text], False, False, encode_special_tokens)[0])
 
     def single_id(self, piece: str) -> int | None:
         """The id of one token given as its vocabulary piece (or text that encodes to one token)."""
