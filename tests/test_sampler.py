@@ -284,7 +284,7 @@ def test_repetition_penalties_match_the_original_loop(rep, rng, decay, freq, pre
     gen = torch.Generator().manual_seed(4)
     logits = torch.randn(2, 10, generator=gen) * 3
     seq = torch.tensor([[1, 2, 3, 1, 4, 5, 1, 6, 7, 2, 8, 9], [0, 0, 0, 9, 9, 8, 1, 1, 2, 3, 3, 4]])
-    got = apply_repetition_penalties(logits, seq, rep, rng, decay, freq, pres)
+    got = apply_repetition_penalties(logits.clone(), seq, rep, rng, decay, freq, pres)
     for row in range(2):
         expect = ref_penalties(logits[row].double().numpy(), seq[row].tolist(), rep, rng, decay, freq, pres)
         np.testing.assert_allclose(got[row].double().numpy(), expect, rtol=1e-5, atol=1e-5)
@@ -419,3 +419,9 @@ def test_bad_inputs_raise_clear_errors():
         ExLlamaV2Sampler.sample(torch.zeros(1, 1, 5), Settings(), None, 0.5, None, blocked_tokens=[7])
     with pytest.raises(ValueError, match="no token can be sampled"):
         ExLlamaV2Sampler.sample(torch.full((1, 1, 5), float("-inf")), Settings(), None, 0.5, None)
+
+
+def test_repetition_penalties_skip_padding_and_out_of_vocab_ids():
+    logits = torch.tensor([[1.0, -1.0, 2.0, 0.5]])
+    got = apply_repetition_penalties(logits.clone(), torch.tensor([[-1, 7, 1, -1]]), 2.0, -1, 0, 0.0, 0.0)
+    assert torch.equal(got, torch.tensor([[1.0, -2.0, 2.0, 0.5]]))

@@ -81,7 +81,7 @@ class ExLlamaV2Sampler:
             torch.cuda.synchronize(logits.device)
 
         device = logits.device
-        scores = logits[:, 0, :].to(torch.float32, copy=True)
+        scores = logits[:, 0, :].to(torch.float32, copy=True).contiguous()
         batch, vocab = scores.shape
 
         if settings.cfg_scale is not None:

@@ -20,7 +20,7 @@ def apply_repetition_penalties(
     presence_penalty: float,
 ) -> torch.Tensor:
     """
-    logits (b, V) fp32, sequence_ids (b, n). Returns new logits.
+    logits (b, V) fp32, modified in place and returned; sequence_ids (b, n).
 
     Looking back from the newest token, the full penalties hold over `penalty_range` tokens (-1: all), then fade
     linearly towards none over `penalty_decay` more tokens; older tokens are not penalised. The multiplicative
@@ -31,34 +31,41 @@ def apply_repetition_penalties(
     n = sequence_ids.shape[-1]
     if n == 0:
         return logits
+    device = logits.device
     sustain = n if penalty_range == -1 else penalty_range
     # distance of each history position from the newest token
-    dist = torch.arange(n - 1, -1, -1, device=logits.device)
-    in_range = dist < sustain + penalty_decay
-    if penalty_decay > 0:
-        fade = (dist - sustain).clamp(min=0).to(torch.float32) / penalty_decay
-    else:
-        fade = torch.zeros(n, device=logits.device)
-    rep_at = repetition_penalty + fade * (1.0 - repetition_penalty)
-    freq_at = frequency_penalty * (1.0 - fade)
-    pres_at = presence_penalty * (1.0 - fade)
+    dist = torch.arange(n - 1, -1, -1, device=device).expand(b, n)
+    ids = sequence_ids.to(device).long()
+    valid = (dist < sustain + penalty_decay) & (ids >= 0) & (ids < vocab)
+    rows = torch.arange(b, device=device).unsqueeze(1).expand(b, n)
+    # work on the history only, never on the whole vocabulary: flat index of (row, token) per position
+    key = (rows * vocab + ids)[valid]
+    dist = dist[valid]
+    if key.numel() == 0:
+        return logits
 
-    ids = sequence_ids.to(logits.device).long()
-    valid = in_range.unsqueeze(0) & (ids >= 0) & (ids < vocab)
-    safe_ids = torch.where(valid, ids, torch.zeros_like(ids))
+    def strengths(d: torch.Tensor):
+        if penalty_decay > 0:
+            fade = (d - sustain).clamp(min=0).to(torch.float32) / penalty_decay
+        else:
+            fade = torch.zeros(d.shape, device=device)
+        return (repetition_penalty + fade * (1.0 - repetition_penalty),
+                frequency_penalty * (1.0 - fade), presence_penalty * (1.0 - fade))
 
-    freq_sum = torch.zeros_like(logits)
-    freq_sum.scatter_add_(1, safe_ids, torch.where(valid, freq_at.expand(b, n), 0.0))
+    flat = logits.view(-1)
+    # newest occurrence of each (row, token): sort by key, then distance, and take each key's first entry
+    combined, _ = torch.sort(key * (n + 1) + dist)
+    keys_sorted = combined // (n + 1)
+    first = torch.ones_like(keys_sorted, dtype=torch.bool)
+    first[1:] = keys_sorted[1:] != keys_sorted[:-1]
+    newest_key = keys_sorted[first]
+    rep, _, pres = strengths(combined[first] % (n + 1))
+    before = flat[newest_key]
+    flat[newest_key] = torch.where(before > 0, before / rep, before * rep) - pres
 
-    never = n + sustain + penalty_decay + 1
-    newest = torch.full((b, vocab), never, dtype=torch.long, device=logits.device)
-    newest.scatter_reduce_(1, safe_ids, torch.where(valid, dist.expand(b, n), never), reduce="amin")
-    seen = newest < never
-    newest_pos = (n - 1 - newest).clamp(0, n - 1)
-    rep = rep_at[newest_pos]
-    pres = pres_at[newest_pos]
-    penalised = torch.where(logits > 0, logits / rep, logits * rep) - pres
-    return torch.where(seen, penalised, logits) - freq_sum
+    _, freq, _ = strengths(dist)
+    flat.index_add_(0, key, -freq)
+    return logits
 
 
 @lru_cache(maxsize=10)
