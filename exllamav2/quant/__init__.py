@@ -31,8 +31,9 @@ def make_quant_weight(key: str, tensors: dict[str, torch.Tensor], in_features: i
 
     tensors: keyed by suffix ("q_weight", ...) or by full name ("<key>.q_weight"); "bias" is applied by forward.
     checkpoint_offset_qzeros: True for GPTQ checkpoint_format "gptq_v2" (zero = z, not z + 1).
-    options: precision (torch.float16 default, as the original; or torch.float32), fast_path (True),
-    keep_dense (False: keep the dequantised matrix after the first dense call), dense_threshold (rows).
+    options: precision (torch.float16 default, as the original; or torch.float32), fast_path (True: repack for
+    the CPU int4 kernel), dense_prefill (False: with True, bf16 calls of more than dense_threshold rows use dense
+    GEMM on a kept bf16 copy), dense_threshold (rows, default 32).
     """
     fmt = detect_quant_format(tensors, key)
     if fmt == "exl2":

@@ -1,10 +1,12 @@
 """QuantWeight: one quantized linear weight (EXL2 or GPTQ) with a reference dequantiser and fast matmul paths.
 
 forward(x) picks, per call:
-- CPU, bf16 activations, M <= dense_threshold rows, and a packed int4 repack exists: torch's int4 kernel;
-- otherwise: a dense matmul on the dequantised matrix (kept in the activation dtype once built, if keep_dense).
-The int4 kernel falls onto a 10-30x slower path for non-bf16 activations and loses to dense bf16 GEMM beyond a few
-dozen rows (bench/bench_quant_matmul.py), hence the switch.
+- CPU, bf16 activations, and a packed int4 repack exists: torch's int4 kernel, except that with dense_prefill=True
+  calls of more than dense_threshold rows use dense bf16 GEMM on a kept dequantised copy (about 1.5x faster at
+  M=512 in bench/bench_quant_matmul.py, for +2 bytes per weight);
+- otherwise (other dtypes, CUDA, no repack): a dense matmul on the dequantised matrix, kept after the first call,
+  because the reference dequantiser costs far more than the matmul. The int4 kernel falls onto a 10-30x slower path
+  for non-bf16 activations, so it is never used for them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class QuantWeight:
 
     def __init__(self, key: str, in_features: int, out_features: int, dtype: torch.dtype, device: str | torch.device,
                  bias: torch.Tensor | None, precision: torch.dtype = torch.float16, fast_path: bool = True,
-                 keep_dense: bool = False, dense_threshold: int = DENSE_THRESHOLD_ROWS):
+                 dense_prefill: bool = False, dense_threshold: int = DENSE_THRESHOLD_ROWS):
         self.key = key
         self.in_features = in_features
         self.out_features = out_features
@@ -36,7 +38,7 @@ class QuantWeight:
         self.device = torch.device(device)
         self.precision = precision  # dequantisation precision: fp16 as the original (default), or fp32
         self.bias = None if bias is None else bias.to(self.device, dtype)
-        self.keep_dense = keep_dense
+        self.dense_prefill = dense_prefill
         self.dense_threshold = dense_threshold
         self._dense: torch.Tensor | None = None
         self.packed: Int4PackedMatrix | None = None
@@ -68,22 +70,24 @@ class QuantWeight:
         return self.in_features * self.out_features
 
     def footprint_bytes(self) -> int:
-        """Bytes held: the stored tensors, the packed kernel copy and any kept dense copy."""
+        """Bytes held: the stored tensors, the packed kernel copy and any kept dense copy (see release_dense)."""
         extra = self.packed.nbytes() if self.packed is not None else 0
         return self._stored_bytes() + extra + _tensor_bytes(self._dense, self.bias)
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        if self._dense is not None and self._dense.dtype == dtype:
-            return self._dense
-        w = self.dequantize(dtype)
-        if self.keep_dense:
-            self._dense = w
-        return w
+        """The dequantised (out, in) matrix in dtype, kept for later calls (one dtype at a time)."""
+        if self._dense is None or self._dense.dtype != dtype:
+            self._dense = self.dequantize(dtype)
+        return self._dense
+
+    def release_dense(self) -> None:
+        self._dense = None
 
     def uses_packed(self, x: torch.Tensor) -> bool:
+        if self.packed is None or x.device.type != "cpu" or x.dtype != torch.bfloat16:
+            return False
         rows = x.numel() // max(x.shape[-1], 1)
-        return (self.packed is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16
-                and rows <= self.dense_threshold)
+        return not (self.dense_prefill and rows > self.dense_threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> x @ W.T + bias, in x's dtype."""
