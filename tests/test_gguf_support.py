@@ -59,14 +59,18 @@ GEMMA3_FIELDS = ["sliding_window", "layer_types", "query_pre_attn_scalar", "fina
 
 
 def assert_config_matches_hf(cfg: dict, hf_model) -> None:
+    """Our config against the config HF's GGUF loader built; fields we leave out (the file has no value)
+    must come out the same once HF's class defaults fill them in, as they will from our config.json."""
     hf = hf_model.config
     assert cfg["architectures"] == [type(hf_model).__name__]
+    # The legacy rope keys must say the same as rope_parameters, as HF reads either from a config.json.
+    rebuilt = type(hf)(**{k: v for k, v in cfg.items() if k != "rope_parameters"})
     fields = CONFIG_FIELDS + (GEMMA3_FIELDS if cfg["model_type"] == "gemma3_text" else [])
     for name in fields:
-        assert cfg[name] == getattr(hf, name), name
+        if name in cfg:
+            assert cfg[name] == getattr(hf, name), name
+        assert getattr(rebuilt, name) == getattr(hf, name), name
     assert cfg["rope_parameters"] == hf.rope_parameters
-    # The legacy keys must say the same as rope_parameters, as HF reads them from a config.json.
-    rebuilt = type(hf)(**{k: v for k, v in cfg.items() if k != "rope_parameters"})
     assert rebuilt.rope_parameters == hf.rope_parameters
 
 

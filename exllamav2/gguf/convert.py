@@ -55,14 +55,14 @@ def _write_tokenizer(gguf_path: str, out_dir: str) -> bool:
     return True
 
 
-def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
+def convert_gguf_to_hf(gguf_path: str | os.PathLike | GGUFFile, out_dir: str | os.PathLike,
                        dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> str:
     """Dequantise a GGUF file into an HF model folder: config.json, generation_config.json,
     model.safetensors (sharded with an index above 2 GiB) and, when exllamav2.tokenizer.gguf_vocab is
-    available, the tokenizer files. Returns out_dir."""
+    available, the tokenizer files. `gguf_path` may also be an open GGUFFile. Returns out_dir."""
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"convert_gguf_to_hf: dtype must be one of {list(_DTYPE_NAMES)}, got {dtype}")
-    gguf = GGUFFile(gguf_path)
+    gguf = gguf_path if isinstance(gguf_path, GGUFFile) else GGUFFile(gguf_path)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
 

@@ -20,14 +20,14 @@ class ArchSpec:
     hidden_act: str
 
 
+# llama.cpp writes Mistral models as "llama"; they read as LlamaForCausalLM, as in HF's GGUF loader
+# (which names them "mistral" only when general.name is exactly "mistral").
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec("LlamaForCausalLM", "llama", True, 0.0, "hidden_act", "silu"),
     "qwen2": ArchSpec("Qwen2ForCausalLM", "qwen2", False, 0.0, "hidden_act", "silu"),
     "qwen3": ArchSpec("Qwen3ForCausalLM", "qwen3", False, 0.0, "hidden_act", "silu"),
     "gemma3": ArchSpec("Gemma3ForCausalLM", "gemma3_text", False, 1.0, "hidden_activation", "gelu_pytorch_tanh"),
 }
-# llama.cpp writes Mistral models as "llama"; HF's GGUF loader tells them apart by general.name.
-_MISTRAL = ArchSpec("MistralForCausalLM", "mistral", True, 0.0, "hidden_act", "silu")
 
 # Values llama.cpp hard-codes for Gemma 3 rather than storing them in the file.
 GEMMA3_SLIDING_WINDOW_PATTERN = 6
@@ -73,8 +73,6 @@ def architecture_spec(path: str, fields: dict[str, ReaderField]) -> tuple[str, A
         raise GGUFError(
             f"{path}: GGUF architecture '{arch}' is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
         )
-    if arch == "llama" and "mistral" in str(f.get("general.name", "")).lower():
-        spec = _MISTRAL
     return arch, spec
 
 
