@@ -73,9 +73,10 @@ class ArchParams:
     attention_bias_qkv: bool = False
     attention_bias_o: bool = False
     rope_style: RopeStyle = RopeStyle.NEOX
+    nope_full_attention: bool = False  # full-attention layers use no RoPE, only sliding ones do (Cohere2)
     parallel_decoder_blocks: bool = False
     mqa: bool = False
-    fused_qkv_altpack: bool = False
+    fused_qkv_altpack: bool = False  # per-KV-head [q.., k, v] row blocks; MHA gives GPT-NeoX's per-head [q, k, v]
 
     normalize_embeddings: bool = False  # multiply embeddings by sqrt(hidden)
     residual_stream_fp32: bool = False

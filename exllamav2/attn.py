@@ -91,6 +91,12 @@ class ExLlamaV2Attention(ExLlamaV2Module):
     def rope(self):
         return self.model.rotary_for_layer(self.layer_idx, self.rope_index)
 
+    def uses_rope(self) -> bool:
+        ap = self.archparams
+        if ap.rope_style == RopeStyle.NONE:
+            return False
+        return not (ap.nope_full_attention and self.config.layer_types[self.layer_idx] == "full_attention")
+
     def scratch_space_fixed(self) -> int:
         cfg = self.config
         rows = cfg.max_input_len * cfg.max_batch_size
@@ -144,7 +150,7 @@ class ExLlamaV2Attention(ExLlamaV2Module):
         """Everything between the input norm and o_proj: returns (b, s, heads * head_dim)."""
         b, s = x.shape[0], x.shape[1]
         q, k, v = self.project_qkv(x, loras)
-        if self.archparams.rope_style != RopeStyle.NONE:
+        if self.uses_rope():
             pos, _ = attn_params.get_positions(q.device)
             q, k = self.rope().apply(q, k, pos)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

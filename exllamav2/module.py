@@ -122,7 +122,7 @@ class ExLlamaV2Module:
             if self.has_tensor(key + ".weight"):
                 t = self.load_multi(key, ["weight", "bias"], cpu=cpu)
                 w = self._float(t["weight"])
-                if self.archparams.orig_weights_transposed and w.dim() == 2:
+                if self.stored_transposed() and w.dim() == 2:
                     w = w.T.contiguous()
                 w = nn.Parameter(w, requires_grad=False)
                 if "bias" in t:
@@ -130,45 +130,44 @@ class ExLlamaV2Module:
                 return w
         return None
 
+    def stored_transposed(self) -> bool:
+        """True when this module's 2-D weights are stored (in, out): `orig_weights_transposed` (GPT-2's Conv1D)
+        covers the linears inside decoder layers; embeddings and the head are stored (rows, hidden) anyway."""
+        return self.archparams.orig_weights_transposed and getattr(self, "is_sub_module", False)
+
     def load_weight_fused(self, f_key, f_beg, f_end, in_feat, out_feat, altpack_qkv):
-        """Rows [f_beg, f_end) of a fused tensor (and its bias). Handles a source stored transposed
-        ((in, rows) instead of (rows, in)) and the altpack QKV layout (per-KV-head [q.., k, v] blocks)."""
+        """Rows [f_beg, f_end) of a fused tensor (and its bias), read without loading the other rows.
+        Handles a source stored transposed ((in, rows) instead of (rows, in)) and the altpack QKV layout
+        (per-KV-head [q_0..q_{g-1}, k, v] blocks of head_dim rows; with one q head per KV head this is
+        GPT-NeoX's per-head [q, k, v] interleave). With altpack, [f_beg, f_end) counts in the unpacked q|k|v
+        order and the stored rows are picked by a strided selection."""
         w_name = f_key + ".weight" if self.has_tensor(f_key + ".weight") else (f_key if self.has_tensor(f_key) else None)
         if w_name is None:
             return None
         b_name = f_key + ".bias" if self.has_tensor(f_key + ".bias") else None
         src = self._source(w_name)
         shape = tuple(src.shape(w_name))
-        transposed = self.archparams.orig_weights_transposed or (
-            len(shape) == 2 and shape[1] != in_feat and shape[0] == in_feat)
+        transposed = len(shape) == 2 and (self.stored_transposed() or (shape[1] != in_feat and shape[0] == in_feat))
         rows = shape[1] if transposed else shape[0]
-        cols = shape[0] if transposed else shape[1]
+        cols = shape[0] if transposed else shape[1] if len(shape) == 2 else None
+        expect = getattr(self, "fused_rows", None)
+        how = " (stored transposed)" if transposed else ""
         if cols != in_feat or f_end > rows or f_beg < 0 or f_beg >= f_end:
-            expect = getattr(self, "fused_rows", None)
             raise TensorShapeError(
                 f"{w_name}: fused tensor has shape {list(shape)}; expected {expect or f'>= {f_end}'} rows "
-                f"of {in_feat} input features{' (stored transposed)' if transposed else ''} to take rows [{f_beg}, {f_end})")
-        expect = getattr(self, "fused_rows", None)
+                f"of {in_feat} input features{how} to take rows [{f_beg}, {f_end})")
         if expect is not None and rows != expect:
-            raise TensorShapeError(f"{w_name}: fused tensor has {rows} rows, expected {expect} ({list(shape)})")
+            raise TensorShapeError(f"{w_name}: fused tensor has {rows} rows{how}, expected {expect} rows "
+                                   f"of {in_feat} input features ({list(shape)})")
+        index = fused_row_index(rows, f_beg, f_end, self.config if altpack_qkv else None, w_name)
         device = self.device()
 
         def take(name, is_bias):
             s = self._source(name)
-            if altpack_qkv:
-                full = s.get_tensor(name)
-                if transposed and not is_bias:
-                    full = full.T
-                return self._float(_altpack_rows(full, self.config, f_beg, f_end)).to(device)
-            if is_bias:
-                t = s.get_tensor(name)[f_beg:f_end]
-            elif hasattr(s, "get_slice") and not transposed:
-                t = s.get_slice(name, 0, f_beg, f_end)
-            elif hasattr(s, "get_slice"):
-                t = s.get_slice(name, 1, f_beg, f_end).T
-            else:
-                full = s.get_tensor(name)
-                t = (full.T if transposed else full)[f_beg:f_end]
+            n = s.shape(name)[0]
+            if is_bias and n != rows:
+                raise TensorShapeError(f"{name}: fused bias has {n} entries, expected {rows}")
+            t = read_rows(s, name, index, transposed and not is_bias)
             return self._float(t.contiguous()).to(device)
 
         w = nn.Parameter(take(w_name, False), requires_grad=False)
@@ -221,19 +220,41 @@ class ExLlamaV2Module:
         return f"{type(self).__name__}({self.key!r})"
 
 
-def _altpack_rows(full: torch.Tensor, config, f_beg: int, f_end: int) -> torch.Tensor:
-    """Select rows [f_beg, f_end) of the unpacked q|k|v order from an altpack tensor whose rows are grouped
-    per KV head as [q_0..q_{g-1}, k, v] blocks of head_dim rows. Works for weights (rows, in) and biases."""
-    hkv, d = config.num_key_value_heads, config.head_dim
-    g = config.num_attention_heads // hkv
-    rest = full.shape[1:]
-    if full.shape[0] != hkv * (g + 2) * d:
-        raise TensorShapeError(f"altpack QKV tensor has {full.shape[0]} rows, expected {hkv * (g + 2) * d}")
-    blocks = full.reshape(hkv, g + 2, d, *rest)
-    q = blocks[:, :g].reshape(hkv * g * d, *rest)
-    k = blocks[:, g].reshape(hkv * d, *rest)
-    v = blocks[:, g + 1].reshape(hkv * d, *rest)
-    return torch.cat((q, k, v), 0)[f_beg:f_end]
+def fused_row_index(rows: int, f_beg: int, f_end: int, altpack_config=None, name: str = "fused tensor") -> torch.Tensor:
+    """Stored row numbers of rows [f_beg, f_end) of a fused tensor. Without `altpack_config` that is the plain
+    range; with it (a config giving num_attention_heads, num_key_value_heads, head_dim) the stored rows are
+    per-KV-head blocks [q_0..q_{g-1}, k, v] and [f_beg, f_end) counts in the unpacked q|k|v order."""
+    index = torch.arange(rows)
+    if altpack_config is not None:
+        hkv, d = altpack_config.num_key_value_heads, altpack_config.head_dim
+        g = altpack_config.num_attention_heads // hkv
+        if rows != hkv * (g + 2) * d:
+            raise TensorShapeError(f"{name}: altpack QKV tensor has {rows} rows, expected {hkv * (g + 2) * d} "
+                                   f"({hkv} KV heads x ({g} q + k + v) x head_dim {d})")
+        blocks = index.view(hkv, g + 2, d)
+        index = torch.cat((blocks[:, :g].reshape(-1), blocks[:, g].reshape(-1), blocks[:, g + 1].reshape(-1)))
+    return index[f_beg:f_end]
+
+
+def row_runs(index: torch.Tensor) -> list[tuple[int, int]]:
+    """Split sorted-within-runs row numbers into maximal [beg, end) runs of consecutive rows."""
+    if index.numel() == 0:
+        return []
+    breaks = (torch.nonzero(index[1:] != index[:-1] + 1).flatten() + 1).tolist()
+    starts, ends = [0] + breaks, breaks + [index.numel()]
+    return [(int(index[a]), int(index[b - 1]) + 1) for a, b in zip(starts, ends)]
+
+
+def read_rows(src, name: str, index: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """Rows `index` of tensor `name` as (len(index), ...). A transposed source (in, rows) is read by columns.
+    Sources with `get_slice` (safetensors) read only the selected runs; others load the tensor once."""
+    dim = 1 if transposed else 0
+    if hasattr(src, "get_slice"):
+        parts = [src.get_slice(name, dim, b, e) for b, e in row_runs(index)]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+    else:
+        t = src.get_tensor(name).index_select(dim, index)
+    return t.T if transposed else t
 
 
 _OWN = ("inner", "pre_forward", "post_forward")
