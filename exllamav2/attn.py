@@ -153,6 +153,9 @@ class ExLlamaV2Attention(ExLlamaV2Module):
         if self.uses_rope():
             pos, _ = attn_params.get_positions(q.device)
             q, k = self.rope().apply(q, k, pos)
+        if attn_params.paged:
+            from .paged_attn import paged_attention
+            return paged_attention(self, q, k, v, cache, attn_params)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         past = attn_params.past_len
         if cache is not None:

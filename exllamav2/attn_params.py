@@ -68,3 +68,6 @@ class Params:
                 m = m | (kpos == qpos).unsqueeze(0)
             self._cache[key] = m.unsqueeze(1)
         return self._cache[key]
+
+
+from .paged_attn import PagedParams  # noqa: E402,F401  (re-export; paged_attn subclasses Params)
