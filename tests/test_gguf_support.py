@@ -83,7 +83,7 @@ def stored_nbytes(gguf_file, key: str) -> int:
 
 def write_tiny_gguf(path: str, arch: str = "llama", *, name: str = "tiny", vocab: int = 64, hidden: int = 64,
                     heads: int = 4, kv_heads: int = 2, layers: int = 2, ffn: int = 96, head_dim: int | None = None,
-                    tied: bool = True, extra_tensors: tuple[str, ...] = (), rope_linear: float | None = None,
+                    tied: bool = True, extra_tensors: tuple[str, ...] = (), rope_linear: float | None = None, rope_freqs: np.ndarray | None = None,
                     seed: int = 0) -> str:
     """A small random model as llama.cpp would lay it out; big 2-D weights are Q8_0, the rest F32."""
     rng = np.random.default_rng(seed)
@@ -139,6 +139,8 @@ def write_tiny_gguf(path: str, arch: str = "llama", *, name: str = "tiny", vocab
     add("output_norm.weight", (hidden,), offset=1.0 + norm_offset)
     if not tied:
         add("output.weight", (vocab, hidden))
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     for extra in extra_tensors:
         add(extra, (hidden,))
     w.write_header_to_file()

@@ -92,6 +92,27 @@ def test_rope_scaling_read_from_metadata(tmp_path):
     assert rope == cfg["rope_parameters"] == {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
 
 
+@pytest.mark.parametrize("factor", [8.0, 32.0])
+def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path, factor):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    hf_cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16,
+                                      rope_parameters={**scaling, "rope_theta": 10000.0})
+    default_inv_freq = 1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    llama3_inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    rope_freqs = (default_inv_freq / llama3_inv_freq.double()).numpy()
+    assert rope_freqs.min() == pytest.approx(1.0) and rope_freqs.max() == pytest.approx(factor)
+    path = write_tiny_gguf(str(tmp_path / "l3.gguf"), head_dim=16, rope_freqs=rope_freqs)
+    gguf_file = GGUFFile(path)
+    assert gguf_file.hf_config()["rope_scaling"] == scaling
+    assert "rope_freqs.weight" not in gguf_file.keys()
+    bad = write_tiny_gguf(str(tmp_path / "bad.gguf"), head_dim=16, rope_freqs=rope_freqs[::-1].copy())
+    with pytest.raises(GGUFError, match=r"bad\.gguf.*rope_freqs"):
+        GGUFFile(bad)
+
+
 def test_unsupported_architecture_names_file_and_value(tmp_path):
     path = write_tiny_gguf(str(tmp_path / "x.gguf"), arch="gpt2")
     with pytest.raises(GGUFError, match=r"x\.gguf.*'gpt2' is not supported"):

@@ -3,10 +3,11 @@
 from dataclasses import dataclass
 from typing import Any
 
-from gguf import GGUFValueType
+import numpy as np
 from gguf.gguf_reader import ReaderField
 
 from .errors import GGUFError
+from .rope_freqs import llama3_rope_scaling
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,10 @@ def _gemma3_layer_types(f: _Fields, num_layers: int) -> list[str]:
     return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
 
 
-def build_hf_config(path: str, fields: dict[str, ReaderField], tensor_names: set[str]) -> dict:
-    """The HF config.json dict for a GGUF file; `tensor_names` are the file's GGUF tensor names."""
+def build_hf_config(path: str, fields: dict[str, ReaderField], tensor_names: set[str],
+                    rope_freqs: np.ndarray | None = None) -> dict:
+    """The HF config.json dict for a GGUF file; `tensor_names` are the file's GGUF tensor names,
+    `rope_freqs` the values of its rope_freqs.weight tensor if it has one."""
     f = _Fields(path, fields)
     arch, spec = architecture_spec(path, fields)
 
@@ -136,6 +139,8 @@ def build_hf_config(path: str, fields: dict[str, ReaderField], tensor_names: set
 
     rope_theta = float(f.get(f"{arch}.rope.freq_base", 10000.0))
     rope_scaling = _rope_scaling(f, arch)
+    if rope_freqs is not None and rope_scaling is None:
+        rope_scaling = llama3_rope_scaling(path, rope_freqs, rope_theta, head_dim)
 
     cfg: dict[str, Any] = {
         "architectures": [spec.hf_architecture],

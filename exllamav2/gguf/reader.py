@@ -47,7 +47,9 @@ class GGUFFile:
         by_gguf_name = {t.name: t for t in self._reader.tensors}
         self._gguf_names = map_tensor_names(self.path, self.architecture, list(by_gguf_name))
         self._tensors: dict[str, ReaderTensor] = {hf: by_gguf_name[g] for hf, g in self._gguf_names.items()}
-        self._config = build_hf_config(self.path, self._reader.fields, set(by_gguf_name))
+        rope_freqs = by_gguf_name.get("rope_freqs.weight")
+        self._config = build_hf_config(self.path, self._reader.fields, set(by_gguf_name),
+                                       None if rope_freqs is None else dequantize(rope_freqs.data, rope_freqs.tensor_type))
 
     def __repr__(self) -> str:
         return f"GGUFFile({self.path!r}, architecture={self.architecture!r}, tensors={len(self._tensors)})"
