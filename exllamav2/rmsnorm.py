@@ -45,8 +45,9 @@ class ExLlamaV2RMSNorm(ExLlamaV2Module):
 def _with_constant_bias(w: torch.Tensor, c: float) -> torch.Tensor:
     if not c:
         return w
-    # Gemma stores w and uses (1 + w): fold the constant in fp32 to keep bf16 rounding as HF's fp32 math
-    return torch.nn.Parameter((w.float() + c).to(w.dtype), requires_grad=False)
+    # Gemma stores w and applies (1 + w) in fp32: keep the folded weight in fp32 (rounding 1 + w to bf16 would
+    # lose precision HF keeps); rms_norm then scales in fp32 and casts once, as HF's Gemma norm does
+    return torch.nn.Parameter(w.float() + c, requires_grad=False)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
