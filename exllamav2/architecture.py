@@ -69,6 +69,8 @@ class ArchParams:
     mlp_act_func: str = "silu"  # silu | gelu | gelu_tanh | relu | quickgelu
     mlp_bias: bool = False
     is_moe: bool = False
+    moe_dense_layers: tuple = ()  # layers of an MoE model with a dense MLP (decoder_sparse_step, mlp_only_layers)
+    moe_norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
 
     attention_bias_qkv: bool = False
     attention_bias_o: bool = False

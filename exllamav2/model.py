@@ -50,7 +50,7 @@ class ExLlamaV2:
             from .parallel_decoder import ExLlamaV2ParallelDecoder
             return [ExLlamaV2ParallelDecoder(self, key, i, sliding_window=window, archparams=ap, rope_index=rope_index)]
         attn = ExLlamaV2Attention(self, key, i, sliding_window=window, archparams=ap, rope_index=rope_index)
-        if ap.is_moe:
+        if ap.is_moe and i not in ap.moe_dense_layers:
             from .moe_mlp import ExLlamaV2MoEMLP
             mlp = ExLlamaV2MoEMLP(self, key, i, archparams=ap)
         else:
