@@ -47,7 +47,7 @@ def _plan_shards(gguf: GGUFFile, keys: list[str], element_size: int) -> list[lis
 
 def _write_tokenizer(gguf_path: str, out_dir: str) -> bool:
     try:
-        from ..tokenizer.gguf_vocab import save_hf_tokenizer_files, tokenizer_from_gguf
+        from ..tokenizer.gguf_tokenizer import save_hf_tokenizer_files, tokenizer_from_gguf
     except ImportError as e:
         warnings.warn(f"{gguf_path}: tokenizer files not written ({e}); the folder has weights and config only")
         return False
