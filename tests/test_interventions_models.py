@@ -70,3 +70,8 @@ def prompts(model, b: int = 3, n: int = 12, seed: int = 0) -> torch.Tensor:
 
 def test_tiny_models_load(tiny):
     assert tiny.forward(prompts(tiny, 1, 4)).shape == (1, 4, tiny.config.vocab_size)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    return load_tiny(build_tiny("llama", tmp_path_factory.mktemp("llama_only")))

@@ -28,8 +28,18 @@ class InterventionHook(Intervention):
 
 
 def _wrap(slot: Slot, when: str, fn, label: str) -> InterventionHook:
-    w = InterventionHook(slot.get(), fn if when == "pre" else None, fn if when == "post" else None, label)
-    slot.set(w)
+    """Post hooks go outermost, pre hooks innermost, so the hooks at one site run in the order they were added
+    (a capture added after an edit sees the edited tensor, on inputs and outputs alike)."""
+    top = slot.get()
+    if when == "post" or not isinstance(top, Intervention):
+        w = InterventionHook(top, fn if when == "pre" else None, fn if when == "post" else None, label)
+        slot.set(w)
+        return w
+    parent = top
+    while isinstance(object.__getattribute__(parent, "inner"), Intervention):
+        parent = object.__getattribute__(parent, "inner")
+    w = InterventionHook(object.__getattribute__(parent, "inner"), fn, None, label)
+    parent.inner = w
     return w
 
 
@@ -60,6 +70,7 @@ class _ModelState:
         self._decoding = False
         self._step = -1
         self._prompt_end = 0
+        self.mids: dict = {}
 
     def on_call(self, ids, *args, **kwargs):
         ap = kwargs.get("attn_params")
@@ -107,6 +118,39 @@ def model_state(model) -> _ModelState:
     return st
 
 
+class _ParallelMid:
+    """resid_mid of a parallel block = resid_pre + attn_out, shared by every hook at that point: the hooks run in
+    the order they were added on the computed tensor, and the block output moves by (edited - original)."""
+
+    def __init__(self, point: Point, state: "_ModelState", label: str):
+        self.fns: list = []
+        self.saved: dict = {}
+        self.state = state
+        fns = (self._keep("pre"), self._keep("attn"), self._finish)
+        self.wrappers = [(site.slot, _wrap(site.slot, site.when, f, label)) for site, f in zip(point.sites, fns)]
+
+    def _keep(self, key):
+        def f(h, *a, **k):
+            self.saved[key] = h
+            return h
+        return f
+
+    def _finish(self, out, *a, **k):
+        pre, attn = self.saved.pop("pre", None), self.saved.pop("attn", None)
+        if pre is None or attn is None:
+            return out
+        mid = pre + attn.to(pre.dtype)
+        new = mid
+        for fn in list(self.fns):
+            new = fn(new, self.state.call)
+        return out if new is mid else out + (new - mid).to(out.dtype)
+
+    def remove(self):
+        for slot, w in reversed(self.wrappers):
+            _unwrap(slot, w)
+        self.wrappers.clear()
+
+
 HookFn = Callable[[torch.Tensor, CallInfo], torch.Tensor]
 
 
@@ -136,25 +180,12 @@ class Handle:
             hook = lambda h, *a, **k: fn(h, state.call)
             self._wrappers.append((site.slot, _wrap(site.slot, site.when, hook, label)))
             return
-        # parallel-block resid_mid = resid_pre + attn_out; an edit of it shifts the block output by the change
-        saved = {}
-
-        def keep(key):
-            def f(h, *a, **k):
-                saved[key] = h
-                return h
-            return f
-
-        def finish(out, *a, **k):
-            pre, attn = saved.pop("pre", None), saved.pop("attn", None)
-            if pre is None or attn is None:
-                return out
-            mid = pre + attn.to(pre.dtype)
-            new = fn(mid, state.call)
-            return out if new is mid else out + (new - mid).to(out.dtype)
-
-        for site, f in zip(p.sites, (keep("pre"), keep("attn"), finish)):
-            self._wrappers.append((site.slot, _wrap(site.slot, site.when, f, label)))
+        key = p.name
+        mid = state.mids.get(key)
+        if mid is None:
+            mid = state.mids[key] = _ParallelMid(p, state, label)
+        mid.fns.append(fn)
+        self._mid = (key, fn)
 
     @property
     def active(self) -> bool:
@@ -166,6 +197,14 @@ class Handle:
         for slot, w in reversed(self._wrappers):
             _unwrap(slot, w)
         self._wrappers.clear()
+        mid = getattr(self, "_mid", None)
+        if mid is not None:
+            site = self._state.mids[mid[0]]
+            site.fns.remove(mid[1])
+            if not site.fns:
+                site.remove()
+                del self._state.mids[mid[0]]
+            self._mid = None
         self._state.release()
         self._state = None
 
@@ -211,7 +250,7 @@ def wrapped_slots(model) -> list:
         if isinstance(m, Intervention):
             found.append((where, m))
         r = raw(m)
-        for attr in ("pre_layernorm", "post_layernorm", "input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
+        for attr in ("pre_layernorm", "post_layernorm", "input_layernorm", "mlp_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
                      "gate_proj", "up_proj", "down_proj", "attn", "mlp"):
             sub = r.__dict__.get(attr)
             if sub is not None:

@@ -13,9 +13,9 @@ Names (i = decoder layer index):
   final_norm                output of the final norm (input of the head)
 A TransformerLens-style `hook_` prefix on the last part is accepted (`blocks.3.hook_resid_post`).
 
-Parallel blocks (GPT-J, GPT-NeoX): both branches read one shared norm of resid_pre, so `attn.post_norm` and
-`mlp.post_norm` are the same tensor (editing one edits the input of both branches), and no tensor exists between
-the branches: `resid_mid` is defined as resid_pre + attn_out, the residual a sequential block would have there.
+Parallel blocks (GPT-J, GPT-NeoX): both branches read a norm of resid_pre. GPT-J shares one norm, so there
+`attn.post_norm` and `mlp.post_norm` are the same tensor (editing one edits the input of both branches); GPT-NeoX
+has one norm per branch (`mlp.post_norm` is the MLP's own norm). No tensor exists between the branches: `resid_mid` is defined as resid_pre + attn_out, the residual a sequential block would have there.
 It is computed from the branch outputs; an edit of it changes the layer's output by (edited - original), since
 the MLP branch never reads it.
 """
@@ -181,7 +181,9 @@ def _resolve_par(name, what, mods, ib, hidden) -> Point:
         "attn_out": lambda: attn_out,
         "mlp_out": lambda: _linear_out(mlp, "down_proj", "post_layernorm"),
         "attn.post_norm": lambda: Site(Slot(blk, "input_layernorm"), "post") if norm is not None else Site(Slot(mods, ib), "pre"),
-        "mlp.post_norm": lambda: Site(Slot(blk, "input_layernorm"), "post") if norm is not None else Site(Slot(mods, ib), "pre"),
+        "mlp.post_norm": lambda: (Site(Slot(blk, "mlp_layernorm"), "post") if getattr(blk, "mlp_layernorm", None) is not None
+                                  else Site(Slot(blk, "input_layernorm"), "post") if norm is not None
+                                  else Site(Slot(mods, ib), "pre")),
         "attn.attn_output": lambda: Site(Slot(attn, "o_proj"), "pre"),
         "mlp.pre_down": lambda: Site(Slot(mlp, "down_proj"), "pre"),
     }[what]()
