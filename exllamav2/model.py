@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .attn import ExLlamaV2Attention
@@ -192,8 +194,12 @@ class ExLlamaV2:
             raise ValueError(f"batch of {bsz} rows does not fit a cache built for batch_size={cache.batch_size}")
         chunk = max(1, cfg.max_input_len * cfg.max_batch_size // bsz)
         logits, last_state = [], []
-        for beg in range(0, q_len, chunk):
-            end = min(beg + chunk, q_len)
+        beg = 0
+        while beg < q_len:
+            # also bound q_len x k_len of each chunk by max_attention_size, as the original does
+            past = cache.current_seq_len
+            att = int((math.sqrt(past * past + 4 * cfg.max_attention_size) - past) / 2)
+            end = min(beg + max(1, min(chunk, att)), q_len)
             last = end == q_len
             r = self.forward_chunk(input_ids[:, beg:end], cache, input_mask, preprocess_only or (last_id_only and not last),
                                    last_id_only, loras, return_last_state, position_offsets, abort_event, **kwargs)
@@ -203,6 +209,7 @@ class ExLlamaV2:
                 logits.append(r["logits"].cpu() if cpu_logits else r["logits"])
             if r.get("last_state") is not None:
                 last_state.append(r["last_state"])
+            beg = end
         if preprocess_only:
             return None
         out = {"logits": torch.cat(logits, 1), "last_state": torch.cat(last_state, 1) if last_state else None}
