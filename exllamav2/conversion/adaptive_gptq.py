@@ -1,0 +1,186 @@
+"""GPTQ for EXL2 (survey §4.4-4.6, §5.3): act-order, mixed widths by group, 4-bit scale codes under a per-group
+maximum, and error feedback through the Cholesky factor of the inverse Hessian.
+
+Several options for one weight are quantized in one pass: they share the permutation and the inverse Hessian, so
+their rows are stacked and only the per-column width and the scale groups differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .qparams import QuantOption
+
+BLOCK = 128  # lazy-update block; a multiple of every group size, so no scale group straddles two blocks
+SCALE_SEARCH = torch.linspace(0.70, 1.20, 26).tolist()  # multipliers of the group's scale maximum (original: 97)
+ERR_POWER = 3.5
+
+
+@contextlib.contextmanager
+def single_cpu_thread(device: torch.device):
+    """The column loop is thousands of small ops; with 2+ threads on a busy machine each op waits on thread
+    wake-ups (measured 30x slower on the 2-core CI box), so it runs on one thread."""
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _round(x: torch.Tensor) -> torch.Tensor:
+    # Round half up. torch.round is ~500x slower than this on the CPU build in use (measured, torch 2.13).
+    return torch.floor(x + 0.5)
+
+
+@dataclass
+class PreparedHessian:
+    perm: torch.Tensor       # (in,) quantized row k is input feature perm[k]
+    hinv: torch.Tensor       # (in, in) upper Cholesky factor of the damped inverse, in permuted order
+    h_perm: torch.Tensor     # (in, in) the undamped Hessian, permuted (for output-error measurement)
+    dead: torch.Tensor       # (in,) bool, features never active in the calibration data
+
+
+def prepare_hessian(H: torch.Tensor, damp: float = 0.01) -> PreparedHessian:
+    H = H.to(torch.float32).clone()
+    n = H.shape[0]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+    Hp = H[perm][:, perm]
+    eye = torch.eye(n, device=H.device)
+    mean = torch.mean(torch.diag(Hp))
+    for attempt in range(6):
+        try:
+            L = torch.linalg.cholesky(Hp + damp * mean * eye)
+            hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+            break
+        except torch.linalg.LinAlgError:
+            damp *= 10  # the original raises the dampening on failure too
+    else:
+        raise RuntimeError("prepare_hessian: the Hessian stays singular after dampening")
+    return PreparedHessian(perm, hinv, Hp, dead)
+
+
+def fp16_scales(qscale: torch.Tensor, scale_max: torch.Tensor) -> torch.Tensor:
+    """The scales the runtime will use (exl2_scales at fp16): fp16((qscale^2) * fp16(fp16(scale_max) / 256)).
+    qscale (..., cols) in [1, 16]; scale_max broadcastable fp32."""
+    smax = (scale_max.to(torch.float16) * (1 / 256)).to(torch.float32)
+    return ((qscale.to(torch.float32) ** 2) * smax).to(torch.float16).to(torch.float32)
+
+
+def group_scales(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scales for one group w (out, rows) of current (error-updated) weights.
+    Returns (scale (out,), qscale codes (out,) in [1, 16], scale_max fp16 scalar)."""
+    maxq = (1 << bits) - 1
+    half = 1 << (bits - 1)
+    base = w.abs().amax(1) / (maxq / 2)
+    smax = base.max().clamp(min=1e-10)
+    qscale = torch.clamp(_round(torch.sqrt(base / smax) * 16), 1, 16)
+    best, best_err = None, None
+    for p in SCALE_SEARCH:
+        sm = (smax * p).to(torch.float16)
+        s = fp16_scales(qscale, sm)
+        q = torch.clamp(_round(w / s.unsqueeze(1)) + half, 0, maxq)
+        err = ((q - half) * s.unsqueeze(1) - w).abs_().pow_(ERR_POWER).sum()
+        if best_err is None or err < best_err:
+            best, best_err = (s, sm), err
+    return best[0], qscale, best[1]
+
+
+@dataclass
+class Exl2Quantized:
+    """One option's result. codes (in, out) in quantized row order; dequant (out, in) fp32 in original order,
+    exactly what the runtime reconstructs (fp16 products)."""
+
+    option: QuantOption
+    groups: list[tuple[int, int]]
+    codes: torch.Tensor
+    scale_codes: torch.Tensor  # (groups, out) stored code = qscale - 1
+    scale_max: torch.Tensor    # (groups,) fp16
+    perm: torch.Tensor
+    dequant: torch.Tensor
+
+
+def quantize_options(W: torch.Tensor, prep: PreparedHessian, options: list[QuantOption]) -> list[Exl2Quantized]:
+    """GPTQ-quantize W (out, in) under every option at once."""
+    with single_cpu_thread(W.device):
+        return _quantize_options(W, prep, options)
+
+
+def _quantize_options(W: torch.Tensor, prep: PreparedHessian, options: list[QuantOption]) -> list[Exl2Quantized]:
+    out, n_in = W.shape
+    n = len(options)
+    dev = W.device
+    Wp = W.to(torch.float32)[:, prep.perm].clone()
+    Wp[:, prep.dead[prep.perm]] = 0
+    Wall = Wp.repeat(n, 1)
+    layouts = [o.groups(n_in) for o in options]
+
+    # Per column: which options start a group there.
+    starts: dict[int, list[tuple[int, int, int, int]]] = {}
+    for oi, groups in enumerate(layouts):
+        col = 0
+        for gi, (b, r) in enumerate(groups):
+            starts.setdefault(col, []).append((oi, gi, b, r))
+            col += r
+    scale = torch.ones(n * out, device=dev)
+    zero = torch.zeros(n * out, device=dev)
+    maxq = torch.zeros(n * out, device=dev)
+    Q = torch.empty((n * out, n_in), dtype=torch.uint8, device=dev)
+    DQ = torch.empty((n * out, n_in), device=dev)
+    scale_codes = [torch.empty((len(g), out), dtype=torch.int64) for g in layouts]
+    scale_max = [torch.empty(len(g), dtype=torch.float16) for g in layouts]
+    hinv = prep.hinv
+
+    for b0 in range(0, n_in, BLOCK):
+        b1 = min(b0 + BLOCK, n_in)
+        W1 = Wall[:, b0:b1].clone()
+        E1 = torch.empty_like(W1)
+        H1 = hinv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            c = b0 + i
+            for oi, gi, b, r in starts.get(c, ()):
+                rows = slice(oi * out, (oi + 1) * out)
+                s, qs, sm = group_scales(W1[rows, i:i + r], b)
+                scale[rows], zero[rows], maxq[rows] = s, float(1 << (b - 1)), float((1 << b) - 1)
+                scale_codes[oi][gi] = (qs - 1).to(torch.int64).cpu()
+                scale_max[oi][gi] = sm.cpu()
+            w = W1[:, i]
+            q = torch.minimum(torch.clamp_min(_round(w / scale) + zero, 0), maxq)
+            dq = ((q - zero) * scale).to(torch.float16).to(torch.float32)
+            Q[:, c] = q.to(torch.uint8)
+            DQ[:, c] = dq
+            err = (w - dq) / H1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * H1[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        if b1 < n_in:
+            Wall[:, b1:] -= E1 @ hinv[b0:b1, b1:]
+
+    invperm = torch.argsort(prep.perm)
+    results = []
+    for oi, opt in enumerate(options):
+        rows = slice(oi * out, (oi + 1) * out)
+        results.append(Exl2Quantized(opt, layouts[oi], Q[rows].t().to(torch.int64).cpu(), scale_codes[oi],
+                                     scale_max[oi], prep.perm.cpu(), DQ[rows][:, invperm]))
+    return results
+
+
+def output_errors(W: torch.Tensor, prep: PreparedHessian, dequants: list[torch.Tensor]) -> list[float]:
+    """Relative Frobenius error of the layer output on the calibration inputs, ||X (W - Wq)^T|| / ||X W^T||,
+    computed from H = X^T X: sqrt(tr(D H D^T) / tr(W H W^T))."""
+    Hp = prep.h_perm
+    p = prep.perm
+    Wp = W.to(torch.float32)[:, p]
+    ref = ((Wp @ Hp) * Wp).sum().clamp(min=1e-30)
+    errs = []
+    for dq in dequants:
+        D = Wp - dq[:, p]
+        errs.append(float(torch.sqrt(((D @ Hp) * D).sum().clamp(min=0) / ref)))
+    return errs
