@@ -1,0 +1,304 @@
+"""ExLlamaV2DynamicGenerator: continuous batching over a paged KV cache.
+
+Jobs join and leave between steps. Every step is ONE model forward that packs the new tokens of all active
+jobs into a single row (see paged_attn.py): one token per decoding job, plus prompt chunks of prefilling jobs up
+to `max_chunk_size` tokens in all, so a long prompt is spread over several steps while the other streams keep
+decoding. Pages are allocated for a job's whole budget (prompt + max_new_tokens) when it starts; full prompt
+pages are shared between jobs through their prefix hashes (dynamic_pages.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..attn_params import PagedParams
+from .dynamic_job import ExLlamaV2DynamicJob
+from .dynamic_pages import PageTable
+from .sampler import ExLlamaV2Sampler
+
+__all__ = ["ExLlamaV2DynamicGenerator", "ExLlamaV2DynamicJob"]
+
+
+class ExLlamaV2DynamicGenerator:
+    def __init__(self, model, cache, tokenizer, max_batch_size: int | None = None, max_seq_len: int | None = None,
+                 max_chunk_size: int | None = None, max_q_size: int = 8, draft_model=None, draft_cache=None,
+                 num_draft_tokens: int = 4, use_ngram_draft: bool = False, max_ngram: int = 4,
+                 max_sampling_threads: int = 16, min_sampling_threads: int = 3, paged: bool = True,
+                 filter_background_eval: bool = True, page_size: int = 256, **kwargs):
+        if kwargs:
+            raise TypeError(f"ExLlamaV2DynamicGenerator: unexpected arguments {sorted(kwargs)}")
+        if draft_model is not None or draft_cache is not None or use_ngram_draft:
+            raise NotImplementedError("ExLlamaV2DynamicGenerator: speculative decoding is not supported")
+        if cache.batch_size != 1:
+            raise ValueError(f"ExLlamaV2DynamicGenerator needs a cache with batch_size=1, got {cache.batch_size}")
+        if page_size < 1 or cache.max_seq_len % page_size:
+            raise ValueError(f"ExLlamaV2DynamicGenerator: cache.max_seq_len={cache.max_seq_len} must be a multiple "
+                             f"of page_size={page_size}")
+        cfg = model.config
+        self.model, self.cache, self.tokenizer = model, cache, tokenizer
+        self.page_size = page_size
+        self.page_table = PageTable(cache.max_seq_len // page_size, page_size)
+        self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
+        self.max_batch_size = max_batch_size or max(1, cfg.max_input_len // max_q_size)
+        self.max_chunk_size = max_chunk_size or cfg.max_input_len
+        if self.max_chunk_size < 1 or self.max_batch_size < 1:
+            raise ValueError("ExLlamaV2DynamicGenerator: max_chunk_size and max_batch_size must be positive")
+        self.paged = paged
+        self.loras = None
+        self.pending: list[ExLlamaV2DynamicJob] = []
+        self.active: list[ExLlamaV2DynamicJob] = []
+        self.job_serial = 0
+        # counters over the generator's life: prompt tokens run through the model / taken from cached pages
+        self.num_prefilled_tokens = 0
+        self.num_cached_tokens = 0
+        self.num_forwards = 0
+
+    # ------------------------------------------------------------------ queue
+
+    def enqueue(self, job: ExLlamaV2DynamicJob | list[ExLlamaV2DynamicJob]) -> int | list[int]:
+        if isinstance(job, list):
+            return [self.enqueue(j) for j in job]
+        if not isinstance(job, ExLlamaV2DynamicJob):
+            raise TypeError(f"enqueue: expected an ExLlamaV2DynamicJob, got {type(job).__name__}")
+        if job.generator is not None:
+            raise ValueError("enqueue: this job was already enqueued")
+        if job.prompt_len >= self.max_seq_len:
+            raise ValueError(f"enqueue: the prompt has {job.prompt_len} tokens; the context holds "
+                             f"max_seq_len={self.max_seq_len} (prompt plus at least one new token)")
+        job.max_new_tokens = min(job.max_new_tokens, self.max_seq_len - job.prompt_len)
+        job.min_new_tokens = min(job.min_new_tokens, job.max_new_tokens)
+        if job.total_pages(self.page_size) > self.page_table.num_pages:
+            raise ValueError(f"enqueue: the job needs {job.prompt_len + job.max_new_tokens} tokens of cache but the "
+                             f"cache holds {self.cache.max_seq_len}")
+        job.prepare(self)
+        job.serial = self.job_serial
+        self.job_serial += 1
+        self.pending.append(job)
+        return job.serial
+
+    def cancel(self, job: ExLlamaV2DynamicJob) -> None:
+        if job in self.pending:
+            self.pending.remove(job)
+        elif job in self.active:
+            self._retire(job)
+        job.finished = True
+
+    def clear_queue(self) -> None:
+        for job in list(self.pending) + list(self.active):
+            self.cancel(job)
+
+    def num_remaining_jobs(self) -> int:
+        return len(self.pending) + len(self.active)
+
+    def num_active_jobs(self) -> int:
+        return len(self.active)
+
+    def num_pending_jobs(self) -> int:
+        return len(self.pending)
+
+    def set_loras(self, loras) -> None:
+        self.loras = loras if loras is None or isinstance(loras, list) else [loras]
+
+    def warmup(self) -> None:
+        pass
+
+    def reset_page_table(self) -> None:
+        if self.active:
+            raise RuntimeError("reset_page_table: jobs are running")
+        self.page_table.reset()
+
+    def defrag_cache(self) -> None:
+        """Pages are addressed through block tables, so fragmentation costs nothing here."""
+
+    def _retire(self, job: ExLlamaV2DynamicJob) -> None:
+        self.active.remove(job)
+        self.page_table.release(job.pages)
+        job.pages = []
+
+    def _admit(self, results: list) -> None:
+        blocked = None
+        for job in list(self.pending):
+            if len(self.active) >= self.max_batch_size:
+                break
+            got = self.page_table.acquire(job.reusable_hashes(), job.total_pages(self.page_size))
+            if got is None:
+                if blocked is None:
+                    blocked = job
+                    if job.skips >= job.max_skips:
+                        break
+                continue
+            if blocked is not None:
+                blocked.skips += 1
+                if blocked.skips >= blocked.max_skips:
+                    break
+            self.pending.remove(job)
+            job.pages, reused = got
+            job.kv_len = job.cached_tokens = reused * self.page_size
+            job.registered_pages = reused
+            job.time_start = time.time()
+            job.started = True
+            for f in job.filters:
+                f.begin("")
+            self.num_cached_tokens += job.cached_tokens
+            self.active.append(job)
+            results.append({"job": job, "stage": "started", "eos": False, "serial": job.serial,
+                            "identifier": job.identifier})
+
+    # ------------------------------------------------------------------ stepping
+
+    def iterate(self) -> list[dict]:
+        """Run one step: admit what fits, one packed forward over all active jobs, sample. Returns result dicts."""
+        results: list[dict] = []
+        self._admit(results)
+        if not self.active:
+            return results
+
+        segments = []  # (job, number of new tokens, wants logits)
+        budget = self.max_chunk_size
+        for job in self.active:
+            left = job.remaining_input()
+            if left == 1:
+                segments.append((job, 1, True))
+            elif budget > 0:
+                n = min(left, budget)
+                budget -= n
+                segments.append((job, n, job.kv_len + n == len(job.sequence)))
+
+        ids = torch.tensor([t for job, n, _ in segments for t in job.sequence[job.kv_len:job.kv_len + n]],
+                           dtype=torch.long).unsqueeze(0)
+        params = PagedParams([job.pages for job, _, _ in segments], [job.kv_len for job, _, _ in segments],
+                             [n for _, n, _ in segments], self.page_size)
+        want = [i for i, (_, _, w) in enumerate(segments) if w]
+        logits = self._forward(ids, params, params.last_token_index[want]) if want else None
+        self.num_forwards += 1
+
+        for job, n, _ in segments:
+            prompt_part = max(0, min(job.kv_len + n, job.prompt_len) - job.kv_len)
+            self.num_prefilled_tokens += prompt_part
+            job.kv_len += n
+            job.register_full_pages(self.page_table)
+            if job.kv_len < len(job.sequence):
+                cur, total = job.progress()
+                results.append({"job": job, "stage": "prefill", "eos": False, "serial": job.serial,
+                                "identifier": job.identifier, "curr_progress": cur, "max_progress": total})
+        for row, i in enumerate(want):
+            job = segments[i][0]
+            results.append(self._sample(job, logits[row:row + 1]))
+            if job.finished:
+                self._retire(job)
+        return results
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor, params: PagedParams, rows: torch.Tensor) -> torch.Tensor:
+        """The packed forward; only `rows` of the packed tokens go through the head. Returns (len(rows), vocab)."""
+        model = self.model
+        x = ids
+        for idx, module in enumerate(model.modules):
+            if idx == model.head_layer_idx:
+                x = x[:, rows.to(x.device)]
+            dev = module.device()
+            if idx > 0 and x.device != torch.device(dev):
+                x = x.to(dev)
+            x = module.forward(x, cache=self.cache, attn_params=params, past_len=0, loras=self.loras)
+        x = x[0].float()
+        cap = model.config.final_logit_softcapping
+        if cap:
+            x = torch.tanh(x / cap) * cap
+        return x
+
+    def _sample(self, job: ExLlamaV2DynamicJob, logits: torch.Tensor) -> dict:
+        history = torch.tensor([job.sequence], dtype=torch.long) if job.needs_history() else None
+        token, top_tokens, top_probs, prob, end_filter = ExLlamaV2Sampler.sample(
+            logits.unsqueeze(0), job.gen_settings, history, job.rng.random(), self.tokenizer,
+            return_top_tokens=job.return_top_tokens, blocked_tokens=job.blocked_tokens() or None,
+            filters=job.filters or None, filter_prefer_eos=job.filter_prefer_eos)
+        t = int(token[0, 0])
+        extras: dict = {"prob": float(prob[0, 0])}
+        if job.return_top_tokens:
+            extras["top_tokens"], extras["top_probs"] = top_tokens[0, 0].cpu(), top_probs[0, 0].cpu()
+        if job.return_logits:
+            extras["logits"] = logits[0].cpu()
+        if job.return_logprobs is not None:
+            lp = torch.log_softmax(logits[0].float(), dim=-1)
+            k = min(int(job.return_logprobs), lp.shape[-1])
+            top = lp.topk(k) if k > 0 else None
+            extras["logprob"] = float(lp[t])
+            extras["top_logprobs"] = list(zip(top.indices.tolist(), top.values.tolist())) if top else []
+        for f in job.filters:
+            f.feed(t)
+        step = job.accept_token(t, extras)
+        if end_filter and not step["eos"]:
+            more = job.finish_with("end_filter")
+            step = {**more, "text": step["text"] + more["text"], "token_ids": step["token_ids"] + more["token_ids"],
+                    "extras": step["extras"] + more["extras"]}
+        return self._result(job, step)
+
+    def _result(self, job: ExLlamaV2DynamicJob, step: dict) -> dict:
+        ex = step.pop("extras")
+        r = {"job": job, "stage": "streaming", "serial": job.serial, "identifier": job.identifier, **step,
+             "token_ids": torch.tensor([step["token_ids"]], dtype=torch.long)}
+        if job.return_probs:
+            r["token_probs"] = torch.tensor([[e["prob"] for e in ex]], dtype=torch.float)
+        if job.return_top_tokens:
+            k = job.return_top_tokens
+            r["top_k_tokens"] = torch.stack([e["top_tokens"] for e in ex]).unsqueeze(0) if ex else \
+                torch.zeros(1, 0, k, dtype=torch.long)
+            r["top_k_probs"] = torch.stack([e["top_probs"] for e in ex]).unsqueeze(0) if ex else \
+                torch.zeros(1, 0, k)
+        if job.return_logits and ex:
+            r["logits"] = torch.stack([e["logits"] for e in ex]).unsqueeze(0)
+        if job.return_logprobs is not None:
+            r["logprobs"] = [{"token": tid, "logprob": e["logprob"], "top_logprobs": e["top_logprobs"]}
+                             for tid, e in zip(step["token_ids"], ex)]
+        if step["eos"]:
+            r.update({"full_completion": job.full_completion, "new_tokens": len(job.new_token_ids),
+                      "prompt_tokens": job.prompt_len, "cached_tokens": job.cached_tokens, **job.timings()})
+        return r
+
+    # ------------------------------------------------------------------ blocking API
+
+    def generate(self, prompt: str | list[str], max_new_tokens: int, min_new_tokens: int = 0, seed: int | None = None,
+                 gen_settings=None, token_healing: bool = False, encode_special_tokens: bool = False,
+                 decode_special_tokens: bool = False, stop_conditions: list | None = None, add_bos: bool = False,
+                 abort_event=None, completion_only: bool = False, filters=None, filter_prefer_eos: bool = False,
+                 return_last_results: bool = False, embeddings=None, banned_strings: list[str] | None = None,
+                 **kwargs):
+        """Blocking generation of one prompt (returns str) or a batch (list[str]). `stop_conditions=None` stops
+        at the tokenizer's EOS ids. Runs the whole queue, so call it when no other jobs are pending."""
+        if isinstance(prompt, tuple):
+            raise NotImplementedError("generate: CFG (a tuple prompt) is not supported")
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        settings = gen_settings if isinstance(gen_settings, list) else [gen_settings] * len(prompts)
+        if len(settings) != len(prompts):
+            raise ValueError("generate: gen_settings must be one Settings or one per prompt")
+        if stop_conditions is None:
+            stop_conditions = list(self.tokenizer.eos_token_ids)
+        jobs = []
+        for i, (p, s) in enumerate(zip(prompts, settings)):
+            ids = self.tokenizer.encode(p, add_bos=add_bos, encode_special_tokens=encode_special_tokens)
+            jobs.append(ExLlamaV2DynamicJob(
+                ids, max_new_tokens, min_new_tokens, gen_settings=s, seed=None if seed is None else seed + i,
+                stop_conditions=stop_conditions, decode_special_tokens=decode_special_tokens,
+                filters=filters if single else None, filter_prefer_eos=filter_prefer_eos, token_healing=token_healing,
+                identifier=i, banned_strings=banned_strings, embeddings=embeddings, **kwargs))
+        self.enqueue(jobs)
+        last: dict = {}
+        outputs = [""] * len(jobs)
+        while any(not j.finished for j in jobs):
+            if abort_event is not None and abort_event.is_set():
+                for j in jobs:
+                    self.cancel(j)
+                break
+            for r in self.iterate():
+                if r["stage"] == "streaming" and r["eos"] and r["job"] in jobs:
+                    last[r["identifier"]] = r
+        for i, j in enumerate(jobs):
+            outputs[i] = j.full_completion if completion_only else prompts[i] + j.full_completion
+        out = outputs[0] if single else outputs
+        if return_last_results:
+            lr = [last.get(i) for i in range(len(jobs))]
+            return out, (lr[0] if single else lr)
+        return out

@@ -1,0 +1,231 @@
+"""ExLlamaV2DynamicJob: one generation request of the dynamic generator, its token sequence, its pages, and
+the text it has released (stop strings and banned strings hold text back until they can be ruled out)."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from .sampler import ExLlamaV2Sampler
+from .dynamic_pages import page_hashes
+
+
+class ExLlamaV2DynamicJob:
+    def __init__(self, input_ids: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0, max_skips: int = 4,
+                 gen_settings: ExLlamaV2Sampler.Settings | None = None, seed: int | None = None,
+                 stop_conditions: list | tuple | set | None = None, decode_special_tokens: bool = False,
+                 return_top_tokens: int = 0, return_logits: bool = False, return_probs: bool = False,
+                 filters=None, filter_prefer_eos: bool = False, token_healing: bool = False, identifier=None,
+                 banned_strings: list[str] | None = None, embeddings=None, return_logprobs: int | None = None,
+                 **kwargs):
+        if kwargs:
+            raise TypeError(f"ExLlamaV2DynamicJob: unexpected arguments {sorted(kwargs)}")
+        if isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], torch.Tensor):
+            raise NotImplementedError("ExLlamaV2DynamicJob: CFG (a list of input_ids) is not supported")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"ExLlamaV2DynamicJob: input_ids must be a (1, n) tensor, got {shape}")
+        if input_ids.shape[1] < 1:
+            raise ValueError("ExLlamaV2DynamicJob: input_ids is empty")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"ExLlamaV2DynamicJob: max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if min_new_tokens < 0 or min_new_tokens > max_new_tokens:
+            raise ValueError(f"ExLlamaV2DynamicJob: min_new_tokens={min_new_tokens} must lie in [0, max_new_tokens]")
+        if token_healing or embeddings:
+            raise NotImplementedError("ExLlamaV2DynamicJob: token_healing and embeddings are not supported")
+        if return_top_tokens < 0:
+            raise ValueError("ExLlamaV2DynamicJob: return_top_tokens must be >= 0")
+
+        self.prompt_ids: list[int] = input_ids[0].tolist()
+        self.max_new_tokens = max_new_tokens
+        self.min_new_tokens = min_new_tokens
+        self.max_skips = max_skips
+        self.skips = 0
+        self.gen_settings = (gen_settings or ExLlamaV2Sampler.Settings()).clone()
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.stop_tokens: set[int] = set()
+        self.stop_strings: list[str] = []
+        for c in stop_conditions or []:
+            if isinstance(c, bool) or not isinstance(c, (int, str)):
+                raise ValueError(f"ExLlamaV2DynamicJob: stop condition {c!r} must be a token id (int) or a str")
+            if isinstance(c, int):
+                self.stop_tokens.add(c)
+            elif c:
+                self.stop_strings.append(c)
+        self.banned_strings = [s for s in (banned_strings or []) if s]
+        self.decode_special_tokens = decode_special_tokens
+        self.return_top_tokens = return_top_tokens
+        self.return_logits = return_logits
+        self.return_probs = return_probs
+        self.return_logprobs = return_logprobs
+        self.filters = list(filters or [])
+        self.filter_prefer_eos = filter_prefer_eos
+        self.identifier = identifier
+
+        # set by the generator
+        self.serial: int | None = None
+        self.generator = None
+        self.sequence: list[int] = list(self.prompt_ids)
+        self.kv_len = 0  # tokens whose K/V are in the cache
+        self.pages: list[int] = []
+        self.cached_tokens = 0
+        self.prompt_page_hashes: list[bytes] = []
+        self.registered_pages = 0
+        self.new_token_ids: list[int] = []
+        self.full_completion = ""
+        self.stream = None
+        self.held_text = ""
+        self.held_tokens: list[int] = []
+        self.held_extras: list[dict] = []
+        self.checkpoint = 0  # new tokens at the last point where nothing was held back
+        self.blocked_at: dict[int, set[int]] = {}
+        self.started = False
+        self.finished = False
+        self.time_enqueue = time.time()
+        self.time_start: float | None = None
+        self.time_first_token: float | None = None
+        self.time_last_token: float | None = None
+
+    # ------------------------------------------------------------------ bookkeeping used by the generator
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    def total_pages(self, page_size: int) -> int:
+        return -(-(self.prompt_len + self.max_new_tokens) // page_size)
+
+    def prepare(self, generator) -> None:
+        self.generator = generator
+        tok = generator.tokenizer
+        self.stream = tok.stream(self.decode_special_tokens)
+        ps = generator.page_size
+        self.prompt_page_hashes = page_hashes(self.prompt_ids, ps)
+
+    def reusable_hashes(self) -> list[bytes]:
+        """Prefix pages the job may skip: at least the last prompt token must still run through the model."""
+        ps = self.generator.page_size
+        return self.prompt_page_hashes[:(self.prompt_len - 1) // ps]
+
+    def remaining_input(self) -> int:
+        return len(self.sequence) - self.kv_len
+
+    def is_prefilling(self) -> bool:
+        return self.kv_len < self.prompt_len - 1
+
+    def register_full_pages(self, page_table) -> None:
+        ps = page_table.page_size
+        full = min(self.kv_len, self.prompt_len) // ps
+        while self.registered_pages < full:
+            i = self.registered_pages
+            page_table.register(self.pages[i], self.prompt_page_hashes[i])
+            self.registered_pages += 1
+
+    # ------------------------------------------------------------------ sampling and text
+
+    def blocked_tokens(self) -> list[int]:
+        blocked = set(self.blocked_at.get(len(self.new_token_ids), ()))
+        if len(self.new_token_ids) < self.min_new_tokens:
+            blocked |= self.stop_tokens
+        return sorted(blocked)
+
+    def needs_history(self) -> bool:
+        s = self.gen_settings
+        return (s.token_repetition_penalty != 1.0 or s.token_frequency_penalty != 0.0
+                or s.token_presence_penalty != 0.0 or s.dry_multiplier > 0.0)
+
+    def _hold_limit(self) -> int:
+        """Characters that must stay held: the longest suffix of held_text that starts a stop or banned string."""
+        keep = 0
+        for s in self.stop_strings + self.banned_strings:
+            for n in range(min(len(s) - 1, len(self.held_text)), keep, -1):
+                if self.held_text.endswith(s[:n]):
+                    keep = n
+                    break
+        return keep
+
+    def accept_token(self, token: int, extras: dict) -> dict:
+        """Append a sampled token; returns the result fields for this step (text, token ids, eos...)."""
+        self.sequence.append(token)
+        self.new_token_ids.append(token)
+        self.held_tokens.append(token)
+        self.held_extras.append(extras)
+        now = time.time()
+        if self.time_first_token is None:
+            self.time_first_token = now
+        self.time_last_token = now
+
+        if token in self.stop_tokens:
+            self.held_text += self.stream.finish()
+            return self._release(len(self.held_text), eos_reason="stop_token", trigger={"eos_triggering_token": token})
+        self.held_text += self.stream.feed(token)
+
+        for b in self.banned_strings:
+            if b in self.held_text:
+                self._rewind()
+                return self._release(0)
+        for s in self.stop_strings:
+            pos = self.held_text.find(s)
+            if pos >= 0:
+                return self._release(pos, eos_reason="stop_string", trigger={"eos_triggering_string": s})
+        if len(self.new_token_ids) >= self.max_new_tokens:
+            self.held_text += self.stream.finish()
+            return self._release(len(self.held_text), eos_reason="max_new_tokens")
+        keep = self._hold_limit()
+        return self._release(len(self.held_text) - keep)
+
+    def finish_with(self, eos_reason: str, trigger: dict | None = None) -> dict:
+        self.held_text += self.stream.finish()
+        return self._release(len(self.held_text), eos_reason=eos_reason, trigger=trigger)
+
+    def _rewind(self) -> None:
+        """A banned string appeared: drop the tokens since the checkpoint and block the one that began it."""
+        c = self.checkpoint
+        offending = self.new_token_ids[c]
+        self.blocked_at.setdefault(c, set()).add(offending)
+        drop = len(self.new_token_ids) - c
+        del self.new_token_ids[c:]
+        del self.sequence[len(self.sequence) - drop:]
+        self.kv_len = min(self.kv_len, len(self.sequence) - 1)
+        self.held_text = ""
+        self.held_tokens, self.held_extras = [], []
+        self.stream = self.generator.tokenizer.stream(self.decode_special_tokens)
+        self.stream.feed(self.new_token_ids)
+
+    def _release(self, n_chars: int, eos_reason: str | None = None, trigger: dict | None = None) -> dict:
+        text = self.held_text[:n_chars]
+        eos = eos_reason is not None
+        release_tokens = eos or n_chars == len(self.held_text)
+        self.held_text = self.held_text[n_chars:]
+        self.full_completion += text
+        out = {"text": text, "eos": eos}
+        if release_tokens:
+            out["token_ids"] = self.held_tokens
+            out["extras"] = self.held_extras
+            self.held_tokens, self.held_extras = [], []
+            if not self.held_text:
+                self.checkpoint = len(self.new_token_ids)
+        else:
+            out["token_ids"], out["extras"] = [], []
+        if eos:
+            self.finished = True
+            out["eos_reason"] = eos_reason
+            out.update(trigger or {})
+        return out
+
+    def progress(self) -> tuple[int, int]:
+        return min(self.kv_len, self.prompt_len), self.prompt_len
+
+    def timings(self) -> dict:
+        start = self.time_start or self.time_enqueue
+        first = self.time_first_token or start
+        last = self.time_last_token or first
+        return {"time_enqueued": start - self.time_enqueue, "time_prefill": first - start,
+                "time_generate": last - first}
+
+    def __repr__(self) -> str:
+        return (f"ExLlamaV2DynamicJob(serial={self.serial}, identifier={self.identifier!r}, "
+                f"prompt_tokens={self.prompt_len}, new_tokens={len(self.new_token_ids)})")
