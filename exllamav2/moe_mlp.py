@@ -1,0 +1,198 @@
+"""ExLlamaV2MoEMLP: norm -> router -> top-k experts (gated MLPs) weighted and summed [+ gated shared expert]
+[-> post norm] -> + residual.
+
+Tokens are grouped by expert with one sort; the Python loop runs over the experts that received tokens, never
+over tokens. Expert weights are read from per-expert tensors (keys `moe_w1`/`moe_w3`/`moe_w2` (gate/up/down) with `*`
+for the expert index, the layout HF saves) or from fused 3-D tensors (`experts.gate_up_proj` (E, 2I, H), `experts.down_proj` (E, H, I),
+the layout HF 5.x models hold in memory).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .activations import get_activation
+from .linear import ExLlamaV2Linear
+from .mlp import ExLlamaV2MLP
+from .module import ExLlamaV2Module, MissingTensorError, TensorShapeError
+from .norms import make_norm
+
+
+class ExLlamaV2MoEMLP(ExLlamaV2Module):
+    name = "MoEMLP"
+
+    def __init__(self, model, key, layer_idx: int, archparams=None):
+        super().__init__(model, key, archparams)
+        cfg, ap = self.config, self.archparams
+        keys = ap.keys
+        self.layer_idx = layer_idx
+        self.hidden_size = hidden = cfg.hidden_size
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.num_experts_per_token
+        if not self.num_experts or not self.top_k or self.top_k > self.num_experts:
+            raise ValueError(f"{cfg.config_source}: MoE model needs num_experts >= num_experts_per_tok > 0, got "
+                             f"{self.num_experts} and {self.top_k}")
+        read = cfg.read_config
+        self.interm_features = im = cfg._get(read, "moe_intermediate_size", kind=int) or cfg.intermediate_size
+        act = cfg.hidden_act if isinstance(cfg.hidden_act, str) else ap.mlp_act_func
+        self.act = get_activation(act)
+
+        self.pre_layernorm = make_norm(model, key + keys["norm_2"], ap) if keys["norm_2"] else None
+        self.post_layernorm = make_norm(model, key + keys["norm_2_post"], ap) if keys["norm_2_post"] else None
+        self.gate = ExLlamaV2Linear(model, key + keys["mlp_expert_gate"], hidden, self.num_experts, False,
+                                    pad32=False, archparams=ap)
+
+        def expert(name, e, inf, outf):
+            return ExLlamaV2Linear(model, key + keys[name].replace("*", str(e)), inf, outf, False, archparams=ap)
+
+        E = range(self.num_experts)
+        self.w1 = [expert("moe_w1", e, hidden, im) for e in E]
+        self.w3 = [expert("moe_w3", e, hidden, im) for e in E]
+        self.w2 = [expert("moe_w2", e, im, hidden) for e in E]
+        self.fused_experts_key = key + keys["moe_fused_experts"] if keys.get("moe_fused_experts") else None
+
+        # Qwen2-MoE: a dense shared expert added to every token, scaled by sigmoid(shared_expert_gate(x))
+        self.shared_expert = self.shared_gate = None
+        if keys.get("moe_shared_expert"):
+            se = keys["moe_shared_expert"]
+            sap = ap.clone()
+            sap.keys = {**keys, "norm_2": None, "norm_2_post": None, "mlp_gate": ".gate_proj",
+                        "mlp_up": ".up_proj", "mlp_down": ".down_proj", "fused_mlp_12": None}
+            sap.mlp_gate, sap.mlp_bias = True, False
+            size = cfg._get(read, "shared_expert_intermediate_size", kind=int) or im
+            self.shared_expert = ExLlamaV2MLP(model, key + se, layer_idx, has_norm=False, has_residual=False,
+                                              archparams=sap, interm_features=size)
+            if keys.get("moe_shared_expert_gate"):
+                self.shared_gate = ExLlamaV2Linear(model, key + keys["moe_shared_expert_gate"], hidden, 1, False,
+                                                   pad32=False, archparams=ap)
+
+        self.experts = self.w1 + self.w3 + self.w2
+        self.submodules = [m for m in (self.pre_layernorm, self.gate, *self.experts, self.shared_expert,
+                                       self.shared_gate, self.post_layernorm) if m is not None]
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self, device_context: bool = True):
+        fused = self._load_fused_experts()
+        for m in self.submodules:
+            if fused is not None and m in fused:
+                m.load(w=fused[m])
+            else:
+                m.load()
+
+    def _load_fused_experts(self) -> dict | None:
+        """{expert linear: weight} from fused 3-D expert tensors, or None when the per-expert tensors exist."""
+        if self.fused_experts_key is None or self.has_tensor(self.w1[0].key + ".weight") \
+                or self.has_tensor(self.w1[0].key + ".q_weight") or self.has_tensor(self.w1[0].key + ".qweight"):
+            return None
+        gu_name, d_name = self.fused_experts_key + ".gate_up_proj", self.fused_experts_key + ".down_proj"
+        if not (self.has_tensor(gu_name) and self.has_tensor(d_name)):
+            return None
+        E, H, I = self.num_experts, self.hidden_size, self.interm_features
+        gu = self._source(gu_name).get_tensor(gu_name)
+        down = self._source(d_name).get_tensor(d_name)
+        # some exports store the fused tensors as (E, in, out); accept both orientations
+        if tuple(gu.shape) == (E, H, 2 * I) and H != 2 * I:
+            gu = gu.transpose(1, 2)
+        if tuple(down.shape) == (E, I, H) and H != I:
+            down = down.transpose(1, 2)
+        if tuple(gu.shape) != (E, 2 * I, H):
+            raise TensorShapeError(f"{gu_name}: shape {list(gu.shape)}, expected {[E, 2 * I, H]}")
+        if tuple(down.shape) != (E, H, I):
+            raise TensorShapeError(f"{d_name}: shape {list(down.shape)}, expected {[E, H, I]}")
+        dev = self.device()
+
+        def param(t):
+            return nn.Parameter(self._float(t.contiguous()).to(dev), requires_grad=False)
+
+        out = {}
+        for e in range(E):
+            out[self.w1[e]] = param(gu[e, :I])
+            out[self.w3[e]] = param(gu[e, I:])
+            out[self.w2[e]] = param(down[e])
+        return out
+
+    def unload(self):
+        for m in self.submodules:
+            m.unload()
+
+    def numel(self) -> int:
+        return sum(m.numel() for m in self.submodules)
+
+    def is_quant(self) -> bool:
+        return self.w1[0].is_quant()
+
+    def update_loras(self):
+        pass  # LoRA on experts is not supported (as in the original)
+
+    def rank_reduce(self, k: float):
+        for m in self.experts:
+            m.rank_reduce(k)
+
+    def scratch_space_fixed(self) -> int:
+        rows = self.config.max_input_len * self.config.max_batch_size
+        return rows * (self.hidden_size * 2 + self.num_experts + 2 * self.interm_features * self.top_k) * 2
+
+    def scratch_space(self) -> int:
+        return self.scratch_space_fixed()
+
+    # ------------------------------------------------------------------ forward
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, hidden) -> (weights (T, k) fp32, expert ids (T, k)): softmax over the router logits in fp32,
+        top-k, optionally renormalised to sum to 1."""
+        logits = self.gate.forward(x)
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.archparams.moe_norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+    def forward(self, hidden_states, cache=None, attn_params=None, past_len=None, intermediates=False,
+                loras=None, **kwargs):
+        residual = hidden_states
+        x = self.pre_layernorm.forward(hidden_states) if self.pre_layernorm is not None else hidden_states
+        post_norm = x
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1])
+        weights, ids = self.route(xf)
+
+        # group the (token, slot) assignments by expert with one stable sort
+        k = self.top_k
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        tokens = order // k
+        slot_weights = weights.reshape(-1)[order]
+        y = torch.zeros_like(xf)
+        inter = {"post_norm": post_norm} if intermediates else None
+        beg = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tok = tokens[beg:beg + n]
+            xe = xf.index_select(0, tok)
+            a = self.act(self.w1[e].forward(xe)) * self.w3[e].forward(xe)
+            if inter is not None:
+                inter[f"pre_down.{e}"] = a
+            ye = self.w2[e].forward(a) * slot_weights[beg:beg + n, None]
+            y.index_add_(0, tok, ye.to(y.dtype))
+            beg += n
+
+        if self.shared_expert is not None:
+            s = self.shared_expert.forward(xf)
+            if self.shared_gate is not None:
+                s = torch.sigmoid(self.shared_gate.forward(xf)) * s
+            y = y + s
+        y = y.view(shape)
+        if self.post_layernorm is not None:
+            y = self.post_layernorm.forward(y)
+        if self.archparams.residual_stream_fp32:
+            out = residual.float() + y.float()
+        else:
+            out = residual + y.to(residual.dtype)
+        if intermediates:
+            inter["hidden_states"] = out
+            return inter
+        return out
