@@ -1,0 +1,355 @@
+"""The EXL2 conversion job (survey §5): tokenize -> measure -> optimize -> quantize -> compile, resumable from
+its working folder. One module's weights are loaded at a time; hidden states of the calibration rows are kept
+in fp32 between modules (and saved after each step, which is what makes resuming exact)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import ExLlamaV2Config
+from ..model import ExLlamaV2
+from ..quant import exl2_pack, gptq_quantize
+from ..quant.exl2 import exl2_bits_per_weight, read_exl2
+from ..quant.gptq import gptq_bits_per_weight, read_gptq
+from ..tokenizer import ExLlamaV2Tokenizer
+from ..version import __version__
+from .adaptive_gptq import Exl2Quantized, output_errors, prepare_hessian, quantize_options, single_cpu_thread
+from .calibration import calibration_ids, read_calibration_text
+from .compile import copy_model_files, plain_tensor, write_config, write_shards
+from .job import Job, atomic_save_tensors, atomic_write_json, load_tensors
+from .layers import hessian_of, linear_stages, linear_weight, run_module, substitute_weight
+from .optimize import Slot, achievable_bpw, optimize
+from .qparams import CANDIDATES, QuantOption, head_option
+
+StepCallback = Callable[[str, int], None]
+
+
+@dataclass
+class ConvertSettings:
+    in_dir: str
+    out_dir: str
+    bits: float = 4.0
+    head_bits: int = 6
+    calibration: str | None = None   # text file; None: the shipped default text
+    rows: int = 16
+    length: int = 512
+    gptq: bool = False               # plain GPTQ 4-bit g128 act-order for the decoder layers instead of EXL2
+    work_dir: str | None = None      # default: <out_dir>/.convert_job
+    batch_rows: int = 4              # calibration rows per forward
+    shard_mb: int = 8192
+    measurement: str | None = None   # a measurement.json to reuse (skips measuring)
+    save_measurement: str | None = None
+
+    def job_settings(self) -> dict:
+        """What must match for a working folder to be resumed."""
+        d = asdict(self)
+        for k in ("out_dir", "work_dir", "batch_rows", "shard_mb", "save_measurement"):
+            d.pop(k)
+        for k in ("in_dir", "calibration", "measurement"):
+            if d[k] is not None:
+                d[k] = os.path.abspath(d[k])
+        return d
+
+
+class ConversionInterrupted(RuntimeError):
+    pass
+
+
+def _exl2_tensors(q: Exl2Quantized, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return exl2_pack(q.codes, q.groups, q.scale_codes, q.scale_max, q.perm,
+                     None if bias is None else bias.detach().float().cpu())
+
+
+class Converter:
+    def __init__(self, s: ConvertSettings, resume: bool = True, progress: bool = True,
+                 on_step: StepCallback | None = None):
+        if not os.path.isfile(os.path.join(s.in_dir, "config.json")):
+            raise FileNotFoundError(f"{s.in_dir}: not an HF model folder (no config.json); convert a GGUF file to a "
+                                    "folder first (`exllamav2 convert-gguf`)")
+        head_option(s.head_bits)  # validates -hb
+        if not 1.5 <= s.bits <= 9:
+            raise ValueError(f"target bits must be between 1.5 and 9 bpw, got {s.bits}")
+        self.s = s
+        self.progress = progress
+        self.on_step = on_step
+        self.work_dir = s.work_dir or os.path.join(s.out_dir, ".convert_job")
+        self.job = Job.open(self.work_dir, s.job_settings(), resume)
+        cfg = ExLlamaV2Config(s.in_dir)
+        cfg.dtype = torch.float32  # calibration forwards and Hessians in fp32
+        cfg.max_seq_len = max(cfg.max_seq_len, s.length)
+        cfg.max_input_len = s.length
+        cfg.max_attention_size = max(cfg.max_attention_size, s.length ** 2)
+        self.config = cfg
+        self.model = ExLlamaV2(cfg)  # modules are built, nothing is loaded
+        mods = self.model.modules
+        self.embedding = mods[0]
+        self.layers = mods[1:self.model.head_layer_idx - 1]
+        self.final_norm = mods[self.model.head_layer_idx - 1]
+        self.head = mods[self.model.head_layer_idx]
+        self.stages = {m.key + f"#{i}": linear_stages(m) for i, m in enumerate(self.layers)}
+        keys = self.model.archparams.keys
+        self.tied = self.head.key != keys["lm_head"]
+        self.head_out_key = keys["lm_head"]
+
+    # ------------------------------------------------------------------ helpers
+
+    def _step_done(self, stage: str, index: int) -> None:
+        if self.on_step is not None:
+            self.on_step(stage, index)
+
+    def _bar(self, total: int, initial: int, desc: str):
+        return tqdm(total=total, initial=initial, desc=desc, unit="module", disable=not self.progress)
+
+    def _states(self, name: str) -> torch.Tensor:
+        return load_tensors(self.job.file(name))["hidden_states"]
+
+    def _save_states(self, name: str, states: torch.Tensor) -> None:
+        atomic_save_tensors({"hidden_states": states}, self.job.file(name))
+
+    def _drop(self, name: str | None) -> None:
+        if name is not None and os.path.exists(self.job.file(name)):
+            os.remove(self.job.file(name))
+
+    def _embed(self, name: str) -> None:
+        ids = load_tensors(self.job.file("cal_ids.safetensors"))["ids"]
+        self.embedding.load()
+        try:
+            states = torch.cat([self.embedding.forward(ids[a:a + self.s.batch_rows].to(self.embedding.device())).float().cpu()
+                                for a in range(0, ids.shape[0], self.s.batch_rows)])
+        finally:
+            self.embedding.unload()
+        self._save_states(name, states)
+
+    # ------------------------------------------------------------------ stages
+
+    def run(self) -> dict:
+        job = self.job
+        if job.stage == "begin":
+            tok = ExLlamaV2Tokenizer(self.config)
+            text, dataset = read_calibration_text(self.s.calibration)
+            ids = calibration_ids(tok, text, self.s.rows, self.s.length)
+            atomic_save_tensors({"ids": ids}, job.file("cal_ids.safetensors"))
+            job.update(stage="embed", dataset=dataset)
+        if job.stage == "embed":
+            if self.s.gptq:
+                self._embed("quant_states_0.safetensors")
+                job.update(stage="quant", quant_done=0)
+            elif self.s.measurement is not None:
+                with open(self.s.measurement) as f:
+                    job.update(stage="optimize", measurement=json.load(f)["measurement"])
+            else:
+                self._embed("measure_states_0.safetensors")
+                job.update(stage="measure", measure_done=0, measurement={})
+        if job.stage == "measure":
+            self._measure()
+            if self.s.save_measurement:
+                atomic_write_json({"measurement": job.get("measurement")}, self.s.save_measurement)
+            job.update(stage="optimize")
+        if job.stage == "optimize":
+            strategy = self._optimize()
+            self._embed("quant_states_0.safetensors")
+            job.update(stage="quant", strategy=strategy, quant_done=0)
+        if job.stage == "quant":
+            self._quantize()
+            job.update(stage="compile")
+        if job.stage == "compile":
+            summary = self._compile()
+            job.update(stage="finished", summary=summary)
+        return job.get("summary")
+
+    def _measure(self) -> None:
+        job = self.job
+        done = job.get("measure_done")
+        measurement = job.get("measurement")
+        with self._bar(len(self.layers), done, "Measuring") as bar:
+            for i in range(done, len(self.layers)):
+                module = self.layers[i]
+                states = self._states(f"measure_states_{i}.safetensors")
+                module.load()
+                try:
+                    nxt = None
+                    for capture, linears in linear_stages(module):
+                        out, H = run_module(module, states, self.s.batch_rows, capture, keep_output=nxt is None)
+                        nxt = out if nxt is None else nxt
+                        prep = prepare_hessian(H)
+                        for lin in linears:
+                            W = linear_weight(lin)
+                            results = quantize_options(W, prep, list(CANDIDATES))
+                            errs = output_errors(W, prep, [r.dequant for r in results])
+                            measurement[lin.key] = {
+                                "numel": lin.numel(),
+                                "options": [{"option": o.to_dict(), "total_bits": o.total_bits(lin.in_features, lin.out_features),
+                                             "error": e} for o, e in zip(CANDIDATES, errs)],
+                            }
+                finally:
+                    module.unload()
+                self._save_states(f"measure_states_{i + 1}.safetensors", nxt)
+                job.update(measure_done=i + 1, measurement=measurement)
+                self._drop(f"measure_states_{i}.safetensors")
+                bar.update(1)
+                self._step_done("measure", i)
+        self._drop(f"measure_states_{len(self.layers)}.safetensors")
+
+    def _optimize(self) -> dict:
+        measurement = self.job.get("measurement")
+        keys = [lin.key for st in self.stages.values() for _, ls in st for lin in ls]
+        missing = [k for k in keys if k not in measurement]
+        if missing:
+            raise ValueError(f"measurement has no entry for {missing[0]} (and {len(missing) - 1} more); it was made for another model")
+        slots = [Slot(k, measurement[k]["numel"], tuple(o["total_bits"] for o in measurement[k]["options"]),
+                      tuple(o["error"] for o in measurement[k]["options"])) for k in keys]
+        choice = optimize(slots, self.s.bits)
+        numel = sum(s.numel for s in slots)
+        bpw = sum(s.bits[j] for s, j in zip(slots, choice)) / numel
+        if abs(bpw - self.s.bits) > 0.05:
+            lo, hi = achievable_bpw(slots)
+            print(f" -- warning: planned {bpw:.3f} bpw for a target of {self.s.bits} (achievable range {lo:.3f}-{hi:.3f})")
+        return {k: {"option": measurement[k]["options"][j]["option"], "error": measurement[k]["options"][j]["error"]}
+                for k, j in zip(keys, choice)}
+
+    def _quantize_linear(self, lin, H: torch.Tensor) -> dict[str, torch.Tensor]:
+        W = linear_weight(lin)
+        bias = lin.bias.data if lin.bias is not None else None
+        if self.s.gptq:
+            with single_cpu_thread(W.device):
+                t = gptq_quantize(W, 4, 128, act_order=True, hessian=H)
+            if bias is not None:
+                t["bias"] = bias.to(torch.float16).cpu()
+            t = {k: v.cpu() for k, v in t.items()}
+            from ..quant import gptq_dequantize
+            substitute_weight(lin, gptq_dequantize(t, "", torch.float16, lin.in_features, lin.out_features).float())
+            return t
+        option = QuantOption.from_dict(self.job.get("strategy")[lin.key]["option"])
+        q = quantize_options(W, prepare_hessian(H), [option])[0]
+        t = _exl2_tensors(q, bias)
+        check = read_exl2(t, lin.key, lin.in_features, lin.out_features)
+        from ..quant import exl2_dequantize
+        dq = exl2_dequantize(check, lin.key, torch.float16).float()
+        if not torch.equal(dq, q.dequant.cpu()):  # the packed tensors must reconstruct what GPTQ fed back
+            raise RuntimeError(f"{lin.key}: packed EXL2 tensors do not reconstruct the quantized weight")
+        substitute_weight(lin, q.dequant)
+        return t
+
+    def _quantize(self) -> None:
+        job = self.job
+        done = job.get("quant_done")
+        total = len(self.layers) + 1
+        with self._bar(total, done, "Quantizing") as bar:
+            for i in range(done, len(self.layers)):
+                module = self.layers[i]
+                states = self._states(f"quant_states_{i}.safetensors")
+                module.load()
+                tensors: dict[str, torch.Tensor] = {}
+                try:
+                    for capture, linears in linear_stages(module):
+                        _, H = run_module(module, states, self.s.batch_rows, capture, keep_output=False)
+                        for lin in linears:
+                            for name, t in self._quantize_linear(lin, H).items():
+                                tensors[f"{lin.key}.{name}"] = t
+                    nxt, _ = run_module(module, states, self.s.batch_rows)
+                finally:
+                    module.unload()
+                atomic_save_tensors(tensors, job.file("out_tensor", f"{i:04d}.safetensors"))
+                self._save_states(f"quant_states_{i + 1}.safetensors", nxt)
+                job.update(quant_done=i + 1)
+                self._drop(f"quant_states_{i}.safetensors")
+                bar.update(1)
+                self._step_done("quant", i)
+            if done <= len(self.layers):
+                self._quantize_head()
+                job.update(quant_done=len(self.layers) + 1)
+                bar.update(1)
+                self._step_done("quant", len(self.layers))
+
+    def _quantize_head(self) -> None:
+        states = self._states(f"quant_states_{len(self.layers)}.safetensors")
+        self.final_norm.load()
+        try:
+            normed, _ = run_module(self.final_norm, states, self.s.batch_rows)
+        finally:
+            self.final_norm.unload()
+        head = self.head
+        head.load()
+        try:
+            W = linear_weight(head)
+            H = hessian_of(normed, self.s.batch_rows, W.device)
+            bias = head.bias.data if head.bias is not None else None
+            q = quantize_options(W, prepare_hessian(H), [head_option(self.s.head_bits)])[0]
+            t = _exl2_tensors(q, bias)
+        finally:
+            head.unload()
+        atomic_save_tensors({f"{self.head_out_key}.{k}": v for k, v in t.items()},
+                            self.job.file("out_tensor", "head.safetensors"))
+        self._drop(f"quant_states_{len(self.layers)}.safetensors")
+
+    def _compile(self) -> dict:
+        s = self.s
+        os.makedirs(s.out_dir, exist_ok=True)
+        quantized: dict[str, torch.Tensor] = {}
+        for i in range(len(self.layers)):
+            quantized.update(load_tensors(self.job.file("out_tensor", f"{i:04d}.safetensors")))
+        head = load_tensors(self.job.file("out_tensor", "head.safetensors"))
+
+        consumed = set()
+        for st in self.stages.values():
+            for _, linears in st:
+                for lin in linears:
+                    consumed |= {lin.key + ".weight", lin.key + ".bias"}
+        if not self.tied:
+            consumed |= {self.head.key + ".weight", self.head.key + ".bias"}
+        tensors: dict[str, torch.Tensor] = {}
+        fmap = self.config.tensor_file_map
+        for name in fmap:  # embedding, norms and anything else the linears do not consume, in file order
+            if name not in consumed:
+                tensors[name] = plain_tensor(fmap[name].get_tensor(name, device="cpu"))
+        tensors.update(quantized)
+        tensors.update(head)
+        files = write_shards(tensors, s.out_dir, s.shard_mb)
+
+        decoder_bits, decoder_numel, per_layer = 0.0, 0, {}
+        for st in self.stages.values():
+            for _, linears in st:
+                for lin in linears:
+                    sub = {k[len(lin.key) + 1:]: v for k, v in quantized.items() if k.startswith(lin.key + ".")}
+                    if s.gptq:
+                        bpw = gptq_bits_per_weight(read_gptq(sub, lin.key, lin.in_features, lin.out_features))
+                    else:
+                        bpw = exl2_bits_per_weight(read_exl2(sub, lin.key, lin.in_features, lin.out_features))
+                    per_layer[lin.key] = round(bpw, 4)
+                    decoder_bits += bpw * lin.numel()
+                    decoder_numel += lin.numel()
+        head_sub = {k[len(self.head_out_key) + 1:]: v for k, v in head.items()}
+        head_bpw = exl2_bits_per_weight(read_exl2(head_sub, self.head_out_key, self.head.in_features, self.head.out_features))
+        bpw = decoder_bits / decoder_numel
+
+        copy_model_files(s.in_dir, s.out_dir)
+        if s.gptq:
+            qc = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": True,
+                  "checkpoint_format": "gptq", "head": {"quant_method": "exl2", "bits": s.head_bits}}
+        else:
+            qc = {"quant_method": "exl2", "version": __version__, "bits": s.bits, "head_bits": s.head_bits,
+                  "calibration": {"rows": s.rows, "length": s.length, "dataset": self.job.get("dataset")}}
+        write_config(s.in_dir, s.out_dir, qc, untie_head=self.tied)
+        summary = {"files": files, "bpw": bpw, "head_bpw": head_bpw, "layers": per_layer}
+        if not s.gptq:
+            summary["strategy"] = {k: str(QuantOption.from_dict(v["option"])) for k, v in self.job.get("strategy").items()}
+        return summary
+
+
+def convert_exl2(settings: ConvertSettings, resume: bool = True, progress: bool = True,
+                 on_step: StepCallback | None = None, keep_work: bool = False) -> dict:
+    """Run (or resume) a conversion job; returns its summary {files, bpw, head_bpw, layers, strategy}.
+    on_step(stage, index) is called after every finished module ("measure"/"quant"); raising in it interrupts the
+    job, which the next call with the same settings and working folder resumes."""
+    conv = Converter(settings, resume, progress, on_step)
+    summary = conv.run()
+    if not keep_work:
+        shutil.rmtree(conv.work_dir, ignore_errors=True)
+    return summary

@@ -1,0 +1,82 @@
+"""Running one model module at a time over the calibration hidden states, collecting the Hessians of the
+inputs of its linear layers, and substituting quantized weights."""
+
+from __future__ import annotations
+
+import torch
+
+from ..attn import ExLlamaV2Attention
+from ..attn_params import Params
+from ..linear import ExLlamaV2Linear
+from ..mlp import ExLlamaV2MLP
+
+
+class UnsupportedModuleError(NotImplementedError):
+    pass
+
+
+def linear_stages(module) -> list[tuple[str, list[ExLlamaV2Linear]]]:
+    """The module's linears grouped by the intermediate that feeds them, in forward order. Quantizing a stage
+    changes the inputs of the next, so stages are quantized one after another."""
+    if isinstance(module, ExLlamaV2Attention):
+        stages = [("post_norm", [module.q_proj, module.k_proj, module.v_proj]), ("attn_output", [module.o_proj])]
+    elif isinstance(module, ExLlamaV2MLP):
+        first = [m for m in (module.gate_proj, module.up_proj) if m is not None]
+        stages = [("post_norm", first), ("pre_down", [module.down_proj])]
+    else:
+        raise UnsupportedModuleError(f"{module.key}: {type(module).__name__} modules cannot be converted "
+                                     "(supported: attention and dense MLP layers)")
+    for _, linears in stages:
+        for lin in linears:
+            if lin.f_key is not None:
+                raise UnsupportedModuleError(f"{lin.key}: fused source tensor {lin.f_key} is not supported by the converter")
+    return stages
+
+
+def _forward(module, x: torch.Tensor, intermediates: bool):
+    b, s = x.shape[0], x.shape[1]
+    return module.forward(x, cache=None, attn_params=Params(b, s, 0), intermediates=intermediates)
+
+
+def run_module(module, states: torch.Tensor, batch_rows: int, capture: str | None = None,
+               keep_output: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Forward the (rows, length, hidden) fp32 CPU states through module in batches of rows.
+    Returns (output states (fp32, CPU) or None, H = sum of X^T X over every token of the intermediate
+    `capture`, or None)."""
+    device = module.device()
+    dtype = module.model.dtype
+    H = None
+    out = torch.empty_like(states) if keep_output else None
+    for a in range(0, states.shape[0], batch_rows):
+        x = states[a:a + batch_rows].to(device, dtype)
+        if capture is None:
+            y = _forward(module, x, False)
+        else:
+            r = _forward(module, x, True)
+            X = r[capture].reshape(-1, r[capture].shape[-1]).to(torch.float32)
+            H = X.T @ X if H is None else H.addmm_(X.T, X)
+            y = r["hidden_states"]
+        if keep_output:
+            out[a:a + batch_rows] = y.to(torch.float32).cpu()
+    return out, H
+
+
+def hessian_of(states: torch.Tensor, batch_rows: int, device) -> torch.Tensor:
+    """X^T X of the states themselves (the head's input)."""
+    H = None
+    for a in range(0, states.shape[0], batch_rows):
+        X = states[a:a + batch_rows].reshape(-1, states.shape[-1]).to(device, torch.float32)
+        H = X.T @ X if H is None else H.addmm_(X.T, X)
+    return H
+
+
+def linear_weight(lin: ExLlamaV2Linear) -> torch.Tensor:
+    """The unquantized (out, in) weight in fp32."""
+    if lin.q_handle is not None:
+        raise ValueError(f"{lin.key}: the input model is already quantized; convert from an unquantized model")
+    return lin.weight.data.to(torch.float32)
+
+
+def substitute_weight(lin: ExLlamaV2Linear, w: torch.Tensor) -> None:
+    """Make lin compute with the (out, in) weight w (the dequantized result) from now on."""
+    lin.weight = torch.nn.Parameter(w.to(lin.weight.device, lin.weight.dtype), requires_grad=False)

@@ -1,0 +1,71 @@
+"""Choosing one option per linear layer: minimise the sum of squared relative output errors subject to the
+bit budget (survey §5.4 uses simulated annealing over per-module errors; a Lagrangian sweep plus a greedy fill
+reaches the same kind of optimum on per-linear options and is deterministic)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Slot:
+    key: str
+    numel: int
+    bits: tuple[int, ...]     # total stored bits of each option
+    errors: tuple[float, ...]  # relative output error of each option
+
+
+def _pick(slots: list[Slot], lam: float) -> list[int]:
+    return [min(range(len(s.bits)), key=lambda j: (s.errors[j] ** 2 + lam * s.bits[j] / s.numel, s.bits[j]))
+            for s in slots]
+
+
+def _total(slots, choice) -> int:
+    return sum(s.bits[j] for s, j in zip(slots, choice))
+
+
+def achievable_bpw(slots: list[Slot]) -> tuple[float, float]:
+    n = sum(s.numel for s in slots)
+    return sum(min(s.bits) for s in slots) / n, sum(max(s.bits) for s in slots) / n
+
+
+def optimize(slots: list[Slot], target_bpw: float) -> list[int]:
+    """Option index per slot with total bits <= target_bpw * numel, as close to it as the options allow."""
+    numel = sum(s.numel for s in slots)
+    budget = target_bpw * numel
+    lo_bpw, hi_bpw = achievable_bpw(slots)
+    if budget < lo_bpw * numel - 1e-6:
+        raise ValueError(f"target {target_bpw} bpw is below the smallest achievable {lo_bpw:.3f} bpw for this model "
+                         "(with the candidate options and their scale/permutation overhead)")
+    if budget >= hi_bpw * numel:
+        return [max(range(len(s.bits)), key=lambda j: (s.bits[j], -s.errors[j])) for s in slots]
+
+    # Lagrangian: the largest multiplier that still fits is found by bisection on a log scale.
+    lo, hi = 0.0, 1.0
+    while _total(slots, _pick(slots, hi)) > budget:
+        hi *= 4
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if _total(slots, _pick(slots, mid)) > budget:
+            lo = mid
+        else:
+            hi = mid
+    choice = _pick(slots, hi)
+
+    # Greedy fill: spend what is left on the upgrade with the best error reduction per bit, until nothing fits.
+    used = _total(slots, choice)
+    while True:
+        best, best_gain = None, 0.0
+        for i, s in enumerate(slots):
+            cur = choice[i]
+            for j in range(len(s.bits)):
+                extra = s.bits[j] - s.bits[cur]
+                gain = s.errors[cur] ** 2 - s.errors[j] ** 2
+                if extra > 0 and gain > 0 and used + extra <= budget and gain / extra > best_gain:
+                    best, best_gain = (i, j), gain / extra
+        if best is None:
+            break
+        i, j = best
+        used += slots[i].bits[j] - slots[i].bits[choice[i]]
+        choice[i] = j
+    return choice
