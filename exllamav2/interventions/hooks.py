@@ -70,6 +70,7 @@ class _ModelState:
         self._decoding = False
         self._step = -1
         self._prompt_end = 0
+        self._end = 0
         self.mids: dict = {}
 
     def on_call(self, ids, *args, **kwargs):
@@ -83,8 +84,9 @@ class _ModelState:
                 cache = kwargs.get("cache")
                 past = cache.current_seq_len if cache is not None else 0
             offsets = None
-        if past == 0:
+        if past == 0 or past < self._end:  # a new sequence, or the cache was rewound: a new run
             self._decoding, self._step, self._prompt_end = False, -1, 0
+        self._end = past + s
         if s == 1 or self._decoding:
             self._decoding = True
             self._step += 1

@@ -1,7 +1,8 @@
 """Which batch rows and token positions an edit or capture touches in one forward call.
 
 Every `model.forward_chunk` call covers cache indices `past_len .. past_len + seq_len - 1`. The call tracker
-(hooks.py) classifies each call of a run (a run starts at `past_len == 0`):
+(hooks.py) classifies each call of a run (a run starts at `past_len == 0`, or when the cache was rewound, i.e.
+past_len is below the end of the previous call, as when a generator reuses a cached prefix):
 - a call with more than one token before the first single-token call is a *prompt* call;
 - every single-token call is a *decode step*, numbered 0, 1, ... in the run (so are multi-token calls after
   decoding started, e.g. draft verification: one step per call).
