@@ -1,0 +1,62 @@
+"""GGUF quant blocks (Q4_0, Q4_1, Q8_0) decoded into integer digits and per-32-column scales, in HF row order.
+
+Block layouts (32 weights per block, little endian):
+- Q4_0: fp16 d, 16 bytes of nibbles;          w = d * (q - 8)
+- Q4_1: fp16 d, fp16 m, 16 bytes of nibbles;  w = d * q + m
+- Q8_0: fp16 d, 32 int8;                      w = d * q
+Nibble j < 16 of a block is the low half of byte j, nibble j >= 16 the high half of byte j - 16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BLOCK = 32
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+SUPPORTED_TYPES = tuple(_BLOCK_BYTES)
+
+
+@dataclass
+class BlockDigits:
+    """w[n, k] = digits[n, k] * scale[n, k // 32] + offset[n, k // 32] (offset is None when 0)."""
+    kind: str                      # "int4" (digits 0..15) or "int8" (digits -128..127)
+    digits: torch.Tensor           # (N, K) int32 for int4, int8 for int8
+    scale: torch.Tensor            # (N, K/32) float32
+    offset: torch.Tensor | None    # (N, K/32) float32
+
+
+def decode_blocks(ggml_type: str, raw: np.ndarray, shape: tuple[int, ...], name: str = "tensor") -> BlockDigits:
+    """`raw` is uint8 (rows, bytes per row) as `GGUFFile.raw` returns it; `shape` the HF shape (N, K)."""
+    if ggml_type not in _BLOCK_BYTES:
+        raise ValueError(f"{name}: GGUF type {ggml_type} has no direct integer mapping (expected one of "
+                         f"{', '.join(SUPPORTED_TYPES)})")
+    if len(shape) != 2 or shape[1] % BLOCK:
+        raise ValueError(f"{name}: shape {list(shape)} is not a matrix with a multiple of {BLOCK} columns")
+    n, k = shape
+    nb, bb = k // BLOCK, _BLOCK_BYTES[ggml_type]
+    if raw.shape != (n, nb * bb):
+        raise ValueError(f"{name}: {ggml_type} data has shape {list(raw.shape)}, expected [{n}, {nb * bb}]")
+    blocks = np.ascontiguousarray(raw).reshape(n, nb, bb)
+    d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0]).float()
+    if ggml_type == "Q8_0":
+        q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).reshape(n, k)
+        return BlockDigits("int8", q, d, None)
+    first = 4 if ggml_type == "Q4_1" else 2
+    qs = torch.from_numpy(blocks[..., first:].copy()).to(torch.int32)       # (n, nb, 16)
+    q = torch.cat((qs & 0xF, qs >> 4), dim=-1).reshape(n, k)
+    if ggml_type == "Q4_1":
+        m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0]).float()
+        return BlockDigits("int4", q, d, m)
+    return BlockDigits("int4", q, d, -8.0 * d)
+
+
+def dequantize_digits(b: BlockDigits) -> torch.Tensor:
+    """float32 (N, K) weights."""
+    n, k = b.digits.shape
+    w = b.digits.float().view(n, k // BLOCK, BLOCK) * b.scale[..., None]
+    if b.offset is not None:
+        w = w + b.offset[..., None]
+    return w.view(n, k)
