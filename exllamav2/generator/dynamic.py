@@ -64,6 +64,15 @@ class ExLlamaV2DynamicGenerator:
             raise TypeError(f"enqueue: expected an ExLlamaV2DynamicJob, got {type(job).__name__}")
         if job.generator is not None:
             raise ValueError("enqueue: this job was already enqueued")
+        self.validate(job)
+        job.prepare(self)
+        job.serial = self.job_serial
+        self.job_serial += 1
+        self.pending.append(job)
+        return job.serial
+
+    def validate(self, job: ExLlamaV2DynamicJob) -> None:
+        """Raise ValueError if the job can never run here; caps max_new_tokens at the context length."""
         if job.prompt_len >= self.max_seq_len:
             raise ValueError(f"enqueue: the prompt has {job.prompt_len} tokens; the context holds "
                              f"max_seq_len={self.max_seq_len} (prompt plus at least one new token)")
@@ -72,11 +81,6 @@ class ExLlamaV2DynamicGenerator:
         if job.total_pages(self.page_size) > self.page_table.num_pages:
             raise ValueError(f"enqueue: the job needs {job.prompt_len + job.max_new_tokens} tokens of cache but the "
                              f"cache holds {self.cache.max_seq_len}")
-        job.prepare(self)
-        job.serial = self.job_serial
-        self.job_serial += 1
-        self.pending.append(job)
-        return job.serial
 
     def cancel(self, job: ExLlamaV2DynamicJob) -> None:
         if job in self.pending:

@@ -1,0 +1,43 @@
+"""`python -m exllamav2 serve [-m MODEL]`: an OpenAI-compatible HTTP server (/v1/models, /v1/completions,
+/v1/chat/completions, /health) over the dynamic generator. Without -m it serves SmolLM2-135M-Instruct."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "serve"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(NAME, help="OpenAI-compatible HTTP server", description=__doc__.split(":", 1)[1].strip())
+    p.add_argument("-m", "--model", default=None, help="model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", dest="api_key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
+    p.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=16, help="jobs decoded together")
+    p.add_argument("--cache-tokens", dest="cache_tokens", type=int, default=None,
+                   help="KV cache size in tokens, shared by all jobs (default: the model's context)")
+    p.add_argument("--page-size", dest="page_size", type=int, default=256, help="tokens per cache page")
+    p.add_argument("--max-chunk-size", dest="max_chunk_size", type=int, default=None,
+                   help="prompt tokens prefilled per step (default: the config's max_input_len)")
+    p.add_argument("--max-seq-len", dest="max_seq_len", type=int, default=None, help="context length per request")
+    p.add_argument("--max-queue", dest="max_queue", type=int, default=64, help="waiting requests before 503")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--model-name", dest="model_name", default=None, help="the id /v1/models reports")
+    return p
+
+
+def run(args) -> int:
+    from ..server import load_engine, run_server
+
+    for name in ("max_batch_size", "page_size", "max_queue"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    engine = load_engine(args.model, max_batch_size=args.max_batch_size, cache_tokens=args.cache_tokens,
+                         page_size=args.page_size, max_chunk_size=args.max_chunk_size, max_seq_len=args.max_seq_len,
+                         dtype=args.dtype, max_queue=args.max_queue, model_name=args.model_name)
+    try:
+        run_server(engine, args.host, args.port, args.api_key)
+    finally:
+        engine.close()
+    return 0

@@ -1,0 +1,82 @@
+"""The server's engine: model, tokenizer, paged cache and the async dynamic generator, plus the mapping from
+request fields to generator jobs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..generator.dynamic_async import ExLlamaV2DynamicGeneratorAsync
+from ..generator.sampler import ExLlamaV2Sampler
+
+
+@dataclass
+class ServerEngine:
+    model: object
+    tokenizer: object
+    generator: ExLlamaV2DynamicGeneratorAsync
+    model_name: str
+    max_queue: int = 64
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.generator.generator.max_seq_len
+
+    def queue_full(self) -> bool:
+        return self.generator.num_pending_jobs() >= self.max_queue
+
+    def close(self) -> None:
+        self.generator.close_sync(timeout=30)
+
+
+def load_engine(model_path: str | None = None, max_batch_size: int = 16, cache_tokens: int | None = None,
+                page_size: int = 256, max_chunk_size: int | None = None, max_seq_len: int | None = None,
+                dtype: str | None = None, max_queue: int = 64, model_name: str | None = None) -> ServerEngine:
+    """Load a model folder or .gguf (default: SmolLM2-135M-Instruct) and start the generator thread."""
+    from .. import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
+    from ..tokenizer import ExLlamaV2Tokenizer
+
+    if model_path is None:
+        from ..default_models import smollm2_gguf_path
+        model_path = smollm2_gguf_path()
+    config = ExLlamaV2Config(model_path)
+    if max_seq_len:
+        config.max_seq_len = max_seq_len
+    if dtype:
+        config.dtype = dtype
+    model = ExLlamaV2(config)
+    model.load()
+    tokenizer = ExLlamaV2Tokenizer(config)
+    tokens = cache_tokens or max(config.max_seq_len, 4 * page_size)
+    tokens = -(-tokens // page_size) * page_size
+    cache = ExLlamaV2Cache(model, batch_size=1, max_seq_len=tokens)
+    generator = ExLlamaV2DynamicGeneratorAsync(model, cache, tokenizer, max_batch_size=max_batch_size,
+                                               max_chunk_size=max_chunk_size, page_size=page_size)
+    name = model_name or os.path.splitext(os.path.basename(os.path.normpath(model_path)))[0]
+    return ServerEngine(model, tokenizer, generator, name, max_queue)
+
+
+def sampler_settings(req) -> ExLlamaV2Sampler.Settings:
+    temperature = 1.0 if req.temperature is None else req.temperature
+    if temperature < 0.01:
+        s = ExLlamaV2Sampler.Settings.greedy()
+    else:
+        s = ExLlamaV2Sampler.Settings(temperature=temperature, top_k=0, top_p=req.top_p or 1.0,
+                                      token_repetition_penalty=1.0)
+    s.token_presence_penalty = req.presence_penalty or 0.0
+    s.token_frequency_penalty = req.frequency_penalty or 0.0
+    return s
+
+
+def job_seed(req, index: int) -> int | None:
+    return None if req.seed is None else req.seed + index
+
+
+def encode_prompt(tokenizer, text: str, special: bool) -> torch.Tensor:
+    return tokenizer.encode(text, add_bos=False, encode_special_tokens=special)
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode_list([token_id], decode_special_tokens=True)

@@ -1,0 +1,81 @@
+"""Request bodies of the OpenAI-compatible API (pydantic). Unknown fields are ignored; wrong types and impossible
+values are rejected (strict types: "0.5" is not a temperature)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+
+Temperature = Annotated[float, Field(strict=True, ge=0.0, le=2.0)]
+Probability = Annotated[float, Field(strict=True, gt=0.0, le=1.0)]
+Penalty = Annotated[float, Field(strict=True, ge=-2.0, le=2.0)]
+PositiveInt = Annotated[int, Field(strict=True, ge=1)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr | None = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    seed: StrictInt | None = None
+    n: Annotated[int, Field(strict=True, ge=1, le=16)] = 1
+    stop: StrictStr | list[StrictStr] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    user: StrictStr | None = None
+    interventions: list[dict[str, Any]] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return v
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionRequest(_Common):
+    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)]
+    max_tokens: PositiveInt | None = 16
+    logprobs: Annotated[int, Field(strict=True, ge=0, le=20)] | None = None
+    echo: StrictBool = False
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Common):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[int, Field(strict=True, ge=0, le=20)] | None = None
