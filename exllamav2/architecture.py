@@ -56,7 +56,7 @@ class ArchParams:
     # tensor-name substitutions applied to every name read from a file: (find, replace);
     # a `find` starting with "$" is anchored at the start of the name
     keymap: list = field(default_factory=list)
-    orig_weights_transposed: bool = False  # GPT-2 Conv1D stores (in, out)
+    orig_weights_transposed: bool = False  # GPT-2 Conv1D: linears inside decoder layers are stored (in, out)
 
     norm: str = "rmsnorm"  # "rmsnorm" | "layernorm"
     norm_bias: bool = False  # layernorm with bias
