@@ -26,6 +26,8 @@ class ExLlamaV2HeadNorm(ExLlamaV2Module):
     def load(self, device_context: bool = True):
         w = self.load_weight()
         if w is None:
+            w = self._load_stacked_per_head()
+        if w is None:
             raise MissingTensorError(f"{self.key}.weight: tensor not found in the model files")
         w, b = w if isinstance(w, tuple) else (w, None)
         ok = (tuple(w.shape) in ((self.head_dim,), (self.num_heads, self.head_dim)))
@@ -34,6 +36,22 @@ class ExLlamaV2HeadNorm(ExLlamaV2Module):
                                    f"[{self.num_heads}, {self.head_dim}]")
         self.weight = _with_constant_bias(w, self.archparams.norm_constant_bias)
         self.bias = b
+
+    def _load_stacked_per_head(self):
+        """Per-head norms stored as one module per head (`<key>.norms.<h>.weight`, StableLM): stacked to
+        (heads, head_dim)."""
+        names = [f"{self.key}.norms.{h}" for h in range(self.num_heads)]
+        if not all(self.has_tensor(n + ".weight") for n in names):
+            return None
+        parts = [self.load_weight(override_key=n) for n in names]
+        ws = [p[0] if isinstance(p, tuple) else p for p in parts]
+        bs = [p[1] for p in parts if isinstance(p, tuple)]
+        w = torch.nn.Parameter(torch.stack([t.data for t in ws]), requires_grad=False)
+        if bs:
+            if len(bs) != len(parts):
+                raise MissingTensorError(f"{self.key}.norms.*.bias: present for some heads only")
+            return w, torch.nn.Parameter(torch.stack([t.data for t in bs]), requires_grad=False)
+        return w
 
     def unload(self):
         self.weight = self.bias = None
