@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers as tf
 
-from parity import ParityRunner, make_tiny, save_hf_model
+from parity import ParityRunner, default_hf_names, make_tiny, save_hf_model
 
 COMMON = dict(vocab_size=131, hidden_size=48, intermediate_size=88, num_hidden_layers=3, num_attention_heads=6,
               num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
@@ -23,6 +23,15 @@ CASES = {
     "gemma3_softcap": (tf.Gemma3ForCausalLM, tf.Gemma3TextConfig, dict(
         sliding_window=8, attn_logit_softcapping=4.0, final_logit_softcapping=2.0, tie_word_embeddings=False,
         sliding_window_pattern=2)),
+    "starcoder2": (tf.Starcoder2ForCausalLM, tf.Starcoder2Config, dict(sliding_window=8, norm_epsilon=1e-5)),
+    "granite": (tf.GraniteForCausalLM, tf.GraniteConfig, dict(
+        embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.2, logits_scaling=2.5,
+        tie_word_embeddings=True)),
+    "stablelm": (tf.StableLmForCausalLM, tf.StableLmConfig, dict(
+        partial_rotary_factor=0.25, use_qkv_bias=True, qk_layernorm=True, num_key_value_heads=6)),
+    "stablelm_parallel": (tf.StableLmForCausalLM, tf.StableLmConfig, dict(
+        partial_rotary_factor=0.5, use_parallel_residual=True, num_key_value_heads=3)),
+    "olmo2": (tf.Olmo2ForCausalLM, tf.Olmo2Config, dict(rms_norm_eps=1e-6)),
 }
 
 
@@ -62,8 +71,15 @@ def test_bf16(runner):
     runner.check_bf16()
 
 
+def _hf_names(m):
+    if m.name == "ParallelDecoder":
+        return {"post_norm": (m.input_layernorm.key, "out"), "attn_output": (m.attn.o_proj.key, "in"),
+                "pre_down": (m.mlp.down_proj.key, "in")}
+    return default_hf_names(m, m.model)
+
+
 def test_intermediates(runner):
-    runner.check_intermediates()
+    runner.check_intermediates(hf_names=_hf_names)
 
 
 def test_logits_have_spread(runner):
