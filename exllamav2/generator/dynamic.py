@@ -175,7 +175,7 @@ class ExLlamaV2DynamicGenerator:
         params = PagedParams([job.pages for job, _, _ in segments], [job.kv_len for job, _, _ in segments],
                              [n for _, n, _ in segments], self.page_size)
         want = [i for i, (_, _, w) in enumerate(segments) if w]
-        logits = self._forward(ids, params, params.last_token_index[want]) if want else None
+        logits = self._forward(ids, params, params.last_token_index[want])
         self.num_forwards += 1
 
         for job, n, _ in segments:
@@ -195,11 +195,14 @@ class ExLlamaV2DynamicGenerator:
         return results
 
     @torch.inference_mode()
-    def _forward(self, ids: torch.Tensor, params: PagedParams, rows: torch.Tensor) -> torch.Tensor:
-        """The packed forward; only `rows` of the packed tokens go through the head. Returns (len(rows), vocab)."""
+    def _forward(self, ids: torch.Tensor, params: PagedParams, rows: torch.Tensor) -> torch.Tensor | None:
+        """The packed forward; only `rows` of the packed tokens go through the head. Returns (len(rows), vocab),
+        or None without rows (the forward then stops after the last layer that writes the cache)."""
         model = self.model
         x = ids
         for idx, module in enumerate(model.modules):
+            if not len(rows) and idx > model.last_kv_layer_idx:
+                return None
             if idx == model.head_layer_idx:
                 x = x[:, rows.to(x.device)]
             dev = module.device()
