@@ -25,6 +25,11 @@ CASES = {
     "gemma3_softcap": (tf.Gemma3ForCausalLM, tf.Gemma3TextConfig, dict(
         sliding_window=8, attn_logit_softcapping=4.0, final_logit_softcapping=2.0, tie_word_embeddings=False,
         sliding_window_pattern=2)),
+    # text-only forward of the multimodal model (config under text_config, weights under language_model.model.*)
+    "gemma3_mm": (tf.Gemma3ForConditionalGeneration, lambda **text: tf.Gemma3Config(
+        text_config=text, vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4), dict(sliding_window=8, query_pre_attn_scalar=12, head_dim=16)),
     "starcoder2": (tf.Starcoder2ForCausalLM, tf.Starcoder2Config, dict(sliding_window=8, norm_epsilon=1e-5)),
     "granite": (tf.GraniteForCausalLM, tf.GraniteConfig, dict(
         embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.2, logits_scaling=2.5,
@@ -143,3 +148,16 @@ def internlm2(request, tmp_path_factory):
 def test_internlm2_altpack_matches_llama(internlm2):
     internlm2.check_prefill_and_decode()
     internlm2.check_padded_batch()
+
+
+def test_architecture_table_lists_every_supported_string():
+    from exllamav2.architecture import supported_architectures
+    from exllamav2.architectures.table import architecture_table
+    rows = architecture_table()
+    assert [r["architecture"] for r in rows] == sorted(supported_architectures())
+    mine = {"GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration",
+            "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "Starcoder2ForCausalLM",
+            "GraniteForCausalLM", "StableLmForCausalLM", "Olmo2ForCausalLM", "InternLM2ForCausalLM"}
+    assert mine <= {r["architecture"] for r in rows}
+    for r in rows:
+        assert r["family"] and r["notes"], r

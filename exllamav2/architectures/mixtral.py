@@ -16,4 +16,4 @@ MIXTRAL = ArchParams(
     },
 )
 
-register("MixtralForCausalLM", MIXTRAL, notes="MoE: top-k softmax routing renormalised; sliding window honoured")
+register("MixtralForCausalLM", MIXTRAL, notes="MoE: top-k softmax routing renormalised; sliding window honoured; LoRA not applied to experts")

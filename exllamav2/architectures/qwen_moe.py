@@ -41,6 +41,6 @@ QWEN2_MOE = ArchParams(
 QWEN3_MOE = ArchParams(family="qwen_moe", is_moe=True, use_qk_norm=True, headnorm="rmsnorm", keys=_MOE_KEYS)
 
 register("Qwen2MoeForCausalLM", QWEN2_MOE, configure=_configure_qwen2_moe,
-         notes="MoE with gated shared expert, norm_topk_prob, decoder_sparse_step/mlp_only_layers; q/k/v bias")
+         notes="MoE with gated shared expert, norm_topk_prob, decoder_sparse_step/mlp_only_layers; q/k/v bias; LoRA not applied to experts")
 register("Qwen3MoeForCausalLM", QWEN3_MOE, configure=_configure_moe,
-         notes="MoE with norm_topk_prob, decoder_sparse_step/mlp_only_layers; RMS q/k norm per head")
+         notes="MoE with norm_topk_prob, decoder_sparse_step/mlp_only_layers; RMS q/k norm per head; LoRA not applied to experts")
