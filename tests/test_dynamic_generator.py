@@ -169,3 +169,23 @@ def test_seeds_logprobs_and_validation(tiny):
         gen.enqueue(ExLlamaV2DynamicJob(torch.zeros(1, 600, dtype=torch.long), 4))
     with pytest.raises(ValueError, match="batch_size=1"):
         ExLlamaV2DynamicGenerator(model, ExLlamaV2Cache(model, 2, 64), tok, page_size=PAGE)
+
+
+@pytest.mark.slow
+def test_smollm2_bf16_batched_greedy_equals_reference(smollm2_gguf):
+    """The real model in bf16: batched, chunked-prefill greedy output equals the plain loop (slow on a CPU)."""
+    from exllamav2 import ExLlamaV2, ExLlamaV2Config
+    from exllamav2.tokenizer import ExLlamaV2Tokenizer
+
+    cfg = ExLlamaV2Config(smollm2_gguf)
+    cfg.max_seq_len = 1024
+    model = ExLlamaV2(cfg)
+    model.load()
+    tok = ExLlamaV2Tokenizer(cfg)
+    gen = make_gen(model, tok)
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "def fibonacci(n):"]
+    jobs = [ExLlamaV2DynamicJob(tok.encode(p), 8, gen_settings=GREEDY) for p in prompts]
+    gen.enqueue(jobs)
+    run_all(gen)
+    for job, p in zip(jobs, prompts):
+        assert job.new_token_ids == greedy_reference(model, tok.encode(p), 8)
