@@ -41,7 +41,11 @@ def _hf_names(m):
     return default_hf_names(m, m.model)
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+# a variant of an architecture already covered: run with `pytest -m slow` (or RUN_SLOW=1)
+SLOW = {"mixtral_swa"}
+
+
+@pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(CASES)])
 def runner(request, tmp_path_factory):
     hf = _build(request.param)
     path = save_hf_model(hf, tmp_path_factory.mktemp(request.param))
