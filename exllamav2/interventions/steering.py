@@ -71,7 +71,11 @@ class SteeringVectors:
         from safetensors import safe_open
         if not os.path.exists(path):
             raise FileNotFoundError(f"steering file {path!r} does not exist")
-        with safe_open(path, "pt") as f:
+        try:
+            f = safe_open(path, "pt")
+        except Exception as e:  # safetensors raises its own error type for a malformed header
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        with f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path}: not a steering file (metadata format={meta.get('format')!r}, expected {FORMAT!r})")
