@@ -47,7 +47,7 @@ class PreparedHessian:
     dead: torch.Tensor       # (in,) bool, features never active in the calibration data
 
 
-def prepare_hessian(H: torch.Tensor, damp: float = 0.01) -> PreparedHessian:
+def prepare_hessian(H: torch.Tensor, damp: float = 0.12) -> PreparedHessian:
     H = H.to(torch.float32).clone()
     n = H.shape[0]
     dead = torch.diag(H) == 0

@@ -1,0 +1,118 @@
+"""Quantization quality: SmolLM2-135M-Instruct converted by our EXL2 quantizer at 8.0 / 6.0 / 4.0 bpw and by our
+GPTQ 4-bit g128 (act-order) mode, perplexity on a held-out text against the unquantized (bf16) model.
+
+The unquantized model is the SmolLM2 GGUF dequantized to an HF folder (exllamav2.gguf.convert_gguf_to_hf); the
+held-out text is the GPL-3 licence text (legal English, absent from the calibration text) unless --text is given.
+Every model is evaluated by our engine in bf16 on the CPU over the same token windows. Writes the table to
+bench/README_QUANT.md. Slow (about half an hour on 2 shared cores). Run: python bench/quant_quality.py [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+
+import torch
+
+from exllamav2 import ExLlamaV2, ExLlamaV2Config
+from exllamav2.conversion import ConvertSettings, convert_exl2
+from exllamav2.default_models import smollm2_gguf_path
+from exllamav2.gguf import convert_gguf_to_hf
+from exllamav2.tokenizer import ExLlamaV2Tokenizer
+
+HELD_OUT = "/usr/share/common-licenses/GPL-3"
+# (label, target bits, head bits, gptq, allowed perplexity increase)
+RUNS = [("EXL2 4.0", 4.0, 6, False, 0.08), ("GPTQ 4-bit g128", 4.0, 6, True, None),
+        ("EXL2 6.0", 6.0, 6, False, 0.015), ("EXL2 8.0", 8.0, 8, False, 0.003)]
+
+
+@torch.inference_mode()
+def perplexity(model_dir: str, ids: torch.Tensor, window: int) -> float:
+    cfg = ExLlamaV2Config(model_dir)
+    cfg.max_seq_len = window
+    cfg.max_input_len = window
+    model = ExLlamaV2(cfg)
+    model.load()
+    nll, count = 0.0, 0
+    for a in range(0, ids.shape[-1] - 1, window):
+        chunk = ids[:, a:a + window + 1]
+        if chunk.shape[-1] < 2:
+            break
+        logits = model.forward(chunk[:, :-1]).float()
+        lp = torch.log_softmax(logits, -1).gather(-1, chunk[:, 1:].unsqueeze(-1))
+        nll -= float(lp.sum())
+        count += chunk.shape[-1] - 1
+    model.unload()
+    return math.exp(nll / count)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", default="/tmp/exl2_quant_quality", help="folder for the converted models")
+    ap.add_argument("--text", default=HELD_OUT, help="held-out text file for perplexity")
+    ap.add_argument("--tokens", type=int, default=4096, help="held-out tokens to evaluate")
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "README_QUANT.md"))
+    args = ap.parse_args()
+
+    os.makedirs(args.work, exist_ok=True)
+    hf_dir = os.path.join(args.work, "smollm2_hf")
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        convert_gguf_to_hf(smollm2_gguf_path(), hf_dir, dtype=torch.bfloat16)
+    with open(args.text, encoding="utf-8") as f:
+        text = f.read()
+    ids = ExLlamaV2Tokenizer(ExLlamaV2Config(hf_dir)).encode(text)[:, :args.tokens]
+
+    base = perplexity(hf_dir, ids, args.window)
+    print(f"bf16: ppl {base:.4f}", flush=True)
+    measurement = os.path.join(args.work, "measurement.json")
+    rows = []
+    for label, bits, hb, gptq, allowed in RUNS:
+        out = os.path.join(args.work, label.replace(" ", "_").replace(".", "p"))
+        s = ConvertSettings(hf_dir, out, bits=bits, head_bits=hb, gptq=gptq, rows=args.rows, length=args.length,
+                            measurement=measurement if (os.path.isfile(measurement) and not gptq) else None,
+                            save_measurement=None if gptq else measurement)
+        t0 = time.time()
+        summary = convert_exl2(s, progress=True)
+        took = time.time() - t0
+        ppl = perplexity(out, ids, args.window)
+        rows.append((label, bits if not gptq else None, hb, summary["bpw"], summary["head_bpw"], ppl, allowed, took))
+        print(f"{label}: {summary['bpw']:.3f} bpw, ppl {ppl:.4f} ({100 * (ppl / base - 1):+.2f}%), {took:.0f} s", flush=True)
+        write_table(args, ids, base, rows)
+
+
+def write_table(args, ids, base: float, rows: list) -> None:
+    """The markdown table of the runs so far (rewritten after each run, so an interrupted bench keeps its results)."""
+    lines = [
+        "## Quantization quality (SmolLM2-135M-Instruct)",
+        "",
+        f"Perplexity of our engine (bf16, CPU) on {ids.shape[-1]} held-out tokens ({os.path.basename(args.text)}, "
+        f"windows of {args.window}); calibration: the built-in text, {args.rows} rows x {args.length} tokens. "
+        "The unquantized model is the Q4_1 GGUF dequantized to bf16. bpw counts the decoder layers' stored tensors "
+        "(weights, scales, groups, permutation); the head is quantized separately at the head bits.",
+        "",
+        "| model | target bpw | measured bpw | head bits | perplexity | vs bf16 | allowed | convert time |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| bf16 | - | 16 | - | {base:.3f} | - | - | - |",
+    ]
+    for label, bits, hb, bpw, head_bpw, ppl, allowed, took in rows:
+        ok = "-" if allowed is None else f"{100 * allowed:.1f}% ({'pass' if ppl / base - 1 <= allowed else 'FAIL'})"
+        lines.append(f"| {label} | {'-' if bits is None else bits} | {bpw:.3f} | {hb} ({head_bpw:.2f}) | {ppl:.3f} | "
+                     f"{100 * (ppl / base - 1):+.2f}% | {ok} | {took:.0f} s |")
+    by = {r[0]: r for r in rows}
+    if "EXL2 4.0" in by and "GPTQ 4-bit g128" in by:
+        e, g = by["EXL2 4.0"], by["GPTQ 4-bit g128"]
+        lines += ["", f"EXL2 4.0 vs GPTQ 4-bit g128: perplexity {e[5]:.3f} vs {g[5]:.3f} "
+                  f"({'no worse' if e[5] <= g[5] else 'WORSE'}), at {e[3]:.3f} vs {g[3]:.3f} bpw."]
+    lines.append("")
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
