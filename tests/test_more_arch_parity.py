@@ -1,4 +1,4 @@
-"""Gemma 1/2/3, Starcoder2, Granite, StableLM, OLMo 2 and key-name variants against HF transformers through
+"""Gemma 1/2/3, Starcoder2, Granite, StableLM, OLMo 2, InternLM2 and Llama variants against HF transformers through
 the shared parity runner (fp32 logits, cache, padded batch, chunked prefill, bf16, intermediates)."""
 
 import os
@@ -39,6 +39,11 @@ CASES = {
     "stablelm_parallel": (tf.StableLmForCausalLM, tf.StableLmConfig, dict(
         partial_rotary_factor=0.5, use_parallel_residual=True, num_key_value_heads=3)),
     "olmo2": (tf.Olmo2ForCausalLM, tf.Olmo2Config, dict(rms_norm_eps=1e-6)),
+    "ministral": (tf.MinistralForCausalLM, tf.MinistralConfig, dict(
+        sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    "helium": (tf.HeliumForCausalLM, tf.HeliumConfig, dict(attention_bias=True)),
+    "ernie4_5": (tf.Ernie4_5ForCausalLM, tf.Ernie4_5Config, dict(use_bias=True)),
+    "seed_oss": (tf.SeedOssForCausalLM, tf.SeedOssConfig, dict(attention_bias=True, attention_out_bias=False)),
 }
 
 
@@ -56,7 +61,7 @@ def _build(name):
 
 
 # variants of an architecture already covered: run with `pytest -m slow` (or RUN_SLOW=1)
-SLOW = {"gemma3_softcap", "stablelm_parallel"}
+SLOW = {"gemma3_softcap", "stablelm_parallel", "helium", "ernie4_5", "seed_oss"}
 
 
 @pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(CASES)])
@@ -161,7 +166,8 @@ def test_architecture_table_lists_every_supported_string():
     assert [r["architecture"] for r in rows] == sorted(supported_architectures())
     mine = {"GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration",
             "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "Starcoder2ForCausalLM",
-            "GraniteForCausalLM", "StableLmForCausalLM", "Olmo2ForCausalLM", "InternLM2ForCausalLM"}
+            "GraniteForCausalLM", "StableLmForCausalLM", "Olmo2ForCausalLM", "InternLM2ForCausalLM",
+            "MinistralForCausalLM", "HeliumForCausalLM", "Ernie4_5ForCausalLM", "SeedOssForCausalLM"}
     assert mine <= {r["architecture"] for r in rows}
     for r in rows:
         assert r["family"] and r["notes"], r
