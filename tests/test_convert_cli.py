@@ -1,0 +1,47 @@
+"""The convert command: GPTQ mode end to end, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from exllamav2.commands import convert as convert_cmd
+from exllamav2.conversion import ConvertSettings, convert_exl2
+from test_convert_common import LENGTH, ROWS, held_out_ids, hf_logits, load_ours, make_tiny_llama, rel_error
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    convert_cmd.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["convert", *argv])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("cli") / "fp32")
+
+
+def test_gptq_mode(tiny, tmp_path, capsys):
+    out = str(tmp_path / "gptq")
+    rc = convert_cmd.run(parse(["-i", tiny, "-o", out, "--gptq", "-r", str(ROWS), "-l", str(LENGTH)]))
+    assert rc == 0 and "GPTQ 4-bit g128" in capsys.readouterr().out
+    with open(f"{out}/config.json") as f:
+        qc = json.load(f)["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["group_size"] == 128 and qc["desc_act"] is True
+    model = load_ours(out)
+    q = model.modules[2].down_proj.q_handle
+    assert q.describe() == "GPTQ 4-bit g128 act-order"
+    assert model.modules[-1].q_handle.describe().startswith("EXL2 6")
+    ids = held_out_ids(tiny)
+    assert rel_error(model, ids, hf_logits(tiny, ids)) < 0.7
+
+
+def test_input_errors(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an HF model folder"):
+        convert_exl2(ConvertSettings(str(tmp_path), str(tmp_path / "o")), progress=False)
+    with pytest.raises(ValueError, match="head bits must be one of"):
+        convert_exl2(ConvertSettings(tiny, str(tmp_path / "o"), head_bits=7), progress=False)
+    with pytest.raises(SystemExit):
+        parse(["-i", tiny, "-o", "x", "-hb", "7"])
