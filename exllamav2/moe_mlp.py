@@ -15,7 +15,7 @@ import torch.nn as nn
 from .activations import get_activation
 from .linear import ExLlamaV2Linear
 from .mlp import ExLlamaV2MLP
-from .module import ExLlamaV2Module, MissingTensorError, TensorShapeError
+from .module import ExLlamaV2Module, TensorShapeError
 from .norms import make_norm
 
 
