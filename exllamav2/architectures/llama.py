@@ -1,6 +1,7 @@
-"""Llama family: Llama 1/2/3, Mistral, Qwen2, Qwen3 and key-name-only variants."""
+"""Llama family: Llama 1/2/3, Mistral, Qwen2, Qwen3, and variants that differ only in key names or flags
+(Yi, Ministral, Helium, Ernie 4.5, Seed-OSS)."""
 
-from ..architecture import ArchParams, register
+from ..architecture import ArchParams, RopeStyle, register
 
 LLAMA = ArchParams(family="llama", supports_tp=True)
 
@@ -19,3 +20,26 @@ register("Qwen3ForCausalLM", ArchParams(family="llama", use_qk_norm=True, headno
 # Yi checkpoints in the original format rename the norms
 register("YiForCausalLM", ArchParams(family="llama", keys={**LLAMA.keys, "norm_1": ".ln1", "norm_2": ".ln2"}),
          notes="Llama with ln1/ln2 norm names")
+
+register("MinistralForCausalLM", ArchParams(family="llama"), notes="Mistral with per-layer sliding window (layer_types)")
+
+register("HeliumForCausalLM", ArchParams(family="llama", rope_style=RopeStyle.GPTJ),
+         configure=lambda p, cfg: setattr(p, "attention_bias_qkv", bool(cfg.get("attention_bias", False))),
+         notes="Llama with interleaved RoPE; attention_bias covers q/k/v only")
+
+
+def _configure_ernie(p: ArchParams, cfg: dict) -> None:
+    p.attention_bias_qkv = p.attention_bias_o = p.mlp_bias = bool(cfg.get("use_bias", False))
+
+
+register("Ernie4_5ForCausalLM", ArchParams(family="llama", rope_style=RopeStyle.GPTJ), configure=_configure_ernie,
+         notes="Llama with interleaved RoPE and use_bias (dense model only; the MoE variant is not supported)")
+
+
+def _configure_seed_oss(p: ArchParams, cfg: dict) -> None:
+    p.attention_bias_qkv = bool(cfg.get("attention_bias", False))
+    p.attention_bias_o = bool(cfg.get("attention_out_bias", False))
+
+
+register("SeedOssForCausalLM", ArchParams(family="llama"), configure=_configure_seed_oss,
+         notes="Llama with separate q/k/v (attention_bias) and o (attention_out_bias) biases")
