@@ -60,3 +60,22 @@ def test_intermediates(runner):
 def test_logits_have_spread(runner):
     # guards against a vacuous comparison: random weights must give distinguishable logits
     assert runner.ref.std().item() > 0.05
+
+
+def test_yi_key_names(tmp_path):
+    """YiForCausalLM has no HF model: an HF Llama saved under Yi's norm names must give HF Llama's logits."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    hf = make_tiny(LlamaForCausalLM, LlamaConfig(**COMMON), seed=9, init_scale=0.08)
+    path = save_hf_model(hf, tmp_path)
+    st = tmp_path / "model.safetensors"
+    t = load_file(str(st))
+    t = {k.replace(".input_layernorm.", ".ln1.").replace(".post_attention_layernorm.", ".ln2."): v for k, v in t.items()}
+    save_file(t, str(st))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["architectures"] = ["YiForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    runner = ParityRunner(path, hf)
+    runner.check_prefill_and_decode()
