@@ -212,3 +212,15 @@ def test_bad_inputs(parts, streamer):
         gen.generate_simple(["a", "b"], ExLlamaV2Sampler.Settings.greedy(), 2)
     with pytest.raises(ValueError, match="max_seq_len"):
         gen.generate_simple("hello", ExLlamaV2Sampler.Settings.greedy(), 100)
+
+
+def test_speculative_decoding_with_draft_model_keeps_greedy_output(parts, greedy):
+    model, tokenizer = parts
+    ids, tokens, text = greedy
+    # the model as its own draft: every confident draft token is accepted, and the output must not change
+    gen = ExLlamaV2StreamingGenerator(model, ExLlamaV2Cache(model, max_seq_len=256), tokenizer, draft_model=model,
+                                      num_speculative_tokens=4)
+    chunks, got, last = run_stream(gen, ids, max_new_tokens=N)
+    assert got == tokens and "".join(chunks) == text
+    efficiency, accuracy, total, drafted, accepted = gen.get_sd_stats()
+    assert total == N and 0 < accepted <= drafted and accuracy > 0.5

@@ -40,6 +40,7 @@ class Loaded:
         self.cache = ExLlamaV2Cache(self.model, max_seq_len=256)
         self.requires_bos = bool(self.config.arch.lm.requires_bos)
         self._hf = None
+        self._greedy: dict = {}
 
     @property
     def hf(self):
@@ -60,6 +61,12 @@ class Loaded:
         return self.tokenizer.encode(text, add_bos=add_bos, encode_special_tokens=True)
 
     def hf_greedy(self, ids: torch.Tensor, n: int) -> list[int]:
+        key = (tuple(ids[0].tolist()), n)
+        if key not in self._greedy:
+            self._greedy[key] = self._hf_generate(ids, n)
+        return self._greedy[key]
+
+    def _hf_generate(self, ids: torch.Tensor, n: int) -> list[int]:
         with torch.inference_mode():
             out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                                    eos_token_id=None, pad_token_id=self.tokenizer.pad_token_id,

@@ -72,8 +72,9 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         self.total_tokens = 0
         self.total_draft_tokens = 0
         self.accepted_draft_tokens = 0
-        self.future_tokens: torch.Tensor | None = None
-        self.future_logits: torch.Tensor | None = None
+        self.future_tokens: list[int] | None = None  # draft tokens the main model has already scored
+        self.future_logits: torch.Tensor | None = None  # (batch, n, vocab) main-model logits, one per position
+        self.draft_ids: list[int] = []  # the tokens the draft cache holds, position by position
         self.settings = None
         self.input_mask = None
         self.position_offsets = None
@@ -131,8 +132,8 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         with the previous sequence. `max_new_tokens` (or the attribute of that name) caps the completion."""
         if input_embeddings is not None:
             raise NotImplementedError("begin_stream_ex: input_embeddings are not supported by this engine")
-        if self.draft_model is not None:
-            raise NotImplementedError("begin_stream_ex: speculative decoding with a draft model is not implemented")
+        if self.draft_model is not None and (input_ids.shape[0] != 1 or input_mask is not None):
+            raise ValueError("begin_stream_ex: speculative decoding takes batch 1 without an input mask")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[-1] == 0:
             raise ValueError("begin_stream_ex: input_ids must be a non-empty (batch, n) tensor of token ids")
         if input_ids.shape[0] > 2 or (input_ids.shape[0] == 2 and gen_settings.cfg_scale is None):
@@ -167,6 +168,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         self.first_token = True
 
         input_ids = input_ids.cpu()
+        self.future_tokens = self.future_logits = None
         self._prefill_reusing_cache(input_ids)
         self.heal_next_token = token_healing and self.sequence_ids.shape[-1] >= 2
         # the healed token replaces the prompt's last one and counts as new
@@ -296,9 +298,13 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
 
     def _next_token(self, prefix_token, blocked):
         """Forward the last token, sample, append. Returns (token, prob, top_tokens, top_probs, logits, end)."""
-        logits = self.model.forward(self.sequence_ids[:, -1:], self.cache, loras=self.active_loras,
-                                    input_mask=self.input_mask, position_offsets=self.position_offsets,
-                                    abort_event=self.abort_event)
+        if self.draft_model is not None and prefix_token is None:
+            logits = self._speculative_logits()
+        else:
+            self.future_tokens = self.future_logits = None
+            logits = self.model.forward(self.sequence_ids[:, -1:], self.cache, loras=self.active_loras,
+                                        input_mask=self.input_mask, position_offsets=self.position_offsets,
+                                        abort_event=self.abort_event)
         if logits is None:
             return None, None, None, None, None, False
         logits = logits.float().cpu()
@@ -316,6 +322,12 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
             run_post_sampling_hooks(self.settings.post_sampling_hooks, result)
             token, feed = result.sampled_token, result.feed_filters
         token_id = int(token.view(-1)[0])
+        if self.future_tokens:
+            if self.future_tokens[0] == token_id:
+                self.future_tokens = self.future_tokens[1:]
+                self.accepted_draft_tokens += 1
+            else:
+                self.future_tokens = self.future_logits = None
         if feed:
             feed_filters(self.filters, token_id)
         rows = self.sequence_ids.shape[0]
@@ -326,6 +338,57 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
                 top_probs.view(1, 1, -1) if self.return_top_tokens else None,
                 logits[0, 0] if self.return_logits else None,
                 bool(end_filter))
+
+    # ------------------------------------------------------------------ speculative decoding
+
+    def _speculative_logits(self) -> torch.Tensor | None:
+        """Main-model logits (batch, 1, vocab) for the next position. When none are stored, the draft model
+        proposes up to num_speculative_tokens tokens and the main model scores them all in one forward pass;
+        the stored logits stay valid as long as the sampled tokens follow the draft."""
+        if self.future_logits is None or self.future_logits.shape[1] == 0:
+            draft = self._draft()
+            inputs = torch.cat([self.sequence_ids[:, -1:], torch.tensor([draft], dtype=torch.long)], dim=-1)
+            logits = self.model.forward(inputs, self.cache, loras=self.active_loras,
+                                        position_offsets=self.position_offsets, abort_event=self.abort_event)
+            if logits is None:
+                return None
+            self.cache.current_seq_len -= inputs.shape[-1]
+            self.future_logits, self.future_tokens = logits.float().cpu(), draft
+            self.total_draft_tokens += len(draft)
+        logits = self.future_logits[:, :1]
+        self.future_logits = self.future_logits[:, 1:]
+        self.cache.current_seq_len += 1
+        self.total_tokens += 1
+        return logits
+
+    def _draft(self) -> list[int]:
+        """Greedy draft continuation of the current sequence, stopping early when the draft is unsure."""
+        room = self.cache.max_seq_len - self.cache.current_seq_len - 1
+        k = max(0, min(self.num_speculative_tokens, room, self.draft_cache.max_seq_len - self.sequence_ids.shape[-1]))
+        if k == 0:
+            return []
+        # bring the draft cache up to the sequence, reusing what still matches
+        context = self.sequence_ids[0, :-1].tolist()
+        same = 0
+        limit = min(len(self.draft_ids), len(context), self.draft_cache.current_seq_len)
+        while same < limit and self.draft_ids[same] == context[same]:
+            same += 1
+        self.draft_cache.current_seq_len = same
+        if same < len(context):
+            self.draft_model.forward(torch.tensor([context[same:]]), self.draft_cache, preprocess_only=True)
+        self.draft_ids = list(context)
+        token = int(self.sequence_ids[0, -1])
+        draft = []
+        for i in range(k):
+            logits = self.draft_model.forward(torch.tensor([[token]]), self.draft_cache)
+            self.draft_ids.append(token)
+            probs = torch.softmax(logits[0, -1].float(), dim=-1)
+            p, token = probs.max(dim=-1)
+            token = int(token)
+            if float(p) < self.speculative_prob_threshold:
+                break
+            draft.append(token)
+        return draft
 
     # ------------------------------------------------------------------ banned strings
 
@@ -354,6 +417,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         self.text_stream.read_offset = len(ids)
         self.skip_chars = cp.skip_chars
         self.blocked_tokens.append(cp.offending_token)
+        self.future_tokens = self.future_logits = None
         self.ban_checkpoint = None
         self.new_tokens = cp.seq_len - self.prompt_len
         out = self._nothing()
