@@ -20,7 +20,7 @@ from ..quant.exl2 import exl2_bits_per_weight, read_exl2
 from ..quant.gptq import gptq_bits_per_weight, read_gptq
 from ..tokenizer import ExLlamaV2Tokenizer
 from ..version import __version__
-from .adaptive_gptq import Exl2Quantized, output_errors, prepare_hessian, quantize_options, single_cpu_thread
+from .adaptive_gptq import Exl2Quantized, prepare_hessian, quantize_options, single_cpu_thread
 from .calibration import calibration_ids, read_calibration_text
 from .compile import copy_model_files, plain_tensor, write_config, write_shards
 from .job import Job, atomic_save_tensors, atomic_write_json, load_tensors
@@ -181,8 +181,7 @@ class Converter:
                         prep = prepare_hessian(H)
                         for lin in linears:
                             W = linear_weight(lin)
-                            results = quantize_options(W, prep, list(CANDIDATES))
-                            errs = output_errors(W, prep, [r.dequant for r in results])
+                            errs = [r.error for r in quantize_options(W, prep, list(CANDIDATES))]
                             measurement[lin.key] = {
                                 "numel": lin.numel(),
                                 "options": [{"option": o.to_dict(), "total_bits": o.total_bits(lin.in_features, lin.out_features),

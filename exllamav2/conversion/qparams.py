@@ -73,14 +73,11 @@ def _o(bits, props, gs) -> QuantOption:
 
 # A smaller set than the original's 13-15 per projection, dense around the usual targets (3, 4, 5, 6, 8 bpw).
 CANDIDATES: tuple[QuantOption, ...] = (
-    _o([3, 2], [0.25, 0.75], 32),
     _o([3, 2], [0.5, 0.5], 32),
     _o([3], [1.0], 64),
-    _o([4, 3], [0.25, 0.75], 64),
     _o([4, 3], [0.5, 0.5], 64),
     _o([4], [1.0], 128),
     _o([4], [1.0], 32),
-    _o([5, 4], [0.25, 0.75], 64),
     _o([5, 4], [0.5, 0.5], 64),
     _o([5], [1.0], 128),
     _o([6, 5], [0.5, 0.5], 128),
