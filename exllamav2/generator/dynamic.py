@@ -5,6 +5,11 @@ jobs into a single row (see paged_attn.py): one token per decoding job, plus pro
 to `max_chunk_size` tokens in all, so a long prompt is spread over several steps while the other streams keep
 decoding. Pages are allocated for a job's whole budget (prompt + max_new_tokens) when it starts; full prompt
 pages are shared between jobs through their prefix hashes (dynamic_pages.py).
+
+Per-job interventions (`ExLlamaV2DynamicJob(..., interventions=[...])`, see exllamav2.interventions) are
+registered when the job starts and removed when it ends or is cancelled; each step tells the hooks which tokens
+of the packed row belong to which job (`token_streams`), so a job's edits touch only its own tokens. With no
+such job active, nothing is wrapped.
 """
 
 from __future__ import annotations
@@ -78,6 +83,12 @@ class ExLlamaV2DynamicGenerator:
                              f"max_seq_len={self.max_seq_len} (prompt plus at least one new token)")
         job.max_new_tokens = min(job.max_new_tokens, self.max_seq_len - job.prompt_len)
         job.min_new_tokens = min(job.min_new_tokens, job.max_new_tokens)
+        if job.interventions and job.intervention_edits is None:
+            from ..interventions import from_request
+
+            specs = from_request(self.model, job.interventions, file_root=job.interventions_file_root)
+            job.intervention_edits = [(s.point, s.build_edit(self.model, job.interventions_file_root), s.target())
+                                      for s in specs]
         if job.total_pages(self.page_size) > self.page_table.num_pages:
             raise ValueError(f"enqueue: the job needs {job.prompt_len + job.max_new_tokens} tokens of cache but the "
                              f"cache holds {self.cache.max_seq_len}")
@@ -117,6 +128,7 @@ class ExLlamaV2DynamicGenerator:
         """Pages are addressed through block tables, so fragmentation costs nothing here."""
 
     def _retire(self, job: ExLlamaV2DynamicJob) -> None:
+        job.stop_interventions()
         self.active.remove(job)
         self.page_table.release(job.pages)
         job.pages = []
@@ -138,6 +150,11 @@ class ExLlamaV2DynamicGenerator:
                 if blocked.skips >= blocked.max_skips:
                     break
             self.pending.remove(job)
+            try:
+                job.start_interventions(self.model)
+            except BaseException:
+                self.page_table.release(got[0])
+                raise
             job.pages, reused = got
             job.kv_len = job.cached_tokens = reused * self.page_size
             job.registered_pages = reused
@@ -175,7 +192,15 @@ class ExLlamaV2DynamicGenerator:
         params = PagedParams([job.pages for job, _, _ in segments], [job.kv_len for job, _, _ in segments],
                              [n for _, n, _ in segments], self.page_size)
         want = [i for i, (_, _, w) in enumerate(segments) if w]
-        logits = self._forward(ids, params, params.last_token_index[want])
+        if any(job.intervention_group is not None for job, _, _ in segments):
+            from ..interventions import TokenStreams, token_streams
+
+            streams = TokenStreams.from_paged(params, [job for job, _, _ in segments],
+                                              [job.prompt_len for job, _, _ in segments])
+            with token_streams(self.model, streams):
+                logits = self._forward(ids, params, params.last_token_index[want])
+        else:
+            logits = self._forward(ids, params, params.last_token_index[want])
         self.num_forwards += 1
 
         for job, n, _ in segments:

@@ -19,7 +19,7 @@ class ExLlamaV2DynamicJob:
                  return_top_tokens: int = 0, return_logits: bool = False, return_probs: bool = False,
                  filters=None, filter_prefer_eos: bool = False, token_healing: bool = False, identifier=None,
                  banned_strings: list[str] | None = None, embeddings=None, return_logprobs: int | None = None,
-                 **kwargs):
+                 interventions: list | None = None, interventions_file_root: str | None = None, **kwargs):
         if kwargs:
             raise TypeError(f"ExLlamaV2DynamicJob: unexpected arguments {sorted(kwargs)}")
         if isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], torch.Tensor):
@@ -64,6 +64,15 @@ class ExLlamaV2DynamicJob:
         self.filters = list(filters or [])
         self.filter_prefer_eos = filter_prefer_eos
         self.identifier = identifier
+        if interventions is not None and not isinstance(interventions, (list, tuple)):
+            raise ValueError(f"ExLlamaV2DynamicJob: interventions must be a list of InterventionSpec or dicts, got "
+                             f"{type(interventions).__name__}")
+        # per-job edits (exllamav2.interventions): validated against the model by the generator, installed while
+        # the job is active and bound to the job's tokens of the packed forward
+        self.interventions = list(interventions or [])
+        self.interventions_file_root = interventions_file_root
+        self.intervention_edits: list | None = None  # (point, edit, target), built by the generator
+        self.intervention_group = None
 
         # set by the generator
         self.serial: int | None = None
@@ -106,9 +115,42 @@ class ExLlamaV2DynamicJob:
         self.prompt_page_hashes = page_hashes(self.prompt_ids, ps)
 
     def reusable_hashes(self) -> list[bytes]:
-        """Prefix pages the job may skip: at least the last prompt token must still run through the model."""
+        """Prefix pages the job may skip: at least the last prompt token must still run through the model. A job
+        whose interventions edit prompt tokens computes its own prompt K/V."""
         ps = self.generator.page_size
+        if self.edits_prompt():
+            return []
         return self.prompt_page_hashes[:(self.prompt_len - 1) // ps]
+
+    def edits_prompt(self) -> bool:
+        """Whether any of the job's interventions can touch a prompt token (position < prompt_len - 1)."""
+        for _, _, target in self.intervention_edits or ():
+            kind = target.positions
+            if target.steps is not None or kind == "generated":  # decode steps only
+                continue
+            if isinstance(kind, str) or min(kind, default=self.prompt_len) < self.prompt_len - 1:
+                return True
+        return False
+
+    def start_interventions(self, model) -> None:
+        """Register the job's edits on the model, bound to this job's tokens (called when the job starts)."""
+        from ..interventions import InterventionGroup, add_edit
+
+        if not self.intervention_edits or self.intervention_group is not None:
+            return
+        group = InterventionGroup()
+        try:
+            for point, edit, target in self.intervention_edits:
+                group.add(add_edit(model, point, edit, target)).stream = self
+        except BaseException:
+            group.remove()
+            raise
+        self.intervention_group = group
+
+    def stop_interventions(self) -> None:
+        if self.intervention_group is not None:
+            self.intervention_group.remove()
+            self.intervention_group = None
 
     def remaining_input(self) -> int:
         return len(self.sequence) - self.kv_len
@@ -117,6 +159,8 @@ class ExLlamaV2DynamicJob:
         return self.kv_len < self.prompt_len - 1
 
     def register_full_pages(self, page_table) -> None:
+        if self.intervention_edits:  # edited K/V must not be found by other jobs' prefix lookups
+            return
         ps = page_table.page_size
         full = min(self.kv_len, self.prompt_len) // ps
         while self.registered_pages < full:

@@ -2,7 +2,9 @@
 stack (the last one added runs outermost) and a removed hook is spliced out of the chain wherever it sits, also
 under wrappers added later by someone else. A per-model call tracker (a pre-hook on the first module, present
 while any hook is registered) records each forward call's past_len/seq_len and the run's prompt/decode state,
-which hooks on sub-modules (linears and norms get no attn_params) read."""
+which hooks on sub-modules (linears and norms get no attn_params) read. Whoever runs a packed forward (the
+dynamic generator) describes its token streams with `token_streams(model, streams)` around the forward; the
+tracker hands them to the hooks with the call."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 
 from ..module import Intervention
 from .points import Point, Site, Slot, raw, resolve
-from .targets import CallInfo, Target
+from .targets import CallInfo, Target, TokenStreams
 
 
 class InterventionHook(Intervention):
@@ -72,6 +74,7 @@ class _ModelState:
         self._prompt_end = 0
         self._end = 0
         self.mids: dict = {}
+        self.streams: TokenStreams | None = None
 
     def on_call(self, ids, *args, **kwargs):
         ap = kwargs.get("attn_params")
@@ -94,7 +97,7 @@ class _ModelState:
             self._prompt_end = past + s
         self._next_id += 1
         self.call = CallInfo(self._next_id, past, s, b, offsets, self._decoding,
-                             self._step if self._decoding else -1, self._prompt_end)
+                             self._step if self._decoding else -1, self._prompt_end, self.streams)
         return ids
 
     def acquire(self, model):
@@ -118,6 +121,22 @@ def model_state(model) -> _ModelState:
     if st is None:
         st = _STATES[model] = _ModelState(model)
     return st
+
+
+class token_streams:
+    """`with token_streams(model, streams):` the forwards inside are packed calls with these TokenStreams (a
+    stream-bound hook selects its stream's tokens; see targets.py). Restores the previous value on exit."""
+
+    def __init__(self, model, streams: TokenStreams | None):
+        self.state = model_state(model)
+        self.streams = streams
+
+    def __enter__(self):
+        self.prev, self.state.streams = self.state.streams, self.streams
+        return self.streams
+
+    def __exit__(self, *exc):
+        self.state.streams = self.prev
 
 
 class _ParallelMid:
@@ -159,13 +178,15 @@ HookFn = Callable[[torch.Tensor, CallInfo], torch.Tensor]
 class Handle:
     """One registered hook function at one point. `remove()` (idempotent) restores the modules; usable as a
     context manager. `rows` may be set at any time to restrict the hook to those batch rows (None = as the
-    Target says)."""
+    Target says); `stream` (a key, None = unbound) binds it to one stream of packed forwards instead: it then
+    acts only on that stream's tokens, and only in calls that name the stream (see `token_streams`)."""
 
     def __init__(self, model, point: str | Point, fn: HookFn, label: str = ""):
         self.model = model
         self.point = point if isinstance(point, Point) else resolve(model, point)
         self.fn = fn
         self.rows = None
+        self.stream = None
         self._state = model_state(model)
         self._wrappers: list = []
         self._state.acquire(model)
@@ -233,7 +254,10 @@ class EditHandle(Handle):
         super().__init__(model, p, self._run, label=f"{p.name}:{getattr(edit, 'kind', 'edit')}")
 
     def _run(self, h, call):
-        sel = self.target.select(call, h.shape[0], h.shape[1], h.device, self.rows)
+        if self.stream is not None:
+            sel = self.target.select_stream(call, self.stream, h.shape[0], h.shape[1], h.device)
+        else:
+            sel = self.target.select(call, h.shape[0], h.shape[1], h.device, self.rows)
         return h if sel is None else self.edit.apply(h, sel)
 
 

@@ -169,13 +169,16 @@ def from_request(model, items, file_root: str | None = None) -> list[Interventio
     return specs
 
 
-def register_specs(model, specs, rows=None, file_root: str | None = None) -> InterventionGroup:
-    """Install validated specs; `rows` (list or callable) overrides each spec's rows at run time."""
+def register_specs(model, specs, rows=None, file_root: str | None = None, stream=None) -> InterventionGroup:
+    """Install validated specs; `rows` (list or callable) overrides each spec's rows at run time. With `stream`
+    (a key), the edits act only on that stream's tokens of packed forwards (see `token_streams`), with positions
+    and steps counted per stream; a spec's `rows` is then ignored."""
     group = InterventionGroup()
     try:
         for s in specs:
             h = group.add(add_edit(model, s.point, s.build_edit(model, file_root), s.target()))
             h.rows = rows
+            h.stream = stream
     except BaseException:
         group.remove()
         raise

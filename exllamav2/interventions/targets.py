@@ -9,6 +9,13 @@ past_len is below the end of the previous call, as when a generator reuses a cac
 Generators in the ExLlamaV2 style prefill `prompt[:-1]` and feed the last prompt token as step 0; step k then is
 the call whose logits give the k-th new token. Explicit positions are each row's own token indices, left padding
 excluded (cache index + the row's `position_offsets`); padding positions never match one.
+
+Packed forwards (the dynamic generator puts every job's new tokens into ONE row (1, T)) carry `TokenStreams`:
+which token range of the row belongs to which stream (job), and each token's own position in its stream. A hook
+bound to a stream (`Handle.stream = key`) touches only that range, and classifies each token by itself: with a
+prompt of P tokens, positions 0 .. P-2 are prompt tokens, the token at position P-1+k belongs to decode step k
+(its logits give the stream's k-th new token), the same as the padded-batch calls above. A stream hook never
+acts in a call that does not name its stream.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ class CallInfo:
     decode: bool = False
     step: int = -1  # decode step index of this call, -1 for prompt calls
     prompt_end: int = 0  # cache index where the run's prompt calls ended
+    streams: "TokenStreams | None" = None  # set for packed calls by whoever runs the forward
 
     def positions(self, device, b: int, s: int) -> torch.Tensor:
         """(b, s) logical positions: cache index + row offset (negative = left padding)."""
@@ -40,6 +48,43 @@ class CallInfo:
         if self.position_offsets is not None:
             pos = pos + self.position_offsets.to(device).view(-1, 1)[:b]
         return pos
+
+
+class TokenStreams:
+    """The token selector of one packed forward (1, T): stream `keys[i]` owns the contiguous range
+    `starts[i] .. starts[i] + q_lens[i] - 1` of the row, continues its own sequence after `past_lens[i]` tokens,
+    and has a prompt of `prompt_lens[i]` tokens. `positions` and `steps` (T,) hold, per packed token, its position
+    in its own stream and its decode step (-1 for prompt tokens)."""
+
+    def __init__(self, keys: Sequence, past_lens: Sequence[int], q_lens: Sequence[int], prompt_lens: Sequence[int],
+                 device="cpu"):
+        if not (len(keys) == len(past_lens) == len(q_lens) == len(prompt_lens)):
+            raise ValueError("TokenStreams: keys, past_lens, q_lens and prompt_lens must have equal lengths")
+        if len(set(keys)) != len(keys):
+            raise ValueError("TokenStreams: stream keys must be distinct")
+        self.keys = list(keys)
+        self.index = {k: i for i, k in enumerate(self.keys)}
+        self.q_lens = [int(q) for q in q_lens]
+        self.starts = [0] * len(self.q_lens)
+        for i in range(1, len(self.q_lens)):
+            self.starts[i] = self.starts[i - 1] + self.q_lens[i - 1]
+        self.total = sum(self.q_lens)
+        ql = torch.tensor(self.q_lens, dtype=torch.long)
+        seq = torch.repeat_interleave(torch.arange(len(self.q_lens)), ql)
+        within = torch.arange(self.total) - torch.tensor(self.starts, dtype=torch.long)[seq]
+        pos = torch.tensor(list(past_lens), dtype=torch.long)[seq] + within
+        first_step = torch.tensor(list(prompt_lens), dtype=torch.long)[seq] - 1
+        self.positions = pos.to(device)
+        self.steps = torch.where(pos >= first_step, pos - first_step, torch.full_like(pos, -1)).to(device)
+
+    @classmethod
+    def from_paged(cls, params, keys: Sequence, prompt_lens: Sequence[int]) -> "TokenStreams":
+        """From the paged attention parameters of the forward (anything with `past_lens` and `q_lens` lists)."""
+        return cls(keys, params.past_lens, params.q_lens, prompt_lens)
+
+    def span(self, key) -> tuple[int, int] | None:
+        i = self.index.get(key)
+        return None if i is None else (self.starts[i], self.starts[i] + self.q_lens[i])
 
 
 ALL = "all"  # selection sentinel: every row and position of the call
@@ -95,6 +140,47 @@ class Target:
             self.steps = _int_list(self.steps, "steps")
         self._steps_set = frozenset(self.steps) if self.steps is not None else None
         self._pos_cache: dict = {}
+        self._stream_cache: tuple | None = None
+
+    def select_stream(self, call: CallInfo, key, b: int, s: int, device) -> Selection | None:
+        """The selection of stream `key`'s tokens in a packed call (see TokenStreams), or None."""
+        streams = call.streams
+        span = None if streams is None else streams.span(key)
+        if span is None:
+            return None
+        if b != 1 or s != streams.total:
+            raise ValueError(f"a packed forward of {streams.total} tokens must give activations (1, {streams.total}, "
+                             f"d); this hook got ({b}, {s}, ...)")
+        hit = self._stream_cache
+        if hit is not None and hit[0] == call.call_id and hit[1] == key and hit[2] == device:
+            return hit[3]
+        lo, hi = span
+        steps = streams.steps[lo:hi]
+        kind = self.positions
+        keep = None
+        if kind == "prompt":
+            keep = steps < 0
+        elif kind == "generated" or self._steps_set is not None:
+            keep = steps >= 0
+        if self._steps_set is not None:
+            keep = keep & torch.isin(steps, self._tensor("steps", self.steps, steps.device))
+        if not isinstance(kind, str):
+            pm = torch.isin(streams.positions[lo:hi], self._tensor("positions", kind, steps.device))
+            keep = pm if keep is None else keep & pm
+        sel = None
+        if keep is None or bool(keep.any()):
+            mask = torch.zeros(1, s, dtype=torch.bool, device=device)
+            mask[0, lo:hi] = True if keep is None else keep.to(device)
+            sel = Selection(mask, call, b, s, torch.device(device), streams.positions.to(device).view(1, s))
+        self._stream_cache = (call.call_id, key, device, sel)
+        return sel
+
+    def _tensor(self, name: str, values, device) -> torch.Tensor:
+        key = (name, str(device))
+        t = self._pos_cache.get(key)
+        if t is None:
+            t = self._pos_cache[key] = torch.tensor(values, dtype=torch.long, device=device)
+        return t
 
     def select(self, call: CallInfo, b: int, s: int, device, rows_override=None) -> Selection | None:
         """The selection for one call, or None when nothing is touched."""
@@ -120,11 +206,7 @@ class Target:
                 mask[rows] = True
         sel = Selection(mask, call, b, s, torch.device(device))
         if not isinstance(kind, str):
-            key = str(device)
-            wanted = self._pos_cache.get(key)
-            if wanted is None:
-                wanted = self._pos_cache[key] = torch.tensor(kind, dtype=torch.long, device=device)
-            pm = torch.isin(sel.positions, wanted)
+            pm = torch.isin(sel.positions, self._tensor("positions", kind, device))
             sel.mask = pm if sel.mask is None else (sel.mask & pm)
             if not bool(sel.mask.any()):
                 return None
