@@ -1,4 +1,6 @@
-"""`python -m exllamav2 ...` in a subprocess, on the default model (SmolLM2-135M-Instruct)."""
+"""`python -m exllamav2 ...` in a subprocess, on the default model (SmolLM2-135M-Instruct). Each model load in a
+subprocess costs ~10-30 s on 2 shared cores, so only one-shot chat loads a model by default; the rest:
+`python -m pytest -m slow tests/test_cli.py`."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ def test_chat_one_shot_prints_an_answer():
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_chat_reads_stdin_until_exit():
     r = cli("chat", "--greedy", "--max-tokens", "4", "--quiet", stdin="Hello!\n/exit\nnever read\n")
     assert r.returncode == 0, r.stderr
@@ -59,6 +62,7 @@ def test_info_lists_architectures():
     assert "LlamaForCausalLM" in r.stdout
 
 
+@pytest.mark.slow
 def test_info_describes_default_model():
     r = cli("info", "--quiet")
     assert r.returncode == 0, r.stderr
@@ -67,6 +71,7 @@ def test_info_describes_default_model():
     assert "model.layers.29" in r.stdout and "GGUF" in r.stdout
 
 
+@pytest.mark.slow
 def test_ppl_of_a_small_file(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
