@@ -218,7 +218,7 @@ class Converter:
         bias = lin.bias.data if lin.bias is not None else None
         if self.s.gptq:
             with single_cpu_thread(W.device):
-                t = gptq_quantize(W, 4, 128, act_order=True, hessian=H)
+                t = gptq_quantize(W.cpu(), 4, 128, act_order=True, hessian=H.cpu())
             if bias is not None:
                 t["bias"] = bias.to(torch.float16).cpu()
             t = {k: v.cpu() for k, v in t.items()}
