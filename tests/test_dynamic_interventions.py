@@ -39,12 +39,12 @@ def prompt_ids(n: int, seed: int) -> torch.Tensor:
     return torch.randint(100, 49000, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-def reference(model, ids: torch.Tensor, n_new: int, specs=()) -> list[int]:
+def reference(model, ids: torch.Tensor, n_new: int, specs=(), file_root: str | None = None) -> list[int]:
     """Padded-batch oracle: specs registered with register_specs around a plain greedy forward loop."""
-    specs = from_request(model, list(specs))
+    specs = from_request(model, list(specs), file_root=file_root)
     cache = ExLlamaV2Cache(model, 1, ids.shape[1] + n_new + 1)
     out = []
-    with register_specs(model, specs):
+    with register_specs(model, specs, file_root=file_root):
         if ids.shape[1] > 1:
             model.forward(ids[:, :-1], cache, preprocess_only=True)
         tok = ids[:, -1:]

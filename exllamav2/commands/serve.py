@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 NAME = "serve"
 
@@ -24,6 +25,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-queue", dest="max_queue", type=int, default=64, help="waiting requests before 503")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--model-name", dest="model_name", default=None, help="the id /v1/models reports")
+    p.add_argument("--interventions-dir", dest="interventions_dir", default=None, metavar="DIR",
+                   help="folder of steering files (.safetensors) that requests' `interventions` may name; without "
+                        "it, requests may only send vectors inline")
     return p
 
 
@@ -33,9 +37,12 @@ def run(args) -> int:
     for name in ("max_batch_size", "page_size", "max_queue"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    if args.interventions_dir is not None and not os.path.isdir(args.interventions_dir):
+        raise SystemExit(f"--interventions-dir: {args.interventions_dir!r} is not a folder")
     engine = load_engine(args.model, max_batch_size=args.max_batch_size, cache_tokens=args.cache_tokens,
                          page_size=args.page_size, max_chunk_size=args.max_chunk_size, max_seq_len=args.max_seq_len,
-                         dtype=args.dtype, max_queue=args.max_queue, model_name=args.model_name)
+                         dtype=args.dtype, max_queue=args.max_queue, model_name=args.model_name,
+                         interventions_dir=args.interventions_dir)
     try:
         run_server(engine, args.host, args.port, args.api_key)
     finally:

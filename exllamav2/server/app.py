@@ -94,7 +94,8 @@ def create_app(engine: ServerEngine, api_key: str | None = None) -> FastAPI:
     return app
 
 
-def _check_request(engine: ServerEngine, req, encoded) -> None:
+def _check_request(engine: ServerEngine, req, encoded) -> list:
+    """Checks the request; returns its validated intervention specs."""
     if req.model is not None and req.model != engine.model_name:
         raise APIError(404, f"model '{req.model}' does not exist; this server serves '{engine.model_name}'",
                        param="model", code="model_not_found")
@@ -105,29 +106,31 @@ def _check_request(engine: ServerEngine, req, encoded) -> None:
             raise APIError(400, f"the prompt has {ids.shape[1]} tokens; this model's context is "
                                 f"{engine.max_seq_len} tokens (prompt plus at least one new token)",
                            param="messages" if hasattr(req, "messages") else "prompt", code="context_length_exceeded")
-    if req.interventions:
-        _check_interventions(engine, req.interventions)
+    specs = _interventions(engine, req.interventions)
     if engine.queue_full():
         raise APIError(503, "the request queue is full; retry later", "server_error", code="queue_full")
+    return specs
 
 
-def _check_interventions(engine: ServerEngine, items) -> None:
+def _interventions(engine: ServerEngine, items) -> list:
+    """The request's validated InterventionSpecs (400 naming the item and field otherwise). Steering files are
+    read only from the server's --interventions-dir."""
+    if not items:
+        return []
+    from ..interventions import from_request
+
+    for i, d in enumerate(items):
+        if d.get("file") is not None and engine.interventions_dir is None:
+            raise APIError(400, f"interventions[{i}].file: this server reads no steering files (start it with "
+                                f"--interventions-dir DIR), send the vector inline", param="interventions")
     try:
-        from ..interventions import from_request
-    except ImportError:
-        from_request = None
-    if from_request is not None:
-        try:
-            from_request(engine.model, items)
-        except ValueError as e:
-            raise APIError(400, str(e), param="interventions")
-    # the packed paged forward has no per-job rows for the intervention hooks to select yet
-    raise APIError(400, "interventions are not supported by this server build", param="interventions",
-                   code="unsupported")
+        return from_request(engine.model, items, file_root=engine.interventions_dir)
+    except ValueError as e:
+        raise APIError(400, str(e), param="interventions")
 
 
 async def _serve(engine: ServerEngine, req, request: Request, encoded, chat: bool, max_tokens, logprobs):
-    _check_request(engine, req, encoded)
+    specs = _check_request(engine, req, encoded)
     tok = engine.tokenizer
     stops = list(tok.eos_token_ids) + req.stop_strings()
     max_new = max_tokens or (engine.max_seq_len - max(ids.shape[1] for ids in encoded))
@@ -139,7 +142,8 @@ async def _serve(engine: ServerEngine, req, request: Request, encoded, chat: boo
                 jobs.append(ExLlamaV2DynamicJobAsync(
                     engine.generator, ids, max_new, gen_settings=sampler_settings(req), seed=job_seed(req, index),
                     stop_conditions=stops, identifier=index, return_logprobs=logprobs,
-                    decode_special_tokens=False))
+                    decode_special_tokens=False, interventions=specs,
+                    interventions_file_root=engine.interventions_dir))
     except ValueError as e:
         for j in jobs:
             await j.cancel()

@@ -19,6 +19,7 @@ class ServerEngine:
     generator: ExLlamaV2DynamicGeneratorAsync
     model_name: str
     max_queue: int = 64
+    interventions_dir: str | None = None  # the folder request interventions may read steering files from
 
     @property
     def max_seq_len(self) -> int:
@@ -33,8 +34,12 @@ class ServerEngine:
 
 def load_engine(model_path: str | None = None, max_batch_size: int = 16, cache_tokens: int | None = None,
                 page_size: int = 256, max_chunk_size: int | None = None, max_seq_len: int | None = None,
-                dtype: str | None = None, max_queue: int = 64, model_name: str | None = None) -> ServerEngine:
-    """Load a model folder or .gguf (default: SmolLM2-135M-Instruct) and start the generator thread."""
+                dtype: str | None = None, max_queue: int = 64, model_name: str | None = None,
+                interventions_dir: str | None = None) -> ServerEngine:
+    """Load a model folder or .gguf (default: SmolLM2-135M-Instruct) and start the generator thread. Requests'
+    `interventions` may name steering files only inside `interventions_dir` (none without it)."""
+    if interventions_dir is not None and not os.path.isdir(interventions_dir):
+        raise ValueError(f"interventions_dir: {interventions_dir!r} is not a folder")
     from .. import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
     from ..tokenizer import ExLlamaV2Tokenizer
 
@@ -55,7 +60,7 @@ def load_engine(model_path: str | None = None, max_batch_size: int = 16, cache_t
     generator = ExLlamaV2DynamicGeneratorAsync(model, cache, tokenizer, max_batch_size=max_batch_size,
                                                max_chunk_size=max_chunk_size, page_size=page_size)
     name = model_name or os.path.splitext(os.path.basename(os.path.normpath(model_path)))[0]
-    return ServerEngine(model, tokenizer, generator, name, max_queue)
+    return ServerEngine(model, tokenizer, generator, name, max_queue, interventions_dir)
 
 
 def sampler_settings(req) -> ExLlamaV2Sampler.Settings:
