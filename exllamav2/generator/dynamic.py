@@ -152,8 +152,9 @@ class ExLlamaV2DynamicGenerator:
             self.pending.remove(job)
             try:
                 job.start_interventions(self.model)
-            except BaseException:
+            except BaseException:  # the specs were checked at enqueue, so this is a model that changed since
                 self.page_table.release(got[0])
+                job.finished = True
                 raise
             job.pages, reused = got
             job.kv_len = job.cached_tokens = reused * self.page_size
