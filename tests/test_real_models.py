@@ -53,7 +53,12 @@ class Loaded:
 
     def chat_text(self) -> tuple[str, bool]:
         """The chat-formatted prompt, and whether BOS must be added in front of it."""
-        text = self.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True)
+        from exllamav2.tokenizer.chat_template import ChatTemplateError
+        try:
+            text = self.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True)
+        except ChatTemplateError:  # base models (Gemma-3-270M) ship no template: a plain transcript
+            text = ("The following is a conversation between a curious visitor and the keeper of a lighthouse.\n"
+                    f"Visitor: {PROMPT[0]['content']}\nKeeper:")
         return text, self.requires_bos and not text.startswith(self.tokenizer.bos_token)
 
     def chat_ids(self) -> torch.Tensor:
