@@ -174,11 +174,17 @@ class ExLlamaV2Attention(ExLlamaV2Module):
 def attention(q, k, v, mask, scale: float, softcap: float = 0.0, is_causal: bool = False) -> torch.Tensor:
     """q (b, hq, s, d); k, v (b, hk, t, d); mask bool (b, 1, s, t) or None. Causal alignment is bottom-right:
     query i sits at key position t - s + i."""
-    hq, hk = q.shape[1], k.shape[1]
+    b, hq, s, d = q.shape
+    hk = k.shape[1]
+    if hq != hk and s == 1:
+        # one query per head (decode): fold each KV head's query group into the query axis so K/V are read
+        # once instead of being copied per query head; the mask is per key, so it broadcasts unchanged
+        out = attention(q.reshape(b, hk, hq // hk, d), k, v, mask, scale, softcap, False)
+        return out.reshape(b, hq, 1, d)
     if hq != hk:
         k = k.repeat_interleave(hq // hk, dim=1)
         v = v.repeat_interleave(hq // hk, dim=1)
-    s, t = q.shape[2], k.shape[2]
+    t = k.shape[2]
     if softcap:
         scores = (q.float() @ k.float().transpose(-1, -2)) * scale
         scores = softcap * torch.tanh(scores / softcap)
