@@ -223,3 +223,43 @@ def test_compiled_step_equals_eager(tiny_dir, kind):
     fd = FastDecoder(model, max_seq_len=MAX_LEN, weights=kind, compile=True, progress=False)
     assert fd.compiled
     assert_close_bf16(run_fast(fd, ids), eager)
+
+
+def test_streaming_generator_uses_fast_path_unless_intervened(tiny_dir):
+    """The streaming generator decodes through FastDecoder when enabled, with logits close to the reference,
+    and falls back to the reference modules while an Intervention is registered."""
+    from exllamav2.generator.sampler import ExLlamaV2Sampler
+    from exllamav2.generator.streaming import ExLlamaV2StreamingGenerator
+    from exllamav2.module import Intervention
+
+    model = load(tiny_dir)
+
+    from exllamav2 import ExLlamaV2Tokenizer
+    from exllamav2.default_models import smollm2_gguf_path
+    tok = ExLlamaV2Tokenizer(ExLlamaV2Config(smollm2_gguf_path()))  # a real tokenizer; the tiny model uses ids < 512
+
+    def run(enable, wrap):
+        cache = ExLlamaV2Cache(model, max_seq_len=MAX_LEN)
+        gen = ExLlamaV2StreamingGenerator(model, cache, tok)
+        calls = []
+        if enable:
+            assert gen.enable_fast_path(weights="bf16", progress=False)
+            inner = gen.fast_decoder
+            gen.fast_decoder = lambda ids, c: calls.append(1) or inner(ids, c)
+        original = model.modules[2]
+        if wrap:
+            model.modules[2] = Intervention(original)
+        try:
+            gen.begin_stream_ex(ids_for(512, n=PROMPT), ExLlamaV2Sampler.Settings.greedy(), return_logits=True,
+                                max_new_tokens=4)
+            logits = [gen.stream_ex()["logits"] for _ in range(4)]
+        finally:
+            model.modules[2] = original
+        return torch.stack([l.view(-1) for l in logits]), len(calls)
+
+    ref, _ = run(False, False)
+    fast, n_fast = run(True, False)
+    assert n_fast >= 3
+    assert (fast[0] - ref[0]).abs().max().item() < 0.05 * max(1.0, ref[0].abs().max().item())
+    _, n_wrapped = run(True, True)
+    assert n_wrapped == 0

@@ -21,6 +21,16 @@ def add_model_args(p: argparse.ArgumentParser, max_seq_len: int | None = 2048) -
     p.add_argument("-l", "--max-seq-len", type=int, default=max_seq_len,
                    help=f"context length of the cache (default: {max_seq_len or 'the model'})")
     p.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    p.add_argument("--no-fast", dest="fast", action="store_false",
+                   help="decode through the reference modules instead of the fast CPU path")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the fast decode step with torch.compile (minutes the first time, cached on disk)")
+
+
+def enable_fast_path(args, generator) -> None:
+    """Use the fast decode path when asked for and the model/cache allow it (the generator falls back otherwise)."""
+    if getattr(args, "fast", False) and hasattr(generator, "enable_fast_path"):
+        generator.enable_fast_path(compile=getattr(args, "compile", False), progress=not args.quiet)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.7) -> None:
