@@ -71,17 +71,6 @@ class ExLlamaV2Attention(ExLlamaV2Module):
 
     # ------------------------------------------------------------------ module interface
 
-    def load(self, device_context: bool = True):
-        for m in self.submodules:
-            m.load()
-
-    def unload(self):
-        for m in self.submodules:
-            m.unload()
-
-    def numel(self) -> int:
-        return sum(m.numel() for m in self.submodules)
-
     def is_quant(self) -> bool:
         return self.q_proj.is_quant()
 

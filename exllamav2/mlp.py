@@ -45,17 +45,6 @@ class ExLlamaV2MLP(ExLlamaV2Module):
         self.submodules = [m for m in (self.pre_layernorm, self.gate_proj, self.up_proj, self.down_proj,
                                        self.post_layernorm) if m is not None]
 
-    def load(self, device_context: bool = True):
-        for m in self.submodules:
-            m.load()
-
-    def unload(self):
-        for m in self.submodules:
-            m.unload()
-
-    def numel(self) -> int:
-        return sum(m.numel() for m in self.submodules)
-
     def is_quant(self) -> bool:
         return self.up_proj.is_quant()
 

@@ -38,14 +38,24 @@ class ExLlamaV2Module:
 
     # ------------------------------------------------------------------ abstract interface
 
+    # a module made of submodules (attention, MLP, ...) loads, unloads and counts through them by default
+
     def numel(self) -> int:
-        raise NotImplementedError
+        if not self.submodules:
+            raise NotImplementedError
+        return sum(m.numel() for m in self.submodules)
 
     def load(self, device_context: bool = True):
-        raise NotImplementedError
+        if not self.submodules:
+            raise NotImplementedError
+        for m in self.submodules:
+            m.load()
 
     def unload(self):
-        raise NotImplementedError
+        if not self.submodules:
+            raise NotImplementedError
+        for m in self.submodules:
+            m.unload()
 
     def scratch_space_fixed(self) -> int:
         return 0

@@ -113,13 +113,6 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
             out[self.w2[e]] = param(down[e])
         return out
 
-    def unload(self):
-        for m in self.submodules:
-            m.unload()
-
-    def numel(self) -> int:
-        return sum(m.numel() for m in self.submodules)
-
     def is_quant(self) -> bool:
         return self.w1[0].is_quant()
 
