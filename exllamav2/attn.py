@@ -140,8 +140,8 @@ class ExLlamaV2Attention(ExLlamaV2Module):
         b, s = x.shape[0], x.shape[1]
         q, k, v = self.project_qkv(x, loras)
         if self.uses_rope():
-            pos, _ = attn_params.get_positions(q.device)
-            q, k = self.rope().apply(q, k, pos)
+            pos, end = attn_params.get_positions(q.device)
+            q, k = self.rope().apply(q, k, pos, end)
         if attn_params.paged:
             from .paged_attn import paged_attention
             return paged_attention(self, q, k, v, cache, attn_params)

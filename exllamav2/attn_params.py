@@ -6,6 +6,28 @@ from __future__ import annotations
 import torch
 
 
+def _keep_mask(input_mask: torch.Tensor, batch_size: int, total: int) -> torch.Tensor:
+    """Bool keep-mask (batch, total). A mask narrower than `total` covers the first positions and the rest are
+    kept (as the original treats a prompt-width mask during decoding); a wider one is cut."""
+    if input_mask.dim() != 2 or input_mask.shape[0] != batch_size:
+        raise ValueError(f"model.forward(input_mask=...): shape {list(input_mask.shape)}, expected "
+                         f"[{batch_size}, past_len + seq_len = {total}]")
+    if input_mask.dtype == torch.bool:
+        m = input_mask
+    elif input_mask.is_floating_point():
+        if bool((input_mask > 0).any()):
+            raise ValueError("model.forward(input_mask=...): a float mask is additive (0 = keep, large negative = "
+                             "padding) and must not hold positive values; pass a bool mask (True = keep) for 0/1 masks")
+        m = input_mask > -1.0
+    else:
+        raise ValueError(f"model.forward(input_mask=...): dtype {input_mask.dtype} is ambiguous; pass a bool mask "
+                         "(True = keep, e.g. mask.bool()) or an additive float mask (tokenizer.padding_mask)")
+    m = m[:, :total]
+    if m.shape[1] < total:
+        m = torch.cat((m, torch.ones(batch_size, total - m.shape[1], dtype=torch.bool, device=m.device)), 1)
+    return m
+
+
 class Params:
     """`input_mask` covers every key position of this forward, shape (batch, past_len + seq_len): either a bool
     keep-mask (True = real token) or an additive float mask (0 = keep, large negative = padding).
@@ -25,12 +47,7 @@ class Params:
         self.rope_offsets = rope_offsets
         self._keep = None
         if input_mask is not None:
-            total = self.past_len + self.seq_len
-            if input_mask.dim() != 2 or input_mask.shape[0] != batch_size or input_mask.shape[1] < total:
-                raise ValueError(f"input_mask has shape {list(input_mask.shape)}, expected [{batch_size}, {total}] "
-                                 f"(batch, past_len + seq_len)")
-            m = input_mask[:, :total]
-            self._keep = m if m.dtype == torch.bool else (m > -1.0)
+            self._keep = _keep_mask(input_mask, batch_size, self.past_len + self.seq_len)
         self._cache: dict = {}
 
     def is_causal(self) -> bool:

@@ -32,7 +32,13 @@ class ExLlamaV2CacheBase:
         if self.fixed_device is not None:
             return str(self.fixed_device)
         cm = getattr(self.model, "cache_map", None) or {}
-        return cm.get(idx, "cpu")
+        if idx in cm:
+            return cm[idx]
+        # before load(): the device the layer's attention module is placed on
+        for m in self.model.kv_modules():
+            if m.layer_idx == idx:
+                return m.device()
+        return "cpu"
 
     def create_state_tensors(self, copy_from=None, lazy: bool = False) -> None:
         for i in range(self.num_hidden_layers):
@@ -109,3 +115,10 @@ class ExLlamaV2CacheBase:
 
 class ExLlamaV2Cache(ExLlamaV2CacheBase):
     """KV cache in the model's activation dtype."""
+
+
+def __getattr__(name: str):  # quantized caches live in cache_q.py (imported lazily: it imports this module)
+    if name in ("ExLlamaV2Cache_Q4", "ExLlamaV2Cache_Q6", "ExLlamaV2Cache_Q8", "ExLlamaV2Cache_8bit"):
+        from . import cache_q
+        return getattr(cache_q, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -245,7 +245,9 @@ class ExLlamaV2Config:
             pattern = self._get(cfg, "sliding_window_pattern", "_sliding_window_pattern", kind=int) or 2
             return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)]
         if lm.swa and self.sliding_window:
-            return ["sliding_attention"] * n
+            # Qwen2-style configs keep full attention below max_window_layers (HF builds layer_types this way)
+            first = self._get(cfg, "max_window_layers", kind=int) or 0
+            return ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
         return ["full_attention"] * n
 
     def _map_safetensors(self, folder: str) -> None:

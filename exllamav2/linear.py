@@ -53,12 +53,13 @@ class ExLlamaV2Linear(ExLlamaV2Module):
             self._check_bias(self.q_handle.has_bias() if hasattr(self.q_handle, "has_bias") else "bias" in w)
             return
         weight, bias = w if isinstance(w, tuple) else (w, None)
+        if (not self.is_sub_module and weight.dim() == 2 and weight.shape[0] > self.out_features
+                and weight.shape[1] == self.in_features):
+            # a head tied to an embedding padded past vocab_size: the extra rows are never produced
+            weight = torch.nn.Parameter(weight[:self.out_features].contiguous(), requires_grad=False)
         if tuple(weight.shape) != (self.out_features, self.in_features):
-            if tuple(weight.shape) == (self.in_features, self.out_features) and self.in_features != self.out_features:
-                weight = torch.nn.Parameter(weight.T.contiguous(), requires_grad=False)
-            else:
-                raise TensorShapeError(f"{self.key}.weight: shape {list(weight.shape)}, expected "
-                                       f"[{self.out_features}, {self.in_features}]")
+            raise TensorShapeError(f"{self.key}.weight: shape {list(weight.shape)}, expected "
+                                   f"[{self.out_features}, {self.in_features}]")
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise TensorShapeError(f"{self.key}.bias: shape {list(bias.shape)}, expected [{self.out_features}]")
         self._check_bias(bias is not None)
@@ -102,13 +103,14 @@ class ExLlamaV2Linear(ExLlamaV2Module):
             y = self.q_handle.forward(x)
         else:
             y = F.linear(x.to(self.weight.dtype), self.weight, self.bias)
-        if self.prescale != 1:
-            y = y * self.prescale
         if loras:
             for lora in loras:
                 a = self.lora_a_tensors.get(lora)
                 if a is not None:
                     y = y + (x.to(a.dtype) @ a) @ self.lora_b_tensors[lora]
+        if self.prescale != 1:
+            # the LoRA term sits inside the projection, so the output scale covers it too (as in HF/PEFT)
+            y = y * self.prescale
         return {"hidden_states": y} if intermediates else y
 
     def get_weight(self) -> torch.Tensor:

@@ -192,6 +192,22 @@ class ExLlamaV2:
         cache.check_room(q_len)
         if bsz > cache.batch_size:
             raise ValueError(f"batch of {bsz} rows does not fit a cache built for batch_size={cache.batch_size}")
+        start = cache.current_seq_len
+        try:
+            out = self._forward_chunked(input_ids, cache, input_mask, preprocess_only, last_id_only, loras,
+                                        return_last_state, position_offsets, abort_event, cpu_logits, **kwargs)
+        except BaseException:
+            cache.current_seq_len = start  # nothing of this input counts as cached after a failure
+            raise
+        if out is None:
+            cache.current_seq_len = start  # aborted: likewise
+            return None
+        return _result(out, return_last_state) if not preprocess_only else None
+
+    def _forward_chunked(self, input_ids, cache, input_mask, preprocess_only, last_id_only, loras,
+                         return_last_state, position_offsets, abort_event, cpu_logits, **kwargs) -> dict | None:
+        bsz, q_len = input_ids.shape
+        cfg = self.config
         chunk = max(1, cfg.max_input_len * cfg.max_batch_size // bsz)
         logits, last_state = [], []
         beg = 0
@@ -211,9 +227,8 @@ class ExLlamaV2:
                 last_state.append(r["last_state"])
             beg = end
         if preprocess_only:
-            return None
-        out = {"logits": torch.cat(logits, 1), "last_state": torch.cat(last_state, 1) if last_state else None}
-        return _result(out, return_last_state)
+            return {"logits": None, "last_state": None}
+        return {"logits": torch.cat(logits, 1), "last_state": torch.cat(last_state, 1) if last_state else None}
 
     def forward_chunk(self, input_ids, cache=None, input_mask=None, preprocess_only=False, last_id_only=False,
                       loras=None, return_last_state=False, position_offsets=None, abort_event=None,

@@ -27,17 +27,18 @@ class _Group:
     key_pos: torch.Tensor  # (L,) key positions 0..L-1
     q_pos: torch.Tensor  # (n, q_len) query positions
     kv_len: torch.Tensor  # (n,) keys valid after this step
-    masks: dict  # sliding window -> bool mask (n, 1, q_len, L)
+    masks: dict  # (sliding window, device) -> bool mask (n, 1, q_len, L)
 
-    def mask(self, sliding_window: int) -> torch.Tensor:
-        if sliding_window not in self.masks:
+    def mask(self, sliding_window: int, device) -> torch.Tensor:
+        key = (sliding_window, str(device))
+        if key not in self.masks:
             kp = self.key_pos.view(1, 1, -1)
             qp = self.q_pos.unsqueeze(-1)
             m = (kp <= qp) & (kp < self.kv_len.view(-1, 1, 1))
             if sliding_window:
                 m = m & (qp - kp < sliding_window)
-            self.masks[sliding_window] = m.unsqueeze(1)
-        return self.masks[sliding_window]
+            self.masks[key] = m.unsqueeze(1).to(device)
+        return self.masks[key]
 
 
 class PagedParams(Params):
@@ -129,7 +130,7 @@ def paged_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
         qg = q[0][g.q_index].transpose(1, 2)  # (n, hq, q_len, d)
         kg = kflat[:, g.kv_slots].transpose(0, 1)  # (n, hk, L, d)
         vg = vflat[:, g.kv_slots].transpose(0, 1)
-        mask = g.mask(module.sliding_window or 0)
+        mask = g.mask(module.sliding_window or 0, q.device)
         o = attention(qg, kg.to(q.dtype), vg.to(q.dtype), mask, module.scaling, module.softcap)
         out[g.q_index] = o.transpose(1, 2)
     return out.reshape(1, params.seq_len, hq * d)

@@ -149,9 +149,11 @@ class RotaryEmbedding:
             raise ValueError(f"position {total_len - 1} is beyond the rotary table ({cos.shape[0]} positions)")
         return cos, sin
 
-    def apply(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        """q: (b, s, hq, d), k: (b, s, hk, d); positions: (b, s) long. Returns rotated (q, k)."""
-        total = int(positions.max().item()) + 1 if positions.numel() else 1
+    def apply(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, total: int | None = None):
+        """q: (b, s, hq, d), k: (b, s, hk, d); positions: (b, s) long; `total` = max position + 1 when the
+        caller knows it (saves a device sync per layer). Returns rotated (q, k)."""
+        if total is None:
+            total = int(positions.max().item()) + 1 if positions.numel() else 1
         cos, sin = self.tables(total, q.device, q.dtype)
         cos = cos[positions].unsqueeze(2)  # (b, s, 1, rot)
         sin = sin[positions].unsqueeze(2)

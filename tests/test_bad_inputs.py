@@ -165,3 +165,58 @@ def test_forward_before_load(good_dir):
     m = ExLlamaV2(ExLlamaV2Config(good_dir))
     with pytest.raises(RuntimeError, match="not loaded"):
         m.forward(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_input_mask_forms(good_dir):
+    m = load(good_dir)
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[1, :2] = False
+    cache = ExLlamaV2Cache(m, batch_size=2, max_seq_len=16)
+    a = m.forward(ids, cache, input_mask=keep)
+    # a prompt-width mask during decoding: the missing tail counts as kept (the original's behaviour)
+    step_short = m.forward(ids[:, -1:], cache, input_mask=keep)
+    cache.current_seq_len = 6
+    full = torch.cat((keep, torch.ones(2, 1, dtype=torch.bool)), 1)
+    step_full = m.forward(ids[:, -1:], cache, input_mask=full)
+    torch.testing.assert_close(step_short, step_full, rtol=0, atol=0)
+    additive = torch.where(keep, 0.0, -65504.0)
+    cache.current_seq_len = 0
+    torch.testing.assert_close(m.forward(ids, cache, input_mask=additive), a, rtol=0, atol=0)
+    cache.current_seq_len = 0
+    with pytest.raises(ValueError, match="ambiguous"):
+        m.forward(ids, cache, input_mask=keep.long())
+    with pytest.raises(ValueError, match="positive"):
+        m.forward(ids, cache, input_mask=keep.float())
+    assert cache.current_seq_len == 0  # failed calls leave the cache where it was
+
+
+def test_abort_restores_cache_position(good_dir):
+    import threading
+
+    cfg = ExLlamaV2Config(good_dir)
+    cfg.dtype = "float32"
+    cfg.max_input_len = 4
+    m = ExLlamaV2(cfg)
+    m.load()
+    cache = ExLlamaV2Cache(m, max_seq_len=32)
+    ev = threading.Event()
+    calls = []
+    original = m.modules[1]
+
+    class AbortAfterFirstChunk:
+        def __getattr__(self, k):
+            return getattr(original, k)
+
+        def forward(self, x, *a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                ev.set()
+            return original.forward(x, *a, **k)
+
+    m.modules[1] = AbortAfterFirstChunk()
+    try:
+        assert m.forward(torch.zeros(1, 12, dtype=torch.long), cache, abort_event=ev) is None
+    finally:
+        m.modules[1] = original
+    assert cache.current_seq_len == 0

@@ -79,3 +79,18 @@ def test_yi_key_names(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     runner = ParityRunner(path, hf)
     runner.check_prefill_and_decode()
+
+
+def test_qwen2_max_window_layers_without_layer_types(tmp_path):
+    """Configs written before layer_types existed: sliding window only from max_window_layers on, as HF does."""
+    import json
+
+    cfg = Qwen2Config(**{**COMMON, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2})
+    hf = make_tiny(Qwen2ForCausalLM, cfg, seed=21, init_scale=0.08)
+    path = save_hf_model(hf, tmp_path)
+    c = json.loads((tmp_path / "config.json").read_text())
+    c.pop("layer_types", None)
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    runner = ParityRunner(path, hf)
+    model = runner.check_prefill_and_decode()
+    assert model.config.layer_types == ["full_attention", "full_attention", "sliding_attention"]
