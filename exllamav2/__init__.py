@@ -12,6 +12,7 @@ from .embedding import ExLlamaV2Embedding
 from .rmsnorm import ExLlamaV2RMSNorm
 from .layernorm import ExLlamaV2LayerNorm
 from .architecture import ExLlamaV2ArchParams, RopeStyle, supported_architectures
+from .lora import ExLlamaV2Lora
 
 
 def __getattr__(name):
