@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import torch
@@ -9,6 +11,8 @@ import torch
 from .chat_template import render_chat_template, select_chat_template
 from .sources import load_tokenizer_source
 from .stream import ExLlamaV2TokenizerStream
+from .vocab_index import (CharTrie, build_char_trie, build_id_to_ord, build_prefix_id_to_ids,
+                          build_prefix_to_ids, is_byte_level)
 
 # Additive mask value at pads: finite (a fully masked row must not turn into NaN) and exactly
 # representable in fp16/bf16/fp32, yet far below any attention score.
@@ -16,6 +20,9 @@ PAD_MASK_VALUE = -65504.0
 
 
 class ExLlamaV2Tokenizer:
+    Trie = CharTrie  # the original's nested class name
+    max_cached_strings = 100
+
     def __init__(self, config, lazy_init: bool = True, force_json: bool = False, force_spm: bool = False):
         if force_spm:
             raise ValueError("force_spm: SentencePiece tokenizer.model files are not supported; use tokenizer.json or a GGUF file")
@@ -59,9 +66,21 @@ class ExLlamaV2Tokenizer:
         self._id_to_piece: list[str] | None = None
         self._id_to_piece_special: list[str] | None = None
         self._piece_to_id: dict[str, int] | None = None
+        self._id_to_ord: list[int] | None = None
+        self._prefix_to_ids: dict[str, list[int]] | None = None
+        self._prefix_id_to_ids: dict[int, list[int]] | None = None
+        self._char_trie: CharTrie | None = None
+        self._char_trie_ci: CharTrie | None = None
+        self._vocab_lock = threading.RLock()  # lazy vocabulary views may be first asked for from several threads
+        self.tokenized_str_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         if not lazy_init:
             self.get_id_to_piece_list(True)
             self.get_piece_to_id_dict()
+            self.get_id_to_ord_list()
+            self.get_prefix_to_ids_dict()
+            self.get_prefix_id_to_ids_dict()
+            self.get_char_trie()
+            self.get_char_trie_ci()
 
     # --- special ids --------------------------------------------------------------------------------
 
@@ -128,7 +147,8 @@ class ExLlamaV2Tokenizer:
         """LongTensor (1, n) for a string; for a list, (b, n) left-padded with `pad_token_id`.
         With `return_offsets`, also a (b, 1) tensor of minus the pad length of each row."""
         if embeddings:
-            raise NotImplementedError("encode: embeddings (text aliases) are not supported")
+            raise NotImplementedError("encode: embeddings= (ExLlamaV2MMEmbedding text aliases) is not supported: "
+                                      "this implementation has no multimodal models; pass text only")
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         if not all(isinstance(t, str) for t in texts):
@@ -237,6 +257,63 @@ class ExLlamaV2Tokenizer:
         if self._piece_to_id is None:
             self._piece_to_id = {p: i for i, p in enumerate(self.get_id_to_piece_list(False)) if p}
         return self._piece_to_id
+
+    def get_id_to_ord_list(self) -> list[int]:
+        """Per id, the single byte (0..255) the token stands for, or -1 (see vocab_index.build_id_to_ord)."""
+        with self._vocab_lock:
+            if self._id_to_ord is None:
+                vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+                raw: list[str | None] = [None] * self.actual_vocab_size
+                for piece, i in vocab.items():
+                    if 0 <= i < self.actual_vocab_size:
+                        raw[i] = piece
+                byte_level = is_byte_level(vocab, lambda i: self.tokenizer.decode([i], skip_special_tokens=False))
+                self._id_to_ord = build_id_to_ord(raw, self.get_id_to_piece_list(False), byte_level)
+            return self._id_to_ord
+
+    def get_prefix_to_ids_dict(self) -> dict[str, list[int]]:
+        """Each distinct (non-special) piece -> ascending ids of all tokens whose piece starts with it."""
+        with self._vocab_lock:
+            if self._prefix_to_ids is None:
+                self._prefix_to_ids = build_prefix_to_ids(self.get_id_to_piece_list(False))
+            return self._prefix_to_ids
+
+    def get_prefix_id_to_ids_dict(self) -> dict[int, list[int]]:
+        """Each id -> ids of all tokens whose piece starts with its piece ([id] for special/unused ids)."""
+        with self._vocab_lock:
+            if self._prefix_id_to_ids is None:
+                size = max(self.actual_vocab_size, int(getattr(self.config, "vocab_size", 0) or 0))
+                self._prefix_id_to_ids = build_prefix_id_to_ids(self.get_id_to_piece_list(False),
+                                                                self.get_prefix_to_ids_dict(), size)
+            return self._prefix_id_to_ids
+
+    def get_char_trie(self) -> CharTrie:
+        """Character trie over the (non-special) pieces; `leaf` of a node lists the ids ending there."""
+        with self._vocab_lock:
+            if self._char_trie is None:
+                self._char_trie = build_char_trie(self.get_id_to_piece_list(False), case_insensitive=False)
+            return self._char_trie
+
+    def get_char_trie_ci(self) -> CharTrie:
+        """As get_char_trie, over lower-cased pieces."""
+        with self._vocab_lock:
+            if self._char_trie_ci is None:
+                self._char_trie_ci = build_char_trie(self.get_id_to_piece_list(False), case_insensitive=True)
+            return self._char_trie_ci
+
+    def cached_encode_str(self, text: str) -> torch.Tensor:
+        """encode(text) through a small cache of the most recently used strings; returns a fresh tensor."""
+        with self._vocab_lock:
+            ids = self.tokenized_str_cache.get(text)
+            if ids is not None:
+                self.tokenized_str_cache.move_to_end(text)
+                return ids.clone()
+        ids = self.encode(text)
+        with self._vocab_lock:
+            self.tokenized_str_cache[text] = ids
+            while len(self.tokenized_str_cache) > self.max_cached_strings:
+                self.tokenized_str_cache.popitem(last=False)
+        return ids.clone()
 
     # --- chat templates -----------------------------------------------------------------------------
 
