@@ -1,0 +1,256 @@
+"""Quantized KV caches: ExLlamaV2Cache_Q4 (K4/V4), _Q6 (K8/V4), _Q8 (K8/V8) and _8bit (FP8 e5m2).
+
+Storage per layer keeps the (batch, kv_heads, max_seq_len, ...) layout of ExLlamaV2Cache:
+- 4/8-bit: `key_states`/`value_states` are uint8 codes (batch, kv_heads, max_seq_len, head_dim * bits / 8), two
+  4-bit codes per byte, low nibble first; `key_scales`/`value_scales` hold one scale per group of 32 values
+  (batch, kv_heads, max_seq_len, head_dim / 32) in the activation dtype. Each group of 32 consecutive head_dim values
+  is rotated by the unnormalised 32-point Walsh-Hadamard matrix (spreads outliers over the group) before rounding.
+- FP8: `key_states`/`value_states` are the e5m2 bytes (as uint8) of every value; no scales.
+
+Use: `get_kv_state(layer, b, offset, width)` dequantises positions [0, offset + width) of rows [:b] into a
+per-device temporary of full cache shape in the activation dtype and returns it; attention writes its new tokens
+into the temporary and reads the prefix; `store_kv_state(layer, b, offset, width)` quantises [offset, offset + width)
+of the temporary back into storage. The temporaries are shared by all layers of one cache (layers run one after
+another). The paged path of the dynamic generator writes the cache directly and is not supported.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import ExLlamaV2CacheBase
+
+GROUP = 32
+
+
+def _hadamard32(device) -> torch.Tensor:
+    """Sylvester Walsh-Hadamard matrix of order 32 (float32): symmetric, H @ H = 32 I."""
+    h = torch.ones(1, 1)
+    for _ in range(5):
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h.to(device)
+
+
+_HADAMARD: dict[str, torch.Tensor] = {}
+
+
+def hadamard32(device) -> torch.Tensor:
+    key = str(device)
+    if key not in _HADAMARD:
+        _HADAMARD[key] = _hadamard32(device)
+    return _HADAMARD[key]
+
+
+class GroupQuant:
+    """Symmetric integer codes of `bits` (4 or 8) per group of 32 Hadamard-rotated values, one scale per group."""
+
+    has_scales = True
+
+    def __init__(self, bits: int):
+        if bits not in (4, 8):
+            raise ValueError(f"GroupQuant: bits must be 4 or 8, got {bits}")
+        self.bits = bits
+        self.qneg = 1 << (bits - 1)  # codes run -qneg .. qneg - 1, stored with +qneg offset
+        self.qpos = self.qneg - 1
+
+    def code_width(self, head_dim: int) -> int:
+        return head_dim * self.bits // 8
+
+    def scale_width(self, head_dim: int) -> int:
+        return head_dim // GROUP
+
+    def quantize(self, x: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (..., d) -> codes uint8 (..., d * bits / 8), scales (..., d / 32)."""
+        d = x.shape[-1]
+        g = x.float().reshape(*x.shape[:-1], d // GROUP, GROUP) @ hadamard32(x.device)
+        # the scale makes both the group's max and min representable (the code range is asymmetric)
+        hi = g.amax(-1).clamp(min=0) / self.qpos
+        lo = g.amin(-1).clamp(max=0) / -self.qneg
+        fmax = torch.finfo(scale_dtype).max
+        scales = torch.maximum(hi, lo).clamp(max=fmax).to(scale_dtype)
+        # codes are computed against the stored (rounded) scale so the scale's rounding adds no error
+        s = scales.float()
+        s = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-1)
+        q = (g / s).round_().clamp_(-self.qneg, self.qpos).add_(self.qneg).to(torch.uint8).reshape(x.shape)
+        if self.bits == 4:
+            q = q[..., 0::2] | (q[..., 1::2] << 4)
+        return q, scales
+
+    def dequantize(self, codes: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        if self.bits == 4:
+            codes = torch.stack((codes & 15, codes >> 4), -1).flatten(-2)
+        d = codes.shape[-1]
+        g = codes.float().sub_(self.qneg).reshape(*codes.shape[:-1], d // GROUP, GROUP)
+        g = g * scales.float().unsqueeze(-1)
+        # H @ H = 32 I: the inverse rotation is H / 32
+        return (g @ hadamard32(codes.device)).mul_(1.0 / GROUP).reshape(codes.shape).to(out_dtype)
+
+
+class FP8Quant:
+    """FP8 e5m2 per value (torch's round-to-nearest conversion, where the original truncated the fp16 low byte)."""
+
+    has_scales = False
+    bits = 8
+    FP8_MAX = 57344.0
+
+    def code_width(self, head_dim: int) -> int:
+        return head_dim
+
+    def scale_width(self, head_dim: int) -> int:
+        return 0
+
+    def quantize(self, x: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, None]:
+        # torch's e5m2 conversion does not saturate: clamp so out-of-range values become +-max, not inf
+        y = x.clamp(-self.FP8_MAX, self.FP8_MAX).to(torch.float8_e5m2)
+        return y.view(torch.uint8), None
+
+    def dequantize(self, codes: torch.Tensor, scales, out_dtype: torch.dtype) -> torch.Tensor:
+        return codes.view(torch.float8_e5m2).to(out_dtype)
+
+
+class ExLlamaV2CacheQuantBase(ExLlamaV2CacheBase):
+    """Shared machinery of the quantized caches; subclasses set `k_format` and `v_format`."""
+
+    k_format: GroupQuant | FP8Quant
+    v_format: GroupQuant | FP8Quant
+    supports_paged = False
+
+    def __init__(self, model, batch_size: int = 1, max_seq_len: int = -1, copy_from=None, lazy: bool = False,
+                 num_key_value_heads: int | None = None, fixed_device=None, dtype: torch.dtype | None = None):
+        cfg = model.config
+        if any(f.has_scales for f in (self.k_format, self.v_format)) and cfg.head_dim % GROUP:
+            raise ValueError(f"{type(self).__name__}: the model's head_dim is {cfg.head_dim}, but this cache "
+                             f"quantizes groups of {GROUP} values and needs head_dim to be a multiple of {GROUP}")
+        self.key_scales: list = [None] * cfg.num_hidden_layers
+        self.value_scales: list = [None] * cfg.num_hidden_layers
+        self._temp: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        super().__init__(model, batch_size, max_seq_len, copy_from, lazy, num_key_value_heads, fixed_device, dtype)
+        if not self.dtype.is_floating_point:
+            raise ValueError(f"{type(self).__name__}: activation dtype must be floating point, got {self.dtype}")
+
+    # ------------------------------------------------------------------ storage
+
+    def _state_lists(self) -> list[list]:
+        return [self.key_states, self.value_states, self.key_scales, self.value_scales]
+
+    def _alloc_layer(self, i: int) -> None:
+        dev = self._layer_device(i)
+        b, h, n, d = self.shape_basic
+        for fmt, codes, scales in ((self.k_format, self.key_states, self.key_scales),
+                                   (self.v_format, self.value_states, self.value_scales)):
+            codes[i] = torch.zeros((b, h, n, fmt.code_width(d)), dtype=torch.uint8, device=dev)
+            scales[i] = (torch.zeros((b, h, n, fmt.scale_width(d)), dtype=self.dtype, device=dev)
+                         if fmt.has_scales else None)
+
+    def create_state_tensors(self, copy_from=None, lazy: bool = False) -> None:
+        if copy_from is not None and type(copy_from) is not type(self):
+            raise ValueError(f"{type(self).__name__}: cannot copy states from a {type(copy_from).__name__}")
+        for i in range(self.num_hidden_layers):
+            if copy_from is not None:
+                for mine, theirs in zip(self._state_lists(), copy_from._state_lists()):
+                    mine[i] = None if theirs[i] is None else theirs[i].clone()
+            else:
+                self._alloc_layer(i)
+        if copy_from is not None:
+            self.current_seq_len = copy_from.current_seq_len
+
+    def update_cache_tensors(self) -> None:
+        for i in range(self.num_hidden_layers):
+            dev = torch.device(self._layer_device(i))
+            if self.key_states[i] is None:
+                self._alloc_layer(i)
+            elif self.key_states[i].device != dev:
+                for lst in self._state_lists():
+                    if lst[i] is not None:
+                        lst[i] = lst[i].to(dev)
+
+    def all_tensors(self) -> list:
+        return [lst[i] for i in range(self.num_hidden_layers) for lst in self._state_lists() if lst[i] is not None]
+
+    # ------------------------------------------------------------------ attention interface
+
+    def _temp_for(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._temp:
+            self._temp[key] = (torch.empty(self.shape_basic, dtype=self.dtype, device=device),
+                               torch.empty(self.shape_basic, dtype=self.dtype, device=device))
+        return self._temp[key]
+
+    def _check_unpaged(self, page_size, block_table, width: int) -> None:
+        # the paged path (dynamic generator) asks for width 0 and scatters into the returned tensors directly
+        if page_size or block_table is not None or width <= 0:
+            raise ValueError(f"{type(self).__name__} does not support paged attention (ExLlamaV2DynamicGenerator); "
+                             f"use ExLlamaV2Cache there")
+
+    def get_kv_state(self, layer_idx: int, batch_size: int, offset: int, width: int, page_size: int = 0,
+                     cache_seqlens=None, block_table=None):
+        self._check_unpaged(page_size, block_table, width)
+        end = offset + width
+        if end > self.max_seq_len:
+            raise ValueError(f"{type(self).__name__}: positions up to {end} requested, max_seq_len is {self.max_seq_len}")
+        kq, vq = self.key_states[layer_idx], self.value_states[layer_idx]
+        tk, tv = self._temp_for(kq.device)
+        b = min(batch_size, self.batch_size)
+        for fmt, codes, scales, temp in ((self.k_format, kq, self.key_scales[layer_idx], tk),
+                                         (self.v_format, vq, self.value_scales[layer_idx], tv)):
+            sc = None if scales is None else scales[:b, :, :end]
+            temp[:b, :, :end] = fmt.dequantize(codes[:b, :, :end], sc, self.dtype)
+        return tk, tv
+
+    def store_kv_state(self, layer_idx: int, batch_size: int, offset: int, width: int, page_size: int = 0,
+                       cache_seqlens=None, block_table=None):
+        self._check_unpaged(page_size, block_table, width)
+        kq = self.key_states[layer_idx]
+        tk, tv = self._temp_for(kq.device)
+        b, end = min(batch_size, self.batch_size), offset + width
+        for fmt, codes, scales, temp in ((self.k_format, kq, self.key_scales[layer_idx], tk),
+                                         (self.v_format, self.value_states[layer_idx], self.value_scales[layer_idx], tv)):
+            q, s = fmt.quantize(temp[:b, :, offset:end], self.dtype)
+            codes[:b, :, offset:end] = q
+            if s is not None:
+                scales[:b, :, offset:end] = s
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def copy_states(self, target, from_column: int, from_columns: int, to_column: int, to_columns: int,
+                    from_row: int, from_rows: int, to_row: int, to_rows: int) -> None:
+        """Copy token positions [from_column, +from_columns) of batch rows [from_row, +from_rows) into `target`
+        (a cache of the same class) at [to_column, +to_columns) / [to_row, +to_rows), codes and scales alike."""
+        if type(target) is not type(self):
+            raise ValueError(f"copy_states: target must be a {type(self).__name__}, got {type(target).__name__}")
+        if from_columns != to_columns or from_rows != to_rows:
+            raise ValueError("copy_states: source and target ranges must have the same size")
+        for i in range(self.num_hidden_layers):
+            for src, dst in zip(self._state_lists(), target._state_lists()):
+                if src[i] is not None:
+                    dst[i][to_row:to_row + to_rows, :, to_column:to_column + to_columns].copy_(
+                        src[i][from_row:from_row + from_rows, :, from_column:from_column + from_columns])
+
+    def roll_left(self) -> None:
+        for t in self.all_tensors():
+            t[:, :, :-1].copy_(t[:, :, 1:].clone())
+        self.current_seq_len = max(0, self.current_seq_len - 1)
+
+
+class ExLlamaV2Cache_Q4(ExLlamaV2CacheQuantBase):
+    """4-bit keys and values (groups of 32, Hadamard-rotated): about 0.28 of an fp16 cache."""
+    k_format = GroupQuant(4)
+    v_format = GroupQuant(4)
+
+
+class ExLlamaV2Cache_Q6(ExLlamaV2CacheQuantBase):
+    """8-bit keys, 4-bit values (as the original's Q6): about 0.41 of an fp16 cache."""
+    k_format = GroupQuant(8)
+    v_format = GroupQuant(4)
+
+
+class ExLlamaV2Cache_Q8(ExLlamaV2CacheQuantBase):
+    """8-bit keys and values (groups of 32, Hadamard-rotated): about 0.53 of an fp16 cache."""
+    k_format = GroupQuant(8)
+    v_format = GroupQuant(8)
+
+
+class ExLlamaV2Cache_8bit(ExLlamaV2CacheQuantBase):
+    """FP8 e5m2 keys and values: half of an fp16 cache."""
+    k_format = FP8Quant()
+    v_format = FP8Quant()
