@@ -137,6 +137,31 @@ def test_init_memory_and_flag_overrides(tiny_llama):
     assert model.config.max_input_len == 512
 
 
+def test_experts_per_token_override_matches_hf(tmp_path):
+    cfg = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=NATIVE_LEN)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(3)
+    hf = transformers.MixtralForCausalLM(cfg).float().eval()
+    hf.save_pretrained(str(tmp_path), safe_serialization=True)
+    _write_word_tokenizer(tmp_path)
+    model, _ = model_init.init(_parse(["-m", str(tmp_path), "-ept", "3", "--dtype", "float32"]), quiet=True)
+    assert model.config.num_experts_per_token == 3
+    ids = torch.randint(3, VOCAB, (1, 24), generator=torch.Generator().manual_seed(4))
+    ours = model.forward(ids)
+    cfg3 = copy.deepcopy(cfg)
+    cfg3.num_experts_per_tok = 3
+    hf3 = transformers.MixtralForCausalLM(cfg3).float().eval()
+    hf3.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        ref, plain = hf3(ids).logits, hf(ids).logits
+    assert (ours - ref).abs().max().item() < 1e-3
+    assert (ours - plain).abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match="only 4 experts"):
+        model_init.init(_parse(["-m", str(tmp_path), "-ept", "5"]), quiet=True, skip_load=True)
+
+
 def test_post_init_load_split_modes(tiny_llama):
     folder, _ = tiny_llama
     with pytest.raises(ValueError, match="auto"):
