@@ -13,6 +13,8 @@ from .rmsnorm import ExLlamaV2RMSNorm
 from .layernorm import ExLlamaV2LayerNorm
 from .architecture import ExLlamaV2ArchParams, RopeStyle, supported_architectures
 from .lora import ExLlamaV2Lora
+from .util import SeqTensor, Timer
+from .cache import ExLlamaV2Cache_8bit, ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q6, ExLlamaV2Cache_Q8
 
 
 def __getattr__(name):
