@@ -217,9 +217,14 @@ def test_paged_path_refused(model):
     from exllamav2.generator.dynamic import ExLlamaV2DynamicGenerator
 
     cache = ExLlamaV2Cache_Q8(model, 1, 64)
+    with pytest.raises(ValueError, match="does not support ExLlamaV2Cache_Q8"):
+        ExLlamaV2DynamicGenerator(model, cache, None, page_size=16)
+    # the paged attention path refuses it on its own too
+    from exllamav2.paged_attn import paged_attention
+    q = torch.zeros(1, 5, model.config.num_attention_heads, model.config.head_dim)
+    k = torch.zeros(1, 5, model.config.num_key_value_heads, model.config.head_dim)
     with pytest.raises(ValueError, match="does not support paged attention"):
-        gen = ExLlamaV2DynamicGenerator(model, cache, None, page_size=16)
-        gen._forward(_ids()[:, :5], PagedParams([[0]], [0], [5], 16), torch.tensor([4]))
+        paged_attention(model.modules[1], q, k, k, cache, PagedParams([[0]], [0], [5], 16))
 
 
 @pytest.mark.slow

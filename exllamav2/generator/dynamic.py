@@ -36,6 +36,9 @@ class ExLlamaV2DynamicGenerator:
             raise TypeError(f"ExLlamaV2DynamicGenerator: unexpected arguments {sorted(kwargs)}")
         if draft_model is not None or draft_cache is not None or use_ngram_draft:
             raise NotImplementedError("ExLlamaV2DynamicGenerator: speculative decoding is not supported")
+        if not getattr(cache, "supports_paged", True):
+            raise ValueError(f"ExLlamaV2DynamicGenerator does not support {type(cache).__name__} (quantized caches "
+                             "work with the base and streaming generators); use ExLlamaV2Cache")
         if cache.batch_size != 1:
             raise ValueError(f"ExLlamaV2DynamicGenerator needs a cache with batch_size=1, got {cache.batch_size}")
         if page_size < 1 or cache.max_seq_len % page_size:
