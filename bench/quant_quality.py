@@ -25,7 +25,7 @@ from exllamav2.tokenizer import ExLlamaV2Tokenizer
 HELD_OUT = "/usr/share/common-licenses/GPL-3"
 # (label, target bits, head bits, gptq, allowed perplexity increase)
 RUNS = [("EXL2 4.0", 4.0, 6, False, 0.08), ("GPTQ 4-bit g128", 4.0, 6, True, None),
-        ("EXL2 6.0", 6.0, 6, False, 0.015), ("EXL2 8.0", 8.0, 8, False, 0.003)]
+        ("EXL2 6.0", 6.0, 8, False, 0.015), ("EXL2 8.0", 8.0, 8, False, 0.003)]
 
 
 @torch.inference_mode()
@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--only", nargs="*", help="run only these labels (e.g. 'EXL2 6.0'); the table keeps only them")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "README_QUANT.md"))
     args = ap.parse_args()
 
@@ -72,6 +73,8 @@ def main() -> None:
     measurement = os.path.join(args.work, "measurement.json")
     rows = []
     for label, bits, hb, gptq, allowed in RUNS:
+        if args.only and label not in args.only:
+            continue
         out = os.path.join(args.work, label.replace(" ", "_").replace(".", "p"))
         s = ConvertSettings(hf_dir, out, bits=bits, head_bits=hb, gptq=gptq, rows=args.rows, length=args.length,
                             measurement=measurement if (os.path.isfile(measurement) and not gptq) else None,

@@ -48,7 +48,12 @@ class PreparedHessian:
     dead: torch.Tensor       # (in,) bool, features never active in the calibration data
 
 
-def prepare_hessian(H: torch.Tensor, damp: float = 0.12) -> PreparedHessian:
+# Damping as a fraction of mean(diag H). Standard GPTQ's 0.01: on SmolLM2-135M layer 0 it gives 20-40% lower output
+# error than 0.12 at 4 and 6 bits (measured against plain rounding with the same scales).
+DAMP = 0.01
+
+
+def prepare_hessian(H: torch.Tensor, damp: float = DAMP) -> PreparedHessian:
     H = H.to(torch.float32).clone()
     n = H.shape[0]
     dead = torch.diag(H) == 0
