@@ -45,13 +45,12 @@ def _plan_shards(gguf: GGUFFile, keys: list[str], element_size: int) -> list[lis
     return shards
 
 
-def _write_tokenizer(gguf_path: str, out_dir: str) -> bool:
-    try:
-        from ..tokenizer.gguf_tokenizer import save_hf_tokenizer_files, tokenizer_from_gguf
-    except ImportError as e:
-        warnings.warn(f"{gguf_path}: tokenizer files not written ({e}); the folder has weights and config only")
+def _write_tokenizer(gguf: GGUFFile, out_dir: str) -> bool:
+    from ..tokenizer.gguf_tokenizer import save_hf_tokenizer_files, tokenizer_from_gguf
+    if gguf.metadata("tokenizer.ggml.tokens") is None:
+        warnings.warn(f"{gguf.path}: the file has no tokenizer vocabulary; the folder has weights and config only")
         return False
-    save_hf_tokenizer_files(tokenizer_from_gguf(gguf_path), out_dir)
+    save_hf_tokenizer_files(tokenizer_from_gguf(gguf.path), out_dir)
     return True
 
 
@@ -94,5 +93,5 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike | GGUFFile, out_dir: str | o
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f, indent=2)
 
-    _write_tokenizer(gguf.path, out_dir)
+    _write_tokenizer(gguf, out_dir)
     return out_dir
