@@ -1,6 +1,5 @@
 """Gemma-3-270M Q4_K_M (GGUF architecture gemma3) against HF transformers' own GGUF loader.
-Slow (opening this file's 262k-token vocabulary with the gguf library takes ~15 s a time, and HF opens
-it twice): run with `python -m pytest -m slow tests/test_gguf_gemma3.py`."""
+Opening this file's 262k-token vocabulary takes ~15 s a time, so the module shares its fixtures."""
 
 import os
 
@@ -11,7 +10,6 @@ from exllamav2.gguf import GGUFFile, convert_gguf_to_hf
 from test_gguf_support import (assert_config_matches_hf, assert_tensors_match_hf, gemma3_path,
                                hf_model_from_gguf, stored_nbytes)
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def _hf_names(m):
 
 
 # a variant of an architecture already covered: run with `pytest -m slow` (or RUN_SLOW=1)
-SLOW = {"mixtral_swa"}
+SLOW: set = set()  # every case runs by default
 
 
 @pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(CASES)])

@@ -61,7 +61,7 @@ def _build(name):
 
 
 # variants of an architecture already covered: run with `pytest -m slow` (or RUN_SLOW=1)
-SLOW = {"gemma3_softcap", "stablelm_parallel", "helium", "ernie4_5", "seed_oss"}
+SLOW: set = set()  # every case runs by default
 
 
 @pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(CASES)])
@@ -146,7 +146,7 @@ def _to_internlm2(hf, path, bias: bool):
     return str(path)
 
 
-@pytest.fixture(scope="module", params=["gqa_bias", pytest.param("mha", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["gqa_bias", "mha"])
 def internlm2(request, tmp_path_factory):
     extra = dict(attention_bias=True) if request.param == "gqa_bias" else dict(num_key_value_heads=6)
     hf = make_tiny(tf.LlamaForCausalLM, tf.LlamaConfig(**{**COMMON, **extra, "head_dim": 8}), seed=11, init_scale=0.08)

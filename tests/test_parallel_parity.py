@@ -37,7 +37,7 @@ def _config(cfg_cls, extra):
 
 
 # variants whose features the other cases already cover run with the slow set (`pytest -m slow`)
-SLOW_CASES = {"phi", "cohere"}
+SLOW_CASES: set = set()  # every case runs by default
 
 
 @pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CASES else n

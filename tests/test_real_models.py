@@ -1,8 +1,7 @@
 """End to end on real models from their GGUF files, with HF transformers (loading the same GGUF, fp32) as the
 oracle: logits, greedy generations through both generators, and perplexity of tests/data/ppl_text.txt.
 
-SmolLM2-135M runs by default except the perplexity check (slow on 2 shared cores). Gemma-3-270M is slow
-throughout (opening its 262k-token vocabulary alone takes ~15 s): `python -m pytest -m slow tests/test_real_models.py`.
+Both models and the perplexity checks run in the default suite (about 2-3 minutes together on 2 idle cores).
 The Gemma tests skip only while the engine does not register Gemma3ForCausalLM."""
 
 from __future__ import annotations
@@ -96,7 +95,7 @@ def gemma3():
     return Loaded(gemma3_gguf_path(), "Gemma3ForCausalLM")
 
 
-@pytest.fixture(scope="module", params=["smollm2", pytest.param("gemma3", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["smollm2", "gemma3"])
 def real(request):
     return request.getfixturevalue(request.param)
 
@@ -147,7 +146,6 @@ def test_greedy_base_generator_matches_hf(real):
     assert out == real.tokenizer.decode(torch.tensor(expected))
 
 
-@pytest.mark.slow
 def test_perplexity_matches_hf(real):
     with open(PPL_TEXT, encoding="utf-8") as f:
         ids = real.tokenizer.encode(f.read())[0]

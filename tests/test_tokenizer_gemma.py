@@ -1,6 +1,5 @@
 """ExLlamaV2Tokenizer on Gemma-3 (GGUF, SentencePiece-style vocabulary with byte fallback) against HF transformers.
-HF builds this tokenizer from the GGUF in ~25-60 s, so the comparisons with it are marked slow
-(run them with `pytest -m slow tests/test_tokenizer_gemma.py`); ours takes ~3 s and the rest runs by default."""
+HF builds this tokenizer from the GGUF in ~25 s (once per module); ours takes ~3 s."""
 
 from __future__ import annotations
 
@@ -35,18 +34,15 @@ def ours(gguf_path):
     return ExLlamaV2Tokenizer(make_config(os.path.dirname(gguf_path), gguf_path))
 
 
-@pytest.mark.slow
 def test_gguf_matches_hf(ours, hf):
     assert_matches_hf(ours, hf)
 
 
-@pytest.mark.slow
 def test_spaces_newlines_and_bytes_match_hf(ours, hf):
     text = "  lead\n\n\n  x    y\u00a0z \u2581 \U0001f9ea\U0001fae0 <table><tr> [multimodal] \x01"
     assert_matches_hf(ours, hf, text)
 
 
-@pytest.mark.slow
 def test_tokenizer_json_structure_equals_hf(gguf_path, hf):
     ours = json.loads(tokenizer_from_gguf(gguf_path).tokenizer.to_str())
     theirs = json.loads(hf.backend_tokenizer.to_str())
@@ -56,7 +52,6 @@ def test_tokenizer_json_structure_equals_hf(gguf_path, hf):
     assert ours["model"]["merges"] == theirs["model"]["merges"]
 
 
-@pytest.mark.slow
 def test_special_ids(ours, hf):
     assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id)
     assert ours.add_bos_token_default
@@ -64,7 +59,6 @@ def test_special_ids(ours, hf):
     assert ours.single_id("<start_of_turn>") == hf.convert_tokens_to_ids("<start_of_turn>")
 
 
-@pytest.mark.slow
 def test_hf_has_no_chat_template_either(hf):
     with pytest.raises(ValueError):
         hf.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
