@@ -4,7 +4,6 @@ heads or (heads, head_dim) per head."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .module import ExLlamaV2Module, MissingTensorError, TensorShapeError
 from .rmsnorm import _with_constant_bias, rms_norm

@@ -7,8 +7,6 @@ norm of the same input instead (GPT-NeoX's parallel residual: mlp(post_attention
 
 from __future__ import annotations
 
-import torch
-
 from .attn import ExLlamaV2Attention
 from .mlp import ExLlamaV2MLP
 from .module import ExLlamaV2Module

