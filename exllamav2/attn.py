@@ -113,10 +113,7 @@ class ExLlamaV2Attention(ExLlamaV2Module):
         o = self.o_proj.forward(attn_output, loras=loras)
         if self.post_layernorm is not None:
             o = self.post_layernorm.forward(o)
-        if self.has_residual:
-            out = residual.float() + o.float() if self.archparams.residual_stream_fp32 else residual + o.to(residual.dtype)
-        else:
-            out = o
+        out = self.add_residual(residual, o)
         if intermediates:
             return {"post_norm": post_norm, "attn_output": attn_output, "hidden_states": out}
         return out

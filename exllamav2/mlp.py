@@ -72,10 +72,7 @@ class ExLlamaV2MLP(ExLlamaV2Module):
         y = self.down_proj.forward(pre_down, loras=loras)
         if self.post_layernorm is not None:
             y = self.post_layernorm.forward(y)
-        if self.has_residual:
-            out = residual.float() + y.float() if self.archparams.residual_stream_fp32 else residual + y.to(residual.dtype)
-        else:
-            out = y
+        out = self.add_residual(residual, y)
         if intermediates:
             return {"post_norm": post_norm, "pre_down": pre_down, "hidden_states": out}
         return out

@@ -72,6 +72,15 @@ class ExLlamaV2Module:
 
     # ------------------------------------------------------------------ concrete helpers
 
+    def add_residual(self, residual: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The block's output: `y` alone without a residual (parallel-decoder branches), else residual + y, kept in
+        fp32 for architectures whose residual stream is fp32 (Gemma 2/3)."""
+        if not getattr(self, "has_residual", True):
+            return y
+        if self.archparams.residual_stream_fp32:
+            return residual.float() + y.float()
+        return residual + y.to(residual.dtype)
+
     def device(self) -> str:
         idx = self.device_idx
         return "cpu" if idx is None or (isinstance(idx, int) and idx < 0) else f"cuda:{idx}"

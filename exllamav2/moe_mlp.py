@@ -181,10 +181,7 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
         y = y.view(shape)
         if self.post_layernorm is not None:
             y = self.post_layernorm.forward(y)
-        if self.archparams.residual_stream_fp32:
-            out = residual.float() + y.float()
-        else:
-            out = residual + y.to(residual.dtype)
+        out = self.add_residual(residual, y)
         if intermediates:
             inter["hidden_states"] = out
             return inter

@@ -43,20 +43,18 @@ def test_parity(runner):
     r.run_all()
 
 
+@pytest.mark.parametrize("runner", ["phi3_longrope"], indirect=True)
 def test_longrope_is_read(runner):
     name, r = runner
-    if name != "phi3_longrope":
-        pytest.skip("longrope case only")
     cfg = ExLlamaV2Config(r.model_dir)
     rp = cfg.rope_parameters["full_attention"]
     assert rp["rope_type"] == "longrope" and rp["original_max_position_embeddings"] == 24
     assert r.ids.shape[1] > 24  # the run crosses into the long factors
 
 
+@pytest.mark.parametrize("runner", ["gpt2"], indirect=True)
 def test_gpt2_positions_bounded(runner):
     name, r = runner
-    if name != "gpt2":
-        pytest.skip("gpt2 case only")
     model = r.load()
     assert model.modules[1].name == "PosEmbedding"
     n = model.modules[1].max_positions
