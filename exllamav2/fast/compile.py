@@ -21,14 +21,39 @@ def set_inductor_cache_dir(path: str | None = None) -> str:
     return path
 
 
-def compile_step(decoder, progress: bool = True, mode: str = "max-autotune-no-cudagraphs"):
-    """The compiled decode step, compiled now (two warm-up calls: the second one settles the dynamic length)."""
+# Inductor's C++ GEMM template streams the frozen, prepacked weights about twice as fast as oneDNN at M=1, but
+# autotuning picks between the two by timing them hot in cache, and on a busy machine those timings are noise (a
+# stalled OpenMP barrier reads as 8 ms for every choice); the pick is then cached on disk. Offering the template
+# alone makes the choice deterministic.
+INDUCTOR_OPTIONS = {
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP",
+}
+
+
+def compile_step(decoder, progress: bool = True, options: dict | None = None):
+    """The compiled decode step, compiled now for one row and, when the decoder holds more, for a batch
+    (two warm-up calls per shape: the second one settles the dynamic length). Where the C++ template cannot
+    take some matmul (no micro-kernel for that weight kind or shape), the step is compiled again with ATen
+    kernels offered beside it."""
     import torch._inductor.config as inductor_config
     set_inductor_cache_dir()
+    # freezing (constant weights, folded and prepacked) is read outside the per-compile option patch
     inductor_config.freezing = True
-    fn = torch.compile(decoder.step, mode=mode, dynamic=True, fullgraph=True)
-    ids = torch.zeros(decoder.batch_size, 1, dtype=torch.long)
+    opts = {**INDUCTOR_OPTIONS, **(options or {})}
     with _Ticker("Compiling the decode step (cached on disk after the first time)", progress), torch.inference_mode():
+        try:
+            return _compile_and_warm(decoder, opts)
+        except Exception as e:   # inductor wraps NoValidChoicesError in its own error types
+            if "NoValidChoicesError" not in repr(e) or "ATEN" in opts["max_autotune_gemm_backends"]:
+                raise
+        return _compile_and_warm(decoder, {**opts, "max_autotune_gemm_backends": "CPP,ATEN"})
+
+
+def _compile_and_warm(decoder, opts: dict):
+    fn = torch.compile(decoder.step, options=opts, dynamic=True, fullgraph=True)
+    for b in (1,) if decoder.batch_size == 1 else (1, decoder.batch_size):
+        ids = torch.zeros(b, 1, dtype=torch.long)
         for p in (1, 2):
             fn(ids, torch.tensor([p]), p + 1)
     return fn

@@ -172,7 +172,9 @@ class FastDecoder(nn.Module):
             raise ValueError(f"input of {s} tokens after {start} cached ones needs {start + s} positions, "
                              f"but the cache holds max_seq_len={self.max_seq_len}")
         if s == 1:
-            logits = self._step(ids, torch.tensor([start]), start + 1)
+            # a copy made here is an inference tensor like the compile's warm-up input: a caller's plain tensor
+            # would fail dynamo's dispatch-key guard and recompile the step
+            logits = self._step(ids.clone(), torch.tensor([start]), start + 1)
         else:
             for beg in range(0, s, PREFILL_CHUNK):
                 logits = self.prefill(ids[:, beg:beg + PREFILL_CHUNK], start + beg)
