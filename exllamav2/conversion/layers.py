@@ -39,10 +39,10 @@ def _forward(module, x: torch.Tensor, intermediates: bool):
 
 
 def run_module(module, states: torch.Tensor, batch_rows: int, capture: str | None = None,
-               keep_output: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+               keep_output: bool = True, split: bool = False):
     """Forward the (rows, length, hidden) fp32 CPU states through module in batches of rows.
     Returns (output states (fp32, CPU) or None, H = sum of X^T X over every token of the intermediate
-    `capture`, or None)."""
+    `capture`, or None). With split, H is a pair (even rows, odd rows): a fit and a held-out Hessian."""
     device = module.device()
     dtype = module.model.dtype
     H = None
@@ -53,12 +53,19 @@ def run_module(module, states: torch.Tensor, batch_rows: int, capture: str | Non
             y = _forward(module, x, False)
         else:
             r = _forward(module, x, True)
-            X = r[capture].reshape(-1, r[capture].shape[-1]).to(torch.float32)
-            H = X.T @ X if H is None else H.addmm_(X.T, X)
+            if split:
+                H = H or [None, None]
+                for j in range(x.shape[0]):
+                    X = r[capture][j].to(torch.float32)
+                    k = (a + j) % 2
+                    H[k] = X.T @ X if H[k] is None else H[k].addmm_(X.T, X)
+            else:
+                X = r[capture].reshape(-1, r[capture].shape[-1]).to(torch.float32)
+                H = X.T @ X if H is None else H.addmm_(X.T, X)
             y = r["hidden_states"]
         if keep_output:
             out[a:a + batch_rows] = y.to(torch.float32).cpu()
-    return out, H
+    return out, (tuple(H) if split else H)
 
 
 def hessian_of(states: torch.Tensor, batch_rows: int, device) -> torch.Tensor:
