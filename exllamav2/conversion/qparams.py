@@ -71,14 +71,18 @@ def _o(bits, props, gs) -> QuantOption:
     return QuantOption(tuple(bits), tuple(props), gs)
 
 
-# A smaller set than the original's 13-15 per projection, dense around the usual targets (3, 4, 5, 6, 8 bpw).
+# A smaller set than the original's 13-15 per projection, dense around the usual targets (3, 4, 5, 6, 8 bpw). Group 32
+# matters at 3-5 bits: on SmolLM2-135M, 4-bit g32 halves the perplexity loss of 4-bit g128 for +0.1 bpw.
 CANDIDATES: tuple[QuantOption, ...] = (
     _o([3, 2], [0.5, 0.5], 32),
     _o([3], [1.0], 64),
+    _o([3], [1.0], 32),
     _o([4, 3], [0.5, 0.5], 64),
+    _o([4, 3], [0.5, 0.5], 32),
     _o([4], [1.0], 128),
     _o([4], [1.0], 32),
     _o([5, 4], [0.5, 0.5], 64),
+    _o([5, 4], [0.5, 0.5], 32),
     _o([5], [1.0], 128),
     _o([6, 5], [0.5, 0.5], 128),
     _o([6], [1.0], 128),
