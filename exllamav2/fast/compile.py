@@ -40,6 +40,9 @@ def compile_step(decoder, progress: bool = True, options: dict | None = None):
     set_inductor_cache_dir()
     # freezing (constant weights, folded and prepacked) is read outside the per-compile option patch
     inductor_config.freezing = True
+    # every decoder's step shares FastDecoder.step's code object and adds 2-4 graphs (its own frozen weights, one
+    # row and a batch); dynamo's default limit of 8 would silently run later decoders eagerly
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     opts = {**INDUCTOR_OPTIONS, **(options or {})}
     with _Ticker("Compiling the decode step (cached on disk after the first time)", progress), torch.inference_mode():
         try:
