@@ -188,9 +188,12 @@ def _quantize_options(W: torch.Tensor, prep: PreparedHessian, options: list[Quan
     return results
 
 
-def output_errors(W: torch.Tensor, prep: PreparedHessian, dequants: list[torch.Tensor]) -> list[float]:
+def output_errors(W: torch.Tensor, prep: PreparedHessian, dequants: list[torch.Tensor],
+                  row_weights: torch.Tensor | None = None, tokens: int | None = None) -> list[float]:
     """Relative Frobenius error of the layer output on the calibration inputs, ||X (W - Wq)^T|| / ||X W^T||,
-    computed from H = X^T X: sqrt(tr(D H D^T) / tr(W H W^T))."""
+    computed from H = X^T X: sqrt(tr(D H D^T) / tr(W H W^T)).
+    With row_weights (out,) (the loss's mean squared gradient per output) and the token count behind H, the error is
+    instead sqrt(sum_i w_i (D H D^T)_ii / tokens): the square root of twice the expected loss increase per token."""
     Hp = prep.h_perm
     p = prep.perm
     Wp = W.to(torch.float32)[:, p]
@@ -198,5 +201,9 @@ def output_errors(W: torch.Tensor, prep: PreparedHessian, dequants: list[torch.T
     errs = []
     for dq in dequants:
         D = Wp - dq[:, p]
-        errs.append(float(torch.sqrt(((D @ Hp) * D).sum().clamp(min=0) / ref)))
+        per_row = ((D @ Hp) * D).sum(1).clamp(min=0)
+        if row_weights is None:
+            errs.append(float(torch.sqrt(per_row.sum() / ref)))
+        else:
+            errs.append(float(torch.sqrt((per_row * row_weights.to(per_row)).sum() / tokens)))
     return errs

@@ -27,9 +27,13 @@ from .job import Job, atomic_save_tensors, atomic_write_json, load_tensors
 from .layers import hessian_of, linear_stages, linear_weight, run_module, substitute_weight
 from .optimize import Slot, achievable_bpw, optimize
 from .qparams import CANDIDATES, QuantOption, head_option
+from .sensitivity import output_gradient_moments
+
+SENSITIVITY_ROWS = 8
 
 StepCallback = Callable[[str, int], None]
-MEASURE_METHOD = "held-out-rows"  # errors scored on the odd calibration rows, options fitted on the even ones
+# errors scored on the odd calibration rows, options fitted on the even ones (and weighted by loss sensitivity)
+MEASURE_METHOD = "held-out-rows"
 
 
 @dataclass
@@ -47,6 +51,7 @@ class ConvertSettings:
     shard_mb: int = 8192
     measurement: str | None = None   # a measurement.json to reuse (skips measuring)
     save_measurement: str | None = None
+    sensitivity: bool = True         # weight measured errors by the loss's output gradients (loads the whole model once)
 
     def job_settings(self) -> dict:
         """What must match for a working folder to be resumed."""
@@ -170,6 +175,7 @@ class Converter:
         job = self.job
         done = job.get("measure_done")
         measurement = job.get("measurement")
+        grads = self._sensitivity() if self.s.sensitivity else None
         with self._bar(len(self.layers), done, "Measuring") as bar:
             for i in range(done, len(self.layers)):
                 module = self.layers[i]
@@ -179,6 +185,7 @@ class Converter:
                     nxt = None
                     for capture, linears in linear_stages(module):
                         held_out = states.shape[0] >= 2
+                        tokens = (states.shape[0] // 2 if held_out else states.shape[0]) * states.shape[1]
                         out, H = run_module(module, states, self.s.batch_rows, capture, keep_output=nxt is None,
                                             split=held_out)
                         nxt = out if nxt is None else nxt
@@ -190,8 +197,11 @@ class Converter:
                         for lin in linears:
                             W = linear_weight(lin)
                             res = quantize_options(W, prep, list(CANDIDATES))
-                            errs = ([r.error for r in res] if prep_val is None
-                                    else output_errors(W, prep_val, [r.dequant for r in res]))
+                            weights = grads.get(lin.key) if grads is not None else None
+                            if prep_val is None and weights is None:
+                                errs = [r.error for r in res]
+                            else:
+                                errs = output_errors(W, prep_val or prep, [r.dequant for r in res], weights, tokens)
                             measurement[lin.key] = {
                                 "numel": lin.numel(),
                                 "options": [{"option": o.to_dict(), "total_bits": o.total_bits(lin.in_features, lin.out_features),
@@ -205,6 +215,22 @@ class Converter:
                 bar.update(1)
                 self._step_done("measure", i)
         self._drop(f"measure_states_{len(self.layers)}.safetensors")
+
+    def _sensitivity(self) -> dict[str, torch.Tensor]:
+        """Per-linear loss sensitivity (see sensitivity.py), computed once with the whole unquantized model loaded
+        and kept in the working folder."""
+        path = self.job.file("sensitivity.safetensors")
+        if not os.path.isfile(path):
+            ids = load_tensors(self.job.file("cal_ids.safetensors"))["ids"]
+            rows = ids[torch.linspace(0, ids.shape[0] - 1, min(ids.shape[0], SENSITIVITY_ROWS)).round().long().unique()]
+            linears = [lin for st in self.stages.values() for _, ls in st for lin in ls]
+            self.model.load()
+            try:
+                grads = output_gradient_moments(self.model, linears, rows, self.progress)
+            finally:
+                self.model.unload()
+            atomic_save_tensors(grads, path)
+        return load_tensors(path)
 
     def _optimize(self) -> dict:
         measurement = self.job.get("measurement")
