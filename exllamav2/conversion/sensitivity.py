@@ -32,11 +32,12 @@ def output_gradient_moments(model, linears, ids: torch.Tensor, progress: bool = 
                 y.register_hook(lambda g: accumulate(lin.key, g))
             return y
 
-        originals[lin] = forward
+        originals[lin] = vars(lin).get("forward")
         lin.forward = forward_watched
 
     embedding = model.modules[0]
     embed_forward = embedding.forward
+    originals[embedding] = vars(embedding).get("forward")
     for lin in linears:
         watch(lin)
     # nothing in the model requires grad; starting the graph at the embedding output makes every later output part of it
@@ -51,9 +52,11 @@ def output_gradient_moments(model, linears, ids: torch.Tensor, progress: bool = 
                 loss.backward()
                 tokens += row.shape[1] - 1
     finally:
-        embedding.forward = embed_forward
-        for lin, forward in originals.items():
-            lin.forward = forward
+        for module, forward in originals.items():  # back to the class's method, or to what was set before
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
     # the loss is a per-row mean, so gradients carry 1/(tokens per row); rescale to per-token gradients
     per_row = ids.shape[1] - 1
     return {k: (v * per_row * per_row / tokens).float() for k, v in sums.items()}
