@@ -27,6 +27,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("-m", "--measurement", default=None, help="reuse a measurement.json instead of measuring")
     p.add_argument("-om", "--output_measurement", default=None, help="also write the measurement to this file")
     p.add_argument("--batch-rows", dest="batch_rows", type=int, default=4, help="calibration rows per forward pass")
+    p.add_argument("--no-sensitivity", dest="sensitivity", action="store_false",
+                   help="allocate bits by relative output error alone (skips the one pass that loads the whole "
+                        "unquantized model to weigh errors by their effect on the loss)")
     return p
 
 
@@ -36,7 +39,8 @@ def run(args) -> int:
     s = ConvertSettings(in_dir=args.in_dir, out_dir=args.out_dir, bits=args.bits, head_bits=args.head_bits,
                         calibration=args.cal_dataset, rows=args.dataset_rows, length=args.length, gptq=args.gptq,
                         work_dir=args.work_dir, batch_rows=args.batch_rows, shard_mb=args.shard_size,
-                        measurement=args.measurement, save_measurement=args.output_measurement)
+                        measurement=args.measurement, save_measurement=args.output_measurement,
+                        sensitivity=args.sensitivity)
     summary = convert_exl2(s, resume=not args.no_resume, progress=True, keep_work=args.keep_work)
     kind = "GPTQ 4-bit g128" if args.gptq else f"EXL2 target {args.bits}"
     print(f"{kind}: decoder layers {summary['bpw']:.3f} bpw, head {summary['head_bpw']:.3f} bpw -> {args.out_dir}")
