@@ -31,7 +31,7 @@ def test_smollm2_quality(smollm2_gguf, tmp_path):
     base = perplexity(hf_dir, ids, 512)
     measurement = str(tmp_path / "measurement.json")
     ppl = {}
-    for name, bits, hb, gptq in (("4.0", 4.0, 6, False), ("gptq", 4.0, 6, True), ("6.0", 6.0, 6, False),
+    for name, bits, hb, gptq in (("4.0", 4.0, 6, False), ("gptq", 4.0, 6, True), ("6.0", 6.0, 8, False),
                                  ("8.0", 8.0, 8, False)):
         s = ConvertSettings(hf_dir, str(tmp_path / name), bits=bits, head_bits=hb, gptq=gptq,
                             measurement=measurement if os.path.isfile(measurement) and not gptq else None,
