@@ -58,3 +58,15 @@ def test_optimizer_hits_budget_and_prefers_sensitive_slots():
     assert optimize(slots, 9.0) == [5] * 8
     with pytest.raises(ValueError, match="below the smallest achievable"):
         optimize(slots, 1.5)
+
+
+def test_optimizer_keeps_every_slot_near_the_target():
+    bits = tuple(b * 1000 for b in (2, 3, 4, 5, 6, 8))
+    flat = tuple(0.1 * 2.0 ** -b for b in (2, 3, 4, 5, 6, 8))
+    # slot 0's errors look negligible at every width: unbounded, it would drop to 2 bits to pay for the others
+    slots = [Slot("s0", 1000, bits, tuple(e * 1e-4 for e in flat))] + [Slot(f"s{i}", 1000, bits, flat) for i in range(1, 8)]
+    free = optimize(slots, 6.0, max_drop=10)
+    assert free[0] == 0
+    bounded = optimize(slots, 6.0)
+    assert all(slots[i].bits[j] / slots[i].numel >= 6.0 - 2.0 for i, j in enumerate(bounded))
+    assert sum(s.bits[j] for s, j in zip(slots, bounded)) <= 6.0 * 8000

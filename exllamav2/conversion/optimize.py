@@ -29,8 +29,25 @@ def achievable_bpw(slots: list[Slot]) -> tuple[float, float]:
     return sum(min(s.bits) for s in slots) / n, sum(max(s.bits) for s in slots) / n
 
 
-def optimize(slots: list[Slot], target_bpw: float) -> list[int]:
-    """Option index per slot with total bits <= target_bpw * numel, as close to it as the options allow."""
+# The errors are second-order estimates of the loss increase, trustworthy for small errors only: unbounded, the
+# allocation took SmolLM2-135M's layer-0 q/k projections to 4.5 bits at an 8.0 bpw target (+0.67% perplexity, against
+# +0.23% with every linear at 6-8 bits). No linear goes further than this below the target.
+MAX_DROP_BPW = 2.0
+
+
+def optimize(slots: list[Slot], target_bpw: float, max_drop: float = MAX_DROP_BPW) -> list[int]:
+    """Option index per slot with total bits <= target_bpw * numel, as close to it as the options allow; options
+    more than max_drop bpw below the target are left out (where a slot has any other)."""
+    allowed = []
+    for s in slots:
+        keep = [j for j in range(len(s.bits)) if s.bits[j] / s.numel >= target_bpw - max_drop]
+        allowed.append(keep or list(range(len(s.bits))))
+    sub = [Slot(s.key, s.numel, tuple(s.bits[j] for j in keep), tuple(s.errors[j] for j in keep))
+           for s, keep in zip(slots, allowed)]
+    return [keep[j] for keep, j in zip(allowed, _optimize(sub, target_bpw))]
+
+
+def _optimize(slots: list[Slot], target_bpw: float) -> list[int]:
     numel = sum(s.numel for s in slots)
     budget = target_bpw * numel
     lo_bpw, hi_bpw = achievable_bpw(slots)
