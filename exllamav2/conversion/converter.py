@@ -181,11 +181,11 @@ class Converter:
                 module = self.layers[i]
                 states = self._states(f"measure_states_{i}.safetensors")
                 module.load()
+                held_out = states.shape[0] >= 2
+                tokens = (states.shape[0] // 2 if held_out else states.shape[0]) * states.shape[1]
                 try:
                     nxt = None
                     for capture, linears in linear_stages(module):
-                        held_out = states.shape[0] >= 2
-                        tokens = (states.shape[0] // 2 if held_out else states.shape[0]) * states.shape[1]
                         out, H = run_module(module, states, self.s.batch_rows, capture, keep_output=nxt is None,
                                             split=held_out)
                         nxt = out if nxt is None else nxt

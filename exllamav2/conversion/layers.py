@@ -45,7 +45,7 @@ def run_module(module, states: torch.Tensor, batch_rows: int, capture: str | Non
     `capture`, or None). With split, H is a pair (even rows, odd rows): a fit and a held-out Hessian."""
     device = module.device()
     dtype = module.model.dtype
-    H = None
+    H = [None, None]
     out = torch.empty_like(states) if keep_output else None
     for a in range(0, states.shape[0], batch_rows):
         x = states[a:a + batch_rows].to(device, dtype)
@@ -53,19 +53,17 @@ def run_module(module, states: torch.Tensor, batch_rows: int, capture: str | Non
             y = _forward(module, x, False)
         else:
             r = _forward(module, x, True)
-            if split:
-                H = H or [None, None]
-                for j in range(x.shape[0]):
-                    X = r[capture][j].to(torch.float32)
-                    k = (a + j) % 2
-                    H[k] = X.T @ X if H[k] is None else H[k].addmm_(X.T, X)
-            else:
-                X = r[capture].reshape(-1, r[capture].shape[-1]).to(torch.float32)
-                H = X.T @ X if H is None else H.addmm_(X.T, X)
+            X = r[capture].to(torch.float32)
+            # with split, batch row j is calibration row a + j: even rows go to H[0], odd rows to H[1]
+            parts = ((a % 2, X[0::2]), ((a + 1) % 2, X[1::2])) if split else ((0, X),)
+            for k, part in parts:
+                if part.numel():
+                    P = part.reshape(-1, part.shape[-1])
+                    H[k] = P.T @ P if H[k] is None else H[k].addmm_(P.T, P)
             y = r["hidden_states"]
         if keep_output:
             out[a:a + batch_rows] = y.to(torch.float32).cpu()
-    return out, (tuple(H) if split else H)
+    return out, (tuple(H) if split else H[0])
 
 
 def hessian_of(states: torch.Tensor, batch_rows: int, device) -> torch.Tensor:
