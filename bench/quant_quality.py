@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--no-sensitivity", action="store_true",
+                    help="allocate bits without the loss-sensitivity weighting (convert --no-sensitivity)")
     ap.add_argument("--only", nargs="*", help="run only these labels (e.g. 'EXL2 6.0'); the table keeps only them")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "README_QUANT.md"))
     args = ap.parse_args()
@@ -70,7 +72,7 @@ def main() -> None:
 
     base = perplexity(hf_dir, ids, args.window)
     print(f"bf16: ppl {base:.4f}", flush=True)
-    measurement = os.path.join(args.work, "measurement.json")
+    measurement = os.path.join(args.work, "measurement_nosens.json" if args.no_sensitivity else "measurement.json")
     rows = []
     for label, bits, hb, gptq, allowed in RUNS:
         if args.only and label not in args.only:
@@ -78,7 +80,7 @@ def main() -> None:
         out = os.path.join(args.work, label.replace(" ", "_").replace(".", "p"))
         s = ConvertSettings(hf_dir, out, bits=bits, head_bits=hb, gptq=gptq, rows=args.rows, length=args.length,
                             measurement=measurement if (os.path.isfile(measurement) and not gptq) else None,
-                            save_measurement=None if gptq else measurement)
+                            save_measurement=None if gptq else measurement, sensitivity=not args.no_sensitivity)
         t0 = time.time()
         summary = convert_exl2(s, progress=True)
         took = time.time() - t0
