@@ -1,7 +1,8 @@
 """Diagnosis of requantization loss on SmolLM2-135M (the table "What limits EXL2 quality" in README_QUANT.md):
 every decoder linear replaced by a perturbed or quantized copy, perplexity on 2048 tokens of GPL-3 ("gpl") and of
 Python's argparse.py ("code") against the fp32 model. Run: python bench/quant_diagnosis.py [--only NAME ...]
-(names: noise1, noise2.5, rtn8, rtn8_codes, rtn6, asym6, asym5_g32, sym5_g32, gptq6_mixed, gptq6_heldout)."""
+(names: noise1, noise2.5, rtn8, rtn8_codes, rtn6, asym6, asym5_g32, sym5_g32, gptq6_mixed, gptq6_heldout,
+gptq6_damp0.01 ... gptq6_damp2.0)."""
 
 from __future__ import annotations
 
@@ -89,9 +90,9 @@ def main() -> None:
             del lin.forward
         return H
 
-    def gptq(bits, H):
-        opt = QuantOption((bits,), (1.0,), 128)
-        return lambda lin: quantize_options(orig[lin.key], prepare_hessian(H[lin.key]), [opt])[0].dequant
+    def gptq(bits, H, damp=0.01, group=128):
+        opt = QuantOption((bits,), (1.0,), group)
+        return lambda lin: quantize_options(orig[lin.key], prepare_hessian(H[lin.key], damp), [opt])[0].dequant
 
     torch.manual_seed(0)
     mixed = lambda: hessians(calibration_ids(tok, read_calibration_text(None)[0], 16, 512))  # noqa: E731
@@ -107,6 +108,8 @@ def main() -> None:
         "sym5_g32": lambda: (lambda lin: sym(orig[lin.key], 5, 32)),
         "gptq6_mixed": lambda: gptq(6, mixed()),
         "gptq6_heldout": lambda: gptq(6, heldout()),
+        # damping sweep: 6-bit g64 on the mixed calibration text, scored on the two unrelated texts
+        **{f"gptq6_damp{d}": (lambda d=d: gptq(6, mixed(), d, 64)) for d in (0.01, 0.05, 0.1, 0.2, 0.5, 2.0)},
     }
     base = {k: ppl(v) for k, v in evals.items()}
     print("fp32: " + "  ".join(f"{k} {v:.4f}" for k, v in base.items()), flush=True)

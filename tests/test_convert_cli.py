@@ -9,6 +9,7 @@ import pytest
 
 from exllamav2.commands import convert as convert_cmd
 from exllamav2.conversion import ConvertSettings, convert_exl2
+from exllamav2.conversion.adaptive_gptq import DAMP
 from test_convert_common import LENGTH, ROWS, held_out_ids, hf_logits, load_ours, make_tiny_llama, rel_error
 
 
@@ -45,3 +46,15 @@ def test_input_errors(tiny, tmp_path):
         convert_exl2(ConvertSettings(tiny, str(tmp_path / "o"), head_bits=7), progress=False)
     with pytest.raises(SystemExit):
         parse(["-i", tiny, "-o", "x", "-hb", "7"])
+
+
+def test_damp_setting(tiny, tmp_path):
+    args = parse(["-i", tiny, "-o", "x", "--damp", "0.03"])
+    assert args.damp == 0.03
+    base = ConvertSettings(tiny, "x")
+    assert base.damp == DAMP and base.job_settings()["damp"] == DAMP
+    # a working folder measured with other damping is not resumed
+    assert ConvertSettings(tiny, "x", damp=0.03).job_settings() != base.job_settings()
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="damp"):
+            convert_exl2(ConvertSettings(tiny, str(tmp_path / "o"), damp=bad), progress=False)

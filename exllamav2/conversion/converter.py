@@ -20,7 +20,7 @@ from ..quant.exl2 import exl2_bits_per_weight, read_exl2
 from ..quant.gptq import gptq_bits_per_weight, read_gptq
 from ..tokenizer import ExLlamaV2Tokenizer
 from ..version import __version__
-from .adaptive_gptq import Exl2Quantized, output_errors, prepare_hessian, quantize_options, single_cpu_thread
+from .adaptive_gptq import DAMP, Exl2Quantized, output_errors, prepare_hessian, quantize_options, single_cpu_thread
 from .calibration import calibration_ids, read_calibration_text
 from .compile import copy_model_files, plain_tensor, write_config, write_shards
 from .job import Job, atomic_save_tensors, atomic_write_json, load_tensors
@@ -52,6 +52,7 @@ class ConvertSettings:
     measurement: str | None = None   # a measurement.json to reuse (skips measuring)
     save_measurement: str | None = None
     sensitivity: bool = True         # weight measured errors by the loss's output gradients (loads the whole model once)
+    damp: float = DAMP               # GPTQ damping, a fraction of mean(diag H)
 
     def job_settings(self) -> dict:
         """What must match for a working folder to be resumed."""
@@ -83,6 +84,9 @@ class Converter:
         head_option(s.head_bits)  # validates -hb
         if not 1.5 <= s.bits <= 9:
             raise ValueError(f"target bits must be between 1.5 and 9 bpw, got {s.bits}")
+        if not 0 < s.damp <= 100:
+            raise ValueError(f"damp (GPTQ damping, a fraction of the Hessian's mean diagonal) must be in (0, 100], "
+                             f"got {s.damp}")
         self.s = s
         self.progress = progress
         self.on_step = on_step
@@ -192,8 +196,8 @@ class Converter:
                         # Options are fitted on the even calibration rows and scored on the odd ones: GPTQ's
                         # in-sample error understates its error on other text by 20-60% (SmolLM2-135M, 6 bits),
                         # unevenly across projections, which misleads the bit allocation.
-                        prep = prepare_hessian(H[0] if held_out else H)
-                        prep_val = prepare_hessian(H[1]) if held_out else None
+                        prep = prepare_hessian(H[0] if held_out else H, self.s.damp)
+                        prep_val = prepare_hessian(H[1], self.s.damp) if held_out else None
                         for lin in linears:
                             W = linear_weight(lin)
                             res = quantize_options(W, prep, list(CANDIDATES))
@@ -262,7 +266,7 @@ class Converter:
             substitute_weight(lin, gptq_dequantize(t, "", torch.float16, lin.in_features, lin.out_features).float())
             return t
         option = QuantOption.from_dict(self.job.get("strategy")[lin.key]["option"])
-        q = quantize_options(W, prepare_hessian(H), [option])[0]
+        q = quantize_options(W, prepare_hessian(H, self.s.damp), [option])[0]
         t = _exl2_tensors(q, bias)
         check = read_exl2(t, lin.key, lin.in_features, lin.out_features)
         from ..quant import exl2_dequantize
@@ -316,7 +320,7 @@ class Converter:
             W = linear_weight(head)
             H = hessian_of(normed, self.s.batch_rows, W.device)
             bias = head.bias.data if head.bias is not None else None
-            q = quantize_options(W, prepare_hessian(H), [head_option(self.s.head_bits)])[0]
+            q = quantize_options(W, prepare_hessian(H, self.s.damp), [head_option(self.s.head_bits)])[0]
             t = _exl2_tensors(q, bias)
         finally:
             head.unload()
