@@ -31,8 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="allocate bits by relative output error alone (skips the one pass that loads the whole "
                         "unquantized model to weigh errors by their effect on the loss)")
     p.add_argument("--damp", type=float, default=None,
-                   help="GPTQ damping as a fraction of the Hessian's mean diagonal (default 0.1; smaller fits the "
-                        "calibration text more closely and tends to generalize worse)")
+                   help="GPTQ damping as a fraction of the Hessian's mean diagonal, for every option (default: 0.01 for "
+                        "options under 5 bits per weight, 0.1 from 5 bits; smaller fits the calibration text more "
+                        "closely)")
     return p
 
 
@@ -43,8 +44,7 @@ def run(args) -> int:
                         calibration=args.cal_dataset, rows=args.dataset_rows, length=args.length, gptq=args.gptq,
                         work_dir=args.work_dir, batch_rows=args.batch_rows, shard_mb=args.shard_size,
                         measurement=args.measurement, save_measurement=args.output_measurement,
-                        sensitivity=args.sensitivity,
-                        **({} if args.damp is None else {"damp": args.damp}))
+                        sensitivity=args.sensitivity, damp=args.damp)
     summary = convert_exl2(s, resume=not args.no_resume, progress=True, keep_work=args.keep_work)
     kind = "GPTQ 4-bit g128" if args.gptq else f"EXL2 target {args.bits}"
     print(f"{kind}: decoder layers {summary['bpw']:.3f} bpw, head {summary['head_bpw']:.3f} bpw -> {args.out_dir}")

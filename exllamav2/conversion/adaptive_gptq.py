@@ -48,11 +48,21 @@ class PreparedHessian:
     dead: torch.Tensor       # (in,) bool, features never active in the calibration data
 
 
-# Damping as a fraction of mean(diag H). Standard GPTQ's 0.01 fits the calibration text best (20-40% lower in-sample
-# output error than 0.12 on SmolLM2-135M), but it generalizes worse: whole-model 6-bit g64 GPTQ on SmolLM2-135M,
-# perplexity on two texts unlike the calibration text, moved +1.98% / +1.37% at 0.01, +1.60 / +0.96 at 0.05,
-# +0.80 / +0.72 at 0.1, +1.68 / +1.26 at 0.2, +2.75 / +1.07 at 0.5 (bench/quant_diagnosis.py --only gptq6_damp0.01 ...).
-DAMP = 0.1
+# Damping as a fraction of mean(diag H), chosen by the option's mean width. Low damping fits the calibration text
+# closely; that pays at low widths, where GPTQ's error compensation is most of the gain, and costs at high widths,
+# where the remaining error is small and the fit to the calibration text generalizes worse. Measured on SmolLM2-135M
+# (perplexity on texts unlike the calibration text): whole-model 6-bit g64 GPTQ moved +1.98% / +1.37% at 0.01,
+# +1.60 / +0.96 at 0.05, +0.80 / +0.72 at 0.1, +1.68 / +1.26 at 0.2, +2.75 / +1.07 at 0.5
+# (bench/quant_diagnosis.py --only gptq6_damp0.01 ...); converting with 0.1 everywhere took EXL2 6.0 from +3.58% to
+# +2.28% but EXL2 4.0 from +24.4% to +36.3% (bench/quant_quality.py).
+DAMP_LOW_WIDTH = 0.01
+DAMP_HIGH_WIDTH = 0.1
+HIGH_WIDTH_BITS = 5.0
+DAMP = DAMP_LOW_WIDTH   # prepare_hessian's default
+
+
+def damp_for_bits(mean_bits: float) -> float:
+    return DAMP_HIGH_WIDTH if mean_bits >= HIGH_WIDTH_BITS else DAMP_LOW_WIDTH
 
 
 def prepare_hessian(H: torch.Tensor, damp: float = DAMP) -> PreparedHessian:
