@@ -18,6 +18,7 @@ import torch
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Config
 from exllamav2.conversion import ConvertSettings, convert_exl2
+from exllamav2.conversion.adaptive_gptq import damp_for_target
 from exllamav2.default_models import smollm2_gguf_path
 from exllamav2.gguf import convert_gguf_to_hf
 from exllamav2.tokenizer import ExLlamaV2Tokenizer
@@ -72,12 +73,14 @@ def main() -> None:
 
     base = perplexity(hf_dir, ids, args.window)
     print(f"bf16: ppl {base:.4f}", flush=True)
-    measurement = os.path.join(args.work, "measurement_nosens.json" if args.no_sensitivity else "measurement.json")
     rows = []
     for label, bits, hb, gptq, allowed in RUNS:
         if args.only and label not in args.only:
             continue
         out = os.path.join(args.work, label.replace(" ", "_").replace(".", "p"))
+        # one measurement per damping (it depends on the target, see adaptive_gptq.damp_for_target)
+        measurement = os.path.join(args.work, f"measurement{'_nosens' if args.no_sensitivity else ''}"
+                                              f"_damp{damp_for_target(bits)}.json")
         s = ConvertSettings(hf_dir, out, bits=bits, head_bits=hb, gptq=gptq, rows=args.rows, length=args.length,
                             measurement=measurement if (os.path.isfile(measurement) and not gptq) else None,
                             save_measurement=None if gptq else measurement, sensitivity=not args.no_sensitivity)

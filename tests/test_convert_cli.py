@@ -9,9 +9,8 @@ import pytest
 
 from exllamav2.commands import convert as convert_cmd
 from exllamav2.conversion import ConvertSettings, convert_exl2
-from exllamav2.conversion.adaptive_gptq import DAMP_HIGH_WIDTH, DAMP_LOW_WIDTH
+from exllamav2.conversion.adaptive_gptq import DAMP_HIGH_TARGET, DAMP_LOW_TARGET
 from exllamav2.conversion.converter import Converter
-from exllamav2.conversion.qparams import CANDIDATES, head_option
 from test_convert_common import LENGTH, ROWS, held_out_ids, hf_logits, load_ours, make_tiny_llama, rel_error
 
 
@@ -55,12 +54,9 @@ def test_damp_setting(tiny, tmp_path):
     assert args.damp == 0.03
     base = ConvertSettings(tiny, "x")
     assert base.damp is None and base.job_settings()["damp"] is None
-    auto = Converter(ConvertSettings(tiny, str(tmp_path / "a")), progress=False)
-    assert {auto._damp(o) for o in CANDIDATES} == {DAMP_LOW_WIDTH, DAMP_HIGH_WIDTH}
-    assert all(auto._damp(o) == (DAMP_HIGH_WIDTH if o.mean_bits >= 5 else DAMP_LOW_WIDTH) for o in CANDIDATES)
-    assert auto._damp(head_option(8)) == DAMP_HIGH_WIDTH and auto._damp(head_option(4)) == DAMP_LOW_WIDTH
-    fixed = Converter(ConvertSettings(tiny, str(tmp_path / "f"), damp=0.03), progress=False)
-    assert {fixed._damp(o) for o in CANDIDATES} == {0.03}
+    for bits, want in ((4.0, DAMP_LOW_TARGET), (4.9, DAMP_LOW_TARGET), (5.0, DAMP_HIGH_TARGET), (8.0, DAMP_HIGH_TARGET)):
+        assert Converter(ConvertSettings(tiny, str(tmp_path / f"a{bits}"), bits=bits), progress=False).damp == want
+    assert Converter(ConvertSettings(tiny, str(tmp_path / "f"), bits=8.0, damp=0.03), progress=False).damp == 0.03
     # a working folder measured with other damping is not resumed
     assert ConvertSettings(tiny, "x", damp=0.03).job_settings() != base.job_settings()
     for bad in (0.0, -1.0, float("nan")):

@@ -31,9 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="allocate bits by relative output error alone (skips the one pass that loads the whole "
                         "unquantized model to weigh errors by their effect on the loss)")
     p.add_argument("--damp", type=float, default=None,
-                   help="GPTQ damping as a fraction of the Hessian's mean diagonal, for every option (default: 0.01 for "
-                        "options under 5 bits per weight, 0.1 from 5 bits; smaller fits the calibration text more "
-                        "closely)")
+                   help="GPTQ damping as a fraction of the Hessian's mean diagonal (default: 0.01 for targets under "
+                        "5 bpw, 0.1 from 5 bpw; smaller fits the calibration text more closely). A measurement "
+                        "reused with -m keeps the damping it was measured with")
     return p
 
 

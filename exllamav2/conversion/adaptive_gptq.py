@@ -48,21 +48,22 @@ class PreparedHessian:
     dead: torch.Tensor       # (in,) bool, features never active in the calibration data
 
 
-# Damping as a fraction of mean(diag H), chosen by the option's mean width. Low damping fits the calibration text
-# closely; that pays at low widths, where GPTQ's error compensation is most of the gain, and costs at high widths,
+# Damping as a fraction of mean(diag H), chosen by the conversion's target bpw. Low damping fits the calibration text
+# closely; that pays at low targets, where GPTQ's error compensation is most of the gain, and costs at high targets,
 # where the remaining error is small and the fit to the calibration text generalizes worse. Measured on SmolLM2-135M
 # (perplexity on texts unlike the calibration text): whole-model 6-bit g64 GPTQ moved +1.98% / +1.37% at 0.01,
 # +1.60 / +0.96 at 0.05, +0.80 / +0.72 at 0.1, +1.68 / +1.26 at 0.2, +2.75 / +1.07 at 0.5
-# (bench/quant_diagnosis.py --only gptq6_damp0.01 ...); converting with 0.1 everywhere took EXL2 6.0 from +3.58% to
-# +2.28% but EXL2 4.0 from +24.4% to +36.3% (bench/quant_quality.py).
-DAMP_LOW_WIDTH = 0.01
-DAMP_HIGH_WIDTH = 0.1
-HIGH_WIDTH_BITS = 5.0
-DAMP = DAMP_LOW_WIDTH   # prepare_hessian's default
+# (bench/quant_diagnosis.py --only gptq6_damp0.01 ...). Converted with bench/quant_quality.py: 0.1 everywhere took
+# EXL2 6.0 from +3.58% to +2.28% and 4.0 from +24.4% to +36.3%; 0.1 only for options of 5 bits and up gave 6.0 +3.33%
+# and 4.0 +23.3%, so the whole conversion's regime, not each option's width, decides.
+DAMP_LOW_TARGET = 0.01
+DAMP_HIGH_TARGET = 0.1
+HIGH_TARGET_BPW = 5.0
+DAMP = DAMP_LOW_TARGET   # prepare_hessian's default
 
 
-def damp_for_bits(mean_bits: float) -> float:
-    return DAMP_HIGH_WIDTH if mean_bits >= HIGH_WIDTH_BITS else DAMP_LOW_WIDTH
+def damp_for_target(bits: float) -> float:
+    return DAMP_HIGH_TARGET if bits >= HIGH_TARGET_BPW else DAMP_LOW_TARGET
 
 
 def prepare_hessian(H: torch.Tensor, damp: float = DAMP) -> PreparedHessian:

@@ -20,7 +20,7 @@ from ..quant.exl2 import exl2_bits_per_weight, read_exl2
 from ..quant.gptq import gptq_bits_per_weight, read_gptq
 from ..tokenizer import ExLlamaV2Tokenizer
 from ..version import __version__
-from .adaptive_gptq import Exl2Quantized, damp_for_bits, output_errors, prepare_hessian, quantize_options, single_cpu_thread
+from .adaptive_gptq import Exl2Quantized, damp_for_target, output_errors, prepare_hessian, quantize_options, single_cpu_thread
 from .calibration import calibration_ids, read_calibration_text
 from .compile import copy_model_files, plain_tensor, write_config, write_shards
 from .job import Job, atomic_save_tensors, atomic_write_json, load_tensors
@@ -52,7 +52,7 @@ class ConvertSettings:
     measurement: str | None = None   # a measurement.json to reuse (skips measuring)
     save_measurement: str | None = None
     sensitivity: bool = True         # weight measured errors by the loss's output gradients (loads the whole model once)
-    damp: float | None = None        # GPTQ damping (a fraction of mean(diag H)); None: by each option's width
+    damp: float | None = None        # GPTQ damping (a fraction of mean(diag H)); None: by the target bpw
 
     def job_settings(self) -> dict:
         """What must match for a working folder to be resumed."""
@@ -88,6 +88,7 @@ class Converter:
             raise ValueError(f"damp (GPTQ damping, a fraction of the Hessian's mean diagonal) must be in (0, 100], "
                              f"got {s.damp}")
         self.s = s
+        self.damp = s.damp if s.damp is not None else damp_for_target(s.bits)
         self.progress = progress
         self.on_step = on_step
         self.work_dir = s.work_dir or os.path.join(s.out_dir, ".convert_job")
@@ -196,18 +197,16 @@ class Converter:
                         # Options are fitted on the even calibration rows and scored on the odd ones: GPTQ's
                         # in-sample error understates its error on other text by 20-60% (SmolLM2-135M, 6 bits),
                         # unevenly across projections, which misleads the bit allocation.
-                        preps = {d: prepare_hessian(H[0] if held_out else H, d)
-                                 for d in sorted({self._damp(o) for o in CANDIDATES})}
+                        prep = prepare_hessian(H[0] if held_out else H, self.damp)
                         prep_val = prepare_hessian(H[1]) if held_out else None  # scoring uses its undamped H
                         for lin in linears:
                             W = linear_weight(lin)
-                            res = self._quantize_candidates(W, preps)
+                            res = quantize_options(W, prep, list(CANDIDATES))
                             weights = grads.get(lin.key) if grads is not None else None
                             if prep_val is None and weights is None:
                                 errs = [r.error for r in res]
                             else:
-                                errs = output_errors(W, prep_val or next(iter(preps.values())), [r.dequant for r in res],
-                                                     weights, tokens)
+                                errs = output_errors(W, prep_val or prep, [r.dequant for r in res], weights, tokens)
                             measurement[lin.key] = {
                                 "numel": lin.numel(),
                                 "options": [{"option": o.to_dict(), "total_bits": o.total_bits(lin.in_features, lin.out_features),
@@ -221,17 +220,6 @@ class Converter:
                 bar.update(1)
                 self._step_done("measure", i)
         self._drop(f"measure_states_{len(self.layers)}.safetensors")
-
-    def _damp(self, option: QuantOption) -> float:
-        return self.s.damp if self.s.damp is not None else damp_for_bits(option.mean_bits)
-
-    def _quantize_candidates(self, W: torch.Tensor, preps: dict) -> list[Exl2Quantized]:
-        """Every candidate option, each under its own damping (one batched GPTQ pass per damping value)."""
-        res: dict[QuantOption, Exl2Quantized] = {}
-        for d, prep in preps.items():
-            opts = [o for o in CANDIDATES if self._damp(o) == d]
-            res.update(zip(opts, quantize_options(W, prep, opts)))
-        return [res[o] for o in CANDIDATES]
 
     def _sensitivity(self) -> dict[str, torch.Tensor]:
         """Per-linear loss sensitivity (see sensitivity.py), computed once with the whole unquantized model loaded
@@ -279,7 +267,7 @@ class Converter:
             substitute_weight(lin, gptq_dequantize(t, "", torch.float16, lin.in_features, lin.out_features).float())
             return t
         option = QuantOption.from_dict(self.job.get("strategy")[lin.key]["option"])
-        q = quantize_options(W, prepare_hessian(H, self._damp(option)), [option])[0]
+        q = quantize_options(W, prepare_hessian(H, self.damp), [option])[0]
         t = _exl2_tensors(q, bias)
         check = read_exl2(t, lin.key, lin.in_features, lin.out_features)
         from ..quant import exl2_dequantize
@@ -334,7 +322,7 @@ class Converter:
             H = hessian_of(normed, self.s.batch_rows, W.device)
             bias = head.bias.data if head.bias is not None else None
             option = head_option(self.s.head_bits)
-            q = quantize_options(W, prepare_hessian(H, self._damp(option)), [option])[0]
+            q = quantize_options(W, prepare_hessian(H, self.damp), [option])[0]
             t = _exl2_tensors(q, bias)
         finally:
             head.unload()

@@ -52,11 +52,6 @@ class QuantOption:
         qrows = sum((r * b + 31) // 32 for b, r in groups)
         return qrows * cols_pad * 32 + len(groups) * (cols_pad // 8 * 32 + 16 + 32) + rows * 32
 
-    @property
-    def mean_bits(self) -> float:
-        """Code bits per weight, the widths weighted by their shares (scales and groups not counted)."""
-        return sum(b * p for b, p in zip(self.bits, self.props))
-
     def bpw(self, rows: int, cols: int) -> float:
         return self.total_bits(rows, cols) / (rows * cols)
 
