@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pytest
+import torch
 
 from exllamav2.commands import convert as convert_cmd
 from exllamav2.conversion import ConvertSettings, convert_exl2
@@ -62,3 +64,20 @@ def test_damp_setting(tiny, tmp_path):
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="damp"):
             convert_exl2(ConvertSettings(tiny, str(tmp_path / "o"), damp=bad), progress=False)
+
+
+def test_damp_reaches_the_quantizer(tiny, tmp_path):
+    """The same 8.0 bpw conversion at two damping values: different GPTQ results, both close to the original."""
+    from safetensors.torch import load_file
+    ids = held_out_ids(tiny)
+    ref = hf_logits(tiny, ids)
+    weights = {}
+    for damp in (0.01, 10.0):
+        out = str(tmp_path / f"d{damp}")
+        convert_exl2(ConvertSettings(tiny, out, bits=8.0, head_bits=8, rows=ROWS, length=LENGTH, damp=damp),
+                     progress=False)
+        weights[damp] = {k: v for f in sorted(os.listdir(out)) if f.endswith(".safetensors")
+                         for k, v in load_file(os.path.join(out, f)).items() if k.endswith("q_weight")}
+        assert rel_error(load_ours(out), ids, ref) < 0.1
+    assert weights[0.01].keys() == weights[10.0].keys()
+    assert any(not torch.equal(weights[0.01][k], weights[10.0][k]) for k in weights[0.01])

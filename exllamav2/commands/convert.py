@@ -33,7 +33,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=None,
                    help="GPTQ damping as a fraction of the Hessian's mean diagonal (default: 0.01 for targets under "
                         "5 bpw, 0.1 from 5 bpw; smaller fits the calibration text more closely). A measurement "
-                        "reused with -m keeps the damping it was measured with")
+                        "reused with -m keeps the bit allocation scored at its own damping")
     return p
 
 
