@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--no-sensitivity", action="store_true",
                     help="allocate bits without the loss-sensitivity weighting (convert --no-sensitivity)")
+    ap.add_argument("--damp", type=float, default=None,
+                    help="GPTQ damping for every run (convert --damp); default: by target (adaptive_gptq.damp_for_target)")
     ap.add_argument("--only", nargs="*", help="run only these labels (e.g. 'EXL2 6.0'); the table keeps only them")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "README_QUANT.md"))
     args = ap.parse_args()
@@ -78,12 +80,13 @@ def main() -> None:
         if args.only and label not in args.only:
             continue
         out = os.path.join(args.work, label.replace(" ", "_").replace(".", "p"))
-        # one measurement per damping (it depends on the target, see adaptive_gptq.damp_for_target)
-        measurement = os.path.join(args.work, f"measurement{'_nosens' if args.no_sensitivity else ''}"
-                                              f"_damp{damp_for_target(bits)}.json")
+        # one measurement per damping (by default it depends on the target, see adaptive_gptq.damp_for_target)
+        damp = args.damp if args.damp is not None else damp_for_target(bits)
+        measurement = os.path.join(args.work, f"measurement{'_nosens' if args.no_sensitivity else ''}_damp{damp}.json")
         s = ConvertSettings(hf_dir, out, bits=bits, head_bits=hb, gptq=gptq, rows=args.rows, length=args.length,
                             measurement=measurement if (os.path.isfile(measurement) and not gptq) else None,
-                            save_measurement=None if gptq else measurement, sensitivity=not args.no_sensitivity)
+                            save_measurement=None if gptq else measurement, sensitivity=not args.no_sensitivity,
+                            damp=args.damp)
         t0 = time.time()
         summary = convert_exl2(s, progress=True)
         took = time.time() - t0

@@ -321,8 +321,7 @@ class Converter:
             W = linear_weight(head)
             H = hessian_of(normed, self.s.batch_rows, W.device)
             bias = head.bias.data if head.bias is not None else None
-            option = head_option(self.s.head_bits)
-            q = quantize_options(W, prepare_hessian(H, self.damp), [option])[0]
+            q = quantize_options(W, prepare_hessian(H, self.damp), [head_option(self.s.head_bits)])[0]
             t = _exl2_tensors(q, bias)
         finally:
             head.unload()
