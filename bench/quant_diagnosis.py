@@ -2,7 +2,7 @@
 every decoder linear replaced by a perturbed or quantized copy, perplexity on 2048 tokens of GPL-3 ("gpl") and of
 Python's argparse.py ("code") against the fp32 model. Run: python bench/quant_diagnosis.py [--only NAME ...]
 (names: noise1, noise2.5, rtn8, rtn8_codes, rtn6, asym6, asym5_g32, sym5_g32, gptq6_mixed, gptq6_heldout,
-gptq6_damp0.01 ... gptq6_damp10.0, gptq8_damp0.01, gptq8_damp0.1)."""
+gptq6_damp0.01 ... gptq6_damp10.0, gptq8_damp0.01, gptq8_damp0.1, gptq4_g32, gptq4_g128)."""
 
 from __future__ import annotations
 
@@ -111,6 +111,8 @@ def main() -> None:
         # damping sweep: 6-bit g64 on the mixed calibration text, scored on the two unrelated texts
         **{f"gptq6_damp{d}": (lambda d=d: gptq(6, mixed(), d, 64)) for d in (0.01, 0.05, 0.1, 0.2, 0.5, 2.0, 10.0)},
         **{f"gptq8_damp{d}": (lambda d=d: gptq(8, mixed(), d, 64)) for d in (0.01, 0.1)},
+        # 4-bit GPTQ on the mixed calibration text (damping 0.01, as the converter uses under 5 bpw)
+        **{f"gptq4_g{g}": (lambda g=g: gptq(4, mixed(), 0.01, g)) for g in (32, 128)},
     }
     base = {k: ppl(v) for k, v in evals.items()}
     print("fp32: " + "  ".join(f"{k} {v:.4f}" for k, v in base.items()), flush=True)

@@ -61,6 +61,8 @@ def main() -> None:
                     help="allocate bits without the loss-sensitivity weighting (convert --no-sensitivity)")
     ap.add_argument("--damp", type=float, default=None,
                     help="GPTQ damping for every run (convert --damp); default: by target (adaptive_gptq.damp_for_target)")
+    ap.add_argument("--no-fp-target", action="store_true",
+                    help="quantize each layer against its own (partly quantized) inputs only (convert --no-fp-target)")
     ap.add_argument("--only", nargs="*", help="run only these labels (e.g. 'EXL2 6.0'); the table keeps only them")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "README_QUANT.md"))
     args = ap.parse_args()
@@ -86,7 +88,7 @@ def main() -> None:
         s = ConvertSettings(hf_dir, out, bits=bits, head_bits=hb, gptq=gptq, rows=args.rows, length=args.length,
                             measurement=measurement if (os.path.isfile(measurement) and not gptq) else None,
                             save_measurement=None if gptq else measurement, sensitivity=not args.no_sensitivity,
-                            damp=args.damp)
+                            damp=args.damp, fp_target=not args.no_fp_target)
         t0 = time.time()
         summary = convert_exl2(s, progress=True)
         took = time.time() - t0

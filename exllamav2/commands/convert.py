@@ -34,6 +34,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="GPTQ damping as a fraction of the Hessian's mean diagonal (default: 0.01 for targets under "
                         "5 bpw, 0.1 from 5 bpw; smaller fits the calibration text more closely). A measurement "
                         "reused with -m keeps the bit allocation scored at its own damping")
+    p.add_argument("--no-fp-target", dest="fp_target", action="store_false",
+                   help="quantize each layer to reproduce its own outputs on the partly quantized model's inputs (plain "
+                        "GPTQ) instead of the unquantized model's outputs (the default, which also corrects the "
+                        "error of the layers before it)")
     return p
 
 
@@ -44,7 +48,7 @@ def run(args) -> int:
                         calibration=args.cal_dataset, rows=args.dataset_rows, length=args.length, gptq=args.gptq,
                         work_dir=args.work_dir, batch_rows=args.batch_rows, shard_mb=args.shard_size,
                         measurement=args.measurement, save_measurement=args.output_measurement,
-                        sensitivity=args.sensitivity, damp=args.damp)
+                        sensitivity=args.sensitivity, damp=args.damp, fp_target=args.fp_target)
     summary = convert_exl2(s, resume=not args.no_resume, progress=True, keep_work=args.keep_work)
     kind = "GPTQ 4-bit g128" if args.gptq else f"EXL2 target {args.bits}"
     print(f"{kind}: decoder layers {summary['bpw']:.3f} bpw, head {summary['head_bpw']:.3f} bpw -> {args.out_dir}")

@@ -87,6 +87,23 @@ def prepare_hessian(H: torch.Tensor, damp: float = DAMP) -> PreparedHessian:
     return PreparedHessian(perm=perm, hinv=hinv, damp=float(damp * mean), h_perm=Hp, dead=dead)
 
 
+def reference_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float) -> torch.Tensor:
+    """The weight GPTQ should aim at when the layer's inputs X come from the partly quantized model but its outputs
+    should match the unquantized model's, W X_ref (asymmetric calibration, as in GPTAQ): the least-squares
+    W' = argmin ||X Q^T - X_ref W^T||^2 + lam ||Q - W||^2 = W (C + lam I)(H + lam I)^-1, with H = X^T X,
+    C = X_ref^T X and lam = damp * mean(diag H). Since the same damped H is GPTQ's objective, quantizing W' with it
+    minimises exactly that penalised error. lam pulls W' back to W where the calibration data say little."""
+    if torch.equal(C, H):  # inputs unchanged so far (the first layer): W itself, exactly
+        return W
+    H = H.to(torch.float32)
+    n = H.shape[0]
+    lam = damp * float(torch.mean(torch.diag(H)).clamp(min=1e-12))
+    eye = torch.eye(n, device=H.device)
+    L = torch.linalg.cholesky(H + lam * eye)
+    rhs = (C.to(torch.float32) + lam * eye).T @ W.to(torch.float32).T   # (in, out)
+    return torch.cholesky_solve(rhs, L).T.contiguous()
+
+
 def fp16_scales(qscale: torch.Tensor, scale_max: torch.Tensor) -> torch.Tensor:
     """The scales the runtime will use (exl2_scales at fp16): fp16((qscale^2) * fp16(fp16(scale_max) / 256)).
     qscale (..., cols) in [1, 16]; scale_max broadcastable fp32."""

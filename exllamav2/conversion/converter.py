@@ -20,11 +20,13 @@ from ..quant.exl2 import exl2_bits_per_weight, read_exl2
 from ..quant.gptq import gptq_bits_per_weight, read_gptq
 from ..tokenizer import ExLlamaV2Tokenizer
 from ..version import __version__
-from .adaptive_gptq import Exl2Quantized, damp_for_target, output_errors, prepare_hessian, quantize_options, single_cpu_thread
+from .adaptive_gptq import (Exl2Quantized, damp_for_target, output_errors, prepare_hessian, quantize_options,
+                            reference_target, single_cpu_thread)
 from .calibration import calibration_ids, read_calibration_text
 from .compile import copy_model_files, plain_tensor, write_config, write_shards
 from .job import Job, atomic_save_tensors, atomic_write_json, load_tensors
-from .layers import hessian_of, linear_stages, linear_weight, run_module, substitute_weight
+from .layers import (hessian_of, linear_stages, linear_weight, run_module, run_module_paired, run_module_with,
+                     substitute_weight)
 from .optimize import Slot, achievable_bpw, optimize
 from .qparams import CANDIDATES, QuantOption, head_option
 from .sensitivity import output_gradient_moments
@@ -53,6 +55,7 @@ class ConvertSettings:
     save_measurement: str | None = None
     sensitivity: bool = True         # weight measured errors by the loss's output gradients (loads the whole model once)
     damp: float | None = None        # GPTQ damping (a fraction of mean(diag H)); None: by the target bpw
+    fp_target: bool = True           # aim each quantized layer at the unquantized model's outputs (reference_target)
 
     def job_settings(self) -> dict:
         """What must match for a working folder to be resumed."""
@@ -139,6 +142,11 @@ class Converter:
             self.embedding.unload()
         self._save_states(name, states)
 
+    def _embed_for_quant(self) -> None:
+        self._embed("quant_states_0.safetensors")
+        if self.s.fp_target:  # the unquantized model's states start out the same
+            shutil.copyfile(self.job.file("quant_states_0.safetensors"), self.job.file("ref_states_0.safetensors"))
+
     # ------------------------------------------------------------------ stages
 
     def run(self) -> dict:
@@ -151,7 +159,7 @@ class Converter:
             job.update(stage="embed", dataset=dataset)
         if job.stage == "embed":
             if self.s.gptq:
-                self._embed("quant_states_0.safetensors")
+                self._embed_for_quant()
                 job.update(stage="quant", quant_done=0)
             elif self.s.measurement is not None:
                 with open(self.s.measurement) as f:
@@ -166,7 +174,7 @@ class Converter:
             job.update(stage="optimize")
         if job.stage == "optimize":
             strategy = self._optimize()
-            self._embed("quant_states_0.safetensors")
+            self._embed_for_quant()
             job.update(stage="quant", strategy=strategy, quant_done=0)
         if job.stage == "quant":
             self._quantize()
@@ -254,8 +262,10 @@ class Converter:
         return {k: {"option": measurement[k]["options"][j]["option"], "error": measurement[k]["options"][j]["error"]}
                 for k, j in zip(keys, choice)}
 
-    def _quantize_linear(self, lin, H: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _quantize_linear(self, lin, H: torch.Tensor, C: torch.Tensor | None) -> dict[str, torch.Tensor]:
         W = linear_weight(lin)
+        if C is not None:
+            W = reference_target(W, H, C, self.damp)
         bias = lin.bias.data if lin.bias is not None else None
         if self.s.gptq:
             with single_cpu_thread(W.device):
@@ -285,21 +295,32 @@ class Converter:
             for i in range(done, len(self.layers)):
                 module = self.layers[i]
                 states = self._states(f"quant_states_{i}.safetensors")
+                ref = self._states(f"ref_states_{i}.safetensors") if self.s.fp_target else None
                 module.load()
                 tensors: dict[str, torch.Tensor] = {}
                 try:
-                    for capture, linears in linear_stages(module):
-                        _, H = run_module(module, states, self.s.batch_rows, capture, keep_output=False)
+                    stages = linear_stages(module)
+                    original = {lin: lin.weight for _, linears in stages for lin in linears}
+                    for capture, linears in stages:
+                        if ref is None:
+                            _, H = run_module(module, states, self.s.batch_rows, capture, keep_output=False)
+                            C = None
+                        else:
+                            H, C = run_module_paired(module, states, ref, original, self.s.batch_rows, capture)
                         for lin in linears:
-                            for name, t in self._quantize_linear(lin, H).items():
+                            for name, t in self._quantize_linear(lin, H, C).items():
                                 tensors[f"{lin.key}.{name}"] = t
                     nxt, _ = run_module(module, states, self.s.batch_rows)
+                    nxt_ref = run_module_with(module, ref, original, self.s.batch_rows) if ref is not None else None
                 finally:
                     module.unload()
                 atomic_save_tensors(tensors, job.file("out_tensor", f"{i:04d}.safetensors"))
                 self._save_states(f"quant_states_{i + 1}.safetensors", nxt)
+                if nxt_ref is not None:
+                    self._save_states(f"ref_states_{i + 1}.safetensors", nxt_ref)
                 job.update(quant_done=i + 1)
                 self._drop(f"quant_states_{i}.safetensors")
+                self._drop(f"ref_states_{i}.safetensors")
                 bar.update(1)
                 self._step_done("quant", i)
             if done <= len(self.layers):
@@ -309,17 +330,24 @@ class Converter:
                 self._step_done("quant", len(self.layers))
 
     def _quantize_head(self) -> None:
-        states = self._states(f"quant_states_{len(self.layers)}.safetensors")
+        n = len(self.layers)
+        states = self._states(f"quant_states_{n}.safetensors")
+        ref = self._states(f"ref_states_{n}.safetensors") if self.s.fp_target else None
         self.final_norm.load()
         try:
             normed, _ = run_module(self.final_norm, states, self.s.batch_rows)
+            ref_normed = run_module(self.final_norm, ref, self.s.batch_rows)[0] if ref is not None else None
         finally:
             self.final_norm.unload()
         head = self.head
         head.load()
         try:
             W = linear_weight(head)
-            H = hessian_of(normed, self.s.batch_rows, W.device)
+            if ref_normed is None:
+                H = hessian_of(normed, self.s.batch_rows, W.device)
+            else:
+                H, C = hessian_of(normed, self.s.batch_rows, W.device, ref_normed)
+                W = reference_target(W, H, C, self.damp)
             bias = head.bias.data if head.bias is not None else None
             q = quantize_options(W, prepare_hessian(H, self.damp), [head_option(self.s.head_bits)])[0]
             t = _exl2_tensors(q, bias)
@@ -327,7 +355,8 @@ class Converter:
             head.unload()
         atomic_save_tensors({f"{self.head_out_key}.{k}": v for k, v in t.items()},
                             self.job.file("out_tensor", "head.safetensors"))
-        self._drop(f"quant_states_{len(self.layers)}.safetensors")
+        self._drop(f"quant_states_{n}.safetensors")
+        self._drop(f"ref_states_{n}.safetensors")
 
     def _compile(self) -> dict:
         s = self.s

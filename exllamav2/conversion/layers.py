@@ -66,13 +66,53 @@ def run_module(module, states: torch.Tensor, batch_rows: int, capture: str | Non
     return out, (tuple(H) if split else H[0])
 
 
-def hessian_of(states: torch.Tensor, batch_rows: int, device) -> torch.Tensor:
-    """X^T X of the states themselves (the head's input)."""
-    H = None
+def run_module_paired(module, states: torch.Tensor, ref_states: torch.Tensor, reference: dict, batch_rows: int,
+                      capture: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """H = sum X^T X and C = sum X_ref^T X over the intermediate `capture`, where X comes from the module as it is
+    (earlier linears already quantized) on `states`, and X_ref from the module with the `reference` weights
+    {linear: weight Parameter} swapped in, on `ref_states` (the unquantized model's hidden states)."""
+    device = module.device()
+    dtype = module.model.dtype
+    H = C = None
+    for a in range(0, states.shape[0], batch_rows):
+        X = _forward(module, states[a:a + batch_rows].to(device, dtype), True)[capture].to(torch.float32)
+        current = {lin: lin.weight for lin in reference}
+        try:
+            for lin, w in reference.items():
+                lin.weight = w
+            R = _forward(module, ref_states[a:a + batch_rows].to(device, dtype), True)[capture].to(torch.float32)
+        finally:
+            for lin, w in current.items():
+                lin.weight = w
+        X = X.reshape(-1, X.shape[-1])
+        R = R.reshape(-1, R.shape[-1])
+        H = X.T @ X if H is None else H.addmm_(X.T, X)
+        C = R.T @ X if C is None else C.addmm_(R.T, X)
+    return H, C
+
+
+def run_module_with(module, states: torch.Tensor, weights: dict, batch_rows: int) -> torch.Tensor:
+    """Output states of the module computed with the given {linear: weight Parameter} swapped in."""
+    current = {lin: lin.weight for lin in weights}
+    try:
+        for lin, w in weights.items():
+            lin.weight = w
+        return run_module(module, states, batch_rows)[0]
+    finally:
+        for lin, w in current.items():
+            lin.weight = w
+
+
+def hessian_of(states: torch.Tensor, batch_rows: int, device, ref_states: torch.Tensor | None = None):
+    """X^T X of the states themselves (the head's input); with ref_states also C = X_ref^T X: returns (H, C)."""
+    H = C = None
     for a in range(0, states.shape[0], batch_rows):
         X = states[a:a + batch_rows].reshape(-1, states.shape[-1]).to(device, torch.float32)
         H = X.T @ X if H is None else H.addmm_(X.T, X)
-    return H
+        if ref_states is not None:
+            R = ref_states[a:a + batch_rows].reshape(-1, states.shape[-1]).to(device, torch.float32)
+            C = R.T @ X if C is None else C.addmm_(R.T, X)
+    return H if ref_states is None else (H, C)
 
 
 def linear_weight(lin: ExLlamaV2Linear) -> torch.Tensor:
