@@ -63,6 +63,7 @@ def main() -> None:
                     help="GPTQ damping for every run (convert --damp); default: by target (adaptive_gptq.damp_for_target)")
     ap.add_argument("--no-fp-target", action="store_true",
                     help="quantize each layer against its own (partly quantized) inputs only (convert --no-fp-target)")
+    ap.add_argument("--rotate", action="store_true", help="rotate the residual stream in every run (convert --rotate)")
     ap.add_argument("--only", nargs="*", help="run only these labels (e.g. 'EXL2 6.0'); the table keeps only them")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "README_QUANT.md"))
     args = ap.parse_args()
@@ -84,11 +85,13 @@ def main() -> None:
         out = os.path.join(args.work, label.replace(" ", "_").replace(".", "p"))
         # one measurement per damping (by default it depends on the target, see adaptive_gptq.damp_for_target)
         damp = args.damp if args.damp is not None else damp_for_target(bits)
-        measurement = os.path.join(args.work, f"measurement{'_nosens' if args.no_sensitivity else ''}_damp{damp}.json")
+        rotate = args.rotate
+        measurement = os.path.join(args.work, f"measurement{'_nosens' if args.no_sensitivity else ''}"
+                                              f"{'_rot' if rotate else ''}_damp{damp}.json")
         s = ConvertSettings(hf_dir, out, bits=bits, head_bits=hb, gptq=gptq, rows=args.rows, length=args.length,
                             measurement=measurement if (os.path.isfile(measurement) and not gptq) else None,
                             save_measurement=None if gptq else measurement, sensitivity=not args.no_sensitivity,
-                            damp=args.damp, fp_target=not args.no_fp_target)
+                            damp=args.damp, fp_target=not args.no_fp_target, rotate=rotate)
         t0 = time.time()
         summary = convert_exl2(s, progress=True)
         took = time.time() - t0

@@ -88,6 +88,10 @@ def run(args) -> int:
     print(f"Format:        {fmt}")
     if gguf_path:
         print(f"GGUF tensors:  {gguf_tensor_types(gguf_path)}")
+    rotation = ((getattr(config, "read_config", None) or {}).get("quantization_config") or {}).get("residual_rotation")
+    if rotation:
+        print(f"Rotation:      residual stream rotated at conversion ({rotation.get('method', '?')}, matrix in "
+              f"{rotation.get('file', '?')}); hidden states are in rotated coordinates")
     print(f"Layers:        {config.num_hidden_layers}, hidden {config.hidden_size}, heads {config.num_attention_heads}"
           f" (kv {config.num_key_value_heads}), head dim {config.head_dim}, vocab {config.vocab_size}")
     print(f"Context:       {config.max_seq_len} tokens")

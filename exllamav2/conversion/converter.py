@@ -29,9 +29,11 @@ from .layers import (hessian_of, linear_stages, linear_weight, run_module, run_m
                      substitute_weight)
 from .optimize import Slot, achievable_bpw, optimize
 from .qparams import CANDIDATES, QuantOption, head_option
+from .rotation import ROTATION_DIR, ROTATION_FILE, rotate_model_folder, rotation_unsupported
 from .sensitivity import output_gradient_moments
 
 SENSITIVITY_ROWS = 8
+ROTATION_SEED = 0
 
 StepCallback = Callable[[str, int], None]
 # errors scored on the odd calibration rows, options fitted on the even ones (and weighted by loss sensitivity)
@@ -56,6 +58,7 @@ class ConvertSettings:
     sensitivity: bool = True         # weight measured errors by the loss's output gradients (loads the whole model once)
     damp: float | None = None        # GPTQ damping (a fraction of mean(diag H)); None: by the target bpw
     fp_target: bool = True           # aim each quantized layer at the unquantized model's outputs (reference_target)
+    rotate: bool = False             # rotate the residual stream first (rotation.py; RMSNorm pre-norm models only)
 
     def job_settings(self) -> dict:
         """What must match for a working folder to be resumed."""
@@ -96,7 +99,8 @@ class Converter:
         self.on_step = on_step
         self.work_dir = s.work_dir or os.path.join(s.out_dir, ".convert_job")
         self.job = Job.open(self.work_dir, s.job_settings(), resume)
-        cfg = ExLlamaV2Config(s.in_dir)
+        self.rotate = self._rotation(ExLlamaV2Config(s.in_dir))
+        cfg = ExLlamaV2Config(self._rotated_dir() if self.rotate else s.in_dir)
         cfg.dtype = torch.float32  # calibration forwards and Hessians in fp32
         cfg.max_seq_len = max(cfg.max_seq_len, s.length)
         cfg.max_input_len = s.length
@@ -114,6 +118,22 @@ class Converter:
         self.head_out_key = keys["lm_head"]
 
     # ------------------------------------------------------------------ helpers
+
+    def _rotated_dir(self) -> str:
+        return os.path.join(self.work_dir, "rotated")
+
+    def _rotation(self, source: ExLlamaV2Config) -> bool:
+        """Whether to rotate; writes the rotated model into the working folder once (a resumed job reuses it)."""
+        if not self.s.rotate:
+            return False
+        why = rotation_unsupported(source)
+        if why is not None:
+            raise ValueError(f"{self.s.in_dir}: --rotate is not possible for {source.architecture}: {why}")
+        if not self.job.get("rotated"):
+            Q = rotate_model_folder(source, self._rotated_dir(), ROTATION_SEED, self.progress)
+            atomic_save_tensors({"rotation": Q}, self.job.file(ROTATION_DIR, ROTATION_FILE))
+            self.job.update(rotated=True)
+        return True
 
     def _step_done(self, stage: str, index: int) -> None:
         if self.on_step is not None:
@@ -399,13 +419,21 @@ class Converter:
         bpw = decoder_bits / decoder_numel
 
         copy_model_files(s.in_dir, s.out_dir)
+        rotation = None
+        if self.rotate:  # the matrix, so residual-stream vectors of the original model can be mapped (v @ Q)
+            os.makedirs(os.path.join(s.out_dir, ROTATION_DIR), exist_ok=True)
+            shutil.copyfile(self.job.file(ROTATION_DIR, ROTATION_FILE), os.path.join(s.out_dir, ROTATION_DIR, ROTATION_FILE))
+            rotation = {"method": "random orthogonal", "seed": ROTATION_SEED,
+                        "file": f"{ROTATION_DIR}/{ROTATION_FILE}"}
         if s.gptq:
             qc = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": True,
                   "checkpoint_format": "gptq", "head": {"quant_method": "exl2", "bits": s.head_bits}}
         else:
             qc = {"quant_method": "exl2", "version": __version__, "bits": s.bits, "head_bits": s.head_bits,
                   "calibration": {"rows": s.rows, "length": s.length, "dataset": self.job.get("dataset")}}
-        write_config(s.in_dir, s.out_dir, qc, untie_head=self.tied)
+        if rotation is not None:
+            qc["residual_rotation"] = rotation
+        write_config(s.in_dir, s.out_dir, qc, untie_head=self.tied or self.rotate)
         summary = {"files": files, "bpw": bpw, "head_bpw": head_bpw, "layers": per_layer}
         if not s.gptq:
             summary["strategy"] = {k: str(QuantOption.from_dict(v["option"])) for k, v in self.job.get("strategy").items()}
