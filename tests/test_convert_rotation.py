@@ -82,7 +82,7 @@ def test_setting_and_flag(tmp_path):
     assert ConvertSettings(src, "x", rotate=True).job_settings() != ConvertSettings(src, "x").job_settings()
 
 
-def test_rotated_conversion(tmp_path):
+def test_rotated_conversion(tmp_path, capsys):
     src = make_tiny_llama(tmp_path / "src", tied=True)
     ids = held_out_ids(src)
     ref = hf_logits(src, ids)
@@ -101,6 +101,9 @@ def test_rotated_conversion(tmp_path):
     E = load_file(str(tmp_path / "src" / "model.safetensors"))["model.embed_tokens.weight"]
     emb = load_file(os.path.join(out, "output.safetensors"))["model.embed_tokens.weight"].float()
     torch.testing.assert_close(emb, E @ Q, atol=2e-3, rtol=2e-3)
+    from exllamav2.cli import main as cli_main
+    assert cli_main(["info", "-m", out, "--no-modules"]) == 0
+    assert "residual stream rotated" in capsys.readouterr().out
     lora_dir = tmp_path / "lora"
     lora_dir.mkdir()
     (lora_dir / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 4, "target_modules": ["q_proj"]}))
