@@ -3,6 +3,8 @@ inputs of its linear layers, and substituting quantized weights."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..attn import ExLlamaV2Attention
@@ -66,6 +68,19 @@ def run_module(module, states: torch.Tensor, batch_rows: int, capture: str | Non
     return out, (tuple(H) if split else H[0])
 
 
+@contextlib.contextmanager
+def swapped_weights(weights: dict):
+    """Within the block the given linears compute with {linear: weight Parameter}; their own weights come back after."""
+    current = {lin: lin.weight for lin in weights}
+    try:
+        for lin, w in weights.items():
+            lin.weight = w
+        yield
+    finally:
+        for lin, w in current.items():
+            lin.weight = w
+
+
 def run_module_paired(module, states: torch.Tensor, ref_states: torch.Tensor, reference: dict, batch_rows: int,
                       capture: str) -> tuple[torch.Tensor, torch.Tensor]:
     """H = sum X^T X and C = sum X_ref^T X over the intermediate `capture`, where X comes from the module as it is
@@ -76,14 +91,8 @@ def run_module_paired(module, states: torch.Tensor, ref_states: torch.Tensor, re
     H = C = None
     for a in range(0, states.shape[0], batch_rows):
         X = _forward(module, states[a:a + batch_rows].to(device, dtype), True)[capture].to(torch.float32)
-        current = {lin: lin.weight for lin in reference}
-        try:
-            for lin, w in reference.items():
-                lin.weight = w
+        with swapped_weights(reference):
             R = _forward(module, ref_states[a:a + batch_rows].to(device, dtype), True)[capture].to(torch.float32)
-        finally:
-            for lin, w in current.items():
-                lin.weight = w
         X = X.reshape(-1, X.shape[-1])
         R = R.reshape(-1, R.shape[-1])
         H = X.T @ X if H is None else H.addmm_(X.T, X)
@@ -93,14 +102,8 @@ def run_module_paired(module, states: torch.Tensor, ref_states: torch.Tensor, re
 
 def run_module_with(module, states: torch.Tensor, weights: dict, batch_rows: int) -> torch.Tensor:
     """Output states of the module computed with the given {linear: weight Parameter} swapped in."""
-    current = {lin: lin.weight for lin in weights}
-    try:
-        for lin, w in weights.items():
-            lin.weight = w
+    with swapped_weights(weights):
         return run_module(module, states, batch_rows)[0]
-    finally:
-        for lin, w in current.items():
-            lin.weight = w
 
 
 def hessian_of(states: torch.Tensor, batch_rows: int, device, ref_states: torch.Tensor | None = None):

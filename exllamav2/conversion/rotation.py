@@ -47,7 +47,7 @@ def rotation_unsupported(config) -> str | None:
         why.append("it has learned position embeddings, experts or parallel blocks")
     if a.keys.get("fused_qkv") or a.keys.get("fused_mlp_12"):
         why.append("it stores fused projections")
-    return "; ".join(dict.fromkeys(why)) or None
+    return "; ".join(why) or None
 
 
 def random_orthogonal(n: int, seed: int) -> torch.Tensor:
