@@ -85,13 +85,12 @@ def main() -> None:
         out = os.path.join(args.work, label.replace(" ", "_").replace(".", "p"))
         # one measurement per damping (by default it depends on the target, see adaptive_gptq.damp_for_target)
         damp = args.damp if args.damp is not None else damp_for_target(bits)
-        rotate = args.rotate
         measurement = os.path.join(args.work, f"measurement{'_nosens' if args.no_sensitivity else ''}"
-                                              f"{'_rot' if rotate else ''}_damp{damp}.json")
+                                              f"{'_rot' if args.rotate else ''}_damp{damp}.json")
         s = ConvertSettings(hf_dir, out, bits=bits, head_bits=hb, gptq=gptq, rows=args.rows, length=args.length,
                             measurement=measurement if (os.path.isfile(measurement) and not gptq) else None,
                             save_measurement=None if gptq else measurement, sensitivity=not args.no_sensitivity,
-                            damp=args.damp, fp_target=not args.no_fp_target, rotate=rotate)
+                            damp=args.damp, fp_target=not args.no_fp_target, rotate=args.rotate)
         t0 = time.time()
         summary = convert_exl2(s, progress=True)
         took = time.time() - t0
