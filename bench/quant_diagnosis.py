@@ -2,7 +2,8 @@
 every decoder linear replaced by a perturbed or quantized copy, perplexity on 2048 tokens of GPL-3 ("gpl") and of
 Python's argparse.py ("code") against the fp32 model. Run: python bench/quant_diagnosis.py [--only NAME ...]
 (names: noise1, noise2.5, rtn8, rtn8_codes, rtn6, asym6, asym5_g32, sym5_g32, gptq6_mixed, gptq6_heldout,
-gptq6_damp0.01 ... gptq6_damp10.0, gptq8_damp0.01, gptq8_damp0.1, gptq4_g32, gptq4_g128)."""
+gptq6_damp0.01 ... gptq6_damp10.0, gptq8_damp0.01, gptq8_damp0.1, gptq4_g32, gptq4_g128,
+gptq4_g32_heldout, gptq4_g128_heldout)."""
 
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def main() -> None:
         return lambda lin: quantize_options(orig[lin.key], prepare_hessian(H[lin.key], damp), [opt])[0].dequant
 
     torch.manual_seed(0)
-    mixed = lambda: hessians(calibration_ids(tok, read_calibration_text(None)[0], 16, 512))  # noqa: E731
+    mixed = lambda rows=16: hessians(calibration_ids(tok, read_calibration_text(None)[0], rows, 512))  # noqa: E731
     heldout = lambda: hessians(evals["gpl"].view(4, 512))  # noqa: E731
     configs = {
         "noise1": lambda: (lambda lin: orig[lin.key] + torch.randn_like(orig[lin.key]) * orig[lin.key].std() * 0.01),
@@ -113,6 +114,11 @@ def main() -> None:
         **{f"gptq8_damp{d}": (lambda d=d: gptq(8, mixed(), d, 64)) for d in (0.01, 0.1)},
         # 4-bit GPTQ on the mixed calibration text (damping 0.01, as the converter uses under 5 bpw)
         **{f"gptq4_g{g}": (lambda g=g: gptq(4, mixed(), 0.01, g)) for g in (32, 128)},
+        # more calibration rows (the whole shipped text is about 98 rows of 512 tokens), two dampings
+        **{f"gptq4_g128_rows{r}_damp{d}": (lambda r=r, d=d: gptq(4, mixed(r), d, 128))
+           for r in (16, 48, 96) for d in (0.01, 0.1)},
+        # calibrated on the scored gpl windows themselves: a bound no calibration text can beat on that text
+        **{f"gptq4_g{g}_heldout": (lambda g=g: gptq(4, heldout(), 0.01, g)) for g in (32, 128)},
     }
     base = {k: ppl(v) for k, v in evals.items()}
     print("fp32: " + "  ".join(f"{k} {v:.4f}" for k, v in base.items()), flush=True)

@@ -3,7 +3,8 @@ GPTQ 4-bit g128 (act-order) mode, perplexity on a held-out text against the unqu
 
 The unquantized model is the SmolLM2 GGUF dequantized to an HF folder (exllamav2.gguf.convert_gguf_to_hf); the
 held-out text is the GPL-3 licence text (legal English, absent from the calibration text) unless --text is given.
-Every model is evaluated by our engine in bf16 on the CPU over the same token windows. Writes the table to
+Every model is evaluated by our engine on the CPU over the same token windows, with fp32 activations unless
+--dtype bfloat16 (bf16 arithmetic adds its own noise of several tenths of a percent; bench/quant_eval_paths.py). Writes the table to
 bench/README_QUANT.md. Slow (about half an hour on 2 shared cores). Run: python bench/quant_quality.py [--work DIR]
 """
 
@@ -30,12 +31,8 @@ RUNS = [("EXL2 4.0", 4.0, 6, False, 0.08), ("GPTQ 4-bit g128", 4.0, 6, True, Non
 
 
 @torch.inference_mode()
-def perplexity(model_dir: str, ids: torch.Tensor, window: int) -> float:
-    cfg = ExLlamaV2Config(model_dir)
-    cfg.max_seq_len = window
-    cfg.max_input_len = window
-    model = ExLlamaV2(cfg)
-    model.load()
+def perplexity_of(model: ExLlamaV2, ids: torch.Tensor, window: int) -> float:
+    """Perplexity of a loaded model over ids (1, n), scored in consecutive windows of `window` tokens."""
     nll, count = 0.0, 0
     for a in range(0, ids.shape[-1] - 1, window):
         chunk = ids[:, a:a + window + 1]
@@ -45,8 +42,22 @@ def perplexity(model_dir: str, ids: torch.Tensor, window: int) -> float:
         lp = torch.log_softmax(logits, -1).gather(-1, chunk[:, 1:].unsqueeze(-1))
         nll -= float(lp.sum())
         count += chunk.shape[-1] - 1
-    model.unload()
     return math.exp(nll / count)
+
+
+def perplexity(model_dir: str, ids: torch.Tensor, window: int, dtype: torch.dtype | None = None) -> float:
+    """Perplexity of a model folder; dtype: the activations' dtype (default: the engine's, bf16 on the CPU)."""
+    cfg = ExLlamaV2Config(model_dir)
+    if dtype is not None:
+        cfg.dtype = dtype
+    cfg.max_seq_len = window
+    cfg.max_input_len = window
+    model = ExLlamaV2(cfg)
+    model.load()
+    try:
+        return perplexity_of(model, ids, window)
+    finally:
+        model.unload()
 
 
 def main() -> None:
@@ -55,6 +66,9 @@ def main() -> None:
     ap.add_argument("--text", default=HELD_OUT, help="held-out text file for perplexity")
     ap.add_argument("--tokens", type=int, default=4096, help="held-out tokens to evaluate")
     ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="activations' dtype for every perplexity (default float32: bf16 arithmetic alone moves a "
+                         "quantized model's perplexity by several tenths of a percent, see quant_eval_paths.py)")
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--no-sensitivity", action="store_true",
@@ -76,8 +90,9 @@ def main() -> None:
         text = f.read()
     ids = ExLlamaV2Tokenizer(ExLlamaV2Config(hf_dir)).encode(text)[:, :args.tokens]
 
-    base = perplexity(hf_dir, ids, args.window)
-    print(f"bf16: ppl {base:.4f}", flush=True)
+    dtype = getattr(torch, args.dtype)
+    base = perplexity(hf_dir, ids, args.window, dtype)
+    print(f"unquantized: ppl {base:.4f}", flush=True)
     rows = []
     for label, bits, hb, gptq, allowed in RUNS:
         if args.only and label not in args.only:
@@ -94,7 +109,7 @@ def main() -> None:
         t0 = time.time()
         summary = convert_exl2(s, progress=True)
         took = time.time() - t0
-        ppl = perplexity(out, ids, args.window)
+        ppl = perplexity(out, ids, args.window, dtype)
         rows.append((label, bits if not gptq else None, hb, summary["bpw"], summary["head_bpw"], ppl, allowed, took))
         print(f"{label}: {summary['bpw']:.3f} bpw, ppl {ppl:.4f} ({100 * (ppl / base - 1):+.2f}%), {took:.0f} s", flush=True)
         write_table(args, ids, base, rows)
@@ -105,14 +120,14 @@ def write_table(args, ids, base: float, rows: list) -> None:
     lines = [
         "## Quantization quality (SmolLM2-135M-Instruct)",
         "",
-        f"Perplexity of our engine (bf16, CPU) on {ids.shape[-1]} held-out tokens ({os.path.basename(args.text)}, "
+        f"Perplexity of our engine ({args.dtype} activations, CPU) on {ids.shape[-1]} held-out tokens ({os.path.basename(args.text)}, "
         f"windows of {args.window}); calibration: the built-in text, {args.rows} rows x {args.length} tokens. "
         "The unquantized model is the Q4_1 GGUF dequantized to bf16. bpw counts the decoder layers' stored tensors "
         "(weights, scales, groups, permutation); the head is quantized separately at the head bits.",
         "",
-        "| model | target bpw | measured bpw | head bits | perplexity | vs bf16 | allowed | convert time |",
+        "| model | target bpw | measured bpw | head bits | perplexity | vs unquantized | allowed | convert time |",
         "|---|---|---|---|---|---|---|---|",
-        f"| bf16 | - | 16 | - | {base:.3f} | - | - | - |",
+        f"| unquantized (bf16 weights) | - | 16 | - | {base:.3f} | - | - | - |",
     ]
     for label, bits, hb, bpw, head_bpw, ppl, allowed, took in rows:
         ok = "-" if allowed is None else f"{100 * allowed:.1f}% ({'pass' if ppl / base - 1 <= allowed else 'FAIL'})"
