@@ -4,7 +4,8 @@ engine's paths, against the unquantized source evaluated the same way.
 - packed: the default CPU path (bf16 activations, torch's int4 kernel; EXL2 scales rounded to bf16);
 - dense: bf16 activations, dense matmul on the reference dequantisation (fp16 products, as the original);
 - fp32: fp32 activations, reference dequantisation at fp32;
-- fp32, unquantized head: as fp32, with the head taken from the source model (separates head and decoder loss).
+- fp32, unquantized head: as fp32, with the head taken from the source model (separates head and decoder loss;
+  not for models converted with --rotate, whose head reads rotated states).
 
 Run: python bench/quant_eval_paths.py --source HF_DIR QUANT_DIR [QUANT_DIR ...] [--text FILE] [--tokens N]
 (for example with the folders bench/quant_quality.py leaves in its --work folder).
@@ -76,7 +77,11 @@ def main() -> None:
     print("| source | " + " | ".join(f"{base[m]:.3f}" for m in MODES) + " |", flush=True)
     for d in args.models:
         cells = []
+        rotated = ((ExLlamaV2Config(d).read_config or {}).get("quantization_config") or {}).get("residual_rotation")
         for m in MODES:
+            if rotated and m == "fp32, unquantized head":  # the source's head reads unrotated states
+                cells.append("- (rotated)")
+                continue
             model = load(d, m, source, args.window)
             p = perplexity_of(model, ids, args.window)
             model.unload()

@@ -25,9 +25,10 @@ from exllamav2.gguf import convert_gguf_to_hf
 from exllamav2.tokenizer import ExLlamaV2Tokenizer
 
 HELD_OUT = "/usr/share/common-licenses/GPL-3"
-# (label, target bits, head bits, gptq, allowed perplexity increase)
-RUNS = [("EXL2 4.0", 4.0, 6, False, 0.08), ("GPTQ 4-bit g128", 4.0, 6, True, None),
-        ("EXL2 6.0", 6.0, 8, False, 0.015), ("EXL2 8.0", 8.0, 8, False, 0.003)]
+# (label, target bits, head bits, gptq, rotate, allowed perplexity increase)
+RUNS = [("EXL2 4.0", 4.0, 6, False, False, 0.08), ("GPTQ 4-bit g128", 4.0, 6, True, False, None),
+        ("EXL2 6.0", 6.0, 8, False, False, 0.015), ("EXL2 8.0", 8.0, 8, False, False, 0.003),
+        ("EXL2 8.0 rotated", 8.0, 8, False, True, 0.003)]
 
 
 @torch.inference_mode()
@@ -77,7 +78,8 @@ def main() -> None:
                     help="GPTQ damping for every run (convert --damp); default: by target (adaptive_gptq.damp_for_target)")
     ap.add_argument("--no-fp-target", action="store_true",
                     help="quantize each layer against its own (partly quantized) inputs only (convert --no-fp-target)")
-    ap.add_argument("--rotate", action="store_true", help="rotate the residual stream in every run (convert --rotate)")
+    ap.add_argument("--rotate", action="store_true", help="rotate the residual stream in every run (convert --rotate; "
+                                                             "'EXL2 8.0 rotated' always does)")
     ap.add_argument("--only", nargs="*", help="run only these labels (e.g. 'EXL2 6.0'); the table keeps only them")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "README_QUANT.md"))
     args = ap.parse_args()
@@ -94,18 +96,19 @@ def main() -> None:
     base = perplexity(hf_dir, ids, args.window, dtype)
     print(f"unquantized: ppl {base:.4f}", flush=True)
     rows = []
-    for label, bits, hb, gptq, allowed in RUNS:
+    for label, bits, hb, gptq, rotate, allowed in RUNS:
+        rotate = rotate or args.rotate
         if args.only and label not in args.only:
             continue
         out = os.path.join(args.work, label.replace(" ", "_").replace(".", "p"))
         # one measurement per damping (by default it depends on the target, see adaptive_gptq.damp_for_target)
         damp = args.damp if args.damp is not None else damp_for_target(bits)
         measurement = os.path.join(args.work, f"measurement{'_nosens' if args.no_sensitivity else ''}"
-                                              f"{'_rot' if args.rotate else ''}_damp{damp}.json")
+                                              f"{'_rot' if rotate else ''}_damp{damp}.json")
         s = ConvertSettings(hf_dir, out, bits=bits, head_bits=hb, gptq=gptq, rows=args.rows, length=args.length,
                             measurement=measurement if (os.path.isfile(measurement) and not gptq) else None,
                             save_measurement=None if gptq else measurement, sensitivity=not args.no_sensitivity,
-                            damp=args.damp, fp_target=not args.no_fp_target, rotate=args.rotate)
+                            damp=args.damp, fp_target=not args.no_fp_target, rotate=rotate)
         t0 = time.time()
         summary = convert_exl2(s, progress=True)
         took = time.time() - t0
