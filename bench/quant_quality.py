@@ -4,8 +4,9 @@ GPTQ 4-bit g128 (act-order) mode, perplexity on a held-out text against the unqu
 The unquantized model is the SmolLM2 GGUF dequantized to an HF folder (exllamav2.gguf.convert_gguf_to_hf); the
 held-out text is the GPL-3 licence text (legal English, absent from the calibration text) unless --text is given.
 Every model is evaluated by our engine on the CPU over the same token windows, with fp32 activations unless
---dtype bfloat16 (bf16 arithmetic adds its own noise of several tenths of a percent; bench/quant_eval_paths.py). Writes the table to
-bench/README_QUANT.md. Slow (about half an hour on 2 shared cores). Run: python bench/quant_quality.py [--work DIR]
+--dtype bfloat16 (bf16 arithmetic adds its own noise of several tenths of a percent; bench/quant_eval_paths.py).
+Writes the table to bench/README_QUANT.md. Slow (about half an hour on 2 shared cores).
+Run: python bench/quant_quality.py [--work DIR]
 """
 
 from __future__ import annotations
@@ -102,9 +103,11 @@ def main() -> None:
             continue
         out = os.path.join(args.work, label.replace(" ", "_").replace(".", "p"))
         # one measurement per damping (by default it depends on the target, see adaptive_gptq.damp_for_target)
+        # and per calibration shape
         damp = args.damp if args.damp is not None else damp_for_target(bits)
+        shape = "" if (args.rows, args.length) == (16, 512) else f"_rows{args.rows}x{args.length}"
         measurement = os.path.join(args.work, f"measurement{'_nosens' if args.no_sensitivity else ''}"
-                                              f"{'_rot' if rotate else ''}_damp{damp}.json")
+                                              f"{'_rot' if rotate else ''}{shape}_damp{damp}.json")
         s = ConvertSettings(hf_dir, out, bits=bits, head_bits=hb, gptq=gptq, rows=args.rows, length=args.length,
                             measurement=measurement if (os.path.isfile(measurement) and not gptq) else None,
                             save_measurement=None if gptq else measurement, sensitivity=not args.no_sensitivity,
