@@ -44,10 +44,11 @@ def load(model_dir: str, mode: str, source: ExLlamaV2Config, window: int) -> ExL
             q.release_dense()
     if mode == "fp32, unquantized head":
         head = model.modules[model.head_layer_idx]
-        name = head.key + ".weight" if head.key + ".weight" in source.tensor_file_map else \
-            model.archparams.keys["lm_head"] + ".weight"
-        if name not in source.tensor_file_map:
-            name = "model.embed_tokens.weight"  # tied head
+        # the head's own tensor, or the embedding it is tied to in the source
+        names = [k + ".weight" for k in (head.key, model.modules[0].key)]
+        name = next((n for n in names if n in source.tensor_file_map), None)
+        if name is None:
+            raise SystemExit(f"--source: none of {names} in {source.model_dir}")
         w = source.tensor_file_map[name].get_tensor(name, device="cpu").to(cfg.dtype)
         head.q_handle = None
         head.weight = torch.nn.Parameter(w[:head.out_features].contiguous(), requires_grad=False)
