@@ -17,7 +17,7 @@ import argparse
 import os
 
 import torch
-from quant_quality import HELD_OUT, perplexity_of
+from quant_quality import HELD_OUT, load_model, perplexity_of
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Config
 from exllamav2.tokenizer import ExLlamaV2Tokenizer
@@ -26,12 +26,7 @@ MODES = ("packed", "dense", "fp32", "fp32, unquantized head")
 
 
 def load(model_dir: str, mode: str, source: ExLlamaV2Config, window: int) -> ExLlamaV2:
-    cfg = ExLlamaV2Config(model_dir)
-    cfg.max_seq_len = cfg.max_input_len = window
-    if mode.startswith("fp32"):
-        cfg.dtype = torch.float32
-    model = ExLlamaV2(cfg)
-    model.load()
+    model = load_model(model_dir, window, torch.float32 if mode.startswith("fp32") else None)
     for module in model.modules:
         for lin in [module] + list(getattr(module, "submodules", [])):
             q = getattr(lin, "q_handle", None)
@@ -49,7 +44,7 @@ def load(model_dir: str, mode: str, source: ExLlamaV2Config, window: int) -> ExL
         name = next((n for n in names if n in source.tensor_file_map), None)
         if name is None:
             raise SystemExit(f"--source: none of {names} in {source.model_dir}")
-        w = source.tensor_file_map[name].get_tensor(name, device="cpu").to(cfg.dtype)
+        w = source.tensor_file_map[name].get_tensor(name, device="cpu").to(model.config.dtype)
         head.q_handle = None
         head.weight = torch.nn.Parameter(w[:head.out_features].contiguous(), requires_grad=False)
     return model
@@ -71,14 +66,15 @@ def main() -> None:
     print("| model | " + " | ".join(MODES) + " |")
     print("|---|" + "---|" * len(MODES))
     base = {}
-    for m in MODES:
-        model = load(args.source, "fp32" if m.startswith("fp32") else m, source, args.window)
+    for m in ("packed", "fp32"):  # the source has no quantized weights: one bf16 and one fp32 figure serve all
+        model = load(args.source, m, source, args.window)
         base[m] = perplexity_of(model, ids, args.window)
         model.unload()
+    base["dense"], base["fp32, unquantized head"] = base["packed"], base["fp32"]
     print("| source | " + " | ".join(f"{base[m]:.3f}" for m in MODES) + " |", flush=True)
     for d in args.models:
         cells = []
-        rotated = ((ExLlamaV2Config(d).read_config or {}).get("quantization_config") or {}).get("residual_rotation")
+        rotated = ExLlamaV2Config(d).residual_rotation
         for m in MODES:
             if rotated and m == "fp32, unquantized head":  # the source's head reads unrotated states
                 cells.append("- (rotated)")

@@ -47,8 +47,9 @@ def perplexity_of(model: ExLlamaV2, ids: torch.Tensor, window: int) -> float:
     return math.exp(nll / count)
 
 
-def perplexity(model_dir: str, ids: torch.Tensor, window: int, dtype: torch.dtype | None = None) -> float:
-    """Perplexity of a model folder; dtype: the activations' dtype (default: the engine's, bf16 on the CPU)."""
+def load_model(model_dir: str, window: int, dtype: torch.dtype | None = None) -> ExLlamaV2:
+    """A model folder loaded for scoring windows of `window` tokens; dtype: the activations' dtype (default: the
+    engine's, bf16 on the CPU)."""
     cfg = ExLlamaV2Config(model_dir)
     if dtype is not None:
         cfg.dtype = dtype
@@ -56,6 +57,11 @@ def perplexity(model_dir: str, ids: torch.Tensor, window: int, dtype: torch.dtyp
     cfg.max_input_len = window
     model = ExLlamaV2(cfg)
     model.load()
+    return model
+
+
+def perplexity(model_dir: str, ids: torch.Tensor, window: int, dtype: torch.dtype | None = None) -> float:
+    model = load_model(model_dir, window, dtype)
     try:
         return perplexity_of(model, ids, window)
     finally:

@@ -55,6 +55,7 @@ class ExLlamaV2Config:
         self.load_in_q4 = False
         self.tensor_file_map: dict = {}
         self.checkpoint_offset_qzeros = False  # GPTQ "gptq_v2" checkpoints store zeros without the +1 offset
+        self.residual_rotation: dict | None = None  # set by `convert --rotate`: hidden states are in rotated coordinates
         self.generation_config: dict = {}
         self.arch = None
         if model_dir is not None:
@@ -261,6 +262,7 @@ class ExLlamaV2Config:
                 self.tensor_file_map[k] = st
         qc = self.read_config.get("quantization_config") or {}
         self.checkpoint_offset_qzeros = qc.get("checkpoint_format") == "gptq_v2"
+        self.residual_rotation = qc.get("residual_rotation") or None
 
     # ---------------------------------------------------------------- options
 

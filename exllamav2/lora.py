@@ -21,8 +21,7 @@ class ExLlamaV2Lora:
     def __init__(self, model, lora_path: str, lora_scaling: float = 1.0):
         self.model = model
         self.lora_path = lora_path
-        qc = model.config.read_config.get("quantization_config") or {}
-        if qc.get("residual_rotation"):
+        if model.config.residual_rotation:
             raise LoraError(f"{model.config.model_dir}: this model was converted with a rotated residual stream "
                             f"(quantization_config.residual_rotation), so LoRA adapters made for the original model "
                             f"do not apply to it ({lora_path}); convert it with --no-rotate to use LoRA")

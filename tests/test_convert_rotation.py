@@ -97,6 +97,7 @@ def test_rotated_conversion(tmp_path, capsys):
     Q = load_file(os.path.join(out, rot["file"]))["rotation"]
     torch.testing.assert_close(Q @ Q.T, torch.eye(Q.shape[0]), atol=1e-5, rtol=0)
     model = load_ours(out)
+    assert model.config.residual_rotation == rot and ExLlamaV2Config(src).residual_rotation is None
     assert rel_error(model, ids, ref) < 0.7  # test_convert.py's bound at 4.0 for this model
     E = load_file(str(tmp_path / "src" / "model.safetensors"))["model.embed_tokens.weight"]
     emb = load_file(os.path.join(out, "output.safetensors"))["model.embed_tokens.weight"].float()

@@ -88,7 +88,7 @@ def run(args) -> int:
     print(f"Format:        {fmt}")
     if gguf_path:
         print(f"GGUF tensors:  {gguf_tensor_types(gguf_path)}")
-    rotation = ((getattr(config, "read_config", None) or {}).get("quantization_config") or {}).get("residual_rotation")
+    rotation = config.residual_rotation
     if rotation:
         print(f"Rotation:      residual stream rotated at conversion ({rotation.get('method', '?')}, matrix in "
               f"{rotation.get('file', '?')}); hidden states are in rotated coordinates")
