@@ -5,6 +5,13 @@ Tokens are grouped by expert with one sort; the Python loop runs over the expert
 over tokens. Expert weights are read from per-expert tensors (keys `moe_w1`/`moe_w3`/`moe_w2` (gate/up/down) with `*`
 for the expert index, the layout HF saves) or from fused 3-D tensors (`experts.gate_up_proj` (E, 2I, H), `experts.down_proj` (E, H, I),
 the layout HF 5.x models hold in memory).
+
+Two identity steps (`ExLlamaV2HookPoint`) give the branch module boundaries that no single linear has, so an
+`Intervention` can read or edit them (see `hook_sites()` and exllamav2/interventions/points.py):
+`pre_down_point` carries every token's selected experts' activations, (b, s, top_k * moe_intermediate_size) in
+routing-rank order (slot j = the expert with the j-th largest router weight), right before the experts' down
+projections read them; `out_point` carries what the branch adds to the residual (weighted expert sum [+ gated
+shared expert] [-> post norm]).
 """
 
 from __future__ import annotations
@@ -17,6 +24,25 @@ from .linear import ExLlamaV2Linear
 from .mlp import ExLlamaV2MLP
 from .module import ExLlamaV2Module, TensorShapeError
 from .norms import make_norm
+
+
+class ExLlamaV2HookPoint(ExLlamaV2Module):
+    """An identity step inside a module's forward: a module boundary where an `Intervention` can read or edit a
+    tensor that is no other module's input or output. It holds no weights and is not in any `submodules`."""
+
+    name = "HookPoint"
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+    def numel(self) -> int:
+        return 0
+
+    def load(self, *args, **kwargs):
+        pass
+
+    def unload(self):
+        pass
 
 
 class ExLlamaV2MoEMLP(ExLlamaV2Module):
@@ -68,6 +94,9 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
                                                    pad32=False, archparams=ap)
 
         self.experts = self.w1 + self.w3 + self.w2
+        # identity steps: the tensor the down projections read, and the branch output (see the module docstring)
+        self.pre_down_point = ExLlamaV2HookPoint(model, key + ".hook_pre_down", ap)
+        self.out_point = ExLlamaV2HookPoint(model, key + ".hook_out", ap)
         self.submodules = [m for m in (self.pre_layernorm, self.gate, *self.experts, self.shared_expert,
                                        self.shared_gate, self.post_layernorm) if m is not None]
 
@@ -142,6 +171,16 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, ids
 
+    def hook_sites(self) -> dict:
+        """Where this branch's intervention points are (exllamav2/interventions/points.py): point suffix ->
+        (attribute path from this module, "pre" | "post", width); the path "" is this module itself."""
+        H = self.hidden_size
+        return {
+            "mlp.post_norm": ("pre_layernorm", "post", H) if self.pre_layernorm is not None else ("", "pre", H),
+            "mlp.pre_down": ("pre_down_point", "pre", self.top_k * self.interm_features),
+            "mlp_out": ("out_point", "post", H),
+        }
+
     def forward(self, hidden_states, cache=None, attn_params=None, past_len=None, intermediates=False,
                 loras=None, **kwargs):
         residual = hidden_states
@@ -151,26 +190,45 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
         xf = x.reshape(-1, shape[-1])
         weights, ids = self.route(xf)
 
-        # group the (token, slot) assignments by expert with one stable sort
-        k = self.top_k
+        # group the (token, slot) assignments by expert with one stable sort; assignment t * k + j is token t's
+        # j-th ranked expert
+        k, im = self.top_k, self.interm_features
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         tokens = order // k
         slot_weights = weights.reshape(-1)[order]
-        y = torch.zeros_like(xf)
         inter = {"post_norm": post_norm} if intermediates else None
+
+        # gate/up per expert, each activation row written at its assignment's place
+        act = None
         beg = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            tok = tokens[beg:beg + n]
-            xe = xf.index_select(0, tok)
+            xe = xf.index_select(0, tokens[beg:beg + n])
             a = self.act(self.w1[e].forward(xe)) * self.w3[e].forward(xe)
+            if act is None:
+                act = a.new_empty(flat.shape[0], im)
+            act.index_copy_(0, order[beg:beg + n], a)
+            beg += n
+        if act is None:
+            act = xf.new_zeros(flat.shape[0], im)
+        act = self.pre_down_point.forward(act.view(*shape[:-1], k * im)).reshape(-1, im)
+        if inter is not None:
+            inter["pre_down"] = act.view(*shape[:-1], k * im)
+
+        # down per expert, weighted, summed per token
+        y = torch.zeros_like(xf)
+        beg = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            ae = act.index_select(0, order[beg:beg + n])
             if inter is not None:
-                inter[f"pre_down.{e}"] = a
-            ye = self.w2[e].forward(a) * slot_weights[beg:beg + n, None]
-            y.index_add_(0, tok, ye.to(y.dtype))
+                inter[f"pre_down.{e}"] = ae
+            ye = self.w2[e].forward(ae) * slot_weights[beg:beg + n, None]
+            y.index_add_(0, tokens[beg:beg + n], ye.to(y.dtype))
             beg += n
 
         if self.shared_expert is not None:
@@ -181,6 +239,7 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
         y = y.view(shape)
         if self.post_layernorm is not None:
             y = self.post_layernorm.forward(y)
+        y = self.out_point.forward(y)
         out = self.add_residual(residual, y)
         if intermediates:
             inter["hidden_states"] = out

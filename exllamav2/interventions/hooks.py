@@ -13,8 +13,8 @@ from typing import Callable
 
 import torch
 
-from ..module import Intervention
-from .points import Point, Site, Slot, raw, resolve
+from ..module import ExLlamaV2Module, Intervention
+from .points import Point, Slot, raw, resolve
 from .targets import CallInfo, Target, TokenStreams
 
 
@@ -269,18 +269,27 @@ def add_edit(model, point: str, edit, target: Target | None = None, **target_kw)
 
 
 def wrapped_slots(model) -> list:
-    """Every place in the model that still holds an Intervention (any author): (description, wrapper)."""
+    """Every place in the model that still holds an Intervention (any author): (description, wrapper). Walks
+    `model.modules` and, below each, every child module held in an attribute or in a list attribute."""
     found = []
+    seen = set()
 
     def visit(m, where):
         if isinstance(m, Intervention):
             found.append((where, m))
         r = raw(m)
-        for attr in ("pre_layernorm", "post_layernorm", "input_layernorm", "mlp_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
-                     "gate_proj", "up_proj", "down_proj", "attn", "mlp"):
-            sub = r.__dict__.get(attr)
-            if sub is not None:
+        if id(r) in seen:
+            return
+        seen.add(id(r))
+        for attr, sub in vars(r).items():
+            if attr == "model":
+                continue
+            if isinstance(sub, ExLlamaV2Module):
                 visit(sub, f"{where}.{attr}")
+            elif isinstance(sub, (list, tuple)):
+                for j, item in enumerate(sub):
+                    if isinstance(item, ExLlamaV2Module):
+                        visit(item, f"{where}.{attr}[{j}]")
 
     for i, m in enumerate(model.modules):
         visit(m, f"modules[{i}]")

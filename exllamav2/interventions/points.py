@@ -13,23 +13,48 @@ Names (i = decoder layer index):
   final_norm                output of the final norm (input of the head)
 A TransformerLens-style `hook_` prefix on the last part is accepted (`blocks.3.hook_resid_post`).
 
-Parallel blocks (GPT-J, GPT-NeoX): both branches read a norm of resid_pre. GPT-J shares one norm, so there
-`attn.post_norm` and `mlp.post_norm` are the same tensor (editing one edits the input of both branches); GPT-NeoX
-has one norm per branch (`mlp.post_norm` is the MLP's own norm). No tensor exists between the branches: `resid_mid` is defined as resid_pre + attn_out, the residual a sequential block would have there.
-It is computed from the branch outputs; an edit of it changes the layer's output by (edited - original), since
-the MLP branch never reads it.
+Mixture-of-experts MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE):
+  mlp.post_norm  the normed input of the router, the experts and the shared expert.
+  mlp.pre_down   (b, s, top_k * moe_intermediate_size): each token's selected experts' activations
+                 act(w1 x) * w3 x, concatenated in routing-rank order (slot j = the expert with the j-th largest
+                 router weight), exactly what the experts' down projections (w2) read; an edit changes their
+                 input. Slot j's expert differs from token to token (routing is not fixed); the router weights
+                 are applied after the down projection, so they are not in this tensor. The Qwen2-MoE shared
+                 expert is a dense MLP of its own and is not part of it.
+  mlp_out        what the branch adds to the residual: the router-weighted sum of the experts' outputs
+                 [+ the gated shared expert] [-> post norm].
+
+Parallel blocks (GPT-J, GPT-NeoX, Phi, Cohere, StableLM parallel residual): both branches read a norm of
+resid_pre. `attn.post_norm` is the input of the attention branch and `mlp.post_norm` the input of the MLP branch:
+the same values where one norm is shared (GPT-J, Phi, Cohere, StableLM), the MLP's own norm where it has one
+(GPT-NeoX); editing either changes only its own branch's input. No tensor exists between the branches: `resid_mid`
+is defined as resid_pre + attn_out, the residual a sequential block would have there. It is computed from the
+branch outputs; an edit of it changes the layer's output by (edited - original), since the MLP branch never
+reads it.
+
+How points are found (no per-architecture attribute lists): a decoder module says where its points are with
+`hook_sites()` -> {point suffix: (attribute path from the module, "pre" | "post", width)}, the path "" being the
+module itself and a number in a path indexing a list (ExLlamaV2MoEMLP declares it; ExLlamaV2Attention and
+ExLlamaV2MLP get theirs from `_fallback_sites()` below until they declare it). A module that declares nothing
+collects its child modules' sites (the parallel decoder: its `attn` and `mlp`), paths prefixed by the attribute.
+Walking `model.modules`: a module with both `attn_out` and `mlp_out` is one layer; a module with `attn_out` opens
+a layer that the next module with `mlp_out` closes; `embed` is the output of the module before the first layer.
+Every point `point_names(model)` lists resolves to a module boundary (an `Intervention` around the module held in
+that slot), so removing a hook restores the model exactly.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
-from ..module import Intervention
+from ..module import ExLlamaV2Module, Intervention
 
 BLOCK_POINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "attn.post_norm", "attn.attn_output",
                 "mlp.post_norm", "mlp.pre_down")
 GLOBAL_POINTS = ("embed", "final_norm")
+RESID_POINTS = ("resid_pre", "resid_mid", "resid_post")
 
 
 class UnknownPointError(ValueError):
@@ -44,7 +69,8 @@ def raw(m):
 
 
 class Slot:
-    """A place holding a module: `model.modules[index]` or an attribute of a (raw) module."""
+    """A place holding a module: `model.modules[index]`, an element of a module's list, or an attribute of a
+    (raw) module."""
 
     def __init__(self, owner, key):
         self.owner, self.key = owner, key
@@ -87,104 +113,156 @@ def normalize(name: str) -> str:
     return ".".join(parts)
 
 
-def layer_blocks(model) -> list:
-    """Per decoder layer: ("seq", list-index of attention, list-index of MLP) or ("par", list-index of block)."""
-    out = []
-    mods = model.modules
-    i = 1
-    while i < model.head_layer_idx - 1:
-        m = raw(mods[i])
-        if hasattr(m, "attn") and hasattr(m, "mlp") and hasattr(m, "layer_idx"):
-            out.append(("par", i))
-            i += 1
-        elif getattr(m, "kv_layer", False) and hasattr(m, "o_proj"):
-            out.append(("seq", i, i + 1))
-            i += 2
-        else:
-            i += 1  # positional embedding
+# ---------------------------------------------------------------------------------------------- site discovery
+
+def _attention_sites(m) -> dict:
+    h = m.config.hidden_size
+    return {
+        "attn.post_norm": ("pre_layernorm", "post", h) if m.pre_layernorm is not None else ("", "pre", h),
+        "attn.attn_output": ("o_proj", "pre", m.num_heads * m.head_dim),
+        "attn_out": ("post_layernorm" if m.post_layernorm is not None else "o_proj", "post", h),
+    }
+
+
+def _mlp_sites(m) -> dict:
+    h = m.out_features
+    return {
+        "mlp.post_norm": ("pre_layernorm", "post", m.in_features) if m.pre_layernorm is not None
+        else ("", "pre", m.in_features),
+        "mlp.pre_down": ("down_proj", "pre", m.interm_features),
+        "mlp_out": ("post_layernorm" if m.post_layernorm is not None else "down_proj", "post", h),
+    }
+
+
+@lru_cache(maxsize=None)
+def _fallback_sites() -> tuple:
+    """(class, sites function) for module classes that do not declare `hook_sites()` themselves."""
+    from ..attn import ExLlamaV2Attention
+    from ..mlp import ExLlamaV2MLP
+    return ((ExLlamaV2Attention, _attention_sites), (ExLlamaV2MLP, _mlp_sites))
+
+
+def module_sites(module, _depth: int = 0) -> dict:
+    """{point suffix: (path, when, width)} of one module of `model.modules` (or a child of one): declared by the
+    module's `hook_sites()`, else the fallback for its class, else collected from its child modules."""
+    m = raw(module)
+    declared = getattr(m, "hook_sites", None)
+    if callable(declared):
+        return dict(declared())
+    for cls, fn in _fallback_sites():
+        if isinstance(m, cls):
+            return fn(m)
+    out: dict = {}
+    if _depth >= 4:
+        return out
+    for attr, child in vars(m).items():
+        if attr == "model" or not isinstance(child, ExLlamaV2Module):
+            continue
+        for suffix, (path, when, width) in module_sites(child, _depth + 1).items():
+            out.setdefault(suffix, (f"{attr}.{path}" if path else attr, when, width))
     return out
 
 
+def _site(slot: Slot, path: str, when: str) -> Site:
+    """The Site at `path` (attribute names and list indices, dot-separated) below the module in `slot`."""
+    if not path:
+        return Site(slot, when)
+    owner = raw(slot.get())
+    parts = path.split(".")
+    for p in parts[:-1]:
+        owner = owner[int(p)] if p.isdigit() else getattr(owner, p)
+        owner = raw(owner)
+    last = parts[-1]
+    return Site(Slot(owner, int(last) if last.isdigit() else last), when)
+
+
+@dataclass
+class Layer:
+    """One decoder layer: the list indices of its modules in `model.modules` and each point's site spec."""
+
+    modules: tuple          # (attention, MLP) indices, or (block,) for one module with both branches
+    sites: dict             # point suffix -> (model.modules index, path, when, width)
+
+    @property
+    def parallel(self) -> bool:
+        return len(self.modules) == 1
+
+    def as_tuple(self) -> tuple:
+        return ("par", *self.modules) if self.parallel else ("seq", *self.modules)
+
+
+def layers(model) -> list[Layer]:
+    """The decoder layers, found by walking `model.modules` and each module's hook sites."""
+    out, pending = [], None
+    for i, mod in enumerate(model.modules):
+        s = module_sites(mod)
+        if "attn_out" in s and "mlp_out" in s:
+            out.append(Layer((i,), {k: (i, *v) for k, v in s.items()}))
+            pending = None
+        elif "attn_out" in s:
+            pending = (i, s)
+        elif "mlp_out" in s and pending is not None:
+            ia, sa = pending
+            sites = {k: (ia, *v) for k, v in sa.items()}
+            sites.update({k: (i, *v) for k, v in s.items()})
+            out.append(Layer((ia, i), sites))
+            pending = None
+    return out
+
+
+def layer_blocks(model) -> list:
+    """Per decoder layer: ("seq", list-index of attention, list-index of MLP) or ("par", list-index of block)."""
+    return [layer.as_tuple() for layer in layers(model)]
+
+
+def _layer_suffixes(layer: Layer) -> list[str]:
+    have = set(layer.sites)
+    names = [p for p in BLOCK_POINTS if p in have or (p in RESID_POINTS and (p != "resid_mid" or "attn_out" in have))]
+    return names + sorted(have - set(BLOCK_POINTS))
+
+
 def point_names(model) -> list[str]:
-    n = len(layer_blocks(model))
-    return ["embed"] + [f"blocks.{i}.{p}" for i in range(n) for p in BLOCK_POINTS] + ["final_norm"]
-
-
-def _linear_out(mod, linear_attr: str, post_norm_attr: str) -> Site:
-    if getattr(mod, post_norm_attr, None) is not None:
-        return Site(Slot(mod, post_norm_attr), "post")
-    return Site(Slot(mod, linear_attr), "post")
+    return (["embed"] + [f"blocks.{i}.{p}" for i, layer in enumerate(layers(model)) for p in _layer_suffixes(layer)]
+            + ["final_norm"])
 
 
 def resolve(model, name: str) -> Point:
     name = normalize(name)
-    cfg = model.config
-    hidden = cfg.hidden_size
+    hidden = model.config.hidden_size
     mods = model.modules
-    if name == "embed":
-        return Point(name, [Site(Slot(mods, 1 if _has_pos_emb(model) else 0), "post")], hidden)
+    all_layers = layers(model)
+    if name == "embed":  # the output of the last module before the first layer (token [+ position] embedding)
+        return Point(name, [Site(Slot(mods, max(all_layers[0].modules[0] - 1, 0) if all_layers else 0), "post")],
+                     hidden)
     if name == "final_norm":
         return Point(name, [Site(Slot(mods, model.head_layer_idx - 1), "post")], hidden)
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
-    blocks = layer_blocks(model)
-    if not m or m.group(2) not in BLOCK_POINTS:
-        raise UnknownPointError(
-            f"unknown point {name!r}: expected 'embed', 'final_norm' or 'blocks.<layer>.<point>' with point one of "
-            f"{', '.join(BLOCK_POINTS)}")
-    layer, what = int(m.group(1)), m.group(2)
-    if layer >= len(blocks):
-        raise UnknownPointError(f"point {name!r}: layer {layer} does not exist (the model has {len(blocks)} layers, 0..{len(blocks) - 1})")
-    blk = blocks[layer]
-    if blk[0] == "seq":
-        return _resolve_seq(name, what, mods, blk[1], blk[2], hidden)
-    return _resolve_par(name, what, mods, blk[1], hidden)
+    if m:
+        idx, what = int(m.group(1)), m.group(2)
+        if idx < len(all_layers) and what in _layer_suffixes(all_layers[idx]):
+            return _resolve_in_layer(name, what, mods, all_layers[idx], hidden)
+        if idx >= len(all_layers) and what in BLOCK_POINTS:
+            raise UnknownPointError(f"point {name!r}: layer {idx} does not exist (the model has {len(all_layers)} "
+                                    f"layers, 0..{len(all_layers) - 1})")
+        if idx < len(all_layers) and what in BLOCK_POINTS:
+            raise UnknownPointError(f"point {name!r}: layer {idx} has no {what!r} (it has "
+                                    f"{', '.join(_layer_suffixes(all_layers[idx]))})")
+    raise UnknownPointError(
+        f"unknown point {name!r}: expected 'embed', 'final_norm' or 'blocks.<layer>.<point>' with point one of "
+        f"{', '.join(BLOCK_POINTS)}")
 
 
-def _has_pos_emb(model) -> bool:
-    return len(model.modules) > 1 and type(raw(model.modules[1])).__name__ == "ExLlamaV2PosEmbedding"
-
-
-def _widths(attn, mlp, hidden):
-    return {"attn.attn_output": attn.num_heads * attn.head_dim, "mlp.pre_down": mlp.interm_features}
-
-
-def _resolve_seq(name, what, mods, ia, im, hidden) -> Point:
-    attn, mlp = raw(mods[ia]), raw(mods[im])
-    width = _widths(attn, mlp, hidden).get(what, hidden)
-    site = {
-        "resid_pre": lambda: Site(Slot(mods, ia), "pre"),
-        "resid_mid": lambda: Site(Slot(mods, ia), "post"),
-        "resid_post": lambda: Site(Slot(mods, im), "post"),
-        "attn_out": lambda: _linear_out(attn, "o_proj", "post_layernorm"),
-        "mlp_out": lambda: _linear_out(mlp, "down_proj", "post_layernorm"),
-        "attn.post_norm": lambda: (Site(Slot(attn, "pre_layernorm"), "post") if attn.pre_layernorm is not None
-                                   else Site(Slot(mods, ia), "pre")),
-        "mlp.post_norm": lambda: (Site(Slot(mlp, "pre_layernorm"), "post") if mlp.pre_layernorm is not None
-                                  else Site(Slot(mods, im), "pre")),
-        "attn.attn_output": lambda: Site(Slot(attn, "o_proj"), "pre"),
-        "mlp.pre_down": lambda: Site(Slot(mlp, "down_proj"), "pre"),
-    }[what]()
-    return Point(name, [site], width)
-
-
-def _resolve_par(name, what, mods, ib, hidden) -> Point:
-    blk = raw(mods[ib])
-    attn, mlp = raw(blk.attn), raw(blk.mlp)
-    width = _widths(attn, mlp, hidden).get(what, hidden)
-    norm = getattr(blk, "input_layernorm", None)
-    attn_out = _linear_out(attn, "o_proj", "post_layernorm")
+def _resolve_in_layer(name: str, what: str, mods, layer: Layer, hidden: int) -> Point:
+    first, last = layer.modules[0], layer.modules[-1]
+    if what == "resid_pre":
+        return Point(name, [Site(Slot(mods, first), "pre")], hidden)
+    if what == "resid_post":
+        return Point(name, [Site(Slot(mods, last), "post")], hidden)
+    if what == "resid_mid" and not layer.parallel:
+        return Point(name, [Site(Slot(mods, first), "post")], hidden)
     if what == "resid_mid":
-        return Point(name, [Site(Slot(mods, ib), "pre"), attn_out, Site(Slot(mods, ib), "post")], width, composite=True)
-    site = {
-        "resid_pre": lambda: Site(Slot(mods, ib), "pre"),
-        "resid_post": lambda: Site(Slot(mods, ib), "post"),
-        "attn_out": lambda: attn_out,
-        "mlp_out": lambda: _linear_out(mlp, "down_proj", "post_layernorm"),
-        "attn.post_norm": lambda: Site(Slot(blk, "input_layernorm"), "post") if norm is not None else Site(Slot(mods, ib), "pre"),
-        "mlp.post_norm": lambda: (Site(Slot(blk, "mlp_layernorm"), "post") if getattr(blk, "mlp_layernorm", None) is not None
-                                  else Site(Slot(blk, "input_layernorm"), "post") if norm is not None
-                                  else Site(Slot(mods, ib), "pre")),
-        "attn.attn_output": lambda: Site(Slot(attn, "o_proj"), "pre"),
-        "mlp.pre_down": lambda: Site(Slot(mlp, "down_proj"), "pre"),
-    }[what]()
-    return Point(name, [site], width)
+        i, path, when, _ = layer.sites["attn_out"]
+        return Point(name, [Site(Slot(mods, first), "pre"), _site(Slot(mods, i), path, when),
+                            Site(Slot(mods, first), "post")], hidden, composite=True)
+    i, path, when, width = layer.sites[what]
+    return Point(name, [_site(Slot(mods, i), path, when)], width)
