@@ -2,15 +2,21 @@
 
 Each family declares its `ArchParams` as data in `exllamav2/architectures/<family>.py`. An optional
 `configure(params, cfg)` hook adjusts the copy for one model's config.json (e.g. GPT-NeoX's
-`use_parallel_residual`). Unknown architectures are refused, never loaded as Llama.
+`use_parallel_residual`). A family that llama.cpp writes as GGUF also declares a `GGUFArch` there: the GGUF
+`general.architecture` it serves, the HF architecture it reads as, its block tensor names and its metadata ->
+config.json facts. The registry finds the family modules itself (every module of `exllamav2.architectures`
+except the helpers listed there), so adding a family is one new file. Unknown architectures are refused,
+never loaded as Llama.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Callable
+from typing import Any, Callable
 
 
 class RopeStyle(IntEnum):
@@ -114,9 +120,50 @@ def register(arch_string: str, params: ArchParams, configure=None, notes: str = 
     _REGISTRY[arch_string] = ArchEntry(p, configure, notes)
 
 
+@dataclass(frozen=True)
+class GGUFArch:
+    """How one GGUF `general.architecture` maps onto HF transformers; declared by the family that serves it.
+
+    `block_names` maps llama.cpp's per-block tensor names (`blk.N.<name>.weight`) to HF's (`model.layers.N.
+    <name>.weight`); `top_names` the names outside the blocks. `config(meta, cfg)` adds the family's own
+    config.json fields from the file's metadata; `meta` is the generic reader's view of the file (`get`,
+    `require`, `uniform_int`, `error`, `arch`, `path`, `tensor_names`, `full_rope`, see gguf/metadata.py)."""
+
+    name: str                   # GGUF general.architecture
+    hf_architecture: str        # the architectures[0] string it reads as (registered by the same family)
+    model_type: str
+    block_names: dict
+    top_names: dict | None = None   # None: the common token_embd / output_norm / output names
+    permuted_qk: bool = False   # llama.cpp permutes q/k rows for rotary embedding in interleaved form
+    norm_offset: float = 0.0    # llama.cpp stores (1 + w) for norms HF stores as w
+    hidden_act_key: str = "hidden_act"
+    hidden_act: str = "silu"
+    head_dim_from_rope: bool = False  # no attention.key_length: head_dim is rope.dimension_count (llama)
+    config: Callable[[Any, dict], None] | None = None
+
+
+_GGUF_REGISTRY: dict[str, GGUFArch] = {}
+
+
+def register_gguf(spec: GGUFArch) -> None:
+    _GGUF_REGISTRY[spec.name] = spec
+
+
+def gguf_architectures() -> dict[str, GGUFArch]:
+    """{GGUF general.architecture: GGUFArch} for every family that declares one, sorted by name."""
+    _load_families()
+    return dict(sorted(_GGUF_REGISTRY.items()))
+
+
 def _load_families() -> None:
-    # importing the package registers every family module it lists
-    from . import architectures  # noqa: F401
+    """Import every family module of `exllamav2.architectures`; importing one registers its families. The
+    folder is listed on each call (cheap; modules already imported are not re-run), so a module added to
+    the package path is picked up without editing any list."""
+    from . import architectures
+    for info in pkgutil.iter_modules(architectures.__path__):
+        if info.name.startswith("_") or info.name in architectures.HELPER_MODULES:
+            continue
+        importlib.import_module(f"{architectures.__name__}.{info.name}")
 
 
 def supported_architectures() -> dict[str, ArchEntry]:

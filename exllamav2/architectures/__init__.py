@@ -1,6 +1,8 @@
-"""Architecture families. Each module registers its ArchParams on import; a new family is a new module here."""
+"""Architecture families, one module per family. Each module registers its ArchParams (and, where llama.cpp
+writes the family as GGUF, its GGUFArch) on import. The registry (`exllamav2.architecture`) imports every
+module in this package itself, so a new family is a new module here and nothing else.
 
-from . import (  # noqa: F401
-    cohere, gemma, gpt2, gpt_neox, gptj, granite, internlm2, llama, mixtral, olmo2, phi, qwen_moe, stablelm,
-    starcoder2,
-)
+Modules that are not families: names starting with "_", and those in HELPER_MODULES.
+"""
+
+HELPER_MODULES = frozenset({"table"})  # table.py: the `info --architectures` table, registers nothing

@@ -3,9 +3,11 @@
 Norm weights are stored as w and applied as (1 + w); embeddings are scaled by sqrt(hidden) rounded to the
 activation dtype. Gemma 2/3 add post-attention/post-MLP norms, sliding-window layers per `layer_types`
 (each with its own RoPE base in Gemma 3), `query_pre_attn_scalar`, and (Gemma 2) attention/final softcaps.
+GGUF: llama.cpp's "gemma3" (text model).
 """
 
-from ..architecture import ArchParams, default_keys, register
+from ..architecture import ArchParams, GGUFArch, default_keys, register, register_gguf
+from ..gguf.names import BLOCK_COMMON, QK_NORM
 
 GEMMA = ArchParams(
     family="gemma",
@@ -65,3 +67,66 @@ register("Gemma3ForCausalLM", GEMMA3,
          notes="text model: q/k RMS norm (1 + w), sliding layers with their own RoPE base, query_pre_attn_scalar")
 register("Gemma3ForConditionalGeneration", GEMMA3_MM,
          notes="text part only (config under text_config); vision tower ignored, image inputs unsupported")
+
+
+# ------------------------------------------------------------------------------------------------ GGUF
+
+# Gemma 3 has four norms per layer; llama.cpp's "ffn_norm" is HF's pre-feedforward norm there.
+_GGUF_GEMMA3_BLOCK = {
+    **BLOCK_COMMON,
+    **QK_NORM,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+
+# Values llama.cpp hard-codes for Gemma 3 rather than storing them in the file.
+GEMMA3_SLIDING_WINDOW_PATTERN = 6
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
+GEMMA3_27B_LAYERS = 62
+
+
+def _gguf_gemma3_layer_types(meta, num_layers: int) -> list[str]:
+    key = f"{meta.arch}.attention.sliding_window_pattern"
+    pattern = meta.get(key, GEMMA3_SLIDING_WINDOW_PATTERN)
+    if isinstance(pattern, list):
+        # Per-layer booleans, true for sliding-window layers.
+        if len(pattern) != num_layers:
+            raise meta.error(f"{key} has {len(pattern)} entries, expected {num_layers}")
+        return ["sliding_attention" if p else "full_attention" for p in pattern]
+    pattern = int(pattern)
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+
+
+def _gguf_gemma3_config(meta, cfg: dict) -> None:
+    """Gemma 3's config.json fields from llama.cpp's metadata: layer types, the sliding layers' own RoPE base,
+    query_pre_attn_scalar and the softcaps."""
+    arch, num_layers = meta.arch, cfg["num_hidden_layers"]
+    local_theta = float(meta.get(f"{arch}.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_THETA))
+    layer_types = _gguf_gemma3_layer_types(meta, num_layers)
+    # llama.cpp scales attention by 1/sqrt(hidden/heads) for the 27B model only, else 1/sqrt(head_dim).
+    scalar = (cfg["hidden_size"] // cfg["num_attention_heads"] if num_layers == GEMMA3_27B_LAYERS
+              else cfg["head_dim"])
+    cfg.update({
+        "sliding_window": meta.uniform_int(f"{arch}.attention.sliding_window"),
+        "layer_types": layer_types,
+        "rope_local_base_freq": local_theta,
+        "query_pre_attn_scalar": scalar,
+        "final_logit_softcapping": meta.get(f"{arch}.final_logit_softcapping"),
+        "attn_logit_softcapping": meta.get(f"{arch}.attn_logit_softcapping"),
+        "attention_bias": False,
+        "use_bidirectional_attention": False,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
+            "full_attention": meta.full_rope,
+        },
+    })
+    if "full_attention" in layer_types and "sliding_attention" in layer_types:
+        period = layer_types.index("full_attention") + 1
+        if layer_types == ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(num_layers)]:
+            cfg["sliding_window_pattern"] = period
+
+
+register_gguf(GGUFArch("gemma3", "Gemma3ForCausalLM", "gemma3_text", _GGUF_GEMMA3_BLOCK, norm_offset=1.0,
+                       hidden_act_key="hidden_activation", hidden_act="gelu_pytorch_tanh",
+                       config=_gguf_gemma3_config))

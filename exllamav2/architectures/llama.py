@@ -1,7 +1,8 @@
 """Llama family: Llama 1/2/3, Mistral, Qwen2, Qwen3, and variants that differ only in key names or flags
-(Yi, Ministral, Helium, Ernie 4.5, Seed-OSS)."""
+(Yi, Ministral, Helium, Ernie 4.5, Seed-OSS). GGUF: llama.cpp's "llama", "qwen2" and "qwen3"."""
 
-from ..architecture import ArchParams, RopeStyle, register
+from ..architecture import ArchParams, GGUFArch, RopeStyle, register, register_gguf
+from ..gguf.names import BLOCK_COMMON, QK_NORM
 
 LLAMA = ArchParams(family="llama", supports_tp=True)
 
@@ -43,3 +44,22 @@ def _configure_seed_oss(p: ArchParams, cfg: dict) -> None:
 
 register("SeedOssForCausalLM", ArchParams(family="llama"), configure=_configure_seed_oss,
          notes="Llama with separate q/k/v (attention_bias) and o (attention_out_bias) biases")
+
+
+# ------------------------------------------------------------------------------------------------ GGUF
+
+_GGUF_BLOCK = {**BLOCK_COMMON, "ffn_norm": "post_attention_layernorm"}
+
+# llama.cpp writes Mistral models as "llama"; they read as LlamaForCausalLM, as in HF's GGUF loader
+# (which names them "mistral" only when general.name is exactly "mistral"). llama.cpp permutes Llama's q/k
+# rows, and older Llama files give head_dim only as rope.dimension_count.
+register_gguf(GGUFArch("llama", "LlamaForCausalLM", "llama", _GGUF_BLOCK, permuted_qk=True, head_dim_from_rope=True))
+
+
+def _gguf_qwen2_config(meta, cfg: dict) -> None:
+    # Qwen2 has q/k/v biases; a file without them reads as attention_bias False
+    cfg["attention_bias"] = "blk.0.attn_q.bias" in meta.tensor_names
+
+
+register_gguf(GGUFArch("qwen2", "Qwen2ForCausalLM", "qwen2", _GGUF_BLOCK, config=_gguf_qwen2_config))
+register_gguf(GGUFArch("qwen3", "Qwen3ForCausalLM", "qwen3", {**_GGUF_BLOCK, **QK_NORM}))

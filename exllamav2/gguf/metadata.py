@@ -1,39 +1,21 @@
-"""GGUF metadata → the dict an HF config.json would hold for the same model."""
+"""GGUF metadata → the dict an HF config.json would hold for the same model.
 
-from dataclasses import dataclass
+The generic part lives here (sizes, heads, rope, special tokens); what is particular to a family (which HF
+architecture a GGUF architecture reads as, llama.cpp's conventions for it, extra config.json fields such as
+Gemma 3's layer types) is declared by the family in its file under exllamav2/architectures/ (GGUFArch)."""
+
 from typing import Any
 
 import numpy as np
 from gguf.gguf_reader import ReaderField
 
+from ..architecture import GGUFArch, gguf_architectures
 from .errors import GGUFError
 from .rope_freqs import llama3_rope_scaling
 
 
-@dataclass(frozen=True)
-class ArchSpec:
-    """How one GGUF architecture maps onto HF transformers."""
-    hf_architecture: str
-    model_type: str
-    permuted_qk: bool      # llama.cpp permutes q/k rows for rotary embedding in interleaved form
-    norm_offset: float     # llama.cpp stores (1 + w) for norms HF stores as w
-    hidden_act_key: str
-    hidden_act: str
-
-
-# llama.cpp writes Mistral models as "llama"; they read as LlamaForCausalLM, as in HF's GGUF loader
-# (which names them "mistral" only when general.name is exactly "mistral").
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": ArchSpec("LlamaForCausalLM", "llama", True, 0.0, "hidden_act", "silu"),
-    "qwen2": ArchSpec("Qwen2ForCausalLM", "qwen2", False, 0.0, "hidden_act", "silu"),
-    "qwen3": ArchSpec("Qwen3ForCausalLM", "qwen3", False, 0.0, "hidden_act", "silu"),
-    "gemma3": ArchSpec("Gemma3ForCausalLM", "gemma3_text", False, 1.0, "hidden_activation", "gelu_pytorch_tanh"),
-}
-
-# Values llama.cpp hard-codes for Gemma 3 rather than storing them in the file.
-GEMMA3_SLIDING_WINDOW_PATTERN = 6
-GEMMA3_LOCAL_ROPE_THETA = 10000.0
-GEMMA3_27B_LAYERS = 62
+# How one GGUF architecture maps onto HF transformers: declared by its family under exllamav2/architectures/.
+ArchSpec = GGUFArch
 
 
 def field_value(field: ReaderField) -> Any:
@@ -41,10 +23,21 @@ def field_value(field: ReaderField) -> Any:
     return field.contents()
 
 
-class _Fields:
-    def __init__(self, path: str, fields: dict[str, ReaderField]):
+class GGUFMeta:
+    """A GGUF file's metadata as the config builder and the families' `GGUFArch.config` hooks read it:
+    `arch` (general.architecture), `tensor_names` (the file's GGUF tensor names) and, once the generic
+    fields are built, `full_rope` (the full-attention rope parameters)."""
+
+    def __init__(self, path: str, fields: dict[str, ReaderField], tensor_names: set[str] | None = None):
         self.path = path
         self.fields = fields
+        self.arch: str | None = None
+        self.tensor_names = set(tensor_names or ())
+        self.full_rope: dict | None = None
+
+    def error(self, message: str) -> GGUFError:
+        """A GGUFError naming the file (raise it)."""
+        return GGUFError(f"{self.path}: {message}")
 
     def get(self, key: str, default: Any = None) -> Any:
         field = self.fields.get(key)
@@ -65,19 +58,18 @@ class _Fields:
         return None if value is None else int(value)
 
 
-def architecture_spec(path: str, fields: dict[str, ReaderField]) -> tuple[str, ArchSpec]:
-    """(GGUF architecture name, its ArchSpec); an unsupported architecture raises GGUFError."""
-    f = _Fields(path, fields)
+def architecture_spec(path: str, fields: dict[str, ReaderField]) -> tuple[str, GGUFArch]:
+    """(GGUF architecture name, its GGUFArch); an unsupported architecture raises GGUFError."""
+    f = GGUFMeta(path, fields)
     arch = f.require("general.architecture")
-    spec = ARCHITECTURES.get(arch)
+    archs = gguf_architectures()
+    spec = archs.get(arch)
     if spec is None:
-        raise GGUFError(
-            f"{path}: GGUF architecture '{arch}' is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
-        )
+        raise GGUFError(f"{path}: GGUF architecture '{arch}' is not supported (supported: {', '.join(archs)})")
     return arch, spec
 
 
-def _rope_scaling(f: _Fields, arch: str) -> dict | None:
+def _rope_scaling(f: GGUFMeta, arch: str) -> dict | None:
     kind = f.get(f"{arch}.rope.scaling.type")
     factor = f.get(f"{arch}.rope.scaling.factor")
     if kind is None and f.get(f"{arch}.rope.scale_linear") is not None:
@@ -100,24 +92,13 @@ def _rope_scaling(f: _Fields, arch: str) -> dict | None:
     return scaling
 
 
-def _gemma3_layer_types(f: _Fields, num_layers: int) -> list[str]:
-    pattern = f.get("gemma3.attention.sliding_window_pattern", GEMMA3_SLIDING_WINDOW_PATTERN)
-    if isinstance(pattern, list):
-        # Per-layer booleans, true for sliding-window layers.
-        if len(pattern) != num_layers:
-            raise GGUFError(f"{f.path}: gemma3.attention.sliding_window_pattern has {len(pattern)} entries, "
-                            f"expected {num_layers}")
-        return ["sliding_attention" if p else "full_attention" for p in pattern]
-    pattern = int(pattern)
-    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
-
-
 def build_hf_config(path: str, fields: dict[str, ReaderField], tensor_names: set[str],
                     rope_freqs: np.ndarray | None = None) -> dict:
     """The HF config.json dict for a GGUF file; `tensor_names` are the file's GGUF tensor names,
     `rope_freqs` the values of its rope_freqs.weight tensor if it has one."""
-    f = _Fields(path, fields)
+    f = GGUFMeta(path, fields, tensor_names)
     arch, spec = architecture_spec(path, fields)
+    f.arch = arch
 
     hidden_size = int(f.require(f"{arch}.embedding_length"))
     num_layers = int(f.require(f"{arch}.block_count"))
@@ -127,7 +108,7 @@ def build_hf_config(path: str, fields: dict[str, ReaderField], tensor_names: set
     num_kv_heads = f.uniform_int(f"{arch}.attention.head_count_kv", num_heads)
 
     head_dim = f.get(f"{arch}.attention.key_length")
-    if head_dim is None and arch == "llama":
+    if head_dim is None and spec.head_dim_from_rope:
         head_dim = f.get(f"{arch}.rope.dimension_count")
     head_dim = int(head_dim) if head_dim is not None else hidden_size // num_heads
 
@@ -164,33 +145,8 @@ def build_hf_config(path: str, fields: dict[str, ReaderField], tensor_names: set
         token_id = f.get(f"tokenizer.ggml.{gguf_key}_token_id")
         if token_id is not None:
             cfg[hf_key] = int(token_id)
-    if arch == "qwen2":
-        cfg["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
-
-    full_rope = {"rope_type": "default", **(rope_scaling or {}), "rope_theta": rope_theta}
-    if arch == "gemma3":
-        local_theta = float(f.get("gemma3.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_THETA))
-        layer_types = _gemma3_layer_types(f, num_layers)
-        # llama.cpp scales attention by 1/sqrt(hidden/heads) for the 27B model only, else 1/sqrt(head_dim).
-        scalar = hidden_size // num_heads if num_layers == GEMMA3_27B_LAYERS else head_dim
-        cfg.update({
-            "sliding_window": f.uniform_int("gemma3.attention.sliding_window"),
-            "layer_types": layer_types,
-            "rope_local_base_freq": local_theta,
-            "query_pre_attn_scalar": scalar,
-            "final_logit_softcapping": f.get("gemma3.final_logit_softcapping"),
-            "attn_logit_softcapping": f.get("gemma3.attn_logit_softcapping"),
-            "attention_bias": False,
-            "use_bidirectional_attention": False,
-            "rope_parameters": {
-                "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
-                "full_attention": full_rope,
-            },
-        })
-        if "full_attention" in layer_types and "sliding_attention" in layer_types:
-            period = layer_types.index("full_attention") + 1
-            if layer_types == ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(num_layers)]:
-                cfg["sliding_window_pattern"] = period
-    else:
-        cfg["rope_parameters"] = full_rope
+    f.full_rope = {"rope_type": "default", **(rope_scaling or {}), "rope_theta": rope_theta}
+    if spec.config is not None:
+        spec.config(f, cfg)  # the family's own fields (e.g. Gemma 3's layer types and per-type rope)
+    cfg.setdefault("rope_parameters", f.full_rope)
     return cfg
