@@ -35,7 +35,8 @@ def test_converted_folder_both_engines(converted):
     with torch.no_grad():
         ref = hf(ids).logits
     out = model.forward(ids)
-    assert (out - ref).abs().max().item() < 1e-3
+    # fp32 on both sides, real-model logits (max ~35): bound relative to their size, 1e-4 x max(1, max |ref|)
+    assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
 def test_convert_gguf_cli(smollm2_gguf, tmp_path):
