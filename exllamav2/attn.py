@@ -5,10 +5,11 @@ path (including left padding through Params.input_mask)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from . import ops
 from .architecture import RopeStyle
 from .attn_params import Params
+from .fused_linear import FusedLinear
 from .headnorm import ExLlamaV2HeadNorm
 from .linear import ExLlamaV2Linear
 from .module import ExLlamaV2Module
@@ -68,8 +69,23 @@ class ExLlamaV2Attention(ExLlamaV2Module):
 
         self.submodules = [m for m in (self.pre_layernorm, self.q_proj, self.k_proj, self.v_proj, self.o_proj,
                                        self.q_norm, self.k_norm, self.post_layernorm) if m is not None]
+        # q, k and v run as one matmul (fused_linear.py), also where the checkpoint stores them apart
+        self.qkv = FusedLinear([self.q_proj, self.k_proj, self.v_proj])
+
+    def load(self, device_context: bool = True):
+        super().load(device_context)
+        self.qkv.prepare(self.dtype)
 
     # ------------------------------------------------------------------ module interface
+
+    def hook_sites(self) -> dict:
+        """Where the intervention points of this branch are (see interventions/points.py)."""
+        h = self.config.hidden_size
+        return {
+            "attn.post_norm": ("pre_layernorm", "post", h) if self.pre_layernorm is not None else ("", "pre", h),
+            "attn.attn_output": ("o_proj", "pre", self.num_heads * self.head_dim),
+            "attn_out": ("post_layernorm" if self.post_layernorm is not None else "o_proj", "post", h),
+        }
 
     def is_quant(self) -> bool:
         return self.q_proj.is_quant()
@@ -120,14 +136,17 @@ class ExLlamaV2Attention(ExLlamaV2Module):
 
     def project_qkv(self, x, loras=None):
         b, s = x.shape[0], x.shape[1]
-        q = self.q_proj.forward(x, loras=loras)
-        k = self.k_proj.forward(x, loras=loras)
-        v = self.v_proj.forward(x, loras=loras)
+        if self.qkv.runs(self.q_proj, self.k_proj, self.v_proj):
+            q, k, v = self.qkv.forward(x, loras)
+        else:
+            q = self.q_proj.forward(x, loras=loras)
+            k = self.k_proj.forward(x, loras=loras)
+            v = self.v_proj.forward(x, loras=loras)
         if self.q_norm is not None and self.archparams.qk_norm_before_reshape:
             q, k = self.q_norm.forward(q), self.k_norm.forward(k)
-        q = q.view(b, s, self.num_heads, self.head_dim)
-        k = k.view(b, s, self.num_kv_heads, self.head_dim)
-        v = v.view(b, s, self.num_kv_heads, self.head_dim)
+        q = q.reshape(b, s, self.num_heads, self.head_dim)
+        k = k.reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, s, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and not self.archparams.qk_norm_before_reshape:
             q, k = self.q_norm.forward(q), self.k_norm.forward(k)
         return q, k, v
@@ -148,38 +167,21 @@ class ExLlamaV2Attention(ExLlamaV2Module):
             kc, vc = cache.get_kv_state(self.layer_idx, b, 0, past + s)
             if kc.shape[0] < b:
                 raise ValueError(f"batch of {b} rows does not fit a cache built for batch_size={kc.shape[0]}")
-            kc[:b, :, past:past + s].copy_(k)
-            vc[:b, :, past:past + s].copy_(v)
-            k, v = kc[:b, :, :past + s], vc[:b, :, :past + s]
+            if kc.shape[0] != b:
+                kc, vc = kc[:b], vc[:b]
+            # index_copy_, not a slice assignment: compiled, a slice assignment at a symbolic offset copies the
+            # whole buffer
+            index = attn_params.get_write_index(kc.device)
+            kc.index_copy_(2, index, k.to(kc.dtype))
+            vc.index_copy_(2, index, v.to(vc.dtype))
+            k, v = kc[:, :, :past + s], vc[:, :, :past + s]
             cache.store_kv_state(self.layer_idx, b, past, s)
         mask = attn_params.get_attn_mask(q.device, self.sliding_window)
-        out = attention(q, k, v, mask, self.scaling, self.softcap, is_causal=(mask is None and s > 1))
+        out = ops.attention(q, k, v, mask, self.scaling, self.softcap, s > 1 and mask is None)
         return out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
 
 
+
 def attention(q, k, v, mask, scale: float, softcap: float = 0.0, is_causal: bool = False) -> torch.Tensor:
-    """q (b, hq, s, d); k, v (b, hk, t, d); mask bool (b, 1, s, t) or None. Causal alignment is bottom-right:
-    query i sits at key position t - s + i."""
-    b, hq, s, d = q.shape
-    hk = k.shape[1]
-    if hq != hk and s == 1:
-        # one query per head (decode): fold each KV head's query group into the query axis so K/V are read
-        # once instead of being copied per query head; the mask is per key, so it broadcasts unchanged
-        out = attention(q.reshape(b, hk, hq // hk, d), k, v, mask, scale, softcap, False)
-        return out.reshape(b, hq, 1, d)
-    if hq != hk:
-        k = k.repeat_interleave(hq // hk, dim=1)
-        v = v.repeat_interleave(hq // hk, dim=1)
-    t = k.shape[2]
-    if softcap:
-        scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-        scores = softcap * torch.tanh(scores / softcap)
-        if mask is None and is_causal:
-            mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        return (scores.softmax(-1) @ v.float()).to(q.dtype)
-    if is_causal and s != t:
-        mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
-        is_causal = False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    """q (b, hq, s, d); k, v (b, hk, t, d); mask bool (b, 1, s, t) or None (see ops/torch_ref/attention.py)."""
+    return ops.attention(q, k, v, mask, scale, softcap, is_causal)

@@ -59,9 +59,19 @@ class Params:
         if key not in self._cache:
             pos = torch.arange(self.past_len, self.past_len + self.seq_len, device=device).unsqueeze(0)
             pos = pos.expand(self.batch_size, -1)
+            total = self.past_len + self.seq_len  # every position is below it (no host sync to find the max)
             if self.position_offsets is not None:
-                pos = (pos + self.position_offsets.to(device).view(-1, 1)).clamp(min=0)
-            self._cache[key] = (pos, int(pos.max().item()) + 1 if pos.numel() else 1)
+                off = self.position_offsets.to(device).view(-1, 1)
+                pos = (pos + off).clamp(min=0)
+                total = int(pos.max().item()) + 1 if pos.numel() else 1
+            self._cache[key] = (pos, max(total, 1))
+        return self._cache[key]
+
+    def get_write_index(self, device) -> torch.Tensor:
+        """(seq_len,) cache positions this forward writes: past_len .. past_len + seq_len - 1."""
+        key = ("write", str(device))
+        if key not in self._cache:
+            self._cache[key] = torch.arange(self.past_len, self.past_len + self.seq_len, device=device)
         return self._cache[key]
 
     def get_attn_mask(self, device, sliding_window: int = 0) -> torch.Tensor | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
 from .module import ExLlamaV2Module, MissingTensorError, TensorShapeError
 from .rmsnorm import _with_constant_bias, rms_norm
 
@@ -65,12 +66,5 @@ class ExLlamaV2HeadNorm(ExLlamaV2Module):
             y = rms_norm(x, self.weight, self.variance_epsilon, x.dtype)
         else:
             # LayerNorm over head_dim in fp32 (Cohere's per-head norm does its statistics in fp32)
-            xf = x.float()
-            mean = xf.mean(-1, keepdim=True)
-            var = (xf - mean).pow(2).mean(-1, keepdim=True)
-            y = (xf - mean) * torch.rsqrt(var + self.variance_epsilon)
-            y = y * self.weight.float()
-            if self.bias is not None:
-                y = y + self.bias.float()
-            y = y.to(x.dtype)
+            y = ops.layer_norm(x, self.weight, self.bias, self.variance_epsilon, x.dtype, fp32_stats=True)
         return {"hidden_states": y} if intermediates else y

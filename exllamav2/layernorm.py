@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from . import ops
 
 from .module import ExLlamaV2Module, MissingTensorError, TensorShapeError
 
@@ -38,7 +39,6 @@ class ExLlamaV2LayerNorm(ExLlamaV2Module):
 
     def forward(self, hidden_states, cache=None, attn_params=None, past_len=None,
                 intermediates=False, loras=None, **kwargs):
-        y = F.layer_norm(hidden_states.to(self.weight.dtype), (self.size,), self.weight, self.bias, self.variance_epsilon)
-        if self.output_fp32:
-            y = y.float()
+        y = ops.layer_norm(hidden_states, self.weight, self.bias, self.variance_epsilon,
+                           torch.float32 if self.output_fp32 else self.weight.dtype)
         return {"hidden_states": y} if intermediates else y

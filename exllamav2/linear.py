@@ -1,12 +1,15 @@
-"""ExLlamaV2Linear: y = x @ W.T (+ b), with W plain (model dtype) or quantized (EXL2/GPTQ via exllamav2.quant),
-an output prescale, optional rows of a fused tensor, and LoRA adapters."""
+"""ExLlamaV2Linear: y = x @ W.T (+ b), with W dense (model dtype) or quantized (EXL2, GPTQ, GGUF blocks), an output
+prescale, optional rows of a fused tensor, and LoRA adapters. The matmul is a kernel prepared once per activation
+dtype by the first backend that accepts the weight (exllamav2/ops); fused_linear.py runs several linears as one."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import ops
 from .module import ExLlamaV2Module, MissingTensorError, TensorShapeError
+from .ops import dispatch
 
 
 class ExLlamaV2Linear(ExLlamaV2Module):
@@ -28,12 +31,48 @@ class ExLlamaV2Linear(ExLlamaV2Module):
         self.is_sub_module = is_sub_module
         self.altpack_qkv = altpack_qkv
         self.normalize_unq = normalize_unq
-        self.weight = None
-        self.bias = None
-        self.q_handle = None  # QuantWeight when the weights are EXL2/GPTQ
+        self._weight = self._bias = self._q_handle = None
+        self._kernels: dict = {}
+        self._kernel_gen = -1
+        self.fused_in: list = []   # FusedLinear groups this linear is a part of (they run it instead)
         self.lora_a_tensors: dict = {}
         self.lora_b_tensors: dict = {}
         self.assumed_footprint = in_features * out_features * 2 + 128
+
+    # ------------------------------------------------------------------ weights (setting one drops the kernels)
+
+    @property
+    def weight(self):
+        return self._weight
+
+    @weight.setter
+    def weight(self, w):
+        self._weight = w
+        self.weights_changed()
+
+    @property
+    def bias(self):
+        return self._bias
+
+    @bias.setter
+    def bias(self, b):
+        self._bias = b
+        self.weights_changed()
+
+    @property
+    def q_handle(self):
+        """The QuantWeight (EXL2, GPTQ or GGUF blocks) when the weight is quantized, else None."""
+        return self._q_handle
+
+    @q_handle.setter
+    def q_handle(self, q):
+        self._q_handle = q
+        self.weights_changed()
+
+    def weights_changed(self) -> None:
+        self._kernels = {}
+        for group in self.fused_in:
+            group.invalidate()
 
     # ------------------------------------------------------------------ loading
 
@@ -42,6 +81,8 @@ class ExLlamaV2Linear(ExLlamaV2Module):
             w = self.load_weight_fused(self.f_key, self.f_beg, self.f_end, self.in_features, self.out_features,
                                        self.altpack_qkv)
         if w is None:
+            w = self._gguf_blocks()
+        if w is None:
             w = self.load_weight()
         if w is None:
             names = " or ".join(f"'{k}.weight'" for k in (self.f_key, self.key, self.alt_key) if k)
@@ -49,9 +90,18 @@ class ExLlamaV2Linear(ExLlamaV2Module):
         if isinstance(w, dict):
             from .quant import make_quant_weight
             self.q_handle = make_quant_weight(self.key, w, self.in_features, self.out_features, self.dtype,
-                                              self.device(), checkpoint_offset_qzeros=self.config.checkpoint_offset_qzeros)
+                                              self.device(), checkpoint_offset_qzeros=self.config.checkpoint_offset_qzeros,
+                                              fast_path=False)
             self._check_bias(self.q_handle.has_bias() if hasattr(self.q_handle, "has_bias") else "bias" in w)
-            return
+        elif hasattr(w, "packed_matrix"):
+            self.q_handle = w
+            self._check_bias(w.bias is not None)
+        else:
+            self._load_dense(w)
+        if not self.fused_in:
+            self.kernel(self.dtype)  # prepared once, at load (a fused group prepares its own)
+
+    def _load_dense(self, w):
         weight, bias = w if isinstance(w, tuple) else (w, None)
         if (not self.is_sub_module and weight.dim() == 2 and weight.shape[0] > self.out_features
                 and weight.shape[1] == self.in_features):
@@ -65,7 +115,30 @@ class ExLlamaV2Linear(ExLlamaV2Module):
         self._check_bias(bias is not None)
         if self.normalize_unq:
             weight = torch.nn.Parameter(F.normalize(weight.float(), dim=1).to(weight.dtype), requires_grad=False)
-        self.weight, self.bias = weight, bias
+        self._weight, self._bias = weight, bias
+        self.weights_changed()
+
+    def _gguf_blocks(self):
+        """A GgufWeight over this linear's GGUF quant blocks (kept packed), or None to load it dense."""
+        if self.config.gguf_dequantize or self.f_key is not None or self.stored_transposed():
+            return None
+        from .quant.gguf import GgufWeight, gguf_block_type
+        for key in (self.key, self.alt_key):
+            if key is None or not self.has_tensor(key + ".weight"):
+                continue
+            src = self._source(key + ".weight")
+            shape = tuple(src.shape(key + ".weight"))
+            if gguf_block_type(src, key + ".weight") is None or len(shape) != 2 or shape[1] != self.in_features \
+                    or shape[0] < self.out_features:
+                return None
+            if shape[0] != self.out_features:
+                return None  # a padded tied head: the dense path trims it
+            bias = None
+            if self.has_tensor(key + ".bias"):
+                bias = self._float(self._source(key + ".bias").get_tensor(key + ".bias", device=self.device()))
+            return GgufWeight(self.key, [(src, key + ".weight", self.out_features)], self.in_features,
+                              self.out_features, self.dtype, self.device(), bias, fast_path=False)
+        return None
 
     def _check_bias(self, present: bool):
         if self.has_bias and not present:
@@ -74,7 +147,8 @@ class ExLlamaV2Linear(ExLlamaV2Module):
             raise TensorShapeError(f"{self.key}.bias: unexpected bias tensor (the config says this layer has none)")
 
     def unload(self):
-        self.weight = self.bias = self.q_handle = None
+        self._weight = self._bias = self._q_handle = None
+        self.weights_changed()
 
     def fused_footprint(self) -> int:
         if self.f_key is None:
@@ -92,17 +166,34 @@ class ExLlamaV2Linear(ExLlamaV2Module):
         return self.in_features * self.out_features
 
     def is_quant(self) -> bool:
-        return self.q_handle is not None
+        return self._q_handle is not None
 
     # ------------------------------------------------------------------ compute
+
+    def kernel(self, dtype: torch.dtype):
+        """The prepared matmul for activations of `dtype` (see exllamav2/ops)."""
+        if self._kernel_gen != dispatch._generation:
+            self._kernels, self._kernel_gen = {}, dispatch._generation
+        k = self._kernels.get(dtype)
+        if k is None:
+            if self._weight is None and self._q_handle is None:
+                raise RuntimeError(f"{self.key}: the layer is not loaded")
+            dense = None if self._q_handle is not None else self._weight.data
+            k = self._kernels[dtype] = ops.prepare_linear(dense, self._bias, self._q_handle, self.device(), dtype,
+                                                          name=self.key)
+        return k
 
     def forward(self, hidden_states, cache=None, attn_params=None, past_len=None,
                 intermediates=False, loras=None, force_recons=False, force_cuda=False, **kwargs):
         x = hidden_states
-        if self.q_handle is not None:
-            y = self.q_handle.forward(x)
-        else:
-            y = F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        if self._q_handle is None and x.dtype != self._weight.dtype:
+            x = x.to(self._weight.dtype)
+        y = self.kernel(x.dtype)(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        y = self.finish(hidden_states, y, loras)
+        return {"hidden_states": y} if intermediates else y
+
+    def finish(self, x, y, loras):
+        """The LoRA terms and the output prescale, on this linear's output `y` of input `x`."""
         if loras:
             for lora in loras:
                 a = self.lora_a_tensors.get(lora)
@@ -111,25 +202,27 @@ class ExLlamaV2Linear(ExLlamaV2Module):
         if self.prescale != 1:
             # the LoRA term sits inside the projection, so the output scale covers it too (as in HF/PEFT)
             y = y * self.prescale
-        return {"hidden_states": y} if intermediates else y
+        return y
 
     def get_weight(self) -> torch.Tensor:
         """The (out, in) weight in the model dtype, dequantized if needed."""
-        if self.q_handle is not None:
-            return self.q_handle.dequantize(self.dtype)
-        return self.weight.data
+        if self._q_handle is not None:
+            return self._q_handle.dequantize(self.dtype)
+        return self._weight.data
 
     def get_weight_tensor_dq(self) -> torch.Tensor:
         """The (in, out) matrix, as the original returns it."""
         return self.get_weight().T
 
     def get_bias_tensor(self):
-        return self.bias.data if self.bias is not None else None
+        if self._q_handle is not None:
+            return self._q_handle.bias
+        return self._bias.data if self._bias is not None else None
 
     def rank_reduce(self, k: float):
-        if self.q_handle is not None:
+        if self._q_handle is not None:
             raise ValueError(f"{self.key}: rank_reduce works on unquantized weights only")
-        w = self.weight.data.float()
+        w = self._weight.data.float()
         r = max(1, int(min(w.shape) * k))
         u, s, v = torch.svd_lowrank(w, q=r)
-        self.weight = torch.nn.Parameter(((u * s) @ v.T).to(self.weight.dtype), requires_grad=False)
+        self.weight = torch.nn.Parameter(((u * s) @ v.T).to(self._weight.dtype), requires_grad=False)

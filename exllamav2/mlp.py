@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from . import ops
 from .activations import get_activation
+from .fused_linear import FusedLinear
 from .linear import ExLlamaV2Linear
 from .module import ExLlamaV2Module
 from .norms import make_norm
@@ -26,6 +28,7 @@ class ExLlamaV2MLP(ExLlamaV2Module):
         # config.json's activation wins over the family default (it is what HF runs)
         act = cfg.hidden_act if isinstance(cfg.hidden_act, str) else ap.mlp_act_func
         self.act = get_activation(act)
+        self.act_name = act
         self.gated = ap.mlp_gate
         inf, outf, im, bias = self.in_features, self.out_features, self.interm_features, ap.mlp_bias
 
@@ -44,6 +47,23 @@ class ExLlamaV2MLP(ExLlamaV2Module):
                                          prescale=cfg.scale_depth)
         self.submodules = [m for m in (self.pre_layernorm, self.gate_proj, self.up_proj, self.down_proj,
                                        self.post_layernorm) if m is not None]
+        # gate and up run as one matmul (fused_linear.py)
+        self.gate_up = FusedLinear([self.gate_proj, self.up_proj]) if self.gated else None
+
+    def load(self, device_context: bool = True):
+        super().load(device_context)
+        if self.gate_up is not None:
+            self.gate_up.prepare(self.dtype)
+
+    def hook_sites(self) -> dict:
+        """Where the intervention points of this branch are (see interventions/points.py)."""
+        return {
+            "mlp.post_norm": ("pre_layernorm", "post", self.in_features) if self.pre_layernorm is not None
+            else ("", "pre", self.in_features),
+            "mlp.pre_down": ("down_proj", "pre", self.interm_features),
+            "mlp_out": ("post_layernorm" if self.post_layernorm is not None else "down_proj", "post",
+                        self.out_features),
+        }
 
     def is_quant(self) -> bool:
         return self.up_proj.is_quant()
@@ -78,7 +98,10 @@ class ExLlamaV2MLP(ExLlamaV2Module):
         return out
 
     def activate(self, x, loras=None):
-        up = self.up_proj.forward(x, loras=loras)
         if self.gate_proj is None:
-            return self.act(up)
-        return self.act(self.gate_proj.forward(x, loras=loras)) * up
+            return ops.activation(self.up_proj.forward(x, loras=loras), self.act_name)
+        if self.gate_up.runs(self.gate_proj, self.up_proj):
+            gate, up = self.gate_up.forward(x, loras)
+        else:
+            gate, up = self.gate_proj.forward(x, loras=loras), self.up_proj.forward(x, loras=loras)
+        return ops.gated_activation(gate, up, self.act_name)

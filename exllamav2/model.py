@@ -24,6 +24,7 @@ class ExLlamaV2:
         self.dtype = config.resolved_dtype("cuda:0" if self.default_device_idx >= 0 else "cpu")
         self.loaded = False
         self._rotary: dict = {}
+        self.decode_runner = None  # runtime/decode.py, set by compile_decode()
 
         self.modules = []
         self.modules.append(ExLlamaV2Embedding(self, keys["embed_tokens"], ap))
@@ -146,6 +147,21 @@ class ExLlamaV2:
         if cache is not None:
             cache.update_cache_tensors()
 
+    def compile_decode(self, batch_sizes=(1,), max_seq_len: int | None = None, progress: bool = True,
+                       options: dict | None = None):
+        """Compile the decode step once (runtime/decode.py): every later `forward` of one token per row on a plain
+        cache, from any generator, runs the compiled step. Compiled for caches of `batch_sizes` rows and
+        `max_seq_len` positions (default: config.max_seq_len); a cache of another shape compiles once more on first
+        use. Minutes the first time on a machine, then loaded from inductor's on-disk cache. Returns the runner;
+        `compile_seconds` says what the compile cost."""
+        if not self.loaded:
+            raise RuntimeError("the model is not loaded: call model.load() first")
+        from .runtime.decode import DecodeRunner
+        self.decode_runner = None
+        self.decode_runner = DecodeRunner(self, compile=True, progress=progress, options=options,
+                                          batch_sizes=batch_sizes, max_seq_len=max_seq_len)
+        return self.decode_runner
+
     def _update_cache_map(self):
         self.cache_map = {m.layer_idx: m.device() for m in self.kv_modules()}
 
@@ -183,6 +199,13 @@ class ExLlamaV2:
             input_ids = input_ids.unsqueeze(0)
         bsz, q_len = input_ids.shape
         cfg = self.config
+        runner = self.decode_runner
+        if runner is not None and runner.applies(input_ids, cache, input_mask, position_offsets, loras, preprocess_only,
+                                                 return_last_state, abort_event, kwargs):
+            cache.check_room(1)
+            if bsz > cache.batch_size:
+                raise ValueError(f"batch of {bsz} rows does not fit a cache built for batch_size={cache.batch_size}")
+            return runner(input_ids, cache)
         if cache is None:
             if q_len > cfg.max_seq_len:
                 raise ValueError(f"input of {q_len} tokens is longer than max_seq_len={cfg.max_seq_len}")

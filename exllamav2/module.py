@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 
@@ -277,6 +279,12 @@ def read_rows(src, name: str, index: torch.Tensor, transposed: bool) -> torch.Te
 
 
 _OWN = ("inner", "pre_forward", "post_forward")
+# every Intervention alive; while it is empty no model can hold one (the compiled decode step checks it first)
+_LIVE_INTERVENTIONS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def interventions_alive() -> bool:
+    return len(_LIVE_INTERVENTIONS) > 0
 
 
 class Intervention(ExLlamaV2Module):
@@ -287,6 +295,7 @@ class Intervention(ExLlamaV2Module):
     `layer_idx`, device placement and weights."""
 
     def __init__(self, inner: ExLlamaV2Module, pre_forward=None, post_forward=None):
+        _LIVE_INTERVENTIONS.add(self)
         object.__setattr__(self, "inner", inner)
         object.__setattr__(self, "pre_forward", pre_forward)
         object.__setattr__(self, "post_forward", post_forward)

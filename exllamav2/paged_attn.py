@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ops
 from .attn_params import Params
 
 
@@ -112,25 +113,9 @@ def paged_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
                     params: PagedParams) -> torch.Tensor:
     """q (1, T, hq, d), k and v (1, T, hk, d) after RoPE. Writes k/v into the pages and returns
     (1, T, hq * d)."""
-    from .attn import attention
-
     if q.shape[0] != 1 or q.shape[1] != params.seq_len:
         raise ValueError(f"paged attention expects packed input (1, {params.seq_len}, ...), got {tuple(q.shape)}")
     if cache is None or cache.batch_size != 1:
         raise ValueError("paged attention needs an ExLlamaV2Cache with batch_size=1")
     kc, vc = cache.get_kv_state(module.layer_idx, 1, 0, 0)
-    kflat, vflat = kc[0], vc[0]  # (hk, slots, d)
-    slots = params.slots.to(kflat.device)
-    kflat.index_copy_(1, slots, k[0].transpose(0, 1).to(kflat.dtype))
-    vflat.index_copy_(1, slots, v[0].transpose(0, 1).to(vflat.dtype))
-
-    hq, d = q.shape[2], q.shape[3]
-    out = torch.empty(params.seq_len, hq, d, dtype=q.dtype, device=q.device)
-    for g in params.groups:
-        qg = q[0][g.q_index].transpose(1, 2)  # (n, hq, q_len, d)
-        kg = kflat[:, g.kv_slots].transpose(0, 1)  # (n, hk, L, d)
-        vg = vflat[:, g.kv_slots].transpose(0, 1)
-        mask = g.mask(module.sliding_window or 0, q.device)
-        o = attention(qg, kg.to(q.dtype), vg.to(q.dtype), mask, module.scaling, module.softcap)
-        out[g.q_index] = o.transpose(1, 2)
-    return out.reshape(1, params.seq_len, hq * d)
+    return ops.paged_attention(q, k, v, kc, vc, params, module.sliding_window or 0, module.scaling, module.softcap)

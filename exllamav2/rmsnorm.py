@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
 from .module import ExLlamaV2Module, MissingTensorError, TensorShapeError
 
 
@@ -51,9 +52,4 @@ def _with_constant_bias(w: torch.Tensor, c: float) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if w.dtype == torch.float32 or out_dtype == torch.float32:
-        return (xf * w.float()).to(out_dtype)
-    # as HF Llama: cast back to the activation dtype, then scale in that dtype
-    return xf.to(out_dtype) * w.to(out_dtype)
+    return ops.rms_norm(x, w, eps, out_dtype)

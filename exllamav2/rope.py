@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from . import ops
 from .architecture import RopeStyle
 
 
@@ -160,13 +161,4 @@ class RotaryEmbedding:
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        rd = self.rot_dim
-        xr, xp = (x, None) if rd == x.shape[-1] else (x[..., :rd], x[..., rd:])
-        if self.style == RopeStyle.GPTJ:
-            x1, x2 = xr[..., 0::2], xr[..., 1::2]
-            rot = torch.stack((-x2, x1), dim=-1).flatten(-2)
-        else:
-            half = rd // 2
-            rot = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
-        out = xr * cos + rot * sin
-        return out if xp is None else torch.cat((out, xp), dim=-1)
+        return ops.rope(x, cos, sin, self.style == RopeStyle.GPTJ)

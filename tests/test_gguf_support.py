@@ -76,8 +76,9 @@ def stored_nbytes(gguf_file, key: str) -> int:
 def write_tiny_gguf(path: str, arch: str = "llama", *, name: str = "tiny", vocab: int = 64, hidden: int = 64,
                     heads: int = 4, kv_heads: int = 2, layers: int = 2, ffn: int = 96, head_dim: int | None = None,
                     tied: bool = True, extra_tensors: tuple[str, ...] = (), rope_linear: float | None = None, rope_freqs: np.ndarray | None = None,
-                    seed: int = 0) -> str:
-    """A small random model as llama.cpp would lay it out; big 2-D weights are Q8_0, the rest F32."""
+                    seed: int = 0, qtype: str = "Q8_0") -> str:
+    """A small random model as llama.cpp would lay it out; big 2-D weights are `qtype` (Q8_0, Q4_0, Q4_1), the
+    rest F32."""
     rng = np.random.default_rng(seed)
     head_dim = head_dim or hidden // heads
     w = GGUFWriter(path, arch)
@@ -106,7 +107,8 @@ def write_tiny_gguf(path: str, arch: str = "llama", *, name: str = "tiny", vocab
     def add(tensor_name: str, shape: tuple[int, ...], scale: float = 0.1, offset: float = 0.0):
         values = (rng.standard_normal(shape) * scale + offset).astype(np.float32)
         if len(shape) == 2:
-            w.add_tensor(tensor_name, quantize(values, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
+            t = GGMLQuantizationType[qtype]
+            w.add_tensor(tensor_name, quantize(values, t), raw_dtype=t)
         else:
             w.add_tensor(tensor_name, values)
 

@@ -21,16 +21,13 @@ def add_model_args(p: argparse.ArgumentParser, max_seq_len: int | None = 2048) -
     p.add_argument("-l", "--max-seq-len", type=int, default=max_seq_len,
                    help=f"context length of the cache (default: {max_seq_len or 'the model'})")
     p.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
-    p.add_argument("--no-fast", dest="fast", action="store_false",
-                   help="decode through the reference modules instead of the fast CPU path")
+    p.add_argument("--backend", default=None, choices=["auto", "torch", "cpu", "triton"],
+                   help="pin one kernel backend (default: each op takes the first that accepts it; same as the "
+                        "EXLLAMAV2_BACKEND environment variable)")
     p.add_argument("--compile", action="store_true",
-                   help="compile the fast decode step with torch.compile (minutes the first time, cached on disk)")
-
-
-def enable_fast_path(args, generator) -> None:
-    """Use the fast decode path when asked for and the model/cache allow it (the generator falls back otherwise)."""
-    if getattr(args, "fast", False) and hasattr(generator, "enable_fast_path"):
-        generator.enable_fast_path(compile=getattr(args, "compile", False), progress=not args.quiet)
+                   help="compile the decode step with torch.compile (minutes the first time, cached on disk)")
+    p.add_argument("--dense-gguf", action="store_true",
+                   help="dequantize a GGUF's Q4_0/Q4_1/Q8_0 blocks to dense weights at load (default: kept packed)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.7) -> None:
@@ -80,7 +77,11 @@ def load_model(args, batch_size: int = 1, need_cache: bool = True, max_seq_len: 
     from exllamav2.tokenizer import ExLlamaV2Tokenizer
 
     path = model_path(args)
+    if getattr(args, "backend", None):
+        from exllamav2 import ops
+        ops.set_backend(args.backend)
     config = ExLlamaV2Config(path)
+    config.gguf_dequantize = bool(getattr(args, "dense_gguf", False))
     if args.dtype:
         config.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype, args.dtype)
     seq_len = max_seq_len or args.max_seq_len
@@ -94,6 +95,9 @@ def load_model(args, batch_size: int = 1, need_cache: bool = True, max_seq_len: 
     model.load(progress=not args.quiet and sys.stderr.isatty())
     tokenizer = ExLlamaV2Tokenizer(config)
     cache = ExLlamaV2Cache(model, batch_size=batch_size, max_seq_len=config.max_seq_len) if need_cache else None
+    if getattr(args, "compile", False):
+        runner = model.compile_decode(batch_sizes=sorted({1, batch_size}), progress=not args.quiet)
+        status(args, f"Decode step compiled in {runner.compile_seconds:.0f} s")
     return config, model, cache, tokenizer
 
 

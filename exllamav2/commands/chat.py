@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import CLIError, add_model_args, add_sampling_args, enable_fast_path, load_model, sampler_settings, status
+from . import CLIError, add_model_args, add_sampling_args, load_model, sampler_settings, status
 from .generate import encode_prompt, report, stream_completion
 
 NAME = "chat"
@@ -80,7 +80,6 @@ def run(args) -> int:
     settings = sampler_settings(args)
     config, model, cache, tokenizer = load_model(args)
     generator = ExLlamaV2StreamingGenerator(model, cache, tokenizer)
-    enable_fast_path(args, generator)
     generator.set_stop_conditions(stop_tokens(tokenizer))
     chat = Conversation(args, config, tokenizer, generator, settings)
 

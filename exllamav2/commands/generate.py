@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from . import (CLIError, add_model_args, add_sampling_args, enable_fast_path, load_model, requires_bos,
+from . import (CLIError, add_model_args, add_sampling_args, load_model, requires_bos,
                sampler_settings, status)
 
 NAME = "generate"
@@ -71,7 +71,6 @@ def run(args) -> int:
         raise CLIError(f"--max-tokens must be positive, got {args.max_tokens}")
     config, model, cache, tokenizer = load_model(args)
     generator = ExLlamaV2StreamingGenerator(model, cache, tokenizer)
-    enable_fast_path(args, generator)
     generator.set_stop_conditions(([] if args.no_eos_stop else list(tokenizer.eos_token_ids)) + list(args.stop))
     ids = encode_prompt(tokenizer, config, args.prompt)
     sys.stdout.write(args.prompt)

@@ -4,7 +4,6 @@ still match it."""
 from __future__ import annotations
 
 import random
-import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -13,7 +12,6 @@ import torch
 from exllamav2.generator.base import ExLlamaV2BaseGenerator, begin_filters, feed_filters
 from exllamav2.generator.sampler import ExLlamaV2Sampler
 from exllamav2.generator.sampler_hooks import ExLlamaV2PostSamplingResult, run_post_sampling_hooks
-from exllamav2.module import Intervention
 
 
 def overlaps_start(text: str, target: str) -> bool:
@@ -92,26 +90,6 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         self.new_tokens = 0
 
     # ------------------------------------------------------------------ set-up
-
-    def enable_fast_path(self, weights: str = "auto", compile: bool = False, progress: bool = True) -> bool:
-        """Decode through exllamav2.fast.FastDecoder where it applies (Llama-shaped model, bf16 cache, no padding
-        mask, LoRA or intervention). Returns False, keeping the reference path, when the model is unsupported."""
-        from exllamav2.fast import FastDecoder, FastPathUnsupported
-        try:
-            self.fast_decoder = FastDecoder(self.model, self.cache, weights=weights, compile=compile, progress=progress)
-        except FastPathUnsupported:
-            self.fast_decoder = None
-        return self.fast_decoder is not None
-
-    def _fast_path_applies(self) -> bool:
-        if getattr(self, "fast_decoder", None) is None or self.input_mask is not None \
-                or self.position_offsets is not None or self.active_loras or self.abort_event is not None:
-            return False
-        # the fast path does not run model.modules, so any registered intervention forces the reference path
-        if any(isinstance(m, Intervention) for m in self.model.modules):
-            return False
-        hooks = sys.modules.get("exllamav2.interventions.hooks")
-        return not (hooks is not None and hooks.wrapped_slots(self.model))
 
     def set_stop_conditions(self, stop_conditions) -> None:
         """Token ids and/or strings that end the stream; strings may span several tokens."""
@@ -322,9 +300,6 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         """Forward the last token, sample, append. Returns (token, prob, top_tokens, top_probs, logits, end)."""
         if self.draft_model is not None and prefix_token is None:
             logits = self._speculative_logits()
-        elif self._fast_path_applies():
-            self.future_tokens = self.future_logits = None
-            logits = self.fast_decoder(self.sequence_ids[:, -1:], self.cache)
         else:
             self.future_tokens = self.future_logits = None
             logits = self.model.forward(self.sequence_ids[:, -1:], self.cache, loras=self.active_loras,

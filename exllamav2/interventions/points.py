@@ -34,8 +34,8 @@ reads it.
 
 How points are found (no per-architecture attribute lists): a decoder module says where its points are with
 `hook_sites()` -> {point suffix: (attribute path from the module, "pre" | "post", width)}, the path "" being the
-module itself and a number in a path indexing a list (ExLlamaV2MoEMLP declares it; ExLlamaV2Attention and
-ExLlamaV2MLP get theirs from `_fallback_sites()` below until they declare it). A module that declares nothing
+module itself and a number in a path indexing a list (ExLlamaV2Attention, ExLlamaV2MLP and ExLlamaV2MoEMLP
+declare it). A module that declares nothing
 collects its child modules' sites (the parallel decoder: its `attn` and `mlp`), paths prefixed by the attribute.
 Walking `model.modules`: a module with both `attn_out` and `mlp_out` is one layer; a module with `attn_out` opens
 a layer that the next module with `mlp_out` closes; `embed` is the output of the module before the first layer.
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 
 from ..module import ExLlamaV2Module, Intervention
 
@@ -115,43 +114,13 @@ def normalize(name: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- site discovery
 
-def _attention_sites(m) -> dict:
-    h = m.config.hidden_size
-    return {
-        "attn.post_norm": ("pre_layernorm", "post", h) if m.pre_layernorm is not None else ("", "pre", h),
-        "attn.attn_output": ("o_proj", "pre", m.num_heads * m.head_dim),
-        "attn_out": ("post_layernorm" if m.post_layernorm is not None else "o_proj", "post", h),
-    }
-
-
-def _mlp_sites(m) -> dict:
-    h = m.out_features
-    return {
-        "mlp.post_norm": ("pre_layernorm", "post", m.in_features) if m.pre_layernorm is not None
-        else ("", "pre", m.in_features),
-        "mlp.pre_down": ("down_proj", "pre", m.interm_features),
-        "mlp_out": ("post_layernorm" if m.post_layernorm is not None else "down_proj", "post", h),
-    }
-
-
-@lru_cache(maxsize=None)
-def _fallback_sites() -> tuple:
-    """(class, sites function) for module classes that do not declare `hook_sites()` themselves."""
-    from ..attn import ExLlamaV2Attention
-    from ..mlp import ExLlamaV2MLP
-    return ((ExLlamaV2Attention, _attention_sites), (ExLlamaV2MLP, _mlp_sites))
-
-
 def module_sites(module, _depth: int = 0) -> dict:
     """{point suffix: (path, when, width)} of one module of `model.modules` (or a child of one): declared by the
-    module's `hook_sites()`, else the fallback for its class, else collected from its child modules."""
+    module's `hook_sites()`, else collected from its child modules."""
     m = raw(module)
     declared = getattr(m, "hook_sites", None)
     if callable(declared):
         return dict(declared())
-    for cls, fn in _fallback_sites():
-        if isinstance(m, cls):
-            return fn(m)
     out: dict = {}
     if _depth >= 4:
         return out

@@ -42,8 +42,9 @@ class QuantWeight:
         self.dense_threshold = dense_threshold
         self._dense: torch.Tensor | None = None
         self.packed: Int4PackedMatrix | None = None
-        if fast_path and self.device.type == "cpu":
-            self.packed = self._build_packed()
+        self._packed_built = False
+        if fast_path:
+            self.packed_matrix()
 
     # -- format-specific
     def _reference(self, precision: torch.dtype) -> torch.Tensor:
@@ -82,6 +83,14 @@ class QuantWeight:
 
     def release_dense(self) -> None:
         self._dense = None
+
+    def packed_matrix(self) -> Int4PackedMatrix | None:
+        """The repack for the CPU int4 kernel, built on first use (None off the CPU or when the groups cannot be
+        aligned to the kernel's)."""
+        if not self._packed_built:
+            self.packed = self._build_packed() if self.device.type == "cpu" else None
+            self._packed_built = True
+        return self.packed
 
     def uses_packed(self, x: torch.Tensor) -> bool:
         if self.packed is None or x.device.type != "cpu" or x.dtype != torch.bfloat16:

@@ -75,7 +75,6 @@ def build_int4pack(codes: torch.Tensor, group_rows: list[int], group_bits: list[
     if G is None:
         return None
     K, N = codes.shape
-    n_pad = -(-N // _N_ALIGN) * _N_ALIGN
     perm = torch.arange(K) if perm is None else perm.to(torch.int64)
 
     high_blocks: list[tuple] = []
@@ -114,11 +113,20 @@ def build_int4pack(codes: torch.Tensor, group_rows: list[int], group_bits: list[
     scale = torch.cat([b[1] for b in blocks])
     zero = torch.cat([b[2] for b in blocks])
     gather = torch.cat([b[3] for b in blocks])
-    if n_pad != N:
-        digits = torch.cat([digits, torch.full((digits.shape[0], n_pad - N), 8, dtype=torch.int64)], 1)
-        scale = torch.cat([scale, torch.zeros(scale.shape[0], n_pad - N)], 1)
-        zero = torch.cat([zero, torch.zeros(zero.shape[0], n_pad - N)], 1)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digits.t().contiguous().to(torch.int32), 1)
-    scale_zero = torch.stack([scale, zero], -1).to(torch.bfloat16).contiguous()
     identity = gather.numel() == K and torch.equal(gather, torch.arange(K))
-    return Int4PackedMatrix(packed, scale_zero, G, None if identity else gather, out_features, K)
+    return pack_digits(digits.t(), scale.t(), zero.t(), G, None if identity else gather, out_features, K)
+
+
+def pack_digits(digits: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                gather: torch.Tensor | None, out_features: int, in_features: int) -> Int4PackedMatrix:
+    """The kernel's layout from digits (N, K') in 0..15 and per-group scale/zero (N, K'/G) floats, where
+    w = (d - 8) * scale + zero. Rows are padded to a multiple of 16 (zero scale) for the kernel."""
+    n = digits.shape[0]
+    pad = -n % _N_ALIGN
+    if pad:
+        digits = torch.cat([digits, torch.full((pad, digits.shape[1]), 8, dtype=digits.dtype)])
+        scale = torch.cat([scale, torch.zeros(pad, scale.shape[1], dtype=scale.dtype)])
+        zero = torch.cat([zero, torch.zeros(pad, zero.shape[1], dtype=zero.dtype)])
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digits.contiguous().to(torch.int32), 1)
+    scale_zero = torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous()
+    return Int4PackedMatrix(packed, scale_zero, group_size, gather, out_features, in_features)

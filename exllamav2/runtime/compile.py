@@ -1,5 +1,5 @@
-"""torch.compile of the decode step: max-autotune-no-cudagraphs with inductor freezing (constant-folds and
-prepacks the weights), dynamic sequence length, inductor's cache kept on disk so the compile is paid once."""
+"""torch.compile settings for the decode step: inductor's cache kept on disk so a compile is paid once per
+machine, weight freezing, and a ticker that shows elapsed seconds while a long compile runs."""
 
 from __future__ import annotations
 
@@ -31,38 +31,18 @@ INDUCTOR_OPTIONS = {
 }
 
 
-def compile_step(decoder, progress: bool = True, options: dict | None = None):
-    """The compiled decode step, compiled now for one row and, when the decoder holds more, for a batch
-    (two warm-up calls per shape: the second one settles the dynamic length). Where the C++ template cannot
-    take some matmul (no micro-kernel for that weight kind or shape), the step is compiled again with ATen
-    kernels offered beside it."""
+def configure_inductor() -> None:
+    """Process-wide settings the compiled step needs: the on-disk cache, weight freezing, and a recompile
+    limit above dynamo's default of 8 (each model and batch shape adds graphs to the same step code)."""
     import torch._inductor.config as inductor_config
     set_inductor_cache_dir()
     # freezing (constant weights, folded and prepacked) is read outside the per-compile option patch
     inductor_config.freezing = True
-    # every decoder's step shares FastDecoder.step's code object and adds 2-4 graphs (its own frozen weights, one
-    # row and a batch); dynamo's default limit of 8 would silently run later decoders eagerly
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    opts = {**INDUCTOR_OPTIONS, **(options or {})}
-    with _Ticker("Compiling the decode step (cached on disk after the first time)", progress), torch.inference_mode():
-        try:
-            return _compile_and_warm(decoder, opts)
-        except Exception as e:   # inductor wraps NoValidChoicesError in its own error types
-            if "NoValidChoicesError" not in repr(e) or "ATEN" in opts["max_autotune_gemm_backends"]:
-                raise
-        return _compile_and_warm(decoder, {**opts, "max_autotune_gemm_backends": "CPP,ATEN"})
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
 
-def _compile_and_warm(decoder, opts: dict):
-    fn = torch.compile(decoder.step, options=opts, dynamic=True, fullgraph=True)
-    for b in (1,) if decoder.batch_size == 1 else (1, decoder.batch_size):
-        ids = torch.zeros(b, 1, dtype=torch.long)
-        for p in (1, 2):
-            fn(ids, torch.tensor([p]), p + 1)
-    return fn
-
-
-class _Ticker:
+class Ticker:
     """Elapsed seconds on stderr while a long call runs."""
 
     def __init__(self, what: str, enabled: bool):

@@ -1,0 +1,84 @@
+"""The ops the modules call, each with implementations per backend (see dispatch.py for the choice).
+
+- `prepare_linear(...)` -> a kernel for one (possibly fused) weight, chosen once per device and dtype
+- `rms_norm`, `layer_norm`
+- `rope` (rotate (b, s, heads, head_dim) by gathered cos/sin)
+- `attention` (contiguous KV prefix), `paged_attention` (packed tokens over a paged cache)
+- `activation`, `gated_activation`
+- `softmax_temperature`, `top_candidates` (the sampler's vocabulary-wide steps)
+
+Backends: `torch` (torch_ref/, the reference), `cpu` (cpu/), `triton` (GPU kernels; none registered yet, so
+pinning it fails with a message that says so).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+from .cpu import linear as cpu_linear
+from .dispatch import NoBackendError, active_backends, pinned_backend, set_backend, use_backend
+from .torch_ref import activation as _act
+from .torch_ref import attention as _attn
+from .torch_ref import linear as torch_linear
+from .torch_ref import norm as _norm
+from .torch_ref import rope as _rope
+from .torch_ref import sampling as _sampling
+
+__all__ = ["NoBackendError", "set_backend", "use_backend", "pinned_backend", "active_backends", "prepare_linear",
+           "rms_norm", "layer_norm", "rope", "attention", "paged_attention", "activation", "gated_activation",
+           "softmax_temperature", "top_candidates"]
+
+
+rms_norm = dispatch.define_op("rms_norm", lambda x, w, eps, out_dtype: (x.device.type, x.dtype, w.dtype, out_dtype))
+layer_norm = dispatch.define_op("layer_norm", lambda x, w, b, eps, out_dtype, fp32_stats=False:
+                                (x.device.type, x.dtype, w.dtype, out_dtype, fp32_stats))
+rope = dispatch.define_op("rope", lambda x, cos, sin, interleaved: (x.device.type, x.dtype, interleaved))
+attention = dispatch.define_op("attention", lambda q, k, v, mask, scale, softcap=0.0, is_causal=False:
+                               (q.device.type, q.dtype, mask is None, bool(softcap), is_causal))
+paged_attention = dispatch.define_op("paged_attention", lambda q, k, v, kp, vp, params, sliding_window, scale,
+                                     softcap=0.0: (q.device.type, q.dtype, kp.dtype, bool(softcap)))
+activation = dispatch.define_op("activation", lambda x, act: (x.device.type, x.dtype, act))
+gated_activation = dispatch.define_op("gated_activation", lambda g, u, act: (g.device.type, g.dtype, act))
+softmax_temperature = dispatch.define_op("softmax_temperature", lambda x, t, sf: (x.device.type, x.dtype))
+top_candidates = dispatch.define_op("top_candidates", lambda p, k: (p.device.type, p.dtype))
+
+_REFERENCE = {
+    rms_norm: _norm.rms_norm, layer_norm: _norm.layer_norm, rope: _rope.rope, attention: _attn.attention,
+    paged_attention: _attn.paged_attention, activation: _act.activation, gated_activation: _act.gated_activation,
+    softmax_temperature: _sampling.softmax_temperature, top_candidates: _sampling.top_candidates,
+}
+
+
+def _cpu_only(*args, **kwargs):
+    return dispatch.on_cpu(args[0])
+
+
+for _op, _fn in _REFERENCE.items():
+    _op.register("torch", _fn)
+    # the CPU backend runs the reference code on CPU tensors until its own kernels replace it (see cpu/)
+    _op.register("cpu", _fn, _cpu_only)
+
+
+# ---------------------------------------------------------------------------------------------- linear
+
+_LINEAR_PREPARE = {"torch": torch_linear.prepare, "cpu": cpu_linear.prepare}
+
+
+def prepare_linear(dense: torch.Tensor | None, bias: torch.Tensor | None, quant, device, dtype: torch.dtype,
+                   name: str = "linear"):
+    """A kernel for one weight (dense (out, in) tensor, or a QuantWeight) taking activations of `dtype` on
+    `device`: the first backend that accepts. The kernel is called on 2-D inputs (rows, in_features)."""
+    device = torch.device(device)
+    reasons = []
+    for b in active_backends():
+        prep = _LINEAR_PREPARE.get(b)
+        if prep is None:
+            reasons.append(f"{b}: no linear kernels yet")
+            continue
+        k = prep(dense, bias, quant, device, dtype)
+        if not isinstance(k, str):
+            return k
+        reasons.append(f"{b}: {k}")
+    pin = f" (backend pinned to '{pinned_backend()}')" if pinned_backend() else ""
+    raise NoBackendError(f"no backend accepts op 'linear' for {name}{pin}: " + "; ".join(reasons))

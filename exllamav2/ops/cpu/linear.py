@@ -1,0 +1,45 @@
+"""Linear kernels of the `cpu` backend."""
+
+from __future__ import annotations
+
+import torch
+
+from ..torch_ref import linear as torch_linear
+
+
+class Int4Kernel:
+    backend = "cpu"
+
+    def __init__(self, packed, bias: torch.Tensor | None):
+        self.packed = packed
+        self.bias = None if bias is None else bias.to(torch.bfloat16)
+        self.out_features, self.in_features = packed.out_features, packed.in_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.packed.matmul(x)
+        return y if self.bias is None else y + self.bias
+
+    def nbytes(self) -> int:
+        return self.packed.nbytes()
+
+
+class DenseKernel(torch_linear.DenseKernel):
+    """F.linear on the module's own weight (oneDNN underneath); the weight and activations share a dtype."""
+    backend = "cpu"
+
+
+def prepare(dense: torch.Tensor | None, bias: torch.Tensor | None, quant, device: torch.device,
+            dtype: torch.dtype):
+    """A kernel, or a reason string when this backend declines."""
+    if device.type != "cpu":
+        return f"weights on {device}, this backend runs on the CPU"
+    if quant is not None:
+        if dtype != torch.bfloat16:
+            return f"the int4 kernel takes bfloat16 activations, got {str(dtype).removeprefix('torch.')}"
+        packed = quant.packed_matrix()
+        if packed is None:
+            return f"{quant.describe()} cannot be packed for the int4 kernel (group sizes do not align)"
+        return Int4Kernel(packed, quant.bias)
+    if dense.dtype != dtype:
+        return f"weight in {dense.dtype}, activations in {dtype}"
+    return DenseKernel(dense, bias)

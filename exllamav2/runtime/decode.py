@@ -1,0 +1,129 @@
+"""The decode runner: `model.forward(ids, cache)` for one new token per row, run by the model's own modules
+with nothing on the host inside the step (no `.item()`, no per-step tensors built from Python lists), and
+optionally compiled once with torch.compile.
+
+Every decode call made through `model.forward` (the seed API, every generator, the server) comes here when the
+runner is enabled (`model.compile_decode()`) and the call is a plain decode step:
+- one token per row, a plain `ExLlamaV2Cache` on the CPU, no padding mask or position offsets;
+- no LoRA, no intervention anywhere in the model (interventions run the same modules eagerly: an edit never
+  leaves the fast kernels, only the compiled graph), no extra outputs requested.
+Anything else runs the same modules eagerly. On CUDA the same step is where CUDA graphs will be captured per
+batch-size bucket (the GPU decode issue); only the CPU compile is built today.
+
+Compiling: the step is traced through the module forwards with the sequence length dynamic, compiled for one
+row and for the cache's batch size, with inductor's cache on disk (runtime/compile.py) so later processes load it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..attn_params import Params
+from ..module import Intervention, interventions_alive
+from .compile import INDUCTOR_OPTIONS, Ticker, configure_inductor
+
+
+def decode_step(model, ids: torch.Tensor, cache, past: int) -> torch.Tensor:
+    """The module forwards for ids (b, 1) at position `past`: fp32 logits (b, 1, vocab). The cache's length is
+    not advanced here (the caller does it, outside any compiled region)."""
+    params = Params(ids.shape[0], 1, past)
+    x = ids
+    for module in model.modules:
+        x = module.forward(x, cache=cache, attn_params=params, past_len=past)
+    x = x.float()
+    cap = model.config.final_logit_softcapping
+    if cap:
+        x = torch.tanh(x / cap) * cap
+    return x
+
+
+class DecodeRunner:
+    def __init__(self, model, compile: bool = True, progress: bool = True, options: dict | None = None,
+                 batch_sizes=(1,), max_seq_len: int | None = None):
+        self.model = model
+        self.compiled = compile
+        self.compile_seconds = 0.0
+        self._step = decode_step
+        self._ids: dict = {}   # per batch size, the step's input buffer (inference tensors, as the warm-up's)
+        if compile:
+            configure_inductor()
+            opts = {**INDUCTOR_OPTIONS, **(options or {})}
+            t0 = time.time()
+            with Ticker("Compiling the decode step (cached on disk after the first time)", progress):
+                try:
+                    self._compile(opts, batch_sizes, max_seq_len)
+                except Exception as e:  # inductor wraps NoValidChoicesError in its own error types
+                    if "NoValidChoicesError" not in repr(e) or "ATEN" in opts["max_autotune_gemm_backends"]:
+                        raise
+                    # the C++ GEMM template has no micro-kernel for some matmul here (the int4 kernel's, say):
+                    # offer ATen's kernels beside it
+                    self._compile({**opts, "max_autotune_gemm_backends": "CPP,ATEN"}, batch_sizes, max_seq_len)
+            self.compile_seconds = time.time() - t0
+
+    def _compile(self, opts, batch_sizes, max_seq_len):
+        self._step = torch.compile(decode_step, options=opts, dynamic=None, fullgraph=True)
+        self._warm(sorted(set(batch_sizes)), max_seq_len)
+
+    def _warm(self, batch_sizes, max_seq_len):
+        from ..cache import ExLlamaV2Cache
+        for b in batch_sizes:
+            # the cache length is part of the compiled shapes: warm up with the one generators allocate
+            cache = ExLlamaV2Cache(self.model, batch_size=b, max_seq_len=max_seq_len or self.model.config.max_seq_len)
+            ids = torch.zeros(b, 1, dtype=torch.long)
+            with torch.inference_mode():
+                # shapes are static but for the position: the second call marks it dynamic (dynamic=True would make
+                # every weight's shape symbolic, and tracing then spends minutes in sympy)
+                for p in (1, 2):
+                    self._step(self.model, ids, cache, p)
+
+    def applies(self, input_ids, cache, input_mask, position_offsets, loras, preprocess_only, return_last_state,
+                abort_event, kwargs) -> bool:
+        from ..cache import ExLlamaV2Cache
+        if (input_ids.shape[-1] != 1 or type(cache) is not ExLlamaV2Cache or input_mask is not None
+                or position_offsets is not None or loras or preprocess_only or return_last_state
+                or abort_event is not None or kwargs):
+            return False
+        if cache.key_states[0] is None or cache.key_states[0].device.type != "cpu":
+            return False
+        return not (interventions_alive() and has_interventions(self.model))
+
+    def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        b = input_ids.shape[0]
+        buf = self._ids.get(b)
+        if buf is None:
+            buf = self._ids[b] = torch.zeros(b, 1, dtype=torch.long)
+        buf.copy_(input_ids)
+        past = cache.current_seq_len
+        logits = self._step(self.model, buf, cache, past)
+        cache.current_seq_len = past + 1
+        return logits
+
+
+def has_interventions(model) -> bool:
+    """True when any module of the model, or any module held by one, is wrapped in an Intervention."""
+    seen = set()
+
+    def visit(m) -> bool:
+        if isinstance(m, Intervention):
+            return True
+        if id(m) in seen:
+            return False
+        seen.add(id(m))
+        for attr, sub in vars(m).items():
+            if attr == "model":
+                continue
+            if isinstance(sub, (list, tuple)):
+                if any(_is_module(s) and visit(s) for s in sub):
+                    return True
+            elif _is_module(sub) and visit(sub):
+                return True
+        return False
+
+    return any(visit(m) for m in model.modules)
+
+
+def _is_module(x) -> bool:
+    from ..module import ExLlamaV2Module
+    return isinstance(x, ExLlamaV2Module)
