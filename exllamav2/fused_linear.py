@@ -6,7 +6,8 @@ No second copy of the weights is kept:
 - dense parts: one (sum of rows, in) tensor, and each part's `weight` becomes a view of its rows;
 - GGUF block parts: one GgufWeight over the same file blocks, packed once for the kernel;
 - EXL2 / GPTQ parts are not fused (their groups and permutations differ per matrix): each runs its own kernel.
-When a part is wrapped by an Intervention the owner calls the parts one by one instead (see `runs`).
+When a part is wrapped by an Intervention, or its forward is replaced on the instance, the owner calls the parts
+one by one instead (see `runs`).
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ class FusedLinear:
         return None if q is None else (None, None, q)
 
     def runs(self, *owners_parts) -> bool:
-        """True when the fused kernel may run: every part is still the raw linear (no Intervention around it)."""
-        return all(a is b for a, b in zip(owners_parts, self.parts))
+        """True when the fused kernel may run: every part is still the raw linear (no Intervention around it) and
+        nobody replaced its forward on the instance (the converter watches outputs that way)."""
+        return all(a is b and "forward" not in vars(b) for a, b in zip(owners_parts, self.parts))
 
     def kernel(self, dtype: torch.dtype):
         if self._gen != dispatch._generation:
