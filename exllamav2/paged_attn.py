@@ -29,8 +29,15 @@ class _Group:
     q_pos: torch.Tensor  # (n, q_len) query positions
     kv_len: torch.Tensor  # (n,) keys valid after this step
     masks: dict  # (sliding window, device) -> bool mask (n, 1, q_len, L)
+    # one sequence whose keys sit in consecutive slots from this one: read as a slice, not gathered
+    slot_start: int | None = None
+    # the group's tokens are the whole packed row, in order: no gather of queries, no scatter of outputs
+    whole: bool = False
 
-    def mask(self, sliding_window: int, device) -> torch.Tensor:
+    def mask(self, sliding_window: int, device) -> torch.Tensor | None:
+        """None when one sequence attends causally to all its keys (the caller then uses a causal flag)."""
+        if self.slot_start is not None and (not sliding_window or self.key_pos.shape[0] <= sliding_window):
+            return None
         key = (sliding_window, str(device))
         if key not in self.masks:
             kp = self.key_pos.view(1, 1, -1)
@@ -95,15 +102,21 @@ class PagedParams(Params):
             page_idx = (key_pos // page_size).unsqueeze(0).expand(len(rows), -1)
             page_idx = page_idx.clamp(max=max_pages - 1)
             kv_slots = bt.to(device)[rows].gather(1, page_idx) * page_size + key_pos % page_size
-            self.groups.append(_Group(q_index, kv_slots, key_pos, pos[q_index], kv_len, {}))
+            slot_start = None
+            if len(rows) == 1:
+                pages = block_tables[int(rows[0])][:-(-L // page_size)]
+                if pages == list(range(pages[0], pages[0] + len(pages))):
+                    slot_start = pages[0] * page_size
+            whole = len(set(q_lens)) == 1  # every sequence feeds q tokens: the group is the packed row in order
+            self.groups.append(_Group(q_index, kv_slots, key_pos, pos[q_index], kv_len, {}, slot_start, whole))
+        self.max_position = max(p + q for p, q in zip(past_lens, q_lens))
 
     def _slots(self, seq_of_token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         page = self.block_index[seq_of_token, pos // self.page_size]
         return page * self.page_size + pos % self.page_size
 
     def get_positions(self, device) -> tuple[torch.Tensor, int]:
-        pos = self.positions.to(device)
-        return pos, int(pos.max().item()) + 1
+        return self.positions.to(device), self.max_position
 
     def get_attn_mask(self, device, sliding_window: int = 0):
         raise RuntimeError("PagedParams: masks are per group; use paged_attention()")

@@ -45,12 +45,25 @@ def paged_attention(q, k, v, k_pages, v_pages, params, sliding_window: int, scal
     kflat.index_copy_(1, slots, k[0].transpose(0, 1).to(kflat.dtype))
     vflat.index_copy_(1, slots, v[0].transpose(0, 1).to(vflat.dtype))
     hq, d = q.shape[2], q.shape[3]
-    out = torch.empty(params.seq_len, hq, d, dtype=q.dtype, device=q.device)
+    out = None
     for g in params.groups:
-        qg = q[0][g.q_index].transpose(1, 2)  # (n, hq, q_len, d)
-        kg = kflat[:, g.kv_slots].transpose(0, 1)  # (n, hk, L, d)
-        vg = vflat[:, g.kv_slots].transpose(0, 1)
+        n, q_len = g.q_index.shape
+        if g.whole:
+            qg = q[0].view(n, q_len, hq, d).transpose(1, 2)
+        else:
+            qg = q[0][g.q_index].transpose(1, 2)  # (n, hq, q_len, d)
+        if g.slot_start is not None:
+            L = g.key_pos.shape[0]
+            kg = kflat[:, g.slot_start:g.slot_start + L].unsqueeze(0)  # (1, hk, L, d)
+            vg = vflat[:, g.slot_start:g.slot_start + L].unsqueeze(0)
+        else:
+            kg = kflat[:, g.kv_slots].transpose(0, 1)  # (n, hk, L, d)
+            vg = vflat[:, g.kv_slots].transpose(0, 1)
         mask = g.mask(sliding_window or 0, q.device)
-        o = attention(qg, kg.to(q.dtype), vg.to(q.dtype), mask, scale, softcap)
+        o = attention(qg, kg.to(q.dtype), vg.to(q.dtype), mask, scale, softcap, mask is None and q_len > 1)
+        if g.whole:
+            return o.transpose(1, 2).reshape(1, params.seq_len, hq * d)
+        if out is None:
+            out = torch.empty(params.seq_len, hq, d, dtype=q.dtype, device=q.device)
         out[g.q_index] = o.transpose(1, 2)
     return out.reshape(1, params.seq_len, hq * d)

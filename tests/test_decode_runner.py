@@ -1,0 +1,144 @@
+"""The decode runner (exllamav2/runtime/decode.py) and the fast backends end to end through the seed API and the
+generators: compiled and eager steps give the same tokens; the runner steps aside for interventions, LoRA and
+padding; a steering vector moves the output on the default backends exactly as on `torch`.
+
+SmolLM2 is run from its GGUF (packed Q4_1 blocks on the `cpu` backend, dequantised on `torch`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer, ops
+from exllamav2.generator import ExLlamaV2BaseGenerator, ExLlamaV2Sampler, ExLlamaV2StreamingGenerator
+from exllamav2.generator.dynamic import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob
+from exllamav2.interventions import SteeringVectors, add_edit
+from exllamav2.interventions.edits import AddVector
+from exllamav2.runtime.decode import DecodeRunner
+
+GREEDY = ExLlamaV2Sampler.Settings.greedy()
+PROMPT = "The best way to learn a new language is"
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_gguf):
+    cfg = ExLlamaV2Config(smollm2_gguf)
+    cfg.max_seq_len = 256
+    model = ExLlamaV2(cfg)
+    model.load()
+    return model, ExLlamaV2Tokenizer(cfg)
+
+
+class CountingRunner(DecodeRunner):
+    """The eager runner, counting the steps it takes."""
+
+    def __init__(self, model):
+        super().__init__(model, compile=False)
+        self.steps = 0
+
+    def __call__(self, input_ids, cache):
+        self.steps += 1
+        return super().__call__(input_ids, cache)
+
+
+def greedy_loop(model, ids, n, cache):
+    cache.current_seq_len = 0
+    logits = model.forward(ids, cache, last_id_only=True)
+    out = []
+    for _ in range(n):
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(int(tok))
+        logits = model.forward(tok, cache)
+    return out
+
+
+def test_every_generator_and_the_seed_api_go_through_the_runner(smol):
+    model, tok = smol
+    ids = tok.encode(PROMPT)
+    cache = ExLlamaV2Cache(model, max_seq_len=256)
+    ref = greedy_loop(model, ids, 12, cache)
+    runner = model.decode_runner = CountingRunner(model)
+    try:
+        assert greedy_loop(model, ids, 12, cache) == ref and runner.steps == 12
+        text = ExLlamaV2BaseGenerator(model, cache, tok).generate_simple(PROMPT, GREEDY, 12, stop_token=None,
+                                                                         completion_only=True)
+        assert runner.steps == 24 and tok.encode(text)[0].tolist()[:4] == ref[:4]
+        stream = ExLlamaV2StreamingGenerator(model, cache, tok)
+        stream.set_stop_conditions([])
+        stream.begin_stream_ex(ids, GREEDY, max_new_tokens=12)
+        got = []
+        while True:
+            r = stream.stream_ex()
+            got += r["chunk_token_ids"].flatten().tolist()
+            if r["eos"]:
+                break
+        assert got == ref and runner.steps == 36
+        # the dynamic generator's packed, paged forward does not use it, and gives the same tokens
+        dyn = ExLlamaV2DynamicGenerator(model, ExLlamaV2Cache(model, 1, 256), tok, page_size=64)
+        job = ExLlamaV2DynamicJob(ids, 12, gen_settings=GREEDY, stop_conditions=[])
+        dyn.enqueue(job)
+        tokens = []
+        while dyn.num_remaining_jobs():
+            for r in dyn.iterate():
+                tokens += r.get("token_ids", torch.empty(0)).flatten().tolist() if r.get("stage") == "streaming" else []
+        assert tokens == ref and runner.steps == 36
+        # a padding mask, LoRA-free but padded batches and interventions run the modules eagerly instead
+        h = add_edit(model, "blocks.3.resid_post", AddVector(torch.zeros(model.config.hidden_size)))
+        try:
+            assert greedy_loop(model, ids, 4, cache) == ref[:4] and runner.steps == 36
+        finally:
+            h.remove()
+        assert greedy_loop(model, ids, 4, cache) == ref[:4] and runner.steps == 40
+    finally:
+        model.decode_runner = None
+
+
+def test_steering_moves_output_on_the_fast_backend_as_on_torch(smol):
+    model, tok = smol
+    ids = tok.encode(PROMPT)
+    g = torch.Generator().manual_seed(0)
+    sv = SteeringVectors({9: torch.randn(model.config.hidden_size, generator=g) * 6.0}, "resid_post", "SmolLM2")
+    cache = ExLlamaV2Cache(model, max_seq_len=256)
+    results = {}
+    for backend in ("torch", None):
+        with ops.use_backend(backend):
+            plain = greedy_loop(model, ids, 10, cache)
+            cache.current_seq_len = 0
+            base_logits = model.forward(ids, cache, last_id_only=True)[0, -1]
+            with sv.register(model, scale=1.0):
+                steered = greedy_loop(model, ids, 10, cache)
+                cache.current_seq_len = 0
+                steered_logits = model.forward(ids, cache, last_id_only=True)[0, -1]
+        results[backend] = (plain, steered, steered_logits - base_logits)
+    (p_ref, s_ref, d_ref), (p_fast, s_fast, d_fast) = results["torch"], results[None]
+    assert s_ref[:3] != p_ref[:3], "the vector must change the greedy output at once"
+    # the same edit at the same point: the same steered start, and the logit shift it causes agrees. (Long greedy
+    # runs of this model drift apart between any two arithmetics, bf16 against fp32 included: its residual
+    # stream reaches 2.5e4, where one bf16 step is 128.)
+    assert s_fast[:3] == s_ref[:3] and p_fast[:3] == p_ref[:3]
+    assert torch.nn.functional.cosine_similarity(d_fast, d_ref, dim=0) > 0.98
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager(smol):
+    """torch.compile of the step (about a minute on 2 cores; `pytest -m slow`)."""
+    model, tok = smol
+    ids = tok.encode(PROMPT)
+    cache = ExLlamaV2Cache(model, max_seq_len=256)
+    eager = greedy_loop(model, ids, 16, cache)
+    runner = model.compile_decode(max_seq_len=256, progress=False)
+    try:
+        assert runner.compiled and runner.compile_seconds > 0
+        assert greedy_loop(model, ids, 16, cache) == eager
+        stream = ExLlamaV2StreamingGenerator(model, cache, tok)
+        stream.set_stop_conditions([])
+        stream.begin_stream_ex(ids, GREEDY, max_new_tokens=16)
+        got = []
+        while True:
+            r = stream.stream_ex()
+            got += r["chunk_token_ids"].flatten().tolist()
+            if r["eos"]:
+                break
+        assert got == eager
+    finally:
+        model.decode_runner = None
