@@ -28,6 +28,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--interventions-dir", dest="interventions_dir", default=None, metavar="DIR",
                    help="folder of steering files (.safetensors) that requests' `interventions` may name; without "
                         "it, requests may only send vectors inline")
+    p.add_argument("--backend", default=None, choices=["auto", "torch", "cpu", "triton"],
+                   help="pin one kernel backend (default: each op takes the first that accepts it)")
+    p.add_argument("--dense-gguf", dest="dense_gguf", action="store_true",
+                   help="dequantize a GGUF's Q4_0/Q4_1/Q8_0 blocks to dense weights at load (default: kept packed)")
     return p
 
 
@@ -39,10 +43,13 @@ def run(args) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if args.interventions_dir is not None and not os.path.isdir(args.interventions_dir):
         raise SystemExit(f"--interventions-dir: {args.interventions_dir!r} is not a folder")
+    if args.backend:
+        from .. import ops
+        ops.set_backend(args.backend)
     engine = load_engine(args.model, max_batch_size=args.max_batch_size, cache_tokens=args.cache_tokens,
                          page_size=args.page_size, max_chunk_size=args.max_chunk_size, max_seq_len=args.max_seq_len,
                          dtype=args.dtype, max_queue=args.max_queue, model_name=args.model_name,
-                         interventions_dir=args.interventions_dir)
+                         interventions_dir=args.interventions_dir, gguf_dequantize=args.dense_gguf)
     try:
         run_server(engine, args.host, args.port, args.api_key)
     finally:

@@ -35,7 +35,7 @@ class ServerEngine:
 def load_engine(model_path: str | None = None, max_batch_size: int = 16, cache_tokens: int | None = None,
                 page_size: int = 256, max_chunk_size: int | None = None, max_seq_len: int | None = None,
                 dtype: str | None = None, max_queue: int = 64, model_name: str | None = None,
-                interventions_dir: str | None = None) -> ServerEngine:
+                interventions_dir: str | None = None, gguf_dequantize: bool = False) -> ServerEngine:
     """Load a model folder or .gguf (default: SmolLM2-135M-Instruct) and start the generator thread. Requests'
     `interventions` may name steering files only inside `interventions_dir` (none without it)."""
     if interventions_dir is not None and not os.path.isdir(interventions_dir):
@@ -47,6 +47,7 @@ def load_engine(model_path: str | None = None, max_batch_size: int = 16, cache_t
         from ..default_models import smollm2_gguf_path
         model_path = smollm2_gguf_path()
     config = ExLlamaV2Config(model_path)
+    config.gguf_dequantize = gguf_dequantize
     if max_seq_len:
         config.max_seq_len = max_seq_len
     if dtype:
