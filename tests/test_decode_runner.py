@@ -158,3 +158,34 @@ def test_compiled_step_equals_eager(smol):
         assert got_tokens == greedy_loop(model, ids, 4, cache)
     finally:
         model.decode_runner = None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["mixtral", "gemma2", "gptj"])
+def test_compiled_step_on_other_architectures(arch, tmp_path):
+    """MoE (routing syncs with the host: compiled as several graphs), logit softcap with sliding window, and a
+    parallel block with partial interleaved RoPE, compiled against eager (`pytest -m slow`)."""
+    import transformers as tf
+    from parity import make_tiny, save_hf_model
+    common = dict(vocab_size=131, hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+    hf = {"mixtral": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(**common, num_local_experts=4)),
+          "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, sliding_window=8, query_pre_attn_scalar=8)),
+          "gptj": lambda: tf.GPTJForCausalLM(tf.GPTJConfig(n_embd=48, n_layer=2, n_head=6, rotary_dim=4,
+                                                           n_positions=128, vocab_size=131))}[arch]()
+    hf = make_tiny(type(hf), hf.config, init_scale=0.08)
+    cfg = ExLlamaV2Config(save_hf_model(hf, tmp_path))
+    cfg.max_seq_len = 64
+    model = ExLlamaV2(cfg)
+    model.load()
+    cache = ExLlamaV2Cache(model, max_seq_len=64)
+    ids = torch.randint(0, 131, (1, 10), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 131, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    eager = teacher_forced(model, ids, tokens, cache)
+    runner = model.compile_decode(max_seq_len=64, progress=False)
+    try:
+        assert runner.graph_breaks == (arch == "mixtral")
+        got = teacher_forced(model, ids, tokens, cache)
+        assert (got - eager).abs().max() < 0.05 * eager.abs().max()
+    finally:
+        model.decode_runner = None

@@ -47,6 +47,7 @@ class DecodeRunner:
         self.compile_seconds = 0.0
         self._step = decode_step
         self._ids: dict = {}   # per batch size, the step's input buffer (inference tensors, as the warm-up's)
+        self.graph_breaks = False  # True when the step compiled as several graphs (a host sync inside it)
         if compile:
             configure_inductor()
             opts = {**INDUCTOR_OPTIONS, **(options or {})}
@@ -64,7 +65,18 @@ class DecodeRunner:
 
     def _compile(self, opts, batch_sizes, max_seq_len):
         self._step = torch.compile(decode_step, options=opts, dynamic=None, fullgraph=True)
-        self._warm(sorted(set(batch_sizes)), max_seq_len)
+        try:
+            self._warm(sorted(set(batch_sizes)), max_seq_len)
+            self.graph_breaks = False
+        except Exception as e:
+            if "NoValidChoicesError" in repr(e):
+                raise
+            # some module syncs with the host inside the step (MoE routing counts tokens per expert on the
+            # host): compile the pieces between those points instead of one graph
+            torch._dynamo.reset()
+            self._step = torch.compile(decode_step, options=opts, dynamic=None, fullgraph=False)
+            self._warm(sorted(set(batch_sizes)), max_seq_len)
+            self.graph_breaks = True
 
     def _warm(self, batch_sizes, max_seq_len):
         from ..cache import ExLlamaV2Cache
