@@ -311,3 +311,19 @@ def test_intervention_on_a_fused_part_runs_the_parts_alone(tiny_dense):
     attn.q_proj = attn.q_proj.inner
     attn.q_proj = Intervention(attn.q_proj, post_forward=lambda h, *a, **k: h * 0)
     assert not torch.allclose(model.forward(ids), ref, atol=1e-3)
+
+
+def test_backends_take_turns_on_one_cache(tiny_gguf):
+    """A prompt prefilled by the reference and decoded by the default backends (and back) on one cache gives the
+    reference's logits: both read and write the same KV layout."""
+    model = _load(tiny_gguf["Q4_1"])
+    ids = torch.randint(3, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(4))
+    ref = _run(model, ids, 10, "torch")
+    cache = ExLlamaV2Cache(model, max_seq_len=128)
+    with ops.use_backend("torch"):
+        got = [model.forward(ids[:, :10], cache, last_id_only=True)[:, -1]]
+    for i in range(10, 20):
+        with ops.use_backend(None if i < 15 else "torch"):
+            got.append(model.forward(ids[:, i:i + 1], cache)[:, -1])
+    assert cache.current_seq_len == 20
+    _assert_logits_close(torch.stack(got, 1), ref)
