@@ -52,6 +52,18 @@ def greedy_loop(model, ids, n, cache):
     return out
 
 
+def stream_tokens(model, cache, tok, ids, n):
+    stream = ExLlamaV2StreamingGenerator(model, cache, tok)
+    stream.set_stop_conditions([])
+    stream.begin_stream_ex(ids, GREEDY, max_new_tokens=n)
+    got = []
+    while True:
+        r = stream.stream_ex()
+        got += r["chunk_token_ids"].flatten().tolist()
+        if r["eos"]:
+            return got
+
+
 def test_every_generator_and_the_seed_api_go_through_the_runner(smol):
     model, tok = smol
     ids = tok.encode(PROMPT)
@@ -63,16 +75,7 @@ def test_every_generator_and_the_seed_api_go_through_the_runner(smol):
         text = ExLlamaV2BaseGenerator(model, cache, tok).generate_simple(PROMPT, GREEDY, 12, stop_token=None,
                                                                          completion_only=True)
         assert runner.steps == 24 and tok.encode(text)[0].tolist()[:4] == ref[:4]
-        stream = ExLlamaV2StreamingGenerator(model, cache, tok)
-        stream.set_stop_conditions([])
-        stream.begin_stream_ex(ids, GREEDY, max_new_tokens=12)
-        got = []
-        while True:
-            r = stream.stream_ex()
-            got += r["chunk_token_ids"].flatten().tolist()
-            if r["eos"]:
-                break
-        assert got == ref and runner.steps == 36
+        assert stream_tokens(model, cache, tok, ids, 12) == ref and runner.steps == 36
         # the dynamic generator's packed, paged forward does not use it, and gives the same tokens
         dyn = ExLlamaV2DynamicGenerator(model, ExLlamaV2Cache(model, 1, 256), tok, page_size=64)
         job = ExLlamaV2DynamicJob(ids, 12, gen_settings=GREEDY, stop_conditions=[])
@@ -146,16 +149,7 @@ def test_compiled_step_equals_eager(smol):
         assert (got - eager).abs().max() < 0.05 * span
         assert (got.argmax(-1) == eager.argmax(-1)).sum() >= 14  # of 17 steps
         # the generators reach the compiled step too
-        stream = ExLlamaV2StreamingGenerator(model, cache, tok)
-        stream.set_stop_conditions([])
-        stream.begin_stream_ex(ids, GREEDY, max_new_tokens=4)
-        got_tokens = []
-        while True:
-            r = stream.stream_ex()
-            got_tokens += r["chunk_token_ids"].flatten().tolist()
-            if r["eos"]:
-                break
-        assert got_tokens == greedy_loop(model, ids, 4, cache)
+        assert stream_tokens(model, cache, tok, ids, 4) == greedy_loop(model, ids, 4, cache)
     finally:
         model.decode_runner = None
 
