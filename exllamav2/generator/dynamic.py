@@ -3,8 +3,15 @@
 Jobs join and leave between steps. Every step is ONE model forward that packs the new tokens of all active
 jobs into a single row (see paged_attn.py): one token per decoding job, plus prompt chunks of prefilling jobs up
 to `max_chunk_size` tokens in all, so a long prompt is spread over several steps while the other streams keep
-decoding. Pages are allocated for a job's whole budget (prompt + max_new_tokens) when it starts; full prompt
-pages are shared between jobs through their prefix hashes (dynamic_pages.py).
+decoding. Pages are allocated as a job grows: its prompt's pages when it starts, then one page whenever its
+next token crosses a page boundary; full prompt pages are shared between jobs through their prefix hashes
+(dynamic_pages.py). A job is admitted when its prompt fits and leaves a page of headroom per running job; if it
+does not fit, a running job holding more pages than it needs is preempted to make room. When a step needs more
+pages than are free, the running job holding the most pages is preempted: its written pages are
+published by prefix hash and released, and it goes back to the head of the queue; when it resumes it reuses
+what was not recycled, recomputes the rest (prompt and generated tokens) and continues with the same sampler
+state, so it yields exactly the tokens it would have. A job resumed this way is not preempted again before it
+has written another page, so every job makes progress.
 
 Per-job interventions (`ExLlamaV2DynamicJob(..., interventions=[...])`, see exllamav2.interventions) are
 registered when the job starts and removed when it ends or is cancelled; each step tells the hooks which tokens
@@ -62,6 +69,7 @@ class ExLlamaV2DynamicGenerator:
         self.num_prefilled_tokens = 0
         self.num_cached_tokens = 0
         self.num_forwards = 0
+        self.num_preemptions = 0
 
     # ------------------------------------------------------------------ queue
 
@@ -84,7 +92,12 @@ class ExLlamaV2DynamicGenerator:
         if job.prompt_len >= self.max_seq_len:
             raise ValueError(f"enqueue: the prompt has {job.prompt_len} tokens; the context holds "
                              f"max_seq_len={self.max_seq_len} (prompt plus at least one new token)")
-        job.max_new_tokens = min(job.max_new_tokens, self.max_seq_len - job.prompt_len)
+        if job.prompt_len >= self.cache.max_seq_len:
+            raise ValueError(f"enqueue: the prompt has {job.prompt_len} tokens but the cache holds "
+                             f"{self.cache.max_seq_len} (prompt plus at least one new token)")
+        # a job can grow until the context, or the whole cache, is full
+        job.max_new_tokens = min(job.max_new_tokens, self.max_seq_len - job.prompt_len,
+                                 self.cache.max_seq_len - job.prompt_len)
         job.min_new_tokens = min(job.min_new_tokens, job.max_new_tokens)
         if job.interventions and job.intervention_edits is None:
             from ..interventions import from_request
@@ -92,9 +105,6 @@ class ExLlamaV2DynamicGenerator:
             specs = from_request(self.model, job.interventions, file_root=job.interventions_file_root)
             job.intervention_edits = [(s.point, s.build_edit(self.model, job.interventions_file_root), s.target())
                                       for s in specs]
-        if job.total_pages(self.page_size) > self.page_table.num_pages:
-            raise ValueError(f"enqueue: the job needs {job.prompt_len + job.max_new_tokens} tokens of cache but the "
-                             f"cache holds {self.cache.max_seq_len}")
 
     def cancel(self, job: ExLlamaV2DynamicJob) -> None:
         if job in self.pending:
@@ -137,21 +147,33 @@ class ExLlamaV2DynamicGenerator:
         job.pages = []
 
     def _admit(self, results: list) -> None:
+        """Start pending jobs (resumed ones first, then in order) while their sequence fits in the free pages with
+        a page of headroom per running job. A job that does not fit may be passed by later ones `max_skips`
+        times; then admission waits for it."""
         blocked = None
+        ps = self.page_size
         for job in list(self.pending):
             if len(self.active) >= self.max_batch_size:
                 break
-            got = self.page_table.acquire(job.reusable_hashes(), job.total_pages(self.page_size))
-            if got is None:
+            hashes = job.reusable_hashes()
+            need = -(-len(job.sequence) // ps)
+            reused = self.page_table.match(hashes)[:need]
+            free = self.page_table.num_free_pages() - sum(1 for p in reused if p.ref_count == 0)
+            if need - len(reused) + len(self.active) > free and blocked is None:
+                # a job that holds more pages than this one needs yields to it (see _make_room)
+                if self._make_room(need - len(reused) + len(self.active) - 1 - free, need):
+                    free = self.page_table.num_free_pages() - sum(1 for p in reused if p.ref_count == 0)
+            if need - len(reused) + len(self.active) > free:
                 if blocked is None:
                     blocked = job
                     if job.skips >= job.max_skips:
                         break
                 continue
             if blocked is not None:
-                blocked.skips += 1
                 if blocked.skips >= blocked.max_skips:
                     break
+                blocked.skips += 1
+            got = self.page_table.acquire(hashes, need)
             self.pending.remove(job)
             try:
                 job.start_interventions(self.model)
@@ -160,27 +182,61 @@ class ExLlamaV2DynamicGenerator:
                 job.finished = True
                 raise
             job.pages, reused = got
-            job.kv_len = job.cached_tokens = reused * self.page_size
-            job.registered_pages = reused
+            job.kv_len = reused * ps
+            job.registered_pages = min(reused, len(job.prompt_page_hashes))
+            self.num_cached_tokens += min(job.kv_len, job.prompt_len)
+            self.active.append(job)
+            if job.started:  # resumed after preemption
+                job.protect_until = len(job.sequence) + ps
+                continue
+            job.cached_tokens = job.kv_len
             job.time_start = time.time()
             job.started = True
             for f in job.filters:
                 f.begin("")
-            self.num_cached_tokens += job.cached_tokens
-            self.active.append(job)
             results.append({"job": job, "stage": "started", "eos": False, "serial": job.serial,
                             "identifier": job.identifier})
 
-    # ------------------------------------------------------------------ stepping
+    def _preempt(self, job: ExLlamaV2DynamicJob) -> None:
+        """Take a running job's pages back; it waits at the head of the queue and resumes where it was."""
+        job.stop_interventions()
+        job.publish_pages(self.page_table)
+        self.active.remove(job)
+        self.page_table.release(job.pages)
+        job.pages = []
+        job.kv_len = 0
+        job.registered_pages = 0
+        job.skips = 0
+        job.preemptions += 1
+        self.num_preemptions += 1
+        self.pending.insert(0, job)
 
-    def iterate(self) -> list[dict]:
-        """Run one step: admit what fits, one packed forward over all active jobs, sample. Returns result dicts."""
-        results: list[dict] = []
-        self._admit(results)
+    def _make_room(self, short: int, need: int) -> bool:
+        """Preempt the running job holding the most pages if that frees `short` pages, it holds more than its
+        share of the cache and at least twice the pages the waiting job needs: a long job lets short ones through
+        instead of holding the cache until it ends. Jobs that resumed only recently are spared."""
+        spare = [j for j in self.active if len(j.sequence) >= j.protect_until]
+        if not spare:
+            return False
+        victim = max(spare, key=lambda j: (len(j.pages), j.serial))
+        held = len(victim.pages)
+        if held < 2 * need or held < short or held * (len(self.active) + 1) <= self.page_table.num_pages:
+            return False
+        self._preempt(victim)
+        return True
+
+    def _victim(self) -> ExLlamaV2DynamicJob | None:
+        """The running job to preempt: the one holding the most pages (the newest among equals), sparing jobs
+        that resumed only recently while another can go."""
         if not self.active:
-            return results
+            return None
+        spare = [j for j in self.active if len(j.sequence) >= j.protect_until] or self.active
+        return max(spare, key=lambda j: (len(j.pages), j.serial))
 
-        segments = []  # (job, number of new tokens, wants logits)
+    def _plan(self) -> list:
+        """(job, number of new tokens, wants logits) for this step: one token per decoding job, prompt chunks up
+        to max_chunk_size in all."""
+        segments = []
         budget = self.max_chunk_size
         for job in self.active:
             left = job.remaining_input()
@@ -190,6 +246,35 @@ class ExLlamaV2DynamicGenerator:
                 n = min(left, budget)
                 budget -= n
                 segments.append((job, n, job.kv_len + n == len(job.sequence)))
+        return segments
+
+    def _grow(self) -> list:
+        """The step's segments, every job holding the pages its new tokens go to; preempts while pages are short."""
+        while True:
+            segments = self._plan()
+            short = sum(job.pages_needed(job.kv_len + n, self.page_size) for job, n, _ in segments)
+            if short <= self.page_table.num_free_pages():
+                break
+            if len(self.active) < 2:  # cannot happen: validate() caps every job at the cache's size
+                raise RuntimeError("the dynamic generator ran out of cache pages with no job to preempt")
+            self._preempt(self._victim())
+        for job, n, _ in segments:
+            more = job.pages_needed(job.kv_len + n, self.page_size)
+            if more:
+                job.pages += self.page_table.allocate(more)
+        return segments
+
+    # ------------------------------------------------------------------ stepping
+
+    def iterate(self) -> list[dict]:
+        """Run one step: admit what fits, one packed forward over all active jobs, sample. Returns result dicts."""
+        results: list[dict] = []
+        self._admit(results)
+        if not self.active:
+            return results
+        segments = self._grow()
+        if not segments:
+            return results
 
         ids = torch.tensor([t for job, n, _ in segments for t in job.sequence[job.kv_len:job.kv_len + n]],
                            dtype=torch.long).unsqueeze(0)

@@ -93,6 +93,8 @@ class ExLlamaV2DynamicJob:
         self.blocked_at: dict[int, set[int]] = {}
         self.started = False
         self.finished = False
+        self.preemptions = 0  # times the generator took the job's pages back (it resumes where it was)
+        self.protect_until = 0  # sequence length below which a just-resumed job is not preempted again
         self.time_enqueue = time.time()
         self.time_start: float | None = None
         self.time_first_token: float | None = None
@@ -105,7 +107,12 @@ class ExLlamaV2DynamicJob:
         return len(self.prompt_ids)
 
     def total_pages(self, page_size: int) -> int:
+        """Pages the job holds at its longest (prompt plus every new token)."""
         return -(-(self.prompt_len + self.max_new_tokens) // page_size)
+
+    def pages_needed(self, tokens: int, page_size: int) -> int:
+        """More pages the job must hold before the cache can take `tokens` of its sequence."""
+        return max(0, -(-tokens // page_size) - len(self.pages))
 
     def prepare(self, generator) -> None:
         self.generator = generator
@@ -120,7 +127,24 @@ class ExLlamaV2DynamicJob:
         ps = self.generator.page_size
         if self.edits_prompt():
             return []
-        return self.prompt_page_hashes[:(self.prompt_len - 1) // ps]
+        if self.intervention_edits:  # edited generated K/V is never published, so only the prompt can match
+            return self.prompt_page_hashes[:(self.prompt_len - 1) // ps]
+        # a job resuming after preemption may also find the pages of its generated tokens (published when it
+        # was preempted), up to where a banned string could still rewind it (it must never write a shared page)
+        n = (min(len(self.sequence), self.prompt_len + self.checkpoint) - 1) // ps
+        if n <= len(self.prompt_page_hashes):
+            return self.prompt_page_hashes[:n]
+        return page_hashes(self.sequence[:n * ps], ps)
+
+    def publish_pages(self, page_table) -> None:
+        """On preemption: name every full page of written K/V by its prefix hash, so the job (or another with the
+        same prefix) finds it again while it is not recycled."""
+        if self.intervention_edits:
+            return
+        ps = page_table.page_size
+        full = min(self.kv_len, len(self.sequence)) // ps
+        for i, h in enumerate(page_hashes(self.sequence[:full * ps], ps)):
+            page_table.register(self.pages[i], h)
 
     def edits_prompt(self) -> bool:
         """Whether any of the job's interventions can touch a prompt token (position < prompt_len - 1)."""

@@ -52,6 +52,10 @@ class PageTable:
         """Pages no job references (they may still hold a reusable prefix)."""
         return sum(1 for p in self.pages if p.ref_count == 0)
 
+    def num_used_pages(self) -> int:
+        """Pages some job references."""
+        return self.num_pages - self.num_free_pages()
+
     def num_cached_pages(self) -> int:
         return len(self.by_hash)
 
@@ -73,22 +77,36 @@ class PageTable:
         """Pages for a job needing `total_pages`, reusing the known prefix among `hashes` (only pass hashes of
         pages the job may skip). Returns (page indices, number of reused pages), or None if too few are free."""
         reused = self.match(hashes)[:total_pages]
-        reused_ids = {p.index for p in reused}
-        free = [p for p in self.pages if p.ref_count == 0 and p.index not in reused_ids]
-        need = total_pages - len(reused)
-        if need > len(free):
+        fresh = self._fresh(total_pages - len(reused), {p.index for p in reused})
+        if fresh is None:
             return None
-        # unhashed pages first, then the least recently used cached prefixes
-        free.sort(key=lambda p: (p.phash is not None, p.access_serial))
-        fresh = free[:need]
-        for p in fresh:
-            if p.phash is not None and self.by_hash.get(p.phash) is p:
-                del self.by_hash[p.phash]
-            p.phash = None
         for p in reused + fresh:
             p.ref_count += 1
             self._touch(p)
         return [p.index for p in reused + fresh], len(reused)
+
+    def allocate(self, n: int) -> list[int] | None:
+        """`n` more pages for a job that grows (no prefix to reuse), or None if too few are free."""
+        fresh = self._fresh(n, set())
+        if fresh is None:
+            return None
+        for p in fresh:
+            p.ref_count += 1
+            self._touch(p)
+        return [p.index for p in fresh]
+
+    def _fresh(self, need: int, exclude: set[int]) -> list[CachePage] | None:
+        free = [p for p in self.pages if p.ref_count == 0 and p.index not in exclude]
+        if need > len(free):
+            return None
+        # unhashed pages first, then the least recently used cached prefixes
+        free.sort(key=lambda p: (p.phash is not None, p.access_serial))
+        fresh = free[:max(0, need)]
+        for p in fresh:
+            if p.phash is not None and self.by_hash.get(p.phash) is p:
+                del self.by_hash[p.phash]
+            p.phash = None
+        return fresh
 
     def register(self, index: int, phash: bytes) -> None:
         """Mark a page as holding the prefix named by `phash` (its K/V are written)."""
