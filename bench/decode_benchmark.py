@@ -1,10 +1,22 @@
-"""Side-by-side CPU benchmark: our fast path, HF transformers (same GGUF, same dtype) and llama.cpp (when
-`llama_cpp` imports), interleaved over several repetitions in one process; medians and ratios to references.
+"""Side-by-side CPU decode benchmark, interleaved over repetitions in one process; medians and ratios.
 
-Measured per engine: decode tok/s (batch 1, N new tokens after a short prompt, forward + argmax loop),
-prefill tok/s (one P-token prompt, last-position logits), batch-8 decode throughput, first-token latency
-(a 64-token prompt to its first token), RSS added by building the engine, and attained weight bandwidth
-(weight bytes read per decode step x decode tok/s) against torch.sum over a 512 MiB buffer.
+Every "ours" figure goes through the public API, the way a user's code does:
+
+- seed API loop: `model.forward(prompt, cache, last_id_only=True)`, then one `model.forward(tok, cache)` per
+  token with greedy argmax. Rows for the default weights (a GGUF's Q4_0/Q4_1/Q8_0 blocks kept packed, int4 CPU
+  kernel) and for the dense bf16 weights (`config.gguf_dequantize = True`), each eager and, with --compile,
+  compiled (`model.compile_decode()`, after which every plain one-token forward runs the compiled step).
+- generators on the default weights: `ExLlamaV2BaseGenerator.generate_simple`, `ExLlamaV2StreamingGenerator`
+  and `ExLlamaV2DynamicGenerator`, greedy, never stopping early. Their decode rate is N tokens over the time from
+  the first generated token to the last (prefill excluded); "vs loop" is the ratio to the seed-API loop row of
+  the same weights and mode.
+- HF transformers bf16 from the same GGUF, driven by the same loop (past_key_values, one token per forward).
+- llama.cpp (when `llama_cpp` imports) on the shipped GGUF and on Q4_0 / BF16 requantizations.
+
+Columns: decode tok/s (batch 1, N tokens after an 8-token prompt); prefill tok/s (one P-token prompt,
+last-position logits); batch-B tok/s (B rows of one token each per forward); first-token ms (a 64-token prompt
+to its first token); RSS added by building the row's engine; attained weight bandwidth (weight bytes read per
+decode step x decode tok/s) against torch.sum over a 512 MiB buffer.
 """
 
 from __future__ import annotations
@@ -19,10 +31,25 @@ import torch
 
 BF16 = torch.bfloat16
 
+# the generators' prompt text (and the loops' 8- and 64-token prompts, its first tokens)
+PROMPT_TEXT = (
+    "The lighthouse stood on a rock at the edge of the bay, and for forty years the same family kept its lamp "
+    "burning through every storm. Each evening the keeper climbed the spiral stairs, trimmed the wick, polished "
+    "the great lens and wrote the weather in a leather ledger: the direction of the wind, the height of the "
+    "waves, the ships that passed before dark. In winter the sea froze along the shore and the supply boat "
+    "could not reach the island for weeks, so the family learned to bake their own bread, to mend their own "
+    "nets and to read by the light of the lamp when the oil for the house ran low. "
+)
+
 
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure_bandwidth_gbs(mib: int = 512, reps: int = 5) -> float:
@@ -36,37 +63,181 @@ def measure_bandwidth_gbs(mib: int = 512, reps: int = 5) -> float:
     return buf.numel() * 4 / best / 1e9
 
 
+# ---------------------------------------------------------------------------------------------- weight bytes
+
+def _kernel_bytes(k) -> int | None:
+    """Bytes a prepared linear kernel reads per call; None when the kernel cannot say."""
+    if k is None or k is False:
+        return None
+    w = getattr(k, "weight", None)
+    if isinstance(w, torch.Tensor):          # dense kernels run on the module's own weight
+        n = w.numel() * w.element_size()
+        b = getattr(k, "bias", None)
+        return n + (b.numel() * b.element_size() if isinstance(b, torch.Tensor) else 0)
+    n = k.nbytes() if hasattr(k, "nbytes") else 0
+    return n or None
+
+
+def _linear_bytes(lin, dtype) -> int:
+    try:
+        b = _kernel_bytes(lin.kernel(dtype))
+    except Exception:
+        b = None
+    if b is not None:
+        return b
+    q = lin.q_handle
+    packed = getattr(q, "packed", None) if q is not None else None
+    if packed is not None:
+        return packed.nbytes()
+    w = lin.weight
+    if isinstance(w, torch.Tensor):
+        return w.numel() * w.element_size()
+    return lin.in_features * lin.out_features * 2
+
+
+def _group_bytes(group, parts, dtype) -> int:
+    k = group.kernel(dtype) if group is not None else False
+    b = _kernel_bytes(k)
+    if b is not None:
+        return b
+    return sum(_linear_bytes(p, dtype) for p in parts)
+
+
+def weight_bytes_per_step(model) -> int:
+    """Weight bytes one decode step reads: every linear's kernel (fused q/k/v and gate/up as one), and the head.
+    The embedding is a row lookup and is not counted."""
+    from exllamav2.attn import ExLlamaV2Attention
+    from exllamav2.linear import ExLlamaV2Linear
+    from exllamav2.mlp import ExLlamaV2MLP
+    dtype = model.dtype
+    total = 0
+    for m in model.modules:
+        if isinstance(m, ExLlamaV2Attention):
+            total += _group_bytes(getattr(m, "qkv", None), [m.q_proj, m.k_proj, m.v_proj], dtype)
+            total += _linear_bytes(m.o_proj, dtype)
+        elif isinstance(m, ExLlamaV2MLP):
+            parts = [p for p in (getattr(m, "gate_proj", None), m.up_proj) if p is not None]
+            total += _group_bytes(getattr(m, "gate_up", None), parts, dtype)
+            total += _linear_bytes(m.down_proj, dtype)
+        elif isinstance(m, ExLlamaV2Linear):     # the head
+            total += _linear_bytes(m, dtype)
+        else:                                    # other block kinds (MoE, parallel decoder): their linears
+            for sub in getattr(m, "submodules", []):
+                if isinstance(sub, ExLlamaV2Linear):
+                    total += _linear_bytes(sub, dtype)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+@dataclass
+class Inputs:
+    vocab: int
+    ids8: torch.Tensor       # (1, 8) decode prompt
+    ids64: torch.Tensor      # (1, 64) first-token prompt
+    text8: str               # the same prompts as text, for generate_simple
+    text64: str
+    prefill_len: int
+    batch: int
+
+    def prefill_ids(self) -> torch.Tensor:
+        return torch.randint(0, self.vocab, (1, self.prefill_len), generator=torch.Generator().manual_seed(2))
+
+    def batch_ids(self) -> torch.Tensor:
+        return torch.randint(0, self.vocab, (self.batch, 8), generator=torch.Generator().manual_seed(1))
+
+
+def make_inputs(tokenizer, vocab: int, prefill_len: int, batch: int) -> Inputs:
+    text = PROMPT_TEXT
+    ids = tokenizer.encode(text)
+    while ids.shape[-1] < 64:
+        text += PROMPT_TEXT
+        ids = tokenizer.encode(text)
+    ids8, ids64 = ids[:, :8].clone(), ids[:, :64].clone()
+    return Inputs(vocab, ids8, ids64, tokenizer.decode(ids8[0]), tokenizer.decode(ids64[0]), prefill_len, batch)
+
+
 # ---------------------------------------------------------------------------------------------- engines
 
 class Engine:
+    """One row. `decode`, `prefill`, `batch_decode`, `first_token` return a figure, or None when not measured."""
     name = ""
     weight_bytes = 0
+    ref = None          # name of the seed-API loop row this row is compared to ("vs loop")
+
+    def activate(self) -> None:
+        """Put the shared model into this row's mode (eager or compiled) before measuring."""
+
+    def decode(self, inp: Inputs, n: int) -> float | None: ...
+    def prefill(self, inp: Inputs) -> float | None: return None
+    def batch_decode(self, inp: Inputs, n: int) -> float | None: return None
+    def first_token(self, inp: Inputs) -> float | None: ...
+
+
+class LoopEngine(Engine):
+    """Engines driven by the seed-API loop: `start(ids)` -> last logits (b, vocab) after the prompt (resets
+    state), `step(ids (b, 1))` -> logits (b, vocab)."""
     batch = True
 
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor: ...   # (b, s) -> last logits (b, vocab); resets state
-    def step(self, ids: torch.Tensor) -> torch.Tensor: ...      # (b, 1) -> logits (b, vocab)
+    def start(self, ids: torch.Tensor) -> torch.Tensor: ...
+    def step(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def _decode(self, ids: torch.Tensor, n: int) -> float:
+        tok = self.start(ids).argmax(-1, keepdim=True)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            tok = self.step(tok).argmax(-1, keepdim=True)
+        return ids.shape[0] * n / (time.perf_counter() - t0)
+
+    def decode(self, inp, n):
+        return self._decode(inp.ids8, n)
+
+    def batch_decode(self, inp, n):
+        return self._decode(inp.batch_ids(), n) if self.batch and inp.batch > 1 else None
+
+    def prefill(self, inp):
+        ids = inp.prefill_ids()
+        t0 = time.perf_counter()
+        self.start(ids).argmax(-1)
+        return ids.shape[-1] / (time.perf_counter() - t0)
+
+    def first_token(self, inp):
+        t0 = time.perf_counter()
+        self.start(inp.ids64).argmax(-1)
+        return (time.perf_counter() - t0) * 1000
 
 
-class OursEngine(Engine):
-    def __init__(self, model, weights: str, compile: bool, max_len: int, batch: int):
-        from . import FastDecoder
-        self.fd = FastDecoder(model, max_seq_len=max_len, batch_size=batch, weights=weights, compile=compile)
-        self.name = f"ours {self.fd.kind}{' compiled' if compile else ''}"
-        self.weight_bytes = self.fd.weight_bytes()
+class SeedLoop(LoopEngine):
+    """The seed API: model.forward(prompt, cache, last_id_only=True), then model.forward(tok, cache) per token.
+    `runner` None runs eager; a runner from model.compile_decode() runs the compiled step."""
 
-    def prefill(self, ids):
-        self.fd.reset()
-        return self.fd(ids)[:, -1]
+    def __init__(self, name: str, model, runner, caches: dict, weight_bytes: int):
+        self.name, self.model, self.runner, self.caches = name, model, runner, caches
+        self.weight_bytes = weight_bytes
+        self.cache = None
+
+    def activate(self):
+        self.model.decode_runner = self.runner
+
+    def start(self, ids):
+        self.cache = self.caches[ids.shape[0]]
+        self.cache.current_seq_len = 0
+        return self.model.forward(ids, self.cache, last_id_only=True)[:, -1]
 
     def step(self, ids):
-        return self.fd(ids)[:, -1]
+        return self.model.forward(ids, self.cache)[:, -1]
 
 
-class HFEngine(Engine):
+class HFEngine(LoopEngine):
     def __init__(self, gguf_path: str):
         from transformers import AutoModelForCausalLM
+        import warnings
+
         from transformers.utils import logging
         logging.set_verbosity_error()
+        # transformers 5.x deprecates `past_key_values=` in favour of `cache=` on some models; the old name still
+        # works and is what older versions take
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*", category=FutureWarning)
         self.model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
                                                           dtype=BF16).eval()
         self.name = "HF transformers bf16"
@@ -77,7 +248,7 @@ class HFEngine(Engine):
         self.past = None
 
     @torch.inference_mode()
-    def prefill(self, ids):
+    def start(self, ids):
         from transformers import DynamicCache
         self.past = DynamicCache()
         out = self.model(ids, past_key_values=self.past, use_cache=True, logits_to_keep=1)
@@ -88,7 +259,7 @@ class HFEngine(Engine):
         return self.model(ids, past_key_values=self.past, use_cache=True).logits[:, -1].float()
 
 
-class LlamaCppEngine(Engine):
+class LlamaCppEngine(LoopEngine):
     batch = False
 
     def __init__(self, gguf_path: str, label: str, threads: int, max_len: int):
@@ -102,7 +273,7 @@ class LlamaCppEngine(Engine):
         import numpy as np
         return torch.from_numpy(np.asarray(self.llm.scores[self.llm.n_tokens - 1])).unsqueeze(0)
 
-    def prefill(self, ids):
+    def start(self, ids):
         self.llm.reset()
         self.llm.eval(ids[0].tolist())
         return self._logits()
@@ -125,158 +296,444 @@ def requantize_gguf(src: str, dst: str, ftype_name: str) -> str | None:
     return dst if rc == 0 and os.path.exists(dst) else None
 
 
-# ---------------------------------------------------------------------------------------------- measuring
+class GeneratorEngine(Engine):
+    """A generator on a loaded model; decode rate = tokens after the first / time from the first to the last."""
+
+    def __init__(self, name: str, model, runner, ref: str, weight_bytes: int):
+        from exllamav2.generator.sampler import ExLlamaV2Sampler
+        self.name, self.model, self.runner, self.ref = name, model, runner, ref
+        self.weight_bytes = weight_bytes
+        self.greedy = ExLlamaV2Sampler.Settings.greedy()
+
+    def activate(self):
+        self.model.decode_runner = self.runner
+
+
+class BaseGenEngine(GeneratorEngine):
+    """generate_simple is one blocking call: its decode time is t(N + 1 tokens) - t(1 token) on the same prompt
+    (the prefill and the first token cancel out)."""
+
+    def __init__(self, name, model, runner, ref, weight_bytes, cache, tokenizer):
+        super().__init__(name, model, runner, ref, weight_bytes)
+        from exllamav2.generator.base import ExLlamaV2BaseGenerator
+        self.gen = ExLlamaV2BaseGenerator(model, cache, tokenizer)
+
+    def _run(self, text: str, n: int) -> float:
+        t0 = time.perf_counter()
+        self.gen.generate_simple(text, self.greedy, num_tokens=n, stop_token=None)
+        return time.perf_counter() - t0
+
+    def decode(self, inp, n):
+        one = self._run(inp.text8, 1)
+        many = self._run(inp.text8, n + 1)
+        return n / max(many - one, 1e-9)
+
+    def first_token(self, inp):
+        return self._run(inp.text64, 1) * 1000
+
+
+class StreamingGenEngine(GeneratorEngine):
+    def __init__(self, name, model, runner, ref, weight_bytes, cache, tokenizer):
+        super().__init__(name, model, runner, ref, weight_bytes)
+        from exllamav2.generator.streaming import ExLlamaV2StreamingGenerator
+        self.cache = cache
+        self.gen = ExLlamaV2StreamingGenerator(model, cache, tokenizer)
+        self.gen.set_stop_conditions([])
+
+    def _run(self, ids: torch.Tensor, n: int) -> tuple[int, float, float]:
+        """(tokens, time from begin_stream_ex to the first token, time from the first token to the last)."""
+        self.cache.current_seq_len = 0      # the cache is shared with other rows: no prefix reuse
+        self.gen.sequence_ids = None
+        t0 = time.perf_counter()
+        self.gen.begin_stream_ex(ids, self.greedy, max_new_tokens=n)
+        count, t_first, t_last = 0, None, None
+        while True:
+            r = self.gen.stream_ex()
+            k = r["chunk_token_ids"].shape[-1]
+            if k:
+                now = time.perf_counter()
+                if t_first is None:
+                    t_first, k = now, 0
+                count += k
+                t_last = now
+            if r["eos"]:
+                break
+        return count, t_first - t0, (t_last - t_first)
+
+    def decode(self, inp, n):
+        count, _, dt = self._run(inp.ids8, n + 1)
+        return count / max(dt, 1e-9)
+
+    def first_token(self, inp):
+        return self._run(inp.ids64, 1)[1] * 1000
+
+
+class DynamicGenEngine(GeneratorEngine):
+    def __init__(self, name, model, runner, ref, weight_bytes, cache, tokenizer, page_size: int):
+        super().__init__(name, model, runner, ref, weight_bytes)
+        from exllamav2.generator.dynamic import ExLlamaV2DynamicGenerator
+        self.gen = ExLlamaV2DynamicGenerator(model, cache, tokenizer, page_size=page_size)
+
+    def _run(self, ids: torch.Tensor, n: int) -> tuple[int, float, float]:
+        from exllamav2.generator.dynamic import ExLlamaV2DynamicJob
+        self.gen.reset_page_table()          # no prefix reuse between repetitions: every run prefills
+        job = ExLlamaV2DynamicJob(ids, n, gen_settings=self.greedy, stop_conditions=[])
+        t0 = time.perf_counter()
+        self.gen.enqueue(job)
+        count, t_first, t_last = 0, None, None
+        while self.gen.num_remaining_jobs():
+            for r in self.gen.iterate():
+                if r["stage"] != "streaming":
+                    continue
+                k = r["token_ids"].shape[-1]
+                if k:
+                    now = time.perf_counter()
+                    if t_first is None:
+                        t_first, k = now, k - 1
+                    count += k
+                    t_last = now
+        return count, t_first - t0, t_last - t_first
+
+    def decode(self, inp, n):
+        count, _, dt = self._run(inp.ids8, n + 1)
+        return count / max(dt, 1e-9)
+
+    def first_token(self, inp):
+        return self._run(inp.ids64, 1)[1] * 1000
+
+
+class RunnerProbe:
+    """Stands in for model.decode_runner: counts the forwards that would take the decode-runner path (and hence
+    the compiled step), running them eagerly through an uncompiled runner."""
+
+    def __init__(self, model):
+        from exllamav2.runtime.decode import DecodeRunner
+        self.inner = DecodeRunner(model, compile=False)
+        self.asked = self.applied = 0
+
+    def applies(self, *args) -> bool:
+        self.asked += 1
+        ok = self.inner.applies(*args)
+        self.applied += bool(ok)
+        return ok
+
+    def __call__(self, ids, cache):
+        return self.inner(ids, cache)
+
+
+# ---------------------------------------------------------------------------------------------- building
 
 @dataclass
 class Result:
     name: str
+    ref: str | None = None
     decode: list = field(default_factory=list)
     prefill: list = field(default_factory=list)
-    batch8: list = field(default_factory=list)
+    batch: list = field(default_factory=list)
     first_token_ms: list = field(default_factory=list)
     rss_mb: float = 0.0
     weight_bytes: int = 0
 
     def med(self, key):
-        v = getattr(self, key)
+        v = [x for x in getattr(self, key) if x is not None]
         return statistics.median(v) if v else None
 
 
-def time_decode(engine: Engine, vocab: int, new_tokens: int, batch: int = 1) -> float:
-    ids = torch.randint(0, vocab, (batch, 8), generator=torch.Generator().manual_seed(1))
-    tok = engine.prefill(ids).argmax(-1, keepdim=True)
-    t0 = time.perf_counter()
-    for _ in range(new_tokens):
-        tok = engine.step(tok).argmax(-1, keepdim=True)
-    return batch * new_tokens / (time.perf_counter() - t0)
+def _gguf_type(model) -> str | None:
+    """The GGUF block type of the first attention's q_proj (what "default weights" are), or None."""
+    from exllamav2.attn import ExLlamaV2Attention
+    cfg = model.config
+    if not cfg.gguf_path:
+        return None
+    for m in model.modules:
+        if isinstance(m, ExLlamaV2Attention):
+            key = m.q_proj.key + ".weight"
+            src = cfg.tensor_file_map.get(key)
+            try:
+                return src.ggml_type(key) if src is not None else None
+            except Exception:
+                return None
+    return None
 
 
-def time_prefill(engine: Engine, vocab: int, n: int) -> float:
-    ids = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(2))
-    t0 = time.perf_counter()
-    engine.prefill(ids).argmax(-1)
-    return n / (time.perf_counter() - t0)
+def _describe_default(model) -> str:
+    from exllamav2.attn import ExLlamaV2Attention
+    gt = _gguf_type(model)
+    if gt is None:
+        return "default weights"
+    packed = any(isinstance(m, ExLlamaV2Attention) and m.q_proj.q_handle is not None for m in model.modules)
+    return f"default weights (GGUF {gt} {'packed' if packed else 'dense'})"
 
 
-def time_first_token(engine: Engine, vocab: int, n: int = 64) -> float:
-    ids = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(3))
-    t0 = time.perf_counter()
-    engine.prefill(ids).argmax(-1)
-    return (time.perf_counter() - t0) * 1000
+class Bench:
+    def __init__(self, log=print):
+        self.log = log
+        self.engines: list[Engine] = []
+        self.results: list[Result] = []
+        self.notes: dict[str, str] = {}
+        self.compile_seconds: dict[str, float] = {}
 
-
-def build_engines(model_path: str, weights: list[str], compile: bool, hf: bool, llamacpp: bool, threads: int,
-                  max_len: int, log=print) -> tuple[list, list, dict]:
-    from .. import ExLlamaV2, ExLlamaV2Config
-    engines, results, notes = [], [], {}
-
-    def add(make):
+    def add(self, make):
         gc.collect()
         before = rss_mb()
         e = make()
-        engines.append(e)
-        results.append(Result(e.name, rss_mb=rss_mb() - before, weight_bytes=e.weight_bytes))
-        log(f"  built {e.name} (+{results[-1].rss_mb:.0f} MB RSS)")
+        self.engines.append(e)
+        self.results.append(Result(e.name, ref=e.ref, rss_mb=rss_mb() - before, weight_bytes=e.weight_bytes))
+        self.log(f"  built {e.name} (+{self.results[-1].rss_mb:.0f} MB RSS)")
+        return e
 
-    cfg = ExLlamaV2Config(model_path)
-    cfg.max_seq_len = max_len
-    cfg.dtype = "bfloat16"
-    model = ExLlamaV2(cfg)
-    model.load()
-    vocab = cfg.vocab_size
-    for w in weights:
-        for c in ([False, True] if compile else [False]):
-            add(lambda: OursEngine(model, w, c, max_len, 8))
-    gguf = cfg.gguf_path
+
+def build_engines(model_path: str, compile: bool, hf: bool, llamacpp: bool, generators: bool, threads: int,
+                  max_len: int, prefill_len: int, batch: int, log=print) -> tuple[Bench, Inputs]:
+    from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
+    from exllamav2.tokenizer import ExLlamaV2Tokenizer
+
+    bench = Bench(log)
+    batch_sizes = tuple(sorted({1, batch}))
+    inputs = None
+    default_model = None
+
+    for kind in ("default", "bf16"):
+        cfg = ExLlamaV2Config(model_path)
+        if kind == "bf16":
+            if not cfg.gguf_path:
+                bench.notes["ours bf16"] = "not a separate row: the model is not a GGUF, its default weights are these"
+                continue
+            cfg.gguf_dequantize = True
+        cfg.max_seq_len = max_len
+        cfg.max_input_len = min(cfg.max_input_len, max_len)
+        holder = {}
+
+        def load():
+            model = ExLlamaV2(cfg)
+            model.load()
+            holder["model"] = model
+            holder["caches"] = {b: ExLlamaV2Cache(model, batch_size=b, max_seq_len=max_len) for b in batch_sizes}
+            label = _describe_default(model) if kind == "default" else "bf16 (dequantized)"
+            holder["label"] = label
+            return SeedLoop(f"ours {label} seed API eager", model, None, holder["caches"],
+                            weight_bytes_per_step(model))
+
+        eager = bench.add(load)
+        model, caches = holder["model"], holder["caches"]
+        if inputs is None:
+            tokenizer = ExLlamaV2Tokenizer(cfg)
+            inputs = make_inputs(tokenizer, cfg.vocab_size, prefill_len, batch)
+        runner = None
+        if compile:
+            def comp():
+                r = model.compile_decode(batch_sizes=batch_sizes, max_seq_len=max_len, progress=True)
+                model.decode_runner = None
+                bench.compile_seconds[holder["label"]] = r.compile_seconds
+                holder["runner"] = r
+                return SeedLoop(f"ours {holder['label']} seed API compiled", model, r, caches, eager.weight_bytes)
+            bench.add(comp)
+            runner = holder["runner"]
+        if kind == "default":
+            default_model = (model, cfg, caches, eager, runner)
+
+    if generators and default_model is not None:
+        model, cfg, caches, eager, runner = default_model
+        tokenizer = ExLlamaV2Tokenizer(cfg)
+        page = 256 if max_len % 256 == 0 else 16
+        modes = [("eager", None)] + ([("compiled", runner)] if runner is not None else [])
+        dyn_cache = {}
+        for mode, r in modes:
+            ref = next(e.name for e in bench.engines if isinstance(e, SeedLoop) and e.model is model
+                       and (e.runner is None) == (r is None))
+            for gname, make in (
+                    ("base generator (generate_simple)",
+                     lambda n, r=r, ref=ref: BaseGenEngine(n, model, r, ref, eager.weight_bytes, caches[1], tokenizer)),
+                    ("streaming generator",
+                     lambda n, r=r, ref=ref: StreamingGenEngine(n, model, r, ref, eager.weight_bytes, caches[1],
+                                                                tokenizer)),
+                    ("dynamic generator",
+                     lambda n, r=r, ref=ref: DynamicGenEngine(
+                         n, model, r, ref, eager.weight_bytes,
+                         dyn_cache.setdefault("c", ExLlamaV2Cache(model, batch_size=1, max_seq_len=max_len)),
+                         tokenizer, page))):
+                bench.add(lambda: make(f"ours {gname} {mode}"))
+        bench.notes.update(probe_generators(bench, model, inputs))
+
+    gguf = default_model[1].gguf_path if default_model is not None else None
     if hf:
         if gguf:
-            add(lambda: HFEngine(gguf))
+            try:
+                bench.add(lambda: HFEngine(gguf))
+            except Exception as e:
+                first = (str(e).strip().splitlines() or [""])[0]
+                bench.notes["HF"] = f"skipped: {type(e).__name__}: {first}"
         else:
-            notes["HF"] = "skipped: the HF reference loads GGUF models only here"
+            bench.notes["HF"] = "skipped: the HF reference loads GGUF models only here"
+    else:
+        bench.notes["HF"] = "skipped (--no-hf)"
     if llamacpp:
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
-            notes["llama.cpp"] = "skipped: llama_cpp is not importable (pip install llama-cpp-python)"
+            bench.notes["llama.cpp"] = "skipped: llama_cpp is not importable (pip install llama-cpp-python)"
         else:
             if not gguf:
-                notes["llama.cpp"] = "skipped: not a GGUF model"
+                bench.notes["llama.cpp"] = "skipped: not a GGUF model"
             else:
-                shipped = model.config.tensor_file_map[model.modules[1].q_proj.key + ".weight"].ggml_type(
-                    model.modules[1].q_proj.key + ".weight")
-                add(lambda: LlamaCppEngine(gguf, f"{shipped} (as shipped)", threads, max_len))
-                cache = os.path.join(os.path.expanduser("~"), ".cache", "exllamav2", "bench")
-                os.makedirs(cache, exist_ok=True)
+                shipped = _gguf_type(default_model[0]) or "GGUF"
+                bench.add(lambda: LlamaCppEngine(gguf, f"{shipped} (as shipped)", threads, max_len))
+                cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "exllamav2", "bench")
+                os.makedirs(cache_dir, exist_ok=True)
                 stem = os.path.splitext(os.path.basename(gguf))[0]
                 for label, ftype in (("Q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0"), ("BF16", "LLAMA_FTYPE_MOSTLY_BF16")):
                     if label == shipped:
                         continue
-                    path = requantize_gguf(gguf, os.path.join(cache, f"{stem}.{label}.gguf"), ftype)
+                    path = requantize_gguf(gguf, os.path.join(cache_dir, f"{stem}.{label}.gguf"), ftype)
                     if path:
-                        add(lambda: LlamaCppEngine(path, f"{label} (requantized)", threads, max_len))
+                        bench.add(lambda: LlamaCppEngine(path, f"{label} (requantized)", threads, max_len))
                     else:
-                        notes[f"llama.cpp {label}"] = "requantization failed"
-    return engines, results, {"vocab": vocab, **notes}
+                        bench.notes[f"llama.cpp {label}"] = "requantization failed"
+    else:
+        bench.notes["llama.cpp"] = "skipped (--no-llamacpp)"
+    return bench, inputs
 
 
-def run_benchmark(model_path: str, weights=("bf16", "auto"), compile: bool = False, hf: bool = True,
-                  llamacpp: bool = True, threads: int | None = None, reps: int = 3, new_tokens: int = 128,
+def probe_generators(bench: Bench, model, inputs: Inputs) -> dict:
+    """Which generators' decode steps reach model.forward's decode-runner path (the one --compile compiles)."""
+    notes = {}
+    saved = model.decode_runner
+    try:
+        for e in bench.engines:
+            if not isinstance(e, GeneratorEngine) or e.runner is not None:
+                continue
+            probe = RunnerProbe(model)
+            model.decode_runner = probe
+            e.decode(inputs, 3)
+            kind = e.name.removeprefix("ours ").removesuffix(" eager")
+            if probe.asked == 0:
+                notes[f"decode path, {kind}"] = ("never calls model.forward (it runs its own paged forward), so the "
+                                                 "decode runner and the compiled step do not apply to it")
+            else:
+                notes[f"decode path, {kind}"] = (f"{probe.applied} of its {probe.asked} model.forward calls took the "
+                                                 f"decode-runner path (the one --compile compiles)")
+    finally:
+        model.decode_runner = saved
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+def run_benchmark(model_path: str, compile: bool = False, hf: bool = True, llamacpp: bool = True,
+                  generators: bool = True, threads: int | None = None, reps: int = 3, new_tokens: int = 128,
                   prefill_len: int = 512, batch: int = 8, log=print) -> dict:
-    from .threads import configure_threads
+    from exllamav2.runtime.threads import configure_threads
     threads = configure_threads(threads)
     log(f"threads: {threads}; measuring memory bandwidth ...")
     bw = measure_bandwidth_gbs()
     log(f"bandwidth: {bw:.1f} GB/s (torch.sum over 512 MiB fp32)")
-    max_len = max(prefill_len, 64 + new_tokens, 8 + new_tokens) + 8
-    engines, results, info = build_engines(model_path, list(weights), compile, hf, llamacpp, threads, max_len, log)
-    vocab = info.pop("vocab")
-    for e in engines:  # warm-up
-        time_decode(e, vocab, 4)
-        time_prefill(e, vocab, 64)
+    need = max(prefill_len, 64 + 2, 8 + new_tokens + 2, 8 + max(16, new_tokens // 4)) + 8
+    max_len = -(-need // 256) * 256      # a whole number of the dynamic generator's pages
+    bench, inputs = build_engines(model_path, compile, hf, llamacpp, generators, threads, max_len, prefill_len,
+                                  batch, log)
+    batch_tokens = max(16, new_tokens // 4)
+    log("warming up ...")
+    for e in bench.engines:
+        e.activate()
+        e.decode(inputs, 4)
+        e.first_token(inputs)
+        if isinstance(e, LoopEngine):
+            e.prefill(inputs)
+            e.batch_decode(inputs, 2)
+    graphs_before = _compiled_graphs()
     for r in range(reps):
-        for e, res in zip(engines, results):
-            res.decode.append(time_decode(e, vocab, new_tokens))
-            res.prefill.append(time_prefill(e, vocab, prefill_len))
-            res.first_token_ms.append(time_first_token(e, vocab))
-            if e.batch and batch > 1:
-                res.batch8.append(time_decode(e, vocab, max(16, new_tokens // 4), batch))
+        for e, res in zip(bench.engines, bench.results):
+            e.activate()
+            res.decode.append(e.decode(inputs, new_tokens))
+            res.prefill.append(e.prefill(inputs))
+            res.first_token_ms.append(e.first_token(inputs))
+            res.batch.append(e.batch_decode(inputs, batch_tokens))
         log(f"  repetition {r + 1}/{reps} done")
-    return {"bandwidth_gbs": bw, "threads": threads, "results": results, "notes": info, "reps": reps,
-            "new_tokens": new_tokens, "prefill_len": prefill_len, "batch": batch,
-            "peak_rss_mb": _peak_rss_mb()}
+    if compile and _compiled_graphs() > graphs_before:
+        bench.notes["recompiles"] = (f"{_compiled_graphs() - graphs_before} graph(s) compiled during the timed "
+                                     "repetitions (after the warm-up): the compiled rows include compile time")
+    return {"bandwidth_gbs": bw, "threads": threads, "results": bench.results, "notes": bench.notes,
+            "compile_seconds": bench.compile_seconds, "reps": reps, "new_tokens": new_tokens,
+            "prefill_len": prefill_len, "batch": batch, "max_len": max_len, "peak_rss_mb": peak_rss_mb()}
 
 
-def _peak_rss_mb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _compiled_graphs() -> int:
+    try:
+        from torch._dynamo.utils import counters
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def _f(v) -> str:
+    return "-" if v is None else (f"{v:.1f}" if v < 100 else f"{v:.0f}")
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def _find(res: list[Result], prefix: str, suffix: str) -> Result | None:
+    return next((r for r in res if r.name.startswith(prefix) and r.name.endswith(suffix)), None)
 
 
 def format_table(report: dict) -> str:
     res, bw = report["results"], report["bandwidth_gbs"]
-    refs = [r for r in res if not r.name.startswith("ours")]
-    head = ["engine", "decode tok/s", "prefill tok/s", f"batch-{report['batch']} tok/s", "first token ms",
-            "+RSS MB", "GB/s (% of bw)"] + [f"decode vs {r.name}" for r in refs]
+    by_name = {r.name: r for r in res}
+    hf = by_name.get("HF transformers bf16")
+    hf_d = hf.med("decode") if hf else None
+    lcpp = [r for r in res if r.name.startswith("llama.cpp")]
+    head = ["engine", "decode tok/s", "vs loop", f"prefill-{report['prefill_len']} tok/s",
+            f"batch-{report['batch']} tok/s", "first token ms", "+RSS MB", "GB/s (% of bw)", "decode vs HF bf16"]
+    head += [f"decode vs {r.name}" for r in lcpp]
     rows = []
     for r in res:
         d = r.med("decode")
+        ref = by_name.get(r.ref) if r.ref else None
         gbs = r.weight_bytes * d / 1e9 if d else 0
-        row = [r.name, _f(d), _f(r.med("prefill")), _f(r.med("batch8")), _f(r.med("first_token_ms")),
-               f"{r.rss_mb:.0f}", f"{gbs:.1f} ({100 * gbs / bw:.0f}%)"]
-        row += [f"{d / ref.med('decode'):.2f}x" if (d and ref.med("decode")) else "-" for ref in refs]
+        row = [r.name, _f(d), _ratio(d, ref.med("decode")) if ref else "-", _f(r.med("prefill")), _f(r.med("batch")),
+               _f(r.med("first_token_ms")), f"{r.rss_mb:.0f}", f"{gbs:.1f} ({100 * gbs / bw:.0f}%)",
+               _ratio(d, hf_d)]
+        row += [_ratio(d, ref_.med("decode")) for ref_ in lcpp]
         rows.append(row)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
-    if refs:
-        lines.append("")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(x) + " |" for x in rows]
+    lines.append("")
+
+    # the issue's ratios, in words
+    eager = _find(res, "ours default weights", "seed API eager")
+    comp = _find(res, "ours default weights", "seed API compiled")
+    if eager is None:
+        eager, comp = _find(res, "ours ", "seed API eager"), _find(res, "ours ", "seed API compiled")
+    if eager is not None:
+        e_hf = _ratio(eager.med("decode"), hf_d) if hf_d else "- (no HF row)"
+        c_hf = (_ratio(comp.med("decode"), hf_d) if hf_d else "- (no HF row)") if comp else "- (not run: --compile)"
+        lines.append(f"seed API, default weights: {e_hf} HF bf16 eager, {c_hf} compiled (targets >= 3x and >= 4x)")
+    for mode in ("eager", "compiled"):
+        gens = [(label, _find(res, f"ours {key}", f" {mode}"))
+                for label, key in (("base", "base generator"), ("streaming", "streaming generator"),
+                                   ("dynamic", "dynamic generator"))]
+        gens = [(label, g) for label, g in gens if g is not None]
+        if not gens:
+            continue
+        parts = []
+        for label, g in gens:
+            ref = by_name.get(g.ref)
+            d, rd = g.med("decode"), ref.med("decode") if ref else None
+            parts.append(f"{label} {100 * d / rd:.0f}%" if d and rd else f"{label} -")
+        lines.append(f"generators vs the seed-API loop ({mode}): {', '.join(parts)} (target within 10%)")
+    if hf:
         for r in res:
-            if r.name.startswith("ours"):
-                ratios = ", ".join(f"{r.med('prefill') / ref.med('prefill'):.2f}x {ref.name}" for ref in refs)
-                lines.append(f"prefill-{report['prefill_len']} {r.name}: {ratios}")
-    lines.append(f"\nmedians of {report['reps']} interleaved repetitions; {report['threads']} threads; "
-                 f"bandwidth {bw:.1f} GB/s; process peak RSS {report['peak_rss_mb']:.0f} MB")
+            if r.name.startswith("ours") and "seed API" in r.name and r.med("prefill") and hf.med("prefill"):
+                lines.append(f"prefill-{report['prefill_len']} {r.name}: {_ratio(r.med('prefill'), hf.med('prefill'))} "
+                             f"HF bf16")
+    for label, s in report.get("compile_seconds", {}).items():
+        lines.append(f"compile: {label}: {s:.0f} s (model.compile_decode, batch sizes 1 and {report['batch']}, "
+                     f"max_seq_len {report['max_len']})")
+    lines.append(f"\nmedians of {report['reps']} interleaved repetitions; {report['new_tokens']} decoded tokens; "
+                 f"{report['threads']} threads; bandwidth {bw:.1f} GB/s; process peak RSS "
+                 f"{report['peak_rss_mb']:.0f} MB")
     for k, v in report["notes"].items():
         lines.append(f"{k}: {v}")
     return "\n".join(lines)
-
-
-def _f(v) -> str:
-    return "-" if v is None else (f"{v:.1f}" if v < 100 else f"{v:.0f}")

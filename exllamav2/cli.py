@@ -13,7 +13,6 @@ COMMANDS = {
     "chat": "chat",
     "ppl": "ppl",
     "info": "info",
-    "bench": "bench",
     "serve": "serve",
     "convert-gguf": "convert_gguf",
     "convert": "convert",
