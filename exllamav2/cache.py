@@ -4,7 +4,43 @@ of positions filled (shared by all rows; uneven prompts are left padded)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+
+def device_memory(device: str) -> int | None:
+    """Bytes of memory a device has in all (physical RAM for the CPU), or None if unknown."""
+    try:
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            return torch.cuda.get_device_properties(dev).total_memory
+        if dev.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+    return None
+
+
+def check_cache_size(model, batch_size: int, max_seq_len: int, dtype: torch.dtype, kv_heads: int,
+                     layer_devices: list[str]) -> None:
+    """Refuse, with the setting to change, a K/V cache larger than the memory of the devices that would hold it
+    (a context length such as max_position_embeddings=10**12 would otherwise fail deep in an allocation)."""
+    cfg = model.config
+    per_layer = 2 * batch_size * kv_heads * max_seq_len * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+    need: dict[str, int] = {}
+    for dev in layer_devices:
+        need[dev] = need.get(dev, 0) + per_layer
+    for dev, n in need.items():
+        have = device_memory(dev)
+        if have is not None and n > have:
+            native = getattr(cfg, "native_max_seq_len", None)
+            origin = (f"; the model's config sets max_position_embeddings={native} "
+                      f"({getattr(cfg, 'config_source', 'config.json')})"
+                      if native is not None and getattr(cfg, "max_seq_len", None) == native <= max_seq_len else "")
+            raise ValueError(f"a K/V cache of max_seq_len={max_seq_len} positions x {batch_size} rows needs "
+                             f"{n / 2**30:.1f} GiB on {dev}, which has {have / 2**30:.1f} GiB{origin}; set a smaller "
+                             f"max_seq_len (serve/generate: --max-seq-len, or --cache-tokens)")
 
 
 class ExLlamaV2CacheBase:
@@ -25,6 +61,9 @@ class ExLlamaV2CacheBase:
         self.key_states: list = [None] * self.num_hidden_layers
         self.value_states: list = [None] * self.num_hidden_layers
         self.shape_basic = (batch_size, self.num_key_value_heads, self.max_seq_len, self.head_dim)
+        if copy_from is None:
+            check_cache_size(model, batch_size, self.max_seq_len, self.dtype, self.num_key_value_heads,
+                             [self._layer_device(i) for i in range(self.num_hidden_layers)])
         if not lazy:
             self.create_state_tensors(copy_from)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+import numbers
 import os
 
 import torch
@@ -22,6 +23,12 @@ _DTYPES = {
 
 class ConfigError(ValueError):
     pass
+
+
+# sanity bounds of config fields, far above any real model: a value past them is a broken or hostile config
+_MAX_SIZE = 1 << 24  # widths, heads, vocabulary
+_MAX_LAYERS = 1 << 16
+_MAX_POSITIONS = (1 << 31) - 1
 
 
 def parse_dtype(value) -> torch.dtype | None:
@@ -113,6 +120,34 @@ class ExLlamaV2Config:
             self.tensor_file_map = {k: gguf_file for k in gguf_file.keys()}
         else:
             self._map_safetensors(folder)
+        self._check_tensors()
+
+    def _check_tensors(self) -> None:
+        """The config against the tensors, before anything is built from it: the layers the config declares
+        exist, and the embedding is hidden_size wide."""
+        keys = self.arch.lm.keys
+        prefix = keys["layers"] + "."
+        present = set()
+        for k in self.tensor_file_map:
+            if k.startswith(prefix):
+                idx = k[len(prefix):].split(".", 1)[0]
+                if idx.isdigit():
+                    present.add(int(idx))
+        n = max(present) + 1 if present else 0
+        if self.num_hidden_layers > n:
+            held = f"layers 0..{n - 1}" if n else "no layers"
+            raise ConfigError(f"{self.config_source}: field 'num_hidden_layers' is {self.num_hidden_layers} but the "
+                              f"model's tensors hold {held} ('{prefix}N.*')")
+        emb = keys["embed_tokens"] + ".weight"
+        src = self.tensor_file_map.get(emb)
+        if src is not None:
+            try:
+                shape = tuple(src.shape(emb))
+            except Exception:  # a format that cannot tell the shape without reading: the loader checks it
+                return
+            if len(shape) == 2 and shape[1] != self.hidden_size:
+                raise ConfigError(f"{self.config_source}: field 'hidden_size' is {self.hidden_size} but the embedding "
+                                  f"'{emb}' has shape {list(shape)} (vocab x hidden)")
 
     def _get(self, cfg: dict, *keys, default=None, required=False, kind=None):
         text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else None
@@ -124,15 +159,27 @@ class ExLlamaV2Config:
                 for part in k.split("->"):
                     v = v.get(part) if isinstance(v, dict) else None
                 if v is not None:
-                    if kind is not None:
-                        try:
-                            v = kind(v)
-                        except (TypeError, ValueError):
-                            raise ConfigError(f"{self.config_source}: field '{k}' should be {kind.__name__}, got {v!r}") from None
-                    return v
+                    return v if kind is None else self._coerce(k, v, kind)
         if required:
             raise ConfigError(f"{self.config_source}: missing required field '{keys[0]}'")
         return default
+
+    def _coerce(self, key: str, v, kind):
+        """A field's value as `kind`, strictly: an int field takes an integer (or a float with an integral
+        value), a float field a number; a string, a bool or a fraction is an error naming the file and field."""
+        what = {int: "an integer", float: "a number"}.get(kind)
+        if what is None:
+            try:
+                return kind(v)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{self.config_source}: field '{key}' should be {kind.__name__}, got {v!r}") from None
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+        if ok and kind is int:
+            ok = isinstance(v, numbers.Integral) or float(v).is_integer()
+        if not ok:
+            got = f"the string {v!r}" if isinstance(v, str) else f"{v!r} ({type(v).__name__})"
+            raise ConfigError(f"{self.config_source}: field '{key}' should be {what}, got {got}")
+        return int(v) if kind is int else float(v)
 
     def _read_fields(self, cfg: dict) -> None:
         archs = cfg.get("architectures")
@@ -144,16 +191,19 @@ class ExLlamaV2Config:
         al = lm.config_aliases
         g = self._get
 
-        def pos(name, value):
-            if value is None or value <= 0:
-                raise ConfigError(f"{self.config_source}: field '{name}' must be a positive integer, got {value!r}")
+        def pos(name, value, most=_MAX_SIZE):
+            if value is None or value <= 0 or value > most:
+                raise ConfigError(f"{self.config_source}: field '{name}' must be an integer in 1..{most}, "
+                                  f"got {value!r}")
             return value
 
         self.vocab_size = pos("vocab_size", g(cfg, *al.get("vocab_size", ["vocab_size"]), required=True, kind=int))
         self.hidden_size = pos("hidden_size", g(cfg, *al.get("hidden_size", ["hidden_size", "d_model", "n_embd"]), required=True, kind=int))
-        self.num_hidden_layers = pos("num_hidden_layers", g(cfg, *al.get("num_hidden_layers", ["num_hidden_layers", "n_layers", "n_layer"]), required=True, kind=int))
+        self.num_hidden_layers = pos("num_hidden_layers", g(cfg, *al.get("num_hidden_layers", ["num_hidden_layers", "n_layers", "n_layer"]), required=True, kind=int), _MAX_LAYERS)
         self.num_attention_heads = pos("num_attention_heads", g(cfg, *al.get("num_attention_heads", ["num_attention_heads", "n_heads", "n_head"]), required=True, kind=int))
         self.head_dim = g(cfg, *al.get("head_dim", ["head_dim"]), kind=int)
+        if self.head_dim is not None:
+            pos("head_dim", self.head_dim)
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(f"{self.config_source}: hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
@@ -161,13 +211,14 @@ class ExLlamaV2Config:
         if lm.mqa:
             self.num_key_value_heads = 1
         else:
-            self.num_key_value_heads = g(cfg, *al.get("num_key_value_heads", ["num_key_value_heads", "attn_config->kv_n_heads"]), default=self.num_attention_heads, kind=int)
+            self.num_key_value_heads = pos("num_key_value_heads", g(cfg, *al.get("num_key_value_heads", ["num_key_value_heads", "attn_config->kv_n_heads"]), default=self.num_attention_heads, kind=int))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"{self.config_source}: num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}")
         self.num_key_value_groups = self.num_attention_heads // self.num_key_value_heads
         self.intermediate_size = g(cfg, *al.get("intermediate_size", ["intermediate_size", "n_inner", "ffn_config->ffn_hidden_size"]), kind=int)
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
+        pos("intermediate_size", self.intermediate_size)
         self.norm_eps = g(cfg, *al.get("norm_eps", [lm.keys["norm_eps"], "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps"]), default=1e-5, kind=float)
         self.hidden_act = g(cfg, "hidden_act", "hidden_activation", "activation_function")
 
@@ -196,7 +247,7 @@ class ExLlamaV2Config:
         self.num_experts_per_token = g(cfg, "num_experts_per_tok", "num_experts_per_token", "ffn_config->moe_top_k", kind=int)
 
         # positions
-        self.max_seq_len = g(cfg, "max_sequence_length", "model_max_length", "max_position_embeddings", "max_seq_len", "n_positions", default=2048, kind=int)
+        self.max_seq_len = pos("max_position_embeddings", g(cfg, "max_sequence_length", "model_max_length", "max_position_embeddings", "max_seq_len", "n_positions", default=2048, kind=int), _MAX_POSITIONS)
         self.native_max_seq_len = self.max_seq_len
         prf = g(cfg, "partial_rotary_factor", "rotary_pct", "rope_parameters->partial_rotary_factor", kind=float)
         rotary_dim = g(cfg, "rotary_dim", kind=int)

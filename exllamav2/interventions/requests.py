@@ -107,8 +107,12 @@ class InterventionSpec:
         _check(os.path.isfile(path), where, "file", f"{self.file!r} does not exist")
         try:
             sv = _load_cached(path)
-        except (ValueError, OSError) as e:
-            raise InterventionRequestError(f"{where}.file: {e}") from None
+        except Exception as e:  # the message names the file as the request did, never the server's own path
+            msg = str(e)
+            if file_root is not None:
+                root = os.path.realpath(file_root)
+                msg = msg.replace(path, os.path.relpath(path, root)).replace(root, "<interventions_dir>")
+            raise InterventionRequestError(f"{where}.file: {msg}") from None
         name = resolve(model, self.point).name
         layer = int(name.split(".")[1]) if name.startswith("blocks.") else None
         _check(layer in sv.vectors, where, "file", f"{self.file!r} holds layers {sv.layers}, not the layer of {name!r}")

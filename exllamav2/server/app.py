@@ -1,4 +1,11 @@
-"""FastAPI app of the OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions, /health."""
+"""FastAPI app of the OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions, /health,
+/metrics (Prometheus text format).
+
+Guards against load and hostile input: request bodies are capped at `engine.max_request_bytes` (413); prompts are
+tokenized and chat templates rendered in a small thread pool, never on the event loop; strings that are not valid
+Unicode are rejected with a 400 naming the field; message contents never become control tokens (unless
+`engine.encode_special_tokens_in_content`); a client that goes away, streaming or not, cancels its jobs at once
+(a task waits for the ASGI disconnect event beside generation); any unexpected error is an OpenAI-style JSON 500."""
 
 from __future__ import annotations
 
@@ -6,15 +13,18 @@ import asyncio
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generator.dynamic_async import ExLlamaV2DynamicJobAsync
 from .engine import ServerEngine, encode_prompt, job_seed, sampler_settings, token_text
 from .schemas import ChatCompletionRequest, CompletionRequest
+
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 
 
 class APIError(Exception):
@@ -24,14 +34,95 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
+class ClientGone(Exception):
+    """The client closed the connection; its jobs are cancelled."""
+
+
 def error_response(status: int, message: str, type_: str, param=None, code=None) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": type_, "param": param,
                                                                "code": code}})
 
 
+def _too_large(limit: int) -> str:
+    return (f"the request body is larger than this server's limit of {limit} bytes "
+            f"(serve --max-request-bytes)")
+
+
+class _Guard:
+    """Pure ASGI middleware around every HTTP request: the API key on /v1/, the body size limit (from
+    Content-Length at once, or while a chunked body arrives), and the request counter of /metrics."""
+
+    def __init__(self, app, api_key: str | None, max_bytes: int, metrics):
+        self.app, self.api_key, self.max_bytes, self.metrics = app, api_key, max_bytes, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        status = [500]
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        async def reply(response):
+            await response(scope, receive, send_counted)
+
+        try:
+            headers = dict(scope.get("headers") or ())
+            if self.api_key and path.startswith("/v1/"):
+                if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {self.api_key}":
+                    return await reply(error_response(401, "invalid or missing API key", "invalid_request_error",
+                                                      None, "invalid_api_key"))
+            length = headers.get(b"content-length")
+            if length is not None:
+                try:
+                    too_big = int(length) > self.max_bytes
+                except ValueError:
+                    return await reply(error_response(400, "invalid Content-Length", "invalid_request_error"))
+                if too_big:
+                    return await reply(error_response(413, _too_large(self.max_bytes), "invalid_request_error",
+                                                      None, "request_too_large"))
+            seen = 0
+
+            async def receive_limited():
+                nonlocal seen
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > self.max_bytes:
+                        raise StarletteHTTPException(413, _too_large(self.max_bytes))
+                return message
+
+            await self.app(scope, receive_limited, send_counted)
+        finally:
+            if self.metrics is not None:
+                self.metrics.request(path, status[0])
+
+
 def create_app(engine: ServerEngine, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="exllamav2 OpenAI-compatible server")
     app.state.engine = engine
+    try:
+        from .metrics import ServerMetrics
+        metrics = ServerMetrics(engine)
+    except ImportError:  # prometheus_client missing: everything but /metrics works
+        metrics = None
+    app.state.metrics = metrics
+    # prompts are tokenized here, off the event loop; two threads bound the memory big prompts can take at once
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="exllamav2-tokenize")
+    app.state.tokenize_pool = pool
+    limit = getattr(engine, "max_request_bytes", None) or DEFAULT_MAX_REQUEST_BYTES
+    app.add_middleware(_Guard, api_key=api_key, max_bytes=limit, metrics=metrics)
+
+    async def off_loop(fn, param: str):
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, fn)
+        except APIError:
+            raise
+        except Exception as e:
+            raise APIError(400, f"{param}: could not be tokenized ({type(e).__name__}: {e})", param=param)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -49,20 +140,23 @@ def create_app(engine: ServerEngine, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail), "invalid_request_error", None, None)
+        code = "request_too_large" if e.status_code == 413 else None
+        return error_response(e.status_code, str(e.detail), "invalid_request_error", None, code)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            if header != f"Bearer {api_key}":
-                return error_response(401, "invalid or missing API key", "invalid_request_error", None,
-                                      "invalid_api_key")
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
 
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics_route():
+        if metrics is None:
+            raise APIError(501, 'metrics need prometheus_client: pip install "exllamav2[server]"', "server_error")
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models():
@@ -71,27 +165,64 @@ def create_app(engine: ServerEngine, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
+        t0 = time.perf_counter()
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        encoded = [encode_prompt(engine.tokenizer, p, special=False) for p in prompts]
+        for p in prompts:
+            await _surely_too_long(engine, len(p), "prompt", pool)
+        encoded = await off_loop(lambda: [encode_prompt(engine.tokenizer, p, special=False) for p in prompts],
+                                 "prompt")
         return await _serve(engine, req, request, encoded, chat=False, max_tokens=req.max_tokens,
-                            logprobs=req.logprobs)
+                            logprobs=req.logprobs, metrics=metrics, t0=t0)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
+        from ..tokenizer.chat_template import ChatTemplateError
+
+        t0 = time.perf_counter()
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except Exception as e:
-            raise APIError(400, f"messages: the chat template failed: {e}", param="messages")
-        encoded = [encode_prompt(engine.tokenizer, text, special=True)]
-        top = req.top_logprobs if req.logprobs else None
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        await _surely_too_long(engine, sum(len(m["content"]) for m in messages), "messages", pool)
+
+        def encode():
+            try:
+                return engine.tokenizer.encode_chat(
+                    messages, add_generation_prompt=True,
+                    encode_special_tokens_in_content=getattr(engine, "encode_special_tokens_in_content", False))
+            except ChatTemplateError as e:
+                msg = str(e) if str(e).startswith("messages[") else f"messages: the chat template failed: {e}"
+                raise APIError(400, msg, param="messages")
+            except Exception as e:
+                if type(e).__module__.startswith("jinja2"):
+                    raise APIError(400, f"messages: the chat template failed: {e}", param="messages")
+                raise
+
+        encoded = [await off_loop(encode, "messages")]
+        top = req.top_logprobs if req.logprobs else None
         return await _serve(engine, req, request, encoded, chat=True,
                             max_tokens=req.max_completion_tokens or req.max_tokens,
-                            logprobs=(top or 0) if req.logprobs else None)
+                            logprobs=(top or 0) if req.logprobs else None, metrics=metrics, t0=t0)
 
     return app
+
+
+async def _surely_too_long(engine: ServerEngine, chars: int, param: str, pool) -> None:
+    """400 without tokenizing when a text of `chars` characters cannot fit the context: no token stands for more
+    characters than the longest piece of the vocabulary, so it needs at least chars / longest tokens."""
+    longest = getattr(engine, "_longest_piece", None)
+    if longest is None:
+        def measure():
+            vocab = engine.tokenizer.tokenizer.get_vocab(with_added_tokens=True)
+            return max((len(p) for p in vocab), default=1) or 1
+        try:
+            longest = await asyncio.get_running_loop().run_in_executor(pool, measure)
+        except Exception:  # a tokenizer without a vocabulary view: tokenize and count instead
+            longest = 1 << 30
+        engine._longest_piece = longest
+    at_least = chars // longest
+    if at_least >= engine.max_seq_len:
+        raise APIError(400, f"the {param} has at least {at_least} tokens ({chars} characters); this model's context "
+                            f"is {engine.max_seq_len} tokens", param=param, code="context_length_exceeded")
 
 
 def _check_request(engine: ServerEngine, req, encoded) -> list:
@@ -129,7 +260,8 @@ def _interventions(engine: ServerEngine, items) -> list:
         raise APIError(400, str(e), param="interventions")
 
 
-async def _serve(engine: ServerEngine, req, request: Request, encoded, chat: bool, max_tokens, logprobs):
+async def _serve(engine: ServerEngine, req, request: Request, encoded, chat: bool, max_tokens, logprobs,
+                 metrics=None, t0: float | None = None):
     specs = _check_request(engine, req, encoded)
     tok = engine.tokenizer
     stops = list(tok.eos_token_ids) + req.stop_strings()
@@ -149,24 +281,28 @@ async def _serve(engine: ServerEngine, req, request: Request, encoded, chat: boo
             await j.cancel()
         raise APIError(400, str(e))
     prompt_tokens = sum(ids.shape[1] for ids in encoded)
+    if metrics is not None:
+        metrics.prompt_tokens.inc(prompt_tokens)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     fmt = _Formatter(tok, chat, rid, created, engine.model_name, logprobs)
+    timing = _Timing(metrics, t0 if t0 is not None else time.perf_counter(), len(jobs))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(jobs, request, fmt, prompt_tokens, include_usage),
+        return StreamingResponse(_stream(jobs, request, fmt, prompt_tokens, include_usage, timing),
                                  media_type="text/event-stream")
     texts = [""] * len(jobs)
     lps: list[list] = [[] for _ in jobs]
     finish = [None] * len(jobs)
     completion_tokens = 0
-    async for index, r in _merged(jobs, request):
-        texts[index] += r.get("text", "")
-        lps[index] += r.get("logprobs", [])
-        if r.get("eos"):
-            finish[index] = _finish_reason(r)
-            completion_tokens += r.get("new_tokens", 0)
-    if any(f is None for f in finish):  # client went away
+    try:
+        async for index, r in _merged(jobs, request, timing):
+            texts[index] += r.get("text", "")
+            lps[index] += r.get("logprobs", [])
+            if r.get("eos"):
+                finish[index] = _finish_reason(r)
+                completion_tokens += r.get("new_tokens", 0)
+    except ClientGone:
         return JSONResponse(status_code=499, content={})
     choices = [fmt.choice(i, texts[i], lps[i], finish[i]) for i in range(len(jobs))]
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
@@ -179,9 +315,42 @@ def _finish_reason(r: dict) -> str:
     return "length" if r.get("eos_reason") == "max_new_tokens" else "stop"
 
 
-async def _merged(jobs, request: Request):
-    """(job index, result) from all jobs as they come; cancels every unfinished job on exit (disconnects)."""
+class _Timing:
+    """Per request: time to each job's first token and mean time per output token after it, for /metrics."""
+
+    def __init__(self, metrics, t0: float, n_jobs: int):
+        self.metrics, self.t0 = metrics, t0
+        self.first: list[float | None] = [None] * n_jobs
+
+    def result(self, i: int, r: dict) -> None:
+        if self.metrics is None:
+            return
+        now = time.perf_counter()
+        ids = r.get("token_ids")
+        if self.first[i] is None and ids is not None and ids.numel():
+            self.first[i] = now
+            self.metrics.ttft.observe(now - self.t0)
+        if r.get("eos"):
+            n = r.get("new_tokens", 0)
+            self.metrics.generation_tokens.inc(n)
+            if n > 1 and self.first[i] is not None:
+                self.metrics.tpot.observe((now - self.first[i]) / (n - 1))
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Returns when the client has gone: the ASGI server delivers http.disconnect to a pending receive() as soon
+    as the connection closes (the body was read before the endpoint ran)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _merged(jobs, request: Request, timing: _Timing | None = None):
+    """(job index, result) from all jobs as they come; raises ClientGone when the client disconnects; cancels
+    every unfinished job on exit."""
     queue: asyncio.Queue = asyncio.Queue()
+    gone = object()
 
     async def pump(i, job):
         try:
@@ -191,24 +360,29 @@ async def _merged(jobs, request: Request):
             await queue.put((i, e))
         await queue.put((i, None))
 
+    async def watch():
+        await _wait_disconnect(request)
+        await queue.put((None, gone))
+
     tasks = [asyncio.create_task(pump(i, j)) for i, j in enumerate(jobs)]
+    watcher = asyncio.create_task(watch())
     open_jobs = len(jobs)
     try:
         while open_jobs:
-            try:
-                i, r = await asyncio.wait_for(queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return
-                continue
+            i, r = await queue.get()
+            if r is gone:
+                raise ClientGone()
             if r is None:
                 open_jobs -= 1
                 continue
             if isinstance(r, Exception):
                 raise APIError(500, f"generation failed: {r}", "server_error")
             if r.get("stage") == "streaming":
+                if timing is not None:
+                    timing.result(i, r)
                 yield i, r
     finally:
+        watcher.cancel()
         for j in jobs:
             if not j.job.finished:
                 await j.cancel()
@@ -216,18 +390,21 @@ async def _merged(jobs, request: Request):
             t.cancel()
 
 
-async def _stream(jobs, request: Request, fmt: "_Formatter", prompt_tokens: int, include_usage: bool):
+async def _stream(jobs, request: Request, fmt: "_Formatter", prompt_tokens: int, include_usage: bool,
+                  timing: _Timing | None = None):
     completion_tokens = 0
     if fmt.chat:
         for i in range(len(jobs)):
             yield _sse(fmt.chunk(i, None, [], None, role=True))
     try:
-        async for index, r in _merged(jobs, request):
+        async for index, r in _merged(jobs, request, timing):
             finish = _finish_reason(r) if r.get("eos") else None
             if r.get("eos"):
                 completion_tokens += r.get("new_tokens", 0)
             if r.get("text") or finish or r.get("logprobs"):
                 yield _sse(fmt.chunk(index, r.get("text", ""), r.get("logprobs", []), finish))
+    except ClientGone:
+        return
     except APIError as e:
         yield _sse({"error": {"message": e.message, "type": e.type, "param": None, "code": None}})
         return

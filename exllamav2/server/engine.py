@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -20,6 +21,9 @@ class ServerEngine:
     model_name: str
     max_queue: int = 64
     interventions_dir: str | None = None  # the folder request interventions may read steering files from
+    max_request_bytes: int = 8 * 1024 * 1024  # larger request bodies get 413
+    # False: text inside message contents is never parsed as control tokens (only the chat template's markup is)
+    encode_special_tokens_in_content: bool = False
 
     @property
     def max_seq_len(self) -> int:
@@ -35,11 +39,15 @@ class ServerEngine:
 def load_engine(model_path: str | None = None, max_batch_size: int = 16, cache_tokens: int | None = None,
                 page_size: int = 256, max_chunk_size: int | None = None, max_seq_len: int | None = None,
                 dtype: str | None = None, max_queue: int = 64, model_name: str | None = None,
-                interventions_dir: str | None = None, gguf_dequantize: bool = False) -> ServerEngine:
+                interventions_dir: str | None = None, gguf_dequantize: bool = False,
+                max_request_bytes: int = 8 * 1024 * 1024,
+                encode_special_tokens_in_content: bool = False) -> ServerEngine:
     """Load a model folder or .gguf (default: SmolLM2-135M-Instruct) and start the generator thread. Requests'
     `interventions` may name steering files only inside `interventions_dir` (none without it)."""
     if interventions_dir is not None and not os.path.isdir(interventions_dir):
         raise ValueError(f"interventions_dir: {interventions_dir!r} is not a folder")
+    if max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
     from .. import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
     from ..tokenizer import ExLlamaV2Tokenizer
 
@@ -52,16 +60,22 @@ def load_engine(model_path: str | None = None, max_batch_size: int = 16, cache_t
         config.max_seq_len = max_seq_len
     if dtype:
         config.dtype = dtype
+    tokens = cache_tokens or max(config.max_seq_len, 4 * page_size)
+    tokens = -(-tokens // page_size) * page_size
+    # before building or loading anything: a cache that cannot fit is an error naming the setting
+    from ..cache import check_cache_size
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    check_cache_size(SimpleNamespace(config=config), 1, tokens, config.resolved_dtype(device),
+                     config.num_key_value_heads, [device] * config.num_hidden_layers)
     model = ExLlamaV2(config)
     model.load()
     tokenizer = ExLlamaV2Tokenizer(config)
-    tokens = cache_tokens or max(config.max_seq_len, 4 * page_size)
-    tokens = -(-tokens // page_size) * page_size
     cache = ExLlamaV2Cache(model, batch_size=1, max_seq_len=tokens)
     generator = ExLlamaV2DynamicGeneratorAsync(model, cache, tokenizer, max_batch_size=max_batch_size,
                                                max_chunk_size=max_chunk_size, page_size=page_size)
     name = model_name or os.path.splitext(os.path.basename(os.path.normpath(model_path)))[0]
-    return ServerEngine(model, tokenizer, generator, name, max_queue, interventions_dir)
+    return ServerEngine(model, tokenizer, generator, name, max_queue, interventions_dir, max_request_bytes,
+                        encode_special_tokens_in_content)
 
 
 def sampler_settings(req) -> ExLlamaV2Sampler.Settings:

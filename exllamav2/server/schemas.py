@@ -7,6 +7,25 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
+def check_unicode(value, what: str = "text"):
+    """Strings must be valid Unicode (encodable as UTF-8): JSON lets a client send a lone surrogate such as
+    \\ud800, which no tokenizer can take."""
+    items = value if isinstance(value, list) else [value]
+    for k, item in enumerate(items):
+        text = item.text if isinstance(item, TextPart) else item
+        if not isinstance(text, str):
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            where = f"{what}[{k}]" if isinstance(value, list) else what
+            if isinstance(item, TextPart):
+                where += ".text"
+            raise ValueError(f"{where} is not valid Unicode: a lone surrogate (\\u{ord(text[e.start]):04x}) at "
+                             f"character {e.start}") from None
+    return value
+
+
 Temperature = Annotated[float, Field(strict=True, ge=0.0, le=2.0)]
 Probability = Annotated[float, Field(strict=True, gt=0.0, le=1.0)]
 Penalty = Annotated[float, Field(strict=True, ge=-2.0, le=2.0)]
@@ -38,7 +57,12 @@ class _Common(BaseModel):
     def _stops(cls, v):
         if isinstance(v, list) and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
-        return v
+        return check_unicode(v, "stop")
+
+    @field_validator("model", "user")
+    @classmethod
+    def _text(cls, v, info):
+        return check_unicode(v, info.field_name)
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -52,6 +76,11 @@ class CompletionRequest(_Common):
     logprobs: Annotated[int, Field(strict=True, ge=0, le=20)] | None = None
     echo: StrictBool = False
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        return check_unicode(v, "prompt")
+
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -64,6 +93,11 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
+
+    @field_validator("content", "name")
+    @classmethod
+    def _text(cls, v, info):
+        return check_unicode(v, info.field_name)
 
     def text(self) -> str:
         if self.content is None:

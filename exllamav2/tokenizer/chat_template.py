@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import uuid
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -88,3 +90,45 @@ def render_chat_template(
     return compile_chat_template(source).render(
         messages=messages, add_generation_prompt=add_generation_prompt, **variables
     )
+
+
+def content_spans(render, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int] | None]]:
+    """Render a conversation and find where each message's `content` (a str) lies in the text.
+
+    `render(messages) -> str` renders the template. Returns (text, spans): spans[i] is (start, end) of message i's
+    content in text, or None where it has none or it cannot be found (the template rewrote it). The template is
+    rendered a second time with a unique placeholder per content; where substituting the contents back gives
+    the same text, the spans are exact; otherwise each content is searched for in order."""
+    text = render(messages)
+    spans: list[tuple[int, int] | None] = [None] * len(messages)
+    idx = [i for i, m in enumerate(messages) if isinstance(m.get("content"), str) and m["content"]]
+    if not idx:
+        return text, spans
+    nonce = uuid.uuid4().hex[:12]
+    marks = {i: f"\ue000{nonce}:{i}\ue001" for i in idx}
+    try:
+        marked = render([dict(m, content=marks[i]) if i in marks else m for i, m in enumerate(messages)])
+    except Exception:
+        marked = None
+    if marked is not None:
+        out, found, pos = [], [None] * len(messages), 0
+        for piece in re.split(f"(\ue000{nonce}:\\d+\ue001)", marked):
+            m = re.fullmatch(f"\ue000{nonce}:(\\d+)\ue001", piece)
+            if m and found[int(m.group(1))] is None:
+                content = messages[int(m.group(1))]["content"]
+                found[int(m.group(1))] = (pos, pos + len(content))
+                piece = content
+            out.append(piece)
+            pos += len(piece)
+        if "".join(out) == text:
+            return text, found
+    pos = 0
+    for i in idx:
+        content = messages[i]["content"]
+        for candidate in (content, content.strip()):
+            at = text.find(candidate, pos) if candidate else -1
+            if at >= 0:
+                spans[i] = (at, at + len(candidate))
+                pos = at + len(candidate)
+                break
+    return text, spans

@@ -258,8 +258,14 @@ def tokenizer_from_gguf(path: str | os.PathLike, metadata: dict[str, Any] | None
         raise ValueError(f"{path}: GGUF file has no tokenizer vocabulary ('tokenizer.ggml.tokens' missing)")
     model = meta.get("tokenizer.ggml.model")
     architecture = meta.get("general.architecture", "")
-    tok = _builder_for(model, architecture, path)(meta, path)
-    _add_typed_tokens(tok, meta, byte_level=(model == "gpt2"))
+    try:
+        tok = _builder_for(model, architecture, path)(meta, path)
+        _add_typed_tokens(tok, meta, byte_level=(model == "gpt2"))
+    except Exception as e:  # the tokenizers library names no file ("Token 'Ġb' out of vocabulary")
+        if path in str(e):
+            raise
+        raise ValueError(f"{path}: the GGUF tokenizer vocabulary is damaged or inconsistent "
+                         f"({type(e).__name__}: {e})") from None
 
     def opt_id(key: str) -> int | None:
         v = meta.get(f"tokenizer.ggml.{key}")

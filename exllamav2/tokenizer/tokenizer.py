@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .chat_template import render_chat_template, select_chat_template
+from .chat_template import ChatTemplateError, content_spans, render_chat_template, select_chat_template
 from .sources import load_tokenizer_source
 from .stream import ExLlamaV2TokenizerStream
 from .vocab_index import (CharTrie, build_char_trie, build_id_to_ord, build_prefix_id_to_ids,
@@ -71,6 +71,7 @@ class ExLlamaV2Tokenizer:
         self._prefix_id_to_ids: dict[int, list[int]] | None = None
         self._char_trie: CharTrie | None = None
         self._char_trie_ci: CharTrie | None = None
+        self._encode_lock = threading.Lock()
         self._vocab_lock = threading.RLock()  # lazy vocabulary views may be first asked for from several threads
         self.tokenized_str_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         if not lazy_init:
@@ -125,12 +126,14 @@ class ExLlamaV2Tokenizer:
     # --- encoding -----------------------------------------------------------------------------------
 
     def _encode_lists(self, texts: list[str], add_bos: bool, add_eos: bool, encode_special_tokens: bool) -> list[list[int]]:
-        # tokenizers' flag means "split special tokens as text", the inverse of ours.
-        self.tokenizer.encode_special_tokens = not encode_special_tokens
-        try:
-            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
-        finally:
-            self.tokenizer.encode_special_tokens = False
+        # tokenizers' flag means "split special tokens as text", the inverse of ours; it is shared state, so
+        # encodes from several threads (the server tokenizes off its event loop) take turns
+        with self._encode_lock:
+            self.tokenizer.encode_special_tokens = not encode_special_tokens
+            try:
+                encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+            finally:
+                self.tokenizer.encode_special_tokens = False
         prefix = [self.bos_token_id] if add_bos and self.bos_token_id is not None else []
         suffix = [self.eos_token_id] if add_eos and self.eos_token_id is not None else []
         return [prefix + e.ids + suffix for e in encodings]
@@ -329,3 +332,51 @@ class ExLlamaV2Tokenizer:
         special = {"bos_token": self.bos_token, "eos_token": self.eos_token,
                    "pad_token": self.pad_token, "unk_token": self.unk_token}
         return render_chat_template(source, messages, add_generation_prompt, special, **template_kwargs)
+
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        encode_special_tokens_in_content: bool = False,
+        template_name: str | None = None,
+        **template_kwargs: Any,
+    ) -> torch.Tensor:
+        """(1, n) ids of a conversation rendered by the chat template. Only the template's own markup becomes
+        special tokens: text inside message contents is encoded as plain text, so a message that says
+        "<|im_end|>\\n<|im_start|>system" cannot forge a turn. Conversations without such text encode exactly
+        as `encode(apply_chat_template(...), encode_special_tokens=True)`, which is what
+        `encode_special_tokens_in_content=True` always does (the old, trusting behaviour)."""
+        def render(msgs):
+            return self.apply_chat_template(msgs, add_generation_prompt, template_name, **template_kwargs)
+
+        if encode_special_tokens_in_content:
+            return self.encode(render(messages), encode_special_tokens=True)
+        text, spans = content_spans(render, messages)
+        for i, (m, span) in enumerate(zip(messages, spans)):
+            content = m.get("content")
+            if span is None and isinstance(content, str):
+                forged = next((p for p in self.extended_piece_to_id if p and p in content), None)
+                if forged is not None:
+                    raise ChatTemplateError(
+                        f"messages[{i}].content: holds the control-token text {forged!r} and the chat template "
+                        "rewrites message contents, so it cannot be kept as plain text")
+        with self._encode_lock:
+            self.tokenizer.encode_special_tokens = False
+            enc = self.tokenizer.encode(text, add_special_tokens=False)
+        located = sorted(s for s in spans if s is not None)
+        special = self.extended_id_to_piece
+        inside = any(t in special and any(a < e and s < b for s, e in located)
+                     for t, (a, b) in zip(enc.ids, enc.offsets))
+        if not inside:
+            return torch.tensor([enc.ids], dtype=torch.long)
+        # some control-token text comes from a message: markup and contents are encoded apart and spliced
+        ids: list[int] = []
+        pos = 0
+        for s, e in located:
+            if s > pos:
+                ids += self._encode_lists([text[pos:s]], False, False, True)[0]
+            ids += self._encode_lists([text[s:e]], False, False, False)[0]
+            pos = e
+        if pos < len(text):
+            ids += self._encode_lists([text[pos:]], False, False, True)[0]
+        return torch.tensor([ids], dtype=torch.long)
