@@ -70,7 +70,7 @@ class ExLlamaV2Attention(ExLlamaV2Module):
         self.submodules = [m for m in (self.pre_layernorm, self.q_proj, self.k_proj, self.v_proj, self.o_proj,
                                        self.q_norm, self.k_norm, self.post_layernorm) if m is not None]
         # q, k and v run as one matmul (fused_linear.py), also where the checkpoint stores them apart
-        self.qkv = FusedLinear([self.q_proj, self.k_proj, self.v_proj])
+        self.qkv = FusedLinear([self.q_proj, self.k_proj, self.v_proj], self, ("q_proj", "k_proj", "v_proj"))
 
     def load(self, device_context: bool = True):
         super().load(device_context)
@@ -154,10 +154,21 @@ class ExLlamaV2Attention(ExLlamaV2Module):
     def attend(self, x, cache, attn_params: Params, loras=None) -> torch.Tensor:
         """Everything between the input norm and o_proj: returns (b, s, heads * head_dim)."""
         b, s = x.shape[0], x.shape[1]
-        q, k, v = self.project_qkv(x, loras)
-        if self.uses_rope():
-            pos, end = attn_params.get_positions(q.device)
-            q, k = self.rope().apply(q, k, pos, end)
+        H, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        rope = self.rope() if self.uses_rope() else None
+        y = self.qkv.forward_plain(x, loras) if self.q_norm is None else None
+        if y is not None:
+            # one fused output: q and k heads are adjacent, so RoPE rotates them in one go
+            qk = y[..., :(H + Hkv) * d].view(b, s, H + Hkv, d)
+            v = y[..., (H + Hkv) * d:].view(b, s, Hkv, d)
+            if rope is not None:
+                qk = rope.rotate(qk, *attn_params.get_rope(rope, qk.device, qk.dtype))
+            q, k = qk[:, :, :H], qk[:, :, H:]
+        else:
+            q, k, v = self.project_qkv(x, loras)
+            if rope is not None:
+                cos, sin = attn_params.get_rope(rope, q.device, q.dtype)
+                q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
         if attn_params.paged:
             from .paged_attn import paged_attention
             return paged_attention(self, q, k, v, cache, attn_params)
@@ -172,8 +183,8 @@ class ExLlamaV2Attention(ExLlamaV2Module):
             # index_copy_, not a slice assignment: compiled, a slice assignment at a symbolic offset copies the
             # whole buffer
             index = attn_params.get_write_index(kc.device)
-            kc.index_copy_(2, index, k.to(kc.dtype))
-            vc.index_copy_(2, index, v.to(vc.dtype))
+            kc.index_copy_(2, index, k if k.dtype == kc.dtype else k.to(kc.dtype))
+            vc.index_copy_(2, index, v if v.dtype == vc.dtype else v.to(vc.dtype))
             k, v = kc[:, :, :past + s], vc[:, :, :past + s]
             cache.store_kv_state(self.layer_idx, b, past, s)
         mask = attn_params.get_attn_mask(q.device, self.sliding_window)

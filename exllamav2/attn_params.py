@@ -67,6 +67,16 @@ class Params:
             self._cache[key] = (pos, max(total, 1))
         return self._cache[key]
 
+    def get_rope(self, rope, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables of `rope` gathered at this forward's positions, (b, s, 1, rot): built once per
+        forward and shared by every layer that uses the same rotary embedding."""
+        key = ("rope", id(rope), str(device), dtype)
+        hit = self._cache.get(key)
+        if hit is None:
+            pos, total = self.get_positions(device)
+            hit = self._cache[key] = rope.gathered(pos, total, device, dtype)
+        return hit
+
     def get_write_index(self, device) -> torch.Tensor:
         """(seq_len,) cache positions this forward writes: past_len .. past_len + seq_len - 1."""
         key = ("write", str(device))

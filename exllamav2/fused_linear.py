@@ -19,8 +19,11 @@ from .ops import dispatch
 
 
 class FusedLinear:
-    def __init__(self, parts: list):
+    def __init__(self, parts: list, owner=None, names: tuple = ()):
+        """`owner` and `names`: where the owning module holds the parts (`attn.q_proj`, ...), so the group can tell
+        that one was wrapped by an Intervention."""
         self.parts = list(parts)
+        self.owner, self.names = owner, names
         self.sizes = [p.out_features for p in self.parts]
         self.in_features = self.parts[0].in_features
         for p in self.parts:
@@ -70,6 +73,9 @@ class FusedLinear:
         q = GgufWeight.concat(parts[0].key + "+", qs, parts[0].dtype, parts[0].device())
         return None if q is None else (None, None, q)
 
+    def _owner_parts(self) -> tuple:
+        return tuple(getattr(self.owner, n) for n in self.names) if self.owner is not None else tuple(self.parts)
+
     def runs(self, *owners_parts) -> bool:
         """True when the fused kernel may run: every part is still the raw linear (no Intervention around it) and
         nobody replaced its forward on the instance (the converter watches outputs that way)."""
@@ -109,6 +115,20 @@ class FusedLinear:
         y = k(xd.reshape(-1, self.in_features)).view(*x.shape[:-1], sum(self.sizes))
         outs = y.split(self.sizes, dim=-1)
         return [p.finish(x, o, loras) for p, o in zip(self.parts, outs)]
+
+    def forward_plain(self, x: torch.Tensor, loras=None) -> torch.Tensor | None:
+        """The parts' outputs side by side, (..., sum of out_features), when nothing acts on one part alone (no
+        LoRA term, no prescale, no Intervention or replaced forward, a shared kernel); else None."""
+        parts = self.parts
+        if loras or not self.runs(*self._owner_parts()) or any(p.prescale != 1 for p in parts):
+            return None
+        w0 = parts[0].weight
+        if w0 is not None and parts[0].q_handle is None and x.dtype != w0.dtype:
+            x = x.to(w0.dtype)
+        k = self.kernel(x.dtype)
+        if k is False:
+            return None
+        return k(x.reshape(-1, self.in_features)).view(*x.shape[:-1], sum(self.sizes))
 
     def nbytes(self) -> int:
         k = self._kernels.get(self.parts[0].dtype)

@@ -48,7 +48,7 @@ class ExLlamaV2MLP(ExLlamaV2Module):
         self.submodules = [m for m in (self.pre_layernorm, self.gate_proj, self.up_proj, self.down_proj,
                                        self.post_layernorm) if m is not None]
         # gate and up run as one matmul (fused_linear.py)
-        self.gate_up = FusedLinear([self.gate_proj, self.up_proj]) if self.gated else None
+        self.gate_up = FusedLinear([self.gate_proj, self.up_proj], self, ("gate_proj", "up_proj")) if self.gated else None
 
     def load(self, device_context: bool = True):
         super().load(device_context)
@@ -100,7 +100,10 @@ class ExLlamaV2MLP(ExLlamaV2Module):
     def activate(self, x, loras=None):
         if self.gate_proj is None:
             return ops.activation(self.up_proj.forward(x, loras=loras), self.act_name)
-        if self.gate_up.runs(self.gate_proj, self.up_proj):
+        y = self.gate_up.forward_plain(x, loras)
+        if y is not None:
+            gate, up = y.split(self.gate_up.sizes, dim=-1)
+        elif self.gate_up.runs(self.gate_proj, self.up_proj):
             gate, up = self.gate_up.forward(x, loras)
         else:
             gate, up = self.gate_proj.forward(x, loras=loras), self.up_proj.forward(x, loras=loras)

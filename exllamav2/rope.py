@@ -155,10 +155,17 @@ class RotaryEmbedding:
         caller knows it (saves a device sync per layer). Returns rotated (q, k)."""
         if total is None:
             total = int(positions.max().item()) + 1 if positions.numel() else 1
-        cos, sin = self.tables(total, q.device, q.dtype)
-        cos = cos[positions].unsqueeze(2)  # (b, s, 1, rot)
-        sin = sin[positions].unsqueeze(2)
+        cos, sin = self.gathered(positions, total, q.device, q.dtype)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def gathered(self, positions: torch.Tensor, total: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin at `positions` (b, s): (b, s, 1, rot_dim), for `rotate`."""
+        cos, sin = self.tables(total, device, dtype)
+        return cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (b, s, heads, head_dim) rotated by gathered tables (q and k heads may come in one tensor)."""
+        return ops.rope(x, cos, sin, self.style == RopeStyle.GPTJ)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return ops.rope(x, cos, sin, self.style == RopeStyle.GPTJ)
