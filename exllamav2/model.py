@@ -138,6 +138,8 @@ class ExLlamaV2:
             yield i + 1, len(mods)
         if bar is not None:
             bar.close()
+        from .util import release_freed_memory
+        release_freed_memory()
         self.loaded = True
 
     def load_autosplit(self, cache=None, reserve_vram=None, last_id_only=False, callback=None, callback_gen=None,
