@@ -17,6 +17,7 @@ row and for the cache's batch size, with inductor's cache on disk (runtime/compi
 from __future__ import annotations
 
 import time
+import types
 
 import torch
 
@@ -41,54 +42,59 @@ def decode_step(model, ids: torch.Tensor, cache, past: int) -> torch.Tensor:
 
 class DecodeRunner:
     def __init__(self, model, compile: bool = True, progress: bool = True, options: dict | None = None,
-                 batch_sizes=(1,), max_seq_len: int | None = None):
+                 batch_sizes=(1,), max_seq_len: int | None = None, freeze: bool = False):
         self.model = model
         self.compiled = compile
         self.compile_seconds = 0.0
-        self._step = decode_step
-        self._ids: dict = {}   # per batch size, the step's input buffer (inference tensors, as the warm-up's)
         self.graph_breaks = False  # True when the step compiled as several graphs (a host sync inside it)
+        self._ids: dict = {}    # per batch size, the step's input buffer (inference tensors, as the warm-up's)
+        self._steps: dict = {}  # per batch size, the compiled step
+        self._options: dict = {}
+        self._max_seq_len = max_seq_len
         if compile:
-            configure_inductor()
-            opts = {**INDUCTOR_OPTIONS, **(options or {})}
+            configure_inductor(freeze)
+            self._options = {**INDUCTOR_OPTIONS, **(options or {})}
             t0 = time.time()
             with Ticker("Compiling the decode step (cached on disk after the first time)", progress):
-                try:
-                    self._compile(opts, batch_sizes, max_seq_len)
-                except Exception as e:  # inductor wraps NoValidChoicesError in its own error types
-                    if "NoValidChoicesError" not in repr(e) or "ATEN" in opts["max_autotune_gemm_backends"]:
-                        raise
-                    # the C++ GEMM template has no micro-kernel for some matmul here (the int4 kernel's, say):
-                    # offer ATen's kernels beside it
-                    self._compile({**opts, "max_autotune_gemm_backends": "CPP,ATEN"}, batch_sizes, max_seq_len)
+                for b in sorted(set(batch_sizes)):
+                    self._steps[b] = self._compile(b)
             self.compile_seconds = time.time() - t0
 
-    def _compile(self, opts, batch_sizes, max_seq_len):
-        self._step = torch.compile(decode_step, options=opts, dynamic=None, fullgraph=True)
+    def _compile(self, b: int):
         try:
-            self._warm(sorted(set(batch_sizes)), max_seq_len)
-            self.graph_breaks = False
-        except Exception as e:
+            return self._compile_one(b)
+        except Exception as e:  # inductor wraps NoValidChoicesError in its own error types
             if "NoValidChoicesError" in repr(e):
+                if "ATEN" in self._options["max_autotune_gemm_backends"]:
+                    raise
+                # the C++ GEMM template has no micro-kernel for some matmul here (the int4 kernel's, say): offer
+                # ATen's kernels beside it
+                self._options = {**self._options, "max_autotune_gemm_backends": "CPP,ATEN"}
+            elif self.graph_breaks:
                 raise
-            # some module syncs with the host inside the step (MoE routing counts tokens per expert on the
-            # host): compile the pieces between those points instead of one graph
-            torch._dynamo.reset()
-            self._step = torch.compile(decode_step, options=opts, dynamic=None, fullgraph=False)
-            self._warm(sorted(set(batch_sizes)), max_seq_len)
-            self.graph_breaks = True
+            else:
+                # some module syncs with the host inside the step (MoE routing counts tokens per expert on the
+                # host): compile the pieces between those points instead of one graph
+                self.graph_breaks = True
+            return self._compile(b)
 
-    def _warm(self, batch_sizes, max_seq_len):
+    def _compile_one(self, b: int):
+        """The step compiled for caches of `b` rows. Each batch size gets its own copy of the step's code, so
+        dynamo keeps one graph per size with the batch static (one shared code object turns the batch dimension
+        symbolic at the second size and runs every size through that slower graph)."""
         from ..cache import ExLlamaV2Cache
-        for b in batch_sizes:
-            # the cache length is part of the compiled shapes: warm up with the one generators allocate
-            cache = ExLlamaV2Cache(self.model, batch_size=b, max_seq_len=max_seq_len or self.model.config.max_seq_len)
-            ids = torch.zeros(b, 1, dtype=torch.long)
-            with torch.inference_mode():
-                # shapes are static but for the position: the second call marks it dynamic (dynamic=True would make
-                # every weight's shape symbolic, and tracing then spends minutes in sympy)
-                for p in (1, 2):
-                    self._step(self.model, ids, cache, p)
+        fn = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, f"decode_step_b{b}")
+        step = torch.compile(fn, options=self._options, dynamic=None, fullgraph=not self.graph_breaks)
+        # the cache length is part of the compiled shapes: warm up with the one generators allocate
+        cache = ExLlamaV2Cache(self.model, batch_size=b,
+                               max_seq_len=self._max_seq_len or self.model.config.max_seq_len)
+        ids = torch.zeros(b, 1, dtype=torch.long)
+        with torch.inference_mode():
+            # shapes are static but for the position: the second call marks it dynamic (dynamic=True would make
+            # every weight's shape symbolic, and tracing then spends minutes in sympy)
+            for p in (1, 2):
+                step(self.model, ids, cache, p)
+        return step
 
     def applies(self, input_ids, cache, input_mask, position_offsets, loras, preprocess_only, return_last_state,
                 abort_event, kwargs) -> bool:
@@ -108,7 +114,12 @@ class DecodeRunner:
             buf = self._ids[b] = torch.zeros(b, 1, dtype=torch.long)
         buf.copy_(input_ids)
         past = cache.current_seq_len
-        logits = self._step(self.model, buf, cache, past)
+        step = decode_step
+        if self.compiled:
+            step = self._steps.get(b)
+            if step is None:  # a batch size not compiled ahead: compile it now, once
+                step = self._steps[b] = self._compile(b)
+        logits = step(self.model, buf, cache, past)
         cache.current_seq_len = past + 1
         return logits
 
