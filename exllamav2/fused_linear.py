@@ -53,16 +53,17 @@ class FusedLinear:
         if len({(w.dtype, w.device, w.shape[1]) for w in ws}) != 1:
             return None
         biases = [p.bias for p in parts]
-        w = torch.cat([x.data for x in ws])
+        # a Parameter, as the parts' weights were, so a frozen compile (compile_decode(freeze=True)) folds it
+        w = torch.nn.Parameter(torch.cat([x.data for x in ws]), requires_grad=False)
         b = None
         if any(x is not None for x in biases):
             b = torch.cat([x.data if x is not None else torch.zeros(p.out_features, dtype=w.dtype, device=w.device)
                            for x, p in zip(biases, parts)])
         row = 0
         for p in parts:
-            p.weight = torch.nn.Parameter(w[row:row + p.out_features], requires_grad=False)
+            p.weight = torch.nn.Parameter(w.data[row:row + p.out_features], requires_grad=False)
             row += p.out_features
-        return w, b, None
+        return w, b, None  # kernels take the Parameter itself
 
     @staticmethod
     def _fuse_gguf(parts):

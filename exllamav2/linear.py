@@ -188,8 +188,12 @@ class ExLlamaV2Linear(ExLlamaV2Module):
         x = hidden_states
         if self._q_handle is None and x.dtype != self._weight.dtype:
             x = x.to(self._weight.dtype)
-        y = self.kernel(x.dtype)(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
-        y = self.finish(hidden_states, y, loras)
+        k = self._kernels.get(x.dtype) if self._kernel_gen == dispatch._generation else None
+        if k is None:
+            k = self.kernel(x.dtype)
+        y = k(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        if loras or self.prescale != 1:
+            y = self.finish(hidden_states, y, loras)
         return {"hidden_states": y} if intermediates else y
 
     def finish(self, x, y, loras):

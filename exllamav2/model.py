@@ -276,7 +276,7 @@ class ExLlamaV2:
                 if return_last_state:
                     last_state = x
             dev = module.device()
-            if idx > 0 and x.device != torch.device(dev):
+            if idx > 0 and (dev != "cpu" or x.device.type != "cpu") and x.device != torch.device(dev):
                 x = x.to(dev)
             x = module.forward(x, cache=cache, attn_params=attn_params, past_len=past, loras=loras, **kwargs)
             if extract_state_indices is not None and idx in extract_state_indices:

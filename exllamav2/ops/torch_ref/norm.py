@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    # x * rsqrt(mean(x^2) + eps) in fp32, as HF computes it (F.rms_norm is that formula in one op)
+    xf = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
     if w.dtype == torch.float32 or out_dtype == torch.float32:
         return (xf * w.float()).to(out_dtype)
     # as HF Llama: cast back to the activation dtype, then scale in that dtype
