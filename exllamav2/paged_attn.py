@@ -6,9 +6,8 @@ T = sum of the sequences' new-token counts, so the linear layers see no padding 
 positions [p * page_size, (p + 1) * page_size). Each sequence has a block table (its page indices in order) and
 `past_len` tokens already in the cache.
 
-Attention runs per group of sequences that feed the same number of tokens (all decoding sequences form one
-group): their queries are gathered to (n, q_len), their keys and values gathered from the pages to (n, L) with a
-mask for causality, length and sliding window, and one SDPA call covers the group.
+Attention runs per sequence, over exactly its own keys (a slice of the cache when its pages are consecutive,
+else gathered), so a request's result is the same alone or in any batch.
 """
 
 from __future__ import annotations
@@ -22,30 +21,26 @@ from .attn_params import Params
 
 
 @dataclass
-class _Group:
-    q_index: torch.Tensor  # (n, q_len) indices into the packed tokens
-    kv_slots: torch.Tensor  # (n, L) flat cache slots of every key position
-    key_pos: torch.Tensor  # (L,) key positions 0..L-1
-    q_pos: torch.Tensor  # (n, q_len) query positions
-    kv_len: torch.Tensor  # (n,) keys valid after this step
-    masks: dict  # (sliding window, device) -> bool mask (n, 1, q_len, L)
-    # one sequence whose keys sit in consecutive slots from this one: read as a slice, not gathered
-    slot_start: int | None = None
-    # the group's tokens are the whole packed row, in order: no gather of queries, no scatter of outputs
-    whole: bool = False
+class _Sequence:
+    """One sequence of a packed forward: its new tokens are packed[start:start + q_len] and it attends to its own
+    kv_len keys, read as a slice of consecutive cache slots from `slot_start` or gathered from `slots`."""
+    start: int
+    q_len: int
+    kv_len: int
+    slot_start: int | None
+    slots: torch.Tensor | None
+    masks: dict
 
     def mask(self, sliding_window: int, device) -> torch.Tensor | None:
-        """None when one sequence attends causally to all its keys (the caller then uses a causal flag)."""
-        if self.slot_start is not None and (not sliding_window or self.key_pos.shape[0] <= sliding_window):
+        """None for plain causal attention over all its keys (the caller passes a causal flag); a bool mask
+        (1, 1, q_len, kv_len) when a sliding window cuts some off."""
+        if not sliding_window or self.kv_len <= sliding_window:
             return None
         key = (sliding_window, str(device))
         if key not in self.masks:
-            kp = self.key_pos.view(1, 1, -1)
-            qp = self.q_pos.unsqueeze(-1)
-            m = (kp <= qp) & (kp < self.kv_len.view(-1, 1, 1))
-            if sliding_window:
-                m = m & (qp - kp < sliding_window)
-            self.masks[key] = m.unsqueeze(1).to(device)
+            qp = torch.arange(self.kv_len - self.q_len, self.kv_len, device=device).view(-1, 1)
+            kp = torch.arange(self.kv_len, device=device).view(1, -1)
+            self.masks[key] = ((kp <= qp) & (qp - kp < sliding_window)).view(1, 1, self.q_len, self.kv_len)
         return self.masks[key]
 
 
@@ -92,23 +87,21 @@ class PagedParams(Params):
         self.slots = self._slots(seq_of_token, pos)
         self.last_token_index = starts + ql - 1  # the packed index of each sequence's last new token
 
-        self.groups: list[_Group] = []
-        for q in sorted(set(q_lens)):
-            rows = (ql == q).nonzero().flatten()
-            q_index = starts[rows].unsqueeze(1) + torch.arange(q, device=device).unsqueeze(0)
-            kv_len = past[rows] + q
-            L = int(kv_len.max())
-            key_pos = torch.arange(L, device=device)
-            page_idx = (key_pos // page_size).unsqueeze(0).expand(len(rows), -1)
-            page_idx = page_idx.clamp(max=max_pages - 1)
-            kv_slots = bt.to(device)[rows].gather(1, page_idx) * page_size + key_pos % page_size
-            slot_start = None
-            if len(rows) == 1:
-                pages = block_tables[int(rows[0])][:-(-L // page_size)]
-                if pages == list(range(pages[0], pages[0] + len(pages))):
-                    slot_start = pages[0] * page_size
-            whole = len(set(q_lens)) == 1  # every sequence feeds q tokens: the group is the packed row in order
-            self.groups.append(_Group(q_index, kv_slots, key_pos, pos[q_index], kv_len, {}, slot_start, whole))
+        # every sequence attends alone, to exactly its own keys: its result cannot depend on what else is in the
+        # batch (padding it to a neighbour's length changes the attention kernel's reduction order)
+        self.sequences: list[_Sequence] = []
+        start = 0
+        for i, (pages, p, q) in enumerate(zip(block_tables, past_lens, q_lens)):
+            kv_len = p + q
+            used = pages[:-(-kv_len // page_size)]
+            slot_start = slots = None
+            if used == list(range(used[0], used[0] + len(used))):
+                slot_start = used[0] * page_size
+            else:
+                key_pos = torch.arange(kv_len, device=device)
+                slots = self.block_index[i, key_pos // page_size] * page_size + key_pos % page_size
+            self.sequences.append(_Sequence(start, q, kv_len, slot_start, slots, {}))
+            start += q
         self.max_position = max(p + q for p, q in zip(past_lens, q_lens))
 
     def _slots(self, seq_of_token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -38,32 +38,22 @@ def paged_attention(q, k, v, k_pages, v_pages, params, sliding_window: int, scal
                     softcap: float = 0.0) -> torch.Tensor:
     """q (1, T, hq, d), k and v (1, T, hk, d) after RoPE, for the packed tokens `params` (PagedParams)
     describes; k_pages/v_pages (1, hk, slots, d) the layer's cache. Writes k/v into their slots and returns
-    (1, T, hq * d). Sequences that feed the same number of tokens share one attention call: their keys are
-    gathered from the pages with a mask for causality, length and sliding window."""
+    (1, T, hq * d). Each sequence attends to exactly its own keys, so its result does not depend on the batch."""
     kflat, vflat = k_pages[0], v_pages[0]  # (hk, slots, d)
     slots = params.slots.to(kflat.device)
     kflat.index_copy_(1, slots, k[0].transpose(0, 1).to(kflat.dtype))
     vflat.index_copy_(1, slots, v[0].transpose(0, 1).to(vflat.dtype))
-    hq, d = q.shape[2], q.shape[3]
-    out = None
-    for g in params.groups:
-        n, q_len = g.q_index.shape
-        if g.whole:
-            qg = q[0].view(n, q_len, hq, d).transpose(1, 2)
+    outs = []
+    for sq in params.sequences:
+        qs = q[:, sq.start:sq.start + sq.q_len].transpose(1, 2)  # (1, hq, q_len, d)
+        if sq.slot_start is not None:
+            ks = kflat[:, sq.slot_start:sq.slot_start + sq.kv_len].unsqueeze(0)
+            vs = vflat[:, sq.slot_start:sq.slot_start + sq.kv_len].unsqueeze(0)
         else:
-            qg = q[0][g.q_index].transpose(1, 2)  # (n, hq, q_len, d)
-        if g.slot_start is not None:
-            L = g.key_pos.shape[0]
-            kg = kflat[:, g.slot_start:g.slot_start + L].unsqueeze(0)  # (1, hk, L, d)
-            vg = vflat[:, g.slot_start:g.slot_start + L].unsqueeze(0)
-        else:
-            kg = kflat[:, g.kv_slots].transpose(0, 1)  # (n, hk, L, d)
-            vg = vflat[:, g.kv_slots].transpose(0, 1)
-        mask = g.mask(sliding_window or 0, q.device)
-        o = attention(qg, kg.to(q.dtype), vg.to(q.dtype), mask, scale, softcap, mask is None and q_len > 1)
-        if g.whole:
-            return o.transpose(1, 2).reshape(1, params.seq_len, hq * d)
-        if out is None:
-            out = torch.empty(params.seq_len, hq, d, dtype=q.dtype, device=q.device)
-        out[g.q_index] = o.transpose(1, 2)
-    return out.reshape(1, params.seq_len, hq * d)
+            idx = sq.slots.to(kflat.device)
+            ks, vs = kflat[:, idx].unsqueeze(0), vflat[:, idx].unsqueeze(0)
+        mask = sq.mask(sliding_window or 0, q.device)
+        o = attention(qs, ks.to(q.dtype), vs.to(q.dtype), mask, scale, softcap, mask is None and sq.q_len > 1)
+        outs.append(o.transpose(1, 2))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+    return out.reshape(1, params.seq_len, -1)
