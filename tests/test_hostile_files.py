@@ -5,40 +5,15 @@ file's error shows its path relative to the interventions folder, never the serv
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
 from exllamav2.config import ConfigError
-from parity import make_tiny, save_hf_model
 
-COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64)
-
-
-@pytest.fixture(scope="module")
-def good_dir(tmp_path_factory):
-    hf = make_tiny(LlamaForCausalLM, LlamaConfig(**COMMON), seed=0)
-    return save_hf_model(hf, tmp_path_factory.mktemp("good"))
-
-
-@pytest.fixture
-def model_dir(good_dir, tmp_path):
-    d = tmp_path / "model"
-    shutil.copytree(good_dir, d)
-    return d
-
-
-def edit_config(d, **changes):
-    p = d / "config.json"
-    cfg = json.loads(p.read_text())
-    cfg.update(changes)
-    p.write_text(json.dumps(cfg))
+# the tiny Llama folder, its per-test copy and the config editor are test_bad_inputs.py's
+from test_bad_inputs import edit_config, good_dir, model_dir  # noqa: F401  (good_dir, model_dir: pytest fixtures)
 
 
 @pytest.mark.parametrize("changes,field,words", [
