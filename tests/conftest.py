@@ -30,3 +30,14 @@ def smollm2_gguf() -> str:
 def gemma3_gguf() -> str:
     from exllamav2.default_models import gemma3_gguf_path
     return gemma3_gguf_path()
+
+
+@pytest.fixture(scope="module")
+def smollm2_default(smollm2_gguf):
+    """SmolLM2 in its default weights (the GGUF's blocks packed, bf16 activations) and its tokenizer."""
+    from exllamav2 import ExLlamaV2, ExLlamaV2Config, ExLlamaV2Tokenizer
+    cfg = ExLlamaV2Config(smollm2_gguf)
+    cfg.max_seq_len = 512
+    model = ExLlamaV2(cfg)
+    model.load()
+    return model, ExLlamaV2Tokenizer(cfg)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer
+from exllamav2 import ExLlamaV2Cache
 from exllamav2.generator import ExLlamaV2Sampler
 from exllamav2.generator.dynamic import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob
 
@@ -16,12 +16,8 @@ PROMPTS = ["Write a haiku about the sea.", "What is 17 times 23?", "Name three p
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_gguf):
-    cfg = ExLlamaV2Config(smollm2_gguf)
-    cfg.max_seq_len = 512
-    model = ExLlamaV2(cfg)
-    model.load()
-    return model, ExLlamaV2Tokenizer(cfg)
+def smol(smollm2_default):
+    return smollm2_default
 
 
 def run(model, tok, prompts, n=16):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer, ops
+from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ops
 from exllamav2.generator import ExLlamaV2BaseGenerator, ExLlamaV2Sampler, ExLlamaV2StreamingGenerator
 from exllamav2.generator.dynamic import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob
 from exllamav2.interventions import SteeringVectors, add_edit
@@ -21,12 +21,8 @@ PROMPT = "The best way to learn a new language is"
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_gguf):
-    cfg = ExLlamaV2Config(smollm2_gguf)
-    cfg.max_seq_len = 256
-    model = ExLlamaV2(cfg)
-    model.load()
-    return model, ExLlamaV2Tokenizer(cfg)
+def smol(smollm2_default):
+    return smollm2_default
 
 
 class CountingRunner(DecodeRunner):
