@@ -77,7 +77,11 @@ def run(args) -> int:
     config, model, _, tokenizer = load_model(args, need_cache=False)
     path = model_path(args)
     gguf_path = getattr(config, "gguf_path", None)
-    fmt = "GGUF (dequantized on load)" if gguf_path else ("quantized" if model.is_quant() else "safetensors")
+    if gguf_path:
+        fmt = ("GGUF (dequantized on load)" if config.gguf_dequantize else
+               "GGUF (Q4_0/Q4_1/Q8_0 linears kept in their blocks; other types dequantized on load)")
+    else:
+        fmt = "quantized" if model.is_quant() else "safetensors"
     print(f"Model:         {os.path.normpath(path)}")
     print(f"Architecture:  {config.architecture}")
     params = model.numel()
