@@ -88,8 +88,10 @@ class DecodeRunner:
         # the cache length is part of the compiled shapes: warm up with the one generators allocate
         cache = ExLlamaV2Cache(self.model, batch_size=b,
                                max_seq_len=self._max_seq_len or self.model.config.max_seq_len)
-        ids = torch.zeros(b, 1, dtype=torch.long)
         with torch.inference_mode():
+            # an inference tensor, as the runner's own input buffer is: a plain one would fail dynamo's
+            # dispatch-key guard at the first real step and compile the step again there
+            ids = torch.zeros(b, 1, dtype=torch.long)
             # shapes are static but for the position: the second call marks it dynamic (dynamic=True would make
             # every weight's shape symbolic, and tracing then spends minutes in sympy)
             for p in (1, 2):
@@ -111,7 +113,8 @@ class DecodeRunner:
         b = input_ids.shape[0]
         buf = self._ids.get(b)
         if buf is None:
-            buf = self._ids[b] = torch.zeros(b, 1, dtype=torch.long)
+            with torch.inference_mode():
+                buf = self._ids[b] = torch.zeros(b, 1, dtype=torch.long)
         buf.copy_(input_ids)
         past = cache.current_seq_len
         step = decode_step
