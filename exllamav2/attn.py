@@ -136,12 +136,7 @@ class ExLlamaV2Attention(ExLlamaV2Module):
 
     def project_qkv(self, x, loras=None):
         b, s = x.shape[0], x.shape[1]
-        if self.qkv.runs(self.q_proj, self.k_proj, self.v_proj):
-            q, k, v = self.qkv.forward(x, loras)
-        else:
-            q = self.q_proj.forward(x, loras=loras)
-            k = self.k_proj.forward(x, loras=loras)
-            v = self.v_proj.forward(x, loras=loras)
+        q, k, v = self.qkv.forward(x, loras)
         if self.q_norm is not None and self.archparams.qk_norm_before_reshape:
             q, k = self.q_norm.forward(q), self.k_norm.forward(k)
         q = q.reshape(b, s, self.num_heads, self.head_dim)
@@ -190,9 +185,3 @@ class ExLlamaV2Attention(ExLlamaV2Module):
         mask = attn_params.get_attn_mask(q.device, self.sliding_window)
         out = ops.attention(q, k, v, mask, self.scaling, self.softcap, s > 1 and mask is None)
         return out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
-
-
-
-def attention(q, k, v, mask, scale: float, softcap: float = 0.0, is_causal: bool = False) -> torch.Tensor:
-    """q (b, hq, s, d); k, v (b, hk, t, d); mask bool (b, 1, s, t) or None (see ops/torch_ref/attention.py)."""
-    return ops.attention(q, k, v, mask, scale, softcap, is_causal)

@@ -25,6 +25,8 @@ class FusedLinear:
         self.parts = list(parts)
         self.owner, self.names = owner, names
         self.sizes = [p.out_features for p in self.parts]
+        self.total = sum(self.sizes)
+        self.scaled = any(p.prescale != 1 for p in self.parts)  # a part scales its own output
         self.in_features = self.parts[0].in_features
         for p in self.parts:
             p.fused_in.append(self)
@@ -75,12 +77,15 @@ class FusedLinear:
         return None if q is None else (None, None, q)
 
     def _owner_parts(self) -> tuple:
+        """The parts as the owner holds them now (an Intervention may wrap one)."""
         return tuple(getattr(self.owner, n) for n in self.names) if self.owner is not None else tuple(self.parts)
 
     def runs(self, *owners_parts) -> bool:
         """True when the fused kernel may run: every part is still the raw linear (no Intervention around it) and
-        nobody replaced its forward on the instance (the converter watches outputs that way)."""
-        return all(a is b and "forward" not in vars(b) for a, b in zip(owners_parts, self.parts))
+        nobody replaced its forward on the instance (the converter watches outputs that way). Without arguments,
+        the parts are read from the owner."""
+        held = owners_parts or self._owner_parts()
+        return all(a is b and "forward" not in vars(b) for a, b in zip(held, self.parts))
 
     def kernel(self, dtype: torch.dtype):
         if self._gen != dispatch._generation:
@@ -104,32 +109,31 @@ class FusedLinear:
             for p in self.parts:
                 p.kernel(dtype)
 
-    def forward(self, x: torch.Tensor, loras=None) -> list[torch.Tensor]:
-        """Each part's output, as its own forward would give it."""
-        xd = x
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The parts' outputs side by side (..., total), before LoRA and prescale; None when the parts cannot share
+        a kernel."""
         w0 = self.parts[0].weight
         if w0 is not None and self.parts[0].q_handle is None and x.dtype != w0.dtype:
-            xd = x.to(w0.dtype)
-        k = self.kernel(xd.dtype)
-        if k is False:
-            return [p.forward(x, loras=loras) for p in self.parts]
-        y = k(xd.reshape(-1, self.in_features)).view(*x.shape[:-1], sum(self.sizes))
-        outs = y.split(self.sizes, dim=-1)
-        return [p.finish(x, o, loras) for p, o in zip(self.parts, outs)]
-
-    def forward_plain(self, x: torch.Tensor, loras=None) -> torch.Tensor | None:
-        """The parts' outputs side by side, (..., sum of out_features), when nothing acts on one part alone (no
-        LoRA term, no prescale, no Intervention or replaced forward, a shared kernel); else None."""
-        parts = self.parts
-        if loras or not self.runs(*self._owner_parts()) or any(p.prescale != 1 for p in parts):
-            return None
-        w0 = parts[0].weight
-        if w0 is not None and parts[0].q_handle is None and x.dtype != w0.dtype:
             x = x.to(w0.dtype)
         k = self.kernel(x.dtype)
         if k is False:
             return None
-        return k(x.reshape(-1, self.in_features)).view(*x.shape[:-1], sum(self.sizes))
+        return k(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.total)
+
+    def forward(self, x: torch.Tensor, loras=None) -> list[torch.Tensor]:
+        """Each part's output, as its own forward would give it (the parts run alone, as the owner holds them,
+        when one is wrapped or replaced or they cannot share a kernel)."""
+        y = self._matmul(x) if self.runs() else None
+        if y is None:
+            return [p.forward(x, loras=loras) for p in self._owner_parts()]
+        return [p.finish(x, o, loras) for p, o in zip(self.parts, y.split(self.sizes, dim=-1))]
+
+    def forward_plain(self, x: torch.Tensor, loras=None) -> torch.Tensor | None:
+        """The parts' outputs side by side, (..., total), when nothing acts on one part alone (no LoRA term, no
+        prescale, no Intervention or replaced forward, a shared kernel); else None."""
+        if loras or self.scaled or not self.runs():
+            return None
+        return self._matmul(x)
 
     def nbytes(self) -> int:
         k = self._kernels.get(self.parts[0].dtype)

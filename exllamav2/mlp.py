@@ -101,10 +101,5 @@ class ExLlamaV2MLP(ExLlamaV2Module):
         if self.gate_proj is None:
             return ops.activation(self.up_proj.forward(x, loras=loras), self.act_name)
         y = self.gate_up.forward_plain(x, loras)
-        if y is not None:
-            gate, up = y.split(self.gate_up.sizes, dim=-1)
-        elif self.gate_up.runs(self.gate_proj, self.up_proj):
-            gate, up = self.gate_up.forward(x, loras)
-        else:
-            gate, up = self.gate_proj.forward(x, loras=loras), self.up_proj.forward(x, loras=loras)
+        gate, up = y.split(self.gate_up.sizes, dim=-1) if y is not None else self.gate_up.forward(x, loras)
         return ops.gated_activation(gate, up, self.act_name)

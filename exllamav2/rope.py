@@ -150,14 +150,6 @@ class RotaryEmbedding:
             raise ValueError(f"position {total_len - 1} is beyond the rotary table ({cos.shape[0]} positions)")
         return cos, sin
 
-    def apply(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, total: int | None = None):
-        """q: (b, s, hq, d), k: (b, s, hk, d); positions: (b, s) long; `total` = max position + 1 when the
-        caller knows it (saves a device sync per layer). Returns rotated (q, k)."""
-        if total is None:
-            total = int(positions.max().item()) + 1 if positions.numel() else 1
-        cos, sin = self.gathered(positions, total, q.device, q.dtype)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-
     def gathered(self, positions: torch.Tensor, total: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin at `positions` (b, s): (b, s, 1, rot_dim), for `rotate`."""
         cos, sin = self.tables(total, device, dtype)
@@ -165,7 +157,4 @@ class RotaryEmbedding:
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x (b, s, heads, head_dim) rotated by gathered tables (q and k heads may come in one tensor)."""
-        return ops.rope(x, cos, sin, self.style == RopeStyle.GPTJ)
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return ops.rope(x, cos, sin, self.style == RopeStyle.GPTJ)

@@ -22,7 +22,7 @@ import types
 import torch
 
 from ..attn_params import Params
-from ..module import Intervention, interventions_alive
+from ..module import interventions_alive
 from .compile import INDUCTOR_OPTIONS, Ticker, configure_inductor
 
 
@@ -107,7 +107,10 @@ class DecodeRunner:
             return False
         if cache.key_states[0] is None or cache.key_states[0].device.type != "cpu":
             return False
-        return not (interventions_alive() and has_interventions(self.model))
+        if not interventions_alive():
+            return True
+        from ..interventions.hooks import wrapped_slots
+        return not wrapped_slots(self.model)
 
     def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         b = input_ids.shape[0]
@@ -126,30 +129,3 @@ class DecodeRunner:
         cache.current_seq_len = past + 1
         return logits
 
-
-def has_interventions(model) -> bool:
-    """True when any module of the model, or any module held by one, is wrapped in an Intervention."""
-    seen = set()
-
-    def visit(m) -> bool:
-        if isinstance(m, Intervention):
-            return True
-        if id(m) in seen:
-            return False
-        seen.add(id(m))
-        for attr, sub in vars(m).items():
-            if attr == "model":
-                continue
-            if isinstance(sub, (list, tuple)):
-                if any(_is_module(s) and visit(s) for s in sub):
-                    return True
-            elif _is_module(sub) and visit(sub):
-                return True
-        return False
-
-    return any(visit(m) for m in model.modules)
-
-
-def _is_module(x) -> bool:
-    from ..module import ExLlamaV2Module
-    return isinstance(x, ExLlamaV2Module)
