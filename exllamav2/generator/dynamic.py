@@ -17,6 +17,17 @@ Per-job interventions (`ExLlamaV2DynamicJob(..., interventions=[...])`, see exll
 registered when the job starts and removed when it ends or is cancelled; each step tells the hooks which tokens
 of the packed row belong to which job (`token_streams`), so a job's edits touch only its own tokens. With no
 such job active, nothing is wrapped.
+
+Speculative decoding (`draft_model=` with its own paged cache, or `use_ngram_draft=True`; dynamic_draft.py):
+each decoding job proposes up to `num_draft_tokens` tokens, and the main model scores its last token and the
+drafts in the same packed forward (q_len = 1 + drafts for that job). Each position is then sampled exactly as a
+plain step would sample it (same sampler, filters, stop conditions and RNG draw), in order, and drafts are
+accepted while the sampled token equals the draft; the first token that differs is kept and the rest dropped.
+So the output is the plain job's output for greedy and for seeded sampling alike (with sampling fewer drafts
+are accepted than a rejection-sampling scheme would accept). Rejected positions are rolled back: `kv_len` ends
+at the last accepted token, so their K/V are overwritten before anything attends to them, and pages taken
+only for them are released. Jobs with per-job interventions do not speculate (their edits address tokens by
+step). Finished jobs report `accepted_draft_tokens` and `rejected_draft_tokens`.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import time
 import torch
 
 from ..attn_params import PagedParams
+from .dynamic_draft import DraftModel, NgramDraft, packed_forward
 from .dynamic_job import ExLlamaV2DynamicJob
 from .dynamic_pages import PageTable
 from .sampler import ExLlamaV2Sampler
@@ -41,8 +53,16 @@ class ExLlamaV2DynamicGenerator:
                  filter_background_eval: bool = True, page_size: int = 256, **kwargs):
         if kwargs:
             raise TypeError(f"ExLlamaV2DynamicGenerator: unexpected arguments {sorted(kwargs)}")
-        if draft_model is not None or draft_cache is not None or use_ngram_draft:
-            raise NotImplementedError("ExLlamaV2DynamicGenerator: speculative decoding is not supported")
+        if draft_model is not None and use_ngram_draft:
+            raise ValueError("ExLlamaV2DynamicGenerator: use either draft_model or use_ngram_draft, not both")
+        if draft_cache is not None and draft_model is None:
+            raise ValueError("ExLlamaV2DynamicGenerator: draft_cache was given without a draft_model")
+        if (draft_model is not None or use_ngram_draft) and (isinstance(num_draft_tokens, bool) or not isinstance(
+                num_draft_tokens, int) or num_draft_tokens < 1):
+            raise ValueError(f"ExLlamaV2DynamicGenerator: num_draft_tokens must be a positive int, got "
+                             f"{num_draft_tokens!r}")
+        if use_ngram_draft and (isinstance(max_ngram, bool) or not isinstance(max_ngram, int) or max_ngram < 1):
+            raise ValueError(f"ExLlamaV2DynamicGenerator: max_ngram must be a positive int, got {max_ngram!r}")
         if not getattr(cache, "supports_paged", True):
             raise ValueError(f"ExLlamaV2DynamicGenerator does not support {type(cache).__name__} (quantized caches "
                              "work with the base and streaming generators); use ExLlamaV2Cache")
@@ -61,6 +81,13 @@ class ExLlamaV2DynamicGenerator:
         if self.max_chunk_size < 1 or self.max_batch_size < 1:
             raise ValueError("ExLlamaV2DynamicGenerator: max_chunk_size and max_batch_size must be positive")
         self.paged = paged
+        self.draft = DraftModel(draft_model, draft_cache, model, cache) if draft_model is not None else None
+        self.draft_model = draft_model
+        self.draft_cache = self.draft.cache if self.draft else None
+        self.use_ngram_draft = bool(use_ngram_draft)
+        self.num_draft_tokens = num_draft_tokens
+        self.max_ngram = max_ngram
+        self.speculative = self.draft is not None or self.use_ngram_draft
         self.loras = None
         self.pending: list[ExLlamaV2DynamicJob] = []
         self.active: list[ExLlamaV2DynamicJob] = []
@@ -70,6 +97,8 @@ class ExLlamaV2DynamicGenerator:
         self.num_cached_tokens = 0
         self.num_forwards = 0
         self.num_preemptions = 0
+        self.num_drafted_tokens = 0
+        self.num_accepted_draft_tokens = 0
 
     # ------------------------------------------------------------------ queue
 
@@ -183,6 +212,7 @@ class ExLlamaV2DynamicGenerator:
                 raise
             job.pages, reused = got
             job.kv_len = reused * ps
+            job.draft_kv_len = job.kv_len  # the draft cache is paged alike (stale draft K/V cost acceptance only)
             job.registered_pages = min(reused, len(job.prompt_page_hashes))
             self.num_cached_tokens += min(job.kv_len, job.prompt_len)
             self.active.append(job)
@@ -205,6 +235,7 @@ class ExLlamaV2DynamicGenerator:
         self.page_table.release(job.pages)
         job.pages = []
         job.kv_len = 0
+        job.draft_kv_len = 0
         job.registered_pages = 0
         job.skips = 0
         job.preemptions += 1
@@ -233,15 +264,22 @@ class ExLlamaV2DynamicGenerator:
         spare = [j for j in self.active if len(j.sequence) >= j.protect_until] or self.active
         return max(spare, key=lambda j: (len(j.pages), j.serial))
 
-    def _plan(self) -> list:
-        """(job, number of new tokens, wants logits) for this step: one token per decoding job, prompt chunks up
-        to max_chunk_size in all."""
+    def _draft_budget(self, job: ExLlamaV2DynamicJob) -> int:
+        """Draft tokens a decoding job may verify this step: never more than it may still generate after the
+        token the step samples anyway."""
+        if not self.speculative or job.intervention_edits:
+            return 0
+        return max(0, min(self.num_draft_tokens, job.max_new_tokens - len(job.new_token_ids) - 1))
+
+    def _plan(self, speculate: bool = True) -> list:
+        """(job, number of new tokens, wants logits) for this step: one token per decoding job (plus room for
+        its drafts when speculating), prompt chunks up to max_chunk_size in all."""
         segments = []
         budget = self.max_chunk_size
         for job in self.active:
             left = job.remaining_input()
             if left == 1:
-                segments.append((job, 1, True))
+                segments.append((job, 1 + (self._draft_budget(job) if speculate else 0), True))
             elif budget > 0:
                 n = min(left, budget)
                 budget -= n
@@ -255,6 +293,11 @@ class ExLlamaV2DynamicGenerator:
             short = sum(job.pages_needed(job.kv_len + n, self.page_size) for job, n, _ in segments)
             if short <= self.page_table.num_free_pages():
                 break
+            if self.speculative:  # drafts wait rather than push a job out of the cache
+                segments = self._plan(speculate=False)
+                short = sum(job.pages_needed(job.kv_len + n, self.page_size) for job, n, _ in segments)
+                if short <= self.page_table.num_free_pages():
+                    break
             if len(self.active) < 2:  # cannot happen: validate() caps every job at the cache's size
                 raise RuntimeError("the dynamic generator ran out of cache pages with no job to preempt")
             self._preempt(self._victim())
@@ -275,61 +318,92 @@ class ExLlamaV2DynamicGenerator:
         segments = self._grow()
         if not segments:
             return results
+        drafts = self._make_drafts(segments)
+        # a decoding job feeds its last token and the drafts it got (the plan made room for num_draft_tokens)
+        segments = [(job, 1 + len(drafts.get(job, ())) if job.remaining_input() == 1 else n, w)
+                    for job, n, w in segments]
 
-        ids = torch.tensor([t for job, n, _ in segments for t in job.sequence[job.kv_len:job.kv_len + n]],
+        ids = torch.tensor([t for job, n, _ in segments
+                            for t in job.sequence[job.kv_len:job.kv_len + n] + drafts.get(job, [])],
                            dtype=torch.long).unsqueeze(0)
         params = PagedParams([job.pages for job, _, _ in segments], [job.kv_len for job, _, _ in segments],
                              [n for _, n, _ in segments], self.page_size)
-        want = [i for i, (_, _, w) in enumerate(segments) if w]
+        rows: list[int] = []  # packed tokens whose logits are sampled: the last of each, all of a verified draft
+        for i, (job, n, want) in enumerate(segments):
+            if want:
+                last = int(params.last_token_index[i])
+                rows.extend(range(last - n + 1, last + 1) if job in drafts else [last])
+        rows_t = torch.tensor(rows, dtype=torch.long)
         if any(job.intervention_group is not None for job, _, _ in segments):
             from ..interventions import TokenStreams, token_streams
 
             streams = TokenStreams.from_paged(params, [job for job, _, _ in segments],
                                               [job.prompt_len for job, _, _ in segments])
             with token_streams(self.model, streams):
-                logits = self._forward(ids, params, params.last_token_index[want])
+                logits = self._forward(ids, params, rows_t)
         else:
-            logits = self._forward(ids, params, params.last_token_index[want])
+            logits = self._forward(ids, params, rows_t)
         self.num_forwards += 1
 
+        mirror = []  # the draft model writes its K/V for the tokens the main model just took in
         for job, n, _ in segments:
             prompt_part = max(0, min(job.kv_len + n, job.prompt_len) - job.kv_len)
             self.num_prefilled_tokens += prompt_part
-            job.kv_len += n
+            if self.draft is not None and job not in drafts and job.draft_kv_len == job.kv_len \
+                    and not job.intervention_edits:
+                mirror.append((job, job.sequence[job.kv_len:job.kv_len + n]))
+            job.kv_len += 1 if job in drafts else n  # a verified job's drafts count once accepted (_verify)
             job.register_full_pages(self.page_table)
             if job.kv_len < len(job.sequence):
                 cur, total = job.progress()
                 results.append({"job": job, "stage": "prefill", "eos": False, "serial": job.serial,
                                 "identifier": job.identifier, "curr_progress": cur, "max_progress": total})
-        for row, i in enumerate(want):
-            job = segments[i][0]
-            results.append(self._sample(job, logits[row:row + 1]))
+        if mirror:
+            self.draft.forward(mirror, self.page_size, False)
+
+        row = 0
+        for job, n, want in segments:
+            if not want:
+                continue
+            if job in drafts:
+                results.append(self._verify(job, logits[row:row + n], drafts[job]))
+                row += n
+            else:
+                results.append(self._sample(job, logits[row:row + 1]))
+                row += 1
             if job.finished:
                 self._retire(job)
+            elif job in drafts:  # pages taken only for rejected drafts go back
+                keep = -(-job.kv_len // self.page_size)
+                if len(job.pages) > keep:
+                    self.page_table.release(job.pages[keep:])
+                    del job.pages[keep:]
         return results
 
-    @torch.inference_mode()
-    def _forward(self, ids: torch.Tensor, params: PagedParams, rows: torch.Tensor) -> torch.Tensor | None:
-        """The packed forward; only `rows` of the packed tokens go through the head. Returns (len(rows), vocab),
-        or None without rows (the forward then stops after the last layer that writes the cache)."""
-        model = self.model
-        x = ids
-        for idx, module in enumerate(model.modules):
-            if not len(rows) and idx > model.last_kv_layer_idx:
-                return None
-            if idx == model.head_layer_idx:
-                x = x[:, rows.to(x.device)]
-            dev = module.device()
-            if idx > 0 and x.device != torch.device(dev):
-                x = x.to(dev)
-            x = module.forward(x, cache=self.cache, attn_params=params, past_len=0, loras=self.loras)
-        x = x[0].float()
-        cap = model.config.final_logit_softcapping
-        if cap:
-            x = torch.tanh(x / cap) * cap
-        return x
+    def _make_drafts(self, segments: list) -> dict:
+        """{job: draft tokens} for the decoding jobs given room for drafts; jobs without a draft are left out."""
+        budgets = [(job, n - 1) for job, n, _ in segments if n > 1 and job.remaining_input() == 1]
+        if not budgets:
+            return {}
+        if self.draft is not None:
+            drafts = self.draft.draft(budgets, self.page_size)
+        else:
+            drafts = {}
+            for job, k in budgets:
+                if job.ngram is None:
+                    job.ngram = NgramDraft(self.max_ngram)
+                drafts[job] = job.ngram.draft(job.sequence, k)
+        drafts = {job: d for job, d in drafts.items() if d}
+        self.num_drafted_tokens += sum(len(d) for d in drafts.values())
+        return drafts
 
-    def _sample(self, job: ExLlamaV2DynamicJob, logits: torch.Tensor) -> dict:
+    def _forward(self, ids: torch.Tensor, params: PagedParams, rows: torch.Tensor) -> torch.Tensor | None:
+        """The main model's packed forward (dynamic_draft.packed_forward); only `rows` of the packed tokens go
+        through the head. Returns (len(rows), vocab), or None without rows."""
+        return packed_forward(self.model, self.cache, ids, params, rows, self.loras)
+
+    def _sample_step(self, job: ExLlamaV2DynamicJob, logits: torch.Tensor) -> tuple[int, dict]:
+        """Sample one token from (1, vocab) logits and append it to the job: (token, the step's result fields)."""
         history = torch.tensor([job.sequence], dtype=torch.long) if job.needs_history() else None
         token, top_tokens, top_probs, prob, end_filter = ExLlamaV2Sampler.sample(
             logits.unsqueeze(0), job.gen_settings, history, job.rng.random(), self.tokenizer,
@@ -351,10 +425,31 @@ class ExLlamaV2DynamicGenerator:
             f.feed(t)
         step = job.accept_token(t, extras)
         if end_filter and not step["eos"]:
-            more = job.finish_with("end_filter")
-            step = {**more, "text": step["text"] + more["text"], "token_ids": step["token_ids"] + more["token_ids"],
-                    "extras": step["extras"] + more["extras"]}
-        return self._result(job, step)
+            step = _merge_steps([step, job.finish_with("end_filter")])
+        return t, step
+
+    def _sample(self, job: ExLlamaV2DynamicJob, logits: torch.Tensor) -> dict:
+        return self._result(job, self._sample_step(job, logits)[1])
+
+    def _verify(self, job: ExLlamaV2DynamicJob, logits: torch.Tensor, draft: list[int]) -> dict:
+        """Sample the positions of a verified draft in order, as plain steps would, accepting draft tokens while
+        the sampled token equals the draft; the first sample that differs ends the step (and is kept). `logits`
+        holds 1 + len(draft) rows: after the job's last token, then after each draft token."""
+        steps = []
+        accepted = 0
+        for i in range(len(draft) + 1):
+            length = len(job.sequence)
+            t, step = self._sample_step(job, logits[i:i + 1])
+            steps.append(step)
+            if job.finished or len(job.sequence) != length + 1 or i == len(draft) or t != draft[i]:
+                break  # ended, rewound by a banned string, or the draft is wrong from here on
+            accepted += 1
+            job.kv_len += 1  # the K/V written for draft[i] are those of the token now at that position
+        job.accepted_draft_tokens += accepted
+        job.rejected_draft_tokens += len(draft) - accepted
+        self.num_accepted_draft_tokens += accepted
+        job.draft_kv_len = min(job.draft_kv_len, job.kv_len)
+        return self._result(job, _merge_steps(steps))
 
     def _result(self, job: ExLlamaV2DynamicJob, step: dict) -> dict:
         ex = step.pop("extras")
@@ -376,6 +471,9 @@ class ExLlamaV2DynamicGenerator:
         if step["eos"]:
             r.update({"full_completion": job.full_completion, "new_tokens": len(job.new_token_ids),
                       "prompt_tokens": job.prompt_len, "cached_tokens": job.cached_tokens, **job.timings()})
+            if self.speculative:
+                r.update({"accepted_draft_tokens": job.accepted_draft_tokens,
+                          "rejected_draft_tokens": job.rejected_draft_tokens})
         return r
 
     # ------------------------------------------------------------------ blocking API
@@ -423,3 +521,12 @@ class ExLlamaV2DynamicGenerator:
             lr = [last.get(i) for i in range(len(jobs))]
             return out, (lr[0] if single else lr)
         return out
+
+
+def _merge_steps(steps: list[dict]) -> dict:
+    """One step's result fields from several sampled tokens (the last one decides eos and its reason)."""
+    if len(steps) == 1:
+        return steps[0]
+    return {**steps[-1], "text": "".join(st["text"] for st in steps),
+            "token_ids": [t for st in steps for t in st["token_ids"]],
+            "extras": [e for st in steps for e in st["extras"]]}

@@ -79,6 +79,10 @@ class ExLlamaV2DynamicJob:
         self.generator = None
         self.sequence: list[int] = list(self.prompt_ids)
         self.kv_len = 0  # tokens whose K/V are in the cache
+        self.draft_kv_len = 0  # tokens whose K/V are in the draft model's cache (speculative decoding)
+        self.ngram = None  # the job's n-gram drafter (speculative decoding), made at its first draft
+        self.accepted_draft_tokens = 0
+        self.rejected_draft_tokens = 0
         self.pages: list[int] = []
         self.cached_tokens = 0
         self.prompt_page_hashes: list[bytes] = []
@@ -258,6 +262,8 @@ class ExLlamaV2DynamicJob:
         del self.new_token_ids[c:]
         del self.sequence[len(self.sequence) - drop:]
         self.kv_len = min(self.kv_len, len(self.sequence) - 1)
+        self.draft_kv_len = min(self.draft_kv_len, self.kv_len)
+        self.ngram = None  # its index holds n-grams of the dropped tokens
         self.held_text = ""
         self.held_tokens, self.held_extras = [], []
         self.stream = self.generator.tokenizer.stream(self.decode_special_tokens)
