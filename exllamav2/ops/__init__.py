@@ -7,8 +7,8 @@
 - `activation`, `gated_activation`
 - `softmax_temperature`, `top_candidates` (the sampler's vocabulary-wide steps)
 
-Backends: `torch` (torch_ref/, the reference), `cpu` (cpu/), `triton` (GPU kernels; none registered yet, so
-pinning it fails with a message that says so).
+Backends: `torch` (torch_ref/, the reference), `cpu` (cpu/), `triton` (triton/: GPU kernels, run on CPU tensors
+under TRITON_INTERPRET=1; an op without a Triton kernel fails with a message that says so when triton is pinned).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from .torch_ref import linear as torch_linear
 from .torch_ref import norm as _norm
 from .torch_ref import rope as _rope
 from .torch_ref import sampling as _sampling
+from .triton import linear as triton_linear
+from .triton import attention as _tri_attn
 
 __all__ = ["NoBackendError", "set_backend", "use_backend", "pinned_backend", "active_backends", "prepare_linear",
            "rms_norm", "layer_norm", "rope", "attention", "paged_attention", "activation", "gated_activation",
@@ -35,9 +37,10 @@ layer_norm = dispatch.define_op("layer_norm", lambda x, w, b, eps, out_dtype, fp
                                 (x.device.type, x.dtype, w.dtype, out_dtype, fp32_stats))
 rope = dispatch.define_op("rope", lambda x, cos, sin, interleaved: (x.device.type, x.dtype, interleaved))
 attention = dispatch.define_op("attention", lambda q, k, v, mask, scale, softcap=0.0, is_causal=False:
-                               (q.device.type, q.dtype, mask is None, bool(softcap), is_causal))
+                               (q.device.type, q.dtype, q.shape[-1], mask is None, bool(softcap), is_causal))
 paged_attention = dispatch.define_op("paged_attention", lambda q, k, v, kp, vp, params, sliding_window, scale,
-                                     softcap=0.0: (q.device.type, q.dtype, kp.dtype, bool(softcap)))
+                                     softcap=0.0: (q.device.type, q.dtype, q.shape[-1], kp.dtype, kp.dim(),
+                                                   bool(softcap)))
 activation = dispatch.define_op("activation", lambda x, act: (x.device.type, x.dtype, act))
 gated_activation = dispatch.define_op("gated_activation", lambda g, u, act: (g.device.type, g.dtype, act))
 softmax_temperature = dispatch.define_op("softmax_temperature", lambda x, t, sf: (x.device.type, x.dtype))
@@ -59,10 +62,14 @@ for _op, _fn in _REFERENCE.items():
     # the CPU backend runs the reference code on CPU tensors until its own kernels replace it (see cpu/)
     _op.register("cpu", _fn, _cpu_only)
 
+# Triton attention kernels (triton/attention.py; the kernel modules themselves are imported at first call)
+attention.register("triton", _tri_attn.attention, _tri_attn.declines_attention)
+paged_attention.register("triton", _tri_attn.paged_attention, _tri_attn.declines_paged)
+
 
 # ---------------------------------------------------------------------------------------------- linear
 
-_LINEAR_PREPARE = {"torch": torch_linear.prepare, "cpu": cpu_linear.prepare}
+_LINEAR_PREPARE = {"torch": torch_linear.prepare, "cpu": cpu_linear.prepare, "triton": triton_linear.prepare}
 
 
 def prepare_linear(dense: torch.Tensor | None, bias: torch.Tensor | None, quant, device, dtype: torch.dtype,

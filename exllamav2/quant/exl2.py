@@ -24,18 +24,33 @@ class QuantFormatError(ValueError):
 
 @dataclass(frozen=True)
 class Exl2Layout:
-    """Where every quantized row lives. Rows are in quantized (permuted) order."""
+    """Where every quantized row lives. Rows are in quantized (permuted) order. Only the per-group fields are
+    stored; the per-row ones are derived on use (a loaded model keeps no per-row int64 tables)."""
 
     bits: torch.Tensor        # (groups,) int64
     qrow_start: torch.Tensor  # (groups,) int64, first q_weight row of the group
     rows: torch.Tensor        # (groups,) int64, matrix rows in the group
-    row_group: torch.Tensor   # (in,) int64, group of each quantized row
-    row_bits: torch.Tensor    # (in,) int64
-    bit_offset: torch.Tensor  # (in,) int64, stream position of each row within its column
+
+    @property
+    def row_group(self) -> torch.Tensor:
+        """(in,) int64, group of each quantized row."""
+        return torch.repeat_interleave(torch.arange(len(self.bits)), self.rows)
+
+    @property
+    def row_bits(self) -> torch.Tensor:
+        """(in,) int64."""
+        return torch.repeat_interleave(self.bits, self.rows)
+
+    @property
+    def bit_offset(self) -> torch.Tensor:
+        """(in,) int64, stream position of each row within its column."""
+        row_group = self.row_group
+        within = torch.arange(self.in_features) - (torch.cumsum(self.rows, 0) - self.rows)[row_group]
+        return self.qrow_start[row_group] * 32 + within * self.bits[row_group]
 
     @property
     def in_features(self) -> int:
-        return int(self.row_group.shape[0])
+        return int(self.rows.sum())
 
     @property
     def num_groups(self) -> int:
@@ -81,12 +96,7 @@ def parse_q_groups(q_groups: torch.Tensor, num_qrows: int, in_features: int, key
             f"leaving {last_rows} of {in_features} input features for a last group of {int(qrows[-1])} {last_bits}-bit q_weight rows"
         )
     rows[-1] = last_rows
-    row_group = torch.repeat_interleave(torch.arange(len(bits)), rows)
-    row_start = torch.cumsum(rows, 0) - rows
-    within = torch.arange(in_features) - row_start[row_group]
-    row_bits = bits[row_group]
-    bit_offset = starts[row_group] * 32 + within * row_bits
-    return Exl2Layout(bits, starts, rows, row_group, row_bits, bit_offset)
+    return Exl2Layout(bits, starts, rows)
 
 
 def exl2_group_map(layout: Exl2Layout) -> torch.Tensor:
@@ -110,8 +120,8 @@ class Exl2Tensors:
     """A validated EXL2 tensor set with its derived layout."""
 
     q_weight: torch.Tensor
-    q_perm: torch.Tensor      # (in,) int64: quantized row k holds original input feature q_perm[k]
-    q_invperm: torch.Tensor   # (in,) int64
+    q_perm: torch.Tensor      # (in,) int64 (int32 once loaded): quantized row k holds original input feature q_perm[k]
+    q_invperm: torch.Tensor | None  # (in,) int64; None once loaded (q_perm says the same)
     q_scale: torch.Tensor
     q_scale_max: torch.Tensor
     layout: Exl2Layout
@@ -217,7 +227,7 @@ def exl2_dequantize(tensors: dict[str, torch.Tensor] | Exl2Tensors, key: str = "
     """
     e = tensors if isinstance(tensors, Exl2Tensors) else read_exl2(tensors, key, in_features, out_features)
     wq = exl2_dequantize_quantized_order(e, dtype)
-    w = wq.index_select(0, e.q_invperm.to(wq.device))  # W[q_perm[k]] = Wq[k]  <=>  W[r] = Wq[q_invperm[r]]
+    w = torch.empty_like(wq).index_copy_(0, e.q_perm.to(wq.device, torch.int64), wq)  # W[q_perm[k]] = Wq[k]
     return w[:, :e.out_features].t().contiguous()
 
 

@@ -116,7 +116,8 @@ class Exl2Weight(QuantWeight):
 
     def __init__(self, key: str, t: Exl2Tensors, dtype: torch.dtype, device: str | torch.device, **kw):
         dev = torch.device(device)
-        self.t = Exl2Tensors(t.q_weight.to(dev), t.q_perm.to(dev), t.q_invperm.to(dev), t.q_scale.to(dev),
+        # q_perm as int32 (the file's width) and no q_invperm: the resident tensors stay the file's size
+        self.t = Exl2Tensors(t.q_weight.to(dev), t.q_perm.to(dev, torch.int32), None, t.q_scale.to(dev),
                              t.q_scale_max.to(dev), t.layout, t.out_features, t.bias)
         super().__init__(key, t.in_features, t.out_features, dtype, dev, t.bias, **kw)
 
@@ -131,7 +132,7 @@ class Exl2Weight(QuantWeight):
 
     def _stored_bytes(self) -> int:
         t = self.t
-        return _tensor_bytes(t.q_weight, t.q_invperm, t.q_scale, t.q_scale_max) + t.layout.num_groups * 4
+        return _tensor_bytes(t.q_weight, t.q_perm, t.q_scale, t.q_scale_max) + t.layout.num_groups * 4
 
     def bits_per_weight(self) -> float:
         return exl2_bits_per_weight(self.t)
@@ -152,7 +153,7 @@ class GptqWeight(QuantWeight):
 
     def __init__(self, key: str, t: GptqTensors, dtype: torch.dtype, device: str | torch.device, **kw):
         dev = torch.device(device)
-        self.t = GptqTensors(t.qweight.to(dev), t.qzeros.to(dev), t.scales.to(dev), t.row_group.to(dev), t.act_order,
+        self.t = GptqTensors(t.qweight.to(dev), t.qzeros.to(dev), t.scales.to(dev, torch.float16), t.row_group.to(dev, torch.int32), t.act_order,
                              t.group_size, t.offset_qzeros, t.out_features, t.bias)
         super().__init__(key, t.in_features, t.out_features, dtype, dev, t.bias, **kw)
 

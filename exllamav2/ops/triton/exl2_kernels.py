@@ -1,0 +1,114 @@
+"""Triton kernels for EXL2 weights (format: exllamav2/quant/exl2.py), read straight from the file's tensors.
+
+The kernels walk the matrix group by group through a small table built at load (exl2_linear.py): per group its
+first quantized row, its row count, its first stream bit (q_weight row * 32) and its width. Inside a group, row r
+of column n is the `bits`-wide field at stream bit `bit0 + r * bits` of column n (a field of width 3, 5 or 6 may
+straddle two words). Scales are decoded per group and column from the q_scale nibble and the group's
+fp16(q_scale_max / 256), rounded to fp16 as the original does, and each weight is rounded to fp16 once: the tile
+equals the reference dequantiser's (exl2_dequantize) bit for bit.
+
+- `exl2_matmul_partials`: x gathered through q_perm times the dequantised tiles, one fp32 partial per split of the
+  groups (the split comes from the matrix shape; linear_kernels.splitk_reduce adds the partials in a fixed order);
+- `exl2_dequant`: the (in, out) matrix in quantized row order, into a scratch buffer, for calls with many rows.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _exl2_tile(qw_ptr, qs_ptr, stride_qw, stride_qs, bit0, bits, smax, g, offs_r, r_mask, offs_n, n_mask):
+    """Dequantised fp16 tile (rows offs_r of group g, columns offs_n)."""
+    sw = tl.load(qs_ptr + g * stride_qs + offs_n // 8, mask=n_mask, other=0)
+    code = (sw >> ((offs_n % 8) * 4)) & 15
+    scale = (((code + 1) * (code + 1)).to(tl.float32) * smax).to(tl.float16).to(tl.float32)
+    off = bit0 + offs_r * bits
+    word = off >> 5
+    shift = (off & 31).to(tl.uint32)
+    mask2 = r_mask[:, None] & n_mask[None, :]
+    lo = tl.load(qw_ptr + word[:, None] * stride_qw + offs_n[None, :], mask=mask2, other=0).to(tl.uint32, bitcast=True)
+    straddles = ((off & 31) + bits) > 32
+    hi = tl.load(qw_ptr + (word + 1)[:, None] * stride_qw + offs_n[None, :], mask=mask2 & straddles[:, None],
+                 other=0).to(tl.uint32, bitcast=True)
+    # two shifts for the high word: a shift by 32 is undefined; when nothing straddles hi is 0
+    v = ((lo >> shift[:, None]) | ((hi << (31 - shift[:, None])) << 1)) & ((1 << bits) - 1).to(tl.uint32)
+    q = v.to(tl.int32) - (1 << (bits - 1))
+    return (q.to(tl.float32) * scale[None, :]).to(tl.float16)
+
+
+@triton.jit
+def exl2_matmul_partials(x_ptr, perm_ptr, qw_ptr, qs_ptr, groups_ptr, smax_ptr, part_ptr,
+                         M, N, stride_xm, stride_qw, stride_qs, num_groups, groups_per_split,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         DOT_F32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    g_begin = pid_s * groups_per_split
+    g_end = tl.minimum(g_begin + groups_per_split, num_groups)
+    for g in range(g_begin, g_end):
+        k0 = tl.load(groups_ptr + g * 4)
+        rows = tl.load(groups_ptr + g * 4 + 1)
+        bit0 = tl.load(groups_ptr + g * 4 + 2)
+        bits = tl.load(groups_ptr + g * 4 + 3)
+        smax = tl.load(smax_ptr + g)
+        for r in range(0, rows, BLOCK_K):
+            offs_r = r + tl.arange(0, BLOCK_K)
+            r_mask = offs_r < rows
+            w = _exl2_tile(qw_ptr, qs_ptr, stride_qw, stride_qs, bit0, bits, smax, g, offs_r, r_mask, offs_n, n_mask)
+            src = tl.load(perm_ptr + k0 + offs_r, mask=r_mask, other=0)
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + src[None, :],
+                         mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            if DOT_F32:  # the interpreter's bf16 dot is wrong: it multiplies bit patterns
+                acc += tl.dot(xt.to(tl.float32), w.to(xt.dtype).to(tl.float32))
+            else:
+                acc += tl.dot(xt, w.to(xt.dtype))
+    out = part_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def exl2_dequant(qw_ptr, qs_ptr, groups_ptr, smax_ptr, out_ptr, N, stride_qw, stride_qs, stride_out,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    g = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    k0 = tl.load(groups_ptr + g * 4)
+    rows = tl.load(groups_ptr + g * 4 + 1)
+    bit0 = tl.load(groups_ptr + g * 4 + 2)
+    bits = tl.load(groups_ptr + g * 4 + 3)
+    smax = tl.load(smax_ptr + g)
+    for r in range(0, rows, BLOCK_K):
+        offs_r = r + tl.arange(0, BLOCK_K)
+        r_mask = offs_r < rows
+        w = _exl2_tile(qw_ptr, qs_ptr, stride_qw, stride_qs, bit0, bits, smax, g, offs_r, r_mask, offs_n, n_mask)
+        dst = out_ptr + (k0 + offs_r)[:, None] * stride_out + offs_n[None, :]
+        tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & n_mask[None, :])
+
+
+# Tile sizes the kernels run with (exl2_linear.py reads them) and the signatures the AOT test compiles.
+MATMUL_TILE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32)
+DEQUANT_TILE = dict(BLOCK_K=32, BLOCK_N=128)
+
+_MATMUL_SIG = {"x_ptr": "*{dt}", "perm_ptr": "*i32", "qw_ptr": "*i32", "qs_ptr": "*i32", "groups_ptr": "*i32",
+               "smax_ptr": "*fp32", "part_ptr": "*fp32", "M": "i32", "N": "i32", "stride_xm": "i32",
+               "stride_qw": "i32", "stride_qs": "i32", "num_groups": "i32", "groups_per_split": "i32",
+               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "DOT_F32": "constexpr"}
+_DEQUANT_SIG = {"qw_ptr": "*i32", "qs_ptr": "*i32", "groups_ptr": "*i32", "smax_ptr": "*fp32", "out_ptr": "*{dt}",
+                "N": "i32", "stride_qw": "i32", "stride_qs": "i32", "stride_out": "i32",
+                "BLOCK_K": "constexpr", "BLOCK_N": "constexpr"}
+
+AOT_SPECS = [
+    *({"kernel": "exl2_matmul_partials", "signature": {k: v.format(dt=dt) for k, v in _MATMUL_SIG.items()},
+       "constexprs": {**MATMUL_TILE, "DOT_F32": False}} for dt in ("fp16", "bf16")),
+    *({"kernel": "exl2_dequant", "signature": {k: v.format(dt=dt) for k, v in _DEQUANT_SIG.items()},
+       "constexprs": dict(DEQUANT_TILE)} for dt in ("fp16", "bf16")),
+]

@@ -1,0 +1,99 @@
+"""Triton kernels for GPTQ weights (format: exllamav2/quant/gptq.py), 4 or 8 bits, read straight from the file's
+tensors: qweight (in * bits / 32, out) with 32 / bits input rows per word (low bits first), qzeros
+(groups, out * bits / 32) with 32 / bits columns per word, scales (groups, out), and the group of every input row
+(g_idx, or sequential). Act-order needs no reshuffle: each row's group is looked up (g_idx is resident anyway).
+A weight is ((q - zero) * scale) rounded to fp16 once, zero = z + 1 for v1 checkpoints and z for gptq_v2: the tile
+equals the reference dequantiser's (gptq_dequantize) bit for bit.
+
+- `gptq_matmul_partials`: x times the dequantised tiles, one fp32 partial per split of the K tiles (the split comes
+  from the matrix shape; linear_kernels.splitk_reduce adds the partials in a fixed order);
+- `gptq_dequant`: the (in, out) matrix into a scratch buffer, for calls with many rows.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gptq_tile(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, N, stride_qw, stride_qz, stride_sc, offs_k, k_mask, offs_n, n_mask,
+               BITS: tl.constexpr, ZERO_PLUS: tl.constexpr):
+    """Dequantised fp16 tile (input rows offs_k, columns offs_n)."""
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    mask2 = k_mask[:, None] & n_mask[None, :]
+    words = tl.load(qw_ptr + (offs_k // PER)[:, None] * stride_qw + offs_n[None, :], mask=mask2, other=0)
+    q = (words >> ((offs_k % PER) * BITS)[:, None]) & MASK
+    g = tl.load(gidx_ptr + offs_k, mask=k_mask, other=0)
+    zw = tl.load(qz_ptr + g[:, None] * stride_qz + (offs_n // PER)[None, :], mask=mask2, other=0)
+    z = ((zw >> ((offs_n % PER) * BITS)[None, :]) & MASK) + ZERO_PLUS
+    s = tl.load(sc_ptr + g[:, None] * stride_sc + offs_n[None, :], mask=mask2, other=0.0)
+    s = s.to(tl.float16).to(tl.float32)
+    return ((q - z).to(tl.float32) * s).to(tl.float16)
+
+
+@triton.jit
+def gptq_matmul_partials(x_ptr, qw_ptr, qz_ptr, sc_ptr, gidx_ptr, part_ptr, M, N, K, stride_xm, stride_qw,
+                         stride_qz, stride_sc, tiles_per_split,
+                         BITS: tl.constexpr, ZERO_PLUS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t_begin = pid_s * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    for t in range(t_begin, t_end):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        w = _gptq_tile(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, N, stride_qw, stride_qz, stride_sc, offs_k, k_mask,
+                       offs_n, n_mask, BITS, ZERO_PLUS)
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                     other=0.0)
+        if DOT_F32:  # the interpreter's bf16 dot is wrong: it multiplies bit patterns
+            acc += tl.dot(xt.to(tl.float32), w.to(xt.dtype).to(tl.float32))
+        else:
+            acc += tl.dot(xt, w.to(xt.dtype))
+    out = part_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def gptq_dequant(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, out_ptr, N, K, stride_qw, stride_qz, stride_sc, stride_out,
+                 BITS: tl.constexpr, ZERO_PLUS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_mask = offs_k < K
+    n_mask = offs_n < N
+    w = _gptq_tile(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, N, stride_qw, stride_qz, stride_sc, offs_k, k_mask, offs_n,
+                   n_mask, BITS, ZERO_PLUS)
+    tl.store(out_ptr + offs_k[:, None] * stride_out + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=k_mask[:, None] & n_mask[None, :])
+
+
+# Tile sizes the kernels run with (gptq_linear.py reads them) and the signatures the AOT test compiles.
+MATMUL_TILE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)
+DEQUANT_TILE = dict(BLOCK_K=32, BLOCK_N=128)
+
+_MATMUL_SIG = {"x_ptr": "*{dt}", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "gidx_ptr": "*i32",
+               "part_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_qw": "i32",
+               "stride_qz": "i32", "stride_sc": "i32", "tiles_per_split": "i32", "BITS": "constexpr",
+               "ZERO_PLUS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+               "DOT_F32": "constexpr"}
+_DEQUANT_SIG = {"qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "gidx_ptr": "*i32", "out_ptr": "*{dt}",
+                "N": "i32", "K": "i32", "stride_qw": "i32", "stride_qz": "i32", "stride_sc": "i32",
+                "stride_out": "i32", "BITS": "constexpr", "ZERO_PLUS": "constexpr", "BLOCK_K": "constexpr",
+                "BLOCK_N": "constexpr"}
+
+AOT_SPECS = [
+    *({"kernel": "gptq_matmul_partials", "signature": {k: v.format(dt=dt) for k, v in _MATMUL_SIG.items()},
+       "constexprs": {**MATMUL_TILE, "BITS": bits, "ZERO_PLUS": 1, "DOT_F32": False}}
+      for dt in ("fp16", "bf16") for bits in (4, 8)),
+    *({"kernel": "gptq_dequant", "signature": {k: v.format(dt=dt) for k, v in _DEQUANT_SIG.items()},
+       "constexprs": {**DEQUANT_TILE, "BITS": bits, "ZERO_PLUS": 0}} for dt in ("fp16", "bf16") for bits in (4, 8)),
+]
