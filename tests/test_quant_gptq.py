@@ -153,5 +153,5 @@ def test_error_features_disagree_and_missing():
 
 
 def test_writer_rejects_other_widths():
-    with pytest.raises(ValueError, match="only 4-bit"):
+    with pytest.raises(ValueError, match="only 4-bit and 8-bit"):
         gptq_quantize(torch.randn(8, 64), bits=3)

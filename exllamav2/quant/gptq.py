@@ -1,7 +1,8 @@
-"""4-bit GPTQ weights as the original loads them (survey §4.8), and a GPTQ writer.
+"""GPTQ weights (4-bit as the original loads them, survey §4.8; and 8-bit), and a GPTQ writer.
 
-On disk: qweight (in/8, out) int32 (8 input rows per word, low nibble first), qzeros (groups, out/8) int32 (8 columns
-per word, low nibble first), scales (groups, out), g_idx (in,) int32, optional bias.
+On disk: qweight (in*bits/32, out) int32 (32/bits input rows per word, low bits first), qzeros (groups, out*bits/32)
+int32 (32/bits columns per word, low bits first), scales (groups, out), g_idx (in,) int32, optional bias. The width
+is read from the shapes: qweight holds in/8 rows at 4 bits, in/4 at 8.
 Checkpoint format "gptq" (v1) dequantises as (q - (z + 1)) * scale; "gptq_v2" as (q - z) * scale.
 Matrices returned here are nn.Linear layout (out, in).
 """
@@ -18,22 +19,41 @@ from .exl2 import QuantFormatError, _name, strip_prefix
 GPTQ_REQUIRED = ("qweight", "qzeros", "scales")
 
 
-def unpack_nibble_rows(qweight: torch.Tensor) -> torch.Tensor:
-    """(in/8, out) int32 -> (in, out) int64 codes: nibble i of word r is row 8r+i."""
+def unpack_nibble_rows(qweight: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """(in*bits/32, out) int32 -> (in, out) int64 codes: field i of word r is row (32/bits)r+i."""
     u = words_to_u32(qweight)
-    shifts = torch.arange(0, 32, 4, device=u.device).view(1, 8, 1)
-    return ((u.unsqueeze(1) >> shifts) & 15).reshape(-1, u.shape[1])
+    per = 32 // bits
+    shifts = torch.arange(0, 32, bits, device=u.device).view(1, per, 1)
+    return ((u.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1, u.shape[1])
 
 
-def pack_nibble_rows(codes: torch.Tensor) -> torch.Tensor:
-    """(in, out) codes in [0, 16), in a multiple of 8 -> (in/8, out) int32."""
+def _unpack_columns(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """(R, C*bits/32) int32, 32/bits columns per word, low bits first -> (R, C) int64."""
+    if bits == 4:
+        return unpack_nibble_columns(words)
+    u = words_to_u32(words)
+    shifts = torch.arange(0, 32, bits, device=u.device)
+    return ((u.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(u.shape[0], -1)
+
+
+def _pack_columns(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 4:
+        return pack_nibble_columns(codes)
     codes = codes.to(torch.int64)
-    if codes.shape[0] % 8:
-        raise ValueError(f"pack_nibble_rows: {codes.shape[0]} rows is not a multiple of 8")
-    if ((codes < 0) | (codes > 15)).any():
-        raise ValueError("pack_nibble_rows: a code is outside [0, 16)")
-    shifts = torch.arange(0, 32, 4, device=codes.device).view(1, 8, 1)
-    return u32_to_words((codes.reshape(-1, 8, codes.shape[1]) << shifts).sum(1))
+    shifts = torch.arange(0, 32, bits, device=codes.device)
+    return u32_to_words((codes.reshape(codes.shape[0], -1, 32 // bits) << shifts).sum(-1))
+
+
+def pack_nibble_rows(codes: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """(in, out) codes in [0, 2^bits), in a multiple of 32/bits -> (in*bits/32, out) int32."""
+    codes = codes.to(torch.int64)
+    per = 32 // bits
+    if codes.shape[0] % per:
+        raise ValueError(f"pack_nibble_rows: {codes.shape[0]} rows is not a multiple of {per}")
+    if ((codes < 0) | (codes >= (1 << bits))).any():
+        raise ValueError(f"pack_nibble_rows: a code is outside [0, {1 << bits})")
+    shifts = torch.arange(0, 32, bits, device=codes.device).view(1, per, 1)
+    return u32_to_words((codes.reshape(-1, per, codes.shape[1]) << shifts).sum(1))
 
 
 def inferred_group_size(in_features: int, groups: int) -> int:
@@ -46,7 +66,7 @@ def inferred_group_size(in_features: int, groups: int) -> int:
 
 @dataclass(frozen=True)
 class GptqTensors:
-    """A validated 4-bit GPTQ tensor set."""
+    """A validated 4- or 8-bit GPTQ tensor set."""
 
     qweight: torch.Tensor
     qzeros: torch.Tensor
@@ -57,6 +77,7 @@ class GptqTensors:
     offset_qzeros: bool       # gptq_v2: zero is z, not z + 1
     out_features: int
     bias: torch.Tensor | None
+    bits: int = 4
 
     @property
     def in_features(self) -> int:
@@ -77,17 +98,22 @@ def read_gptq(tensors: dict[str, torch.Tensor], key: str = "", in_features: int 
     for n, v in (("qweight", qweight), ("qzeros", qzeros)):
         if v.dim() != 2 or v.dtype != torch.int32:
             raise QuantFormatError(f"{_name(key, n)}: expected a 2-D int32 tensor, got {v.dtype} {tuple(v.shape)}")
-    n_in, out = qweight.shape[0] * 8, qweight.shape[1]
+    bits = 4
+    if in_features is not None and qweight.shape[0] * 4 == in_features:
+        bits = 8
+    n_in, out = qweight.shape[0] * 32 // bits, qweight.shape[1]
     if in_features is not None and in_features != n_in:
-        raise QuantFormatError(f"{_name(key, 'qweight')}: {qweight.shape[0]} rows hold {n_in} 4-bit input rows, the layer has {in_features}"
-                               " (only 4-bit GPTQ is supported)")
+        raise QuantFormatError(f"{_name(key, 'qweight')}: {qweight.shape[0]} rows hold {n_in} 4-bit or {n_in // 2} 8-bit "
+                               f"input rows, the layer has {in_features} (4- and 8-bit GPTQ are supported)")
     if out_features is not None and out_features != out:
         raise QuantFormatError(f"{_name(key, 'qweight')}: width {out}, the layer has {out_features} output features")
     if scales.dim() != 2 or scales.shape[1] != out or not scales.is_floating_point():
         raise QuantFormatError(f"{_name(key, 'scales')}: expected a float (groups, {out}) tensor, got {scales.dtype} {tuple(scales.shape)}")
     groups = scales.shape[0]
-    if out % 8 or tuple(qzeros.shape) != (groups, out // 8):
-        raise QuantFormatError(f"{_name(key, 'qzeros')}: shape {tuple(qzeros.shape)} disagrees with scales, expected {(groups, out // 8)}")
+    per = 32 // bits
+    if out % per or tuple(qzeros.shape) != (groups, out // per):
+        raise QuantFormatError(f"{_name(key, 'qzeros')}: shape {tuple(qzeros.shape)} disagrees with scales, expected "
+                               f"{(groups, out // per)} for {bits}-bit zeros")
     gs = inferred_group_size(n_in, groups)
     sequential = torch.arange(n_in) // gs
     g_idx = t.get("g_idx")
@@ -110,12 +136,12 @@ def read_gptq(tensors: dict[str, torch.Tensor], key: str = "", in_features: int 
             raise QuantFormatError(f"{_name(key, 'bias')}: shape {tuple(bias.shape)}, expected ({out},)")
         if not bias.any():
             bias = None  # the original drops an all-zero bias
-    return GptqTensors(qweight, qzeros, scales, row_group, act_order, gs, offset_qzeros, out, bias)
+    return GptqTensors(qweight, qzeros, scales, row_group, act_order, gs, offset_qzeros, out, bias, bits)
 
 
 def gptq_zero_points(g: GptqTensors) -> torch.Tensor:
     """(groups, out) int64 zero points, with the v1 '+1' applied unless the checkpoint is gptq_v2."""
-    z = unpack_nibble_columns(g.qzeros)
+    z = _unpack_columns(g.qzeros, g.bits)
     return z if g.offset_qzeros else z + 1
 
 
@@ -130,7 +156,7 @@ def gptq_dequantize(tensors: dict[str, torch.Tensor] | GptqTensors, key: str = "
     if dtype not in (torch.float16, torch.float32):
         raise ValueError(f"GPTQ dequantisation precision must be float16 or float32, got {dtype}")
     g = tensors if isinstance(tensors, GptqTensors) else read_gptq(tensors, key, in_features, out_features, offset_qzeros)
-    q = unpack_nibble_rows(g.qweight)
+    q = unpack_nibble_rows(g.qweight, g.bits)
     rg = g.row_group.to(q.device)
     zero = gptq_zero_points(g)[rg]
     scale = g.scales.to(torch.float16).to(torch.float32)[rg]
@@ -175,8 +201,8 @@ def gptq_quantize(W: torch.Tensor, bits: int = 4, group_size: int | None = 128, 
     g_idx records each column's group. group_size None (or -1) means one group. checkpoint_format "gptq" writes
     v1 zeros (z - 1), "gptq_v2" writes z.
     """
-    if bits != 4:
-        raise ValueError(f"gptq_quantize: only 4-bit GPTQ is supported (the original loads no other width), got {bits}")
+    if bits not in (4, 8):
+        raise ValueError(f"gptq_quantize: only 4-bit and 8-bit GPTQ are supported, got {bits}")
     if checkpoint_format not in ("gptq", "gptq_v2"):
         raise ValueError(f"gptq_quantize: checkpoint_format must be 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
     v1 = checkpoint_format == "gptq"
@@ -227,8 +253,8 @@ def gptq_quantize(W: torch.Tensor, bits: int = 4, group_size: int | None = 128, 
     g_idx[perm] = (torch.arange(n_in) // gs).to(torch.int32)
     stored_zeros = (zeros - 1) if v1 else zeros
     return {
-        "qweight": pack_nibble_rows(Q.t().to(torch.int64)),
-        "qzeros": pack_nibble_columns(stored_zeros.to(torch.int64)),
+        "qweight": pack_nibble_rows(Q.t().to(torch.int64), bits),
+        "qzeros": _pack_columns(stored_zeros.to(torch.int64), bits),
         "scales": scales.to(torch.float16),
         "g_idx": g_idx,
     }

@@ -153,8 +153,10 @@ class GptqWeight(QuantWeight):
 
     def __init__(self, key: str, t: GptqTensors, dtype: torch.dtype, device: str | torch.device, **kw):
         dev = torch.device(device)
-        self.t = GptqTensors(t.qweight.to(dev), t.qzeros.to(dev), t.scales.to(dev, torch.float16), t.row_group.to(dev, torch.int32), t.act_order,
-                             t.group_size, t.offset_qzeros, t.out_features, t.bias)
+        # scales as fp16 (the reference casts them so anyway), groups as int32 (the file's g_idx width)
+        self.t = GptqTensors(t.qweight.to(dev), t.qzeros.to(dev), t.scales.to(dev, torch.float16),
+                             t.row_group.to(dev, torch.int32), t.act_order, t.group_size, t.offset_qzeros,
+                             t.out_features, t.bias, t.bits)
         super().__init__(key, t.in_features, t.out_features, dtype, dev, t.bias, **kw)
 
     def _reference(self, precision: torch.dtype) -> torch.Tensor:
@@ -166,11 +168,11 @@ class GptqWeight(QuantWeight):
         order = torch.argsort(t.row_group, stable=True)
         counts = torch.bincount(t.row_group, minlength=t.num_groups)
         used = counts > 0
-        codes = unpack_nibble_rows(t.qweight).index_select(0, order)
+        codes = unpack_nibble_rows(t.qweight, t.bits).index_select(0, order)
         scales = t.scales.to(torch.float16).float()[used]
         zeros = gptq_zero_points(t)[used]
         rows = counts[used].tolist()
-        return build_int4pack(codes, rows, [4] * len(rows), scales, zeros, order, self.out_features)
+        return build_int4pack(codes, rows, [t.bits] * len(rows), scales, zeros, order, self.out_features)
 
     def _stored_bytes(self) -> int:
         t = self.t
@@ -183,4 +185,4 @@ class GptqWeight(QuantWeight):
         t = self.t
         g = "no groups" if t.num_groups == 1 else f"g{t.group_size}"
         extras = (" act-order" if t.act_order else "") + (" v2" if t.offset_qzeros else "")
-        return f"GPTQ 4-bit {g}{extras}"
+        return f"GPTQ {t.bits}-bit {g}{extras}"
