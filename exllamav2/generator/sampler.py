@@ -124,8 +124,23 @@ class ExLlamaV2Sampler:
 
         allowed = None
         end_tokens = None
+        mask_filters = [f for f in filters if _masks_logits(f)]
+        if mask_filters:
+            # filters that mask logits themselves (generator/grammar/): their masks are built beside the forward
+            # and applied here, on the logits' device
+            for f in mask_filters:
+                scores = f.mask_logits(scores)
+            end_tokens = set().union(*(f.end_token_ids() for f in mask_filters))
+            filters = [f for f in filters if not _masks_logits(f)]
+            eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+            if filter_prefer_eos and eos is not None and eos < vocab and not bool(torch.isneginf(scores[0, eos])):
+                keep = scores[:, eos].clone()
+                scores.fill_(float("-inf"))
+                scores[:, eos] = keep
         if filters:
-            pass_tokens, end_tokens = _combine_filters(filters)
+            pass_tokens, set_end_tokens = _combine_filters(filters)
+            if set_end_tokens is not None:
+                end_tokens = set_end_tokens if end_tokens is None else end_tokens | set_end_tokens
             if pass_tokens is not None:
                 if not pass_tokens:
                     raise ValueError("ExLlamaV2Sampler.sample: the filters exclude every token")
@@ -190,7 +205,9 @@ class ExLlamaV2Sampler:
             top_tokens, top_probs = none_tensor, none_tensor
 
         tokens, token_probs = tokens.cpu(), token_probs.cpu()
-        end_filter = bool(filters) and end_tokens is not None and tokens[0, 0].item() in end_tokens
+        end_filter = end_tokens is not None and tokens[0, 0].item() in end_tokens
+        if mask_filters and not end_filter:
+            end_filter = any(f.ends_with(tokens[0, 0].item()) for f in mask_filters if hasattr(f, "ends_with"))
         return tokens, top_tokens, top_probs, token_probs, end_filter
 
 
@@ -243,6 +260,10 @@ def _valid_ids(ids, vocab: int, what: str) -> list[int]:
     if bad:
         raise ValueError(f"ExLlamaV2Sampler.sample: {what} holds ids outside [0, {vocab}): {bad[:8]}")
     return ids
+
+
+def _masks_logits(f) -> bool:
+    return bool(getattr(f, "can_mask_logits", lambda: False)()) and hasattr(f, "mask_logits")
 
 
 def _combine_filters(filters) -> tuple[set[int] | None, set[int] | None]:
