@@ -62,6 +62,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="pin one kernel backend (default: each op takes the first that accepts it)")
     p.add_argument("--dense-gguf", dest="dense_gguf", action="store_true",
                    help="dequantize a GGUF's Q4_0/Q4_1/Q8_0 blocks to dense weights at load (default: kept packed)")
+    p.add_argument("--replicas", type=_positive, default=None, metavar="N",
+                   help="run N engine replicas as a Ray Serve app behind Ray's HTTP proxy, with prefix-aware "
+                        "routing (needs the ray extra; default: one plain process, no Ray)")
+    p.add_argument("--ray-address", dest="ray_address", default=None, metavar="ADDR",
+                   help="with --replicas: join this Ray cluster (e.g. auto, or ray://head:10001) instead of "
+                        "starting a local Ray instance")
     return p
 
 
@@ -81,6 +87,15 @@ def run(args) -> int:
         print(f"error: serve needs the server extra ({', '.join(missing)} not installed); install it with:\n"
               f'  pip install "exllamav2[server]"', file=sys.stderr)
         return 2
+    if args.ray_address is not None and args.replicas is None:
+        raise SystemExit("--ray-address needs --replicas N")
+    if args.replicas is not None:
+        try:
+            importlib.import_module("ray.serve")
+        except ImportError:
+            print('error: serve --replicas needs the ray extra (ray[serve] is not installed); install it with:\n'
+                  '  pip install "exllamav2[ray]"', file=sys.stderr)
+            return 2
     from ..server import load_engine, run_server
 
     for name in ("max_batch_size", "page_size", "max_queue"):
@@ -88,6 +103,9 @@ def run(args) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if args.interventions_dir is not None and not os.path.isdir(args.interventions_dir):
         raise SystemExit(f"--interventions-dir: {args.interventions_dir!r} is not a folder")
+    if args.replicas is not None:
+        from ..server.cluster import run as run_replicated
+        return run_replicated(args)
     if args.backend:
         from .. import ops
         ops.set_backend(args.backend)
