@@ -10,6 +10,10 @@ equals the reference dequantiser's (exl2_dequantize) bit for bit.
 - `exl2_matmul_partials`: x gathered through q_perm times the dequantised tiles, one fp32 partial per split of the
   groups (the split comes from the matrix shape; linear_kernels.splitk_reduce adds the partials in a fixed order);
 - `exl2_dequant`: the (in, out) matrix in quantized row order, into a scratch buffer, for calls with many rows.
+
+Only builtins of triton.language are used (tl.full, not tl.zeros; ceil divisions written out): the library's @jit
+helpers are decorated when triton is imported, and the interpreter cannot call them if that happened before
+TRITON_INTERPRET was set.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def exl2_matmul_partials(x_ptr, perm_ptr, qw_ptr, qs_ptr, groups_ptr, smax_ptr, 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # not tl.zeros: see the module docstring
     g_begin = pid_s * groups_per_split
     g_end = tl.minimum(g_begin + groups_per_split, num_groups)
     for g in range(g_begin, g_end):
@@ -94,9 +98,16 @@ def exl2_dequant(qw_ptr, qs_ptr, groups_ptr, smax_ptr, out_ptr, N, stride_qw, st
         tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & n_mask[None, :])
 
 
-# Tile sizes the kernels run with (exl2_linear.py reads them) and the signatures the AOT test compiles.
-MATMUL_TILE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32)
-DEQUANT_TILE = dict(BLOCK_K=32, BLOCK_N=128)
+# Tile sizes the kernels run with (exl2_linear.py reads them) and the signatures the AOT test compiles. BLOCK_K is
+# the largest of BLOCK_K_CHOICES that divides every group but the last (groups hold 16 to a few hundred rows), so no
+# tile straddles two groups and few are partly masked.
+MATMUL_TILE = dict(BLOCK_M=16, BLOCK_N=128)
+DEQUANT_TILE = dict(BLOCK_N=128)
+BLOCK_K_CHOICES = (64, 32, 16)
+# Launch options: two stages keep the matmul's shared memory (about 84 KB at BLOCK_K=64) under the 99 KB an sm_86 /
+# sm_89 block may use; three would need 149 KB.
+MATMUL_LAUNCH = dict(num_warps=4, num_stages=2)
+DEQUANT_LAUNCH = dict(num_warps=4, num_stages=2)
 
 _MATMUL_SIG = {"x_ptr": "*{dt}", "perm_ptr": "*i32", "qw_ptr": "*i32", "qs_ptr": "*i32", "groups_ptr": "*i32",
                "smax_ptr": "*fp32", "part_ptr": "*fp32", "M": "i32", "N": "i32", "stride_xm": "i32",
@@ -108,7 +119,9 @@ _DEQUANT_SIG = {"qw_ptr": "*i32", "qs_ptr": "*i32", "groups_ptr": "*i32", "smax_
 
 AOT_SPECS = [
     *({"kernel": "exl2_matmul_partials", "signature": {k: v.format(dt=dt) for k, v in _MATMUL_SIG.items()},
-       "constexprs": {**MATMUL_TILE, "DOT_F32": False}} for dt in ("fp16", "bf16")),
+       "constexprs": {**MATMUL_TILE, "BLOCK_K": bk, "DOT_F32": False}, "options": MATMUL_LAUNCH}
+      for dt in ("fp16", "bf16") for bk in BLOCK_K_CHOICES),
     *({"kernel": "exl2_dequant", "signature": {k: v.format(dt=dt) for k, v in _DEQUANT_SIG.items()},
-       "constexprs": dict(DEQUANT_TILE)} for dt in ("fp16", "bf16")),
+       "constexprs": {**DEQUANT_TILE, "BLOCK_K": bk}, "options": DEQUANT_LAUNCH}
+      for dt in ("fp16", "bf16") for bk in BLOCK_K_CHOICES),
 ]

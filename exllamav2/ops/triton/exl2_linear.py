@@ -34,7 +34,10 @@ class Exl2Kernel(PackedKernel):
         self.smax = self.own(smax.to(device))
         self.num_groups = int(table.shape[0])
         tile = self.k.MATMUL_TILE
-        self.block_m, self.block_n, self.block_k = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]
+        self.block_m, self.block_n = tile["BLOCK_M"], tile["BLOCK_N"]
+        inner = q.t.layout.rows[:-1].tolist()
+        self.block_k = next((b for b in self.k.BLOCK_K_CHOICES if all(r % b == 0 for r in inner)),
+                            self.k.BLOCK_K_CHOICES[-1])
         n_tiles = triton_cdiv(self.out_features, self.block_n)
         splits = split_count(n_tiles, self.num_groups, max(1, self.in_features // 256))
         self.groups_per_split = triton_cdiv(self.num_groups, splits)
@@ -52,13 +55,14 @@ class Exl2Kernel(PackedKernel):
             x, self.perm, self.qw, self.qs, self.table, self.smax, part, m, self.out_features, x.stride(0),
             self.qw.stride(0), self.qs.stride(0), self.num_groups, self.groups_per_split,
             BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-            DOT_F32=self.interpret and x.dtype == torch.bfloat16)
+            DOT_F32=self.interpret and x.dtype == torch.bfloat16, **self.k.MATMUL_LAUNCH)
 
     def _launch_dequant(self, w: torch.Tensor) -> None:
         tile = self.k.DEQUANT_TILE
         grid = (self.num_groups, triton_cdiv(self.out_features, tile["BLOCK_N"]))
         self.k.exl2_dequant[grid](self.qw, self.qs, self.table, self.smax, w, self.out_features, self.qw.stride(0),
-                                  self.qs.stride(0), w.stride(0), **tile)
+                                  self.qs.stride(0), w.stride(0), BLOCK_K=self.block_k, **tile,
+                                  **self.k.DEQUANT_LAUNCH)
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         return x.index_select(1, self.perm)
