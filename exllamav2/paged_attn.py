@@ -18,6 +18,7 @@ import torch
 
 from . import ops
 from .attn_params import Params
+from .ops.torch_ref.attention import window_mask
 
 
 @dataclass
@@ -34,13 +35,9 @@ class _Sequence:
     def mask(self, sliding_window: int, device) -> torch.Tensor | None:
         """None for plain causal attention over all its keys (the caller passes a causal flag); a bool mask
         (1, 1, q_len, kv_len) when a sliding window cuts some off."""
-        if not sliding_window or self.kv_len <= sliding_window:
-            return None
         key = (sliding_window, str(device))
         if key not in self.masks:
-            qp = torch.arange(self.kv_len - self.q_len, self.kv_len, device=device).view(-1, 1)
-            kp = torch.arange(self.kv_len, device=device).view(1, -1)
-            self.masks[key] = ((kp <= qp) & (qp - kp < sliding_window)).view(1, 1, self.q_len, self.kv_len)
+            self.masks[key] = window_mask(self.kv_len, self.q_len, sliding_window, device)
         return self.masks[key]
 
 
@@ -113,6 +110,39 @@ class PagedParams(Params):
 
     def get_attn_mask(self, device, sliding_window: int = 0):
         raise RuntimeError("PagedParams: masks are per group; use paged_attention()")
+
+
+class PagedDecodeParams(Params):
+    """Attention parameters of a decode-only paged forward (one new token per sequence), built from device tensors
+    alone so that a compiled step takes them as inputs: no Python lists, no host sync, the same shapes every step
+    for a given number of sequences.
+
+    :param block_index: (B, P) long, each sequence's cache pages in order (padded rows are never read)
+    :param past: (B,) long, the tokens each sequence already holds in the cache
+    :param page_size: tokens per page
+    :param max_positions: an upper bound on every position (the rotary tables are built that long)
+    """
+
+    sequences = None  # tells ops.paged_attention to take the decode-only path
+
+    def __init__(self, block_index: torch.Tensor, past: torch.Tensor, page_size: int, max_positions: int):
+        b = past.shape[0]
+        super().__init__(1, b, 0, paged=True)
+        self.page_size = page_size
+        self.num_sequences = b
+        self.block_index = block_index
+        self.cache_seqlens = past
+        self.kv_lens = past + 1
+        self.positions = past.view(1, b)
+        page = block_index.gather(1, (past // page_size).view(b, 1)).view(b)
+        self.slots = page * page_size + past % page_size
+        self.max_position = max_positions
+
+    def get_positions(self, device) -> tuple[torch.Tensor, int]:
+        return self.positions.to(device), self.max_position
+
+    def get_attn_mask(self, device, sliding_window: int = 0):
+        raise RuntimeError("PagedDecodeParams: attention runs per sequence; use paged_attention()")
 
 
 def paged_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache,

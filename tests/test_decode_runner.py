@@ -183,3 +183,92 @@ def test_compiled_step_on_other_architectures(arch, tmp_path):
         assert (got - eager).abs().max() < 0.05 * eager.abs().max()
     finally:
         model.decode_runner = None
+
+
+def _decode_params_pair(model, lens, page_size, shuffle_seed):
+    """A decode-only step for sequences of `lens` tokens over scattered pages: the packed PagedParams the dynamic
+    generator builds, and the same step as device tensors (PagedDecodeParams' inputs)."""
+    from exllamav2.paged_attn import PagedParams
+    g = torch.Generator().manual_seed(shuffle_seed)
+    need = [-(-(n + 1) // page_size) for n in lens]
+    order = torch.randperm(sum(need), generator=g).tolist()
+    tables, i = [], 0
+    for k in need:
+        tables.append(order[i:i + k])
+        i += k
+    packed = PagedParams(tables, list(lens), [1] * len(lens), page_size)
+    table = torch.zeros(len(lens), 64, dtype=torch.long)
+    table[:, :packed.block_index.shape[1]] = packed.block_index
+    return tables, packed, table, torch.tensor(lens)
+
+
+def test_paged_decode_step_equals_the_packed_forward(tmp_path):
+    """The dynamic generator's compiled decode path (runtime/paged_decode.py) run eagerly: its logits equal the
+    packed forward's to the bit, for scattered pages and several sequences, one within its sliding window and two
+    cut by it; and
+    each sequence's row agrees alone and among the others (to fp32 rounding: this tiny model's dense fp32 GEMMs
+    round a row differently at different row counts; tests/test_batch_invariance.py holds the default weights
+    to the bit)."""
+    from test_dynamic_tiny import build_tiny_dir, load_tiny
+    from exllamav2.generator.dynamic_draft import packed_forward
+    from exllamav2.runtime.paged_decode import paged_decode_step
+    model, _ = load_tiny(build_tiny_dir(tmp_path, sliding_window=5))
+    ps, lens = 4, [3, 9, 17]
+    cache = ExLlamaV2Cache(model, 1, 256)
+    g = torch.Generator().manual_seed(0)
+    for layer in range(len(cache.key_states)):
+        cache.key_states[layer].normal_(generator=g)
+        cache.value_states[layer].normal_(generator=g)
+    snapshot = [(k.clone(), v.clone()) for k, v in zip(cache.key_states, cache.value_states)]
+    ids = torch.randint(0, 1000, (1, len(lens)), generator=g)
+    tables, packed, table, past = _decode_params_pair(model, lens, ps, 1)
+    with torch.inference_mode():
+        ref = packed_forward(model, cache, ids, packed, packed.last_token_index)
+        for (k, v), (k0, v0) in zip(zip(cache.key_states, cache.value_states), snapshot):
+            k.copy_(k0), v.copy_(v0)
+        got = paged_decode_step(model, ids, cache, table, past, ps, 256)
+        assert torch.equal(got, ref)
+        for i in range(len(lens)):
+            alone = paged_decode_step(model, ids[:, i:i + 1], cache, table[i:i + 1], past[i:i + 1], ps, 256)
+            assert torch.allclose(alone[0], ref[i], rtol=1e-5, atol=1e-5 * ref[i].abs().max())
+
+
+@pytest.mark.slow
+def test_dynamic_generator_runs_the_compiled_paged_step(tmp_path):
+    """With model.compile_decode(), the dynamic generator's decode-only steps run compiled (one graph for one
+    sequence, one for several), giving the eager generator's logits to within compile rounding and its tokens
+    (`pytest -m slow`: two compiles, ~45 s)."""
+    from test_dynamic_tiny import build_tiny_dir, load_tiny
+    model, tok = load_tiny(build_tiny_dir(tmp_path, sliding_window=8))
+
+    def run(n_new):
+        gen = ExLlamaV2DynamicGenerator(model, ExLlamaV2Cache(model, 1, 256), tok, page_size=16)
+        logits, orig = [], gen._forward
+
+        def record(ids, params, rows):
+            out = orig(ids, params, rows)
+            if max(params.q_lens) == 1:
+                logits.append(out.clone())
+            return out
+        gen._forward = record
+        for i, n in enumerate(n_new):  # jobs of different lengths: the step count goes 3 -> 2 -> 1 sequences
+            ids = torch.randint(0, 49152, (1, 5 + 7 * i), generator=torch.Generator().manual_seed(i))
+            gen.enqueue(ExLlamaV2DynamicJob(ids, n, gen_settings=GREEDY, stop_conditions=[]))
+        tokens: dict = {}
+        while gen.num_remaining_jobs():
+            for r in gen.iterate():
+                if r.get("stage") == "streaming":
+                    tokens.setdefault(r["serial"], []).extend(r["token_ids"].flatten().tolist())
+        return tokens, logits
+
+    eager_tokens, eager_logits = run([12, 20, 30])
+    runner = model.compile_decode(max_seq_len=256, progress=False)
+    try:
+        tokens, logits = run([12, 20, 30])
+        assert set(runner.paged._steps) == {"one", "many"} and runner.paged.failed is None
+        assert tokens == eager_tokens
+        assert len(logits) == len(eager_logits)
+        for a, b in zip(logits, eager_logits):
+            assert (a - b).abs().max() < 1e-3 * b.abs().max()
+    finally:
+        model.decode_runner = None

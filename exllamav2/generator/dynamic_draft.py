@@ -24,6 +24,11 @@ def packed_forward(model, cache, ids: torch.Tensor, params: PagedParams, rows: t
                    loras=None) -> torch.Tensor | None:
     """The packed forward; only `rows` of the packed tokens go through the head. Returns (len(rows), vocab) fp32,
     or None without rows (the forward then stops after the last layer that writes the cache)."""
+    runner = model.decode_runner
+    if runner is not None and runner.paged is not None and runner.paged.applies(model, cache, params, rows, loras):
+        logits = runner.paged(ids, cache, params)  # decode-only: the compiled step (runtime/paged_decode.py)
+        if logits is not None:
+            return logits
     x = ids
     for idx, module in enumerate(model.modules):
         if not len(rows) and idx > model.last_kv_layer_idx:

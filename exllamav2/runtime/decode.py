@@ -51,6 +51,8 @@ class DecodeRunner:
         self._steps: dict = {}  # per batch size, the compiled step
         self._options: dict = {}
         self._max_seq_len = max_seq_len
+        self.progress = progress
+        self.paged = None
         if compile:
             configure_inductor(freeze)
             self._options = {**INDUCTOR_OPTIONS, **(options or {})}
@@ -59,6 +61,8 @@ class DecodeRunner:
                 for b in sorted(set(batch_sizes)):
                     self._steps[b] = self._compile(b)
             self.compile_seconds = time.time() - t0
+            from .paged_decode import PagedDecode
+            self.paged = PagedDecode(self)  # the dynamic generator's decode steps, compiled at their first use
 
     def _compile(self, b: int):
         try:
@@ -84,7 +88,7 @@ class DecodeRunner:
         symbolic at the second size and runs every size through that slower graph)."""
         from ..cache import ExLlamaV2Cache
         fn = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, f"decode_step_b{b}")
-        step = torch.compile(fn, options=self._options, dynamic=None, fullgraph=not self.graph_breaks)
+        step = self.compile_fn(fn)
         # the cache length is part of the compiled shapes: warm up with the one generators allocate
         cache = ExLlamaV2Cache(self.model, batch_size=b,
                                max_seq_len=self._max_seq_len or self.model.config.max_seq_len)
@@ -98,6 +102,16 @@ class DecodeRunner:
                 step(self.model, ids, cache, p)
         return step
 
+    def compile_fn(self, fn):
+        return torch.compile(fn, options=self._options, dynamic=None, fullgraph=not self.graph_breaks)
+
+    def applies_to_model(self) -> bool:
+        """False while an intervention wraps a module of this model (those run eagerly)."""
+        if not interventions_alive():
+            return True
+        from ..interventions.hooks import wrapped_slots
+        return not wrapped_slots(self.model)
+
     def applies(self, input_ids, cache, input_mask, position_offsets, loras, preprocess_only, return_last_state,
                 abort_event, kwargs) -> bool:
         from ..cache import ExLlamaV2Cache
@@ -107,10 +121,7 @@ class DecodeRunner:
             return False
         if cache.key_states[0] is None or cache.key_states[0].device.type != "cpu":
             return False
-        if not interventions_alive():
-            return True
-        from ..interventions.hooks import wrapped_slots
-        return not wrapped_slots(self.model)
+        return self.applies_to_model()
 
     def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         b = input_ids.shape[0]

@@ -34,26 +34,77 @@ def attention(q, k, v, mask, scale: float, softcap: float = 0.0, is_causal: bool
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
 
 
+def window_mask(kv_len: int, q_len: int, sliding_window: int, device) -> torch.Tensor | None:
+    """None when the window keeps every key; else a bool mask (1, 1, q_len, kv_len) for the last q_len queries."""
+    if not sliding_window or kv_len <= sliding_window:
+        return None
+    qp = torch.arange(kv_len - q_len, kv_len, device=device).view(-1, 1)
+    kp = torch.arange(kv_len, device=device).view(1, -1)
+    return ((kp <= qp) & (qp - kp < sliding_window)).view(1, 1, q_len, kv_len)
+
+
+def attend_sequence(qs, kflat, vflat, kv_len: int, slot_start: int | None, slots, mask, scale: float,
+                    softcap: float) -> torch.Tensor:
+    """One sequence of a paged forward: qs (1, hq, q_len, d) over its kv_len keys, read as consecutive cache
+    slots from slot_start or gathered at `slots`; kflat/vflat (hk, cache slots, d). Returns (1, q_len, hq, d).
+    Both paged paths (packed and decode-only) attend through here, so they agree to the bit."""
+    if slot_start is not None:
+        ks = kflat[:, slot_start:slot_start + kv_len].unsqueeze(0)
+        vs = vflat[:, slot_start:slot_start + kv_len].unsqueeze(0)
+    else:
+        ks, vs = kflat[:, slots].unsqueeze(0), vflat[:, slots].unsqueeze(0)
+    o = attention(qs, ks.to(qs.dtype), vs.to(qs.dtype), mask, scale, softcap, mask is None and qs.shape[2] > 1)
+    return o.transpose(1, 2)
+
+
 def paged_attention(q, k, v, k_pages, v_pages, params, sliding_window: int, scale: float,
                     softcap: float = 0.0) -> torch.Tensor:
-    """q (1, T, hq, d), k and v (1, T, hk, d) after RoPE, for the packed tokens `params` (PagedParams)
-    describes; k_pages/v_pages (1, hk, slots, d) the layer's cache. Writes k/v into their slots and returns
-    (1, T, hq * d). Each sequence attends to exactly its own keys, so its result does not depend on the batch."""
+    """q (1, T, hq, d), k and v (1, T, hk, d) after RoPE, for the packed tokens `params` (PagedParams or
+    PagedDecodeParams) describes; k_pages/v_pages (1, hk, slots, d) the layer's cache. Writes k/v into their slots
+    and returns (1, T, hq * d). Each sequence attends to exactly its own keys, so its result does not depend on
+    the batch."""
     kflat, vflat = k_pages[0], v_pages[0]  # (hk, slots, d)
     slots = params.slots.to(kflat.device)
     kflat.index_copy_(1, slots, k[0].transpose(0, 1).to(kflat.dtype))
     vflat.index_copy_(1, slots, v[0].transpose(0, 1).to(vflat.dtype))
+    if params.sequences is None:  # decode-only, built from device tensors (paged_attn.PagedDecodeParams)
+        out = torch.ops.exllamav2.paged_decode_attention(q[0], kflat, vflat, params.block_index, params.kv_lens,
+                                                         params.page_size, sliding_window or 0, scale, softcap)
+        return out.reshape(1, params.seq_len, -1)
     outs = []
     for sq in params.sequences:
         qs = q[:, sq.start:sq.start + sq.q_len].transpose(1, 2)  # (1, hq, q_len, d)
-        if sq.slot_start is not None:
-            ks = kflat[:, sq.slot_start:sq.slot_start + sq.kv_len].unsqueeze(0)
-            vs = vflat[:, sq.slot_start:sq.slot_start + sq.kv_len].unsqueeze(0)
-        else:
-            idx = sq.slots.to(kflat.device)
-            ks, vs = kflat[:, idx].unsqueeze(0), vflat[:, idx].unsqueeze(0)
         mask = sq.mask(sliding_window or 0, q.device)
-        o = attention(qs, ks.to(q.dtype), vs.to(q.dtype), mask, scale, softcap, mask is None and sq.q_len > 1)
-        outs.append(o.transpose(1, 2))
+        outs.append(attend_sequence(qs, kflat, vflat, sq.kv_len, sq.slot_start, sq.slots, mask, scale, softcap))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
     return out.reshape(1, params.seq_len, -1)
+
+
+@torch.library.custom_op("exllamav2::paged_decode_attention", mutates_args=())
+def paged_decode_attention(q: torch.Tensor, kflat: torch.Tensor, vflat: torch.Tensor, block_index: torch.Tensor,
+                           kv_lens: torch.Tensor, page_size: int, sliding_window: int, scale: float,
+                           softcap: float) -> torch.Tensor:
+    """One new token per sequence: q (B, hq, d) over each sequence's kv_lens[i] keys through its block table row.
+    A custom op so that a compiled decode step calls it as one opaque node: each sequence still attends alone,
+    over exactly its own keys, as the packed path does (its lengths are read on the host here, outside the graph)."""
+    lens = kv_lens.tolist()
+    tables = block_index.tolist()
+    outs = []
+    for i, kv_len in enumerate(lens):
+        n = -(-kv_len // page_size)
+        pages = tables[i][:n]
+        slot_start = slots = None
+        if pages == list(range(pages[0], pages[0] + n)):
+            slot_start = pages[0] * page_size
+        else:
+            pos = torch.arange(kv_len, device=kflat.device)
+            slots = block_index[i].to(kflat.device)[pos // page_size] * page_size + pos % page_size
+        mask = window_mask(kv_len, 1, sliding_window, q.device)
+        qs = q[i:i + 1].unsqueeze(2)  # (1, hq, 1, d)
+        outs.append(attend_sequence(qs, kflat, vflat, kv_len, slot_start, slots, mask, scale, softcap)[0, 0])
+    return torch.stack(outs)
+
+
+@paged_decode_attention.register_fake
+def _(q, kflat, vflat, block_index, kv_lens, page_size, sliding_window, scale, softcap):
+    return torch.empty_like(q)
