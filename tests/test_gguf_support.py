@@ -73,12 +73,33 @@ def stored_nbytes(gguf_file, key: str) -> int:
     return int(np.prod(gguf_file.shape(key))) // block_size * type_size
 
 
+# Standard deviation of the codes (uniform digits) and the code a min offsets, for random K-quant blocks.
+_KQUANT_CODES = {"Q4_K": (4.6, 7.5), "Q5_K": (9.2, 15.5), "Q6_K": (18.5, 0.0)}
+
+
+def random_kquant_blocks(shape: tuple[int, int], qtype: str, rng, scale: float = 0.1) -> np.ndarray:
+    """uint8 (rows, bytes per row) of random Q4_K/Q5_K/Q6_K super-blocks whose weights spread about `scale` around
+    zero (the gguf library cannot quantize K-quants; any codes are valid, only the fp16 d/dmin fields are set)."""
+    from gguf import GGML_QUANT_SIZES
+    block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    rows, cols = shape
+    blocks = rng.integers(0, 256, (rows, cols // block, block_bytes), dtype=np.uint8)
+    code_std, code_mid = _KQUANT_CODES[qtype]
+    d = (scale / (32 * code_std) * (0.5 + rng.random(blocks.shape[:2]))).astype(np.float16)
+    if qtype == "Q6_K":
+        blocks[..., 208:210] = d.view(np.uint8).reshape(*d.shape, 2)   # d is the last field
+    else:
+        blocks[..., 0:2] = d.view(np.uint8).reshape(*d.shape, 2)
+        blocks[..., 2:4] = (d.astype(np.float32) * code_mid).astype(np.float16).view(np.uint8).reshape(*d.shape, 2)
+    return blocks.reshape(rows, -1)
+
+
 def write_tiny_gguf(path: str, arch: str = "llama", *, name: str = "tiny", vocab: int = 64, hidden: int = 64,
                     heads: int = 4, kv_heads: int = 2, layers: int = 2, ffn: int = 96, head_dim: int | None = None,
                     tied: bool = True, extra_tensors: tuple[str, ...] = (), rope_linear: float | None = None, rope_freqs: np.ndarray | None = None,
                     seed: int = 0, qtype: str = "Q8_0") -> str:
-    """A small random model as llama.cpp would lay it out; big 2-D weights are `qtype` (Q8_0, Q4_0, Q4_1), the
-    rest F32."""
+    """A small random model as llama.cpp would lay it out; big 2-D weights are `qtype` (Q8_0, Q4_0, Q4_1, or random
+    Q4_K/Q5_K/Q6_K blocks: their input widths must then be multiples of 256), the rest F32."""
     rng = np.random.default_rng(seed)
     head_dim = head_dim or hidden // heads
     w = GGUFWriter(path, arch)
@@ -108,7 +129,8 @@ def write_tiny_gguf(path: str, arch: str = "llama", *, name: str = "tiny", vocab
         values = (rng.standard_normal(shape) * scale + offset).astype(np.float32)
         if len(shape) == 2:
             t = GGMLQuantizationType[qtype]
-            w.add_tensor(tensor_name, quantize(values, t), raw_dtype=t)
+            data = random_kquant_blocks(shape, qtype, rng, scale) if qtype in _KQUANT_CODES else quantize(values, t)
+            w.add_tensor(tensor_name, data, raw_dtype=t)
         else:
             w.add_tensor(tensor_name, values)
 

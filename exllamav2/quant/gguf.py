@@ -1,19 +1,21 @@
-"""GgufWeight: a linear weight kept in the GGUF file's own quant blocks (Q4_0, Q4_1, Q8_0), possibly the row
-concatenation of several tensors (fused q/k/v or gate/up).
+"""GgufWeight: a linear weight kept in the GGUF file's own quant blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K),
+possibly the row concatenation of several tensors of one type (fused q/k/v or gate/up).
 
-Nothing is copied at load: the blocks are read from the file's memory map when a backend prepares its kernel
-(the CPU backend packs them for torch's int4 kernel: 4-bit blocks one digit per weight, Q8_0 as two digits, both
-exact) and when the reference dequantises (through the GGUF reader, as a dense load would)."""
+Nothing is copied at load: the blocks are read from the file's memory map when a backend prepares its kernel and
+when the reference dequantises (through the GGUF reader, as a dense load would). The backends:
+- triton (exllamav2/ops/triton/gguf_linear.py): the blocks as they are in the file, on the device;
+- cpu: Q4_0/Q4_1/Q8_0 packed for torch's int4 kernel (4-bit blocks one digit per weight, Q8_0 as two digits, both
+  exact); the K-quants dequantised to a dense matrix at prepare, as a dense load would (`dense_on_cpu`);
+- torch: the reference dequantise-then-matmul.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from .gguf_blocks import BLOCK, SUPPORTED_TYPES, decode_blocks
+from .gguf_blocks import BLOCK, BLOCK_GEOMETRY, PACKED_TYPES, SUPPORTED_TYPES, decode_blocks
 from .kernels.cpu_int4 import Int4PackedMatrix, build_int4pack, int4pack_available, pack_digits
 from .weight import QuantWeight
-
-PACKED_TYPES = SUPPORTED_TYPES
 
 
 def gguf_block_type(src, name: str) -> str | None:
@@ -32,17 +34,25 @@ class GgufWeight(QuantWeight):
         """parts: (source, tensor name, rows) in output order; their rows add up to out_features."""
         if sum(r for _, _, r in parts) != out_features:
             raise ValueError(f"{key}: GGUF parts hold {sum(r for _, _, r in parts)} rows, expected {out_features}")
-        if in_features % BLOCK:
-            raise ValueError(f"{key}: {in_features} input features is not a multiple of the GGUF block ({BLOCK})")
         self.parts = list(parts)
         self.types = [src.ggml_type(name) for src, name, _ in parts]
+        for t, (_, name, _) in zip(self.types, parts):
+            if t not in BLOCK_GEOMETRY:
+                raise ValueError(f"{key}: tensor '{name}' is GGUF {t}, expected one of {', '.join(PACKED_TYPES)}")
+            block = BLOCK_GEOMETRY[t][0]
+            if in_features % block:
+                raise ValueError(f"{key}: {in_features} input features is not a multiple of the GGUF {t} block "
+                                 f"({block})")
         kw.setdefault("precision", torch.float32)
         super().__init__(key, in_features, out_features, dtype, device, bias, **kw)
 
     @classmethod
     def concat(cls, key: str, weights: list["GgufWeight"], dtype, device) -> "GgufWeight | None":
-        """One weight over the rows of several (fused q/k/v, gate/up), or None when they cannot share a kernel."""
-        if len({w.in_features for w in weights}) != 1 or len({t for w in weights for t in w.types}) != 1:
+        """One weight over the rows of several (fused q/k/v, gate/up), or None when they cannot share a kernel:
+        parts of one type, or of several when one is a K-quant (the CPU runs those dense, and the triton kernel
+        runs each type's rows on their own: `runs_by_type`). Q4_0/Q4_1/Q8_0 mixes stay apart, each packed."""
+        types = {t for w in weights for t in w.types}
+        if len({w.in_features for w in weights}) != 1 or (len(types) != 1 and types <= set(SUPPORTED_TYPES)):
             return None
         biases = [w.bias for w in weights]
         bias = None
@@ -52,11 +62,54 @@ class GgufWeight(QuantWeight):
         return cls(key, [p for w in weights for p in w.parts], weights[0].in_features,
                    sum(w.out_features for w in weights), dtype, device, bias, fast_path=False)
 
+    def runs_by_type(self) -> list["GgufWeight"]:
+        """The weight as consecutive row ranges of one GGUF type each (itself when it has one type)."""
+        if len(set(self.types)) == 1:
+            return [self]
+        runs, row = [], 0
+        for part, t in zip(self.parts, self.types):
+            if runs and runs[-1][0] == t:
+                runs[-1][1].append(part)
+            else:
+                runs.append((t, [part]))
+        out = []
+        for i, (_, parts) in enumerate(runs):
+            rows = sum(r for _, _, r in parts)
+            bias = None if self.bias is None else self.bias[row:row + rows]
+            out.append(GgufWeight(f"{self.key}[{i}]", parts, self.in_features, rows, self.dtype, self.device, bias,
+                                  fast_path=False))
+            row += rows
+        return out
+
     def _reference(self, precision: torch.dtype) -> torch.Tensor:
         return torch.cat([src.get_tensor(name, device=self.device, dtype=precision) for src, name, _ in self.parts])
 
+    @property
+    def dense_on_cpu(self) -> bool:
+        """True when the CPU backend runs this weight dequantised (the K-quants: no exact int4 mapping)."""
+        return any(t not in SUPPORTED_TYPES for t in self.types)
+
+    def raw_blocks(self) -> tuple[str, torch.Tensor]:
+        """(GGUF type, uint8 (out_features, bytes per row)): the file's blocks of every part, rows concatenated in
+        output order (HF row order), on the CPU. Raises when the parts differ in type or a part's bytes do not
+        match its shape."""
+        if len(set(self.types)) != 1:
+            raise ValueError(f"{self.key}: parts of different GGUF types ({', '.join(self.types)}) have no common "
+                             f"block layout")
+        qtype = self.types[0]
+        block, block_bytes = BLOCK_GEOMETRY[qtype]
+        row_bytes = self.in_features // block * block_bytes
+        rows = []
+        for src, name, n in self.parts:
+            _, data, shape = src.raw(name)
+            if tuple(data.shape) != (n, row_bytes):
+                raise ValueError(f"{self.key}: tensor '{name}' ({qtype}, shape {list(shape)}) holds "
+                                 f"{list(data.shape)} bytes, expected [{n}, {row_bytes}]")
+            rows.append(torch.from_numpy(data.copy()))
+        return qtype, torch.cat(rows) if len(rows) > 1 else rows[0]
+
     def _build_packed(self) -> Int4PackedMatrix | None:
-        if not int4pack_available():
+        if not int4pack_available() or self.dense_on_cpu:
             return None
         blocks = [decode_blocks(*src.raw(name), name) for src, name, _ in self.parts]
         kind = blocks[0].kind

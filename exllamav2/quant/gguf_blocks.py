@@ -1,10 +1,13 @@
-"""GGUF quant blocks (Q4_0, Q4_1, Q8_0) decoded into integer digits and per-32-column scales, in HF row order.
+"""GGUF quant blocks: the geometry of every type kept packed (BLOCK_GEOMETRY), and Q4_0, Q4_1, Q8_0 decoded into
+integer digits and per-32-column scales, in HF row order (for the CPU int4 kernel).
 
 Block layouts (32 weights per block, little endian):
 - Q4_0: fp16 d, 16 bytes of nibbles;          w = d * (q - 8)
 - Q4_1: fp16 d, fp16 m, 16 bytes of nibbles;  w = d * q + m
 - Q8_0: fp16 d, 32 int8;                      w = d * q
 Nibble j < 16 of a block is the low half of byte j, nibble j >= 16 the high half of byte j - 16.
+The K-quants (Q4_K, Q5_K, Q6_K: 256-weight super-blocks) have no such integer mapping; the Triton kernels decode
+them from the file's bytes (exllamav2/ops/triton/gguf_kernels.py documents their layouts).
 """
 
 from __future__ import annotations
@@ -16,7 +19,11 @@ import torch
 
 BLOCK = 32
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
-SUPPORTED_TYPES = tuple(_BLOCK_BYTES)
+SUPPORTED_TYPES = tuple(_BLOCK_BYTES)   # the types decode_blocks maps to integer digits
+# (weights per block, bytes per block) of every type a linear keeps packed as the file's blocks
+BLOCK_GEOMETRY = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34),
+                  "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+PACKED_TYPES = tuple(BLOCK_GEOMETRY)
 
 
 @dataclass

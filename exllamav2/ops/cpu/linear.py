@@ -28,12 +28,22 @@ class DenseKernel(torch_linear.DenseKernel):
     backend = "cpu"
 
 
+class DequantizedKernel(DenseKernel):
+    """F.linear on a quantized weight dequantised once at prepare (GGUF K-quants, which have no exact int4
+    mapping: the same dense matrix a dense load of the file gives). The kernel owns that copy."""
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
 def prepare(dense: torch.Tensor | None, bias: torch.Tensor | None, quant, device: torch.device,
             dtype: torch.dtype):
     """A kernel, or a reason string when this backend declines."""
     if device.type != "cpu":
         return f"weights on {device}, this backend runs on the CPU"
     if quant is not None:
+        if getattr(quant, "dense_on_cpu", False):
+            return DequantizedKernel(quant.dequantize(dtype), None if quant.bias is None else quant.bias.to(dtype))
         if dtype != torch.bfloat16:
             return f"the int4 kernel takes bfloat16 activations, got {str(dtype).removeprefix('torch.')}"
         packed = quant.packed_matrix()
