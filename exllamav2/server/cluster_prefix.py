@@ -16,6 +16,19 @@ BLOCK_CHARS = 64
 IMBALANCE_LIMIT = 4
 MAX_BLOCKS_PER_REPLICA = 200_000
 
+# requests routed by the routers in this process: to a replica already holding a prefix of the prompt, or by load
+# alone; read by the gateway's /metrics. Behind functions, since Ray may ship the router class by value (with
+# copies of the module globals it names), while functions of this module are always imported by name.
+_DECISIONS = {"prefix": 0, "least_loaded": 0}
+
+
+def count_decision(how: str) -> None:
+    _DECISIONS[how] += 1
+
+
+def routing_decisions() -> dict[str, int]:
+    return dict(_DECISIONS)
+
 
 def routing_text(body) -> str:
     """The text whose prefix decides the replica: a completion's prompt (the first one of a list), or a chat's

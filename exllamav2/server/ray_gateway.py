@@ -23,7 +23,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from .app import error_response
-from .cluster_prefix import routing_text
+from .cluster_prefix import routing_decisions, routing_text
 from .ray_metrics import GatewayMetrics
 from .ray_replica import RoutedRequest
 
@@ -170,11 +170,9 @@ class Gateway:
     async def _metrics(self, scope, receive, send) -> None:
         from fastapi.responses import Response
 
-        from .ray_router import ROUTING_DECISIONS
-
         snap = await self._snapshot()
         body, content_type = self.metrics.render({r: text for r, (_, text, _) in snap.items()},
-                                                 dict(ROUTING_DECISIONS))
+                                                 routing_decisions())
         await Response(body, media_type=content_type)(scope, receive, send)
 
     async def _replicas(self, scope, receive, send) -> None:

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 from ray.serve.request_router import RequestRouter
 
-from .cluster_prefix import BLOCK_CHARS, IMBALANCE_LIMIT, PrefixTable
-
-# requests routed by every PrefixAffinityRouter in this process: to a replica already holding a prefix of the
-# prompt, or by load alone; read by the gateway's /metrics
-ROUTING_DECISIONS = {"prefix": 0, "least_loaded": 0}
+from .cluster_prefix import BLOCK_CHARS, IMBALANCE_LIMIT, PrefixTable, count_decision
 
 
 class PrefixAffinityRouter(RequestRouter):
@@ -47,7 +43,7 @@ class PrefixAffinityRouter(RequestRouter):
             self.recorded[request_id] = None
             if len(self.recorded) > 10_000:
                 self.recorded.pop(next(iter(self.recorded)))
-            ROUTING_DECISIONS[how] += 1
+            count_decision(how)
             self.table.remember(order[0], text)
         # one rank per replica: the preferred one first, the next one when its queue is full
         return [[by_id[r]] for r in order]
