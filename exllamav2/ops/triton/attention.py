@@ -105,7 +105,7 @@ def _launch(meta: attn_meta.AttnMeta, q, kc, vc, out, mask, block_table, *, q_st
                 part_o, part_l, out, ln.part_seq, ln.part_tok, meta.kv_lens, meta.q_starts,
                 po_s[0], po_s[1], po_s[2], pl_s[0], pl_s[1], *o_strides, d,
                 BLOCK_N=cfg.block_n, BLOCK_D=bd, MIN_SPLIT=attn_meta.MIN_SPLIT, MAX_SPLITS=attn_meta.MAX_SPLITS,
-                SPLITS_P2=max(2, 1 << (n_split - 1).bit_length()), num_warps=4)
+                num_warps=4)
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

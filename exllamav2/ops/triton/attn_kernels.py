@@ -14,25 +14,15 @@ positions that are multiples of BLOCK_N, so a row's reduction order depends only
 gives the same bits alone or batched.
 
 Only builtins of triton.language are used (tl.full, not tl.zeros; ceil divisions written out, not tl.cdiv;
-tl.reduce with the library's own combine functions, not tl.max/tl.sum): the library's @jit helpers are decorated
-when triton is imported, and if that happened before TRITON_INTERPRET was set, the interpreter cannot call them.
+tl.reduce with tl.max's and tl.sum's own combine functions, which the interpreter recognises and runs as numpy
+reductions): the library's @jit helpers are decorated when triton is imported, and if that happened before
+TRITON_INTERPRET was set, the interpreter cannot call them.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _reduce_max(x, axis: tl.constexpr):
-    # tl.max's own combine function: the interpreter recognises it and reduces with numpy
-    return tl.reduce(x, axis, tl.standard._elementwise_max)
-
-
-@triton.jit
-def _reduce_sum(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, tl.standard._sum_combine)
 
 
 @triton.jit
@@ -74,11 +64,11 @@ def _attn_block(q, m_i, l_i, acc, start, k_hi, k_base, v_base, block_table, Mask
         mval = tl.load(Mask + seq * sm_seq + tok[:, None] * sm_q + kpos[None, :] * sm_k, mask=valid, other=0)
         valid = valid & (mval != 0)
     s = tl.where(valid, s, float("-inf"))
-    m_new = tl.maximum(m_i, _reduce_max(s, 1))
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, tl.standard._elementwise_max))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(s - m_use[:, None])
     alpha = tl.exp(m_i - m_use)
-    l_i = l_i * alpha + _reduce_sum(p, 1)
+    l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
     v = tl.load(v_base + slot[:, None] * sv_slot + dd[None, :], mask=kv_mask, other=0.0).to(q.dtype)
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision="ieee")
@@ -103,9 +93,10 @@ def attn_fwd(Q, K, V, Out, PartO, PartL, Mask,
              SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, MIN_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr,
              DOT_F32: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr):
     tile = tl.program_id(0)
-    kvh = tl.program_id(1)
+    # 64-bit offsets: a batch row or KV head of a large cache lies beyond 2**31 elements
+    kvh = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
-    seq = tl.load(tile_seq + tile)
+    seq = tl.load(tile_seq + tile).to(tl.int64)
     mb = tl.load(tile_m + tile)
     q_len = tl.load(q_lens + seq)
     kv_len = tl.load(kv_lens + seq)
@@ -180,27 +171,29 @@ def attn_fwd(Q, K, V, Out, PartO, PartL, Mask,
 @triton.jit
 def attn_combine(PartO, PartL, Out, part_seq, part_tok, kv_lens, q_starts,
                  spo_row, spo_h, spo_split, spl_row, spl_h, so_seq, so_tok, so_h, head_dim,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MIN_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr,
-                 SPLITS_P2: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MIN_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr):
+    """out = sum_s w_s o_s / sum_s w_s, w_s = exp(lse_s - max lse), over the row's splits. The reduction always
+    spans MAX_SPLITS lanes (a power of two; absent splits weigh 0), never a width taken from the batch, so its
+    order, and with it the result, is the same whatever else is batched."""
     prow = tl.program_id(0)
     head = tl.program_id(1)
-    seq = tl.load(part_seq + prow)
+    seq = tl.load(part_seq + prow).to(tl.int64)
     tok = tl.load(part_tok + prow)
     kv_len = tl.load(kv_lens + seq)
     split_size = _split_size(kv_len, MIN_SPLIT, MAX_SPLITS, BLOCK_N)
     n_splits = (kv_len + split_size - 1) // split_size
-    sp = tl.arange(0, SPLITS_P2)
+    sp = tl.arange(0, MAX_SPLITS)
     s_ok = sp < n_splits
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < head_dim
     lse = tl.load(PartL + prow * spl_row + head * spl_h + sp, mask=s_ok, other=float("-inf"))
-    mx = _reduce_max(lse, 0)
+    mx = tl.reduce(lse, 0, tl.standard._elementwise_max)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
     w = tl.exp(lse - mx)
     o = tl.load(PartO + prow * spo_row + head * spo_h + sp[:, None] * spo_split + dd[None, :],
                 mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    num = _reduce_sum(w[:, None] * o, 0)
-    den = _reduce_sum(w, 0)
+    num = tl.reduce(w[:, None] * o, 0, tl.standard._sum_combine)
+    den = tl.reduce(w, 0, tl.standard._sum_combine)
     res = num / tl.where(den > 0.0, den, 1.0)
     q0 = tl.load(q_starts + seq)
     tl.store(Out + seq * so_seq + (q0 + tok) * so_tok + head * so_h + dd, res.to(Out.dtype.element_ty), mask=d_ok)
@@ -210,7 +203,7 @@ def attn_combine(PartO, PartL, Out, part_seq, part_tok, kv_lens, q_starts,
 def kv_write(K, V, KC, VC, slots, sk_tok, sk_h, sv_tok, sv_h, skc_h, skc_slot, svc_h, svc_slot, head_dim,
              BLOCK_D: tl.constexpr):
     t = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)
     slot = tl.load(slots + t).to(tl.int64)
     dd = tl.arange(0, BLOCK_D)
     ok = dd < head_dim

@@ -14,7 +14,7 @@ import torch
 
 DECODE_MAX_Q = 16  # sequences with at most this many new tokens split their keys (decode, speculative decode)
 MIN_SPLIT = 256    # keys per split at least ...
-MAX_SPLITS = 32    # ... and at most this many splits per sequence (longer contexts get larger splits)
+MAX_SPLITS = 32    # ... and at most this many (a power of two) per sequence: longer contexts get larger splits
 
 
 @dataclass
@@ -30,12 +30,10 @@ def tile_config(head_dim: int, split: bool) -> TileConfig:
     99 KB a block may use on sm_86/sm_89 (checked by tests/test_triton_attention_aot.py)."""
     d = block_d(head_dim)
     if split:
-        return TileConfig(16, 64 if d <= 128 else 32, 4, 2)
-    if d <= 64:
-        return TileConfig(64, 64, 4, 2)
+        return TileConfig(16, 64, 4, 2)
     if d <= 128:
-        return TileConfig(64, 32, 4, 2)
-    return TileConfig(32, 32, 4, 2)
+        return TileConfig(64, 64, 4, 2)
+    return TileConfig(64, 32, 4, 2)
 
 
 def block_d(head_dim: int) -> int:
