@@ -1,10 +1,14 @@
-"""Linear kernels of the `cpu` backend."""
+"""Linear kernels of the `cpu` backend: the C++ GEMV kernels built at first use (gemv_linear.py: GGUF Q4_0/Q4_1/Q8_0
+blocks and dense bf16) when they are available, else torch's int4 kernel (quant/kernels/cpu_int4.py) and oneDNN."""
 
 from __future__ import annotations
 
 import torch
 
 from ..torch_ref import linear as torch_linear
+from . import build, kernels
+from .gemv_linear import Bf16GemvKernel, GgufGemvKernel
+from .gguf_pack import pack_gguf_weight
 
 
 class Int4Kernel:
@@ -46,10 +50,29 @@ def prepare(dense: torch.Tensor | None, bias: torch.Tensor | None, quant, device
             return DequantizedKernel(quant.dequantize(dtype), None if quant.bias is None else quant.bias.to(dtype))
         if dtype != torch.bfloat16:
             return f"the int4 kernel takes bfloat16 activations, got {str(dtype).removeprefix('torch.')}"
+        gemv = _gguf_gemv_kernel(quant, dtype)
+        if gemv is not None:
+            return gemv
         packed = quant.packed_matrix()
         if packed is None:
             return f"{quant.describe()} cannot be packed for the int4 kernel (group sizes do not align)"
         return Int4Kernel(packed, quant.bias)
     if dense.dtype != dtype:
         return f"weight in {dense.dtype}, activations in {dtype}"
+    if dtype == torch.bfloat16 and dense.is_contiguous() and _kernels_ready():
+        return Bf16GemvKernel(dense, bias)
     return DenseKernel(dense, bias)
+
+
+def _kernels_ready() -> bool:
+    return build.disabled_reason() is None and kernels.ready()
+
+
+def _gguf_gemv_kernel(quant, dtype: torch.dtype) -> GgufGemvKernel | None:
+    """The C++ GEMV over a GGUF weight's Q4_0/Q4_1/Q8_0 blocks (packed once per weight), or None."""
+    if getattr(quant, "format", None) != "gguf" or not _kernels_ready():
+        return None
+    packed = getattr(quant, "_cpu_gemv_packed", False)
+    if packed is False:
+        packed = quant._cpu_gemv_packed = pack_gguf_weight(quant)
+    return None if packed is None else GgufGemvKernel(packed, quant.bias, dtype)

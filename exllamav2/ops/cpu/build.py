@@ -1,0 +1,165 @@
+"""Builds the CPU kernels (exllamav2/ops/cpu/csrc/*.cpp) with the machine's C++ compiler at first use, once per
+machine and kernel version, and loads them into torch (they register `torch.ops.exllamav2_cpu.*`).
+
+- Installing the package compiles nothing; `load_library()` does, the first time a CPU kernel is wanted.
+- Cache: `$EXLLAMAV2_CPU_KERNEL_CACHE`, else `~/.cache/exllamav2/cpu_kernels`; one folder per hash of the sources,
+  the compiler and its version, the flags and the torch version, so a changed source or torch rebuilds.
+- Compiler: `$CXX`, else `c++`/`g++`/`clang++` on PATH.
+- When no compiler is found or the build fails, `load_library()` returns None after ONE line on stderr; the `cpu`
+  backend then keeps torch's own kernels. `EXLLAMAV2_CPU_KERNELS=0` switches the kernels off without a build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+KERNEL_VERSION = 1
+LIBRARY_NAME = "exllamav2_cpu"
+SOURCES = ("gemv.cpp",)
+CSRC = Path(__file__).parent / "csrc"
+COLD_BUILD_SECONDS = 45  # what a cold build took on 2 shared cores (see tests/test_cpu_kernels_build.py)
+# -fopenmp: at::parallel_for is OpenMP inline in the header; the library then binds to the libgomp torch loaded
+_FLAGS = ("-O3", "-std=c++20", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-w")
+
+_state: dict = {}
+_lock = threading.Lock()
+
+
+class KernelBuildError(RuntimeError):
+    """The compiler is missing or the build failed; the message says which and how."""
+
+
+def cache_root() -> Path:
+    env = os.environ.get("EXLLAMAV2_CPU_KERNEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "exllamav2" / "cpu_kernels"
+
+
+def find_compiler() -> str:
+    cxx = os.environ.get("CXX")
+    if cxx:
+        path = shutil.which(cxx)
+        if path is None:
+            raise KernelBuildError(f"no C++ compiler: CXX={cxx} is not an executable on PATH")
+        return path
+    for name in ("c++", "g++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise KernelBuildError("no C++ compiler: set CXX or install g++ (none of c++, g++, clang++ is on PATH)")
+
+
+def _compiler_version(cxx: str) -> str:
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelBuildError(f"the C++ compiler {cxx} does not run: {e}") from e
+
+
+def _command(cxx: str, out: Path) -> list[str]:
+    from torch.utils.cpp_extension import include_paths, library_paths
+    inc = [f"-I{p}" for p in include_paths()]
+    libs = [f"-L{p}" for p in library_paths()]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    srcs = [str(CSRC / s) for s in SOURCES]
+    return [cxx, *_FLAGS, abi, *inc, *srcs, *libs, "-lc10", "-ltorch_cpu", "-o", str(out)]
+
+
+def _build_key(cxx: str) -> str:
+    h = hashlib.sha256()
+    for s in SOURCES:
+        h.update((CSRC / s).read_bytes())
+    h.update(" ".join((cxx, _compiler_version(cxx), *_FLAGS, torch.__version__, str(KERNEL_VERSION))).encode())
+    return h.hexdigest()[:16]
+
+
+def _ticker(stop: threading.Event, started: float) -> None:
+    """A running count of seconds on a terminal, so a build does not look like a hang."""
+    while not stop.wait(1.0):
+        sys.stderr.write(f"\rexllamav2: building CPU kernels (once, ~{COLD_BUILD_SECONDS} s)... "
+                         f"{time.monotonic() - started:.0f} s")
+        sys.stderr.flush()
+
+
+def build(progress: bool = True) -> Path:
+    """The path of the built library, building it if it is not cached. Raises KernelBuildError."""
+    cxx = find_compiler()
+    target_dir = cache_root() / _build_key(cxx)
+    lib = target_dir / f"{LIBRARY_NAME}.so"
+    if lib.exists():
+        return lib
+    target_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    if progress:
+        sys.stderr.write(f"exllamav2: building CPU kernels (once, ~{COLD_BUILD_SECONDS} s) into {target_dir}...")
+        sys.stderr.flush()
+    stop = threading.Event()
+    tick = threading.Thread(target=_ticker, args=(stop, started), daemon=True) if progress and sys.stderr.isatty() else None
+    if tick:
+        tick.start()
+    # build under a temporary name and rename: a concurrent process never loads a half-written library
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target_dir)
+    os.close(fd)
+    try:
+        proc = subprocess.run(_command(cxx, Path(tmp)), capture_output=True, text=True)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise KernelBuildError(f"the C++ compiler {cxx} could not be started: {e}") from e
+    finally:
+        stop.set()
+        if tick:
+            tick.join()
+    if proc.returncode != 0:
+        Path(tmp).unlink(missing_ok=True)
+        (target_dir / "build.log").write_text(proc.stdout + proc.stderr)
+        first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:300])
+        if progress:
+            sys.stderr.write(" failed\n")
+        raise KernelBuildError(f"the CPU kernel build with {cxx} failed ({first}); full log: {target_dir / 'build.log'}")
+    os.replace(tmp, lib)
+    if progress:
+        lead = "\r" if tick else " "
+        sys.stderr.write(f"{lead}exllamav2: built CPU kernels in {time.monotonic() - started:.0f} s ({lib})\n")
+        sys.stderr.flush()
+    return lib
+
+
+def disabled_reason() -> str | None:
+    if os.environ.get("EXLLAMAV2_CPU_KERNELS", "1").strip().lower() in ("0", "off", "false", "no"):
+        return "EXLLAMAV2_CPU_KERNELS is off"
+    if not hasattr(os, "uname") or os.uname().machine not in ("x86_64", "AMD64"):
+        return "the kernels are written for x86-64 CPUs"
+    return None
+
+
+def load_library(progress: bool = True) -> bool:
+    """Build (if needed) and load the kernels once per process. True when `torch.ops.exllamav2_cpu` is ready; False
+    after one line on stderr saying why torch's own kernels run instead."""
+    with _lock:
+        if "ok" in _state:
+            return _state["ok"]
+        reason = disabled_reason()
+        if reason is None:
+            try:
+                torch.ops.load_library(str(build(progress)))
+            except (KernelBuildError, OSError, RuntimeError) as e:
+                reason = str(e)
+        if reason is not None:
+            sys.stderr.write(f"exllamav2: CPU kernels unavailable ({reason}); using stock torch kernels\n")
+        _state["ok"] = reason is None
+        _state["reason"] = reason
+        return _state["ok"]
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels are not loaded (None when they are, or before load_library ran)."""
+    return _state.get("reason")

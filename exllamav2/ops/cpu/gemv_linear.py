@@ -1,0 +1,52 @@
+"""Linear kernels of the `cpu` backend over the C++ kernels (csrc/gemv.cpp, kernels.py).
+
+- GGUF Q4_0/Q4_1/Q8_0 blocks (repacked at the file's size): the int8-dot kernel for every number of rows, in
+  chunks of 8 sharing each weight group while it is in cache, so a row's result never depends on the rows beside
+  it (tests/test_batch_invariance.py holds the dynamic generator to that, prefill included).
+- Dense bf16 (the module's own weight, no copy): the AVX512-BF16 GEMV for calls of up to GEMV_MAX_ROWS rows
+  (decode); above it the GEMM is compute-bound and oneDNN's blocking (F.linear) wins.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+from .gguf_pack import GgufPacked
+
+# Rows up to which the bf16 GEMV runs; above it F.linear (oneDNN).
+GEMV_MAX_ROWS = 8
+
+
+class GgufGemvKernel:
+    """GGUF Q4_0/Q4_1/Q8_0 blocks (repacked, same size as the file's) for activations of any float dtype."""
+    backend = "cpu"
+
+    def __init__(self, packed: GgufPacked, bias: torch.Tensor | None, dtype: torch.dtype):
+        self.packed = packed
+        self.bias = None if bias is None else bias.to(dtype).contiguous()
+        self.out_features, self.in_features = packed.out_features, packed.in_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.gguf_gemv(x, self.packed, self.bias)
+
+    def nbytes(self) -> int:
+        return self.packed.nbytes()
+
+
+class Bf16GemvKernel:
+    """A dense bf16 weight, the module's own tensor (no copy): AVX512-BF16 GEMV for decode, F.linear above."""
+    backend = "cpu"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias = weight, bias
+        self.out_features, self.in_features = weight.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= GEMV_MAX_ROWS:
+            return kernels.bf16_gemv(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def nbytes(self) -> int:
+        return 0  # the module's own weight

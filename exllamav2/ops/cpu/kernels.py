@@ -1,0 +1,87 @@
+"""The C++ CPU kernels as torch custom ops (`torch.ops.exllamav2_cpu.*`, csrc/gemv.cpp), with fake (meta)
+implementations so that dynamo/inductor trace and call them inside the compiled decode step (runtime/decode.py).
+
+`ready()` builds and loads them on first use (build.py); False means the `cpu` backend keeps torch's kernels.
+`EXLLAMAV2_CPU_ISA=avx2` (or `set_isa("avx2")`) forces the AVX2 path on an AVX-512 machine, for tests and
+comparisons; the default is the best the CPU has.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import build
+
+ISA_LEVELS = {"none": 0, "avx2": 1, "avx512": 2}
+GGUF_KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
+GROUP_ROWS = 16   # output rows per interleaved group of the GGUF layout (csrc/gemv.cpp)
+BLOCK = 32        # columns per GGUF block
+
+_registered = False
+
+
+def _register_fakes() -> None:
+    global _registered
+    if _registered:
+        return
+
+    @torch.library.register_fake("exllamav2_cpu::gguf_gemv")
+    def _gguf_gemv_fake(x, qweight, scales, offsets, kind, n, bias):
+        return x.new_empty((x.shape[0], n))
+
+    @torch.library.register_fake("exllamav2_cpu::gguf_dequant")
+    def _gguf_dequant_fake(qweight, scales, offsets, kind, n, k, dtype):
+        return qweight.new_empty((n, k), dtype=dtype)
+
+    @torch.library.register_fake("exllamav2_cpu::bf16_gemv")
+    def _bf16_gemv_fake(x, weight, bias):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    _registered = True
+
+
+def ready(progress: bool = True) -> bool:
+    """True when the kernels are built, loaded and this CPU runs one of their paths (AVX-512 or AVX2)."""
+    if not build.load_library(progress):
+        return False
+    _register_fakes()
+    if "isa_env" not in build._state:
+        build._state["isa_env"] = True
+        env = os.environ.get("EXLLAMAV2_CPU_ISA", "").strip().lower()
+        if env and env != "auto":
+            set_isa(env, source="EXLLAMAV2_CPU_ISA")
+    return isa() != "none"
+
+
+def isa() -> str:
+    """The instruction set the kernels use now: 'avx512', 'avx2' or 'none'."""
+    level = torch.ops.exllamav2_cpu.isa()
+    return next(k for k, v in ISA_LEVELS.items() if v == level)
+
+
+def set_isa(name: str, source: str = "set_isa") -> None:
+    """Use 'avx2' (or 'avx512', when the CPU has it) from now on in this process."""
+    if name not in ISA_LEVELS or name == "none":
+        raise ValueError(f"{source}: instruction set '{name}' is unknown; expected avx2, avx512 or auto")
+    try:
+        torch.ops.exllamav2_cpu.set_isa(ISA_LEVELS[name])
+    except RuntimeError as e:
+        raise ValueError(f"{source}: {name} is not available on this CPU ({e})") from e
+
+
+def gguf_gemv(x: torch.Tensor, packed, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (rows, K) -> (rows, N) in x's dtype, for a GgufPacked matrix (gguf_pack.py)."""
+    return torch.ops.exllamav2_cpu.gguf_gemv(x, packed.qweight, packed.scales, packed.offsets, packed.kind,
+                                             packed.out_features, bias)
+
+
+def gguf_dequant(packed, dtype: torch.dtype) -> torch.Tensor:
+    return torch.ops.exllamav2_cpu.gguf_dequant(packed.qweight, packed.scales, packed.offsets, packed.kind,
+                                                packed.out_features, packed.in_features, dtype)
+
+
+def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (rows, K) bf16, weight (N, K) bf16 row-major (the module's own tensor) -> (rows, N) bf16."""
+    return torch.ops.exllamav2_cpu.bf16_gemv(x, weight, bias)
