@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..generator.dynamic_async import ExLlamaV2DynamicJobAsync
 from .engine import ServerEngine, encode_prompt, job_seed, sampler_settings, token_text
 from .schemas import ChatCompletionRequest, CompletionRequest
+from .structured import OutputPlan, ReplyStream, StructuredRequestError, chat_messages, plan_output
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 
@@ -121,6 +122,8 @@ def create_app(engine: ServerEngine, api_key: str | None = None) -> FastAPI:
             return await asyncio.get_running_loop().run_in_executor(pool, fn)
         except APIError:
             raise
+        except StructuredRequestError as e:
+            raise APIError(400, str(e), param=e.param)
         except Exception as e:
             raise APIError(400, f"{param}: could not be tokenized ({type(e).__name__}: {e})", param=param)
 
@@ -171,24 +174,34 @@ def create_app(engine: ServerEngine, api_key: str | None = None) -> FastAPI:
             await _surely_too_long(engine, len(p), "prompt", pool)
         encoded = await off_loop(lambda: [encode_prompt(engine.tokenizer, p, special=False) for p in prompts],
                                  "prompt")
+        plan = await off_loop(lambda: plan_output(engine.model, engine.tokenizer, req), "response_format")
         return await _serve(engine, req, request, encoded, chat=False, max_tokens=req.max_tokens,
-                            logprobs=req.logprobs, metrics=metrics, t0=t0)
+                            logprobs=req.logprobs, metrics=metrics, t0=t0, plan=plan)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        from ..tokenizer.chat_template import ChatTemplateError
+        from ..tokenizer.chat_template import ChatTemplateError, select_chat_template
 
         t0 = time.perf_counter()
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        await _surely_too_long(engine, sum(len(m["content"]) for m in messages), "messages", pool)
+        await _surely_too_long(engine, sum(len(m.text()) for m in req.messages), "messages", pool)
+        tok = engine.tokenizer
+        plan = OutputPlan()
 
         def encode():
+            nonlocal plan
             try:
-                return engine.tokenizer.encode_chat(
+                source = select_chat_template(tok.chat_templates, tok.origin, has_tools=bool(req.tools))
+            except ChatTemplateError:
+                source = None  # encode_chat below reports it
+            plan = plan_output(engine.model, tok, req, source)
+            messages, template_kwargs = chat_messages(req, plan, source)
+            try:
+                return tok.encode_chat(
                     messages, add_generation_prompt=True,
-                    encode_special_tokens_in_content=getattr(engine, "encode_special_tokens_in_content", False))
+                    encode_special_tokens_in_content=getattr(engine, "encode_special_tokens_in_content", False),
+                    **template_kwargs)
             except ChatTemplateError as e:
                 msg = str(e) if str(e).startswith("messages[") else f"messages: the chat template failed: {e}"
                 raise APIError(400, msg, param="messages")
@@ -201,7 +214,7 @@ def create_app(engine: ServerEngine, api_key: str | None = None) -> FastAPI:
         top = req.top_logprobs if req.logprobs else None
         return await _serve(engine, req, request, encoded, chat=True,
                             max_tokens=req.max_completion_tokens or req.max_tokens,
-                            logprobs=(top or 0) if req.logprobs else None, metrics=metrics, t0=t0)
+                            logprobs=(top or 0) if req.logprobs else None, metrics=metrics, t0=t0, plan=plan)
 
     return app
 
@@ -261,8 +274,9 @@ def _interventions(engine: ServerEngine, items) -> list:
 
 
 async def _serve(engine: ServerEngine, req, request: Request, encoded, chat: bool, max_tokens, logprobs,
-                 metrics=None, t0: float | None = None):
+                 metrics=None, t0: float | None = None, plan: OutputPlan | None = None):
     specs = _check_request(engine, req, encoded)
+    plan = plan or OutputPlan()
     tok = engine.tokenizer
     stops = list(tok.eos_token_ids) + req.stop_strings()
     max_new = max_tokens or (engine.max_seq_len - max(ids.shape[1] for ids in encoded))
@@ -274,8 +288,10 @@ async def _serve(engine: ServerEngine, req, request: Request, encoded, chat: boo
                 jobs.append(ExLlamaV2DynamicJobAsync(
                     engine.generator, ids, max_new, gen_settings=sampler_settings(req), seed=job_seed(req, index),
                     stop_conditions=stops, identifier=index, return_logprobs=logprobs,
-                    decode_special_tokens=False, interventions=specs,
-                    interventions_file_root=engine.interventions_dir))
+                    # tool-call markers may be control tokens (Mistral's [TOOL_CALLS]): keep them for the parser
+                    decode_special_tokens=plan.tool_mode == "auto", interventions=specs,
+                    interventions_file_root=engine.interventions_dir,
+                    filters=plan.make_filters(engine.model, tok)))
     except ValueError as e:
         for j in jobs:
             await j.cancel()
@@ -289,7 +305,7 @@ async def _serve(engine: ServerEngine, req, request: Request, encoded, chat: boo
     timing = _Timing(metrics, t0 if t0 is not None else time.perf_counter(), len(jobs))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(jobs, request, fmt, prompt_tokens, include_usage, timing),
+        return StreamingResponse(_stream(jobs, request, fmt, prompt_tokens, include_usage, timing, plan),
                                  media_type="text/event-stream")
     texts = [""] * len(jobs)
     lps: list[list] = [[] for _ in jobs]
@@ -305,6 +321,13 @@ async def _serve(engine: ServerEngine, req, request: Request, encoded, chat: boo
     except ClientGone:
         return JSONResponse(status_code=499, content={})
     choices = [fmt.choice(i, texts[i], lps[i], finish[i]) for i in range(len(jobs))]
+    if plan.parses_tools:
+        for c in choices:
+            content, calls = plan.parse(c["message"]["content"])
+            if calls:
+                c["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+                # cut by max_tokens: the complete calls are kept, and the reason stays "length"
+                c["finish_reason"] = "tool_calls" if c["finish_reason"] != "length" else "length"
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": engine.model_name, "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -391,8 +414,9 @@ async def _merged(jobs, request: Request, timing: _Timing | None = None):
 
 
 async def _stream(jobs, request: Request, fmt: "_Formatter", prompt_tokens: int, include_usage: bool,
-                  timing: _Timing | None = None):
+                  timing: _Timing | None = None, plan: OutputPlan | None = None):
     completion_tokens = 0
+    replies = [ReplyStream(plan) for _ in jobs] if plan is not None and plan.parses_tools else None
     if fmt.chat:
         for i in range(len(jobs)):
             yield _sse(fmt.chunk(i, None, [], None, role=True))
@@ -401,8 +425,19 @@ async def _stream(jobs, request: Request, fmt: "_Formatter", prompt_tokens: int,
             finish = _finish_reason(r) if r.get("eos") else None
             if r.get("eos"):
                 completion_tokens += r.get("new_tokens", 0)
-            if r.get("text") or finish or r.get("logprobs"):
-                yield _sse(fmt.chunk(index, r.get("text", ""), r.get("logprobs", []), finish))
+            text = r.get("text", "")
+            if replies is not None:
+                text = replies[index].feed(text)
+                if finish:
+                    rest, calls = replies[index].finish()
+                    text += rest
+                    if calls:
+                        if text or r.get("logprobs"):
+                            yield _sse(fmt.chunk(index, text, r.get("logprobs", []), None))
+                        yield _sse(fmt.tool_calls_chunk(index, calls))
+                        text, finish, r = "", ("length" if finish == "length" else "tool_calls"), {}
+            if text or finish or r.get("logprobs"):
+                yield _sse(fmt.chunk(index, text, r.get("logprobs", []), finish))
     except ClientGone:
         return
     except APIError as e:
@@ -446,6 +481,11 @@ class _Formatter:
             return {"index": index, "message": {"role": "assistant", "content": text},
                     "logprobs": self._logprobs(entries), "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": self._logprobs(entries), "finish_reason": finish}
+
+    def tool_calls_chunk(self, index: int, calls: list[dict]) -> dict:
+        delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+        return {**self.envelope(chunk=True),
+                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]}
 
     def chunk(self, index: int, text, entries: list[dict], finish, role: bool = False) -> dict:
         if self.chat:

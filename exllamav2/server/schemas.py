@@ -51,6 +51,8 @@ class _Common(BaseModel):
     frequency_penalty: Penalty | None = None
     user: StrictStr | None = None
     interventions: list[dict[str, Any]] | None = None
+    # checked in server/structured.py, where a bad schema gets a message naming its place
+    response_format: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -88,11 +90,26 @@ class TextPart(BaseModel):
     text: StrictStr
 
 
+class FunctionCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr
+    arguments: StrictStr | dict[str, Any]
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: StrictStr | None = None
 
     @field_validator("content", "name")
     @classmethod
@@ -113,3 +130,6 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: PositiveInt | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[int, Field(strict=True, ge=0, le=20)] | None = None
+    tools: list[Any] | None = None  # checked in server/structured.py
+    tool_choice: StrictStr | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
