@@ -1,0 +1,179 @@
+"""The C++ CPU kernels (exllamav2/ops/cpu/csrc/gemv.cpp) against the reference: GGUF Q4_0/Q4_1/Q8_0 GEMV and the
+bf16 GEMV, on ragged shapes and 1..8 rows (and more, in chunks of 8), batch invariance, the AVX2 path, and the
+model's linears picking them up. Build, fallback and compile checks: tests/test_cpu_kernels_build.py.
+
+Tolerances, and why:
+- GGUF, fp32 activations against x @ dequantised(W).T in fp32: relative 1e-4 of the output's largest value. The
+  weights are exact (same fp16 scales, same codes); the activations go through two int8 stages per 32-column block
+  (error ~1e-5 relative, see gemv.cpp); the rest is fp32 summation order.
+- GGUF and bf16 with bf16 outputs: relative 1e-2 in norm, against the `torch` backend on the same bf16 inputs;
+  dominated by the single rounding of each output to bf16 (2^-8 relative), as F.linear's own.
+- AVX2 against AVX-512 on GGUF: bit-identical (the integer dot products are exact on both paths and the fp32 steps
+  are the same operations in the same order); on bf16 the AVX2 path sums 8-wide in fp32 FMAs instead of
+  vdpbf16ps pairs: relative 1e-5 of the largest value before the bf16 rounding, so compared in fp32 inputs' terms.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from exllamav2.ops.cpu import kernels
+
+if not kernels.ready():
+    pytest.skip("the CPU kernels cannot be built here (see the line above)", allow_module_level=True)
+
+from exllamav2.ops.cpu.gemv_linear import GEMV_MAX_ROWS  # noqa: E402
+from exllamav2.ops.cpu.gguf_pack import pack_gguf_blocks  # noqa: E402
+from exllamav2.quant.gguf_blocks import decode_blocks, dequantize_digits  # noqa: E402
+
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+SHAPES = [(64, 128), (37, 96), (100, 224), (960, 576)]   # ragged N (not a multiple of 16) and K/32 odd
+
+
+def random_blocks(qtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Raw GGUF blocks (n, k/32 * block bytes) with random codes and realistic fp16 scales/offsets."""
+    g = np.random.default_rng(seed)
+    nb, bb = k // 32, BLOCK_BYTES[qtype]
+    raw = g.integers(0, 256, (n, nb, bb), dtype=np.uint8)
+    raw[..., 0:2] = (g.random((n, nb)) * 0.02 + 0.001).astype(np.float16).view(np.uint8).reshape(n, nb, 2)
+    if qtype == "Q4_1":
+        raw[..., 2:4] = (-g.random((n, nb)) * 0.1).astype(np.float16).view(np.uint8).reshape(n, nb, 2)
+    return raw.reshape(n, nb * bb)
+
+
+@pytest.fixture(autouse=True)
+def best_isa():
+    before = kernels.isa()
+    yield
+    kernels.set_isa(before)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gguf_gemv_equals_dequantised_matmul(qtype, shape):
+    n, k = shape
+    raw = random_blocks(qtype, n, k, seed=n + k)
+    packed = pack_gguf_blocks(qtype, raw, shape)
+    w = dequantize_digits(decode_blocks(qtype, raw, shape))
+    # exactly the file's bytes per block, for the rows padded to a multiple of 16
+    assert packed.nbytes() == -(-n // 16) * 16 * (k // 32) * BLOCK_BYTES[qtype]
+    # the layout round-trips exactly
+    assert torch.equal(kernels.gguf_dequant(packed, torch.float32), w)
+    g = torch.Generator().manual_seed(1)
+    bias = torch.randn(n, generator=g)
+    for rows in (*range(1, GEMV_MAX_ROWS + 1), 13):
+        x = torch.randn(rows, k, generator=g)
+        ref = x @ w.t() + bias
+        got = kernels.gguf_gemv(x, packed, bias)
+        assert got.dtype == torch.float32 and got.shape == (rows, n)
+        assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), (rows, (got - ref).abs().max())
+        xb = x.bfloat16()
+        got_b = kernels.gguf_gemv(xb, packed, bias.bfloat16()).float()
+        ref_b = F.linear(xb, w.bfloat16(), bias.bfloat16()).float()
+        assert (got_b - ref_b).norm() <= 1e-2 * ref_b.norm()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_gemv_is_batch_invariant_and_avx2_gives_the_same_bits(qtype):
+    n, k = 100, 224
+    packed = pack_gguf_blocks(qtype, random_blocks(qtype, n, k, seed=3), (n, k))
+    x = torch.randn(19, k, generator=torch.Generator().manual_seed(4)).bfloat16()
+    results = {}
+    for isa in ("avx512", "avx2") if kernels.isa() == "avx512" else (kernels.isa(),):
+        kernels.set_isa(isa)
+        together = kernels.gguf_gemv(x, packed)
+        for rows in range(1, 20):
+            # each row alone, and the first `rows` rows together: bit-identical to the 19-row call
+            assert torch.equal(kernels.gguf_gemv(x[rows - 1:rows], packed), together[rows - 1:rows])
+            assert torch.equal(kernels.gguf_gemv(x[:rows], packed), together[:rows])
+        results[isa] = together
+    if len(results) == 2:
+        assert torch.equal(results["avx512"], results["avx2"])
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (37, 100), (333, 576), (50, 7)])
+def test_bf16_gemv_equals_linear_and_is_batch_invariant(shape):
+    n, k = shape
+    g = torch.Generator().manual_seed(n)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    x = torch.randn(GEMV_MAX_ROWS, k, generator=g).bfloat16()
+    fp32 = {}
+    for isa in ("avx512", "avx2") if kernels.isa() == "avx512" else (kernels.isa(),):
+        kernels.set_isa(isa)
+        together = kernels.bf16_gemv(x, w, bias)
+        ref = F.linear(x, w, bias).float()
+        assert (together.float() - ref).norm() <= 1e-2 * ref.norm()
+        for rows in range(1, GEMV_MAX_ROWS + 1):
+            assert torch.equal(kernels.bf16_gemv(x[rows - 1:rows], w, bias), together[rows - 1:rows])
+            assert torch.equal(kernels.bf16_gemv(x[:rows], w, bias), together[:rows])
+        # before the bf16 rounding: the exact products of bf16 values, summed in fp32
+        fp32[isa] = kernels.bf16_gemv(x, w, None).float()
+    exact = x.double() @ w.double().t()
+    for got in fp32.values():
+        assert (got.double() - exact).abs().max() <= 5e-3 * exact.abs().max()
+
+
+def test_kernels_reject_bad_inputs_with_clear_errors():
+    packed = pack_gguf_blocks("Q4_0", random_blocks("Q4_0", 32, 64), (32, 64))
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        kernels.gguf_gemv(torch.randn(1, 48), packed)
+    with pytest.raises(RuntimeError, match="qweight must be contiguous uint8"):
+        kernels.gguf_gemv(torch.randn(1, 96), packed)
+    with pytest.raises(RuntimeError, match="weight expects 64"):
+        kernels.bf16_gemv(torch.randn(1, 32).bfloat16(), torch.randn(8, 64).bfloat16())
+    with pytest.raises(ValueError, match="w.up: Q4_0 data has shape"):
+        pack_gguf_blocks("Q4_0", random_blocks("Q4_0", 32, 64)[:, :-1], (32, 64), name="w.up")
+    with pytest.raises(ValueError, match="Q6_K has no CPU GEMV kernel"):
+        pack_gguf_blocks("Q6_K", random_blocks("Q4_0", 32, 64), (32, 64))
+    with pytest.raises(ValueError, match="instruction set 'sse9' is unknown"):
+        kernels.set_isa("sse9")
+
+
+def test_a_gguf_and_a_dense_model_run_their_linears_through_the_kernels(tmp_path):
+    from test_gguf_support import write_tiny_gguf
+
+    from exllamav2 import ExLlamaV2, ExLlamaV2Config, ExLlamaV2Cache, ops
+    from exllamav2.ops.cpu.gemv_linear import Bf16GemvKernel, GgufGemvKernel
+    path = write_tiny_gguf(str(tmp_path / "q4_1.gguf"), qtype="Q4_1", hidden=128, ffn=256, vocab=96)
+    cfg = ExLlamaV2Config(path)
+    model = ExLlamaV2(cfg)
+    model.load()
+    attn, mlp = model.modules[1], model.modules[2]
+    assert isinstance(attn.qkv.kernel(torch.bfloat16), GgufGemvKernel)
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def run(backend):
+        with ops.use_backend(backend):
+            cache = ExLlamaV2Cache(model, batch_size=2, max_seq_len=64)
+            out = [model.forward(ids[:, :8], cache, last_id_only=True)[:, -1]]
+            out += [model.forward(ids[:, i:i + 1], cache)[:, -1] for i in range(8, 12)]
+        return torch.stack(out, 1).float()
+
+    ref, got = run("torch"), run("cpu")
+    assert (got - ref).abs().max() <= 0.03 * (ref.amax() - ref.amin())
+    # dense bf16: the module's own weight, no copy
+    w = mlp.down_proj.get_weight().bfloat16().contiguous()
+    k = ops.prepare_linear(w, None, None, "cpu", torch.bfloat16)
+    assert isinstance(k, Bf16GemvKernel) and k.weight is w and k.nbytes() == 0
+    x = torch.randn(3, w.shape[1]).bfloat16()
+    assert (k(x).float() - F.linear(x, w).float()).norm() <= 1e-2 * F.linear(x, w).float().norm()
+    # above the row threshold (prefill) it is oneDNN's GEMM on the same weight
+    x9 = torch.randn(GEMV_MAX_ROWS + 1, w.shape[1]).bfloat16()
+    assert torch.equal(k(x9), F.linear(x9, w))
+
+
+def test_custom_ops_trace_under_dynamo():
+    """The fake implementations let dynamo trace the ops into one graph (no break); values equal eager."""
+    packed = pack_gguf_blocks("Q8_0", random_blocks("Q8_0", 48, 64), (48, 64))
+    w = torch.randn(40, 48).bfloat16()
+
+    def step(x):
+        return kernels.bf16_gemv(kernels.gguf_gemv(x, packed), w)
+
+    x = torch.randn(2, 64).bfloat16()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), step(x))
