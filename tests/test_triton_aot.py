@@ -3,10 +3,10 @@ Triton's own compiler, no GPU needed: it catches what the interpreter lets throu
 tiles whose shared memory a GPU would refuse to launch).
 
 Kernels come from a registry: every module in exllamav2/ops/triton/ that declares `AOT_SPECS` (a list of
-{"kernel", "signature", "constexprs", optional "options": {num_warps, num_stages}}; see
-exllamav2/ops/triton/__init__.py::kernel_modules). The default suite compiles each kernel's first spec (its
-largest tile) for sm_86 (the tightest shared-memory limit, 99 KB a block) and sm_90 (the H200 the bench runs on);
-`pytest -m slow` compiles every spec for all three."""
+{"kernel", "signature", "constexprs", optional "options": {num_warps, num_stages}, optional "aot_default"}; see
+exllamav2/ops/triton/__init__.py::kernel_modules). The default suite compiles the specs a module marks
+"aot_default" (else each kernel's first spec) for sm_86 (the tightest shared-memory limit, 99 KB a block) and sm_90
+(the H200 the bench runs on); `pytest -m slow` compiles every spec for all three."""
 
 from __future__ import annotations
 
@@ -33,12 +33,14 @@ def _cases():
             cases.append(pytest.param(name, -1, 90, id=f"{name}-import", marks=pytest.mark.xfail(
                 reason=f"import failed: {e!r}", strict=True)))
             continue
+        chosen = {s["kernel"] for s in specs if s.get("aot_default")}
         seen = set()
         for i, spec in enumerate(specs):
-            first = spec["kernel"] not in seen
+            # the default suite: the specs a module marks "aot_default", else each kernel's first spec
+            default = spec.get("aot_default") if spec["kernel"] in chosen else spec["kernel"] not in seen
             seen.add(spec["kernel"])
             for cc in (90, 89, 86):
-                marks = () if first and cc in DEFAULT_ARCHS else (pytest.mark.slow,)
+                marks = () if default and cc in DEFAULT_ARCHS else (pytest.mark.slow,)
                 cases.append(pytest.param(name, i, cc, id=f"{name}-{i}-{spec['kernel']}-sm{cc}", marks=marks))
     return cases
 
@@ -65,11 +67,11 @@ def test_every_linear_kernel_is_registered():
     """The kernels the linear backend launches are all in the AOT registry."""
     names = set(kernel_modules())
     assert {"exl2_kernels", "gptq_kernels", "linear_kernels"} <= names
-    for module, launched in (("exl2_kernels", {"exl2_matmul_partials", "exl2_dequant"}),
-                             ("gptq_kernels", {"gptq_matmul_partials", "gptq_dequant"}),
-                             ("linear_kernels", {"splitk_reduce"})):
-        specs = kernels(module, interpret=False).AOT_SPECS
-        assert launched <= {s["kernel"] for s in specs}
+    for module, launched in (("exl2_kernels", "exl2_matmul"), ("gptq_kernels", "gptq_matmul")):
+        specs = [s for s in kernels(module, interpret=False).AOT_SPECS if s["kernel"] == launched]
+        assert {s["constexprs"]["DEQUANT"] for s in specs} == {False, True}        # both modes
+        assert {s["signature"]["x_ptr"] for s in specs} == {"*fp16", "*bf16"}      # both activation types
+    assert "splitk_reduce" in {s["kernel"] for s in kernels("linear_kernels", interpret=False).AOT_SPECS}
     # each EXL2 BLOCK_K the kernel may pick is compiled
     mod = kernels("exl2_kernels", interpret=False)
     assert {s["constexprs"]["BLOCK_K"] for s in mod.AOT_SPECS} == set(mod.BLOCK_K_CHOICES)

@@ -7,9 +7,11 @@ straddle two words). Scales are decoded per group and column from the q_scale ni
 fp16(q_scale_max / 256), rounded to fp16 as the original does, and each weight is rounded to fp16 once: the tile
 equals the reference dequantiser's (exl2_dequantize) bit for bit.
 
-- `exl2_matmul_partials`: x gathered through q_perm times the dequantised tiles, one fp32 partial per split of the
-  groups (the split comes from the matrix shape; linear_kernels.splitk_reduce adds the partials in a fixed order);
-- `exl2_dequant`: the (in, out) matrix in quantized row order, into a scratch buffer, for calls with many rows.
+One kernel, `exl2_matmul`, in two modes (one copy of the decoding; the interpreter also runs a nested @jit call
+far slower than inline code):
+- x gathered through q_perm times the dequantised tiles, one fp32 partial per split of the groups (the split comes
+  from the matrix shape; linear_kernels.splitk_reduce adds the partials in a fixed order);
+- DEQUANT: the (in, out) matrix in quantized row order, into a scratch buffer, for calls with many rows.
 
 Only builtins of triton.language are used (tl.full, not tl.zeros; ceil divisions written out): the library's @jit
 helpers are decorated when triton is imported, and the interpreter cannot call them if that happened before
@@ -23,30 +25,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _exl2_tile(qw_ptr, qs_ptr, stride_qw, stride_qs, bit0, bits, smax, g, offs_r, r_mask, offs_n, n_mask):
-    """Dequantised fp16 tile (rows offs_r of group g, columns offs_n)."""
-    sw = tl.load(qs_ptr + g * stride_qs + offs_n // 8, mask=n_mask, other=0)
-    code = (sw >> ((offs_n % 8) * 4)) & 15
-    scale = (((code + 1) * (code + 1)).to(tl.float32) * smax).to(tl.float16).to(tl.float32)
-    off = bit0 + offs_r * bits
-    word = off >> 5
-    shift = (off & 31).to(tl.uint32)
-    mask2 = r_mask[:, None] & n_mask[None, :]
-    lo = tl.load(qw_ptr + word[:, None] * stride_qw + offs_n[None, :], mask=mask2, other=0).to(tl.uint32, bitcast=True)
-    straddles = ((off & 31) + bits) > 32
-    hi = tl.load(qw_ptr + (word + 1)[:, None] * stride_qw + offs_n[None, :], mask=mask2 & straddles[:, None],
-                 other=0).to(tl.uint32, bitcast=True)
-    # two shifts for the high word: a shift by 32 is undefined; when nothing straddles hi is 0
-    v = ((lo >> shift[:, None]) | ((hi << (31 - shift[:, None])) << 1)) & ((1 << bits) - 1).to(tl.uint32)
-    q = v.to(tl.int32) - (1 << (bits - 1))
-    return (q.to(tl.float32) * scale[None, :]).to(tl.float16)
-
-
-@triton.jit
-def exl2_matmul_partials(x_ptr, perm_ptr, qw_ptr, qs_ptr, groups_ptr, smax_ptr, part_ptr,
-                         M, N, stride_xm, stride_qw, stride_qs, num_groups, groups_per_split,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         DOT_F32: tl.constexpr):
+def exl2_matmul(x_ptr, perm_ptr, qw_ptr, qs_ptr, groups_ptr, smax_ptr, out_ptr, M, N, stride_xm, stride_qw,
+                stride_qs, stride_out, num_groups, groups_per_split,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
+                DEQUANT: tl.constexpr):
+    """DEQUANT=False: x (M, in) gathered through q_perm times the groups of split program_id(2), into the fp32
+    partials out (splits, M, N). DEQUANT=True: the tiles themselves into out (in, N), quantized row order (one
+    group per program_id(2); x, perm and M unused)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -63,65 +48,67 @@ def exl2_matmul_partials(x_ptr, perm_ptr, qw_ptr, qs_ptr, groups_ptr, smax_ptr, 
         bit0 = tl.load(groups_ptr + g * 4 + 2)
         bits = tl.load(groups_ptr + g * 4 + 3)
         smax = tl.load(smax_ptr + g)
+        sw = tl.load(qs_ptr + g * stride_qs + offs_n // 8, mask=n_mask, other=0)
+        code = (sw >> ((offs_n % 8) * 4)) & 15
+        scale = (((code + 1) * (code + 1)).to(tl.float32) * smax).to(tl.float16).to(tl.float32)
+        field = ((1 << bits) - 1).to(tl.uint32)
+        zero = 1 << (bits - 1)
         for r in range(0, rows, BLOCK_K):
             offs_r = r + tl.arange(0, BLOCK_K)
             r_mask = offs_r < rows
-            w = _exl2_tile(qw_ptr, qs_ptr, stride_qw, stride_qs, bit0, bits, smax, g, offs_r, r_mask, offs_n, n_mask)
-            src = tl.load(perm_ptr + k0 + offs_r, mask=r_mask, other=0)
-            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + src[None, :],
-                         mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-            if DOT_F32:  # the interpreter's bf16 dot is wrong: it multiplies bit patterns
-                acc += tl.dot(xt.to(tl.float32), w.to(xt.dtype).to(tl.float32))
+            mask2 = r_mask[:, None] & n_mask[None, :]
+            off = bit0 + offs_r * bits
+            word = off >> 5
+            shift = (off & 31).to(tl.uint32)
+            lo = tl.load(qw_ptr + word[:, None] * stride_qw + offs_n[None, :], mask=mask2, other=0)
+            straddles = ((off & 31) + bits) > 32
+            hi = tl.load(qw_ptr + (word + 1)[:, None] * stride_qw + offs_n[None, :],
+                         mask=mask2 & straddles[:, None], other=0)
+            lo = lo.to(tl.uint32, bitcast=True)
+            hi = hi.to(tl.uint32, bitcast=True)
+            # two shifts for the high word: a shift by 32 is undefined; when nothing straddles hi is 0
+            v = ((lo >> shift[:, None]) | ((hi << (31 - shift[:, None])) << 1)) & field
+            w = ((v.to(tl.int32) - zero).to(tl.float32) * scale[None, :]).to(tl.float16)
+            if DEQUANT:
+                dst = out_ptr + (k0 + offs_r)[:, None] * stride_out + offs_n[None, :]
+                tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=mask2)
             else:
-                acc += tl.dot(xt, w.to(xt.dtype))
-    out = part_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
-
-
-@triton.jit
-def exl2_dequant(qw_ptr, qs_ptr, groups_ptr, smax_ptr, out_ptr, N, stride_qw, stride_qs, stride_out,
-                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    g = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    k0 = tl.load(groups_ptr + g * 4)
-    rows = tl.load(groups_ptr + g * 4 + 1)
-    bit0 = tl.load(groups_ptr + g * 4 + 2)
-    bits = tl.load(groups_ptr + g * 4 + 3)
-    smax = tl.load(smax_ptr + g)
-    for r in range(0, rows, BLOCK_K):
-        offs_r = r + tl.arange(0, BLOCK_K)
-        r_mask = offs_r < rows
-        w = _exl2_tile(qw_ptr, qs_ptr, stride_qw, stride_qs, bit0, bits, smax, g, offs_r, r_mask, offs_n, n_mask)
-        dst = out_ptr + (k0 + offs_r)[:, None] * stride_out + offs_n[None, :]
-        tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & n_mask[None, :])
+                src = tl.load(perm_ptr + k0 + offs_r, mask=r_mask, other=0)
+                xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + src[None, :],
+                             mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+                if DOT_F32:  # the interpreter's bf16 dot is wrong: it multiplies bit patterns
+                    acc += tl.dot(xt.to(tl.float32), w.to(xt.dtype).to(tl.float32))
+                else:
+                    acc += tl.dot(xt, w.to(xt.dtype))
+    if not DEQUANT:
+        out = out_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
 # Tile sizes the kernels run with (exl2_linear.py reads them) and the signatures the AOT test compiles. BLOCK_K is
 # the largest of BLOCK_K_CHOICES that divides every group but the last (groups hold 16 to a few hundred rows), so no
 # tile straddles two groups and few are partly masked.
 MATMUL_TILE = dict(BLOCK_M=16, BLOCK_N=128)
-DEQUANT_TILE = dict(BLOCK_N=128)
+DEQUANT_TILE = dict(BLOCK_M=16, BLOCK_N=128)
 BLOCK_K_CHOICES = (64, 32, 16)
 # Launch options: two stages keep the matmul's shared memory (about 84 KB at BLOCK_K=64) under the 99 KB an sm_86 /
 # sm_89 block may use; three would need 149 KB.
 MATMUL_LAUNCH = dict(num_warps=4, num_stages=2)
 DEQUANT_LAUNCH = dict(num_warps=4, num_stages=2)
 
-_MATMUL_SIG = {"x_ptr": "*{dt}", "perm_ptr": "*i32", "qw_ptr": "*i32", "qs_ptr": "*i32", "groups_ptr": "*i32",
-               "smax_ptr": "*fp32", "part_ptr": "*fp32", "M": "i32", "N": "i32", "stride_xm": "i32",
-               "stride_qw": "i32", "stride_qs": "i32", "num_groups": "i32", "groups_per_split": "i32",
-               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "DOT_F32": "constexpr"}
-_DEQUANT_SIG = {"qw_ptr": "*i32", "qs_ptr": "*i32", "groups_ptr": "*i32", "smax_ptr": "*fp32", "out_ptr": "*{dt}",
-                "N": "i32", "stride_qw": "i32", "stride_qs": "i32", "stride_out": "i32",
-                "BLOCK_K": "constexpr", "BLOCK_N": "constexpr"}
+_SIG = {"x_ptr": "*{dt}", "perm_ptr": "*i32", "qw_ptr": "*i32", "qs_ptr": "*i32", "groups_ptr": "*i32",
+        "smax_ptr": "*fp32", "out_ptr": "*{out}", "M": "i32", "N": "i32", "stride_xm": "i32", "stride_qw": "i32",
+        "stride_qs": "i32", "stride_out": "i32", "num_groups": "i32", "groups_per_split": "i32",
+        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "DOT_F32": "constexpr",
+        "DEQUANT": "constexpr"}
 
 AOT_SPECS = [
-    *({"kernel": "exl2_matmul_partials", "signature": {k: v.format(dt=dt) for k, v in _MATMUL_SIG.items()},
-       "constexprs": {**MATMUL_TILE, "BLOCK_K": bk, "DOT_F32": False}, "options": MATMUL_LAUNCH}
+    *({"kernel": "exl2_matmul", "signature": {k: v.format(dt=dt, out="fp32") for k, v in _SIG.items()},
+       "constexprs": {**MATMUL_TILE, "BLOCK_K": bk, "DOT_F32": False, "DEQUANT": False}, "options": MATMUL_LAUNCH,
+       "aot_default": dt == "fp16" and bk == BLOCK_K_CHOICES[0]}
       for dt in ("fp16", "bf16") for bk in BLOCK_K_CHOICES),
-    *({"kernel": "exl2_dequant", "signature": {k: v.format(dt=dt) for k, v in _DEQUANT_SIG.items()},
-       "constexprs": {**DEQUANT_TILE, "BLOCK_K": bk}, "options": DEQUANT_LAUNCH}
+    *({"kernel": "exl2_matmul", "signature": {k: v.format(dt=dt, out=dt) for k, v in _SIG.items()},
+       "constexprs": {**DEQUANT_TILE, "BLOCK_K": bk, "DOT_F32": False, "DEQUANT": True}, "options": DEQUANT_LAUNCH,
+       "aot_default": dt == "fp16" and bk == BLOCK_K_CHOICES[0]}
       for dt in ("fp16", "bf16") for bk in BLOCK_K_CHOICES),
 ]

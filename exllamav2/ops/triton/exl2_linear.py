@@ -51,18 +51,19 @@ class Exl2Kernel(PackedKernel):
     def _launch_partials(self, x: torch.Tensor, part: torch.Tensor) -> None:
         m = x.shape[0]
         grid = (triton_cdiv(m, self.block_m), triton_cdiv(self.out_features, self.block_n), self.splits)
-        self.k.exl2_matmul_partials[grid](
+        self.k.exl2_matmul[grid](
             x, self.perm, self.qw, self.qs, self.table, self.smax, part, m, self.out_features, x.stride(0),
-            self.qw.stride(0), self.qs.stride(0), self.num_groups, self.groups_per_split,
+            self.qw.stride(0), self.qs.stride(0), 0, self.num_groups, self.groups_per_split,
             BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-            DOT_F32=self.interpret and x.dtype == torch.bfloat16, **self.k.MATMUL_LAUNCH)
+            DOT_F32=self.interpret and x.dtype == torch.bfloat16, DEQUANT=False, **self.k.MATMUL_LAUNCH)
 
     def _launch_dequant(self, w: torch.Tensor) -> None:
         tile = self.k.DEQUANT_TILE
-        grid = (self.num_groups, triton_cdiv(self.out_features, tile["BLOCK_N"]))
-        self.k.exl2_dequant[grid](self.qw, self.qs, self.table, self.smax, w, self.out_features, self.qw.stride(0),
-                                  self.qs.stride(0), w.stride(0), BLOCK_K=self.block_k, **tile,
-                                  **self.k.DEQUANT_LAUNCH)
+        grid = (1, triton_cdiv(self.out_features, tile["BLOCK_N"]), self.num_groups)
+        self.k.exl2_matmul[grid](
+            w, self.perm, self.qw, self.qs, self.table, self.smax, w, 0, self.out_features, 0, self.qw.stride(0),
+            self.qs.stride(0), w.stride(0), self.num_groups, 1, BLOCK_K=self.block_k, DOT_F32=False, DEQUANT=True,
+            **tile, **self.k.DEQUANT_LAUNCH)
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         return x.index_select(1, self.perm)

@@ -5,9 +5,10 @@ tensors: qweight (in * bits / 32, out) with 32 / bits input rows per word (low b
 A weight is ((q - zero) * scale) rounded to fp16 once, zero = z + 1 for v1 checkpoints and z for gptq_v2: the tile
 equals the reference dequantiser's (gptq_dequantize) bit for bit.
 
-- `gptq_matmul_partials`: x times the dequantised tiles, one fp32 partial per split of the K tiles (the split comes
-  from the matrix shape; linear_kernels.splitk_reduce adds the partials in a fixed order);
-- `gptq_dequant`: the (in, out) matrix into a scratch buffer, for calls with many rows.
+One kernel, `gptq_matmul`, in two modes (one copy of the decoding):
+- x times the dequantised tiles, one fp32 partial per split of the K tiles (the split comes from the matrix shape;
+  linear_kernels.splitk_reduce adds the partials in a fixed order);
+- DEQUANT: the (in, out) matrix into a scratch buffer, for calls with many rows.
 
 Only builtins of triton.language are used (tl.full, not tl.zeros; ceil divisions written out): the library's @jit
 helpers are decorated when triton is imported, and the interpreter cannot call them if that happened before
@@ -21,27 +22,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _gptq_tile(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, N, stride_qw, stride_qz, stride_sc, offs_k, k_mask, offs_n, n_mask,
-               BITS: tl.constexpr, ZERO_PLUS: tl.constexpr):
-    """Dequantised fp16 tile (input rows offs_k, columns offs_n)."""
+def gptq_matmul(x_ptr, qw_ptr, qz_ptr, sc_ptr, gidx_ptr, out_ptr, M, N, K, stride_xm, stride_qw, stride_qz,
+                stride_sc, stride_out, tiles_per_split,
+                BITS: tl.constexpr, ZERO_PLUS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, DEQUANT: tl.constexpr):
+    """DEQUANT=False: x (M, K) times the K tiles of split program_id(2), into the fp32 partials out (splits, M, N).
+    DEQUANT=True: the tiles themselves into out (K, N) (x and M unused)."""
     PER: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
-    mask2 = k_mask[:, None] & n_mask[None, :]
-    words = tl.load(qw_ptr + (offs_k // PER)[:, None] * stride_qw + offs_n[None, :], mask=mask2, other=0)
-    q = (words >> ((offs_k % PER) * BITS)[:, None]) & MASK
-    g = tl.load(gidx_ptr + offs_k, mask=k_mask, other=0)
-    zw = tl.load(qz_ptr + g[:, None] * stride_qz + (offs_n // PER)[None, :], mask=mask2, other=0)
-    z = ((zw >> ((offs_n % PER) * BITS)[None, :]) & MASK) + ZERO_PLUS
-    s = tl.load(sc_ptr + g[:, None] * stride_sc + offs_n[None, :], mask=mask2, other=0.0)
-    s = s.to(tl.float16).to(tl.float32)
-    return ((q - z).to(tl.float32) * s).to(tl.float16)
-
-
-@triton.jit
-def gptq_matmul_partials(x_ptr, qw_ptr, qz_ptr, sc_ptr, gidx_ptr, part_ptr, M, N, K, stride_xm, stride_qw,
-                         stride_qz, stride_sc, tiles_per_split,
-                         BITS: tl.constexpr, ZERO_PLUS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -55,53 +43,49 @@ def gptq_matmul_partials(x_ptr, qw_ptr, qz_ptr, sc_ptr, gidx_ptr, part_ptr, M, N
     for t in range(t_begin, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        w = _gptq_tile(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, N, stride_qw, stride_qz, stride_sc, offs_k, k_mask,
-                       offs_n, n_mask, BITS, ZERO_PLUS)
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                     other=0.0)
-        if DOT_F32:  # the interpreter's bf16 dot is wrong: it multiplies bit patterns
-            acc += tl.dot(xt.to(tl.float32), w.to(xt.dtype).to(tl.float32))
+        mask2 = k_mask[:, None] & n_mask[None, :]
+        words = tl.load(qw_ptr + (offs_k // PER)[:, None] * stride_qw + offs_n[None, :], mask=mask2, other=0)
+        q = (words >> ((offs_k % PER) * BITS)[:, None]) & MASK
+        g = tl.load(gidx_ptr + offs_k, mask=k_mask, other=0)
+        zw = tl.load(qz_ptr + g[:, None] * stride_qz + (offs_n // PER)[None, :], mask=mask2, other=0)
+        z = ((zw >> ((offs_n % PER) * BITS)[None, :]) & MASK) + ZERO_PLUS
+        s = tl.load(sc_ptr + g[:, None] * stride_sc + offs_n[None, :], mask=mask2, other=0.0)
+        w = ((q - z).to(tl.float32) * s.to(tl.float16).to(tl.float32)).to(tl.float16)
+        if DEQUANT:
+            tl.store(out_ptr + offs_k[:, None] * stride_out + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
+                     mask=mask2)
         else:
-            acc += tl.dot(xt, w.to(xt.dtype))
-    out = part_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
-
-
-@triton.jit
-def gptq_dequant(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, out_ptr, N, K, stride_qw, stride_qz, stride_sc, stride_out,
-                 BITS: tl.constexpr, ZERO_PLUS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_mask = offs_k < K
-    n_mask = offs_n < N
-    w = _gptq_tile(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, N, stride_qw, stride_qz, stride_sc, offs_k, k_mask, offs_n,
-                   n_mask, BITS, ZERO_PLUS)
-    tl.store(out_ptr + offs_k[:, None] * stride_out + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=k_mask[:, None] & n_mask[None, :])
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            if DOT_F32:  # the interpreter's bf16 dot is wrong: it multiplies bit patterns
+                acc += tl.dot(xt.to(tl.float32), w.to(xt.dtype).to(tl.float32))
+            else:
+                acc += tl.dot(xt, w.to(xt.dtype))
+    if not DEQUANT:
+        out = out_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
 # Tile sizes the kernels run with (gptq_linear.py reads them) and the signatures the AOT test compiles.
 MATMUL_TILE = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64)
-DEQUANT_TILE = dict(BLOCK_K=64, BLOCK_N=128)
+DEQUANT_TILE = dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=128)
 # Launch options: two stages keep the matmul's shared memory (about 84 KB) under the 99 KB of an sm_86 / sm_89 block.
 MATMUL_LAUNCH = dict(num_warps=4, num_stages=2)
 DEQUANT_LAUNCH = dict(num_warps=4, num_stages=2)
 
-_MATMUL_SIG = {"x_ptr": "*{dt}", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "gidx_ptr": "*i32",
-               "part_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_qw": "i32",
-               "stride_qz": "i32", "stride_sc": "i32", "tiles_per_split": "i32", "BITS": "constexpr",
-               "ZERO_PLUS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-               "DOT_F32": "constexpr"}
-_DEQUANT_SIG = {"qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "gidx_ptr": "*i32", "out_ptr": "*{dt}",
-                "N": "i32", "K": "i32", "stride_qw": "i32", "stride_qz": "i32", "stride_sc": "i32",
-                "stride_out": "i32", "BITS": "constexpr", "ZERO_PLUS": "constexpr", "BLOCK_K": "constexpr",
-                "BLOCK_N": "constexpr"}
+_SIG = {"x_ptr": "*{dt}", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "gidx_ptr": "*i32",
+        "out_ptr": "*{out}", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_qw": "i32",
+        "stride_qz": "i32", "stride_sc": "i32", "stride_out": "i32", "tiles_per_split": "i32", "BITS": "constexpr",
+        "ZERO_PLUS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+        "DOT_F32": "constexpr", "DEQUANT": "constexpr"}
 
 AOT_SPECS = [
-    *({"kernel": "gptq_matmul_partials", "signature": {k: v.format(dt=dt) for k, v in _MATMUL_SIG.items()},
-       "constexprs": {**MATMUL_TILE, "BITS": bits, "ZERO_PLUS": 1, "DOT_F32": False}, "options": MATMUL_LAUNCH}
+    *({"kernel": "gptq_matmul", "signature": {k: v.format(dt=dt, out="fp32") for k, v in _SIG.items()},
+       "constexprs": {**MATMUL_TILE, "BITS": bits, "ZERO_PLUS": 1, "DOT_F32": False, "DEQUANT": False},
+       "options": MATMUL_LAUNCH, "aot_default": dt == "fp16" and bits == 4}
       for dt in ("fp16", "bf16") for bits in (4, 8)),
-    *({"kernel": "gptq_dequant", "signature": {k: v.format(dt=dt) for k, v in _DEQUANT_SIG.items()},
-       "constexprs": {**DEQUANT_TILE, "BITS": bits, "ZERO_PLUS": 0}, "options": DEQUANT_LAUNCH}
+    *({"kernel": "gptq_matmul", "signature": {k: v.format(dt=dt, out=dt) for k, v in _SIG.items()},
+       "constexprs": {**DEQUANT_TILE, "BITS": bits, "ZERO_PLUS": 0, "DOT_F32": False, "DEQUANT": True},
+       "options": DEQUANT_LAUNCH, "aot_default": dt == "fp16" and bits == 8}
       for dt in ("fp16", "bf16") for bits in (4, 8)),
 ]

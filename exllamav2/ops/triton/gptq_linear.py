@@ -45,15 +45,17 @@ class GptqKernel(PackedKernel):
     def _launch_partials(self, x: torch.Tensor, part: torch.Tensor) -> None:
         m = x.shape[0]
         grid = (triton_cdiv(m, self.block_m), triton_cdiv(self.out_features, self.block_n), self.splits)
-        self.k.gptq_matmul_partials[grid](
+        self.k.gptq_matmul[grid](
             x, self.qw, self.qz, self.sc, self.gidx, part, m, self.out_features, self.in_features, x.stride(0),
-            self.qw.stride(0), self.qz.stride(0), self.sc.stride(0), self.tiles_per_split,
+            self.qw.stride(0), self.qz.stride(0), self.sc.stride(0), 0, self.tiles_per_split,
             BITS=self.bits, ZERO_PLUS=self.zero_plus, BLOCK_M=self.block_m, BLOCK_N=self.block_n,
-            BLOCK_K=self.block_k, DOT_F32=self.interpret and x.dtype == torch.bfloat16, **self.k.MATMUL_LAUNCH)
+            BLOCK_K=self.block_k, DOT_F32=self.interpret and x.dtype == torch.bfloat16, DEQUANT=False,
+            **self.k.MATMUL_LAUNCH)
 
     def _launch_dequant(self, w: torch.Tensor) -> None:
         tile = self.k.DEQUANT_TILE
-        grid = (triton_cdiv(self.in_features, tile["BLOCK_K"]), triton_cdiv(self.out_features, tile["BLOCK_N"]))
-        self.k.gptq_dequant[grid](self.qw, self.qz, self.sc, self.gidx, w, self.out_features, self.in_features,
-                                  self.qw.stride(0), self.qz.stride(0), self.sc.stride(0), w.stride(0),
-                                  BITS=self.bits, ZERO_PLUS=self.zero_plus, **tile, **self.k.DEQUANT_LAUNCH)
+        grid = (1, triton_cdiv(self.out_features, tile["BLOCK_N"]), triton_cdiv(self.in_features, tile["BLOCK_K"]))
+        self.k.gptq_matmul[grid](
+            w, self.qw, self.qz, self.sc, self.gidx, w, 0, self.out_features, self.in_features, 0,
+            self.qw.stride(0), self.qz.stride(0), self.sc.stride(0), w.stride(0), 1,
+            BITS=self.bits, ZERO_PLUS=self.zero_plus, DOT_F32=False, DEQUANT=True, **tile, **self.k.DEQUANT_LAUNCH)
