@@ -146,6 +146,13 @@ def test_paged_equals_reference(interp, page, hq, hk, d, window, softcap, past, 
     _check_paged(*case, window, softcap)
 
 
+def test_paged_bf16(interp):
+    """bf16 (the CPU default): the interpreter runs the dots in fp32 (its bf16 tl.dot is wrong), the probabilities
+    are rounded to bf16 before P @ V as on a GPU."""
+    case = _paged_case(9, [30, 0, 290], [1, 20, 2], 16, 4, 2, 64, dtype=torch.bfloat16)
+    _check_paged(*case, 0, 0.0, atol=2e-2)
+
+
 def test_paged_consecutive_pages_and_fp32(interp):
     """Pages in order (the reference reads a slice) and fp32 throughout: fp32 rounding only."""
     g = torch.Generator().manual_seed(5)
@@ -206,8 +213,8 @@ def test_cpu_tensors_declined_without_the_interpreter(monkeypatch):
 # ---------------------------------------------------------------------------------------------- a model
 
 def test_dynamic_generator_greedy_equals_torch_backend(interp, monkeypatch, tmp_path):
-    """A tiny Llama (GQA, head dim 16, fp32) through the dynamic generator, prompts prefilled in chunks while others
-    decode: the same greedy tokens with the Triton attention kernels as without them. Only the attention ops
+    """A tiny Llama (GQA, head dim 16, fp32) through the dynamic generator, three prompts batched: the same greedy
+    tokens with the Triton attention kernels as without them. Only the attention ops
     change between the runs: the other ops have no Triton kernel on the CPU, so the backend order is left as it
     is and the interpreter switched on and off (pinning triton would refuse the norms and linears)."""
     from exllamav2 import ExLlamaV2Cache
@@ -216,7 +223,10 @@ def test_dynamic_generator_greedy_equals_torch_backend(interp, monkeypatch, tmp_
     from test_dynamic_tiny import PAGE, build_tiny_dir, load_tiny
 
     model, tok = load_tiny(build_tiny_dir(tmp_path / "m"))
-    prompts = ["The capital of France is", "Once upon a time, in a land far away, there lived a dragon " * 2, "1, 2"]
+    # the first forward packs all three prompts: the long one (21 tokens) runs as a whole-sequence prefill, the
+    # short ones as split sequences (at most attn_meta.DECODE_MAX_Q tokens), as the decode steps after it
+    prompts = ["The capital of France is", "1, 2",
+               "Once upon a time, in a land far away, there lived a dragon who loved old books and tea"]
 
     def generate(triton_on: bool):
         if triton_on:
@@ -225,8 +235,8 @@ def test_dynamic_generator_greedy_equals_torch_backend(interp, monkeypatch, tmp_
             monkeypatch.delenv("TRITON_INTERPRET")
         ops.set_backend(None)  # forget the cached choices
         gen = ExLlamaV2DynamicGenerator(model, ExLlamaV2Cache(model, 1, 16 * PAGE), tok, page_size=PAGE,
-                                        max_chunk_size=16)
-        jobs = [ExLlamaV2DynamicJob(tok.encode(p), 8, gen_settings=ExLlamaV2Sampler.Settings.greedy())
+                                        max_chunk_size=32)
+        jobs = [ExLlamaV2DynamicJob(tok.encode(p), 6, gen_settings=ExLlamaV2Sampler.Settings.greedy())
                 for p in prompts]
         gen.enqueue(jobs)
         while gen.num_remaining_jobs():
