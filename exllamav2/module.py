@@ -81,7 +81,7 @@ class ExLlamaV2Module:
             return y
         if self.archparams.residual_stream_fp32:
             return residual.float() + y.float()
-        return residual + y.to(residual.dtype)
+        return residual + (y if y.dtype == residual.dtype else y.to(residual.dtype))
 
     def device(self) -> str:
         idx = self.device_idx

@@ -53,7 +53,15 @@ class DecodeRunner:
         self._max_seq_len = max_seq_len
         self.progress = progress
         self.paged = None
-        if compile:
+        self.graphs = None  # on a GPU: the paged decode step captured as CUDA graphs (runtime/cuda_graphs.py)
+        devices = [str(d) for d in model.get_cache_devices()]
+        if compile and len(devices) == 1 and devices[0].startswith("cuda"):
+            from .cuda_graphs import GraphedDecode
+            from .paged_decode import PagedDecode
+            self.compiled = False
+            self.graphs = GraphedDecode(model, progress)
+            self.paged = PagedDecode(self)
+        elif compile:
             configure_inductor(freeze)
             self._options = {**INDUCTOR_OPTIONS, **(options or {})}
             t0 = time.time()
@@ -119,11 +127,18 @@ class DecodeRunner:
                 or position_offsets is not None or loras or preprocess_only or return_last_state
                 or abort_event is not None or kwargs):
             return False
-        if cache.key_states[0] is None or cache.key_states[0].device.type != "cpu":
+        if cache.key_states[0] is None:
+            return False
+        if cache.key_states[0].device.type != "cpu":
+            if self.graphs is None or self.paged.failed or cache.batch_size != 1 or input_ids.shape[0] != 1:
+                return False
+        elif self.graphs is not None:
             return False
         return self.applies_to_model()
 
     def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        if self.graphs is not None:
+            return self._graphed(input_ids, cache)
         b = input_ids.shape[0]
         buf = self._ids.get(b)
         if buf is None:
@@ -140,3 +155,17 @@ class DecodeRunner:
         cache.current_seq_len = past + 1
         return logits
 
+
+    def _graphed(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        """Batch-1 decode on a GPU: the captured paged step over the plain cache seen as consecutive pages."""
+        from .cuda_graphs import contiguous_table
+        dev = cache.key_states[0].device
+        past = cache.current_seq_len
+        table, page = contiguous_table(cache, dev)
+        logits = self.paged.graphed(cache, input_ids.to(dev).view(1, 1), table, torch.tensor([past], device=dev), page)
+        if logits is None:  # the capture failed: the eager step, as it was
+            logits = decode_step(self.model, input_ids, cache, past)
+        else:
+            logits = logits.view(1, 1, -1)
+        cache.current_seq_len = past + 1
+        return logits

@@ -40,7 +40,7 @@ class PagedDecode:
         self.runner = runner
         self._steps: dict = {}    # "one" / "many" -> compiled step
         self._buffers: dict = {}  # per (B, pages) -> (ids, block_index, past), inference tensors
-        self.failed: str | None = None  # why the step could not be compiled (the eager forward then runs)
+        self.failed: str | None = None  # why the step could not be compiled or captured (eager then runs)
 
     def applies(self, model, cache, params: PagedParams, rows: torch.Tensor, loras) -> bool:
         from ..cache import ExLlamaV2Cache
@@ -48,12 +48,18 @@ class PagedDecode:
             return False
         if len(rows) != params.num_sequences or cache.key_states[0] is None:
             return False
-        if cache.key_states[0].device.type != "cpu" or any(getattr(r, "dynamic", False) for r in _ropes(model)):
+        if (cache.key_states[0].device.type != "cpu") != (self.runner.graphs is not None):
+            return False  # CPU steps are compiled, GPU steps captured: a runner does one or the other
+        if any(getattr(r, "dynamic", False) for r in _ropes(model)):
             return False  # dynamic RoPE scales by the longest position: the eager path tracks it exactly
         return self.runner.applies_to_model()
 
     def __call__(self, ids: torch.Tensor, cache, params: PagedParams) -> torch.Tensor | None:
         """Logits (B, vocab), or None when the step failed to compile (the caller runs the eager forward)."""
+        if self.runner.graphs is not None:
+            dev = cache.key_states[0].device
+            return self.graphed(cache, ids.to(dev), params.block_index.to(dev), params.cache_seqlens.to(dev),
+                                params.page_size)
         b = params.num_sequences
         pages = cache.max_seq_len // params.page_size
         bufs = self._buffers.get((b, pages))
@@ -77,11 +83,22 @@ class PagedDecode:
         try:
             return step(*args)
         except Exception as e:  # a failed compile must not end the user's jobs: the eager forward computes the same
-            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            import sys
-            print(f"exllamav2: the paged decode step did not compile ({self.failed[:200]}); the dynamic generator "
-                  "decodes eagerly", file=sys.stderr)
+            self._fail("compiled", e)
             return None
+
+    def graphed(self, cache, ids, table, past, page_size) -> torch.Tensor | None:
+        """The step through the runner's CUDA graphs; None (and one line) when capture fails."""
+        try:
+            return self.runner.graphs(cache, ids, table, past, page_size)
+        except Exception as e:
+            self._fail("captured", e)
+            return None
+
+    def _fail(self, what: str, e: Exception) -> None:
+        import sys
+        self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        print(f"exllamav2: the paged decode step could not be {what} ({self.failed[:200]}); decoding runs "
+              "eagerly", file=sys.stderr)
 
     def _compile(self, key: str, *inputs):
         fn = types.FunctionType(paged_decode_step.__code__.replace(), paged_decode_step.__globals__,

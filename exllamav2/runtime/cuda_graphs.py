@@ -1,0 +1,113 @@
+"""The paged decode step (runtime/paged_decode.py) captured as CUDA graphs: on a GPU, decode launches one graph
+per step instead of a few hundred kernels from Python.
+
+A step over B sequences is captured once per B, at its first use, over static buffers (token ids, block tables,
+lengths, logits); every later step copies its inputs into those buffers and replays the graph. The graphs share one
+memory pool, so holding a graph for every batch size costs about the activations of the largest. Capture needs a
+step with no host sync: the `triton` backend's paged attention and linears (ops/triton/) give that. When capture
+fails (an op that syncs with the host, such as MoE routing, or no Triton), the caller falls back to the eager step
+and one line says why.
+
+The seed API's batch-1 decode over a plain cache runs the same step: a batch-1 cache is a paged cache whose block
+table is 0, 1, 2, ... (`contiguous_table`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from .paged_decode import paged_decode_step
+
+
+def contiguous_table(cache, device) -> tuple[torch.Tensor, int]:
+    """A batch-1 plain cache as a paged one: (block table (1, pages), page size)."""
+    n = cache.max_seq_len
+    page = 256 if n % 256 == 0 else n
+    return torch.arange(n // page, device=device).view(1, -1), page
+
+
+class _Graph:
+    """One captured step: its static buffers and the graph (or, with `capture=None`, the step run eagerly on the same
+    buffers: how the CPU tests check everything around the capture). The buffers hold the first call's inputs while
+    the capture warms up, so the warm-up steps rewrite that step's own cache slots with the same values."""
+
+    def __init__(self, model, cache, ids, table, past, pages: int, page_size: int, capture: Callable | None):
+        b, device = ids.shape[1], ids.device
+        self.ids = torch.zeros(1, b, dtype=torch.long, device=device)
+        self.table = torch.zeros(b, pages, dtype=torch.long, device=device)
+        self.past = torch.zeros(b, dtype=torch.long, device=device)
+        self.args = (model, self.ids, cache, self.table, self.past, page_size, cache.max_seq_len)
+        self.graph = self.out = None
+        self._load(ids, table, past)
+        if capture is not None:
+            self.graph, self.out = capture(self.args)
+
+    def _load(self, ids, table, past) -> None:
+        self.ids.copy_(ids)
+        self.table.zero_()
+        self.table[:, :table.shape[1]].copy_(table)
+        self.past.copy_(past)
+
+    def run(self, ids: torch.Tensor, table: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+        self._load(ids, table, past)
+        if self.graph is None:
+            return paged_decode_step(*self.args)
+        self.graph.replay()
+        return self.out.clone()  # the graph's output buffer is rewritten by the next replay
+
+
+def cuda_capture(args, pool=None):
+    """Warm up on a side stream (Triton compiles its kernels, tables are built), then capture one step."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            paged_decode_step(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = paged_decode_step(*args)
+    return graph, out
+
+
+class GraphedDecode:
+    """Per number of sequences, the paged decode step captured over static buffers."""
+
+    def __init__(self, model, progress: bool = True, capture: Callable | None = None):
+        self.model = model
+        self.progress = progress
+        self._capture = capture
+        self._pool = None
+        self.graphs: dict = {}  # (id(cache), B, pages, page_size) -> _Graph
+        self.capture_seconds = 0.0
+
+    def _capture_fn(self):
+        if self._capture is not None:
+            return self._capture
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        pool = self._pool
+        return lambda args: cuda_capture(args, pool)
+
+    def __call__(self, cache, ids: torch.Tensor, table: torch.Tensor, past: torch.Tensor,
+                 page_size: int) -> torch.Tensor:
+        """Logits (B, vocab) for ids (1, B) at lengths `past` (B,) through block tables `table` (B, <= pages)."""
+        b = ids.shape[1]
+        pages = cache.max_seq_len // page_size
+        key = (id(cache), b, pages, page_size)
+        g = self.graphs.get(key)
+        if g is None:
+            t0 = time.time()
+            capture = self._capture_fn() if ids.device.type == "cuda" else self._capture
+            g = _Graph(self.model, cache, ids, table, past, pages, page_size, capture)
+            dt = time.time() - t0
+            self.capture_seconds += dt
+            if self.progress:
+                import sys
+                print(f"exllamav2: captured the decode step for {b} sequence{'s' if b > 1 else ''} in {dt:.2f} s",
+                      file=sys.stderr)
+            self.graphs[key] = g
+        return g.run(ids, table, past)
