@@ -1,0 +1,117 @@
+"""bench/quant_peers.py and the F16 GGUF writer it uses (exllamav2/conversion/gguf_export.py), on a tiny random
+Llama: the GGUF reads back in this engine with the HF model's logits, the bench's llama.cpp rows are skipped with a
+clear message when llama-quantize is absent (and made when it is present), and its EXL2 rows are real conversions."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from exllamav2.conversion.gguf_export import gguf_decoder_bpw, permute_rotary_rows, write_f16_gguf
+from exllamav2.gguf.layout import unpermute_rotary_rows
+from test_convert_common import held_out_ids, hf_logits, load_ours, make_tiny_llama, rel_error
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import quant_peers  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("peers")
+    (base / "m").mkdir()
+    return make_tiny_llama(base / "m", tied=True)
+
+
+def test_permutation_inverts_the_readers():
+    rows = np.arange(4 * 16 * 3).reshape(64, 3)
+    assert (unpermute_rotary_rows(permute_rotary_rows(rows, 4), 4) == rows).all()
+    assert not (permute_rotary_rows(rows, 4) == rows).all()
+    with pytest.raises(ValueError, match="rotary pairs"):
+        permute_rotary_rows(np.zeros((10, 3)), 4)
+
+
+def test_f16_gguf_reads_back(tiny, tmp_path):
+    path = write_f16_gguf(tiny, str(tmp_path / "m.gguf"), progress=False)
+    bpw, types = gguf_decoder_bpw(path)
+    assert bpw == 16.0 and types == {"F16": 14}
+    ids = held_out_ids(tiny)
+    ref = hf_logits(tiny, ids)
+    # F16 rounding of weights drawn at scale 0.05 only
+    assert rel_error(load_ours(path), ids, ref) < 5e-3
+    from exllamav2 import ExLlamaV2Config, ExLlamaV2Tokenizer
+    text = "The committee reviewed the proposal."
+    assert (ExLlamaV2Tokenizer(ExLlamaV2Config(path)).encode(text) ==
+            ExLlamaV2Tokenizer(ExLlamaV2Config(tiny)).encode(text)).all()
+
+
+def test_unsupported_family_named():
+    from types import SimpleNamespace
+    from exllamav2.conversion.gguf_export import _gguf_spec
+    with pytest.raises(ValueError, match=r"/some/folder: no GGUF name table for architecture GPTJForCausalLM"):
+        _gguf_spec(SimpleNamespace(architecture="GPTJForCausalLM"), "/some/folder")
+    assert _gguf_spec(SimpleNamespace(architecture="LlamaForCausalLM"), "/x").name == "llama"
+
+
+def _texts(tmp_path):
+    prose = tmp_path / "prose.txt"
+    prose.write_text("Light, refracted by the prism, spread into a spectrum of colours on the wall. " * 20)
+    code = tmp_path / "code.py"
+    code.write_text("def area(r):\n    return 3.14159 * r * r\n\nfor i in range(10):\n    print(area(i))\n" * 20)
+    return str(prose), str(code)
+
+
+def test_bench_without_llama_quantize(tiny, tmp_path, capsys):
+    prose, code = _texts(tmp_path)
+    missing = str(tmp_path / "no" / "llama-quantize")
+    args = [tiny, "--work", str(tmp_path / "work"), "--llama-quantize", missing, "--bits", "4.0",
+            "--prose", prose, "--code", code, "--tokens", "128", "--window", "64", "--rows", "6", "--length", "128",
+            "--head-bits", "6"]
+    assert quant_peers.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"llama.cpp rows skipped: llama-quantize not found at {missing}" in out
+    assert "bench/setup_llamacpp.sh" in out
+    with open(tmp_path / "work" / "results.json") as f:
+        rows = json.load(f)["rows"]
+    assert set(rows) == {"source", "EXL2 4.00"}
+    e = rows["EXL2 4.00"]
+    assert abs(e["bpw"] - 4.0) <= 0.05 and e["peak_rss_mib"] > 100 and e["seconds"] > 0 and e["measured"]
+    for kind in ("prose", "code"):
+        # a real conversion: close to the source, but not equal to it
+        assert rows["source"]["ppl"][kind] != e["ppl"][kind]
+        assert e["ppl"][kind] < rows["source"]["ppl"][kind] * 1.5
+        assert f"ppl {kind}" in out
+    assert "| EXL2 4.00 | " in out and "| source | 16.000 |" in out
+    # a rerun prints the cached table without converting again
+    assert quant_peers.main(args) == 0
+    assert "converting" not in capsys.readouterr().out
+
+
+def test_bench_bad_arguments(tiny, tmp_path):
+    prose, code = _texts(tmp_path)
+    with pytest.raises(SystemExit):
+        quant_peers.main([tiny, "--points", "Q2_X", "--prose", prose, "--code", code])
+    with pytest.raises(ValueError, match="fewer than --tokens 100000"):
+        quant_peers.main([tiny, "--work", str(tmp_path / "w"), "--prose", prose, "--code", code,
+                          "--tokens", "100000", "--no-exl2"])
+
+
+@pytest.mark.skipif(quant_peers.llama_quantize_missing(quant_peers.DEFAULT_LLAMA_QUANTIZE) is not None,
+                    reason="llama-quantize not built (bench/setup_llamacpp.sh)")
+def test_bench_llama_cpp_rows(tiny, tmp_path, capsys):
+    prose, code = _texts(tmp_path)
+    args = [tiny, "--work", str(tmp_path / "work"), "--points", "Q8_0", "Q4_0", "--no-exl2", "--prose", prose,
+            "--code", code, "--tokens", "128", "--window", "64"]
+    assert quant_peers.main(args) == 0
+    with open(tmp_path / "work" / "results.json") as f:
+        rows = json.load(f)["rows"]
+    # 256-wide rows: blocks of 32 with one fp16 scale (Q8_0 8.5 bpw, Q4_0 4.5 bpw)
+    assert rows["llama.cpp Q8_0"]["bpw"] == pytest.approx(8.5)
+    assert rows["llama.cpp Q4_0"]["bpw"] == pytest.approx(4.5)
+    src = rows["source"]["ppl"]["prose"]
+    assert abs(rows["llama.cpp Q8_0"]["ppl"]["prose"] / src - 1) < abs(rows["llama.cpp Q4_0"]["ppl"]["prose"] / src - 1)
+    assert "no EXL2 row within" in capsys.readouterr().out
