@@ -93,7 +93,10 @@ def test_ngram_draft_proposes_what_followed_the_latest_occurrence():
     assert d.draft([1, 2, 3, 4, 0, 2, 3, 5, 1, 2, 3], 2) == [4, 0]
     # the sequence grew: the index follows; a shorter sequence (a rewind) rebuilds it
     assert d.draft([1, 2, 3, 4, 0, 2, 3, 5, 1, 2, 3, 4, 0, 2], 2) == [3, 5]
-    assert d.draft([1, 2, 1], 3) == [2, 1, 2]
+    assert d.draft([1, 2, 1, 2], 3) == [1, 2, 1]
+    # one matching token is too weak a hint, unless max_ngram says so
+    assert NgramDraft(3).draft([1, 2, 3, 1], 2) == []
+    assert NgramDraft(1).draft([1, 2, 3, 1], 2) == [2, 3]
     with pytest.raises(ValueError, match="max_ngram"):
         NgramDraft(0)
 

@@ -326,19 +326,29 @@ class ExLlamaV2DynamicGenerator:
         ids = torch.tensor([t for job, n, _ in segments
                             for t in job.sequence[job.kv_len:job.kv_len + n] + drafts.get(job, [])],
                            dtype=torch.long).unsqueeze(0)
-        params = PagedParams([job.pages for job, _, _ in segments], [job.kv_len for job, _, _ in segments],
-                             [n for _, n, _ in segments], self.page_size)
+        # a verified draft enters as one single-token sequence per position over the same pages (all K/V are
+        # written before any sequence attends): each position is computed exactly as a plain decode step would
+        # compute it, so accepting a draft never changes a token (one query block of 1 + k rows would reduce
+        # the attention in another order)
+        seq_jobs, tables, pasts, q_lens = [], [], [], []
         rows: list[int] = []  # packed tokens whose logits are sampled: the last of each, all of a verified draft
-        for i, (job, n, want) in enumerate(segments):
+        start = 0
+        for job, n, want in segments:
+            split = job in drafts
+            for i in range(n) if split else [0]:
+                seq_jobs.append(job)
+                tables.append(job.pages)
+                pasts.append(job.kv_len + i)
+                q_lens.append(1 if split else n)
             if want:
-                last = int(params.last_token_index[i])
-                rows.extend(range(last - n + 1, last + 1) if job in drafts else [last])
+                rows.extend(range(start, start + n) if split else [start + n - 1])
+            start += n
+        params = PagedParams(tables, pasts, q_lens, self.page_size)
         rows_t = torch.tensor(rows, dtype=torch.long)
         if any(job.intervention_group is not None for job, _, _ in segments):
             from ..interventions import TokenStreams, token_streams
 
-            streams = TokenStreams.from_paged(params, [job for job, _, _ in segments],
-                                              [job.prompt_len for job, _, _ in segments])
+            streams = TokenStreams.from_paged(params, seq_jobs, [job.prompt_len for job in seq_jobs])
             with token_streams(self.model, streams):
                 logits = self._forward(ids, params, rows_t)
         else:

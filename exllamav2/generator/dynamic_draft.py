@@ -50,10 +50,13 @@ class NgramDraft:
     """Prompt-lookup drafts for one job's token sequence, which only grows (a job cut back by a banned string
     starts a new NgramDraft). Keeps, per n-gram length, the position after each n-gram's latest occurrence."""
 
-    def __init__(self, max_ngram: int):
+    def __init__(self, max_ngram: int, min_ngram: int = 2):
         if max_ngram < 1:
             raise ValueError(f"ExLlamaV2DynamicGenerator: max_ngram must be >= 1, got {max_ngram}")
         self.max_ngram = max_ngram
+        # a lone matching token predicts poorly, and a rejected draft still costs its rows in the forward
+        # (bench/bench_speculative.py): suffixes of at least two tokens, unless max_ngram is 1
+        self.min_ngram = max(1, min(min_ngram, max_ngram))
         self.follows: list[dict[tuple, int]] = [{} for _ in range(max_ngram + 1)]
         self.indexed = 1  # n-grams ending before this position are in `follows`
 
@@ -72,7 +75,7 @@ class NgramDraft:
         if k < 1 or len(seq) < 2:
             return []
         self._catch_up(seq)
-        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
+        for n in range(min(self.max_ngram, len(seq) - 1), self.min_ngram - 1, -1):
             end = self.follows[n].get(tuple(seq[len(seq) - n:]))
             if end is not None:
                 out: list[int] = []
