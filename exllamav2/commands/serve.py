@@ -68,6 +68,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ray-address", dest="ray_address", default=None, metavar="ADDR",
                    help="with --replicas: join this Ray cluster (e.g. auto, or ray://head:10001) instead of "
                         "starting a local Ray instance")
+    p.add_argument("--routing", default="prefix", choices=["prefix", "default"],
+                   help="with --replicas: send requests that share a prompt prefix to the replica holding it, else "
+                        "to the least loaded (prefix, the default), or use Ray Serve's power-of-two-choices")
     return p
 
 

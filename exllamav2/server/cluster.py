@@ -112,8 +112,10 @@ def start(args, log=print):
         engine_kwargs["model_path"] = os.path.abspath(args.model)
     app, board = build_app(engine_kwargs, args.replicas, resources, api_key=args.api_key,
                        max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                       max_request_bytes=args.max_request_bytes, backend=args.backend)
-    log(f"starting {args.replicas} replica(s), each on {resources.device}; each loads the model ...")
+                       max_request_bytes=args.max_request_bytes, backend=args.backend,
+                       routing=getattr(args, "routing", "prefix"))
+    log(f"starting {args.replicas} replica(s), each on {resources.device}, {getattr(args, 'routing', 'prefix')} "
+        f"routing; each loads the model ...")
     try:
         serve.run(app, name=APP_NAME, route_prefix="/")
     except BaseException:

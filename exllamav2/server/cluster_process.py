@@ -16,13 +16,13 @@ from .runner import free_port
 
 
 class ReplicatedServer:
-    def __init__(self, model: str, replicas: int, extra_args=(), host: str = "127.0.0.1", port: int | None = None,
+    def __init__(self, model: str | None, replicas: int, extra_args=(), host: str = "127.0.0.1", port: int | None = None,
                  log_path: str | None = None, env: dict | None = None, timeout: float = 300.0):
         self.port = port or free_port(host)
         self.url = f"http://{host}:{self.port}"
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "exllamav2", "serve", "-m", model, "--replicas", str(replicas),
-               "--host", host, "--port", str(self.port), *extra_args]
+        cmd = [sys.executable, "-m", "exllamav2", "serve", *(["-m", model] if model else []),
+               "--replicas", str(replicas), "--host", host, "--port", str(self.port), *extra_args]
         self._log = open(log_path, "w") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                      env={**os.environ, **(env or {})}, start_new_session=True)
