@@ -195,6 +195,35 @@ def test_paged_decode_params_from_device_tensors(interp):
     torch.testing.assert_close(got.float(), expect, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.slow
+def test_paged_decode_compiles_as_one_graph(interp):
+    """The decode-only path is one custom op: torch.compile(fullgraph=True) traces a step through it without a
+    graph break, and a new step (other lengths, same shapes) runs without recompiling."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from exllamav2 import paged_attn
+    if not hasattr(paged_attn, "PagedDecodeParams"):
+        pytest.skip("paged_attn.PagedDecodeParams is not in this tree")
+    q, k, v, kp, vp, params = _paged_case(12, [40, 300], [1, 1], 16, 4, 2, 32, spare_pages=4)
+
+    def step(q, k, v, kp, vp, block_index, past):
+        dec = paged_attn.PagedDecodeParams(block_index, past, 16, 1024)
+        return ops.paged_attention(q, k, v, kp, vp, dec, 0, 0.125, 0.0)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    with ops.use_backend("triton"):
+        for past in ([40, 300], [41, 301]):  # the second step's pages are the first's (the tables have room)
+            kr, vr = kp.clone(), vp.clone()
+            ps = PagedParams([params.block_index[i, :int(params.num_pages[i])].tolist() for i in range(2)], past,
+                             [1, 1], 16)
+            expect = ref.paged_attention(q.float(), k.float(), v.float(), kr, vr, ps, 0, 0.125, 0.0)
+            got = compiled(q, k, v, kp, vp, params.block_index, torch.tensor(past))
+            assert torch.equal(kp, kr) and torch.equal(vp, vr)
+            torch.testing.assert_close(got.float(), expect, atol=2e-3, rtol=2e-3)
+    assert counter.frame_count == 1
+
+
 def test_quantized_cache_is_declined(interp):
     q, k, v, kp, vp, params = _paged_case(3, [4], [1], 16, 4, 2, 64)
     why = ops.paged_attention.impls["triton"].declines(q, k, v, kp.to(torch.uint8), vp, params, 0, 0.1)

@@ -54,12 +54,14 @@ def _compile(fn, sig, constexprs, cc, cfg_warps, cfg_stages):
                           options={"num_warps": cfg_warps, "num_stages": cfg_stages})
 
 
-def _attn_fwd(mod, cc, dtype, head_dim, split, paged, causal=True, mask=False, window=False, softcap=False):
+def _attn_fwd(mod, cc, dtype, head_dim, split, paged, causal=True, mask=False, window=False, softcap=False,
+              index="*i32"):
     fn = mod.attn_fwd
     t = DTYPES[dtype]
     ptrs = {"Q": t, "K": t, "V": t, "Out": t, "PartO": "*fp32", "PartL": "*fp32", "Mask": "*u8"}
-    ptrs.update({n: "*i32" for n in ("block_table", "kv_lens", "q_starts", "q_lens", "part_base", "tile_seq",
-                                     "tile_m")})
+    ptrs.update({n: "*i32" for n in ("q_starts", "q_lens", "part_base", "tile_seq", "tile_m")})
+    # block tables and lengths: int32 from PagedParams, int64 as the decode-only params hold them
+    ptrs.update({"block_table": index, "kv_lens": index})
     sig = _signature(fn, ptrs, floats=("scale", "softcap"))
     cfg = attn_meta.tile_config(head_dim, split)
     const = dict(G=4, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=attn_meta.block_d(head_dim), PAGED=paged,
@@ -82,7 +84,7 @@ def test_paged_kernel_compiles_and_fits_each_arch(compiled_kernels):
     dim 256) against the 99 KB of sm_86, a plain fp16 decode on sm_89."""
     _check(compiled_kernels, 90, "bf16", 128, True, window=True, softcap=True)
     _check(compiled_kernels, 86, "fp16", 256, False)
-    _check(compiled_kernels, 89, "fp16", 128, True)
+    _check(compiled_kernels, 89, "fp16", 128, True, index="*i64")
 
 
 @pytest.mark.slow

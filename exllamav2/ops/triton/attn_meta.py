@@ -61,7 +61,7 @@ class Launch:
 class AttnMeta:
     q_starts: torch.Tensor       # (S,) int32: each sequence's first row in q/out (0 for contiguous batches)
     q_lens: torch.Tensor         # (S,) int32
-    kv_lens: torch.Tensor        # (S,) int32
+    kv_lens: torch.Tensor        # (S,) int32 or int64, only ever read on the device
     part_base: torch.Tensor      # (S,) int32: first partial row of a split sequence (-1 otherwise)
     launches: list[Launch]
 
@@ -115,4 +115,4 @@ def build_decode(num_seqs: int, kv_lens: torch.Tensor, group: int, head_dim: int
                                                                          device=device).repeat(num_seqs))
     ln.num_rows, ln.part_seq, ln.part_tok = num_seqs, seqs, torch.zeros_like(seqs)
     ones = torch.ones(num_seqs, dtype=torch.int32, device=device)
-    return AttnMeta(seqs, ones, kv_lens.to(device=device, dtype=torch.int32), seqs, [ln])
+    return AttnMeta(seqs, ones, kv_lens, seqs, [ln])
