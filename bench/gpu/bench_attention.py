@@ -55,6 +55,7 @@ def main(argv=None):
     from exllamav2.ops.torch_ref import attention as ref
 
     cpu = args.cpu
+    t_start = time.perf_counter()
     if not cpu and not torch.cuda.is_available():
         sys.exit("bench_attention: no CUDA device; use --cpu for the interpreter run")
     dev = "cpu" if cpu else "cuda"
@@ -112,7 +113,12 @@ def main(argv=None):
     print(f"paged decode attention, {where}: {hq} query / {hk} KV heads, head dim {d}, fp16, pages of {page}")
     print(f"{'batch':>5} {'context':>7} | {'triton ms':>9} {'GB/s':>7} | {'torch ref ms':>12} {'x':>6} | "
           f"{'dense SDPA ms':>13} {'GB/s':>7}")
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(0)  # page permutations
+    gd = torch.Generator(device=dev).manual_seed(0)  # data, drawn on the device
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gd, device=dev, dtype=dtype)
+
     for B in batches:
         for ctx in contexts:
             n_pages = B * -(-ctx // page) + 1
@@ -120,11 +126,8 @@ def main(argv=None):
             per = -(-ctx // page)
             tables = [perm[i * per:(i + 1) * per] for i in range(B)]
             params = PagedParams(tables, [ctx - 1] * B, [1] * B, page, device=dev)
-            kp = torch.randn(1, hk, n_pages * page, d, generator=g).to(dev, dtype)
-            vp = torch.randn(1, hk, n_pages * page, d, generator=g).to(dev, dtype)
-            q = torch.randn(1, B, hq, d, generator=g).to(dev, dtype)
-            k = torch.randn(1, B, hk, d, generator=g).to(dev, dtype)
-            v = torch.randn(1, B, hk, d, generator=g).to(dev, dtype)
+            kp, vp = rand(1, hk, n_pages * page, d), rand(1, hk, n_pages * page, d)
+            q, k, v = rand(1, B, hq, d), rand(1, B, hk, d), rand(1, B, hk, d)
             args_ = (q, k, v, kp, vp, params, 0, scale, 0.0)
             got = call("triton", ops.paged_attention, *args_)
             expect = call("torch", ops.paged_attention, *args_)
@@ -135,19 +138,17 @@ def main(argv=None):
             t_tri, m_tri = timed(lambda: tri(*args_))
             t_ref, m_ref = timed(lambda: tref(*args_))
             # dense: every sequence's keys contiguous, one batched SDPA (GQA through enable_gqa, no copies)
-            kd = torch.randn(B, hk, ctx, d, generator=g).to(dev, dtype)
-            vd = torch.randn(B, hk, ctx, d, generator=g).to(dev, dtype)
+            kd, vd = rand(B, hk, ctx, d), rand(B, hk, ctx, d)
             qd = q[0].unsqueeze(2)  # (B, hq, 1, d)
             t_sdpa, m_sdpa = timed(lambda: F.scaled_dot_product_attention(qd, kd, vd, scale=scale, enable_gqa=True))
             kv_bytes = B * ctx * hk * d * 2 * esize
+            del kd, vd
             print(f"{B:>5} {ctx:>7} | {t_tri * 1e3:>8.3f}{m_tri:1} {kv_bytes / t_tri / 1e9:>7.1f} | "
                   f"{t_ref * 1e3:>11.3f}{m_ref:1} {t_ref / t_tri:>5.1f}x | {t_sdpa * 1e3:>12.3f}{m_sdpa:1} "
                   f"{kv_bytes / t_sdpa / 1e9:>7.1f}")
 
     if prefill:
-        q = torch.randn(1, hq, prefill, d, generator=g).to(dev, dtype)
-        k = torch.randn(1, hk, prefill, d, generator=g).to(dev, dtype)
-        v = torch.randn(1, hk, prefill, d, generator=g).to(dev, dtype)
+        q, k, v = rand(1, hq, prefill, d), rand(1, hk, prefill, d), rand(1, hk, prefill, d)
         a = (q, k, v, None, scale, 0.0, True)
         err = (call("triton", ops.attention, *a).float() - ref.attention(*a).float()).abs().max().item()
         if err > 1e-2:
@@ -161,6 +162,7 @@ def main(argv=None):
               f"-> EXLLAMAV2_TRITON_PREFILL={'triton' if t_tri <= t_sdpa else 'sdpa'} is faster here")
     if not cpu:
         print("times are CUDA-graph replays; * = timed eagerly (could not be captured), host overhead included")
+    print(f"bench_attention: {time.perf_counter() - t_start:.0f} s")
 
 
 if __name__ == "__main__":
