@@ -1,6 +1,7 @@
 """GGUF models on the `triton` backend under the Triton interpreter (CPU tensors): greedy decoding equal to the
 torch backend, every quantized matrix held as the file's blocks (no dense copy). A tiny random K-quant model in the
-default suite (the interpreter runs ~0.5 s per linear call here); SmolLM2-135M Q4_1 as a slow check."""
+default suite (the interpreter runs ~0.5 s per linear call here); SmolLM2-135M Q4_1 as a slow check. Also the
+K-quants' other side of keeping them packed: the cpu backend runs them as the dense matrix a dense load gives."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ pytest.importorskip("triton")
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ops  # noqa: E402
 from exllamav2.fused_linear import FusedLinear  # noqa: E402
+from exllamav2.gguf import GGUFFile  # noqa: E402
 from exllamav2.linear import ExLlamaV2Linear  # noqa: E402
 from exllamav2.quant.gguf import GgufWeight  # noqa: E402
 from test_gguf_support import write_tiny_gguf  # noqa: E402
@@ -109,3 +111,23 @@ def test_smollm2_q4_1_greedy_on_triton_equals_torch(smollm2_gguf):
     ids = tokenizer.encode("The capital of France is")
     tokens = assert_triton_greedy_equals_torch(model, ids, steps=4)
     assert tokens == greedy(model, ids, 4, "torch")[0]
+
+
+def test_kquant_model_on_cpu_backend_runs_the_dense_load_matrices(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    path = write_tiny_gguf(str(tmp_path / "q5k.gguf"), qtype="Q5_K", hidden=256, heads=4, kv_heads=2, ffn=256,
+                           layers=1, vocab=64, seed=4)
+    cfg = ExLlamaV2Config(path)
+    cfg.dtype = torch.bfloat16
+    model = ExLlamaV2(cfg)
+    model.load()
+    ids = torch.tensor([[1, 7, 3, 20, 11]])
+    with ops.use_backend("cpu"):
+        down = model.modules_dict["model.layers.0.mlp.down_proj"]
+        k = down.kernel(torch.bfloat16)
+        assert type(k).__name__ == "DequantizedKernel" and isinstance(down.q_handle, GgufWeight)
+        assert torch.equal(k.weight, GGUFFile(path).get_tensor(down.key + ".weight", dtype=torch.bfloat16))
+        got = model.forward(ids)
+    with ops.use_backend("torch"):
+        ref = model.forward(ids)
+    assert (got - ref).abs().max().item() <= 0.02 * ref.abs().max().item()

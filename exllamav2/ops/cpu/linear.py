@@ -32,12 +32,23 @@ class DenseKernel(torch_linear.DenseKernel):
     backend = "cpu"
 
 
-class DequantizedKernel(DenseKernel):
-    """F.linear on a quantized weight dequantised once at prepare (GGUF K-quants, which have no exact int4
-    mapping: the same dense matrix a dense load of the file gives). The kernel owns that copy."""
+class DequantizedKernel:
+    """A quantized weight dequantised once at prepare (GGUF K-quants, which have no exact int4 mapping: the same
+    dense matrix a dense load of the file gives), run by the kernel this backend prepares for that dense matrix.
+    The kernel owns that copy."""
+    backend = "cpu"
+
+    def __init__(self, quant, device: torch.device, dtype: torch.dtype):
+        self.weight = quant.dequantize(dtype).contiguous()
+        bias = None if quant.bias is None else quant.bias.to(dtype)
+        self.dense = prepare(self.weight, bias, None, device, dtype)
+        self.out_features, self.in_features = self.weight.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(x)
 
     def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size()
+        return self.weight.numel() * self.weight.element_size() + self.dense.nbytes()
 
 
 def prepare(dense: torch.Tensor | None, bias: torch.Tensor | None, quant, device: torch.device,
@@ -47,7 +58,7 @@ def prepare(dense: torch.Tensor | None, bias: torch.Tensor | None, quant, device
         return f"weights on {device}, this backend runs on the CPU"
     if quant is not None:
         if getattr(quant, "dense_on_cpu", False):
-            return DequantizedKernel(quant.dequantize(dtype), None if quant.bias is None else quant.bias.to(dtype))
+            return DequantizedKernel(quant, device, dtype)
         if dtype != torch.bfloat16:
             return f"the int4 kernel takes bfloat16 activations, got {str(dtype).removeprefix('torch.')}"
         gemv = _gguf_gemv_kernel(quant, dtype)
