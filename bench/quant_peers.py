@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import resource
@@ -29,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quant_quality import perplexity  # noqa: E402
+from quant_quality import load_model  # noqa: E402
 
 from exllamav2 import ExLlamaV2Config  # noqa: E402
 from exllamav2.conversion.gguf_export import gguf_decoder_bpw, write_f16_gguf  # noqa: E402
@@ -154,8 +155,25 @@ def source_folder(args) -> str:
     return out
 
 
+@torch.inference_mode()
 def score(folder: str, texts: dict, window: int) -> dict:
-    return {kind: perplexity(folder, ids, window, torch.float32) for kind, ids in texts.items()}
+    """fp32 perplexity of a model folder on each text, in consecutive windows (as quant_quality.perplexity_of)."""
+    from tqdm.auto import tqdm
+    model = load_model(folder, window, torch.float32)
+    try:
+        out = {}
+        for kind, ids in texts.items():
+            nll, count = 0.0, 0
+            starts = [a for a in range(0, ids.shape[-1] - 1, window) if ids[:, a:a + window + 1].shape[-1] >= 2]
+            for a in tqdm(starts, desc=f"scoring {kind}", unit="window", leave=False):
+                chunk = ids[:, a:a + window + 1]
+                logits = model.forward(chunk[:, :-1]).float()
+                nll -= float(torch.log_softmax(logits, -1).gather(-1, chunk[:, 1:].unsqueeze(-1)).sum())
+                count += chunk.shape[-1] - 1
+            out[kind] = math.exp(nll / count)
+        return out
+    finally:
+        model.unload()
 
 
 def llamacpp_rows(args, src: str, texts: dict, results: Results) -> None:

@@ -24,7 +24,8 @@ import quant_peers  # noqa: E402
 def tiny(tmp_path_factory):
     base = tmp_path_factory.mktemp("peers")
     (base / "m").mkdir()
-    return make_tiny_llama(base / "m", tied=True)
+    # one layer keeps the bench's EXL2 conversion (every candidate option of every linear) short
+    return make_tiny_llama(base / "m", tied=True, layers=1)
 
 
 def test_permutation_inverts_the_readers():
@@ -38,7 +39,7 @@ def test_permutation_inverts_the_readers():
 def test_f16_gguf_reads_back(tiny, tmp_path):
     path = write_f16_gguf(tiny, str(tmp_path / "m.gguf"), progress=False)
     bpw, types = gguf_decoder_bpw(path)
-    assert bpw == 16.0 and types == {"F16": 14}
+    assert bpw == 16.0 and types == {"F16": 7}
     ids = held_out_ids(tiny)
     ref = hf_logits(tiny, ids)
     # F16 rounding of weights drawn at scale 0.05 only
@@ -86,6 +87,11 @@ def test_bench_without_llama_quantize(tiny, tmp_path, capsys):
         assert e["ppl"][kind] < rows["source"]["ppl"][kind] * 1.5
         assert f"ppl {kind}" in out
     assert "| EXL2 4.00 | " in out and "| source | 16.000 |" in out
+    # the bench's scoring loop is quant_quality.perplexity's, with progress
+    from exllamav2 import ExLlamaV2Config, ExLlamaV2Tokenizer
+    from quant_quality import perplexity
+    ids = quant_peers.text_ids(ExLlamaV2Tokenizer(ExLlamaV2Config(tiny)), code, 128, "code")
+    assert rows["source"]["ppl"]["code"] == pytest.approx(perplexity(tiny, ids, 64, torch.float32), rel=1e-6)
     # a rerun prints the cached table without converting again
     assert quant_peers.main(args) == 0
     assert "converting" not in capsys.readouterr().out
