@@ -27,7 +27,7 @@ def add_model_args(p: argparse.ArgumentParser, max_seq_len: int | None = 2048) -
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (minutes the first time, cached on disk)")
     p.add_argument("--dense-gguf", action="store_true",
-                   help="dequantize a GGUF's Q4_0/Q4_1/Q8_0 blocks to dense weights at load (default: kept packed)")
+                   help="dequantize a GGUF's quant blocks to dense weights at load (default: kept packed)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.7) -> None:
