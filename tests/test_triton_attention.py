@@ -241,28 +241,39 @@ def test_cpu_tensors_declined_without_the_interpreter(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- a model
 
-def test_dynamic_generator_greedy_equals_torch_backend(interp, monkeypatch, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from test_dynamic_tiny import build_tiny_dir, load_tiny
+    return load_tiny(build_tiny_dir(tmp_path_factory.mktemp("tiny_triton_attn")))
+
+
+def _with_triton_attention(monkeypatch, on: bool):
+    """The Triton attention kernels on or off, everything else as it was: the other ops have no Triton kernel on
+    the CPU, so the backend order is left as it is and the interpreter switched on and off (pinning triton would
+    refuse the norms)."""
+    if on:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET")
+    ops.set_backend(None)  # forget the cached choices
+
+
+def test_dynamic_generator_greedy_equals_torch_backend(interp, monkeypatch, tiny_model):
     """A tiny Llama (GQA, head dim 16, fp32) through the dynamic generator, three prompts batched: the same greedy
-    tokens with the Triton attention kernels as without them. Only the attention ops
-    change between the runs: the other ops have no Triton kernel on the CPU, so the backend order is left as it
-    is and the interpreter switched on and off (pinning triton would refuse the norms and linears)."""
+    tokens with the Triton attention kernels as without them."""
     from exllamav2 import ExLlamaV2Cache
     from exllamav2.generator.dynamic import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob
     from exllamav2.generator.sampler import ExLlamaV2Sampler
-    from test_dynamic_tiny import PAGE, build_tiny_dir, load_tiny
+    from test_dynamic_tiny import PAGE
 
-    model, tok = load_tiny(build_tiny_dir(tmp_path / "m"))
+    model, tok = tiny_model
     # the first forward packs all three prompts: the long one (21 tokens) runs as a whole-sequence prefill, the
     # short ones as split sequences (at most attn_meta.DECODE_MAX_Q tokens), as the decode steps after it
     prompts = ["The capital of France is", "1, 2",
                "Once upon a time, in a land far away, there lived a dragon who loved old books and tea"]
 
     def generate(triton_on: bool):
-        if triton_on:
-            monkeypatch.setenv("TRITON_INTERPRET", "1")
-        else:
-            monkeypatch.delenv("TRITON_INTERPRET")
-        ops.set_backend(None)  # forget the cached choices
+        _with_triton_attention(monkeypatch, triton_on)
         gen = ExLlamaV2DynamicGenerator(model, ExLlamaV2Cache(model, 1, 16 * PAGE), tok, page_size=PAGE,
                                         max_chunk_size=32)
         jobs = [ExLlamaV2DynamicJob(tok.encode(p), 6, gen_settings=ExLlamaV2Sampler.Settings.greedy())
@@ -276,3 +287,26 @@ def test_dynamic_generator_greedy_equals_torch_backend(interp, monkeypatch, tmp_
 
     expect = generate(False)
     assert generate(True) == expect
+
+
+def test_contiguous_cache_forward_with_padding_equals_torch_backend(interp, monkeypatch, tiny_model):
+    """model.forward over a contiguous cache, batch 2 with a left-padded row (bool mask), a 20-token prompt then
+    two decode steps: the attention op's Triton kernel gives the same logits as the reference, to fp32 rounding."""
+    from exllamav2 import ExLlamaV2Cache
+
+    model, _ = tiny_model
+    ids = torch.randint(0, 49152, (2, 22), generator=torch.Generator().manual_seed(4))
+    offsets = torch.tensor([[0], [-3]])
+    mask = torch.arange(22).unsqueeze(0) >= (-offsets)
+
+    def run(triton_on: bool):
+        _with_triton_attention(monkeypatch, triton_on)
+        cache = ExLlamaV2Cache(model, batch_size=2, max_seq_len=32)
+        kw = dict(input_mask=mask, position_offsets=offsets)
+        out = [model.forward(ids[:, :20], cache, **kw)]
+        out += [model.forward(ids[:, i:i + 1], cache, **kw) for i in (20, 21)]
+        assert {impl.backend for impl in ops.attention.cache.values()} == ({"triton"} if triton_on else {"cpu"})
+        return torch.cat(out, 1)
+
+    expect = run(False)
+    torch.testing.assert_close(run(True), expect, atol=1e-4, rtol=1e-4)
