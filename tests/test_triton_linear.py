@@ -161,6 +161,28 @@ def test_bigger_shapes(n_in, out, triton_interpreted):
     check_kernel(gptq_weight(n_in, out, bits=8, group_size=32, seed=n_in + 3), rows=(1, 20), dense_rows=(64,))
 
 
+def test_many_rows_share_one_scratch_buffer(triton_interpreted):
+    """The dense path dequantises into one buffer per device and dtype, sized for the largest matrix, not one per
+    linear."""
+    from exllamav2.ops.triton import linear as triton_linear
+    triton_linear._scratch.clear()
+    big, small = gptq_weight(256, 96, group_size=64, seed=17), exl2_weight([(4, 64), (3, 64)], 64, seed=19)
+    for q in (big, small, big):
+        k = ops.prepare_linear(None, None, q, "cpu", H)
+        x = torch.randn(k.dense_rows + 1, q.in_features).to(H)
+        _assert_close(k(x), _reference(q, x))
+    assert triton_linear.scratch_bytes() == 256 * 96 * 2
+
+
+def test_dense_rows_from_the_environment(monkeypatch):
+    from exllamav2.ops.triton import linear as triton_linear
+    monkeypatch.setenv("EXLLAMAV2_TRITON_DENSE_ROWS", "144")
+    assert triton_linear._dense_rows() == 144
+    monkeypatch.setenv("EXLLAMAV2_TRITON_DENSE_ROWS", "many")
+    with pytest.raises(ValueError, match="EXLLAMAV2_TRITON_DENSE_ROWS='many': expected a whole number"):
+        triton_linear._dense_rows()
+
+
 def test_bad_input_names_the_layer(triton_interpreted):
     q = gptq_weight(128, 64, group_size=32, seed=13)
     k = ops.prepare_linear(None, None, q, "cpu", H)

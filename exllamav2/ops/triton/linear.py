@@ -8,20 +8,36 @@ A quantized kernel keeps only the file's packed tensors (and a table of a few by
   depend on the other rows of the call.
 - Above it (prefill): the matrix is dequantised into one scratch buffer shared by every linear on the device
   (`scratch`), then one dense matmul. Rows then take a different path, so results are batch invariant only among
-  calls on the same side of the threshold; set `DENSE_ROWS` (or a kernel's `dense_rows`) to a large value to keep
-  every call on the fused path.
+  calls on the same side of the threshold; EXLLAMAV2_TRITON_DENSE_ROWS=<rows> in the environment (or a kernel's
+  `dense_rows`) moves it, and a large value keeps every call on the fused path.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 
 from . import declines_device, interpreting, kernels
 
+
+def _dense_rows(default: int = 32) -> int:
+    raw = os.environ.get("EXLLAMAV2_TRITON_DENSE_ROWS", "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"EXLLAMAV2_TRITON_DENSE_ROWS={raw!r}: expected a whole number of rows (0 or more)")
+    return value
+
+
 # Rows above which a call dequantises into the scratch buffer and runs a dense matmul. The original switches at
 # 32, ExLlamaV3 at 144; bench/gpu/bench_linears.py measures both paths per shape so this can be set from figures.
-DENSE_ROWS = 32
+DENSE_ROWS = _dense_rows()
 # Programs the fused kernel aims for on a GPU (about two per SM on an H100/H200); the K split follows from it and
 # from the matrix shape, never from the row count.
 TARGET_PROGRAMS = 264
