@@ -60,6 +60,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "it, requests may only send vectors inline")
     p.add_argument("--backend", default=None, choices=["auto", "torch", "cpu", "triton"],
                    help="pin one kernel backend (default: each op takes the first that accepts it)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant kernels: a request's tokens do not depend on what else runs beside it, in "
+                        "any dtype (default GGUF weights are invariant anyway; dense bf16 then costs some prefill "
+                        "and large-batch speed, see README)")
     p.add_argument("--dense-gguf", dest="dense_gguf", action="store_true",
                    help="dequantize a GGUF's Q4_0/Q4_1/Q8_0 blocks to dense weights at load (default: kept packed)")
     p.add_argument("--replicas", type=_positive, default=None, metavar="N",
@@ -106,12 +110,17 @@ def run(args) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if args.interventions_dir is not None and not os.path.isdir(args.interventions_dir):
         raise SystemExit(f"--interventions-dir: {args.interventions_dir!r} is not a folder")
+    if args.replicas is not None and args.deterministic:
+        raise SystemExit("--deterministic is not passed to --replicas engines yet; serve one engine with it")
     if args.replicas is not None:
         from ..server.cluster import run as run_replicated
         return run_replicated(args)
     if args.backend:
         from .. import ops
         ops.set_backend(args.backend)
+    if args.deterministic:
+        from .. import ops
+        ops.set_batch_invariant(True)
     engine = load_engine(args.model, max_batch_size=args.max_batch_size, cache_tokens=args.cache_tokens,
                          page_size=args.page_size, max_chunk_size=args.max_chunk_size, max_seq_len=args.max_seq_len,
                          dtype=args.dtype, max_queue=args.max_queue, model_name=args.model_name,

@@ -17,6 +17,7 @@ import torch
 
 from . import dispatch
 from .cpu import linear as cpu_linear
+from .cpu import small_ops as _cpu_small
 from .dispatch import NoBackendError, active_backends, pinned_backend, set_backend, use_backend
 from .torch_ref import activation as _act
 from .torch_ref import attention as _attn
@@ -29,7 +30,23 @@ from .triton import attention as _tri_attn
 
 __all__ = ["NoBackendError", "set_backend", "use_backend", "pinned_backend", "active_backends", "prepare_linear",
            "rms_norm", "layer_norm", "rope", "attention", "paged_attention", "activation", "gated_activation",
-           "softmax_temperature", "top_candidates"]
+           "softmax_temperature", "top_candidates", "set_batch_invariant", "batch_invariant"]
+
+
+def set_batch_invariant(enabled: bool = True) -> None:
+    """Make every linear kernel compute each row independently of how many rows share the call, so a request's
+    tokens are the same alone or batched with others (serve --deterministic). Packed GGUF weights are batch
+    invariant anyway; this switches dense bf16 weights on the CPU to the bf16 GEMV for every batch size
+    (ops/cpu/gemv_linear.py; its cost is measured in bench/bench_determinism.py). Process-wide."""
+    from .cpu import gemv_linear
+
+    gemv_linear.set_batch_invariant(enabled)
+
+
+def batch_invariant() -> bool:
+    from .cpu import gemv_linear
+
+    return gemv_linear.batch_invariant()
 
 
 rms_norm = dispatch.define_op("rms_norm", lambda x, w, eps, out_dtype: (x.device.type, x.dtype, w.dtype, out_dtype))
@@ -61,6 +78,7 @@ for _op, _fn in _REFERENCE.items():
     _op.register("torch", _fn)
     # the CPU backend runs the reference code on CPU tensors until its own kernels replace it (see cpu/)
     _op.register("cpu", _fn, _cpu_only)
+rms_norm.register("cpu", _cpu_small.rms_norm, _cpu_only)  # the C++ kernel in eager mode (cpu/small_ops.py)
 
 # Triton attention kernels (triton/attention.py; the kernel modules themselves are imported at first call)
 attention.register("triton", _tri_attn.attention, _tri_attn.declines_attention)
