@@ -34,6 +34,23 @@ def interp(monkeypatch):
     ops.set_backend(None)
 
 
+@pytest.fixture(params=["interpreter", "cuda"])
+def kdev(request, monkeypatch):
+    """The device the kernel checks run on: the CPU under TRITON_INTERPRET=1 (always), and a CUDA GPU when there is
+    one (compiled kernels; skipped otherwise), so that the same checks verify the kernels on a GPU."""
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    sys.modules.pop(KERNELS, None)
+    ops.set_backend(None)
+    yield "cuda" if request.param == "cuda" else "cpu"
+    sys.modules.pop(KERNELS, None)
+    ops.set_backend(None)
+
+
 def _triton(op, *args):
     with ops.use_backend("triton"):
         assert op.choose(*args).backend == "triton"
@@ -59,9 +76,9 @@ CONTIG = [
 
 
 @pytest.mark.parametrize("b,hq,hk,s,t,d,softcap,causal", CONTIG)
-def test_contiguous_equals_reference(interp, b, hq, hk, s, t, d, softcap, causal):
+def test_contiguous_equals_reference(kdev, b, hq, hk, s, t, d, softcap, causal):
     g = torch.Generator().manual_seed(b * 1000 + s * 10 + d)
-    q, k, v = (torch.randn(b, h, n, d, generator=g, dtype=F16) for h, n in ((hq, s), (hk, t), (hk, t)))
+    q, k, v = (torch.randn(b, h, n, d, generator=g, dtype=F16).to(kdev) for h, n in ((hq, s), (hk, t), (hk, t)))
     args = (q, k, v, None, d ** -0.5, softcap, causal)
     got = _triton(ops.attention, *args)
     expect = ref.attention(q.float(), k.float(), v.float(), None, d ** -0.5, softcap, causal)
@@ -69,13 +86,13 @@ def test_contiguous_equals_reference(interp, b, hq, hk, s, t, d, softcap, causal
     torch.testing.assert_close(got.float(), expect, atol=2e-3, rtol=2e-3)
 
 
-def test_contiguous_mask_and_fp32(interp):
+def test_contiguous_mask_and_fp32(kdev):
     """A bool mask (left padding, window) broadcast or per row; fp32 inputs agree to fp32 rounding."""
     g = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(2, 4, 5, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g), torch.randn(2, 2, 9, 16,
-                                                                                                        generator=g)
+    q, k, v = (torch.randn(2, h, n, 16, generator=g).to(kdev) for h, n in ((4, 5), (2, 9), (2, 9)))
     mask = torch.rand(2, 1, 5, 9, generator=g) > 0.3
     mask[..., 0] = True
+    mask = mask.to(kdev)
     for m in (mask, mask[:1]):
         for cap in (0.0, 20.0):
             args = (q, k, v, m, 0.25, cap, False)
@@ -85,11 +102,10 @@ def test_contiguous_mask_and_fp32(interp):
         _triton(ops.attention, q, k, v, mask[..., :8], 0.25, 0.0, False)
 
 
-def test_contiguous_rows_are_batch_invariant(interp):
+def test_contiguous_rows_are_batch_invariant(kdev):
     """A batch row's decode output is bit-identical alone and in a batch."""
     g = torch.Generator().manual_seed(2)
-    q, k, v = torch.randn(3, 4, 1, 64, generator=g, dtype=F16), *(torch.randn(3, 2, 520, 64, generator=g,
-                                                                              dtype=F16) for _ in range(2))
+    q, k, v = (torch.randn(3, h, n, 64, generator=g, dtype=F16).to(kdev) for h, n in ((4, 1), (2, 520), (2, 520)))
     both = _triton(ops.attention, q, k, v, None, 0.125, 0.0, False)
     for i in range(3):
         alone = _triton(ops.attention, q[i:i + 1], k[i:i + 1], v[i:i + 1], None, 0.125, 0.0, False)
@@ -98,7 +114,7 @@ def test_contiguous_rows_are_batch_invariant(interp):
 
 # ---------------------------------------------------------------------------------------------- paged
 
-def _paged_case(seed, past_lens, q_lens, page, hq, hk, d, spare_pages=3, dtype=F16):
+def _paged_case(seed, past_lens, q_lens, page, hq, hk, d, spare_pages=3, dtype=F16, device="cpu"):
     """Random q/k/v for the packed tokens, a cache of scattered pages with random old contents, and the
     PagedParams (block tables are a random permutation of the pages, so most sequences are gathered)."""
     g = torch.Generator().manual_seed(seed)
@@ -115,7 +131,7 @@ def _paged_case(seed, past_lens, q_lens, page, hq, hk, d, spare_pages=3, dtype=F
     v = torch.randn(1, T, hk, d, generator=g, dtype=dtype)
     kp = torch.randn(1, hk, n_pages * page, d, generator=g, dtype=dtype)
     vp = torch.randn(1, hk, n_pages * page, d, generator=g, dtype=dtype)
-    return q, k, v, kp, vp, PagedParams(tables, past_lens, q_lens, page)
+    return (*(t.to(device) for t in (q, k, v, kp, vp)), PagedParams(tables, past_lens, q_lens, page, device=device))
 
 
 def _check_paged(q, k, v, kp, vp, params, window, softcap, atol=2e-3):
@@ -141,38 +157,37 @@ PAGED = [
 
 
 @pytest.mark.parametrize("page,hq,hk,d,window,softcap,past,qlen", PAGED)
-def test_paged_equals_reference(interp, page, hq, hk, d, window, softcap, past, qlen):
-    case = _paged_case(page + d + len(past), past, qlen, page, hq, hk, d)
+def test_paged_equals_reference(kdev, page, hq, hk, d, window, softcap, past, qlen):
+    case = _paged_case(page + d + len(past), past, qlen, page, hq, hk, d, device=kdev)
     _check_paged(*case, window, softcap)
 
 
-def test_paged_bf16(interp):
+def test_paged_bf16(kdev):
     """bf16 (the CPU default): the interpreter runs the dots in fp32 (its bf16 tl.dot is wrong), the probabilities
     are rounded to bf16 before P @ V as on a GPU."""
-    case = _paged_case(9, [30, 0, 290], [1, 20, 2], 16, 4, 2, 64, dtype=torch.bfloat16)
+    case = _paged_case(9, [30, 0, 290], [1, 20, 2], 16, 4, 2, 64, dtype=torch.bfloat16, device=kdev)
     _check_paged(*case, 0, 0.0, atol=2e-2)
 
 
-def test_paged_consecutive_pages_and_fp32(interp):
+def test_paged_consecutive_pages_and_fp32(kdev):
     """Pages in order (the reference reads a slice) and fp32 throughout: fp32 rounding only."""
     g = torch.Generator().manual_seed(5)
-    q, k, v = torch.randn(1, 4, 4, 32, generator=g), torch.randn(1, 4, 2, 32, generator=g), torch.randn(
-        1, 4, 2, 32, generator=g)
-    kp, vp = torch.randn(1, 2, 8 * 16, 32, generator=g), torch.randn(1, 2, 8 * 16, 32, generator=g)
-    params = PagedParams([[2, 3, 4], [6]], [37, 0], [1, 3], 16)
+    q, k, v = (torch.randn(1, 4, h, 32, generator=g).to(kdev) for h in (4, 2, 2))
+    kp, vp = (torch.randn(1, 2, 8 * 16, 32, generator=g).to(kdev) for _ in range(2))
+    params = PagedParams([[2, 3, 4], [6]], [37, 0], [1, 3], 16, device=kdev)
     assert params.sequences[0].slot_start == 32
     _check_paged(q, k, v, kp, vp, params, 0, 0.0, atol=2e-5)
 
 
-def test_paged_sequence_is_batch_invariant(interp):
+def test_paged_sequence_is_batch_invariant(kdev):
     """Each sequence's rows are bit-identical alone and packed with others (decode, spec decode and prefill)."""
     past, qlen, page = [300, 0, 45, 9], [1, 19, 1, 4], 16
-    q, k, v, kp, vp, params = _paged_case(7, past, qlen, page, 8, 2, 64)
+    q, k, v, kp, vp, params = _paged_case(7, past, qlen, page, 8, 2, 64, device=kdev)
     together = _triton(ops.paged_attention, q, k, v, kp.clone(), vp.clone(), params, 0, 0.125, 0.0)
     tables = [params.block_index[i, :int(params.num_pages[i])].tolist() for i in range(len(past))]
     start = 0
     for i, (p, n) in enumerate(zip(past, qlen)):
-        alone_params = PagedParams([tables[i]], [p], [n], page)
+        alone_params = PagedParams([tables[i]], [p], [n], page, device=kdev)
         sl = slice(start, start + n)
         alone = _triton(ops.paged_attention, q[:, sl], k[:, sl], v[:, sl], kp.clone(), vp.clone(), alone_params, 0,
                         0.125, 0.0)
@@ -180,14 +195,13 @@ def test_paged_sequence_is_batch_invariant(interp):
         start += n
 
 
-def test_paged_decode_params_from_device_tensors(interp):
+def test_paged_decode_params_from_device_tensors(kdev):
     """Decode-only params built from device tensors (paged_attn.PagedDecodeParams, when present)."""
     from exllamav2 import paged_attn
     if not hasattr(paged_attn, "PagedDecodeParams"):
         pytest.skip("paged_attn.PagedDecodeParams is not in this tree")
-    q, k, v, kp, vp, params = _paged_case(11, [40, 513, 0], [1, 1, 1], 16, 4, 2, 64)
-    bi = params.block_index
-    dec = paged_attn.PagedDecodeParams(bi, torch.tensor([40, 513, 0]), 16, 1024)
+    q, k, v, kp, vp, params = _paged_case(11, [40, 513, 0], [1, 1, 1], 16, 4, 2, 64, device=kdev)
+    dec = paged_attn.PagedDecodeParams(params.block_index, torch.tensor([40, 513, 0], device=kdev), 16, 1024)
     kr, vr = kp.clone(), vp.clone()
     expect = ref.paged_attention(q.float(), k.float(), v.float(), kr, vr, params, 0, 0.125, 0.0)
     got = _triton(ops.paged_attention, q, k, v, kp, vp, dec, 0, 0.125, 0.0)
