@@ -169,6 +169,20 @@ def test_paged_bf16(kdev):
     _check_paged(*case, 0, 0.0, atol=2e-2)
 
 
+def test_prefill_switch_to_sdpa(interp, monkeypatch):
+    """EXLLAMAV2_TRITON_PREFILL=sdpa: prompts go to torch SDPA / the reference's per-sequence path, decode rows
+    stay on the kernel; both ops still equal the reference. A wrong value is an error naming the variable."""
+    monkeypatch.setenv("EXLLAMAV2_TRITON_PREFILL", "sdpa")
+    _check_paged(*_paged_case(21, [0, 40, 300], [30, 1, 2], 16, 4, 2, 64), 0, 0.0)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, h, 24, 32, generator=g, dtype=F16) for h in (4, 2, 2))
+    torch.testing.assert_close(_triton(ops.attention, q, k, v, None, 0.2, 0.0, True),
+                               ref.attention(q, k, v, None, 0.2, 0.0, True), atol=0, rtol=0)
+    monkeypatch.setenv("EXLLAMAV2_TRITON_PREFILL", "flash")
+    with pytest.raises(ValueError, match="EXLLAMAV2_TRITON_PREFILL='flash'"):
+        _triton(ops.attention, q, k, v, None, 0.2, 0.0, True)
+
+
 def test_paged_consecutive_pages_and_fp32(kdev):
     """Pages in order (the reference reads a slice) and fp32 throughout: fp32 rounding only."""
     g = torch.Generator().manual_seed(5)
