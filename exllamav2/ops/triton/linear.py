@@ -67,9 +67,9 @@ def split_count(n_tiles: int, k_units: int, max_splits: int) -> int:
 
 
 class PackedKernel:
-    """What the EXL2 and GPTQ kernels share: argument checks, the two paths, and the split-K reduction."""
+    """What the packed kernels (EXL2, GPTQ, GGUF) share: argument checks, the two paths, the split-K reduction. A
+    format sets `splits` and implements `_launch_partials`, `_launch_dequant` and `resident_tensors`."""
     backend = "triton"
-    block_n = 64
 
     def __init__(self, q, device: torch.device, dtype: torch.dtype):
         self.q = q
