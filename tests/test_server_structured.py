@@ -5,8 +5,14 @@ round-trips; bad schemas and tools are 400s naming the parameter."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import re
+import shlex
+from contextlib import redirect_stdout
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -40,6 +46,7 @@ ADD = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
                    "required": ["a", "b"], "additionalProperties": False}}}
 TOOLS = [WEATHER, ADD]
+MODEL = "SmolLM2-135M-Instruct"  # the name the README's examples use
 ASK_PERSON = [{"role": "user", "content": "Invent an engineer called Ann who lives in Paris. Reply in JSON."}]
 ASK_WEATHER = [{"role": "user", "content": "What is the weather like in Paris today?"}]
 
@@ -49,7 +56,7 @@ def server(smollm2_default):
     model, tok = smollm2_default
     cache = ExLlamaV2Cache(model, 1, 4096)
     gen = ExLlamaV2DynamicGeneratorAsync(model, cache, tok, max_batch_size=8, page_size=256)
-    engine = ServerEngine(model, tok, gen, "smol", max_queue=32)
+    engine = ServerEngine(model, tok, gen, MODEL, max_queue=32)
     srv = start_in_thread(engine)
     yield srv, engine
     srv.stop()
@@ -87,7 +94,7 @@ def check_call(name, arguments):
 
 
 def test_json_schema_reply_validates_streamed_and_not(client):
-    kw = dict(model="smol", messages=ASK_PERSON, response_format=schema_format(PERSON), max_tokens=160)
+    kw = dict(model=MODEL, messages=ASK_PERSON, response_format=schema_format(PERSON), max_tokens=160)
     r = client.chat.completions.create(temperature=0, **kw)
     assert r.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
@@ -98,7 +105,7 @@ def test_json_schema_reply_validates_streamed_and_not(client):
 
 def test_json_object_in_completions_streamed_and_not(client):
     prompt = "A JSON object describing a cat:\n"
-    kw = dict(model="smol", prompt=prompt, max_tokens=120, extra_body={"response_format": {"type": "json_object"}})
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=120, extra_body={"response_format": {"type": "json_object"}})
     r = client.completions.create(temperature=0, **kw)
     if r.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(r.choices[0].text), dict)
@@ -108,14 +115,14 @@ def test_json_object_in_completions_streamed_and_not(client):
                                                "lives": {"type": "integer", "minimum": 1, "maximum": 9}},
               "required": ["color", "lives"], "additionalProperties": False}
     text = "".join(c.choices[0].text for c in client.completions.create(
-        model="smol", prompt=prompt, max_tokens=40, temperature=0, stream=True,
+        model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stream=True,
         extra_body={"response_format": schema_format(schema)}) if c.choices)
     jsonschema.validate(json.loads(text), schema)
 
 
 def test_required_and_named_tool_choice_always_give_valid_calls(client):
     for seed in (1, 2):
-        r = client.chat.completions.create(model="smol", messages=ASK_WEATHER, tools=TOOLS, tool_choice="required",
+        r = client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=TOOLS, tool_choice="required",
                                            temperature=1.0, seed=seed, max_tokens=120)
         choice = r.choices[0]
         # a reply cut by max_tokens keeps its complete calls (and says "length")
@@ -123,23 +130,23 @@ def test_required_and_named_tool_choice_always_give_valid_calls(client):
         for call in choice.message.tool_calls:
             assert call.id.startswith("call_") and call.type == "function"
             check_call(call.function.name, call.function.arguments)
-    r = client.chat.completions.create(model="smol", messages=ASK_WEATHER, tools=TOOLS, tool_choice="required",
+    r = client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=TOOLS, tool_choice="required",
                                        parallel_tool_calls=False, temperature=0, max_tokens=120)
     assert len(r.choices[0].message.tool_calls) == 1
     named = {"type": "function", "function": {"name": "add"}}
-    r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "What is 2 plus 3?"}],
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2 plus 3?"}],
                                        tools=TOOLS, tool_choice=named, temperature=0, max_tokens=40)
     (call,) = r.choices[0].message.tool_calls
     assert call.function.name == "add" and r.choices[0].finish_reason == "tool_calls"
     check_call("add", call.function.arguments)
-    content, calls, finish = streamed_chat(client, model="smol", messages=ASK_WEATHER, tools=TOOLS,
+    content, calls, finish = streamed_chat(client, model=MODEL, messages=ASK_WEATHER, tools=TOOLS,
                                            tool_choice=named, temperature=0, max_tokens=40)
     assert finish == "tool_calls" and len(calls) == 1 and calls[0]["name"] == "add" and calls[0]["id"]
     check_call("add", calls[0]["arguments"])
 
 
 def test_auto_returns_calls_or_text(client):
-    r = client.chat.completions.create(model="smol", messages=ASK_WEATHER, tools=TOOLS, tool_choice="auto",
+    r = client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=TOOLS, tool_choice="auto",
                                        temperature=0, max_tokens=60)
     message = r.choices[0].message
     if message.tool_calls:
@@ -152,7 +159,7 @@ def test_auto_returns_calls_or_text(client):
 
 def test_two_turn_tool_conversation(client):
     messages = list(ASK_WEATHER)
-    r = client.chat.completions.create(model="smol", messages=messages, tools=TOOLS,
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,
                                        tool_choice={"type": "function", "function": {"name": "get_weather"}},
                                        temperature=0, max_tokens=40)
     call = r.choices[0].message.tool_calls[0]
@@ -161,11 +168,11 @@ def test_two_turn_tool_conversation(client):
                                                          "arguments": call.function.arguments}}]})
     messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 21,
                                                                                      "sky": "sunny"})})
-    r2 = client.chat.completions.create(model="smol", messages=messages, tools=TOOLS, temperature=0, max_tokens=30)
+    r2 = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, temperature=0, max_tokens=30)
     assert r2.usage.prompt_tokens > r.usage.prompt_tokens + 10  # the call and its result are in the prompt
     msg = r2.choices[0].message
     assert msg.content or msg.tool_calls
-    r3 = client.chat.completions.create(model="smol", messages=messages, tools=TOOLS, tool_choice="none",
+    r3 = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="none",
                                         temperature=0, max_tokens=30)
     assert r3.choices[0].message.content and not r3.choices[0].message.tool_calls
 
@@ -193,9 +200,9 @@ def test_two_turn_tool_conversation(client):
 ])
 def test_bad_schemas_and_tools_are_400s(client, body, param, words):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="smol", messages=ASK_WEATHER, max_tokens=4, **body) \
+        client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, max_tokens=4, **body) \
             if "tools" in body or "tool_choice" in body else \
-            client.chat.completions.create(model="smol", messages=ASK_WEATHER, max_tokens=4,
+            client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, max_tokens=4,
                                            extra_body={"response_format": body["response_format"]})
     err = e.value.body if isinstance(e.value.body, dict) else {}
     assert err.get("param") == param, err
@@ -206,5 +213,53 @@ def test_bad_assistant_tool_call_arguments_are_400(client):
     messages = ASK_WEATHER + [{"role": "assistant", "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "not json"}}]}]
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="smol", messages=messages, tools=TOOLS, max_tokens=4)
+        client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=4)
     assert e.value.body["param"] == "messages[1].tool_calls[0].function.arguments"
+
+
+# ------------------------------------------------------------------------------------------ the README's examples
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def readme_blocks(lang: str) -> list[str]:
+    text = open(README, encoding="utf8").read()
+    section = text.split("## Structured output and tool calling\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{lang}\n(.*?)```", section, re.S)
+
+
+def test_readme_filter_example_runs(smollm2_default):
+    from exllamav2 import ExLlamaV2Cache
+
+    model, tok = smollm2_default
+    (code,) = [b for b in readme_blocks("python") if "ExLlamaV2JsonSchemaFilter" in b]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        exec(compile(code, "README.md structured output", "exec"),
+             {"model": model, "tokenizer": tok, "cache": ExLlamaV2Cache(model, max_seq_len=512)})
+    first, second = out.getvalue().strip().splitlines()
+    reply = eval(first, {})  # the printed dict
+    assert set(reply) == {"city", "population"} and isinstance(reply["population"], int)
+    assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", second)
+
+
+def test_readme_curl_example(server):
+    (block,) = readme_blocks("bash")
+    args = shlex.split(block.replace("\\\n", " "))
+    url = args[1].replace("http://127.0.0.1:8000", server[0].url)
+    body = json.loads(args[args.index("-d") + 1])
+    r = httpx.post(url, json=body, headers={"Authorization": "Bearer secret"}, timeout=300)
+    assert r.status_code == 200, r.text
+    schema = body["response_format"]["json_schema"]["schema"]
+    jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), schema)
+
+
+def test_readme_openai_example(server):
+    (code,) = [b for b in readme_blocks("python") if "OpenAI(" in b]
+    code = code.replace("http://127.0.0.1:8000", server[0].url)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        exec(compile(code, "README.md tool calling", "exec"), {})
+    first = out.getvalue().splitlines()[0]
+    name, args = first.split(" ", 1)
+    assert name == "get_weather" and "city" in eval(args, {})
