@@ -79,8 +79,8 @@ def attention(q, k, v, mask, scale: float, softcap: float = 0.0, is_causal: bool
         mask = mask.view(torch.uint8)
         m_strides = (mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2), mask.stride(3))
     launch(meta, q, k, v, out, mask, None,
-            q_strides=(q.stride(0), q.stride(2), q.stride(1)), k_strides=(k.stride(0), k.stride(1), k.stride(2)),
-            v_strides=(v.stride(0), v.stride(1), v.stride(2)), o_strides=(out.stride(0), out.stride(2), out.stride(1)),
-            m_strides=m_strides, paged=False, page_size=1, max_kv_len=t, scale=scale, softcap=softcap, window=0,
-            causal=bool(is_causal) and mask is None)
+           q_strides=(q.stride(0), q.stride(2), q.stride(1)), k_strides=(k.stride(0), k.stride(1), k.stride(2)),
+           v_strides=(v.stride(0), v.stride(1), v.stride(2)), o_strides=(out.stride(0), out.stride(2), out.stride(1)),
+           m_strides=m_strides, paged=False, page_size=1, max_kv_len=t, scale=scale, softcap=softcap, window=0,
+           causal=bool(is_causal) and mask is None)
     return out

@@ -64,8 +64,7 @@ def launch(meta: attn_meta.AttnMeta, q, kc, vc, out, mask, block_table, *, q_str
             G=group, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, PAGED=paged, CAUSAL=causal,
             HAS_MASK=mask is not None, HAS_WINDOW=window > 0, SOFTCAP=bool(softcap), SPLIT=ln.split,
             MIN_SPLIT=attn_meta.MIN_SPLIT, MAX_SPLITS=attn_meta.MAX_SPLITS, DOT_F32=dot_f32, IEEE=ieee,
-            WHILE_LOOP=interpreting(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            WHILE_LOOP=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if ln.split:
             kern.attn_combine[(ln.num_rows, hq)](
                 part_o, part_l, out, ln.part_seq, ln.part_tok, meta.kv_lens, meta.q_starts,
@@ -76,7 +75,6 @@ def launch(meta: attn_meta.AttnMeta, q, kc, vc, out, mask, block_table, *, q_str
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
-
 
 
 def kv_write(k, v, kflat, vflat, slots) -> None:
