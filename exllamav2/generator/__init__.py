@@ -19,4 +19,8 @@ def __getattr__(name):
     if name in ("ExLlamaV2DynamicGeneratorAsync", "ExLlamaV2DynamicJobAsync"):
         from . import dynamic_async
         return getattr(dynamic_async, name)
+    if name.startswith("ExLlamaV2") and name.endswith("Filter") or name in ("GrammarError", "GrammarCache"):
+        from . import grammar  # llguidance is imported only when a grammar filter is asked for
+        if hasattr(grammar, name):
+            return getattr(grammar, name)
     raise AttributeError(f"module 'exllamav2.generator' has no attribute {name!r}")
