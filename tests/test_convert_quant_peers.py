@@ -121,3 +121,20 @@ def test_bench_llama_cpp_rows(tiny, tmp_path, capsys):
     src = rows["source"]["ppl"]["prose"]
     assert abs(rows["llama.cpp Q8_0"]["ppl"]["prose"] / src - 1) < abs(rows["llama.cpp Q4_0"]["ppl"]["prose"] / src - 1)
     assert "no EXL2 row within" in capsys.readouterr().out
+
+
+def test_held_out_texts_are_not_calibration_text():
+    from exllamav2.conversion.calibration import read_calibration_text
+    calibration, _ = read_calibration_text(None)
+    cal = calibration.split()
+    cal_grams = {tuple(cal[i:i + 12]) for i in range(len(cal) - 11)}
+    for kind, path in (("prose", quant_peers.find_text(quant_peers.PROSE_CANDIDATES)),
+                       ("code", quant_peers.find_text(quant_peers.CODE_CANDIDATES))):
+        if path is None:
+            continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            words = f.read().split()
+        assert len(words) > 4000, (kind, path)
+        # no run of 12 words of the held-out text appears in the calibration text
+        shared = [i for i in range(len(words) - 11) if tuple(words[i:i + 12]) in cal_grams]
+        assert not shared, (kind, path, " ".join(words[shared[0]:shared[0] + 12]))
