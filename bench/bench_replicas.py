@@ -2,7 +2,7 @@
 driven over loopback by the official openai client and httpx. Bounded: every request has a deadline, every phase a
 fixed count, and the script stops by itself.
 
-    python bench/bench_replicas.py [-m MODEL] [--rounds 3] [--streams 64] [--max-tokens 32]
+    python bench/bench_replicas.py [-m MODEL] [--rounds 3] [--streams 64] [--max-tokens 32] [--with-tests]
 
 Phases, each a table:
 1. prefix-cache hit rate: the same workload (8 long system prompts x 6 questions, 4 at a time, shuffled) through
@@ -214,7 +214,14 @@ def main() -> None:
     ap.add_argument("--cache-tokens", dest="cache_tokens", type=int, default=16384)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--log", default="bench_replicas.log", help="the servers' log (default: ./bench_replicas.log)")
+    ap.add_argument("--with-tests", dest="with_tests", action="store_true",
+                    help="first run tests/test_ray_replicas.py with its slow tests (the burst and the killed replica)")
     args = ap.parse_args()
+    if args.with_tests:
+        import subprocess
+        tests = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "test_ray_replicas.py")
+        rc = subprocess.call([sys.executable, "-m", "pytest", "-q", tests, "-m", "slow or not slow"])
+        print(f"tests/test_ray_replicas.py (slow included): {'passed' if rc == 0 else f'FAILED (exit {rc})'}")
     print(f"machine: {os.cpu_count()} CPU cores; Ray and the bench client share them with the replicas", flush=True)
 
     print("\n1. prefix-cache hit rate, 2 replicas, 48 chat requests (8 system prompts x 6 questions, 4 at a time)")

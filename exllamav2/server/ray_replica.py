@@ -47,6 +47,10 @@ class EngineReplica:
         from .engine import load_engine
 
         self.engine = load_engine(**engine_kwargs)
+        # one forward before the replica reports ready, so first-use costs (kernels built at first call) are paid
+        # while Ray Serve waits for the replica, not by the first request (whose client may time out)
+        with torch.inference_mode():
+            self.engine.model.forward(torch.tensor([[0]]), last_id_only=True)
         self.app = create_app(self.engine, api_key)
         self.replica_id = _replica_id()
         self.board = None
