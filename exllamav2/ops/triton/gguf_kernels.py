@@ -162,8 +162,9 @@ def gguf_matmul_partials(x_ptr, w8, w16, part_ptr, M, N, K, row_bytes, stride_xm
         k_mask = offs_k < K
         xt = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w = _decode(w8, w16, offs_n[None, :], offs_k[:, None], row_bytes, n_mask[None, :] & k_mask[:, None], QTYPE)
-        w = w.to(xt.dtype)
+        # decoded as (n, k), k the fastest index: neighbouring threads read neighbouring bytes of a row
+        w = _decode(w8, w16, offs_n[:, None], offs_k[None, :], row_bytes, n_mask[:, None] & k_mask[None, :], QTYPE)
+        w = tl.trans(w.to(xt.dtype))
         if DOT_F32:  # the interpreter's bf16 dot is wrong: it multiplies bit patterns
             acc += tl.dot(xt.to(tl.float32), w.to(tl.float32))
         else:
@@ -178,9 +179,9 @@ def gguf_dequant(w8, w16, out_ptr, N, K, row_bytes, stride_out, QTYPE: tl.conste
     """out[k, n] = W[n, k] (the (in, out) matrix the dense path multiplies by), in out's dtype."""
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
-    w = _decode(w8, w16, offs_n[None, :], offs_k[:, None], row_bytes, mask, QTYPE)
-    tl.store(out_ptr + offs_k[:, None].to(tl.int64) * stride_out + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    w = _decode(w8, w16, offs_n[:, None], offs_k[None, :], row_bytes, mask, QTYPE)   # (n, k), as in the matmul
+    tl.store(out_ptr + offs_k[None, :].to(tl.int64) * stride_out + offs_n[:, None], w.to(out_ptr.dtype.element_ty),
              mask=mask)
 
 
