@@ -16,6 +16,8 @@ _FLOAT_TYPES = (torch.float16, torch.bfloat16)
 
 
 class GgufKernel(PackedKernel):
+    """One GGUF type's blocks (uint8 (out_features, bytes per row)) on the device; K split from the shape alone."""
+
     def __init__(self, q, device: torch.device, dtype: torch.dtype):
         super().__init__(q, device, dtype)
         self.k = kernels("gguf_kernels", self.interpret)
