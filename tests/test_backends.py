@@ -103,6 +103,9 @@ def _per_op_cases():
     ]
 
 
+_CPU_KERNEL_OPS = ("rms_norm",)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, BF16, torch.float16])
 def test_every_op_on_cpu_equals_torch(dtype):
     for name, args in _per_op_cases():
@@ -113,7 +116,14 @@ def test_every_op_on_cpu_equals_torch(dtype):
         with ops.use_backend("cpu"):
             got = op(*args)
         for r, g in zip(ref if isinstance(ref, tuple) else (ref,), got if isinstance(got, tuple) else (got,)):
-            assert torch.equal(r, g), name
+            if name in _CPU_KERNEL_OPS:
+                # a C++ kernel (ops/cpu/csrc/small_ops.cpp): the reference's roundings but its own fp32 sum order
+                # and 1/sqrt, so fp32 outputs a few units in the last place apart, bf16/fp16 outputs at most one
+                units = 4 if r.dtype == torch.float32 else 1
+                ulp = units * torch.finfo(r.dtype).eps * r.float().abs() + torch.finfo(r.dtype).tiny
+                assert g.dtype == r.dtype and ((g.float() - r.float()).abs() <= ulp).all(), name
+            else:
+                assert torch.equal(r, g), name
 
 
 # ---------------------------------------------------------------------------------------------- linear kernels

@@ -177,3 +177,29 @@ def test_custom_ops_trace_under_dynamo():
     x = torch.randn(2, 64).bfloat16()
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), step(x))
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_kernel_equals_reference_and_is_row_independent(x_dtype, out_dtype):
+    """Tolerance: the reference's roundings with another fp32 sum order and 1/sqrt for rsqrt, so fp32 outputs
+    within 4 units in the last place, bf16 outputs within one."""
+    from exllamav2 import ops
+    from exllamav2.ops.torch_ref.norm import rms_norm as reference
+    g = torch.Generator().manual_seed(7)
+    for shape in ((1, 1, 576), (3, 5, 100), (17, 7)):
+        x = (torch.randn(*shape, generator=g) * 4).to(x_dtype)
+        for w_dtype in (torch.float32, torch.bfloat16):
+            w = (torch.randn(shape[-1], generator=g) * 0.1 + 1).to(w_dtype)
+            ref = reference(x, w, 1e-6, out_dtype)
+            got = torch.ops.exllamav2_cpu.rms_norm(x, w, 1e-6, out_dtype)
+            units = 4 if out_dtype == torch.float32 else 1
+            tol = units * torch.finfo(out_dtype).eps * ref.float().abs() + torch.finfo(out_dtype).tiny
+            assert got.dtype == out_dtype and ((got.float() - ref.float()).abs() <= tol).all()
+            rows = x.reshape(-1, shape[-1])
+            alone = torch.ops.exllamav2_cpu.rms_norm(rows[-1:], w, 1e-6, out_dtype)
+            assert torch.equal(alone[0], got.reshape(-1, shape[-1])[-1])
+    with ops.use_backend("cpu"):
+        assert ops.rms_norm.choose(x, w, 1e-6, out_dtype).fn.__module__ == "exllamav2.ops.cpu.small_ops"
+    with pytest.raises(RuntimeError, match="weight must hold 7 values"):
+        torch.ops.exllamav2_cpu.rms_norm(torch.randn(2, 7), torch.randn(8), 1e-6, torch.float32)

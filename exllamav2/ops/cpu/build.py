@@ -25,7 +25,7 @@ import torch
 
 KERNEL_VERSION = 1
 LIBRARY_NAME = "exllamav2_cpu"
-SOURCES = ("gemv.cpp",)
+SOURCES = ("gemv.cpp", "small_ops.cpp")
 CSRC = Path(__file__).parent / "csrc"
 COLD_BUILD_SECONDS = 45  # what a cold build took on 2 shared cores (see tests/test_cpu_kernels_build.py)
 # -fopenmp: at::parallel_for is OpenMP inline in the header; the library then binds to the libgomp torch loaded

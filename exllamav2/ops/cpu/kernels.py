@@ -39,6 +39,10 @@ def _register_fakes() -> None:
     def _bf16_gemv_fake(x, weight, bias):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
+    @torch.library.register_fake("exllamav2_cpu::rms_norm")
+    def _rms_norm_fake(x, weight, eps, out_dtype):
+        return x.new_empty(x.shape, dtype=out_dtype)
+
     _registered = True
 
 

@@ -1,0 +1,26 @@
+"""The `cpu` backend's small ops: RMSNorm through the C++ kernel (csrc/small_ops.cpp) in eager mode. Under
+torch.compile the reference code is traced instead, so that inductor fuses the norm with its neighbours; where
+the kernels are not built (no compiler), the reference runs, so pinning the `cpu` backend still covers a model."""
+
+from __future__ import annotations
+
+import torch
+
+from ..torch_ref import norm as _norm
+from . import build, kernels
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_ready: list[bool] = []
+
+
+def _kernels_ready() -> bool:
+    if not _ready:
+        _ready.append(build.disabled_reason() is None and kernels.ready())
+    return _ready[0]
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    if (torch.compiler.is_compiling() or x.dtype not in _FLOATS or w.dtype not in _FLOATS or w.dim() != 1
+            or out_dtype not in _FLOATS or not _kernels_ready()):
+        return _norm.rms_norm(x, w, eps, out_dtype)
+    return torch.ops.exllamav2_cpu.rms_norm(x, w, eps, out_dtype)
