@@ -111,18 +111,22 @@ def test_exl2_kernel_at_1024_with_real_tiles(triton_interpreted):
     assert (k.block_m, k.block_n, k.block_k) == (16, 128, 64) and k.splits > 1
 
 
+# (weight, whether the kernel reads one scale row per K tile: groups in order, each a whole number of tiles)
 GPTQ_CASES = {
-    "4bit_g32_asym_act_order_v1": dict(n_in=256, out=64, group_size=32, act_order=True),
-    "4bit_g128_sym_v2": dict(n_in=384, out=48, group_size=128, sym=True, fmt="gptq_v2", seed=2),
-    "4bit_one_group": dict(n_in=128, out=80, group_size=None, seed=3),
-    "8bit_g64_asym_act_order": dict(n_in=256, out=64, bits=8, group_size=64, act_order=True, seed=5),
-    "8bit_g32_sym_v2": dict(n_in=128, out=96, bits=8, group_size=32, sym=True, fmt="gptq_v2", seed=4),
+    "4bit_g32_asym_act_order_v1": (dict(n_in=256, out=64, group_size=32, act_order=True), False),
+    "4bit_g128_sym_v2": (dict(n_in=384, out=48, group_size=128, sym=True, fmt="gptq_v2", seed=2), True),
+    "4bit_one_group": (dict(n_in=128, out=80, group_size=None, seed=3), True),
+    "8bit_g64_asym_act_order": (dict(n_in=256, out=64, bits=8, group_size=64, act_order=True, seed=5), False),
+    "8bit_g32_sym_v2": (dict(n_in=128, out=96, bits=8, group_size=32, sym=True, fmt="gptq_v2", seed=4), False),
+    "8bit_g128_asym": (dict(n_in=256, out=32, bits=8, group_size=128, seed=6), True),
 }
 
 
 @pytest.mark.parametrize("case", GPTQ_CASES)
 def test_gptq_kernel_equals_reference(case, triton_interpreted):
-    check_kernel(gptq_weight(**GPTQ_CASES[case]))
+    kw, seq_groups = GPTQ_CASES[case]
+    k = check_kernel(gptq_weight(**kw))
+    assert k.seq_groups == seq_groups
 
 
 def test_gptq_kernel_at_1024_with_real_tiles(triton_interpreted):

@@ -23,13 +23,16 @@ import triton.language as tl
 
 @triton.jit
 def gptq_matmul(x_ptr, qw_ptr, qz_ptr, sc_ptr, gidx_ptr, out_ptr, M, N, K, stride_xm, stride_qw, stride_qz,
-                stride_sc, stride_out, tiles_per_split,
+                stride_sc, stride_out, tiles_per_split, group_size,
                 BITS: tl.constexpr, ZERO_PLUS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, DEQUANT: tl.constexpr):
+                BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, DEQUANT: tl.constexpr, SEQ_GROUPS: tl.constexpr):
     """DEQUANT=False: x (M, K) times the K tiles of split program_id(2), into the fp32 partials out (splits, M, N).
-    DEQUANT=True: the tiles themselves into out (K, N) (x and M unused)."""
+    DEQUANT=True: the tiles themselves into out (K, N) (x and M unused).
+    SEQ_GROUPS: rows are in groups of `group_size` in order (no act-order) and a tile lies in one group, so its
+    scales and zeros are one row each; otherwise each row's group is looked up in gidx."""
     PER: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
+    WROWS: tl.constexpr = BLOCK_K // PER
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -44,13 +47,24 @@ def gptq_matmul(x_ptr, qw_ptr, qz_ptr, sc_ptr, gidx_ptr, out_ptr, M, N, K, strid
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         mask2 = k_mask[:, None] & n_mask[None, :]
-        words = tl.load(qw_ptr + (offs_k // PER)[:, None] * stride_qw + offs_n[None, :], mask=mask2, other=0)
-        q = (words >> ((offs_k % PER) * BITS)[:, None]) & MASK
-        g = tl.load(gidx_ptr + offs_k, mask=k_mask, other=0)
-        zw = tl.load(qz_ptr + g[:, None] * stride_qz + (offs_n // PER)[None, :], mask=mask2, other=0)
-        z = ((zw >> ((offs_n % PER) * BITS)[None, :]) & MASK) + ZERO_PLUS
-        s = tl.load(sc_ptr + g[:, None] * stride_sc + offs_n[None, :], mask=mask2, other=0.0)
-        w = ((q - z).to(tl.float32) * s.to(tl.float16).to(tl.float32)).to(tl.float16)
+        # each word once, unpacked to its PER rows (row PER*r + i is field i of word row r)
+        offs_w = t * WROWS + tl.arange(0, WROWS)
+        words = tl.load(qw_ptr + offs_w[:, None] * stride_qw + offs_n[None, :],
+                        mask=(offs_w < K // PER)[:, None] & n_mask[None, :], other=0)
+        q = (words[:, None, :] >> (tl.arange(0, PER) * BITS)[None, :, None]) & MASK
+        q = tl.reshape(q, (BLOCK_K, BLOCK_N))
+        if SEQ_GROUPS:
+            g = (t * BLOCK_K) // group_size
+            zw = tl.load(qz_ptr + g * stride_qz + offs_n // PER, mask=n_mask, other=0)
+            z = ((zw >> ((offs_n % PER) * BITS)) & MASK) + ZERO_PLUS
+            s = tl.load(sc_ptr + g * stride_sc + offs_n, mask=n_mask, other=0.0).to(tl.float16).to(tl.float32)
+            w = ((q - z[None, :]).to(tl.float32) * s[None, :]).to(tl.float16)
+        else:
+            g = tl.load(gidx_ptr + offs_k, mask=k_mask, other=0)
+            zw = tl.load(qz_ptr + g[:, None] * stride_qz + (offs_n // PER)[None, :], mask=mask2, other=0)
+            z = ((zw >> ((offs_n % PER) * BITS)[None, :]) & MASK) + ZERO_PLUS
+            s = tl.load(sc_ptr + g[:, None] * stride_sc + offs_n[None, :], mask=mask2, other=0.0)
+            w = ((q - z).to(tl.float32) * s.to(tl.float16).to(tl.float32)).to(tl.float16)
         if DEQUANT:
             tl.store(out_ptr + offs_k[:, None] * stride_out + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
                      mask=mask2)
@@ -75,17 +89,19 @@ DEQUANT_LAUNCH = dict(num_warps=4, num_stages=2)
 
 _SIG = {"x_ptr": "*{dt}", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "gidx_ptr": "*i32",
         "out_ptr": "*{out}", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_qw": "i32",
-        "stride_qz": "i32", "stride_sc": "i32", "stride_out": "i32", "tiles_per_split": "i32", "BITS": "constexpr",
-        "ZERO_PLUS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-        "DOT_F32": "constexpr", "DEQUANT": "constexpr"}
+        "stride_qz": "i32", "stride_sc": "i32", "stride_out": "i32", "tiles_per_split": "i32", "group_size": "i32",
+        "BITS": "constexpr", "ZERO_PLUS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+        "BLOCK_K": "constexpr", "DOT_F32": "constexpr", "DEQUANT": "constexpr", "SEQ_GROUPS": "constexpr"}
 
 AOT_SPECS = [
     *({"kernel": "gptq_matmul", "signature": {k: v.format(dt=dt, out="fp32") for k, v in _SIG.items()},
-       "constexprs": {**MATMUL_TILE, "BITS": bits, "ZERO_PLUS": 1, "DOT_F32": False, "DEQUANT": False},
+       "constexprs": {**MATMUL_TILE, "BITS": bits, "ZERO_PLUS": 1, "DOT_F32": False, "DEQUANT": False,
+                      "SEQ_GROUPS": seq},
        "options": MATMUL_LAUNCH, "aot_default": dt == "fp16" and bits == 4}
-      for dt in ("fp16", "bf16") for bits in (4, 8)),
+      for dt in ("fp16", "bf16") for bits in (4, 8) for seq in (True, False)),
     *({"kernel": "gptq_matmul", "signature": {k: v.format(dt=dt, out=dt) for k, v in _SIG.items()},
-       "constexprs": {**DEQUANT_TILE, "BITS": bits, "ZERO_PLUS": 0, "DOT_F32": False, "DEQUANT": True},
-       "options": DEQUANT_LAUNCH, "aot_default": dt == "fp16" and bits == 8}
-      for dt in ("fp16", "bf16") for bits in (4, 8)),
+       "constexprs": {**DEQUANT_TILE, "BITS": bits, "ZERO_PLUS": 0, "DOT_F32": False, "DEQUANT": True,
+                      "SEQ_GROUPS": seq},
+       "options": DEQUANT_LAUNCH, "aot_default": dt == "fp16" and bits == 8 and not seq}
+      for dt in ("fp16", "bf16") for bits in (4, 8) for seq in (True, False)),
 ]

@@ -32,6 +32,11 @@ class GptqKernel(PackedKernel):
         self.gidx = gi if gi.dtype == torch.int32 and gi.is_contiguous() else self.own(gi.to(torch.int32).contiguous())
         tile = self.k.MATMUL_TILE
         self.block_m, self.block_n, self.block_k = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]
+        # groups in row order, each a whole number of K tiles: one scale row per tile (see gptq_kernels.py)
+        gs = t.group_size
+        self.group_size = gs
+        self.seq_groups = (not t.act_order and gs % self.block_k == 0 and gs % self.k.DEQUANT_TILE["BLOCK_K"] == 0
+                           and torch.equal(gi.cpu().long(), torch.arange(self.in_features) // gs))
         k_tiles = triton_cdiv(self.in_features, self.block_k)
         splits = split_count(triton_cdiv(self.out_features, self.block_n), k_tiles, max(1, self.in_features // 256))
         self.tiles_per_split = triton_cdiv(k_tiles, splits)
@@ -47,15 +52,16 @@ class GptqKernel(PackedKernel):
         grid = (triton_cdiv(m, self.block_m), triton_cdiv(self.out_features, self.block_n), self.splits)
         self.k.gptq_matmul[grid](
             x, self.qw, self.qz, self.sc, self.gidx, part, m, self.out_features, self.in_features, x.stride(0),
-            self.qw.stride(0), self.qz.stride(0), self.sc.stride(0), 0, self.tiles_per_split,
+            self.qw.stride(0), self.qz.stride(0), self.sc.stride(0), 0, self.tiles_per_split, self.group_size,
             BITS=self.bits, ZERO_PLUS=self.zero_plus, BLOCK_M=self.block_m, BLOCK_N=self.block_n,
             BLOCK_K=self.block_k, DOT_F32=self.interpret and x.dtype == torch.bfloat16, DEQUANT=False,
-            **self.k.MATMUL_LAUNCH)
+            SEQ_GROUPS=self.seq_groups, **self.k.MATMUL_LAUNCH)
 
     def _launch_dequant(self, w: torch.Tensor) -> None:
         tile = self.k.DEQUANT_TILE
         grid = (1, triton_cdiv(self.out_features, tile["BLOCK_N"]), triton_cdiv(self.in_features, tile["BLOCK_K"]))
         self.k.gptq_matmul[grid](
             w, self.qw, self.qz, self.sc, self.gidx, w, 0, self.out_features, self.in_features, 0,
-            self.qw.stride(0), self.qz.stride(0), self.sc.stride(0), w.stride(0), 1,
-            BITS=self.bits, ZERO_PLUS=self.zero_plus, DOT_F32=False, DEQUANT=True, **tile, **self.k.DEQUANT_LAUNCH)
+            self.qw.stride(0), self.qz.stride(0), self.sc.stride(0), w.stride(0), 1, self.group_size,
+            BITS=self.bits, ZERO_PLUS=self.zero_plus, DOT_F32=False, DEQUANT=True, SEQ_GROUPS=self.seq_groups,
+            **tile, **self.k.DEQUANT_LAUNCH)
