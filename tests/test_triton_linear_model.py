@@ -15,7 +15,6 @@ import torch
 pytest.importorskip("triton")
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ops  # noqa: E402
-from exllamav2.fused_linear import FusedLinear  # noqa: E402
 from exllamav2.linear import ExLlamaV2Linear  # noqa: E402
 from test_backends import _quantized_folder  # noqa: E402
 from test_gguf_support import write_tiny_gguf  # noqa: E402

@@ -284,52 +284,61 @@ def run(args) -> dict:
     log(f"bench_linears: {name}; formats {', '.join(formats)}; M {list(rows_list)}")
     fp16_times: dict = {}
     t_start = time.time()
+    failed_formats = set()
     for fmt in formats:
         per_layer_res = per_layer_file = 0
         for shape_name, ((out, n_in), count) in shapes.items():
-            t0 = time.time()
-            q, file_bytes = make_weight(fmt, out, n_in, device, seed=out + n_in)
-            if fmt == "fp16":
-                res = file_bytes
-                weights = [q] + [q.clone() for _ in range(max(0, _copies(res, l2) - 1))]
-                fns_for = {m: [(lambda w=w, x=x: F.linear(x, w)) for w in weights]
-                           for m, x in ((m, torch.randn(m, n_in, device=device).half()) for m in rows_list)}
-                paths = {"dense": fns_for}
-            else:
-                with ops.use_backend("triton"):
-                    kernels = {dt: ops.prepare_linear(None, None, q, device, dt, name=q.key)
-                               for dt in (torch.float16, torch.bfloat16)}
-                k = kernels[torch.float16]
-                res = resident_bytes(k)
-                report["checks"][f"{fmt} {shape_name}"] = check_format(fmt, q, kernels, device, max(rows_list), args.cpu)
-                copies = [k] + [_copy_kernel(fmt, out, n_in, device, i) for i in range(1, _copies(res, l2))]
-                paths = {}
-                for path in ("fused", "dense"):
-                    paths[path] = {m: [(lambda kk=kk, x=x, p=path: getattr(kk, f"{p}_matmul")(x)) for kk in copies]
-                                   for m, x in ((m, torch.randn(m, n_in, device=device).half()) for m in rows_list)}
-            per_layer_res += res * count
-            per_layer_file += file_bytes * count
-            for path, by_m in paths.items():
-                for m, fns in by_m.items():
-                    if args.cpu and path != "dense" and fmt != "fp16" and m > triton_linear.DENSE_ROWS:
-                        continue   # the interpreter is slow: time the path each M takes
-                    if args.cpu and path == "dense" and fmt != "fp16" and m <= triton_linear.DENSE_ROWS:
-                        continue
-                    sec, graphed = time_calls(fns, device, args.reps)
-                    row = {"format": fmt, "shape": shape_name, "out": out, "in": n_in, "M": m, "path": path,
-                           "us": sec * 1e6, "weight_gbs": res / sec / 1e9, "graphed": graphed,
-                           "auto": fmt == "fp16" or (path == "dense") == (m > triton_linear.DENSE_ROWS)}
-                    if report["peak_gbs"]:
-                        row["share_of_peak"] = row["weight_gbs"] / report["peak_gbs"]
-                    if fmt == "fp16":
-                        fp16_times[(shape_name, m)] = sec
-                    elif (shape_name, m) in fp16_times:
-                        row["speedup_vs_fp16"] = fp16_times[(shape_name, m)] / sec
-                    report["timings"].append(row)
-            del q, paths
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            log(f"  {fmt:15s} {shape_name:18s} {time.time() - t0:6.1f} s")
+            try:
+                t0 = time.time()
+                q, file_bytes = make_weight(fmt, out, n_in, device, seed=out + n_in)
+                if fmt == "fp16":
+                    res = file_bytes
+                    weights = [q] + [q.clone() for _ in range(max(0, _copies(res, l2) - 1))]
+                    fns_for = {m: [(lambda w=w, x=x: F.linear(x, w)) for w in weights]
+                               for m, x in ((m, torch.randn(m, n_in, device=device).half()) for m in rows_list)}
+                    paths = {"dense": fns_for}
+                else:
+                    with ops.use_backend("triton"):
+                        kernels = {dt: ops.prepare_linear(None, None, q, device, dt, name=q.key)
+                                   for dt in (torch.float16, torch.bfloat16)}
+                    k = kernels[torch.float16]
+                    res = resident_bytes(k)
+                    report["checks"][f"{fmt} {shape_name}"] = check_format(fmt, q, kernels, device, max(rows_list), args.cpu)
+                    copies = [k] + [_copy_kernel(fmt, out, n_in, device, i) for i in range(1, _copies(res, l2))]
+                    paths = {}
+                    for path in ("fused", "dense"):
+                        paths[path] = {m: [(lambda kk=kk, x=x, p=path: getattr(kk, f"{p}_matmul")(x)) for kk in copies]
+                                       for m, x in ((m, torch.randn(m, n_in, device=device).half()) for m in rows_list)}
+                per_layer_res += res * count
+                per_layer_file += file_bytes * count
+                for path, by_m in paths.items():
+                    for m, fns in by_m.items():
+                        if args.cpu and path != "dense" and fmt != "fp16" and m > triton_linear.DENSE_ROWS:
+                            continue   # the interpreter is slow: time the path each M takes
+                        if args.cpu and path == "dense" and fmt != "fp16" and m <= triton_linear.DENSE_ROWS:
+                            continue
+                        sec, graphed = time_calls(fns, device, args.reps)
+                        row = {"format": fmt, "shape": shape_name, "out": out, "in": n_in, "M": m, "path": path,
+                               "us": sec * 1e6, "weight_gbs": res / sec / 1e9, "graphed": graphed,
+                               "auto": fmt == "fp16" or (path == "dense") == (m > triton_linear.DENSE_ROWS)}
+                        if report["peak_gbs"]:
+                            row["share_of_peak"] = row["weight_gbs"] / report["peak_gbs"]
+                        if fmt == "fp16":
+                            fp16_times[(shape_name, m)] = sec
+                        elif (shape_name, m) in fp16_times:
+                            row["speedup_vs_fp16"] = fp16_times[(shape_name, m)] / sec
+                        report["timings"].append(row)
+                del q, paths
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                log(f"  {fmt:15s} {shape_name:18s} {time.time() - t0:6.1f} s")
+            except Exception as e:  # one format failing on a GPU must not cost the others' figures
+                import traceback
+                traceback.print_exc()
+                report["checks"][f"{fmt} {shape_name}"] = [{"check": "ran", "ok": False, "error": repr(e)}]
+                failed_formats.add(fmt)
+        if fmt in failed_formats:
+            continue
         report["resident"][fmt] = {"layer_resident_bytes": per_layer_res, "layer_file_bytes": per_layer_file,
                                    "ratio": per_layer_res / per_layer_file,
                                    "bits_per_weight": 8 * per_layer_file / sum(o * i * c for (o, i), c in shapes.values())}
