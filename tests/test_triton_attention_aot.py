@@ -19,7 +19,7 @@ from exllamav2.ops.triton import attn_meta, kernels  # noqa: E402
 KERNELS = "exllamav2.ops.triton.attn_kernels"
 # the most shared memory one block may use (opt-in), per compute capability
 SMEM_LIMIT = {90: 232448, 89: 101376, 86: 101376}
-DTYPES = {"fp16": "*fp16", "bf16": "*bf16"}
+DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +63,10 @@ def _attn_fwd(mod, cc, dtype, head_dim, split, paged, causal=True, mask=False, w
     # block tables and lengths: int32 from PagedParams, int64 as the decode-only params hold them
     ptrs.update({"block_table": index, "kv_lens": index})
     sig = _signature(fn, ptrs, floats=("scale", "softcap"))
-    cfg = attn_meta.tile_config(head_dim, split)
+    cfg = attn_meta.tile_config(head_dim, split, 4 if dtype == "fp32" else 2)
     const = dict(G=4, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=attn_meta.block_d(head_dim), PAGED=paged,
                  CAUSAL=causal, HAS_MASK=mask, HAS_WINDOW=window, SOFTCAP=softcap, SPLIT=split,
-                 MIN_SPLIT=attn_meta.MIN_SPLIT, MAX_SPLITS=attn_meta.MAX_SPLITS, DOT_F32=False, IEEE=False,
+                 MIN_SPLIT=attn_meta.MIN_SPLIT, MAX_SPLITS=attn_meta.MAX_SPLITS, DOT_F32=False, IEEE=dtype == "fp32",
                  WHILE_LOOP=False)
     return _compile(fn, sig, const, cc, cfg.num_warps, cfg.num_stages)
 
@@ -80,11 +80,12 @@ def _check(mod, cc, dtype, d, split, **extra):
 
 
 def test_paged_kernel_compiles_and_fits_each_arch(compiled_kernels):
-    """One configuration per architecture: the full-featured bf16 decode on sm_90, the largest prefill tile (head
-    dim 256) against the 99 KB of sm_86, a plain fp16 decode on sm_89."""
+    """A few configurations: the full-featured bf16 decode on sm_90, the largest prefill tiles (head dim 256 in
+    fp16, 128 in fp32) against the 99 KB of sm_86, an fp16 decode with int64 tables on sm_89."""
     _check(compiled_kernels, 90, "bf16", 128, True, window=True, softcap=True)
     _check(compiled_kernels, 86, "fp16", 256, False)
     _check(compiled_kernels, 89, "fp16", 128, True, index="*i64")
+    _check(compiled_kernels, 86, "fp32", 128, False)  # fp32 tiles are smaller, or they would not fit
 
 
 @pytest.mark.slow
@@ -95,6 +96,9 @@ def test_every_tile_config_compiles_and_fits(compiled_kernels, cc):
         for d in (64, 96, 128, 256):
             for split in (True, False):
                 _check(compiled_kernels, cc, dtype, d, split, window=d == 96, softcap=d == 256)
+    for d in (64, 128, 256):  # fp32 activations: exact fp32 dots (IEEE, not TF32), smaller tiles
+        for split in (True, False):
+            _check(compiled_kernels, cc, "fp32", d, split)
 
 
 def test_contiguous_variant_and_small_kernels_compile(compiled_kernels):

@@ -61,13 +61,13 @@ def attention(q, k, v, mask, scale: float, softcap: float = 0.0, is_causal: bool
     if s > attn_meta.DECODE_MAX_Q and prefill_impl() == "sdpa":
         return _ref.attention(q, k, v, mask, scale, softcap, is_causal)
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
-    key = (b, s, hq // hk, d, str(q.device))
+    key = (b, s, hq // hk, d, q.element_size(), str(q.device))
     meta = _CONTIG_META.get(key)
     if meta is None:
         if len(_CONTIG_META) > 64:
             _CONTIG_META.clear()
         meta = _CONTIG_META[key] = attn_meta.build([s] * b, torch.zeros(b, dtype=torch.int32), hq // hk, d,
-                                                   q.device, packed=False)
+                                                   q.device, packed=False, elem_bytes=q.element_size())
     meta = attn_meta.AttnMeta(meta.q_starts, meta.q_lens, torch.full((b,), t, dtype=torch.int32, device=q.device),
                               meta.part_base, meta.launches)
     out = torch.empty_like(q)

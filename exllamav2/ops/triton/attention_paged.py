@@ -25,13 +25,13 @@ def _check_layout(q, kflat, vflat):
         raise ValueError("paged_attention: KV cache pages must be contiguous in the head dim")
 
 
-def _packed_meta(params, group: int, d: int, device) -> tuple[attn_meta.AttnMeta, torch.Tensor]:
+def _packed_meta(params, group: int, d: int, elem_bytes: int, device) -> tuple[attn_meta.AttnMeta, torch.Tensor]:
     """Per forward (shared by the layers through params._cache): the launch metadata and the int32 block table."""
-    key = ("triton_attn", group, d, str(device))
+    key = ("triton_attn", group, d, elem_bytes, str(device))
     hit = params._cache.get(key)
     if hit is None:
         kv = torch.tensor([p + ql for p, ql in zip(params.past_lens, params.q_lens)], dtype=torch.int32)
-        meta = attn_meta.build(params.q_lens, kv, group, d, device)
+        meta = attn_meta.build(params.q_lens, kv, group, d, device, elem_bytes=elem_bytes)
         hit = params._cache[key] = (meta, params.block_index.to(device=device, dtype=torch.int32))
     return hit
 
@@ -59,7 +59,7 @@ def paged_attention(q, k, v, k_pages, v_pages, params, sliding_window: int, scal
         return out.view(1, T, hq * d)
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     kv_write(k[0], v[0], kflat, vflat, params.slots.to(q.device))
-    meta, block_table = _packed_meta(params, hq // kflat.shape[0], d, q.device)
+    meta, block_table = _packed_meta(params, hq // kflat.shape[0], d, q.element_size(), q.device)
     out = torch.empty(1, T, hq, d, dtype=q.dtype, device=q.device)
     if prefill_impl() == "sdpa" and any(not ln.split for ln in meta.launches):
         meta = attn_meta.AttnMeta(meta.q_starts, meta.q_lens, meta.kv_lens, meta.part_base,
@@ -72,14 +72,15 @@ def paged_attention(q, k, v, k_pages, v_pages, params, sliding_window: int, scal
 _DECODE_META: dict = {}
 
 
-def _decode_meta(num_seqs: int, kv_lens: torch.Tensor, group: int, d: int, device) -> attn_meta.AttnMeta:
+def _decode_meta(num_seqs: int, kv_lens: torch.Tensor, group: int, d: int, elem_bytes: int,
+                 device) -> attn_meta.AttnMeta:
     """The tiles of a decode-only call depend on the batch size alone: built once per shape, on the device."""
-    key = (num_seqs, group, d, str(device))
+    key = (num_seqs, group, d, elem_bytes, str(device))
     meta = _DECODE_META.get(key)
     if meta is None:
         if len(_DECODE_META) > 64:
             _DECODE_META.clear()
-        meta = _DECODE_META[key] = attn_meta.build_decode(num_seqs, kv_lens, group, d, device)
+        meta = _DECODE_META[key] = attn_meta.build_decode(num_seqs, kv_lens, group, d, device, elem_bytes)
     return attn_meta.AttnMeta(meta.q_starts, meta.q_lens, kv_lens, meta.part_base, meta.launches)
 
 
@@ -92,7 +93,7 @@ def triton_paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kflat
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     kv_write(k, v, kflat, vflat, slots)
     out = torch.empty_like(q)
-    meta = _decode_meta(q.shape[0], kv_lens, q.shape[1] // kflat.shape[0], q.shape[2], q.device)
+    meta = _decode_meta(q.shape[0], kv_lens, q.shape[1] // kflat.shape[0], q.shape[2], q.element_size(), q.device)
     _paged_launch(meta, q, kflat, vflat, out, block_index, page_size, window, scale, softcap)
     return out
 

@@ -25,10 +25,17 @@ class TileConfig:
     num_stages: int
 
 
-def tile_config(head_dim: int, split: bool) -> TileConfig:
-    """Tile sizes for a head dim (padded to a power of two) and sequence class; shared memory stays under the
-    99 KB a block may use on sm_86/sm_89 (checked by tests/test_triton_attention_aot.py)."""
+def tile_config(head_dim: int, split: bool, elem_bytes: int = 2) -> TileConfig:
+    """Tile sizes for a head dim (padded to a power of two), sequence class and element size (2: fp16/bf16,
+    4: fp32); shared memory stays under the 99 KB a block may use on sm_86/sm_89 (checked by
+    tests/test_triton_attention_aot.py)."""
     d = block_d(head_dim)
+    if elem_bytes > 2:
+        if split:
+            return TileConfig(16, 64 if d <= 128 else 32, 4, 2)
+        if d <= 64:
+            return TileConfig(64, 64, 4, 2)
+        return TileConfig(64, 32, 4, 2) if d <= 128 else TileConfig(32, 32, 4, 1)
     if split:
         return TileConfig(16, 64, 4, 2)
     if d <= 128:
@@ -70,8 +77,8 @@ def _i32(x, device) -> torch.Tensor:
     return torch.tensor(x, dtype=torch.int32, device=device)
 
 
-def build(q_lens: list[int], kv_lens: torch.Tensor, group: int, head_dim: int, device,
-          packed: bool = True) -> AttnMeta:
+def build(q_lens: list[int], kv_lens: torch.Tensor, group: int, head_dim: int, device, packed: bool = True,
+          elem_bytes: int = 2) -> AttnMeta:
     """Metadata for sequences with these new-token counts (host ints: shapes, not data) and kv_lens (a device
     tensor, never read on the host). `packed`: the sequences' rows follow each other in one packed q (paged);
     else each sequence is a batch row starting at row 0 (contiguous)."""
@@ -83,7 +90,7 @@ def build(q_lens: list[int], kv_lens: torch.Tensor, group: int, head_dim: int, d
         split = ql <= DECODE_MAX_Q
         starts.append(row if packed else 0)
         row += ql
-        cfg = tile_config(head_dim, split)
+        cfg = tile_config(head_dim, split, elem_bytes)
         for m in range(-(-ql * group // cfg.block_m)):
             tiles[split][0].append(i)
             tiles[split][1].append(m)
@@ -98,7 +105,7 @@ def build(q_lens: list[int], kv_lens: torch.Tensor, group: int, head_dim: int, d
         ts, tm = tiles[split]
         if not ts:
             continue
-        ln = Launch(split, tile_config(head_dim, split), _i32(ts, device), _i32(tm, device))
+        ln = Launch(split, tile_config(head_dim, split, elem_bytes), _i32(ts, device), _i32(tm, device))
         if split:
             ln.num_rows, ln.part_seq, ln.part_tok = prow, _i32(parts_seq, device), _i32(parts_tok, device)
         launches.append(ln)
@@ -106,9 +113,10 @@ def build(q_lens: list[int], kv_lens: torch.Tensor, group: int, head_dim: int, d
                     _i32(part_base, device), launches)
 
 
-def build_decode(num_seqs: int, kv_lens: torch.Tensor, group: int, head_dim: int, device) -> AttnMeta:
+def build_decode(num_seqs: int, kv_lens: torch.Tensor, group: int, head_dim: int, device,
+                 elem_bytes: int = 2) -> AttnMeta:
     """Decode-only metadata (one token per sequence), built on the device from shapes alone: no host sync."""
-    cfg = tile_config(head_dim, True)
+    cfg = tile_config(head_dim, True, elem_bytes)
     m_tiles = -(-group // cfg.block_m)
     seqs = torch.arange(num_seqs, dtype=torch.int32, device=device)
     ln = Launch(True, cfg, seqs.repeat_interleave(m_tiles), torch.arange(m_tiles, dtype=torch.int32,
