@@ -1,4 +1,5 @@
-"""Triton kernels of the attention ops (host side: attention.py, launch metadata: attn_meta.py).
+"""Triton kernels of the attention ops (the ops: attention.py, attention_paged.py; launches: attn_launch.py;
+launch metadata: attn_meta.py).
 
 - `attn_fwd`: flash attention for one (tile of query rows, KV head, KV split). A tile's rows are (token, query head
   of the KV head's group) pairs, row = token * G + g, so the G query heads that share a KV head read each K/V
@@ -27,7 +28,8 @@ import triton.language as tl
 
 @triton.jit
 def _split_size(kv_len, MIN_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys per split: at least MIN_SPLIT, and large enough that at most MAX_SPLITS splits cover kv_len."""
+    """Keys per split: at least MIN_SPLIT (a multiple of every BLOCK_N), and large enough that at most MAX_SPLITS
+    splits cover kv_len."""
     per = ((kv_len + MAX_SPLITS - 1) // MAX_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     return tl.maximum(per, MIN_SPLIT)
 
