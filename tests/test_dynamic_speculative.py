@@ -73,6 +73,9 @@ def run(model, tok, prompts=PROMPTS, max_new=40, cache_len=512, settings=None, j
                 streamed[r["identifier"]] += r["token_ids"].flatten().tolist()
                 if r["eos"]:
                     last[r["identifier"]] = r
+        for j in gen.active:  # rejected drafts' pages went back: a decoding job holds its sequence's pages only
+            if j.remaining_input() == 1:
+                assert len(j.pages) <= -(-len(j.sequence) // PAGE), "a job kept pages of rejected drafts"
     assert gen.page_table.num_used_pages() == 0, "pages were not released"
     for i, j in enumerate(jobs):
         assert streamed[i] == j.new_token_ids, "the results' token_ids do not add up to the job's tokens"
@@ -200,3 +203,30 @@ def test_bad_speculative_arguments(tiny, drafts):
         ExLlamaV2DynamicGenerator(model, cache, tok, page_size=PAGE, use_ngram_draft=True, num_draft_tokens=0)
     with pytest.raises(ValueError, match="draft_cache was given without a draft_model"):
         ExLlamaV2DynamicGenerator(model, cache, tok, page_size=PAGE, draft_cache=cache)
+
+
+def test_smollm2_ngram_and_draft_model_give_the_plain_output(smollm2_default):
+    """SmolLM2 in its default weights (int4 blocks, bf16 activations), asked to copy a sentence: n-gram drafts are
+    accepted (fewer forwards) and the tokens are the plain job's, bit for bit; so are a draft model's (the model itself, so
+    its drafts are right: verified rows computed as one-token sequences equal the plain decode's rows)."""
+    model, tok = smollm2_default
+    text = "The keeper climbed the spiral stairs, lit the lamp and watched the ships pass far below."
+    prompt = tok.apply_chat_template([{"role": "user", "content": f"Repeat this sentence exactly:\n\n{text}"}])
+
+    def go(**kw):
+        gen = ExLlamaV2DynamicGenerator(model, ExLlamaV2Cache(model, 1, 512), tok, page_size=64, **kw)
+        job = ExLlamaV2DynamicJob(tok.encode(prompt, encode_special_tokens=True), 32, stop_conditions=[],
+                                  gen_settings=ExLlamaV2Sampler.Settings.greedy())
+        gen.enqueue(job)
+        last = None
+        while gen.num_remaining_jobs():
+            for r in gen.iterate():
+                last = r if r.get("eos") else last
+        return job.new_token_ids, last, gen
+
+    plain, _, plain_gen = go()
+    ngram, r, gen = go(use_ngram_draft=True)
+    assert ngram == plain
+    assert r["accepted_draft_tokens"] > 0 and gen.num_forwards < plain_gen.num_forwards
+    same, r, _ = go(draft_model=model, draft_cache=ExLlamaV2Cache(model, 1, 512), num_draft_tokens=3)
+    assert same == plain and r["accepted_draft_tokens"] > 0

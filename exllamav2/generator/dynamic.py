@@ -320,8 +320,8 @@ class ExLlamaV2DynamicGenerator:
             return results
         drafts = self._make_drafts(segments)
         # a decoding job feeds its last token and the drafts it got (the plan made room for num_draft_tokens)
-        segments = [(job, 1 + len(drafts.get(job, ())) if job.remaining_input() == 1 else n, w)
-                    for job, n, w in segments]
+        decoding = {job for job, _, _ in segments if job.remaining_input() == 1}
+        segments = [(job, 1 + len(drafts.get(job, ())) if job in decoding else n, w) for job, n, w in segments]
 
         ids = torch.tensor([t for job, n, _ in segments
                             for t in job.sequence[job.kv_len:job.kv_len + n] + drafts.get(job, [])],
@@ -383,7 +383,7 @@ class ExLlamaV2DynamicGenerator:
                 row += 1
             if job.finished:
                 self._retire(job)
-            elif job in drafts:  # pages taken only for rejected drafts go back
+            elif self.speculative and job in decoding:  # pages taken only for drafts that were not accepted
                 keep = -(-job.kv_len // self.page_size)
                 if len(job.pages) > keep:
                     self.page_table.release(job.pages[keep:])
