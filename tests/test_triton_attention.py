@@ -209,6 +209,19 @@ def test_paged_sequence_is_batch_invariant(kdev):
         start += n
 
 
+def test_multi_token_rows_equal_single_token_decode(kdev):
+    """A 4-token block (speculative verification) gives each row the bits that row gets decoded alone: keys past
+    a row's position are masked to exact zeros and the split boundaries depend on the length bucket only."""
+    past, page = 290, 16
+    q, k, v, kp, vp, params = _paged_case(13, [past], [4], page, 8, 2, 64, device=kdev)
+    block = _triton(ops.paged_attention, q, k, v, kp, vp, params, 0, 0.125, 0.0)
+    table = params.block_index[0].tolist()
+    for i in range(4):
+        one = PagedParams([table], [past + i], [1], page, device=kdev)
+        row = _triton(ops.paged_attention, q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], kp, vp, one, 0, 0.125, 0.0)
+        assert torch.equal(row, block[:, i:i + 1]), f"row {i}"
+
+
 def test_paged_decode_params_from_device_tensors(kdev):
     """Decode-only params built from device tensors (paged_attn.PagedDecodeParams, when present)."""
     from exllamav2 import paged_attn
