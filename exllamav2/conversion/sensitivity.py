@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..ops.dispatch import use_backend
+
 
 def output_gradient_moments(model, linears, ids: torch.Tensor, progress: bool = True) -> dict[str, torch.Tensor]:
     """{linear key: (out_features,) mean over tokens of (dLoss/dy_i)^2} for the loaded model over the rows of ids
@@ -44,7 +46,8 @@ def output_gradient_moments(model, linears, ids: torch.Tensor, progress: bool = 
     embedding.forward = lambda *a, **k: embed_forward(*a, **k).detach().requires_grad_()
     tokens = 0
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        # the torch reference ops: other backends' kernels (e.g. the cpu backend's rms_norm) have no autograd
+        with use_backend("torch"), torch.inference_mode(False), torch.enable_grad():
             for r in tqdm(range(ids.shape[0]), desc="Sensitivity", unit="row", disable=not progress):
                 row = ids[r:r + 1].to(embedding.device())
                 logits = model.forward_chunk(row[:, :-1])["logits"]
