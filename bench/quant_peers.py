@@ -104,7 +104,8 @@ def _convert_worker(kwargs: dict, queue) -> None:
     try:
         summary = convert_exl2(ConvertSettings(**kwargs), progress=True, on_step=on_step)
     except BaseException as e:  # reported to the parent, which names the run
-        queue.put({"error": f"{type(e).__name__}: {e}"})
+        import traceback
+        queue.put({"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"})
         return
     queue.put({"summary": {k: summary[k] for k in ("bpw", "head_bpw", "strategy")}, "seconds": time.time() - t0,
                "quant_seconds_per_module": sum(layer_times[1:]) / max(1, len(layer_times) - 1),
