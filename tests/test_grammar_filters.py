@@ -241,3 +241,19 @@ def test_mask_is_computed_in_the_worker_beside_the_caller(tiny):
     f.feed(tok.single_id("{"))
     allowed, _ = f.next()
     assert allowed and seen and all(name.startswith("exllamav2-grammar") for name in seen)
+
+
+@pytest.mark.slow
+def test_bench_grammar_runs():
+    """bench/bench_grammar.py end to end on SmolLM2 (a short run: it guards the script, not the figures)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "bench", "bench_grammar.py"), "--reps", "1",
+                        "--max-tokens", "24", "--no-backends"], capture_output=True, text=True, timeout=1800, cwd=root,
+                       env=dict(os.environ, PYTHONPATH=root))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for row in ("| unconstrained", "| JSON schema (llguidance)", "overhead per token", "main-thread work per token"):
+        assert row in r.stdout, r.stdout
