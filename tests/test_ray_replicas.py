@@ -27,7 +27,7 @@ from test_dynamic_tiny import PAGE, tiny  # noqa: E402,F401  (fixture)
 
 ENGINE = dict(dtype="float32", page_size=PAGE, cache_tokens=2048, max_seq_len=512, max_batch_size=4)
 CLI = ["--dtype", "float32", "--page-size", str(PAGE), "--cache-tokens", "2048", "--max-seq-len", "512",
-       "--max-batch-size", "4", "--max-queue", "4", "--model-name", "tiny", "--max-request-bytes", "65536"]
+       "--max-batch-size", "4", "--max-queue", "12", "--model-name", "tiny", "--max-request-bytes", "65536"]
 PROMPTS = ["The capital of France is", "Once upon a time", "def main():\n", "1, 2, 3, 4, 5,"]
 SHARED = ("You are a helpful assistant. Answer briefly and precisely, and say so when you do not know. " * 4)
 
@@ -70,9 +70,19 @@ def per_replica(m: dict, name: str, **labels) -> dict:
     return {r: v.get(key, 0.0) for r, v in m.get(name, {}).items() if r}
 
 
-def fresh_metrics(cluster) -> dict:
-    time.sleep(1.6)  # replicas post their metrics every second
-    return scrape(cluster)
+def settled_metrics(cluster, timeout=20.0) -> dict:
+    """/metrics once two scrapes 1.2 s apart agree on every replica's request and token counts (replicas post
+    their metrics every second; under load a post can come late)."""
+    keys = ("exllamav2_requests_total", "exllamav2_generation_tokens_total", "exllamav2_prompt_tokens_total")
+    deadline = time.time() + timeout
+    last = None
+    while True:
+        m = scrape(cluster)
+        now = {k: m.get(k) for k in keys}
+        if now == last or time.time() > deadline:
+            return m
+        last = now
+        time.sleep(1.2)
 
 
 def wait_idle(cluster, timeout=30.0) -> dict:
@@ -116,7 +126,8 @@ def test_greedy_answers_equal_the_single_process_server(cluster, client, single)
 
 
 def test_both_replicas_serve_as_metrics_show(cluster, client):
-    before = per_replica(scrape(cluster), "exllamav2_requests_total", route="/v1/completions", status="200")
+    before = per_replica(settled_metrics(cluster), "exllamav2_requests_total", route="/v1/completions",
+                         status="200")
     threads = [threading.Thread(target=client.completions.create,
                                 kwargs=dict(model="tiny", prompt=f"{i} {PROMPTS[i % 4]}", max_tokens=24,
                                             temperature=0)) for i in range(8)]
@@ -124,10 +135,10 @@ def test_both_replicas_serve_as_metrics_show(cluster, client):
         t.start()
     for t in threads:
         t.join(120)
-    m = fresh_metrics(cluster)
+    m = settled_metrics(cluster)
     after = per_replica(m, "exllamav2_requests_total", route="/v1/completions", status="200")
-    assert len(after) == 2
     served = {r: after[r] - before.get(r, 0) for r in after}
+    assert len(after) == 2
     assert sum(served.values()) == 8 and all(n > 0 for n in served.values()), served
     for name in ("exllamav2_kv_pages_free", "exllamav2_queue_depth", "exllamav2_prefix_cache_hit_tokens_total",
                  "exllamav2_time_to_first_token_seconds_count", "exllamav2_prompt_tokens_total"):
@@ -137,12 +148,12 @@ def test_both_replicas_serve_as_metrics_show(cluster, client):
 
 
 def test_shared_prefix_stays_on_one_replica_and_hits_its_cache(cluster, client):
-    m0 = scrape(cluster)
+    m0 = settled_metrics(cluster)
     req0 = per_replica(m0, "exllamav2_requests_total", route="/v1/completions", status="200")
     hits0 = per_replica(m0, "exllamav2_prefix_cache_hit_tokens_total")
     for i in range(4):
         client.completions.create(model="tiny", prompt=SHARED + f"Question {i}: why?", max_tokens=2, temperature=0)
-    m = fresh_metrics(cluster)
+    m = settled_metrics(cluster)
     req = per_replica(m, "exllamav2_requests_total", route="/v1/completions", status="200")
     got = {r: req[r] - req0.get(r, 0) for r in req}
     holder = max(got, key=got.get)
@@ -153,7 +164,7 @@ def test_shared_prefix_stays_on_one_replica_and_hits_its_cache(cluster, client):
 
 def test_disconnect_frees_the_job_and_its_pages(cluster):
     wait_idle(cluster)
-    gen0 = sum(per_replica(scrape(cluster), "exllamav2_generation_tokens_total").values())
+    gen0 = sum(per_replica(settled_metrics(cluster), "exllamav2_generation_tokens_total").values())
     for stream in (True, False):
         body = {"model": "tiny", "prompt": "Tell me a long story", "max_tokens": 480, "temperature": 0,
                 "stream": stream}
@@ -165,14 +176,15 @@ def test_disconnect_frees_the_job_and_its_pages(cluster):
         else:
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(cluster.url + "/v1/completions", json=body, timeout=0.5)
-        m = wait_idle(cluster)
+        wait_idle(cluster)
+        m = settled_metrics(cluster)
         # a cancelled job never reports its tokens; 480 of them would have been counted had it run to the end
         assert sum(per_replica(m, "exllamav2_generation_tokens_total").values()) - gen0 < 480
 
 
 @pytest.mark.slow
 def test_full_queues_answer_503_with_retry_after(cluster):
-    """2 replicas x 8 ongoing (batch of 4 + 4 ready) + 4 queued in front = 20; 30 long streams at once: the rest
+    """2 replicas x 8 ongoing (batch of 4 + 4 ready) + 12 waiting in front = 28; 40 long streams at once: the rest
     are refused at once with 503 and Retry-After, and everything is released when the clients leave."""
     statuses, release = [], threading.Event()
     lock = threading.Lock()
@@ -190,7 +202,7 @@ def test_full_queues_answer_503_with_retry_after(cluster):
             with lock:
                 statuses.append((None, None, repr(e)))
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(30)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(40)]
     for t in threads:
         t.start()
     deadline = time.time() + 90
@@ -249,5 +261,5 @@ def test_killed_replica_leaves_no_hung_request_and_is_restarted(cluster, client)
     assert victim["replica"] not in {r["replica"] for r in live}
     for p in PROMPTS:
         client.completions.create(model="tiny", prompt=p, max_tokens=4, temperature=0)
-    m = fresh_metrics(cluster)
+    m = settled_metrics(cluster)
     assert sum(m["exllamav2_gateway_replica_failures_total"][""].values()) >= 1

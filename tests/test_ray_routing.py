@@ -158,3 +158,13 @@ def test_ray_address_needs_replicas():
 
     with pytest.raises(SystemExit, match="--ray-address needs --replicas"):
         main(["serve", "-m", "/nonexistent", "--ray-address", "auto"])
+
+
+def test_replicas_with_a_missing_model_fail_before_ray_starts(capsys):
+    ray = pytest.importorskip("ray")
+    from exllamav2.cli import main
+
+    assert main(["serve", "-m", "/nonexistent/model", "--replicas", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "/nonexistent/model" in err and "Traceback" not in err
+    assert not ray.is_initialized()

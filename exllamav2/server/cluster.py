@@ -24,6 +24,10 @@ APP_NAME = "exllamav2"
 BOARD_NAMESPACE = "exllamav2"
 
 
+class ClusterError(RuntimeError):
+    """Ray could not be started or joined; the CLI prints it and exits 1."""
+
+
 @dataclass
 class ReplicaResources:
     num_cpus: float
@@ -98,9 +102,17 @@ def start(args, log=print):
     import ray
     from ray import serve
 
+    if args.model is not None:
+        # the model's own errors (missing folder, broken config.json) here, once, not from every replica
+        from ..config import ExLlamaV2Config
+        ExLlamaV2Config(args.model)
     log(f"Ray: {'joining ' + args.ray_address if args.ray_address else 'starting a local instance'} ...")
-    ray.init(address=args.ray_address, include_dashboard=False, logging_level="warning",
-             ignore_reinit_error=True)
+    try:
+        ray.init(address=args.ray_address, include_dashboard=False, logging_level="warning",
+                 ignore_reinit_error=True)
+    except Exception as e:
+        where = f"the Ray cluster at --ray-address {args.ray_address}" if args.ray_address else "a local Ray instance"
+        raise ClusterError(f"could not start or join {where}: {type(e).__name__}: {e}") from None
     resources = replica_resources(args.replicas, ray.cluster_resources(), ray.nodes())
     serve.start(http_options={"host": args.host, "port": args.port})
     engine_kwargs = dict(model_path=args.model, cache_tokens=args.cache_tokens, page_size=args.page_size,
@@ -130,26 +142,38 @@ def run(args) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     import ray
-    from ray import serve
 
     board = None
     try:
-        url, board = start(args, log)
+        try:
+            url, board = start(args, log)
+        except (ClusterError, ValueError, OSError) as e:
+            log(f"error: {e}")
+            return 1
         log(f"serving on {url} (OpenAI API under /v1, /metrics by replica, /replicas); Ctrl-C stops")
         print(f"READY {url}", flush=True)
         stop.wait()
+        return 0
     finally:
-        log("stopping ...")
-        try:
-            serve.delete(APP_NAME)
-            if board is not None:
-                ray.kill(board)
-            if not args.ray_address:
-                serve.shutdown()
-        except Exception:
-            pass
-        ray.shutdown()
-    return 0
+        if ray.is_initialized():
+            log("stopping ...")
+            _tear_down(args, board)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _tear_down(args, board) -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.delete(APP_NAME)
+        if board is not None:
+            ray.kill(board)
+        if not args.ray_address:
+            serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
