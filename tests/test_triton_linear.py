@@ -96,6 +96,8 @@ EXL2_CASES = {
     # 6-bit groups of 16 rows (3 words each) and a short last group
     "6bit_g16": ([(6, 16)] * 5 + [(4, 32), (3, 32)], 96),
     "3bit_uniform": ([(3, 32)] * 4, 128),
+    # the kernel's 4-bit path (one load per word) with a last group that ends inside a word
+    "4bit_short_last": ([(4, 64), (4, 64), (4, 20)], 64),
 }
 
 

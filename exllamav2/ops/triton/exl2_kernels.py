@@ -57,18 +57,27 @@ def exl2_matmul(x_ptr, perm_ptr, qw_ptr, qs_ptr, groups_ptr, smax_ptr, out_ptr, 
             offs_r = r + tl.arange(0, BLOCK_K)
             r_mask = offs_r < rows
             mask2 = r_mask[:, None] & n_mask[None, :]
-            off = bit0 + offs_r * bits
-            word = off >> 5
-            shift = (off & 31).to(tl.uint32)
-            lo = tl.load(qw_ptr + word[:, None] * stride_qw + offs_n[None, :], mask=mask2, other=0)
-            straddles = ((off & 31) + bits) > 32
-            hi = tl.load(qw_ptr + (word + 1)[:, None] * stride_qw + offs_n[None, :],
-                         mask=mask2 & straddles[:, None], other=0)
-            lo = lo.to(tl.uint32, bitcast=True)
-            hi = hi.to(tl.uint32, bitcast=True)
-            # two shifts for the high word: a shift by 32 is undefined; when nothing straddles hi is 0
-            v = ((lo >> shift[:, None]) | ((hi << (31 - shift[:, None])) << 1)) & field
-            w = ((v.to(tl.int32) - zero).to(tl.float32) * scale[None, :]).to(tl.float16)
+            if bits == 4:
+                # 4 bits (most rows of a 4 bpw matrix): each word loaded once and unpacked to its 8 rows
+                offs_w = r // 8 + tl.arange(0, BLOCK_K // 8)
+                words = tl.load(qw_ptr + ((bit0 >> 5) + offs_w)[:, None] * stride_qw + offs_n[None, :],
+                                mask=(offs_w * 8 < rows)[:, None] & n_mask[None, :], other=0)
+                v4 = (words[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 15
+                q = tl.reshape(v4, (BLOCK_K, BLOCK_N)) - 8
+            else:
+                off = bit0 + offs_r * bits
+                word = off >> 5
+                shift = (off & 31).to(tl.uint32)
+                lo = tl.load(qw_ptr + word[:, None] * stride_qw + offs_n[None, :], mask=mask2, other=0)
+                straddles = ((off & 31) + bits) > 32
+                hi = tl.load(qw_ptr + (word + 1)[:, None] * stride_qw + offs_n[None, :],
+                             mask=mask2 & straddles[:, None], other=0)
+                lo = lo.to(tl.uint32, bitcast=True)
+                hi = hi.to(tl.uint32, bitcast=True)
+                # two shifts for the high word: a shift by 32 is undefined; when nothing straddles hi is 0
+                v = ((lo >> shift[:, None]) | ((hi << (31 - shift[:, None])) << 1)) & field
+                q = v.to(tl.int32) - zero
+            w = (q.to(tl.float32) * scale[None, :]).to(tl.float16)
             if DEQUANT:
                 dst = out_ptr + (k0 + offs_r)[:, None] * stride_out + offs_n[None, :]
                 tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=mask2)
