@@ -98,9 +98,8 @@ def main() -> None:
             if name not in results or r["tps"] > results[name]["tps"]:
                 results[name] = r
     base = results["plain"]
-    print(f"\nspeculative decoding, {model.config.config_source if hasattr(model.config, 'config_source') else ''}"
-          f"\nprompt {ids.shape[1]} tokens, {len(base['tokens'])} new tokens, greedy, {torch.get_num_threads()} threads, "
-          f"best of {args.reps}\n")
+    print(f"\nspeculative decoding, {getattr(model.config, 'config_source', '')}\nprompt {ids.shape[1]} tokens, "
+          f"{len(base['tokens'])} new tokens, greedy, {torch.get_num_threads()} threads, best of {args.reps}\n")
     print(f"{'mode':<52} {'tok/s':>8} {'speed-up':>9} {'accepted':>9} {'drafted':>8} {'forwards':>9} {'same':>5}")
     for name, _ in modes:
         r = results[name]

@@ -211,8 +211,8 @@ def test_bad_speculative_arguments(tiny, drafts):
 
 def test_smollm2_ngram_and_draft_model_give_the_plain_output(smollm2_default):
     """SmolLM2 in its default weights (int4 blocks, bf16 activations), asked to copy a sentence: n-gram drafts are
-    accepted (fewer forwards) and the tokens are the plain job's, bit for bit; so are a draft model's (the model itself, so
-    its drafts are right: verified rows computed as one-token sequences equal the plain decode's rows)."""
+    accepted (fewer forwards) and the tokens are the plain job's, bit for bit; so are a draft model's (the model
+    itself, so its drafts are right: verified rows computed as one-token sequences equal the plain decode's)."""
     model, tok = smollm2_default
     text = "The keeper climbed the spiral stairs, lit the lamp and watched the ships pass far below."
     prompt = tok.apply_chat_template([{"role": "user", "content": f"Repeat this sentence exactly:\n\n{text}"}])
