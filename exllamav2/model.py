@@ -165,6 +165,12 @@ class ExLlamaV2:
                                           batch_sizes=batch_sizes, max_seq_len=max_seq_len, freeze=freeze)
         return self.decode_runner
 
+    def final_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's output as the API returns it: fp32, with the final logit softcap where the family has one."""
+        x = x.float()
+        cap = self.config.final_logit_softcapping
+        return torch.tanh(x / cap) * cap if cap else x
+
     def _update_cache_map(self):
         self.cache_map = {m.layer_idx: m.device() for m in self.kv_modules()}
 
@@ -287,10 +293,7 @@ class ExLlamaV2:
         if cache is not None:
             cache.current_seq_len = past + q_len
         if x is not None:
-            cap = self.config.final_logit_softcapping
-            x = x.float()
-            if cap:
-                x = torch.tanh(x / cap) * cap
+            x = self.final_logits(x)
         return {"logits": x, "last_state": last_state, "states": states}
 
 

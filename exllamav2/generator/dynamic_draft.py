@@ -39,11 +39,7 @@ def packed_forward(model, cache, ids: torch.Tensor, params: PagedParams, rows: t
         if idx > 0 and x.device != torch.device(dev):
             x = x.to(dev)
         x = module.forward(x, cache=cache, attn_params=params, past_len=0, loras=loras)
-    x = x[0].float()
-    cap = model.config.final_logit_softcapping
-    if cap:
-        x = torch.tanh(x / cap) * cap
-    return x
+    return model.final_logits(x[0])
 
 
 class NgramDraft:

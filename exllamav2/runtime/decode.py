@@ -33,11 +33,7 @@ def decode_step(model, ids: torch.Tensor, cache, past: int) -> torch.Tensor:
     x = ids
     for module in model.modules:
         x = module.forward(x, cache=cache, attn_params=params, past_len=past)
-    x = x.float()
-    cap = model.config.final_logit_softcapping
-    if cap:
-        x = torch.tanh(x / cap) * cap
-    return x
+    return model.final_logits(x)
 
 
 class DecodeRunner:

@@ -26,11 +26,7 @@ def paged_decode_step(model, ids: torch.Tensor, cache, block_index: torch.Tensor
     x = ids
     for module in model.modules:
         x = module.forward(x, cache=cache, attn_params=params, past_len=0)
-    x = x[0].float()
-    cap = model.config.final_logit_softcapping
-    if cap:
-        x = torch.tanh(x / cap) * cap
-    return x
+    return model.final_logits(x[0])
 
 
 class PagedDecode:
