@@ -3,9 +3,10 @@
 The kernels walk the matrix group by group through a small table built at load (exl2_linear.py): per group its
 first quantized row, its row count, its first stream bit (q_weight row * 32) and its width. Inside a group, row r
 of column n is the `bits`-wide field at stream bit `bit0 + r * bits` of column n (a field of width 3, 5 or 6 may
-straddle two words). Scales are decoded per group and column from the q_scale nibble and the group's
-fp16(q_scale_max / 256), rounded to fp16 as the original does, and each weight is rounded to fp16 once: the tile
-equals the reference dequantiser's (exl2_dequantize) bit for bit.
+straddle two words; 4-bit groups, most of a 4 bpw matrix, are read a word at a time instead). Scales are decoded
+per group and column from the q_scale nibble and the group's fp16(q_scale_max / 256), rounded to fp16 as the
+original does, and each weight is rounded to fp16 once: the tile equals the reference dequantiser's
+(exl2_dequantize) bit for bit.
 
 One kernel, `exl2_matmul`, in two modes (one copy of the decoding; the interpreter also runs a nested @jit call
 far slower than inline code):
@@ -100,8 +101,7 @@ def exl2_matmul(x_ptr, perm_ptr, qw_ptr, qs_ptr, groups_ptr, smax_ptr, out_ptr, 
 MATMUL_TILE = dict(BLOCK_M=16, BLOCK_N=128)
 DEQUANT_TILE = dict(BLOCK_M=16, BLOCK_N=128)
 BLOCK_K_CHOICES = (64, 32, 16)
-# Launch options: two stages keep the matmul's shared memory (about 84 KB at BLOCK_K=64) under the 99 KB an sm_86 /
-# sm_89 block may use; three would need 149 KB.
+# Launch options (tests/test_triton_aot.py checks the shared memory against each arch's limit: 18 KB at BLOCK_K=64).
 MATMUL_LAUNCH = dict(num_warps=4, num_stages=2)
 DEQUANT_LAUNCH = dict(num_warps=4, num_stages=2)
 
