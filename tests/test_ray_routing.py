@@ -168,3 +168,39 @@ def test_replicas_with_a_missing_model_fail_before_ray_starts(capsys):
     err = capsys.readouterr().err
     assert "/nonexistent/model" in err and "Traceback" not in err
     assert not ray.is_initialized()
+
+
+def test_gateway_holds_a_reply_back_until_its_first_token():
+    """The gateway's relay (ray_gateway._Reply) sends nothing before the first token, so a replica that dies
+    before can be replaced unseen; a 503 passing through gets Retry-After."""
+    pytest.importorskip("ray.serve")
+    import asyncio
+
+    from exllamav2.server.app import _Formatter, _sse
+    from exllamav2.server.ray_gateway import _Reply
+
+    async def relay(messages):
+        sent = []
+
+        async def send(m):
+            sent.append(m)
+
+        reply = _Reply(send)
+        seen = []
+        for m in messages:
+            await reply.message(m)
+            seen.append(len(sent))
+        return reply, sent, seen
+
+    sse = [(b"content-type", b"text/event-stream; charset=utf-8")]
+    # the chunks exactly as the single-process app streams them (app.py): its role-only first chunk, then a token
+    fmt = _Formatter(None, True, "chatcmpl-1", 0, "tiny", None)
+    body = lambda text: {"type": "http.response.body", "body": text.encode(), "more_body": True}
+    role, token = _sse(fmt.chunk(0, None, [], None, role=True)), _sse(fmt.chunk(0, "Hi", [], None))
+    reply, sent, seen = asyncio.run(relay([{"type": "http.response.start", "status": 200, "headers": sse},
+                                           body(role), body(token)]))
+    assert seen == [0, 0, 3] and reply.committed and reply.stream  # start + role + token, all at the token
+    reply, sent, seen = asyncio.run(relay([{"type": "http.response.start", "status": 503,
+                                            "headers": [(b"content-type", b"application/json")]},
+                                           {"type": "http.response.body", "body": b"{}", "more_body": False}]))
+    assert seen == [0, 2] and dict(sent[0]["headers"])[b"retry-after"] == b"1"

@@ -160,6 +160,12 @@ class Gateway:
             except asyncio.CancelledError:
                 call.cancel()  # the client went away: the replica cancels the jobs and frees their pages
                 raise
+            except Exception as e:  # anything else from Ray: an OpenAI-style 500 (or error event), never a hang
+                call.cancel()
+                if reply.committed:
+                    return await _stream_failed(send, reply, e, status=500)
+                return await error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")(
+                    scope, receive, send)
 
     async def _snapshot(self) -> dict:
         try:
@@ -200,12 +206,13 @@ def _replica_failed(e: BaseException):
     return r
 
 
-async def _stream_failed(send, reply: _Reply, e: BaseException) -> None:
+async def _stream_failed(send, reply: _Reply, e: BaseException, status: int = 503) -> None:
     """Tokens were sent already, so the status cannot change: the stream ends with an OpenAI-style error event
-    (the openai client raises it as an APIError) carrying status 503."""
+    (the openai client raises it as an APIError) carrying the status it would have had."""
     if reply.stream:
-        event = {"error": {"message": _failure_message(e), "type": "server_error", "param": None,
-                           "code": "replica_failed", "status": 503}}
+        message = _failure_message(e) if status == 503 else f"internal error: {type(e).__name__}: {e}"
+        event = {"error": {"message": message, "type": "server_error", "param": None,
+                           "code": "replica_failed" if status == 503 else None, "status": status}}
         await send({"type": "http.response.body", "body": f"data: {json.dumps(event)}\n\n".encode(),
                     "more_body": False})
     else:
