@@ -120,6 +120,25 @@ def test_json_object_in_completions_streamed_and_not(client):
     jsonschema.validate(json.loads(text), schema)
 
 
+def test_guided_regex_choice_and_grammar(client):
+    r = client.completions.create(model=MODEL, prompt="Today's date is", max_tokens=20, temperature=0,
+                                  extra_body={"guided_regex": r" [0-9]{4}-[0-9]{2}-[0-9]{2}"})
+    assert re.fullmatch(r" [0-9]{4}-[0-9]{2}-[0-9]{2}", r.choices[0].text) and r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Is the sky blue?"}],
+                                       max_tokens=5, extra_body={"guided_choice": ["yes", "no", "maybe"]})
+    assert r.choices[0].message.content in ("yes", "no", "maybe")
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Pick a color."}],
+                                       max_tokens=10, temperature=0,
+                                       extra_body={"guided_grammar": 'root ::= "color: " ("red" | "blue")'})
+    assert r.choices[0].message.content in ("color: red", "color: blue")
+    for body, param in (({"guided_regex": "(?<=a)b"}, "guided_regex"), ({"guided_grammar": "start: nope"},
+                                                                         "guided_grammar"),
+                        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body=body)
+        assert e.value.body["param"] == param, e.value.body
+
+
 def test_required_and_named_tool_choice_always_give_valid_calls(client):
     for seed in (1, 2):
         r = client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=TOOLS, tool_choice="required",

@@ -53,6 +53,10 @@ class _Common(BaseModel):
     interventions: list[dict[str, Any]] | None = None
     # checked in server/structured.py, where a bad schema gets a message naming its place
     response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None  # vLLM's names for the same constraints
+    guided_regex: StrictStr | None = None
+    guided_grammar: StrictStr | None = None  # Lark, or GBNF when it holds "::="
+    guided_choice: Annotated[list[StrictStr], Field(min_length=1)] | None = None
 
     @field_validator("stop")
     @classmethod

@@ -8,6 +8,8 @@ the chat template's `tools` variable) and its reply (`tool_calls`, parsed by ser
 - tool_choice "required": the reply is grammar-forced to a JSON list of calls `[{"name": ..., "arguments": {...}}]`
   (one call with parallel_tool_calls=false), each call's arguments valid against that function's parameters.
   A named function: the reply is forced to that function's arguments object. Either way the calls always parse.
+- vLLM's `guided_json`, `guided_regex`, `guided_grammar` (Lark or GBNF) and `guided_choice` constrain the reply
+  the same way.
 - "auto": the model writes freely; the reply is parsed in the tool-call format its template defines (hermes,
   llama3 or mistral), and text that is no call stays content. "none": no tools in the prompt, no parsing.
 A template that does not take `tools` (SmolLM2's, for one) gets them in a system message in the hermes format,
@@ -149,6 +151,29 @@ def response_format_grammar(model, tokenizer, rf) -> tuple[str, Any] | None:
     return ("json_schema", schema)
 
 
+def guided_grammar(model, tokenizer, req) -> tuple[str, Any] | None:
+    """vLLM's `guided_json`, `guided_regex`, `guided_grammar` (Lark, or GBNF when it holds '::=') and
+    `guided_choice`; at most one, and not with a JSON response_format."""
+    given = [(name, getattr(req, name, None)) for name in ("guided_json", "guided_regex", "guided_grammar",
+                                                           "guided_choice")]
+    given = [(n, v) for n, v in given if v is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise StructuredRequestError(given[1][0], f"only one guided_* constraint per request (also {given[0][0]})")
+    name, value = given[0]
+    if name == "guided_json":
+        kind = "json_schema"
+    elif name == "guided_regex":
+        kind = "regex"
+    elif name == "guided_grammar":
+        kind = "ebnf" if "::=" in value else "lark"
+    else:
+        kind, value = "lark", "start: " + " | ".join(json.dumps(c) for c in value)
+    _compile(model, tokenizer, kind, value, name)
+    return (kind, value)
+
+
 def _check_tools(model, tokenizer, tools) -> list[dict]:
     if not isinstance(tools, list) or not tools:
         raise StructuredRequestError("tools", "must be a non-empty list of {'type': 'function', 'function': {...}}")
@@ -192,6 +217,12 @@ def _required_schema(tools: list[dict], parallel: bool) -> dict:
 def plan_output(model, tokenizer, req, template_source: str | None = None) -> OutputPlan:
     """What the request's structured-output and tool fields ask for; StructuredRequestError (a 400) otherwise."""
     plan = OutputPlan(grammar=response_format_grammar(model, tokenizer, getattr(req, "response_format", None)))
+    guided = guided_grammar(model, tokenizer, req)
+    if guided is not None:
+        if plan.grammar is not None:
+            raise StructuredRequestError("response_format", "a JSON response_format and a guided_* constraint "
+                                                            "cannot be combined")
+        plan.grammar = guided
     tools = getattr(req, "tools", None)
     choice = getattr(req, "tool_choice", None)
     parallel = getattr(req, "parallel_tool_calls", None)
