@@ -36,7 +36,11 @@ class ReplicatedServer:
             self.stop()
             raise RuntimeError(f"serve --replicas {replicas} did not start within {timeout:.0f} s"
                                + (f"; see {log_path}" if log_path else ""))
-        self.wait_replicas(replicas, timeout=max(10.0, deadline - time.time()))
+        try:
+            self.wait_replicas(replicas, timeout=max(10.0, deadline - time.time()))
+        except BaseException:
+            self.stop()  # never leave a Ray instance behind
+            raise
 
     def get(self, path: str, timeout: float = 10.0):
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
