@@ -204,3 +204,37 @@ def test_gateway_holds_a_reply_back_until_its_first_token():
                                             "headers": [(b"content-type", b"application/json")]},
                                            {"type": "http.response.body", "body": b"{}", "more_body": False}]))
     assert seen == [0, 2] and dict(sent[0]["headers"])[b"retry-after"] == b"1"
+
+
+def test_gateway_checks_the_api_key_and_body_size_before_forwarding():
+    """Nothing reaches a replica without the key, or over the size limit (the gateway answers itself)."""
+    pytest.importorskip("ray.serve")
+    import asyncio
+    import json
+
+    from exllamav2.server.ray_gateway import Gateway
+
+    gw = Gateway(engines=None, board=None, max_request_bytes=100, api_key="secret")
+
+    def call(headers, body=b"{}"):
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(m):
+            sent.append(m)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"",
+                 "headers": headers}
+        asyncio.run(gw(scope, receive, send))
+        return sent[0]["status"], json.loads(sent[1]["body"])["error"]
+
+    status, err = call([])
+    assert status == 401 and err["code"] == "invalid_api_key"
+    status, err = call([(b"authorization", b"Bearer wrong")])
+    assert status == 401
+    status, err = call([(b"authorization", b"Bearer secret"), (b"content-length", b"500")], b"x" * 500)
+    assert status == 413 and "--max-request-bytes" in err["message"]
+    status, err = call([(b"authorization", b"Bearer secret")], b"x" * 500)  # no length: counted as it arrives
+    assert status == 413

@@ -92,7 +92,7 @@ def build_app(engine_kwargs: dict, replicas: int, resources: ReplicaResources, *
     gateway = serve.deployment(GatewayDeployment, name="gateway").options(
         num_replicas=1, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0})
     app = gateway.bind(engine.bind(engine_kwargs, api_key, board_name, resources.torch_threads, backend),
-                       board_name, max_request_bytes, retries)
+                       board_name, max_request_bytes, retries, api_key)
     return app, board
 
 

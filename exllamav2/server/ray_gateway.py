@@ -68,8 +68,9 @@ class _Reply:
 class Gateway:
     """The ASGI app; `engines` is the engine deployment's handle."""
 
-    def __init__(self, engines, board, max_request_bytes: int, retries: int = 2):
+    def __init__(self, engines, board, max_request_bytes: int, retries: int = 2, api_key: str | None = None):
         self.engines, self.board, self.max_bytes, self.retries = engines, board, max_request_bytes, retries
+        self.api_key = api_key
         self.metrics = GatewayMetrics()
 
     async def __call__(self, scope, receive, send):
@@ -121,6 +122,11 @@ class Gateway:
                 return b"".join(chunks)
 
     async def _forward(self, scope, receive, send) -> None:
+        if self.api_key and scope.get("path", "").startswith("/v1/"):  # as the replicas would, before the body
+            auth = dict(scope.get("headers") or ()).get(b"authorization", b"").decode("latin-1")
+            if auth != f"Bearer {self.api_key}":
+                return await error_response(401, "invalid or missing API key", "invalid_request_error", None,
+                                            "invalid_api_key")(scope, receive, send)
         body = await self._read_body(scope, receive)
         if body is None:
             return await error_response(413, f"the request body is larger than this server's limit of "
@@ -129,7 +135,10 @@ class Gateway:
         text = ""
         if scope["method"] == "POST" and body:
             try:
-                text = routing_text(json.loads(body))
+                if len(body) > 65536:  # a big body is parsed off the event loop
+                    text = await asyncio.to_thread(lambda: routing_text(json.loads(body)))
+                else:
+                    text = routing_text(json.loads(body))
             except (ValueError, RecursionError):
                 pass  # the replica answers the 400
         req = RoutedRequest(scope["method"], scope.get("path", ""), scope.get("query_string", b""),
@@ -223,12 +232,13 @@ async def _stream_failed(send, reply: _Reply, e: BaseException, status: int = 50
 class GatewayDeployment:
     """The ingress deployment: its ASGI app is a Gateway over the engine deployment's handle."""
 
-    def __init__(self, engines, board_name: str, max_request_bytes: int, retries: int = 2):
+    def __init__(self, engines, board_name: str, max_request_bytes: int, retries: int = 2,
+                 api_key: str | None = None):
         import ray
 
         from .cluster import BOARD_NAMESPACE
         board = ray.get_actor(board_name, namespace=BOARD_NAMESPACE)
-        self._gateway = Gateway(engines, board, max_request_bytes, retries)
+        self._gateway = Gateway(engines, board, max_request_bytes, retries, api_key)
 
     def __serve_build_asgi_app__(self):
         return self._gateway
