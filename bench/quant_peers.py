@@ -260,7 +260,7 @@ def verdicts(results: Results, kinds: list[str], tolerance: float = 0.05) -> lis
         if not mine:
             out.append(f"{label} ({r['bpw']:.3f} bpw): no EXL2 row within ±{tolerance}")
             continue
-        l, e = mine[0]
+        l, e = min(mine, key=lambda le: abs(le[1]["bpw"] - r["bpw"]))
         worse = [f"{k} {100 * (e['ppl'][k] / r['ppl'][k] - 1):+.2f}%" for k in kinds if e["ppl"][k] >= r["ppl"][k]]
         gaps = ", ".join(f"{k} {100 * (e['ppl'][k] / r['ppl'][k] - 1):+.2f}%" for k in kinds)
         out.append(f"{l} vs {label}: {'WINS' if not worse else 'LOSES'} ({gaps} perplexity vs llama.cpp)")
