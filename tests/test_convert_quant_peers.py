@@ -138,3 +138,26 @@ def test_held_out_texts_are_not_calibration_text():
         # no run of 12 words of the held-out text appears in the calibration text
         shared = [i for i in range(len(words) - 11) if tuple(words[i:i + 12]) in cal_grams]
         assert not shared, (kind, path, " ".join(words[shared[0]:shared[0] + 12]))
+
+
+def test_verdicts_pick_the_closest_row(tmp_path):
+    results = quant_peers.Results(str(tmp_path / "r.json"), {"k": 1})
+    results.put("source", {"bpw": 16.0, "ppl": {"prose": 10.0, "code": 5.0}})
+    results.put("llama.cpp Q4_0", {"bpw": 4.5, "ppl": {"prose": 12.0, "code": 6.0}, "seconds": 1.0,
+                                   "peak_rss_mib": 100.0})
+    results.put("llama.cpp Q8_0", {"bpw": 8.5, "ppl": {"prose": 10.1, "code": 5.01}, "seconds": 1.0,
+                                   "peak_rss_mib": 100.0})
+    for label, bpw, prose, code in (("EXL2 4.46", 4.46, 11.0, 6.5), ("EXL2 4.50", 4.502, 11.5, 5.9)):
+        results.put(label, {"bpw": bpw, "ppl": {"prose": prose, "code": code}, "seconds": 10.0, "measured": False,
+                            "seconds_per_module": 0.5, "peak_rss_mib": 900.0})
+    lines = quant_peers.verdicts(results, ["prose", "code"])
+    assert "EXL2 4.50 vs llama.cpp Q4_0: WINS (prose -4.17%, code -1.67%" in lines[0]
+    assert lines[1] == "llama.cpp Q8_0 (8.500 bpw): no EXL2 row within ±0.05"
+    results.put("EXL2 4.50", {**results.rows["EXL2 4.50"], "ppl": {"prose": 11.5, "code": 6.1}})
+    assert "LOSES (prose -4.17%, code +1.67%" in quant_peers.verdicts(results, ["prose", "code"])[0]
+    table = quant_peers.table(results, ["prose", "code"]).splitlines()
+    assert table[2].startswith("| source | 16.000 | 10.000 | 5.000 | - | - |")
+    assert table[3].startswith("| EXL2 4.46 | 4.460 | 11.000 | 6.500 | +10.00% | +30.00% | 10 s | 0.5 s | 900 MiB |")
+    # rows survive a reload with the same key, and are dropped when the settings changed
+    assert set(quant_peers.Results(str(tmp_path / "r.json"), {"k": 1}).rows) == set(results.rows)
+    assert quant_peers.Results(str(tmp_path / "r.json"), {"k": 2}).rows == {}
