@@ -122,7 +122,10 @@ def ratio(a, b):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--llama-bench", required=True, help="path of llama.cpp's llama-bench (bench/setup_llamacpp.sh)")
+    p.add_argument("--llama-bench", default=None, help="path of llama.cpp's llama-bench (bench/setup_llamacpp.sh)")
+    p.add_argument("--no-llamacpp", action="store_true",
+                   help="ours only (no llama-bench yet): the shipped file, and requantizations when llama-quantize "
+                        "is given")
     p.add_argument("--llama-quantize", default=None, help="path of llama-quantize (default: beside llama-bench)")
     p.add_argument("-m", "--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--quants", default=",".join(QUANT_TYPES),
@@ -136,10 +139,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     args = p.parse_args(argv)
 
-    bench_bin = os.path.expanduser(args.llama_bench)
-    quant_bin = os.path.expanduser(args.llama_quantize or os.path.join(os.path.dirname(bench_bin), "llama-quantize"))
+    if args.llama_bench is None and not args.no_llamacpp:
+        print("error: --llama-bench PATH is required (or --no-llamacpp for ours alone)", file=sys.stderr)
+        return 2
+    bench_bin = None if args.no_llamacpp else os.path.expanduser(args.llama_bench)
+    quant_bin = args.llama_quantize or (bench_bin and os.path.join(os.path.dirname(bench_bin), "llama-quantize"))
+    quant_bin = quant_bin and os.path.expanduser(quant_bin)
     for name, path in (("--llama-bench", bench_bin), ("--llama-quantize", quant_bin)):
-        if not os.access(path, os.X_OK):
+        if path is not None and not os.access(path, os.X_OK):
             print(f"error: {name} {path} is not an executable (build it with bench/setup_llamacpp.sh)", file=sys.stderr)
             return 2
     quants = [q.strip().upper() for q in args.quants.split(",") if q.strip()]
@@ -164,7 +171,16 @@ def main(argv=None) -> int:
     shipped = gguf_type_of(src)
     files = {}
     for q in quants:
-        files[q] = src if q == shipped else requantize(quant_bin, src, q)
+        if q == shipped:
+            files[q] = src
+        elif quant_bin is not None:
+            files[q] = requantize(quant_bin, src, q)
+        else:
+            log(f"skipping {q}: requantizing needs llama-quantize")
+    quants = list(files)
+    if not quants:
+        print(f"error: the file is {shipped}; nothing to run without llama-quantize", file=sys.stderr)
+        return 2
 
     max_len = -(-(max(args.prefill, 8 + args.tokens + 2) + 8) // 256) * 256
     ours, t_load = {}, {}
@@ -204,11 +220,12 @@ def main(argv=None) -> int:
                 res.setdefault((q, "dynamic generator"), {"decode": []})["decode"].append(
                     o.generator.decode(inputs, args.tokens))
             o.model.decode_runner = None
-            try:
-                lc = llama_bench(bench_bin, files[q], threads, args.tokens, args.prefill)
-            except RuntimeError as e:
-                log(f"  {e}")
-                lc = {}
+            lc = {}
+            if bench_bin is not None:
+                try:
+                    lc = llama_bench(bench_bin, files[q], threads, args.tokens, args.prefill)
+                except RuntimeError as e:
+                    log(f"  {e}")
             d = res.setdefault((q, "llama.cpp"), {"decode": [], "prefill": []})
             d["decode"].append(lc.get("decode"))
             d["prefill"].append(lc.get("prefill"))
@@ -231,7 +248,8 @@ def main(argv=None) -> int:
             lines.append(f"| {q} | ours {mode} | {fmt(dec)} | {ratio(dec, lc_dec)} | {fmt(bat)} | {ratio(bat, dec)} | "
                          f"{fmt(pre, 0)} | {ratio(pre, lc_pre)} | {wb / 1e6:.1f} | {fmt(gbs)} | "
                          f"{fmt(None if gbs is None else 100 * gbs / bw, 0)} |")
-        lines.append(f"| {q} | llama.cpp | {fmt(lc_dec)} | 1.00x | – | – | {fmt(lc_pre, 0)} | 1.00x | – | – | – |")
+        if bench_bin is not None:
+            lines.append(f"| {q} | llama.cpp | {fmt(lc_dec)} | 1.00x | – | – | {fmt(lc_pre, 0)} | 1.00x | – | – | – |")
     print("\n".join(lines))
     return 0
 

@@ -1,0 +1,39 @@
+"""bench/bench_llamacpp.py end to end on SmolLM2 at a tiny size (`pytest -m slow`). llama.cpp itself takes 10+
+minutes to build (bench/setup_llamacpp.sh), so here a script stands in for llama-bench, printing its JSON output
+format; the test checks our rows are measured and the llama.cpp figures are read and compared."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_llamacpp_table(tmp_path):
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!/bin/sh\n"
+                    "echo '[{\"n_prompt\": 16, \"n_gen\": 0, \"avg_ts\": 400.0}, "
+                    "{\"n_prompt\": 0, \"n_gen\": 4, \"avg_ts\": 50.0}]'\n")
+    fake.chmod(0o755)
+    (tmp_path / "llama-quantize").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "llama-quantize").chmod(0o755)
+    r = subprocess.run([sys.executable, "bench/bench_llamacpp.py", "--llama-bench", str(fake), "--quants", "Q4_1",
+                        "--reps", "1", "--tokens", "4", "--prefill", "16", "--batch", "2", "--no-generators"],
+                       capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "2"},
+                       timeout=900)
+    assert r.returncode == 0, r.stderr
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| Q4_1")]
+    assert len(rows) == 2, r.stdout
+    ours, lc = (ln.split("|")[1:-1] for ln in rows)
+    assert "ours eager" in ours[1] and float(ours[2]) > 0 and ours[3].strip().endswith("x")
+    assert float(ours[4]) > 0 and float(ours[6]) > 0 and float(ours[8]) > 50   # batch, prefill, MB per step
+    assert lc[1].strip() == "llama.cpp" and float(lc[2]) == 50.0 and float(lc[6]) == 400.0
+    bad = subprocess.run([sys.executable, "bench/bench_llamacpp.py", "--llama-bench", str(tmp_path / "missing")],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert bad.returncode == 2 and "is not an executable" in bad.stderr
