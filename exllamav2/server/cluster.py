@@ -108,7 +108,9 @@ def start(args, log=print):
         ExLlamaV2Config(args.model)
     log(f"Ray: {'joining ' + args.ray_address if args.ray_address else 'starting a local instance'} ...")
     try:
-        ray.init(address=args.ray_address, include_dashboard=False, logging_level="warning",
+        # "local": a new instance even when `ray start` left a cluster address behind on this machine (which
+        # ray.init() without an address would join)
+        ray.init(address=args.ray_address or "local", include_dashboard=False, logging_level="warning",
                  ignore_reinit_error=True)
     except Exception as e:
         where = f"the Ray cluster at --ray-address {args.ray_address}" if args.ray_address else "a local Ray instance"
