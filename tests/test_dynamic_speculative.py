@@ -234,3 +234,21 @@ def test_smollm2_ngram_and_draft_model_give_the_plain_output(smollm2_default):
     assert r["accepted_draft_tokens"] > 0 and gen.num_forwards < plain_gen.num_forwards
     same, r, _ = go(draft_model=model, draft_cache=ExLlamaV2Cache(model, 1, 512), num_draft_tokens=3)
     assert same == plain and r["accepted_draft_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_speculation_with_the_compiled_decode_step(tiny, drafts):
+    """With model.compile_decode(), plain decode steps run compiled (runtime/paged_decode.py) and so do verified
+    drafts (one single-token sequence per position is a decode-only step): the tokens stay the eager plain ones."""
+    _, model, tok = tiny
+    eager, _ = run(model, tok)
+    runner = model.compile_decode(max_seq_len=512, progress=False)
+    try:
+        compiled, _ = run(model, tok)
+        spec, gen = run(model, tok, draft_model=drafts["close"], num_draft_tokens=4)
+        ngram, _ = run(model, tok, use_ngram_draft=True)
+        assert runner.paged.failed is None and runner.paged._steps
+        assert tokens(compiled) == tokens(eager) == tokens(spec) == tokens(ngram)
+        assert sum(r["accepted_draft_tokens"] for _, r in spec) > 0
+    finally:
+        model.decode_runner = None
