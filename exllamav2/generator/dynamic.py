@@ -20,7 +20,9 @@ such job active, nothing is wrapped.
 
 Speculative decoding (`draft_model=` with its own paged cache, or `use_ngram_draft=True`; dynamic_draft.py):
 each decoding job proposes up to `num_draft_tokens` tokens, and the main model scores its last token and the
-drafts in the same packed forward (q_len = 1 + drafts for that job). Each position is then sampled exactly as a
+drafts in the step's packed forward, each position as its own one-token sequence over the job's pages, so it is
+computed exactly as a plain decode step computes it (a decode-only step then still runs the compiled decode
+runner when there is one). Each position is then sampled exactly as a
 plain step would sample it (same sampler, filters, stop conditions and RNG draw), in order, and drafts are
 accepted while the sampled token equals the draft; the first token that differs is kept and the rest dropped.
 So the output is the plain job's output for greedy and for seeded sampling alike (with sampling fewer drafts
