@@ -27,7 +27,7 @@ KERNEL_VERSION = 1
 LIBRARY_NAME = "exllamav2_cpu"
 SOURCES = ("gemv.cpp", "small_ops.cpp")
 CSRC = Path(__file__).parent / "csrc"
-COLD_BUILD_SECONDS = 45  # what a cold build took on 2 shared cores (see tests/test_cpu_kernels_build.py)
+COLD_BUILD_SECONDS = 45  # a cold build on 2 cores (30-120 s measured while other jobs shared them)
 # -fopenmp: at::parallel_for is OpenMP inline in the header; the library then binds to the libgomp torch loaded
 _FLAGS = ("-O3", "-std=c++20", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-w")
 
@@ -65,13 +65,24 @@ def _compiler_version(cxx: str) -> str:
         raise KernelBuildError(f"the C++ compiler {cxx} does not run: {e}") from e
 
 
-def _command(cxx: str, out: Path) -> list[str]:
+def _compile_and_link(cxx: str, out: Path, work: Path) -> tuple[int, str]:
+    """Each source to an object file, all at once (one per core: the torch headers dominate), then one link.
+    (return code, compiler output)."""
     from torch.utils.cpp_extension import include_paths, library_paths
     inc = [f"-I{p}" for p in include_paths()]
-    libs = [f"-L{p}" for p in library_paths()]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    srcs = [str(CSRC / s) for s in SOURCES]
-    return [cxx, *_FLAGS, abi, *inc, *srcs, *libs, "-lc10", "-ltorch_cpu", "-o", str(out)]
+    objs = [work / f"{Path(src).stem}.o" for src in SOURCES]
+    procs = [subprocess.Popen([cxx, *_FLAGS, "-c", abi, *inc, str(CSRC / src), "-o", str(obj)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for src, obj in zip(SOURCES, objs)]
+    outputs = [p.communicate()[0] for p in procs]
+    failed = [(p.returncode, o) for p, o in zip(procs, outputs) if p.returncode != 0]
+    if failed:
+        return failed[0][0], "\n".join(outputs)
+    libs = [f"-L{p}" for p in library_paths()]
+    link = subprocess.run([cxx, *_FLAGS, *map(str, objs), *libs, "-lc10", "-ltorch_cpu", "-o", str(out)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return link.returncode, "\n".join(outputs) + link.stdout
 
 
 def _build_key(cxx: str) -> str:
@@ -100,7 +111,7 @@ def build(progress: bool = True) -> Path:
     target_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     if progress:
-        sys.stderr.write(f"exllamav2: building CPU kernels (once, ~{COLD_BUILD_SECONDS} s) into {target_dir}...")
+        sys.stderr.write(f"exllamav2: building CPU kernels (once, ~{COLD_BUILD_SECONDS} s) into {target_dir} ...")
         sys.stderr.flush()
     stop = threading.Event()
     tick = threading.Thread(target=_ticker, args=(stop, started), daemon=True) if progress and sys.stderr.isatty() else None
@@ -110,7 +121,8 @@ def build(progress: bool = True) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target_dir)
     os.close(fd)
     try:
-        proc = subprocess.run(_command(cxx, Path(tmp)), capture_output=True, text=True)
+        with tempfile.TemporaryDirectory(dir=target_dir) as work:
+            rc, log = _compile_and_link(cxx, Path(tmp), Path(work))
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         raise KernelBuildError(f"the C++ compiler {cxx} could not be started: {e}") from e
@@ -118,10 +130,10 @@ def build(progress: bool = True) -> Path:
         stop.set()
         if tick:
             tick.join()
-    if proc.returncode != 0:
+    if rc != 0:
         Path(tmp).unlink(missing_ok=True)
-        (target_dir / "build.log").write_text(proc.stdout + proc.stderr)
-        first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:300])
+        (target_dir / "build.log").write_text(log)
+        first = next((ln for ln in log.splitlines() if "error" in ln), log.strip()[:300])
         if progress:
             sys.stderr.write(" failed\n")
         raise KernelBuildError(f"the CPU kernel build with {cxx} failed ({first}); full log: {target_dir / 'build.log'}")
