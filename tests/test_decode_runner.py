@@ -235,8 +235,8 @@ def test_paged_decode_step_equals_the_packed_forward(tmp_path):
 
 @pytest.mark.slow
 def test_dynamic_generator_runs_the_compiled_paged_step(tmp_path):
-    """With model.compile_decode(), the dynamic generator's decode-only steps run compiled (one graph for one
-    sequence, one for several), giving the eager generator's logits to within compile rounding and its tokens
+    """With model.compile_decode(), the dynamic generator's decode steps run compiled (one graph for any number of
+    sequences), giving the eager generator's logits to within compile rounding and its tokens
     (`pytest -m slow`: two compiles, ~45 s)."""
     from test_dynamic_tiny import build_tiny_dir, load_tiny
     model, tok = load_tiny(build_tiny_dir(tmp_path, sliding_window=8))
@@ -265,10 +265,50 @@ def test_dynamic_generator_runs_the_compiled_paged_step(tmp_path):
     runner = model.compile_decode(max_seq_len=256, progress=False)
     try:
         tokens, logits = run([12, 20, 30])
-        assert set(runner.paged._steps) == {"one", "many"} and runner.paged.failed is None
+        assert runner.paged._step is not None and runner.paged._step.done and runner.paged.failed is None
         assert tokens == eager_tokens
         assert len(logits) == len(eager_logits)
         for a, b in zip(logits, eager_logits):
             assert (a - b).abs().max() < 1e-3 * b.abs().max()
     finally:
         model.decode_runner = None
+
+
+def test_mixed_step_runs_decode_rows_apart_from_prompts(tmp_path):
+    """A step where some sequences decode one token while another reads its prompt: the one-token sequences go
+    through the decode step (here run eagerly in its compiled place), the prompt through the packed forward, and the
+    logits come back in the order asked, equal to the whole step run as one packed forward."""
+    from test_dynamic_tiny import build_tiny_dir, load_tiny
+    from exllamav2.generator.dynamic_draft import _eager
+    from exllamav2.paged_attn import PagedParams
+    from exllamav2.runtime.paged_decode import PagedDecode, _Lazy, paged_decode_step
+    model, _ = load_tiny(build_tiny_dir(tmp_path))
+    cache = ExLlamaV2Cache(model, 1, 128)
+    g = torch.Generator().manual_seed(0)
+    for k, v in zip(cache.key_states, cache.value_states):
+        k.normal_(generator=g), v.normal_(generator=g)
+    snapshot = [(k.clone(), v.clone()) for k, v in zip(cache.key_states, cache.value_states)]
+    # sequence 0 decodes, 1 reads 5 prompt tokens (wants its last), 2 decodes, 3 reads 3 without wanting logits
+    params = PagedParams([[0, 1], [2], [3, 4], [5]], [9, 0, 17, 2], [1, 5, 1, 3], 16)
+    ids = torch.randint(0, 1000, (1, 10), generator=g)
+    rows = torch.tensor([0, 5, 6])  # packed index of seq 0's token, seq 1's last, seq 2's token
+    runner = DecodeRunner(model, compile=False)
+    paged = PagedDecode(runner)
+    calls = []
+
+    def step(*args):
+        calls.append(args[1].shape[1])
+        return paged_decode_step(*args)
+    paged._step = _Lazy(step, "", False)
+    with torch.inference_mode():
+        want = _eager(model, cache, ids, params, rows, None)
+        for (k, v), (k0, v0) in zip(zip(cache.key_states, cache.value_states), snapshot):
+            k.copy_(k0), v.copy_(v0)
+        got = paged.forward(ids, cache, params, rows, lambda i, p, r: _eager(model, cache, i, p, r, None))
+        kv_after = [k.clone() for k in cache.key_states]
+    assert calls == [2]  # the two decoding sequences, in one call of the decode step
+    assert got.shape == want.shape == (3, model.config.vocab_size)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    # every sequence's new K/V were written, the prompt that wanted no logits included
+    for k, (k0, _) in zip(kv_after, snapshot):
+        assert not torch.equal(k[0, :, 5 * 16:5 * 16 + 5], k0[0, :, 5 * 16:5 * 16 + 5])

@@ -23,12 +23,17 @@ from ..attn_params import PagedParams
 def packed_forward(model, cache, ids: torch.Tensor, params: PagedParams, rows: torch.Tensor,
                    loras=None) -> torch.Tensor | None:
     """The packed forward; only `rows` of the packed tokens go through the head. Returns (len(rows), vocab) fp32,
-    or None without rows (the forward then stops after the last layer that writes the cache)."""
+    or None without rows (the forward then stops after the last layer that writes the cache). With a compiled or
+    captured decode step (model.compile_decode), the one-token sequences run through it (runtime/paged_decode.py)."""
     runner = model.decode_runner
-    if runner is not None and runner.paged is not None and runner.paged.applies(model, cache, params, rows, loras):
-        logits = runner.paged(ids, cache, params)  # decode-only: the compiled step (runtime/paged_decode.py)
+    if runner is not None and runner.paged is not None and runner.paged.usable(model, cache, loras):
+        logits = runner.paged.forward(ids, cache, params, rows, lambda i, p, r: _eager(model, cache, i, p, r, loras))
         if logits is not None:
             return logits
+    return _eager(model, cache, ids, params, rows, loras)
+
+
+def _eager(model, cache, ids, params, rows, loras):
     x = ids
     for idx, module in enumerate(model.modules):
         if not len(rows) and idx > model.last_kv_layer_idx:

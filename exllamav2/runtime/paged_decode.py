@@ -1,12 +1,14 @@
 """The dynamic generator's decode step through the decode runner: one new token for each of B sequences over
-the paged cache, compiled once for one sequence and once for any larger number of them.
+the paged cache, compiled once for any number of them.
 
 The packed forward (generator/dynamic.py) describes its sequences with Python lists, which a compiled graph
 would have to guard on and rebuild every step. A decode-only step instead takes its block tables and lengths as
 device tensors of fixed shape (paged_attn.PagedDecodeParams): the block table is padded to the cache's page
 count, positions and write slots are computed on the device, and attention runs each sequence alone through the
 `exllamav2::paged_decode_attention` custom op (ops/torch_ref/attention.py), so a sequence's result stays
-independent of its neighbours. Prefill and mixed steps keep running the packed forward eagerly.
+independent of its neighbours. In a mixed step the one-token sequences still run here and the prompts being read
+run the packed forward eagerly beside them (`PagedDecode.forward`), so a request's decode tokens come from the same
+graph whatever shares its steps.
 """
 
 from __future__ import annotations
@@ -34,15 +36,14 @@ class PagedDecode:
 
     def __init__(self, runner):
         self.runner = runner
-        self._steps: dict = {}    # "one" / "many" -> compiled step
+        self._step = None         # the compiled step (one graph for any number of sequences)
         self._buffers: dict = {}  # per (B, pages) -> (ids, block_index, past), inference tensors
         self.failed: str | None = None  # why the step could not be compiled or captured (eager then runs)
 
-    def applies(self, model, cache, params: PagedParams, rows: torch.Tensor, loras) -> bool:
+    def usable(self, model, cache, loras) -> bool:
+        """Whether this runner can take this model's decode steps on this cache now."""
         from ..cache import ExLlamaV2Cache
-        if self.failed or loras or type(cache) is not ExLlamaV2Cache or max(params.q_lens) != 1:
-            return False
-        if len(rows) != params.num_sequences or cache.key_states[0] is None:
+        if self.failed or loras or type(cache) is not ExLlamaV2Cache or cache.key_states[0] is None:
             return False
         if (cache.key_states[0].device.type != "cpu") != (self.runner.graphs is not None):
             return False  # CPU steps are compiled, GPU steps captured: a runner does one or the other
@@ -50,37 +51,87 @@ class PagedDecode:
             return False  # dynamic RoPE scales by the longest position: the eager path tracks it exactly
         return self.runner.applies_to_model()
 
+    def forward(self, ids: torch.Tensor, cache, params: PagedParams, rows: torch.Tensor, eager) -> torch.Tensor | None:
+        """Logits (len(rows), vocab) for a packed step: the one-token sequences that want logits through the compiled
+        (or captured) step, the rest through `eager(ids, params, rows)`, so a sequence's decode tokens come from the
+        same graph whatever else shares its step (a prompt being read beside it, say). None when the step cannot
+        run here (the caller then runs the whole step eagerly)."""
+        want = set(rows.tolist())
+        starts = torch.cumsum(torch.tensor([0] + params.q_lens[:-1]), 0).tolist()
+        dec = [i for i, (q, st) in enumerate(zip(params.q_lens, starts)) if q == 1 and st in want]
+        if not dec:
+            return None
+        if len(dec) == params.num_sequences and len(want) == len(dec):
+            return self(ids, cache, params)
+        tables = [params.block_index[i, :int(params.num_pages[i])].tolist() for i in range(params.num_sequences)]
+        rest = [i for i in range(params.num_sequences) if i not in set(dec)]
+        sub = PagedParams([tables[i] for i in dec], [params.past_lens[i] for i in dec], [1] * len(dec),
+                          params.page_size)
+        dec_logits = self(ids[:, [starts[i] for i in dec]], cache, sub)
+        if dec_logits is None:
+            return None
+        # the other sequences, packed alone; the rows they want, renumbered in that packing
+        token_map, idx = {}, []
+        for i in rest:
+            for t in range(params.q_lens[i]):
+                token_map[starts[i] + t] = len(idx)
+                idx.append(starts[i] + t)
+        rest_rows = [r for r in rows.tolist() if r in token_map]
+        rest_params = PagedParams([tables[i] for i in rest], [params.past_lens[i] for i in rest],
+                                  [params.q_lens[i] for i in rest], params.page_size)
+        rest_logits = eager(ids[:, idx], rest_params, torch.tensor([token_map[r] for r in rest_rows], dtype=torch.long))
+        if rest_logits is None:  # the other sequences only wrote their K/V
+            return dec_logits
+        where = {starts[i]: n for n, i in enumerate(dec)}
+        out, k = [], 0
+        for r in rows.tolist():
+            if r in where:
+                out.append(dec_logits[where[r]])
+            else:
+                out.append(rest_logits[k])
+                k += 1
+        return torch.stack(out)
+
     def __call__(self, ids: torch.Tensor, cache, params: PagedParams) -> torch.Tensor | None:
         """Logits (B, vocab), or None when the step failed to compile (the caller runs the eager forward)."""
         if self.runner.graphs is not None:
             dev = cache.key_states[0].device
             return self.graphed(cache, ids.to(dev), params.block_index.to(dev), params.cache_seqlens.to(dev),
                                 params.page_size)
+        # one graph for every number of sequences, one included (a second, static graph for one sequence would
+        # round differently, and a request's tokens would depend on whether it ran alone): a lone sequence runs as
+        # two copies of itself, which write the same values to the same cache slots
         b = params.num_sequences
+        n = max(b, 2)
         pages = cache.max_seq_len // params.page_size
-        bufs = self._buffers.get((b, pages))
+        bufs = self._buffers.get((n, pages))
         if bufs is None:
             with torch.inference_mode():
-                bufs = self._buffers[(b, pages)] = (torch.zeros(1, b, dtype=torch.long),
-                                                    torch.zeros(b, pages, dtype=torch.long),
-                                                    torch.zeros(b, dtype=torch.long))
+                bufs = self._buffers[(n, pages)] = (torch.zeros(1, n, dtype=torch.long),
+                                                    torch.zeros(n, pages, dtype=torch.long),
+                                                    torch.zeros(n, dtype=torch.long))
         ids_buf, table, past = bufs
-        ids_buf.copy_(ids)
+        width = params.block_index.shape[1]
         table.zero_()
-        table[:, :params.block_index.shape[1]].copy_(params.block_index)
-        past.copy_(params.cache_seqlens)
-        key = "one" if b == 1 else "many"
-        step = self._steps.get(key)
+        ids_buf[:, :b].copy_(ids)
+        table[:b, :width].copy_(params.block_index)
+        past[:b].copy_(params.cache_seqlens)
+        if b < n:
+            ids_buf[:, b:].copy_(ids[:, :1])
+            table[b:, :width].copy_(params.block_index[:1])
+            past[b:].copy_(params.cache_seqlens[:1])
+        step = self._step
         if step is None:
-            step = self._steps[key] = self._compile(key, ids_buf, table, past)
+            step = self._step = self._compile(ids_buf, table, past)
         args = (self.runner.model, ids_buf, cache, table, past, params.page_size, cache.max_seq_len)
-        if step.done:
-            return step(*args)
         try:
-            return step(*args)
+            out = step(*args)
         except Exception as e:  # a failed compile must not end the user's jobs: the eager forward computes the same
+            if step.done:
+                raise
             self._fail("compiled", e)
             return None
+        return out[:b]
 
     def graphed(self, cache, ids, table, past, page_size) -> torch.Tensor | None:
         """The step through the runner's CUDA graphs; None (and one line) when capture fails."""
@@ -96,15 +147,12 @@ class PagedDecode:
         print(f"exllamav2: the paged decode step could not be {what} ({self.failed[:200]}); decoding runs "
               "eagerly", file=sys.stderr)
 
-    def _compile(self, key: str, *inputs):
+    def _compile(self, *inputs):
         fn = types.FunctionType(paged_decode_step.__code__.replace(), paged_decode_step.__globals__,
-                                f"paged_decode_step_{key}")
-        if key == "many":
-            # one graph for every batch of two or more sequences: the sequence count is symbolic from the start
-            for t in inputs:
-                torch._dynamo.mark_dynamic(t, 1 if t.dim() == 2 and t.shape[0] == 1 else 0)
-        what = "Compiling the paged decode step for " + ("one sequence" if key == "one" else "several sequences")
-        return _Lazy(self.runner.compile_fn(fn), what, self.runner.progress)
+                                "paged_decode_step")
+        for t in inputs:  # the number of sequences is symbolic from the start: one graph for every batch
+            torch._dynamo.mark_dynamic(t, 1 if t.dim() == 2 and t.shape[0] == 1 else 0)
+        return _Lazy(self.runner.compile_fn(fn), "Compiling the paged decode step", self.runner.progress)
 
 
 class _Lazy:
