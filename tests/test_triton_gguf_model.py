@@ -105,12 +105,13 @@ def test_tiny_kquant_model_greedy_on_triton_equals_torch(qtype, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_q4_1_greedy_on_triton_equals_torch(smollm2_gguf):
+    # ~35k interpreted tile iterations per forward (30 layers and the 49k-row tied head): tens of minutes here
     from exllamav2 import ExLlamaV2Tokenizer
     model = load(smollm2_gguf)
     tokenizer = ExLlamaV2Tokenizer(model.config)
     ids = tokenizer.encode("The capital of France is")
-    tokens = assert_triton_greedy_equals_torch(model, ids, steps=2)
-    assert tokens == greedy(model, ids, 2, "torch")[0]
+    tokens = assert_triton_greedy_equals_torch(model, ids, steps=1)
+    assert tokens == greedy(model, ids, 1, "torch")[0]
 
 
 def test_kquant_model_on_cpu_backend_runs_the_dense_load_matrices(tmp_path, monkeypatch):
