@@ -70,8 +70,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="run N engine replicas as a Ray Serve app behind Ray's HTTP proxy, with prefix-aware "
                         "routing (needs the ray extra; default: one plain process, no Ray)")
     p.add_argument("--ray-address", dest="ray_address", default=None, metavar="ADDR",
-                   help="with --replicas: join this Ray cluster (e.g. auto, or ray://head:10001) instead of "
-                        "starting a local Ray instance")
+                   help="with --replicas: join this Ray cluster (auto, or HEAD_IP:6379, run on one of its nodes) "
+                        "instead of starting a local Ray instance")
     p.add_argument("--routing", default="prefix", choices=["prefix", "default"],
                    help="with --replicas: send requests that share a prompt prefix to the replica holding it, else "
                         "to the least loaded (prefix, the default), or use Ray Serve's power-of-two-choices")
