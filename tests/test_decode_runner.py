@@ -241,7 +241,7 @@ def test_dynamic_generator_runs_the_compiled_paged_step(tmp_path):
     from test_dynamic_tiny import build_tiny_dir, load_tiny
     model, tok = load_tiny(build_tiny_dir(tmp_path, sliding_window=8))
 
-    def run(n_new):
+    def run(n_new, only=None):
         gen = ExLlamaV2DynamicGenerator(model, ExLlamaV2Cache(model, 1, 256), tok, page_size=16)
         logits, orig = [], gen._forward
 
@@ -253,7 +253,8 @@ def test_dynamic_generator_runs_the_compiled_paged_step(tmp_path):
         gen._forward = record
         for i, n in enumerate(n_new):  # jobs of different lengths: the step count goes 3 -> 2 -> 1 sequences
             ids = torch.randint(0, 49152, (1, 5 + 7 * i), generator=torch.Generator().manual_seed(i))
-            gen.enqueue(ExLlamaV2DynamicJob(ids, n, gen_settings=GREEDY, stop_conditions=[]))
+            if only is None or i == only:
+                gen.enqueue(ExLlamaV2DynamicJob(ids, n, gen_settings=GREEDY, stop_conditions=[]))
         tokens: dict = {}
         while gen.num_remaining_jobs():
             for r in gen.iterate():
@@ -267,6 +268,10 @@ def test_dynamic_generator_runs_the_compiled_paged_step(tmp_path):
         tokens, logits = run([12, 20, 30])
         assert runner.paged._step is not None and runner.paged._step.done and runner.paged.failed is None
         assert tokens == eager_tokens
+        # each job alone gives its tokens among the others (the same graph serves one sequence and several)
+        for i, serial in enumerate(sorted(tokens)):
+            alone, _ = run([12, 20, 30], only=i)
+            assert list(alone.values()) == [tokens[serial]]
         assert len(logits) == len(eager_logits)
         for a, b in zip(logits, eager_logits):
             assert (a - b).abs().max() < 1e-3 * b.abs().max()
