@@ -213,3 +213,20 @@ def test_what_the_backend_declines(monkeypatch):
         assert k.backend == "triton" and torch.equal(k(torch.ones(2, 16, dtype=H)), F.linear(torch.ones(2, 16, dtype=H), w))
     # unpinned, the next backend takes what triton declines
     assert ops.prepare_linear(None, None, q, "cpu", torch.float32).backend == "torch"
+
+
+def test_batch_invariant_mode_keeps_many_rows_on_the_fused_kernel(triton_interpreted):
+    """ops.set_batch_invariant (serve --deterministic): above DENSE_ROWS a call stays on the fused kernel, so each
+    row of a many-row call has the bits it has alone; without it the dense path's rows may round otherwise."""
+    q = gptq_weight(128, 48, group_size=32, seed=5)
+    k = ops.prepare_linear(None, None, q, "cpu", H)
+    k.dense_rows = 4
+    x = torch.randn(6, 128, generator=torch.Generator().manual_seed(2)).to(H)
+    ops.set_batch_invariant(True)
+    try:
+        y = k(x)
+        for i in range(6):
+            assert torch.equal(k(x[i:i + 1]), y[i:i + 1])
+    finally:
+        ops.set_batch_invariant(False)
+    _assert_close(k(x), _reference(q, x))  # the dense path again, still right

@@ -36,17 +36,14 @@ __all__ = ["NoBackendError", "set_backend", "use_backend", "pinned_backend", "ac
 def set_batch_invariant(enabled: bool = True) -> None:
     """Make every linear kernel compute each row independently of how many rows share the call, so a request's
     tokens are the same alone or batched with others (serve --deterministic). Packed GGUF weights are batch
-    invariant anyway; this switches dense bf16 weights on the CPU to the bf16 GEMV for every batch size
-    (ops/cpu/gemv_linear.py; its cost is measured in bench/bench_determinism.py). Process-wide."""
-    from .cpu import gemv_linear
-
-    gemv_linear.set_batch_invariant(enabled)
+    invariant anyway on the CPU; this switches dense bf16 weights on the CPU to the bf16 GEMV for every batch size
+    (ops/cpu/gemv_linear.py; its cost is measured in bench/bench_determinism.py) and keeps the triton backend's
+    quantized linears on their fused kernel above DENSE_ROWS (ops/triton/linear.py). Process-wide."""
+    dispatch.set_batch_invariant(enabled)
 
 
 def batch_invariant() -> bool:
-    from .cpu import gemv_linear
-
-    return gemv_linear.batch_invariant()
+    return dispatch.batch_invariant()
 
 
 rms_norm = dispatch.define_op("rms_norm", lambda x, w, eps, out_dtype: (x.device.type, x.dtype, w.dtype, out_dtype))

@@ -40,6 +40,18 @@ _pinned: str | None = _parse(os.environ.get(ENV_VAR), ENV_VAR)
 _generation = 0  # bumped whenever the choice changes; prepared kernels compare it to know they are stale
 
 
+_batch_invariant = False  # ops.set_batch_invariant: no kernel switches algorithm with the number of rows
+
+
+def set_batch_invariant(enabled: bool = True) -> None:
+    global _batch_invariant
+    _batch_invariant = bool(enabled)
+
+
+def batch_invariant() -> bool:
+    return _batch_invariant
+
+
 def pinned_backend() -> str | None:
     return _pinned
 

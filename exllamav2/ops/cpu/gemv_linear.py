@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import dispatch
 from . import kernels
 from .gguf_pack import GgufPacked
 
@@ -21,16 +22,6 @@ GEMV_MAX_ROWS = 8
 # oneDNN round differently, so without it a request decoded alone (1 row) and among 16 others (16 rows) can get
 # other tokens; the GEMV computes each row alone, at some cost to prefill and to batches above GEMV_MAX_ROWS
 # (bench/bench_determinism.py).
-_batch_invariant = False
-
-
-def set_batch_invariant(enabled: bool) -> None:
-    global _batch_invariant
-    _batch_invariant = bool(enabled)
-
-
-def batch_invariant() -> bool:
-    return _batch_invariant
 
 
 class GgufGemvKernel:
@@ -58,7 +49,7 @@ class Bf16GemvKernel:
         self.out_features, self.in_features = weight.shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= GEMV_MAX_ROWS or _batch_invariant:
+        if x.shape[0] <= GEMV_MAX_ROWS or dispatch.batch_invariant():
             return kernels.bf16_gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 

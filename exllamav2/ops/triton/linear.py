@@ -9,7 +9,8 @@ A quantized kernel keeps only the file's packed tensors (and a table of a few by
 - Above it (prefill): the matrix is dequantised into one scratch buffer shared by every linear on the device
   (`scratch`), then one dense matmul. Rows then take a different path, so results are batch invariant only among
   calls on the same side of the threshold; EXLLAMAV2_TRITON_DENSE_ROWS=<rows> in the environment (or a kernel's
-  `dense_rows`) moves it, and a large value keeps every call on the fused path.
+  `dense_rows`) moves it, and a large value keeps every call on the fused path, as `ops.set_batch_invariant()`
+  (serve --deterministic) does.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .. import dispatch
 from . import declines_device, interpreting, kernels
 
 
@@ -109,7 +111,7 @@ class PackedKernel:
         m = x.shape[0]
         if m == 0:
             return x.new_empty((0, self.out_features))
-        if m > self.dense_rows:
+        if m > self.dense_rows and not dispatch.batch_invariant():
             return self.dense_matmul(x)
         return self.fused_matmul(x)
 
