@@ -160,7 +160,7 @@ def attn_fwd(Q, K, V, Out, PartO, PartL, Mask,
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     if SPLIT:
         prow = tl.load(part_base + seq) + tok
-        ok = row_ok & (split < n_splits)
+        ok = row_ok & ((tok * 0 + split) < n_splits)  # vector compare: Triton 3.9 interprets scalar & vector as int32
         lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(PartL + prow * spl_row + head * spl_h + split, lse, mask=ok)
         po = PartO + prow[:, None] * spo_row + head[:, None] * spo_h + split * spo_split + dd[None, :]
