@@ -203,3 +203,32 @@ def test_rms_norm_kernel_equals_reference_and_is_row_independent(x_dtype, out_dt
         assert ops.rms_norm.choose(x, w, 1e-6, out_dtype).fn.__module__ == "exllamav2.ops.cpu.small_ops"
     with pytest.raises(RuntimeError, match="weight must hold 7 values"):
         torch.ops.exllamav2_cpu.rms_norm(torch.randn(2, 7), torch.randn(8), 1e-6, torch.float32)
+
+
+def test_calls_that_need_gradients_run_torch_ops_and_get_them(tmp_path):
+    """The C++ kernels have no backward: a call autograd must differentiate (a steering vector trained by
+    gradient, the converter's sensitivity pass) runs torch's ops, and its gradient equals the torch backend's."""
+    from test_gguf_support import write_tiny_gguf
+
+    from exllamav2 import ExLlamaV2, ExLlamaV2Config, ops
+    path = write_tiny_gguf(str(tmp_path / "q4_0.gguf"), qtype="Q4_0", hidden=128, ffn=256, vocab=96)
+    model = ExLlamaV2(ExLlamaV2Config(path))
+    model.load()
+    mlp = model.modules[2]
+    x0 = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(1)).bfloat16()
+    grads = {}
+    for backend in ("torch", "cpu"):
+        with ops.use_backend(backend):
+            x = x0.clone().requires_grad_(True)
+            y = mlp.forward(x)
+            y.float().square().sum().backward()
+            assert x.grad is not None and x.grad.abs().sum() > 0
+            grads[backend] = x.grad.float()
+    ref = grads["torch"]
+    assert (grads["cpu"] - ref).norm() <= 2e-2 * ref.norm()
+    # rms_norm alone, the weight requiring grad too
+    w = torch.rand(128).requires_grad_(True)
+    x = torch.randn(4, 128).requires_grad_(True)
+    with ops.use_backend("cpu"):
+        ops.rms_norm(x, w, 1e-5, torch.float32).sum().backward()
+    assert x.grad is not None and w.grad is not None and w.grad.abs().sum() > 0

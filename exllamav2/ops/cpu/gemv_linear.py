@@ -24,16 +24,25 @@ GEMV_MAX_ROWS = 8
 # (bench/bench_determinism.py).
 
 
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """The C++ kernels have no backward: a call that autograd must differentiate runs torch's ops instead (an
+    intervention trained by gradient, the converter's sensitivity pass), never a silently missing gradient."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 class GgufGemvKernel:
     """GGUF Q4_0/Q4_1/Q8_0 blocks (repacked, same size as the file's) for activations of any float dtype."""
     backend = "cpu"
 
-    def __init__(self, packed: GgufPacked, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(self, packed: GgufPacked, bias: torch.Tensor | None, dtype: torch.dtype, quant=None):
         self.packed = packed
+        self.quant = quant  # the weight, dequantised for calls that need gradients
         self.bias = None if bias is None else bias.to(dtype).contiguous()
         self.out_features, self.in_features = packed.out_features, packed.in_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if needs_grad(x) and self.quant is not None:
+            return F.linear(x, self.quant.dense(x.dtype), self.bias)
         return kernels.gguf_gemv(x, self.packed, self.bias)
 
     def nbytes(self) -> int:
@@ -49,7 +58,7 @@ class Bf16GemvKernel:
         self.out_features, self.in_features = weight.shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= GEMV_MAX_ROWS or dispatch.batch_invariant():
+        if (x.shape[0] <= GEMV_MAX_ROWS or dispatch.batch_invariant()) and not needs_grad(x, self.weight):
             return kernels.bf16_gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 

@@ -86,4 +86,4 @@ def _gguf_gemv_kernel(quant, dtype: torch.dtype) -> GgufGemvKernel | None:
     packed = getattr(quant, "_cpu_gemv_packed", False)
     if packed is False:
         packed = quant._cpu_gemv_packed = pack_gguf_weight(quant)
-    return None if packed is None else GgufGemvKernel(packed, quant.bias, dtype)
+    return None if packed is None else GgufGemvKernel(packed, quant.bias, dtype, quant)

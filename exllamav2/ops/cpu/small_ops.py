@@ -8,6 +8,7 @@ import torch
 
 from ..torch_ref import norm as _norm
 from . import build, kernels
+from .gemv_linear import needs_grad
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _ready: list[bool] = []
@@ -21,6 +22,6 @@ def _kernels_ready() -> bool:
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
     if (torch.compiler.is_compiling() or x.dtype not in _FLOATS or w.dtype not in _FLOATS or w.dim() != 1
-            or out_dtype not in _FLOATS or not _kernels_ready()):
+            or out_dtype not in _FLOATS or needs_grad(x, w) or not _kernels_ready()):
         return _norm.rms_norm(x, w, eps, out_dtype)
     return torch.ops.exllamav2_cpu.rms_norm(x, w, eps, out_dtype)
