@@ -304,6 +304,7 @@ class RunnerProbe:
         from exllamav2.runtime.decode import DecodeRunner
         self.inner = DecodeRunner(model, compile=False)
         self.asked = self.applied = 0
+        self.paged = None  # the dynamic generator's compiled paged step is not probed here
 
     def applies(self, *args) -> bool:
         self.asked += 1

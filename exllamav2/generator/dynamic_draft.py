@@ -26,7 +26,7 @@ def packed_forward(model, cache, ids: torch.Tensor, params: PagedParams, rows: t
     or None without rows (the forward then stops after the last layer that writes the cache). With a compiled or
     captured decode step (model.compile_decode), the one-token sequences run through it (runtime/paged_decode.py)."""
     runner = model.decode_runner
-    if runner is not None and runner.paged is not None and runner.paged.usable(model, cache, loras):
+    if getattr(runner, "paged", None) is not None and runner.paged.usable(model, cache, loras):
         logits = runner.paged.forward(ids, cache, params, rows, lambda i, p, r: _eager(model, cache, i, p, r, loras))
         if logits is not None:
             return logits
