@@ -263,7 +263,7 @@ def test_dynamic_generator_runs_the_compiled_paged_step(tmp_path):
         return tokens, logits
 
     eager_tokens, eager_logits = run([12, 20, 30])
-    runner = model.compile_decode(max_seq_len=256, progress=False)
+    runner = model.compile_decode(max_seq_len=256, progress=False, paged=True)
     try:
         tokens, logits = run([12, 20, 30])
         assert runner.paged._step is not None and runner.paged._step.done and runner.paged.failed is None

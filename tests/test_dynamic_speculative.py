@@ -242,7 +242,7 @@ def test_speculation_with_the_compiled_decode_step(tiny, drafts):
     drafts (one single-token sequence per position is a decode-only step): the tokens stay the eager plain ones."""
     _, model, tok = tiny
     eager, _ = run(model, tok)
-    runner = model.compile_decode(max_seq_len=512, progress=False)
+    runner = model.compile_decode(max_seq_len=512, progress=False, paged=True)
     try:
         compiled, _ = run(model, tok)
         spec, gen = run(model, tok, draft_model=drafts["close"], num_draft_tokens=4)

@@ -38,7 +38,7 @@ def decode_step(model, ids: torch.Tensor, cache, past: int) -> torch.Tensor:
 
 class DecodeRunner:
     def __init__(self, model, compile: bool = True, progress: bool = True, options: dict | None = None,
-                 batch_sizes=(1,), max_seq_len: int | None = None, freeze: bool = False):
+                 batch_sizes=(1,), max_seq_len: int | None = None, freeze: bool = False, paged: bool | None = None):
         self.model = model
         self.compiled = compile
         self.compile_seconds = 0.0
@@ -65,8 +65,9 @@ class DecodeRunner:
                 for b in sorted(set(batch_sizes)):
                     self._steps[b] = self._compile(b)
             self.compile_seconds = time.time() - t0
-            from .paged_decode import PagedDecode
-            self.paged = PagedDecode(self)  # the dynamic generator's decode steps, compiled at their first use
+            if paged:
+                from .paged_decode import PagedDecode
+                self.paged = PagedDecode(self)  # the dynamic generator's decode steps, compiled at their first use
 
     def _compile(self, b: int):
         try:
