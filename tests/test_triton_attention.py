@@ -223,10 +223,8 @@ def test_multi_token_rows_equal_single_token_decode(kdev):
 
 
 def test_paged_decode_params_from_device_tensors(kdev):
-    """Decode-only params built from device tensors (paged_attn.PagedDecodeParams, when present)."""
+    """Decode-only params built from device tensors (paged_attn.PagedDecodeParams)."""
     from exllamav2 import paged_attn
-    if not hasattr(paged_attn, "PagedDecodeParams"):
-        pytest.skip("paged_attn.PagedDecodeParams is not in this tree")
     q, k, v, kp, vp, params = _paged_case(11, [40, 513, 0], [1, 1, 1], 16, 4, 2, 64, device=kdev)
     dec = paged_attn.PagedDecodeParams(params.block_index, torch.tensor([40, 513, 0], device=kdev), 16, 1024)
     kr, vr = kp.clone(), vp.clone()
@@ -243,8 +241,6 @@ def test_paged_decode_compiles_as_one_graph(interp):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from exllamav2 import paged_attn
-    if not hasattr(paged_attn, "PagedDecodeParams"):
-        pytest.skip("paged_attn.PagedDecodeParams is not in this tree")
     q, k, v, kp, vp, params = _paged_case(12, [40, 300], [1, 1], 16, 4, 2, 32, spare_pages=4)
 
     def step(q, k, v, kp, vp, block_index, past):
