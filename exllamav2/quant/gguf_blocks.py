@@ -35,17 +35,24 @@ class BlockDigits:
     offset: torch.Tensor | None    # (N, K/32) float32
 
 
-def decode_blocks(ggml_type: str, raw: np.ndarray, shape: tuple[int, ...], name: str = "tensor") -> BlockDigits:
-    """`raw` is uint8 (rows, bytes per row) as `GGUFFile.raw` returns it; `shape` the HF shape (N, K)."""
-    if ggml_type not in _BLOCK_BYTES:
-        raise ValueError(f"{name}: GGUF type {ggml_type} has no direct integer mapping (expected one of "
-                         f"{', '.join(SUPPORTED_TYPES)})")
+def check_block_matrix(ggml_type: str, raw: np.ndarray, shape: tuple[int, ...], name: str, kinds,
+                       what: str = "no direct integer mapping") -> tuple[int, int, int]:
+    """(rows, blocks per row, bytes per block) of a Q4_0/Q4_1/Q8_0 matrix, or a ValueError naming the tensor."""
+    if ggml_type not in kinds:
+        raise ValueError(f"{name}: GGUF type {ggml_type} has {what} (expected one of {', '.join(kinds)})")
     if len(shape) != 2 or shape[1] % BLOCK:
         raise ValueError(f"{name}: shape {list(shape)} is not a matrix with a multiple of {BLOCK} columns")
     n, k = shape
     nb, bb = k // BLOCK, _BLOCK_BYTES[ggml_type]
     if raw.shape != (n, nb * bb):
         raise ValueError(f"{name}: {ggml_type} data has shape {list(raw.shape)}, expected [{n}, {nb * bb}]")
+    return n, nb, bb
+
+
+def decode_blocks(ggml_type: str, raw: np.ndarray, shape: tuple[int, ...], name: str = "tensor") -> BlockDigits:
+    """`raw` is uint8 (rows, bytes per row) as `GGUFFile.raw` returns it; `shape` the HF shape (N, K)."""
+    n, nb, bb = check_block_matrix(ggml_type, raw, shape, name, SUPPORTED_TYPES)
+    k = shape[1]
     blocks = np.ascontiguousarray(raw).reshape(n, nb, bb)
     d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0]).float()
     if ggml_type == "Q8_0":

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .kernels import BLOCK, GGUF_KINDS, GROUP_ROWS
+from ...quant.gguf_blocks import check_block_matrix
+from .kernels import GGUF_KINDS, GROUP_ROWS
 
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
 
 @dataclass
@@ -47,15 +47,7 @@ def _group_major(a: np.ndarray, groups: int, nb: int) -> np.ndarray:
 
 def pack_gguf_blocks(ggml_type: str, raw: np.ndarray, shape: tuple[int, ...], name: str = "tensor") -> GgufPacked:
     """`raw`: uint8 (rows, bytes per row) as GGUFFile.raw returns it, rows in HF order; `shape`: (N, K)."""
-    if ggml_type not in GGUF_KINDS:
-        raise ValueError(f"{name}: GGUF type {ggml_type} has no CPU GEMV kernel (expected one of "
-                         f"{', '.join(GGUF_KINDS)})")
-    if len(shape) != 2 or shape[1] % BLOCK:
-        raise ValueError(f"{name}: shape {list(shape)} is not a matrix with a multiple of {BLOCK} columns")
-    n, k = shape
-    nb, bb = k // BLOCK, _BLOCK_BYTES[ggml_type]
-    if raw.shape != (n, nb * bb):
-        raise ValueError(f"{name}: {ggml_type} data has shape {list(raw.shape)}, expected [{n}, {nb * bb}]")
+    n, nb, bb = check_block_matrix(ggml_type, raw, shape, name, GGUF_KINDS, "no CPU GEMV kernel")
     groups = -(-n // GROUP_ROWS)
     pad = groups * GROUP_ROWS - n
     blocks = np.ascontiguousarray(raw).reshape(n, nb, bb)
@@ -73,7 +65,7 @@ def pack_gguf_blocks(ggml_type: str, raw: np.ndarray, shape: tuple[int, ...], na
             m = blocks[..., 2:4].copy().view(np.float16)[..., 0]
             offsets = torch.from_numpy(_group_major(m, groups, nb))
     return GgufPacked(torch.from_numpy(q.reshape(-1)), torch.from_numpy(_group_major(d, groups, nb)), offsets,
-                      GGUF_KINDS[ggml_type], ggml_type, n, k)
+                      GGUF_KINDS[ggml_type], ggml_type, n, shape[1])
 
 
 def pack_gguf_weight(quant) -> GgufPacked | None:
