@@ -317,3 +317,17 @@ def test_mixed_step_runs_decode_rows_apart_from_prompts(tmp_path):
     # every sequence's new K/V were written, the prompt that wanted no logits included
     for k, (k0, _) in zip(kv_after, snapshot):
         assert not torch.equal(k[0, :, 5 * 16:5 * 16 + 5], k0[0, :, 5 * 16:5 * 16 + 5])
+
+
+def test_ticker_writes_whole_lines_to_a_log(monkeypatch):
+    """Progress written to a file (not a terminal) has no carriage returns: one line when the work ends."""
+    import io
+    import sys
+
+    from exllamav2.runtime.compile import Ticker
+
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    with Ticker("Compiling x", True):
+        pass
+    assert log.getvalue() == "Compiling x: done in 0 s\n"

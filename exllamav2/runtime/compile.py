@@ -55,9 +55,12 @@ class Ticker:
         self._stop = threading.Event()
 
     def _run(self):
+        # a terminal gets one line rewritten every second; a log file a line every 30 s
+        tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
         t0 = time.time()
-        while not self._stop.wait(1.0):
-            sys.stderr.write(f"\r{self.what}: {time.time() - t0:.0f} s")
+        while not self._stop.wait(1.0 if tty else 30.0):
+            sys.stderr.write(f"\r{self.what}: {time.time() - t0:.0f} s" if tty else
+                             f"{self.what}: {time.time() - t0:.0f} s\n")
             sys.stderr.flush()
 
     def __enter__(self):
@@ -71,5 +74,6 @@ class Ticker:
         if self.enabled:
             self._stop.set()
             self._thread.join()
-            sys.stderr.write(f"\r{self.what}: done in {time.time() - self.t0:.0f} s\n")
+            tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+            sys.stderr.write(f"{chr(13) if tty else ''}{self.what}: done in {time.time() - self.t0:.0f} s\n")
         return False
