@@ -68,6 +68,12 @@ class ExLlamaV2SamplerSettings:
     xtc_threshold: float = 0.1
     xtc_ignore_tokens: frozenset[int] | None = None  # None: ids whose piece holds a newline plus special tokens
 
+    @property
+    def needs_host(self) -> bool:
+        """Whether a sample with these settings must take the host path (ExLlamaV2Sampler.sample): CFG mixes two
+        rows of logits into one. Everything else samples on the device too (generator/sampler_device.py)."""
+        return self.cfg_scale is not None
+
     @staticmethod
     def greedy(**kwargs) -> ExLlamaV2SamplerSettings:
         defaults = {

@@ -116,7 +116,8 @@ def post_temperature(
         max_entropy = live.log()
         max_entropy = torch.where(max_entropy == 0, torch.ones_like(max_entropy), max_entropy)
         temp = min_temp + (max_temp - min_temp) * torch.pow(_entropy(p) / max_entropy, temp_exponent)
-        temp = temp.unsqueeze(-1)
+        # a single live candidate has entropy 0, so min_temp 0 gives T = 0 and 0 / 0 = NaN: keep T positive
+        temp = temp.clamp(min=torch.finfo(p.dtype).tiny).unsqueeze(-1)
     else:
         temp = torch.full((p.shape[0], 1), float(temperature), dtype=p.dtype, device=p.device)
     logp = torch.where(p > 0, p.clamp(min=torch.finfo(p.dtype).tiny).log(), -math.inf)
