@@ -7,11 +7,18 @@ Storage per layer keeps the (batch, kv_heads, max_seq_len, ...) layout of ExLlam
   is rotated by the unnormalised 32-point Walsh-Hadamard matrix (spreads outliers over the group) before rounding.
 - FP8: `key_states`/`value_states` are the e5m2 bytes (as uint8) of every value; no scales.
 
-Use: `get_kv_state(layer, b, offset, width)` dequantises positions [0, offset + width) of rows [:b] into a
-per-device temporary of full cache shape in the activation dtype and returns it; attention writes its new tokens
-into the temporary and reads the prefix; `store_kv_state(layer, b, offset, width)` quantises [offset, offset + width)
-of the temporary back into storage. The temporaries are shared by all layers of one cache (layers run one after
-another). The paged path of the dynamic generator writes the cache directly and is not supported.
+Two ways in:
+- the seed API (model.forward over a cache of any batch size): `get_kv_state(layer, b, offset, width)`
+  dequantises positions [0, offset + width) of rows [:b] into a per-device temporary of full cache shape in the
+  activation dtype and returns it; attention writes its new tokens into the temporary and reads the prefix;
+  `store_kv_state(layer, b, offset, width)` quantises [offset, offset + width) of the temporary back into storage.
+  The temporaries are shared by all layers of one cache (layers run one after another).
+- the dynamic generator (batch_size 1, the sequence axis cut into pages): `paged_layer(layer)` hands the layer's
+  codes and scales to the `quant_paged_attention` op (paged_attn.py), which quantises the new tokens into their
+  pages and dequantises keys and values inside attention, per sequence (ops/torch_ref/attention_quant.py) or per
+  tile in the Triton kernel (ops/triton/attention_quant.py): no full-size temporary.
+
+The formats themselves (GroupQuant, FP8Quant) are in ops/torch_ref/kv_quant.py.
 """
 
 from __future__ import annotations
@@ -19,95 +26,8 @@ from __future__ import annotations
 import torch
 
 from .cache import ExLlamaV2CacheBase
-
-GROUP = 32
-
-
-def _hadamard32(device) -> torch.Tensor:
-    """Sylvester Walsh-Hadamard matrix of order 32 (float32): symmetric, H @ H = 32 I."""
-    h = torch.ones(1, 1)
-    for _ in range(5):
-        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    return h.to(device)
-
-
-_HADAMARD: dict[str, torch.Tensor] = {}
-
-
-def hadamard32(device) -> torch.Tensor:
-    key = str(device)
-    if key not in _HADAMARD:
-        _HADAMARD[key] = _hadamard32(device)
-    return _HADAMARD[key]
-
-
-class GroupQuant:
-    """Symmetric integer codes of `bits` (4 or 8) per group of 32 Hadamard-rotated values, one scale per group."""
-
-    has_scales = True
-
-    def __init__(self, bits: int):
-        if bits not in (4, 8):
-            raise ValueError(f"GroupQuant: bits must be 4 or 8, got {bits}")
-        self.bits = bits
-        self.qneg = 1 << (bits - 1)  # codes run -qneg .. qneg - 1, stored with +qneg offset
-        self.qpos = self.qneg - 1
-
-    def code_width(self, head_dim: int) -> int:
-        return head_dim * self.bits // 8
-
-    def scale_width(self, head_dim: int) -> int:
-        return head_dim // GROUP
-
-    def quantize(self, x: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (..., d) -> codes uint8 (..., d * bits / 8), scales (..., d / 32)."""
-        d = x.shape[-1]
-        g = x.float().reshape(*x.shape[:-1], d // GROUP, GROUP) @ hadamard32(x.device)
-        # the scale makes both the group's max and min representable (the code range is asymmetric)
-        hi = g.amax(-1).clamp(min=0) / self.qpos
-        lo = g.amin(-1).clamp(max=0) / -self.qneg
-        fmax = torch.finfo(scale_dtype).max
-        scales = torch.maximum(hi, lo).clamp(max=fmax).to(scale_dtype)
-        # codes are computed against the stored (rounded) scale so the scale's rounding adds no error
-        s = scales.float()
-        s = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-1)
-        q = (g / s).round_().clamp_(-self.qneg, self.qpos).add_(self.qneg).to(torch.int16).reshape(x.shape)
-        if self.bits == 4:
-            # bit ops on uint8 are unvectorised on CPU (~20x slower than on int16): pack in int16, then narrow
-            q = q[..., 0::2] | (q[..., 1::2] << 4)
-        return q.to(torch.uint8), scales
-
-    def dequantize(self, codes: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        if self.bits == 4:
-            wide = codes.to(torch.int16)
-            codes = torch.stack((wide & 15, wide >> 4), -1).flatten(-2)
-        d = codes.shape[-1]
-        g = codes.float().sub_(self.qneg).reshape(*codes.shape[:-1], d // GROUP, GROUP)
-        g = g * scales.float().unsqueeze(-1)
-        # H @ H = 32 I: the inverse rotation is H / 32
-        return (g @ hadamard32(codes.device)).mul_(1.0 / GROUP).reshape(codes.shape).to(out_dtype)
-
-
-class FP8Quant:
-    """FP8 e5m2 per value (torch's round-to-nearest conversion, where the original truncated the fp16 low byte)."""
-
-    has_scales = False
-    bits = 8
-    FP8_MAX = 57344.0
-
-    def code_width(self, head_dim: int) -> int:
-        return head_dim
-
-    def scale_width(self, head_dim: int) -> int:
-        return 0
-
-    def quantize(self, x: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, None]:
-        # torch's e5m2 conversion does not saturate: clamp so out-of-range values become +-max, not inf
-        y = x.clamp(-self.FP8_MAX, self.FP8_MAX).to(torch.float8_e5m2)
-        return y.view(torch.uint8), None
-
-    def dequantize(self, codes: torch.Tensor, scales, out_dtype: torch.dtype) -> torch.Tensor:
-        return codes.view(torch.float8_e5m2).to(out_dtype)
+# the formats live beside the attention reference that reads them; imported here as the cache's public names
+from .ops.torch_ref.kv_quant import GROUP, FP8Quant, GroupQuant, QuantPages  # noqa: F401
 
 
 class ExLlamaV2CacheQuantBase(ExLlamaV2CacheBase):
@@ -115,7 +35,7 @@ class ExLlamaV2CacheQuantBase(ExLlamaV2CacheBase):
 
     k_format: GroupQuant | FP8Quant
     v_format: GroupQuant | FP8Quant
-    supports_paged = False
+    supports_paged = True  # the dynamic generator reads it through paged_layer()
 
     def __init__(self, model, batch_size: int = 1, max_seq_len: int = -1, copy_from=None, lazy: bool = False,
                  num_key_value_heads: int | None = None, fixed_device=None, dtype: torch.dtype | None = None):
@@ -179,10 +99,18 @@ class ExLlamaV2CacheQuantBase(ExLlamaV2CacheBase):
         return self._temp[key]
 
     def _check_unpaged(self, page_size, block_table, width: int) -> None:
-        # the paged path (dynamic generator) asks for width 0 and scatters into the returned tensors directly
+        # the plain cache's paged path asks for width 0 and scatters into the returned tensors directly
         if page_size or block_table is not None or width <= 0:
-            raise ValueError(f"{type(self).__name__} does not support paged attention (ExLlamaV2DynamicGenerator); "
-                             f"use ExLlamaV2Cache there")
+            raise ValueError(f"{type(self).__name__}: get_kv_state/store_kv_state serve the contiguous path; paged "
+                             f"attention reads this cache through paged_layer()")
+
+    def paged_layer(self, layer_idx: int) -> QuantPages:
+        """Layer `layer_idx` as pages for the paged attention ops: the codes and scales of batch row 0."""
+        if self.batch_size != 1:
+            raise ValueError(f"{type(self).__name__}: paged attention needs batch_size=1, got {self.batch_size}")
+        ks, vs = self.key_scales[layer_idx], self.value_scales[layer_idx]
+        return QuantPages(self.key_states[layer_idx][0], None if ks is None else ks[0], self.value_states[layer_idx][0],
+                          None if vs is None else vs[0], self.k_format, self.v_format, self.dtype)
 
     def get_kv_state(self, layer_idx: int, batch_size: int, offset: int, width: int, page_size: int = 0,
                      cache_seqlens=None, block_table=None):

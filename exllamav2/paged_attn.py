@@ -2,8 +2,9 @@
 
 A step packs every active sequence's new tokens into one row of the forward: hidden states are (1, T, hidden),
 T = sum of the sequences' new-token counts, so the linear layers see no padding at all. The KV cache is an
-`ExLlamaV2Cache` with batch 1 whose sequence axis is carved into pages of `page_size` tokens; page p holds
-positions [p * page_size, (p + 1) * page_size). Each sequence has a block table (its page indices in order) and
+`ExLlamaV2Cache` (or a quantized cache, cache_q.py, read through the `quant_paged_attention` op) with batch 1
+whose sequence axis is carved into pages of `page_size` tokens; page p holds positions [p * page_size,
+(p + 1) * page_size). Each sequence has a block table (its page indices in order) and
 `past_len` tokens already in the cache.
 
 Attention runs per sequence, over exactly its own keys (a slice of the cache when its pages are consecutive,
@@ -18,6 +19,7 @@ import torch
 
 from . import ops
 from .attn_params import Params
+from .cache_q import ExLlamaV2CacheQuantBase
 from .ops.torch_ref.attention import window_mask
 
 
@@ -152,6 +154,9 @@ def paged_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     if q.shape[0] != 1 or q.shape[1] != params.seq_len:
         raise ValueError(f"paged attention expects packed input (1, {params.seq_len}, ...), got {tuple(q.shape)}")
     if cache is None or cache.batch_size != 1:
-        raise ValueError("paged attention needs an ExLlamaV2Cache with batch_size=1")
+        raise ValueError("paged attention needs a cache with batch_size=1")
+    if isinstance(cache, ExLlamaV2CacheQuantBase):  # codes and scales, dequantised inside attention
+        return ops.quant_paged_attention(q, k, v, cache.paged_layer(module.layer_idx), params,
+                                         module.sliding_window or 0, module.scaling, module.softcap)
     kc, vc = cache.get_kv_state(module.layer_idx, 1, 0, 0)
     return ops.paged_attention(q, k, v, kc, vc, params, module.sliding_window or 0, module.scaling, module.softcap)

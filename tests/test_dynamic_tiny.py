@@ -17,13 +17,13 @@ from parity import make_tiny, save_hf_model
 PAGE = 16
 
 
-def build_tiny_dir(path, sliding_window: int | None = None) -> str:
+def build_tiny_dir(path, sliding_window: int | None = None, head_dim: int = 16) -> str:
     from exllamav2.default_models import smollm2_gguf_path
     from exllamav2.tokenizer.gguf_tokenizer import save_hf_tokenizer_files, tokenizer_from_gguf
 
     info = tokenizer_from_gguf(smollm2_gguf_path())
     cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=512,
                       rms_norm_eps=1e-5, bos_token_id=info.bos_token_id, eos_token_id=info.eos_token_id,
                       tie_word_embeddings=True)
     hf = make_tiny(LlamaForCausalLM, cfg, seed=3, init_scale=0.2)

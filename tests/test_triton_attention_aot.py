@@ -55,10 +55,13 @@ def _compile(fn, sig, constexprs, cc, cfg_warps, cfg_stages):
 
 
 def _attn_fwd(mod, cc, dtype, head_dim, split, paged, causal=True, mask=False, window=False, softcap=False,
-              index="*i32"):
+              index="*i32", k_fmt=0, v_fmt=0):
     fn = mod.attn_fwd
     t = DTYPES[dtype]
-    ptrs = {"Q": t, "K": t, "V": t, "Out": t, "PartO": "*fp32", "PartL": "*fp32", "Mask": "*u8"}
+    # quantized pages (K_FMT / V_FMT != 0): uint8 codes, scales in the activation dtype, an fp32 output
+    kt, vt = ("*u8" if k_fmt else t), ("*u8" if v_fmt else t)
+    ptrs = {"Q": t, "K": kt, "V": vt, "KScale": t, "VScale": t, "Out": "*fp32" if k_fmt or v_fmt else t,
+            "PartO": "*fp32", "PartL": "*fp32", "Mask": "*u8"}
     ptrs.update({n: "*i32" for n in ("q_starts", "q_lens", "part_base", "tile_seq", "tile_m")})
     # block tables and lengths: int32 from PagedParams, int64 as the decode-only params hold them
     ptrs.update({"block_table": index, "kv_lens": index})
@@ -67,7 +70,7 @@ def _attn_fwd(mod, cc, dtype, head_dim, split, paged, causal=True, mask=False, w
     const = dict(G=4, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=attn_meta.block_d(head_dim), PAGED=paged,
                  CAUSAL=causal, HAS_MASK=mask, HAS_WINDOW=window, SOFTCAP=softcap, SPLIT=split,
                  MIN_SPLIT=attn_meta.MIN_SPLIT, MAX_SPLITS=attn_meta.MAX_SPLITS, DOT_F32=False, IEEE=dtype == "fp32",
-                 WHILE_LOOP=False)
+                 WHILE_LOOP=False, K_FMT=k_fmt, V_FMT=v_fmt)
     return _compile(fn, sig, const, cc, cfg.num_warps, cfg.num_stages)
 
 
@@ -86,6 +89,13 @@ def test_paged_kernel_compiles_and_fits_each_arch(compiled_kernels):
     _check(compiled_kernels, 86, "fp16", 256, False)
     _check(compiled_kernels, 89, "fp16", 128, True, index="*i64")
     _check(compiled_kernels, 86, "fp32", 128, False)  # fp32 tiles are smaller, or they would not fit
+
+
+def test_quantized_pages_compile_and_fit(compiled_kernels):
+    """The kernel reading quantized pages (cache_q.py: Q4, Q6 = K8/V4, FP8): decode on sm_90, prefill on sm_86."""
+    _check(compiled_kernels, 90, "fp16", 128, True, k_fmt=4, v_fmt=4, softcap=True)
+    _check(compiled_kernels, 86, "bf16", 128, False, k_fmt=8, v_fmt=4, window=True)
+    _check(compiled_kernels, 89, "fp16", 64, True, k_fmt=2, v_fmt=2, index="*i64")
 
 
 @pytest.mark.slow

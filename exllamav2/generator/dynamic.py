@@ -66,8 +66,8 @@ class ExLlamaV2DynamicGenerator:
         if use_ngram_draft and (isinstance(max_ngram, bool) or not isinstance(max_ngram, int) or max_ngram < 1):
             raise ValueError(f"ExLlamaV2DynamicGenerator: max_ngram must be a positive int, got {max_ngram!r}")
         if not getattr(cache, "supports_paged", True):
-            raise ValueError(f"ExLlamaV2DynamicGenerator does not support {type(cache).__name__} (quantized caches "
-                             "work with the base and streaming generators); use ExLlamaV2Cache")
+            raise ValueError(f"ExLlamaV2DynamicGenerator does not support {type(cache).__name__} (no paged "
+                             "attention reads it); use ExLlamaV2Cache or a quantized cache (cache_q.py)")
         if cache.batch_size != 1:
             raise ValueError(f"ExLlamaV2DynamicGenerator needs a cache with batch_size=1, got {cache.batch_size}")
         if page_size < 1 or cache.max_seq_len % page_size:

@@ -3,7 +3,8 @@
 - `prepare_linear(...)` -> a kernel for one (possibly fused) weight, chosen once per device and dtype
 - `rms_norm`, `layer_norm`
 - `rope` (rotate (b, s, heads, head_dim) by gathered cos/sin)
-- `attention` (contiguous KV prefix), `paged_attention` (packed tokens over a paged cache)
+- `attention` (contiguous KV prefix), `paged_attention` (packed tokens over a paged cache),
+  `quant_paged_attention` (the same over a quantized paged cache: torch_ref/attention_quant.py)
 - `activation`, `gated_activation`
 - `softmax_temperature`, `top_candidates` (the sampler's vocabulary-wide steps)
 
@@ -21,16 +22,18 @@ from .cpu import small_ops as _cpu_small
 from .dispatch import NoBackendError, active_backends, pinned_backend, set_backend, use_backend
 from .torch_ref import activation as _act
 from .torch_ref import attention as _attn
+from .torch_ref import attention_quant as _attn_q
 from .torch_ref import linear as torch_linear
 from .torch_ref import norm as _norm
 from .torch_ref import rope as _rope
 from .torch_ref import sampling as _sampling
 from .triton import linear as triton_linear
 from .triton import attention as _tri_attn
+from .triton import attention_quant as _tri_attn_q
 
 __all__ = ["NoBackendError", "set_backend", "use_backend", "pinned_backend", "active_backends", "prepare_linear",
-           "rms_norm", "layer_norm", "rope", "attention", "paged_attention", "activation", "gated_activation",
-           "softmax_temperature", "top_candidates", "set_batch_invariant", "batch_invariant"]
+           "rms_norm", "layer_norm", "rope", "attention", "paged_attention", "quant_paged_attention", "activation",
+           "gated_activation", "softmax_temperature", "top_candidates", "set_batch_invariant", "batch_invariant"]
 
 
 def set_batch_invariant(enabled: bool = True) -> None:
@@ -55,6 +58,9 @@ attention = dispatch.define_op("attention", lambda q, k, v, mask, scale, softcap
 paged_attention = dispatch.define_op("paged_attention", lambda q, k, v, kp, vp, params, sliding_window, scale,
                                      softcap=0.0: (q.device.type, q.dtype, q.shape[-1], kp.dtype, kp.dim(),
                                                    bool(softcap)))
+quant_paged_attention = dispatch.define_op(
+    "quant_paged_attention", lambda q, k, v, pages, params, sliding_window, scale, softcap=0.0:
+    (q.device.type, q.dtype, q.shape[-1], pages.k_format.name, pages.v_format.name, bool(softcap)))
 activation = dispatch.define_op("activation", lambda x, act: (x.device.type, x.dtype, act))
 gated_activation = dispatch.define_op("gated_activation", lambda g, u, act: (g.device.type, g.dtype, act))
 softmax_temperature = dispatch.define_op("softmax_temperature", lambda x, t, sf: (x.device.type, x.dtype))
@@ -62,7 +68,8 @@ top_candidates = dispatch.define_op("top_candidates", lambda p, k: (p.device.typ
 
 _REFERENCE = {
     rms_norm: _norm.rms_norm, layer_norm: _norm.layer_norm, rope: _rope.rope, attention: _attn.attention,
-    paged_attention: _attn.paged_attention, activation: _act.activation, gated_activation: _act.gated_activation,
+    paged_attention: _attn.paged_attention, quant_paged_attention: _attn_q.quant_paged_attention,
+    activation: _act.activation, gated_activation: _act.gated_activation,
     softmax_temperature: _sampling.softmax_temperature, top_candidates: _sampling.top_candidates,
 }
 
@@ -80,6 +87,7 @@ rms_norm.register("cpu", _cpu_small.rms_norm, _cpu_only)  # the C++ kernel in ea
 # Triton attention kernels (triton/attention.py; the kernel modules themselves are imported at first call)
 attention.register("triton", _tri_attn.attention, _tri_attn.declines_attention)
 paged_attention.register("triton", _tri_attn.paged_attention, _tri_attn.declines_paged)
+quant_paged_attention.register("triton", _tri_attn_q.quant_paged_attention, _tri_attn_q.declines_quant_paged)
 
 
 # ---------------------------------------------------------------------------------------------- linear

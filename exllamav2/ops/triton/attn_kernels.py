@@ -9,6 +9,14 @@ launch metadata: attn_meta.py).
 - `attn_combine`: merges the KV splits of one (row, head) in a fixed order (no atomics).
 - `kv_write`: copies new K/V rows into their cache slots.
 
+Quantized pages (K_FMT / V_FMT, cache_q.py's formats; the reference: ops/torch_ref/kv_quant.py): 0 reads float
+pages as they are; 4 and 8 read group codes (4 bits, two per byte, low nibble first; or 8 bits) and one scale per 32
+values and dequantise them in registers; 2 reads FP8 e5m2 bytes (the high byte of an fp16). Group codes hold
+Hadamard-rotated values, and the kernel does not un-rotate them: H is symmetric with H @ H = 32 I, so
+q . (H g / 32) = (H q / 32) . g, and sum_j p_j (H g_j / 32) = H (sum_j p_j g_j) / 32. The caller rotates the
+query once before the launch and the output once after it (ops/triton/attention_quant.py), and the kernel stays a
+plain dot product over the stored groups.
+
 Split-KV (decode): a sequence's keys are cut into splits of `split_size` keys, a multiple of BLOCK_N that depends
 only on that sequence's kv_len (never on the batch), and each split is one program; blocks sit at absolute key
 positions that are multiples of BLOCK_N, so a row's reduction order depends only on its own sequence and a request
@@ -35,10 +43,31 @@ def _split_size(kv_len, MIN_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _attn_block(q, m_i, l_i, acc, start, k_hi, k_base, v_base, block_table, Mask, seq, tok, qpos, row_ok, dd, d_ok,
-                sk_slot, sv_slot, sm_seq, sm_q, sm_k, sbt, page_size, scale, softcap, window,
-                BLOCK_N: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
+def _load_kv(base, s_base, slot, dd, kv_mask, s_slot, ss_slot, FMT: tl.constexpr):
+    """A block of keys or values (slots x head dim) as stored (FMT 0) or dequantised (FMT 4, 8: codes times their
+    group's scale, still rotated; FMT 2: FP8 e5m2). Masked-off lanes read as 0."""
+    if FMT == 0:
+        x = tl.load(base + slot[:, None] * s_slot + dd[None, :], mask=kv_mask, other=0.0)
+    elif FMT == 2:
+        b = tl.load(base + slot[:, None] * s_slot + dd[None, :], mask=kv_mask, other=0)
+        x = (b.to(tl.uint16) << 8).to(tl.float16, bitcast=True)
+    else:
+        if FMT == 4:
+            b = tl.load(base + slot[:, None] * s_slot + (dd // 2)[None, :], mask=kv_mask, other=0)
+            c = ((b.to(tl.int32) >> ((dd % 2) * 4)[None, :]) & 15) - 8
+        else:
+            c = tl.load(base + slot[:, None] * s_slot + dd[None, :], mask=kv_mask, other=0).to(tl.int32) - 128
+        sc = tl.load(s_base + slot[:, None] * ss_slot + (dd // 32)[None, :], mask=kv_mask, other=0.0)
+        x = c.to(tl.float32) * sc.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _attn_block(q, m_i, l_i, acc, start, k_hi, k_base, v_base, ks_base, vs_base, block_table, Mask, seq, tok, qpos,
+                row_ok, dd, d_ok, sk_slot, sv_slot, sks_slot, svs_slot, sm_seq, sm_q, sm_k, sbt, page_size, scale,
+                softcap, window, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+                K_FMT: tl.constexpr, V_FMT: tl.constexpr):
     """One BLOCK_N block of keys at absolute positions start.. into the online softmax (m_i, l_i, acc)."""
     kpos = start + tl.arange(0, BLOCK_N)
     k_ok = kpos < k_hi
@@ -48,7 +77,7 @@ def _attn_block(q, m_i, l_i, acc, start, k_hi, k_base, v_base, block_table, Mask
     else:
         slot = kpos.to(tl.int64)
     kv_mask = k_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_base + slot[:, None] * sk_slot + dd[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+    k = _load_kv(k_base, ks_base, slot, dd, kv_mask, sk_slot, sks_slot, K_FMT).to(q.dtype)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -71,7 +100,7 @@ def _attn_block(q, m_i, l_i, acc, start, k_hi, k_base, v_base, block_table, Mask
     p = tl.exp(s - m_use[:, None])
     alpha = tl.exp(m_i - m_use)
     l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
-    v = tl.load(v_base + slot[:, None] * sv_slot + dd[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+    v = _load_kv(v_base, vs_base, slot, dd, kv_mask, sv_slot, svs_slot, V_FMT).to(q.dtype)
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision="ieee")
     else:
@@ -81,11 +110,12 @@ def _attn_block(q, m_i, l_i, acc, start, k_hi, k_base, v_base, block_table, Mask
 
 
 @triton.jit
-def attn_fwd(Q, K, V, Out, PartO, PartL, Mask,
+def attn_fwd(Q, K, V, KScale, VScale, Out, PartO, PartL, Mask,
              block_table, kv_lens, q_starts, q_lens, part_base, tile_seq, tile_m,
              sq_seq, sq_tok, sq_h,
              sk_seq, sk_h, sk_slot,
              sv_seq, sv_h, sv_slot,
+             sks_h, sks_slot, svs_h, svs_slot,
              so_seq, so_tok, so_h,
              sm_seq, sm_q, sm_k,
              sbt, spo_row, spo_h, spo_split, spl_row, spl_h,
@@ -93,7 +123,8 @@ def attn_fwd(Q, K, V, Out, PartO, PartL, Mask,
              G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
              PAGED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
              SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, MIN_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr,
-             DOT_F32: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr):
+             DOT_F32: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr, K_FMT: tl.constexpr,
+             V_FMT: tl.constexpr):
     tile = tl.program_id(0)
     # 64-bit offsets: a batch row or KV head of a large cache lies beyond 2**31 elements
     kvh = tl.program_id(1).to(tl.int64)
@@ -139,22 +170,24 @@ def attn_fwd(Q, K, V, Out, PartO, PartL, Mask,
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     k_base = K + seq * sk_seq + kvh * sk_h
     v_base = V + seq * sv_seq + kvh * sv_h
+    ks_base = KScale + kvh * sks_h  # scales of quantized pages (paged only: no batch axis)
+    vs_base = VScale + kvh * svs_h
     if WHILE_LOOP:
         # the interpreter (with numpy 2) cannot turn a loaded scalar into a range() bound; a GPU build keeps the
         # for loop, which Triton software-pipelines
         start = k_lo
         while start < k_hi:
-            m_i, l_i, acc = _attn_block(q, m_i, l_i, acc, start, k_hi, k_base, v_base, block_table, Mask, seq, tok,
-                                        qpos, row_ok, dd, d_ok, sk_slot, sv_slot, sm_seq, sm_q, sm_k, sbt,
-                                        page_size, scale, softcap, window, BLOCK_N, PAGED, CAUSAL, HAS_MASK,
-                                        HAS_WINDOW, SOFTCAP, IEEE)
+            m_i, l_i, acc = _attn_block(q, m_i, l_i, acc, start, k_hi, k_base, v_base, ks_base, vs_base, block_table,
+                                        Mask, seq, tok, qpos, row_ok, dd, d_ok, sk_slot, sv_slot, sks_slot,
+                                        svs_slot, sm_seq, sm_q, sm_k, sbt, page_size, scale, softcap, window,
+                                        BLOCK_N, PAGED, CAUSAL, HAS_MASK, HAS_WINDOW, SOFTCAP, IEEE, K_FMT, V_FMT)
             start += BLOCK_N
     else:
         for start in range(k_lo, k_hi, BLOCK_N):
-            m_i, l_i, acc = _attn_block(q, m_i, l_i, acc, start, k_hi, k_base, v_base, block_table, Mask, seq, tok,
-                                        qpos, row_ok, dd, d_ok, sk_slot, sv_slot, sm_seq, sm_q, sm_k, sbt,
-                                        page_size, scale, softcap, window, BLOCK_N, PAGED, CAUSAL, HAS_MASK,
-                                        HAS_WINDOW, SOFTCAP, IEEE)
+            m_i, l_i, acc = _attn_block(q, m_i, l_i, acc, start, k_hi, k_base, v_base, ks_base, vs_base, block_table,
+                                        Mask, seq, tok, qpos, row_ok, dd, d_ok, sk_slot, sv_slot, sks_slot,
+                                        svs_slot, sm_seq, sm_q, sm_k, sbt, page_size, scale, softcap, window,
+                                        BLOCK_N, PAGED, CAUSAL, HAS_MASK, HAS_WINDOW, SOFTCAP, IEEE, K_FMT, V_FMT)
 
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]

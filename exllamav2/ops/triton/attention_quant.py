@@ -1,0 +1,106 @@
+"""The `triton` backend of `quant_paged_attention` (the reference: ops/torch_ref/attention_quant.py): paged attention
+over a quantized cache (cache_q.py), whose codes and scales the kernel (attn_kernels.py, K_FMT / V_FMT) reads and
+dequantises per block of keys, in registers; the cache is never dequantised into a temporary.
+
+The new tokens are quantised into their pages by the reference's own write (kv_quant.QuantPages.write: a few
+elementwise torch ops per layer, no host sync), so both backends hold the same codes. Group formats store
+Hadamard-rotated values: the query is rotated once before the launch (q' = H q / 32) and, for rotated values, the
+output once after it (o = H o' / 32), in fp32 (attn_kernels.py's docstring has the algebra).
+
+Decode-only forwards (paged_attn.PagedDecodeParams) launch through one custom op,
+`torch.ops.exllamav2.triton_quant_paged_decode`, so that a compiled or graph-captured step sees one opaque node.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..torch_ref.kv_quant import GROUP, QuantPages, format_named, hadamard_rotate
+from .attention import _declines_common
+from .attention_paged import _decode_meta, _packed_meta
+from .attn_launch import QuantLayout, last_dim_contiguous, launch
+
+FORMAT_CODES = {"q4": 4, "q8": 8, "fp8": 2}  # attn_kernels.py's K_FMT / V_FMT
+
+
+def declines_quant_paged(q, k, v, pages: QuantPages, params, sliding_window, scale, softcap=0.0) -> str | None:
+    why = _declines_common(q)
+    if why is not None:
+        return why
+    for name, fmt in (("key", pages.k_format), ("value", pages.v_format)):
+        if fmt.name not in FORMAT_CODES:
+            return f"{name} format {fmt.name!r}, expected one of {', '.join(FORMAT_CODES)}"
+    return None
+
+
+def _rotate(x: torch.Tensor) -> torch.Tensor:
+    """Each group of 32 head-dim values times H / 32, in fp32."""
+    return hadamard_rotate(x.float()).mul_(1.0 / GROUP)
+
+
+def _layout(k_codes, k_scales, v_codes, v_scales, k_format: str, v_format: str) -> QuantLayout:
+    ks = k_scales if k_scales is not None else k_codes
+    vs = v_scales if v_scales is not None else v_codes
+    return QuantLayout(ks, vs, FORMAT_CODES[k_format], FORMAT_CODES[v_format],
+                       (ks.stride(0), ks.stride(1)) if k_scales is not None else (0, 0),
+                       (vs.stride(0), vs.stride(1)) if v_scales is not None else (0, 0))
+
+
+def _launch(meta, q0, k_codes, v_codes, out0, block_table, layout: QuantLayout, page_size, window, scale, softcap):
+    """q0 (T, hq, d) packed rows (rotated when the keys are), out0 (T, hq, d) fp32, codes (hk, slots, width)."""
+    launch(meta, q0, k_codes, v_codes, out0, None, block_table,
+           q_strides=(0, q0.stride(0), q0.stride(1)), k_strides=(0, k_codes.stride(0), k_codes.stride(1)),
+           v_strides=(0, v_codes.stride(0), v_codes.stride(1)), o_strides=(0, out0.stride(0), out0.stride(1)),
+           m_strides=(0, 0, 0), paged=True, page_size=page_size, max_kv_len=block_table.shape[1] * page_size,
+           scale=scale, softcap=softcap, window=int(window or 0), causal=True, quant=layout)
+
+
+def quant_paged_attention(q, k, v, pages: QuantPages, params, sliding_window: int, scale: float,
+                          softcap: float = 0.0) -> torch.Tensor:
+    """As torch_ref.attention_quant.quant_paged_attention: q (1, T, hq, d), k/v (1, T, hk, d); quantises k/v into
+    their slots and returns (1, T, hq * d)."""
+    _, T, hq, d = q.shape
+    hk = pages.k_codes.shape[0]
+    if hq % hk:
+        raise ValueError(f"quant_paged_attention: {hq} query heads are not a multiple of {hk} KV heads")
+    pages.write(k[0], v[0], params.slots.to(pages.k_codes.device))
+    qk = (_rotate(q[0]) if pages.k_format.rotated else q[0]).to(q.dtype)
+    qk = last_dim_contiguous(qk)
+    tensors = (pages.k_codes, pages.k_scales, pages.v_codes, pages.v_scales, pages.k_format.name, pages.v_format.name)
+    if getattr(params, "sequences", None) is None:  # decode-only, device tensors (paged_attn.PagedDecodeParams)
+        out = torch.ops.exllamav2.triton_quant_paged_decode(qk, *tensors, params.block_index, params.kv_lens,
+                                                            params.page_size, int(sliding_window or 0),
+                                                            float(scale), float(softcap or 0.0))
+    else:
+        meta, block_table = _packed_meta(params, hq // hk, d, q.element_size(), q.device)
+        out = torch.empty(T, hq, d, dtype=torch.float32, device=q.device)
+        _launch(meta, qk, pages.k_codes, pages.v_codes, out, block_table, _layout(*tensors), params.page_size,
+                sliding_window, scale, softcap)
+    if pages.v_format.rotated:
+        out = _rotate(out)
+    return out.to(q.dtype).view(1, T, hq * d)
+
+
+@torch.library.custom_op("exllamav2::triton_quant_paged_decode", mutates_args=())
+def triton_quant_paged_decode(q: torch.Tensor, k_codes: torch.Tensor, k_scales: Optional[torch.Tensor],
+                              v_codes: torch.Tensor, v_scales: Optional[torch.Tensor], k_format: str, v_format: str,
+                              block_index: torch.Tensor, kv_lens: torch.Tensor, page_size: int, window: int,
+                              scale: float, softcap: float) -> torch.Tensor:
+    """One new token per sequence: q (B, hq, d) (rotated when the keys are) over each sequence's kv_lens[i] keys
+    through block_index[i]; returns fp32 (B, hq, d), still rotated when the values are."""
+    q = last_dim_contiguous(q)
+    for name in (k_format, v_format):
+        format_named(name)
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    meta = _decode_meta(q.shape[0], kv_lens, q.shape[1] // k_codes.shape[0], q.shape[2], q.element_size(), q.device)
+    _launch(meta, q, k_codes, v_codes, out, block_index, _layout(k_codes, k_scales, v_codes, v_scales, k_format,
+                                                                  v_format), page_size, window, scale, softcap)
+    return out
+
+
+@triton_quant_paged_decode.register_fake
+def _(q, k_codes, k_scales, v_codes, v_scales, k_format, v_format, block_index, kv_lens, page_size, window, scale,
+      softcap):
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
