@@ -277,3 +277,87 @@ def test_dynamic_generator_triton_equals_torch_backend(kdev, tiny32, monkeypatch
         return out
 
     assert run(True) == run(False)
+
+
+# ---------------------------------------------------------------------------------------------- the decode step
+
+
+def _random_quant_cache(model, cls, seed: int, n: int = 256):
+    cache = cls(model, 1, n)
+    g = torch.Generator().manual_seed(seed)
+    for t in cache.all_tensors():
+        if t.dtype == torch.uint8:
+            # FP8 bytes 0x7c-0x7f / 0xfc-0xff are inf / nan: keep the exponent below the top
+            t.copy_(torch.randint(0, 256, t.shape, generator=g).to(torch.uint8) & (0xBF if cls.k_format.name == "fp8"
+                                                                                    else 0xFF))
+        else:
+            t.copy_(torch.rand(t.shape, generator=g) * 0.05)
+    return cache
+
+
+@pytest.mark.parametrize("cache_name", ["ExLlamaV2Cache_Q4", "ExLlamaV2Cache_8bit"])
+def test_static_decode_step_equals_packed_forward(tiny32, cache_name):
+    """The decode-only step the compiled / CUDA-graph runner replays (runtime/cuda_graphs.py, here on its static
+    buffers without a capture) over a quantized cache gives the packed forward's logits and writes the same codes,
+    for several numbers of sequences and scattered pages."""
+    from exllamav2 import cache as cache_mod
+    from exllamav2.generator.dynamic_draft import _eager
+    from exllamav2.runtime.cuda_graphs import GraphedDecode
+    model, _ = tiny32
+    cls = getattr(cache_mod, cache_name)
+    ps, pages = 16, 16
+    a, b = _random_quant_cache(model, cls, 1), _random_quant_cache(model, cls, 1)
+    graphs = GraphedDecode(model, progress=False)
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for n in (2, 3, 1):
+            past = torch.randint(0, 60, (n,), generator=g)
+            table = torch.randperm(pages, generator=g)[:n * 4].view(n, 4)
+            ids = torch.randint(0, 1000, (1, n), generator=g)
+            got = graphs(a, ids, table, past, ps)
+            params = PagedParams(table.tolist(), past.tolist(), [1] * n, ps)
+            want = _eager(model, b, ids, params, torch.arange(n), None)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert all(torch.equal(x, y) for x, y in zip(a.all_tensors(), b.all_tensors()))
+
+
+@pytest.mark.slow
+def test_compiled_paged_step_with_a_quantized_cache(tiny32):
+    """model.compile_decode(paged=True): the dynamic generator's decode steps over a Q4 cache run the compiled step
+    (one graph, the reference's decode op inside) and give the eager generator's greedy tokens (~30 s compile)."""
+    from exllamav2.cache import ExLlamaV2Cache_Q4
+    model, tok = tiny32
+    eager = _generate(model, tok, ExLlamaV2Cache_Q4, PROMPTS, 10)
+    runner = model.compile_decode(max_seq_len=256, progress=False, paged=True)
+    try:
+        assert _generate(model, tok, ExLlamaV2Cache_Q4, PROMPTS, 10) == eager
+        assert runner.paged.failed is None and runner.paged._step is not None and runner.paged._step.done
+    finally:
+        model.decode_runner = None
+
+
+@pytest.mark.slow
+def test_triton_decode_op_compiles_as_one_graph(kdev):
+    """The Triton decode-only path over quantized pages traces without a graph break (the write is plain torch
+    ops, the launch one custom op), and a second step with other lengths runs without recompiling."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from exllamav2.paged_attn import PagedDecodeParams
+    q, k, v, pages, params = _case(12, ("q8", "q4"), [40, 300], [1, 1], 16, 4, 2, 64, device=kdev, spare_pages=4)
+
+    def step(q, k, v, pages, block_index, past):
+        return ops.quant_paged_attention(q, k, v, pages, PagedDecodeParams(block_index, past, 16, 1024), 0, 0.125)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    with ops.use_backend("triton"):
+        for past in ([40, 300], [41, 301]):
+            pr = _clone(pages)
+            ps = PagedParams([params.block_index[i, :int(params.num_pages[i])].tolist() for i in range(2)], past,
+                             [1, 1], 16, device=kdev)
+            expect = refq.quant_paged_attention(q.float(), k, v, pr, ps, 0, 0.125, 0.0)
+            got = compiled(q, k, v, pages, params.block_index, torch.tensor(past, device=kdev))
+            assert _same_codes(pages, pr)
+            torch.testing.assert_close(got.float(), expect, atol=2e-3, rtol=2e-3)
+    assert counter.frame_count == 1

@@ -43,7 +43,9 @@ class PagedDecode:
     def usable(self, model, cache, loras) -> bool:
         """Whether this runner can take this model's decode steps on this cache now."""
         from ..cache import ExLlamaV2Cache
-        if self.failed or loras or type(cache) is not ExLlamaV2Cache or cache.key_states[0] is None:
+        from ..cache_q import ExLlamaV2CacheQuantBase  # quantized pages: ops.quant_paged_attention's decode op
+        paged = type(cache) is ExLlamaV2Cache or isinstance(cache, ExLlamaV2CacheQuantBase)
+        if self.failed or loras or not paged or cache.key_states[0] is None:
             return False
         if (cache.key_states[0].device.type != "cpu") != (self.runner.graphs is not None):
             return False  # CPU steps are compiled, GPU steps captured: a runner does one or the other
