@@ -42,6 +42,7 @@ from ..attn_params import PagedParams
 from .dynamic_draft import DraftModel, NgramDraft, packed_forward
 from .dynamic_job import ExLlamaV2DynamicJob
 from .dynamic_pages import PageTable
+from .dynamic_sampling import sample_step_on_device
 from .sampler import ExLlamaV2Sampler
 
 __all__ = ["ExLlamaV2DynamicGenerator", "ExLlamaV2DynamicJob"]
@@ -101,6 +102,9 @@ class ExLlamaV2DynamicGenerator:
         self.num_preemptions = 0
         self.num_drafted_tokens = 0
         self.num_accepted_draft_tokens = 0
+        # plain sampled rows sample together on the logits' device (dynamic_sampling.py): None = when the logits
+        # are on a GPU (on the CPU the per-row host path is faster), True / False = always / never
+        self.device_sampling: bool | None = None
 
     # ------------------------------------------------------------------ queue
 
@@ -373,6 +377,9 @@ class ExLlamaV2DynamicGenerator:
         if mirror:
             self.draft.forward(mirror, self.page_size, False)
 
+        on_device = self.device_sampling if self.device_sampling is not None else \
+            logits is not None and logits.device.type != "cpu"
+        presampled = sample_step_on_device(segments, drafts, logits, self.tokenizer) if on_device else {}
         row = 0
         for job, n, want in segments:
             if not want:
@@ -381,7 +388,7 @@ class ExLlamaV2DynamicGenerator:
                 results.append(self._verify(job, logits[row:row + n], drafts[job]))
                 row += n
             else:
-                results.append(self._sample(job, logits[row:row + 1]))
+                results.append(self._sample(job, logits[row:row + 1], presampled.get(job)))
                 row += 1
             if job.finished:
                 self._retire(job)
@@ -414,15 +421,20 @@ class ExLlamaV2DynamicGenerator:
         through the head. Returns (len(rows), vocab), or None without rows."""
         return packed_forward(self.model, self.cache, ids, params, rows, self.loras)
 
-    def _sample_step(self, job: ExLlamaV2DynamicJob, logits: torch.Tensor) -> tuple[int, dict]:
-        """Sample one token from (1, vocab) logits and append it to the job: (token, the step's result fields)."""
-        history = torch.tensor([job.sequence], dtype=torch.long) if job.needs_history() else None
-        token, top_tokens, top_probs, prob, end_filter = ExLlamaV2Sampler.sample(
-            logits.unsqueeze(0), job.gen_settings, history, job.rng.random(), self.tokenizer,
-            return_top_tokens=job.return_top_tokens, blocked_tokens=job.blocked_tokens() or None,
-            filters=job.filters or None, filter_prefer_eos=job.filter_prefer_eos)
-        t = int(token[0, 0])
-        extras: dict = {"prob": float(prob[0, 0])}
+    def _sample_step(self, job: ExLlamaV2DynamicJob, logits: torch.Tensor,
+                     presampled: tuple[int, float] | None = None) -> tuple[int, dict]:
+        """Sample one token from (1, vocab) logits (or take the (token, prob) sampled on the device) and append it
+        to the job: (token, the step's result fields)."""
+        if presampled is None:
+            history = torch.tensor([job.sequence], dtype=torch.long) if job.needs_history() else None
+            token, top_tokens, top_probs, prob, end_filter = ExLlamaV2Sampler.sample(
+                logits.unsqueeze(0), job.gen_settings, history, job.rng.random(), self.tokenizer,
+                return_top_tokens=job.return_top_tokens, blocked_tokens=job.blocked_tokens() or None,
+                filters=job.filters or None, filter_prefer_eos=job.filter_prefer_eos)
+            t, p = int(token[0, 0]), float(prob[0, 0])
+        else:  # no filters and no top tokens on this path (dynamic_sampling.samples_on_device)
+            (t, p), end_filter = presampled, False
+        extras: dict = {"prob": p}
         if job.return_top_tokens:
             extras["top_tokens"], extras["top_probs"] = top_tokens[0, 0].cpu(), top_probs[0, 0].cpu()
         if job.return_logits:
@@ -440,8 +452,9 @@ class ExLlamaV2DynamicGenerator:
             step = _merge_steps([step, job.finish_with("end_filter")])
         return t, step
 
-    def _sample(self, job: ExLlamaV2DynamicJob, logits: torch.Tensor) -> dict:
-        return self._result(job, self._sample_step(job, logits)[1])
+    def _sample(self, job: ExLlamaV2DynamicJob, logits: torch.Tensor,
+                presampled: tuple[int, float] | None = None) -> dict:
+        return self._result(job, self._sample_step(job, logits, presampled)[1])
 
     def _verify(self, job: ExLlamaV2DynamicJob, logits: torch.Tensor, draft: list[int]) -> dict:
         """Sample the positions of a verified draft in order, as plain steps would, accepting draft tokens while

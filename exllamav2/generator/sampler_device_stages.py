@@ -39,38 +39,46 @@ def repetition_penalties(scores: torch.Tensor, history: torch.Tensor, rep: torch
     """
     sampler_penalties.apply_repetition_penalties per row, sync-free. scores (b, V) fp32; history (b, n) long,
     left-padded with -1; rep, freq, pres (b, 1) fp32; rng (b, 1) long (-1: the whole history); decay (b, 1) long.
-    Rows with rep 1, freq 0 and pres 0 come back unchanged. The frequency penalty is subtracted once as
-    freq * (occurrences, faded), where the host path subtracts it once per occurrence (equal up to rounding).
+    Rows with rep 1, freq 0 and pres 0 come back unchanged. As on the host, the work is over the history, not the
+    vocabulary: one sort groups each row's positions by token, newest first. The frequency penalty is subtracted
+    once as freq * (occurrences, faded), where the host path subtracts it once per occurrence (equal up to
+    rounding); occurrences and fade numerators are summed as integers, so the result never depends on an order.
     """
     b, vocab = scores.shape
     n = history.shape[1]
-    dist = torch.arange(n - 1, -1, -1, device=scores.device).expand(b, n)
+    dev = scores.device
+    dist = torch.arange(n - 1, -1, -1, device=dev).expand(b, n)
     sustain = torch.where(rng < 0, torch.full_like(rng, _NO_LIMIT), rng)
     valid = (history >= 0) & (history < vocab) & (dist < sustain + decay)
-    # invalid positions scatter into a spare column `vocab`, dropped afterwards
-    col = torch.where(valid, history, torch.full_like(history, vocab))
+    # sort by (token, distance): invalid positions get the token `vocab` and sort last
+    token = torch.where(valid, history, torch.full_like(history, vocab))
+    key, _ = torch.sort(token * (n + 1) + dist, dim=-1)
+    token, dist = key // (n + 1), key % (n + 1)
+    index = torch.arange(n, device=dev).expand(b, n)
+    first = torch.ones_like(token, dtype=torch.bool)
+    first[:, 1:] = token[:, 1:] != token[:, :-1]
+    # each group's end: the next group's first position (a reversed running minimum)
+    starts = torch.where(first, index, torch.full_like(index, n))
+    next_start = torch.cat((starts[:, 1:], torch.full_like(starts[:, :1], n)), 1).flip(-1).cummin(-1).values.flip(-1)
+    count = next_start - index
+    over = (dist - sustain).clamp(min=0)
+    over_sum = torch.cat((torch.zeros_like(over[:, :1]), over.cumsum(-1)), 1)
+    faded = over_sum.gather(1, next_start) - over_sum.gather(1, index)
 
-    def fade(d: torch.Tensor) -> torch.Tensor:
-        f = (d - sustain).clamp(min=0).to(torch.float32) / decay.clamp(min=1).to(torch.float32)
-        return torch.where(decay > 0, f, torch.zeros_like(f))
-
-    newest = torch.full((b, vocab + 1), n, dtype=torch.long, device=scores.device)
-    newest = newest.scatter_reduce(1, col, dist.contiguous(), reduce="amin", include_self=True)[:, :vocab]
-    seen = newest < n
-    f_new = fade(newest)
-    rep_s = rep + f_new * (1.0 - rep)
-    pres_s = pres * (1.0 - f_new)
-    penalised = torch.where(scores > 0, scores / rep_s, scores * rep_s) - pres_s
-    scores = torch.where(seen, penalised, scores)
-
-    # occurrences and their summed fade numerators are integers: exact, and independent of the scatter order
-    ones = valid.to(torch.long)
-    count = torch.zeros(b, vocab + 1, dtype=torch.long, device=scores.device).scatter_add(1, col, ones)[:, :vocab]
-    over = ((dist - sustain).clamp(min=0) * ones).contiguous()
-    faded = torch.zeros(b, vocab + 1, dtype=torch.long, device=scores.device).scatter_add(1, col, over)[:, :vocab]
-    weight = count.to(torch.float32) - torch.where(
-        decay > 0, faded.to(torch.float32) / decay.clamp(min=1).to(torch.float32), torch.zeros_like(scores))
-    return torch.where(count > 0, scores - freq * weight, scores)
+    decay_f = decay.clamp(min=1).to(torch.float32)
+    fade = torch.where(decay > 0, over.to(torch.float32) / decay_f, torch.zeros_like(dist, dtype=torch.float32))
+    rep_s = rep + fade * (1.0 - rep)
+    pres_s = pres * (1.0 - fade)
+    weight = count.to(torch.float32) - torch.where(decay > 0, faded.to(torch.float32) / decay_f,
+                                                   torch.zeros_like(fade))
+    live = first & (token < vocab)
+    col = torch.where(live, token, torch.full_like(token, vocab))
+    before = scores.gather(1, col.clamp(max=vocab - 1))
+    after = torch.where(before > 0, before / rep_s, before * rep_s) - pres_s
+    after = torch.where(count > 0, after - freq * weight, after)
+    # one spare column takes the writes of positions that are not a token's newest occurrence
+    out = torch.cat((scores, scores.new_zeros(b, 1)), 1).scatter(1, col, after)
+    return out[:, :vocab]
 
 
 def dry_penalties(scores: torch.Tensor, history: torch.Tensor, breakers: torch.Tensor, vocab_size: int,
