@@ -2,7 +2,11 @@
 [-> post norm] -> + residual.
 
 Tokens are grouped by expert with one sort; the Python loop runs over the experts that received tokens, never
-over tokens. Expert weights are read from per-expert tensors (keys `moe_w1`/`moe_w3`/`moe_w2` (gate/up/down) with `*`
+over tokens. That grouping counts tokens per expert on the host, so a step that must not sync with the host (a
+decode step being compiled or captured as a CUDA graph) takes the static path instead: every expert runs over
+every token and each token's result is weighted by its router weight for that expert, 0 where it did not pick it
+(`forward_static`). Shapes there depend on the token count only; the sum runs over the experts in the same order,
+so each token gets what the grouped path gives it (adding an exact 0 changes nothing). Expert weights are read from per-expert tensors (keys `moe_w1`/`moe_w3`/`moe_w2` (gate/up/down) with `*`
 for the expert index, the layout HF saves) or from fused 3-D tensors (`experts.gate_up_proj` (E, 2I, H), `experts.down_proj` (E, H, I),
 the layout HF 5.x models hold in memory).
 
@@ -47,6 +51,10 @@ class ExLlamaV2HookPoint(ExLlamaV2Module):
 
 class ExLlamaV2MoEMLP(ExLlamaV2Module):
     name = "MoEMLP"
+
+    # None: the static (sync-free) routing path while torch.compile traces or a CUDA graph is captured, the grouped
+    # path otherwise; True / False: always / never (per module or on the class)
+    static_routing: bool | None = None
 
     def __init__(self, model, key, layer_idx: int, archparams=None):
         super().__init__(model, key, archparams)
@@ -189,6 +197,8 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
         shape = x.shape
         xf = x.reshape(-1, shape[-1])
         weights, ids = self.route(xf)
+        if not intermediates and self._routes_statically(xf):
+            return self._finish(self.forward_static(xf, weights, ids, shape), xf, shape, residual, None)
 
         # group the (token, slot) assignments by expert with one stable sort; assignment t * k + j is token t's
         # j-th ranked expert
@@ -231,6 +241,36 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
             y.index_add_(0, tokens[beg:beg + n], ye.to(y.dtype))
             beg += n
 
+        return self._finish(y, xf, shape, residual, inter)
+
+    def _routes_statically(self, x: torch.Tensor) -> bool:
+        if self.static_routing is not None:
+            return self.static_routing
+        if torch.compiler.is_compiling():
+            return True
+        return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+    def forward_static(self, xf: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, shape) -> torch.Tensor:
+        """The experts' weighted sum (T, hidden) with no host sync: every expert over all T tokens (E calls per
+        linear, each of T rows), the down projections reading each token's slot for that expert from the
+        pre_down tensor (so an intervention's edit there is seen as on the grouped path)."""
+        T = xf.shape[0]
+        k, im = self.top_k, self.interm_features
+        acts = torch.stack([self.act(self.w1[e].forward(xf)) * self.w3[e].forward(xf)
+                            for e in range(self.num_experts)])
+        act = acts[ids, torch.arange(T, device=xf.device).unsqueeze(1)]  # (T, k, im), routing-rank order
+        act = self.pre_down_point.forward(act.view(*shape[:-1], k * im)).reshape(T, k, im)
+        y = torch.zeros_like(xf)
+        for e in range(self.num_experts):
+            picked = ids == e  # (T, k): at most one slot per token
+            slot = picked.to(torch.int32).argmax(dim=-1)
+            ae = act.gather(1, slot.view(T, 1, 1).expand(T, 1, im))[:, 0]
+            w = torch.where(picked, weights, torch.zeros_like(weights)).sum(dim=-1, keepdim=True)
+            y += (self.w2[e].forward(ae) * w).to(y.dtype)
+        return y
+
+    def _finish(self, y: torch.Tensor, xf: torch.Tensor, shape, residual, inter):
+        """Shared expert, post norm, the output hook and the residual, after either routing path."""
         if self.shared_expert is not None:
             s = self.shared_expert.forward(xf)
             if self.shared_gate is not None:
@@ -241,7 +281,7 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
             y = self.post_layernorm.forward(y)
         y = self.out_point.forward(y)
         out = self.add_residual(residual, y)
-        if intermediates:
+        if inter is not None:
             inter["hidden_states"] = out
             return inter
         return out

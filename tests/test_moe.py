@@ -181,3 +181,78 @@ def test_fused_3d_expert_tensors_load(mixtral, tmp_path):
     m2.load()
     ids = torch.randint(0, 131, (2, 12), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(m2.forward(ids), model.forward(ids), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- the static (sync-free) routing path
+
+
+@pytest.fixture()
+def static_routing():
+    """Set ExLlamaV2MoEMLP.static_routing for one test; restored after it."""
+    saved = ExLlamaV2MoEMLP.static_routing
+    yield lambda value: setattr(ExLlamaV2MoEMLP, "static_routing", value)
+    ExLlamaV2MoEMLP.static_routing = saved
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_static_routing_gives_the_grouped_paths_tokens(name, static_routing, tmp_path):
+    """Every expert over every token, masked: the same logits (to rounding) and the same greedy tokens as the
+    grouped path, for a prefill and for cached decode steps of a batch."""
+    cfg = ExLlamaV2Config(save_hf_model(_build(name), tmp_path))
+    cfg.dtype = "float32"
+    model = ExLlamaV2(cfg)
+    model.load()
+    ids = torch.randint(0, 131, (3, 9), generator=torch.Generator().manual_seed(6))
+    runs = {}
+    for static in (False, True):
+        static_routing(static)
+        cache = ExLlamaV2Cache(model, batch_size=3, max_seq_len=32)
+        logits = [model.forward(ids, cache)[:, -1]]
+        tokens = [logits[-1].argmax(-1)]
+        for _ in range(4):
+            logits.append(model.forward(tokens[-1].view(3, 1), cache)[:, -1])
+            tokens.append(logits[-1].argmax(-1))
+        runs[static] = torch.stack(logits), torch.stack(tokens)
+    torch.testing.assert_close(runs[True][0], runs[False][0], atol=2e-5, rtol=1e-5)
+    assert torch.equal(runs[True][1], runs[False][1])
+
+
+def test_moe_decode_step_makes_no_host_sync_on_the_static_path(mixtral, static_routing):
+    from exllamav2.runtime.paged_decode import paged_decode_step
+    from host_sync import SyncTrace, host_syncs
+    _, model = mixtral
+    ps, b, pages = 4, 3, 16
+    cache = ExLlamaV2Cache(model, 1, ps * pages)
+    g = torch.Generator().manual_seed(7)
+    traces = {}
+    with torch.inference_mode():
+        for static in (None, True, True):
+            static_routing(static)
+            table = torch.randperm(pages, generator=g)[:b * 4].view(b, 4)
+            table = torch.cat((table, torch.zeros(b, pages - 4, dtype=torch.long)), 1)
+            past = torch.randint(1, 12, (b,), generator=g)
+            ids = torch.randint(0, 131, (1, b), generator=g)
+            with SyncTrace() as t:
+                logits = paged_decode_step(model, ids, cache, table, past, ps, ps * pages)
+            assert torch.isfinite(logits).all()
+            traces.setdefault(static, []).append(t.ops)
+    # eager by default the grouped path counts tokens per expert on the host, once per MoE layer
+    assert host_syncs(traces[None][0]).count("Tensor.tolist") == len(_moe_layers(model))
+    assert not host_syncs(traces[True][0]), f"host syncs in the static MoE decode step: {host_syncs(traces[True][0])}"
+    assert traces[True][0] == traces[True][1], "the static step's ops or shapes changed with the routing"
+
+
+@pytest.mark.slow
+def test_compiled_moe_decode_step_is_one_graph(mixtral):
+    """Under torch.compile the static path is taken by itself: the decode step compiles with fullgraph=True."""
+    from exllamav2.runtime.decode import DecodeRunner
+    _, model = mixtral
+    runner = DecodeRunner(model, compile=True, progress=False, batch_sizes=(2,), max_seq_len=64)
+    assert not runner.graph_breaks
+    cache = ExLlamaV2Cache(model, batch_size=2, max_seq_len=64)
+    ids = torch.randint(0, 131, (2, 6), generator=torch.Generator().manual_seed(8))
+    model.forward(ids[:, :-1], cache, preprocess_only=True)
+    compiled = runner(ids[:, -1:], cache)
+    cache2 = ExLlamaV2Cache(model, batch_size=2, max_seq_len=64)
+    eager = model.forward(ids, cache2)[:, -1:]
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)

@@ -11,7 +11,7 @@ import torch
 from exllamav2.generator.sampler import ExLlamaV2Sampler
 from exllamav2.generator.sampler_device import (DeviceSamplingParams, counter_uniforms, device_sampling_supported,
                                                 sample_on_device)
-from test_decode_static import Trace, syncs
+from host_sync import SyncTrace, host_syncs
 from test_dynamic_tiny import tiny  # noqa: F401  (fixture: a tiny model with SmolLM2's real tokenizer)
 
 Settings = ExLlamaV2Sampler.Settings
@@ -224,7 +224,7 @@ def test_sampling_every_feature_makes_no_host_sync(tiny):
     assert params.penalties and params.dry_breakers is not None and params.xtc and params.mirostat
     logits = torch.randn(b, vocab, generator=g)
     us = torch.rand(b, generator=g)
-    with Trace() as t:
+    with SyncTrace() as t:
         out = sample_on_device(logits, params, us)
-    assert not syncs(t.ops), f"host syncs in device sampling: {syncs(t.ops)}"
+    assert not host_syncs(t.ops), f"host syncs in device sampling: {host_syncs(t.ops)}"
     assert out.tokens.shape == (b,)

@@ -15,7 +15,7 @@ from exllamav2.generator.filters import ExLlamaV2PrefixFilter
 from exllamav2.generator.sampler import ExLlamaV2Sampler
 from exllamav2.generator.sampler_device import DeviceSamplingParams, sample_on_device
 from exllamav2.runtime.paged_decode import paged_decode_step
-from test_decode_static import Trace, syncs
+from host_sync import SyncTrace, host_syncs
 from test_dynamic_generator import PROMPTS, make_gen, run_all
 from test_dynamic_tiny import build_tiny_dir, load_tiny, tiny  # noqa: F401  (fixture)
 
@@ -92,9 +92,9 @@ def test_decode_step_and_device_sampling_make_no_host_sync(tmp_path):
             hist = [torch.randint(0, 1000, (int(p),), generator=g).tolist() for p in past]
             params = DeviceSamplingParams.build(settings, vocab, "cpu", tok, hist)  # set up before the step
             uniforms = torch.tensor([r.random() for _ in range(b)])
-            with Trace() as t:
+            with SyncTrace() as t:
                 logits = paged_decode_step(model, ids, cache, table, past, ps, ps * pages)
                 out = sample_on_device(logits, params, uniforms)
-            assert not syncs(t.ops), f"host syncs in a sampled decode step: {syncs(t.ops)}"
+            assert not host_syncs(t.ops), f"host syncs in a sampled decode step: {host_syncs(t.ops)}"
             tokens, *_ = out.to_host()
             assert tokens[2] == int(logits[2].argmax()) and all(0 <= x < tok.get_vocab_size() for x in tokens)
