@@ -249,10 +249,10 @@ def test_compiled_moe_decode_step_is_one_graph(mixtral):
     _, model = mixtral
     runner = DecodeRunner(model, compile=True, progress=False, batch_sizes=(2,), max_seq_len=64)
     assert not runner.graph_breaks
-    cache = ExLlamaV2Cache(model, batch_size=2, max_seq_len=64)
     ids = torch.randint(0, 131, (2, 6), generator=torch.Generator().manual_seed(8))
-    model.forward(ids[:, :-1], cache, preprocess_only=True)
-    compiled = runner(ids[:, -1:], cache)
-    cache2 = ExLlamaV2Cache(model, batch_size=2, max_seq_len=64)
-    eager = model.forward(ids, cache2)[:, -1:]
+    with torch.inference_mode():  # the runner's buffers are inference tensors
+        cache = ExLlamaV2Cache(model, batch_size=2, max_seq_len=64)
+        model.forward(ids[:, :-1], cache, preprocess_only=True)
+        compiled = runner(ids[:, -1:], cache)
+        eager = model.forward(ids, ExLlamaV2Cache(model, batch_size=2, max_seq_len=64))[:, -1:]
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
