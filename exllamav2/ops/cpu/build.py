@@ -87,8 +87,8 @@ def _compile_and_link(cxx: str, out: Path, work: Path) -> tuple[int, str]:
 
 def _build_key(cxx: str) -> str:
     h = hashlib.sha256()
-    for s in SOURCES:
-        h.update((CSRC / s).read_bytes())
+    for s in sorted(p.name for p in CSRC.iterdir() if p.suffix in (".cpp", ".h")):
+        h.update(s.encode() + (CSRC / s).read_bytes())
     h.update(" ".join((cxx, _compiler_version(cxx), *_FLAGS, torch.__version__, str(KERNEL_VERSION))).encode())
     return h.hexdigest()[:16]
 

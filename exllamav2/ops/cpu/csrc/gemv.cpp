@@ -3,21 +3,8 @@
 // Built at first use by exllamav2/ops/cpu/build.py; the Python side is exllamav2/ops/cpu/kernels.py and the
 // weight layout is made by exllamav2/ops/cpu/gguf_pack.py.
 //
-// GGUF layout (see gguf_pack.py): output rows in groups of 16 (padded), per (group, 32-column block):
-//   4-bit: 4 chunks x 16 rows x 4 bytes; byte i of chunk c of row r holds column 4c+i (low nibble) and 16+4c+i
-//          (high nibble), the GGUF block's own byte order, only interleaved over 16 rows;
-//   8-bit: 8 chunks x 16 rows x 4 bytes, column 4c+i, stored as q + 128 (unsigned).
-//   scales (fp16, 16 per group and block) and, for Q4_1, offsets m (fp16) in the same order.
-// A 32-bit lane of a vector then holds 4 weights of one output row, so the activation's 4 matching int8 values are
-// broadcast to all lanes and one vpdpbusd advances 16 output rows.
-//
-// Activations are quantised per 32-column block in two int8 stages: x ~ dx1*q1 + dx2*q2, q1 = round(x/dx1) with
-// dx1 = amax/127 (llama.cpp's whole quantisation), q2 the residual x - dx1*q1 quantised the same way. One stage
-// alone costs about 0.5% relative error per dot product, more than bf16 activations (0.2-0.4%), enough to move
-// whole-model logits past the tolerance tests/test_backends.py holds the cpu backend to; the second stage brings
-// the activation error to ~1e-5 for one more vpdpbusd per weight vector (the weights are unpacked once).
-// With w = d*q + c per weight block: sum_k w x = d*(dx1*sum(q*q1) + dx2*sum(q*q2)) + c*(dx1*sum(q1) + dx2*sum(q2)),
-// c = -8d (Q4_0), m (Q4_1) or -128d (Q8_0, whose stored codes carry +128).
+// GGUF: the weight layout, the two-stage int8 activations and the inner kernels are described in
+// gguf_gemv_kernels.h; this file holds the torch ops around them (checks, activation quantisation, the thread split).
 //
 // Batch invariance: a row's result is computed by the same instruction sequence whatever the number of rows and
 // whatever the thread split (threads split output rows; the reduction over k never crosses threads).
@@ -37,13 +24,16 @@
 #include <cstring>
 #include <vector>
 
+#include "gguf_gemv_kernels.h"
+
 namespace {
 
-constexpr int kBlock = 32;      // columns per quant block
-constexpr int kGroup = 16;      // output rows per interleaved group
-constexpr int kMaxRows = 8;     // activation rows per call (the Python side splits larger batches)
-
-enum Kind : int64_t { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
+using gguf_kernels::kBlock;
+using gguf_kernels::kGroup;
+using gguf_kernels::kMaxRows;
+using gguf_kernels::Q4_0;
+using gguf_kernels::Q4_1;
+using gguf_kernels::Q8_0;
 enum Isa : int64_t { ISA_NONE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 
 int64_t detect_isa() {
@@ -68,49 +58,6 @@ int64_t active_isa() {
     return v;
 }
 
-// --------------------------------------------------------------------------------------- activation quantisation
-
-struct QuantX {
-    const int8_t* q;     // (rows, K) first stage
-    const int8_t* q2;    // (rows, K) second stage (the residual)
-    const float* d;      // (rows, K/32) first-stage block scale
-    const float* d2;     // (rows, K/32) second-stage block scale
-    const float* ds;     // (rows, K/32) d * sum(q) + d2 * sum(q2)
-    int64_t K;
-};
-
-inline void quantize_block(const float* xb, int8_t* qb, float& scale, int& sum) {
-    float amax = 0.f;
-    for (int j = 0; j < kBlock; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
-    scale = amax / 127.f;
-    const float id = scale > 0.f ? 1.f / scale : 0.f;
-    sum = 0;
-    for (int j = 0; j < kBlock; ++j) {
-        const int v = static_cast<int>(std::nearbyint(xb[j] * id));
-        qb[j] = static_cast<int8_t>(v);
-        sum += v;
-    }
-}
-
-void quantize_rows(const float* x, int64_t rows, int64_t K, int8_t* q, int8_t* q2, float* d, float* d2,
-                   float* ds) {
-    const int64_t nb = K / kBlock;
-    for (int64_t m = 0; m < rows; ++m) {
-        for (int64_t b = 0; b < nb; ++b) {
-            const float* xb = x + m * K + b * kBlock;
-            int8_t* qb = q + m * K + b * kBlock;
-            float s1, s2, r[kBlock];
-            int n1, n2;
-            quantize_block(xb, qb, s1, n1);
-            for (int j = 0; j < kBlock; ++j) r[j] = xb[j] - s1 * static_cast<float>(qb[j]);
-            quantize_block(r, q2 + m * K + b * kBlock, s2, n2);
-            d[m * nb + b] = s1;
-            d2[m * nb + b] = s2;
-            ds[m * nb + b] = s1 * static_cast<float>(n1) + s2 * static_cast<float>(n2);
-        }
-    }
-}
-
 // ------------------------------------------------------------------------------------------- output storing
 
 template <typename T>
@@ -118,190 +65,14 @@ inline void store_out(T* dst, const float* src, int n) {
     for (int i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
-// ------------------------------------------------------------------------------------- GGUF GEMV, AVX-512 VNNI
+// ------------------------------------------------------------------------------------------- GGUF GEMV
 
-template <int KIND, int M>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void gguf_group_avx512(
-        const uint8_t* w, const c10::Half* scales, const c10::Half* offsets, const QuantX& xq, int64_t g,
-        float* out /* (M, 16) */) {
-    const int64_t nb = xq.K / kBlock;
-    constexpr int kBytes = KIND == Q8_0 ? 512 : 256;
-    const uint8_t* wg = w + g * nb * kBytes;
-    const uint16_t* sg = reinterpret_cast<const uint16_t*>(scales) + g * nb * kGroup;
-    const uint16_t* og = offsets ? reinterpret_cast<const uint16_t*>(offsets) + g * nb * kGroup : nullptr;
-    const __m512i low = _mm512_set1_epi8(0x0F);
-    __m512 acc[M];
-    #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* wb = wg + b * kBytes;
-        __m512i dot[M], dot2[M];
-        #pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) dot[m] = dot2[m] = _mm512_setzero_si512();
-        if constexpr (KIND == Q8_0) {
-            #pragma GCC unroll 8
-            for (int c = 0; c < 8; ++c) {
-                const __m512i v = _mm512_loadu_si512(wb + c * 64);
-                #pragma GCC unroll 8
-                for (int m = 0; m < M; ++m) {
-                    int32_t xs, xs2;
-                    std::memcpy(&xs, xq.q + m * xq.K + b * kBlock + 4 * c, 4);
-                    std::memcpy(&xs2, xq.q2 + m * xq.K + b * kBlock + 4 * c, 4);
-                    dot[m] = _mm512_dpbusd_epi32(dot[m], v, _mm512_set1_epi32(xs));
-                    dot2[m] = _mm512_dpbusd_epi32(dot2[m], v, _mm512_set1_epi32(xs2));
-                }
-            }
-        } else {
-            #pragma GCC unroll 8
-            for (int c = 0; c < 4; ++c) {
-                const __m512i v = _mm512_loadu_si512(wb + c * 64);
-                const __m512i lo = _mm512_and_si512(v, low);
-                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-                #pragma GCC unroll 8
-                for (int m = 0; m < M; ++m) {
-                    int32_t xl, xh, xl2, xh2;
-                    std::memcpy(&xl, xq.q + m * xq.K + b * kBlock + 4 * c, 4);
-                    std::memcpy(&xh, xq.q + m * xq.K + b * kBlock + 16 + 4 * c, 4);
-                    std::memcpy(&xl2, xq.q2 + m * xq.K + b * kBlock + 4 * c, 4);
-                    std::memcpy(&xh2, xq.q2 + m * xq.K + b * kBlock + 16 + 4 * c, 4);
-                    dot[m] = _mm512_dpbusd_epi32(dot[m], lo, _mm512_set1_epi32(xl));
-                    dot[m] = _mm512_dpbusd_epi32(dot[m], hi, _mm512_set1_epi32(xh));
-                    dot2[m] = _mm512_dpbusd_epi32(dot2[m], lo, _mm512_set1_epi32(xl2));
-                    dot2[m] = _mm512_dpbusd_epi32(dot2[m], hi, _mm512_set1_epi32(xh2));
-                }
-            }
-        }
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sg + b * kGroup)));
-        __m512 off;
-        if constexpr (KIND == Q4_1)
-            off = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(og + b * kGroup)));
-        else
-            off = _mm512_mul_ps(d, _mm512_set1_ps(KIND == Q4_0 ? -8.f : -128.f));
-        #pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) {
-            const int64_t i = m * nb + b;
-            const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xq.d[i]));
-            const __m512 scale2 = _mm512_mul_ps(d, _mm512_set1_ps(xq.d2[i]));
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m]), scale, acc[m]);
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2[m]), scale2, acc[m]);
-            acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xq.ds[i]), acc[m]);
-        }
-    }
-    #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) _mm512_storeu_ps(out + m * kGroup, acc[m]);
-}
-
-// ---------------------------------------------------------------------------------------- GGUF GEMV, AVX2
-
-// The same layout, 8 rows per 256-bit half. vpmaddubsw multiplies unsigned by signed bytes into saturating int16
-// pairs: 4-bit codes (<= 15 * 127 * 2) never saturate; 8-bit codes are made signed again and multiplied as
-// |q| * sign(x, q) (<= 128 * 127 * 2), and the +128 term the VNNI path sees is added back, so both paths produce the
-// same integers.
-template <int KIND, int M>
-__attribute__((target("avx2,fma,f16c"))) void gguf_group_avx2(
-        const uint8_t* w, const c10::Half* scales, const c10::Half* offsets, const QuantX& xq, int64_t g,
-        float* out /* (M, 16) */) {
-    const int64_t nb = xq.K / kBlock;
-    constexpr int kBytes = KIND == Q8_0 ? 512 : 256;
-    const uint8_t* wg = w + g * nb * kBytes;
-    const uint16_t* sg = reinterpret_cast<const uint16_t*>(scales) + g * nb * kGroup;
-    const uint16_t* og = offsets ? reinterpret_cast<const uint16_t*>(offsets) + g * nb * kGroup : nullptr;
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    const __m256i ones16 = _mm256_set1_epi16(1);
-    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-    __m256 acc[M][2];
-    #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* wb = wg + b * kBytes;
-        __m256i dot[M][2], dot2[M][2];
-        #pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) dot[m][0] = dot[m][1] = dot2[m][0] = dot2[m][1] = _mm256_setzero_si256();
-        #pragma GCC unroll 8
-        for (int h = 0; h < 2; ++h) {
-            if constexpr (KIND == Q8_0) {
-                #pragma GCC unroll 8
-                for (int c = 0; c < 8; ++c) {
-                    const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + h * 32));
-                    const __m256i s = _mm256_xor_si256(u, flip);   // signed code q
-                    const __m256i a = _mm256_sign_epi8(s, s);      // |q| (128 stays 0x80 = 128 unsigned)
-                    #pragma GCC unroll 8
-                    for (int m = 0; m < M; ++m) {
-                        int32_t xs, xs2;
-                        std::memcpy(&xs, xq.q + m * xq.K + b * kBlock + 4 * c, 4);
-                        std::memcpy(&xs2, xq.q2 + m * xq.K + b * kBlock + 4 * c, 4);
-                        const __m256i xv = _mm256_sign_epi8(_mm256_set1_epi32(xs), s);
-                        const __m256i xv2 = _mm256_sign_epi8(_mm256_set1_epi32(xs2), s);
-                        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(a, xv), ones16);
-                        const __m256i p2 = _mm256_madd_epi16(_mm256_maddubs_epi16(a, xv2), ones16);
-                        dot[m][h] = _mm256_add_epi32(dot[m][h], p);
-                        dot2[m][h] = _mm256_add_epi32(dot2[m][h], p2);
-                    }
-                }
-            } else {
-                #pragma GCC unroll 8
-                for (int c = 0; c < 4; ++c) {
-                    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + h * 32));
-                    const __m256i lo = _mm256_and_si256(v, low);
-                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                    #pragma GCC unroll 8
-                    for (int m = 0; m < M; ++m) {
-                        int32_t xl, xh, xl2, xh2;
-                        std::memcpy(&xl, xq.q + m * xq.K + b * kBlock + 4 * c, 4);
-                        std::memcpy(&xh, xq.q + m * xq.K + b * kBlock + 16 + 4 * c, 4);
-                        std::memcpy(&xl2, xq.q2 + m * xq.K + b * kBlock + 4 * c, 4);
-                        std::memcpy(&xh2, xq.q2 + m * xq.K + b * kBlock + 16 + 4 * c, 4);
-                        const __m256i pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xl)), ones16);
-                        const __m256i ph = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_set1_epi32(xh)), ones16);
-                        const __m256i pl2 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xl2)), ones16);
-                        const __m256i ph2 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_set1_epi32(xh2)), ones16);
-                        dot[m][h] = _mm256_add_epi32(dot[m][h], _mm256_add_epi32(pl, ph));
-                        dot2[m][h] = _mm256_add_epi32(dot2[m][h], _mm256_add_epi32(pl2, ph2));
-                    }
-                }
-            }
-        }
-        #pragma GCC unroll 8
-        for (int h = 0; h < 2; ++h) {
-            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + b * kGroup + 8 * h)));
-            __m256 off;
-            if constexpr (KIND == Q4_1)
-                off = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(og + b * kGroup + 8 * h)));
-            else
-                off = _mm256_mul_ps(d, _mm256_set1_ps(KIND == Q4_0 ? -8.f : -128.f));
-            #pragma GCC unroll 8
-            for (int m = 0; m < M; ++m) {
-                const int64_t i = m * nb + b;
-                __m256i di = dot[m][h], di2 = dot2[m][h];
-                if constexpr (KIND == Q8_0) {
-                    int32_t sx = 0, sx2 = 0;
-                    for (int j = 0; j < kBlock; ++j) {
-                        sx += xq.q[m * xq.K + b * kBlock + j];
-                        sx2 += xq.q2[m * xq.K + b * kBlock + j];
-                    }
-                    di = _mm256_add_epi32(di, _mm256_set1_epi32(128 * sx));
-                    di2 = _mm256_add_epi32(di2, _mm256_set1_epi32(128 * sx2));
-                }
-                const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(xq.d[i]));
-                const __m256 scale2 = _mm256_mul_ps(d, _mm256_set1_ps(xq.d2[i]));
-                acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(di), scale, acc[m][h]);
-                acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(di2), scale2, acc[m][h]);
-                acc[m][h] = _mm256_fmadd_ps(off, _mm256_set1_ps(xq.ds[i]), acc[m][h]);
-            }
-        }
-    }
-    #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
-        _mm256_storeu_ps(out + m * kGroup, acc[m][0]);
-        _mm256_storeu_ps(out + m * kGroup + 8, acc[m][1]);
-    }
-}
-
-using GroupFn = void (*)(const uint8_t*, const c10::Half*, const c10::Half*, const QuantX&, int64_t, float*);
+using gguf_kernels::QuantX;
+using GroupFn = void (*)(const uint8_t*, const uint16_t*, const uint16_t*, const QuantX&, int64_t, float*);
 
 template <int KIND, int M>
 GroupFn pick_group_fn(int64_t isa) {
-    return isa == ISA_AVX512 ? &gguf_group_avx512<KIND, M> : &gguf_group_avx2<KIND, M>;
+    return isa == ISA_AVX512 ? &gguf_kernels::group_avx512<KIND, M> : &gguf_kernels::group_avx2<KIND, M>;
 }
 
 template <int KIND>
@@ -315,6 +86,28 @@ GroupFn group_fn_for_rows(int64_t rows, int64_t isa) {
         case 6: return pick_group_fn<KIND, 6>(isa);
         case 7: return pick_group_fn<KIND, 7>(isa);
         default: return pick_group_fn<KIND, 8>(isa);
+    }
+}
+
+// rows [m0, m1) of x (any float dtype) quantised for the GGUF kernels (gguf_gemv_kernels.h)
+void quantize_x(const at::Tensor& x, int64_t m0, int64_t m1, int8_t* q, float* sx, int32_t* nsum, float* xs) {
+    const int64_t K = x.size(1), nb = K / kBlock;
+    std::vector<float> row(x.scalar_type() == at::kFloat ? 0 : K);
+    for (int64_t m = m0; m < m1; ++m) {
+        const float* xr;
+        if (x.scalar_type() == at::kFloat) {
+            xr = x.data_ptr<float>() + m * K;
+        } else {
+            if (x.scalar_type() == at::kBFloat16) {
+                const c10::BFloat16* src = x.data_ptr<c10::BFloat16>() + m * K;
+                for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(src[k]);
+            } else {
+                const c10::Half* src = x.data_ptr<c10::Half>() + m * K;
+                for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(src[k]);
+            }
+            xr = row.data();
+        }
+        gguf_kernels::quantize_row(xr, K, q + m * nb * 64, sx + m * nb, nsum + m * nb, xs + m * nb);
     }
 }
 
@@ -345,26 +138,24 @@ at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
     if (bias.has_value())
         TORCH_CHECK(bias->numel() == n && bias->is_contiguous(), "gguf_gemv: bias must hold ", n, " values");
 
-    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+                "gguf_gemv: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+    const at::Tensor xc = x.contiguous();
     at::Tensor out = at::empty({rows, n}, x.options());
     if (rows == 0 || n == 0) return out;
-    at::Tensor q = at::empty({2, rows, K}, x.options().dtype(at::kChar));
-    at::Tensor dd = at::empty({3, rows, nb}, x.options().dtype(at::kFloat));
-    int8_t* q1p = q.data_ptr<int8_t>();
-    int8_t* q2p = q1p + rows * K;
-    float* d1p = dd.data_ptr<float>();
-    float* d2p = d1p + rows * nb;
-    float* dsp = d2p + rows * nb;
-    at::parallel_for(0, rows, 16, [&](int64_t m0, int64_t m1) {
-        quantize_rows(xf.data_ptr<float>() + m0 * K, m1 - m0, K, q1p + m0 * K, q2p + m0 * K, d1p + m0 * nb,
-                      d2p + m0 * nb, dsp + m0 * nb);
-    });
+    at::Tensor q = at::empty({rows, nb * 64}, x.options().dtype(at::kChar));
+    at::Tensor sc = at::empty({3, rows, nb}, x.options().dtype(at::kFloat));
+    int8_t* qp = q.data_ptr<int8_t>();
+    float* sxp = sc.data_ptr<float>();
+    int32_t* nsp = reinterpret_cast<int32_t*>(sxp + rows * nb);
+    float* xsp = sxp + 2 * rows * nb;
+    at::parallel_for(0, rows, 16, [&](int64_t m0, int64_t m1) { quantize_x(xc, m0, m1, qp, sxp, nsp, xsp); });
     const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
     const float* bptr = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
     const int64_t isa = active_isa();
     const uint8_t* w = qweight.data_ptr<uint8_t>();
-    const c10::Half* s = scales.data_ptr<c10::Half>();
-    const c10::Half* o = kind == Q4_1 ? offsets->data_ptr<c10::Half>() : nullptr;
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::Half>());
+    const uint16_t* o = kind == Q4_1 ? reinterpret_cast<const uint16_t*>(offsets->data_ptr<c10::Half>()) : nullptr;
 
     // groups outer, row chunks inner: a group's weights (K/2 or K bytes x 16 rows) stay in cache while every chunk
     // of 8 activation rows uses them, so a prefill reads the weights once
@@ -374,7 +165,12 @@ at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
         for (int64_t g = g0; g < g1; ++g) {
             for (int64_t ch = 0; ch < chunks; ++ch) {
                 const int64_t r0 = ch * kMaxRows, mr = std::min<int64_t>(kMaxRows, rows - r0);
-                const QuantX xq{q1p + r0 * K, q2p + r0 * K, d1p + r0 * nb, d2p + r0 * nb, dsp + r0 * nb, K};
+                QuantX xq;
+                xq.K = K;
+                for (int64_t m = 0; m < mr; ++m) {
+                    const int64_t i = (r0 + m) * nb;
+                    xq.row[m] = {qp + i * 64, sxp + i, nsp + i, xsp + i};
+                }
                 const GroupFn fn = kind == Q4_0 ? group_fn_for_rows<Q4_0>(mr, isa)
                                  : kind == Q4_1 ? group_fn_for_rows<Q4_1>(mr, isa) : group_fn_for_rows<Q8_0>(mr, isa);
                 fn(w, s, o, xq, g, tile);

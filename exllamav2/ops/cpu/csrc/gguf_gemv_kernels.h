@@ -1,0 +1,265 @@
+// GGUF Q4_0/Q4_1/Q8_0 GEMV inner kernels (no torch: bench/cpu_kernels/ builds them alone for micro-benchmarks).
+// The torch op around them is gemv.cpp; the weight layout is made by exllamav2/ops/cpu/gguf_pack.py.
+//
+// Weight layout: output rows in groups of 16 (padded), per (group, 32-column block):
+//   4-bit: 4 chunks x 16 rows x 4 bytes; byte i of chunk c of row r holds column 4c+i (low nibble) and 16+4c+i
+//          (high nibble), the GGUF block's own byte order, only interleaved over 16 rows;
+//   8-bit: 8 chunks x 16 rows x 4 bytes, column 4c+i, stored as q + 128 (unsigned).
+//   scales d (fp16, 16 per group and block) and, for Q4_1, offsets m (fp16) in the same order.
+// A 32-bit lane of a vector holds 4 weights of one output row, so the activation's 4 matching int8 values are
+// broadcast to all lanes and one vpdpbusd advances 16 output rows.
+//
+// Activations: per 32-column block, x ~ sx * (256*q1 + q2) with sx = amax/127/256: q1 = round(x/(256 sx)) is
+// llama.cpp's whole int8 quantisation, q2 = round(residual/sx) (|q2| <= 128, clamped to 127) carries its rounding
+// error. One stage alone costs about 0.5% relative error per dot product, more than bf16 activations (0.2-0.4%),
+// enough to move whole-model logits past tests/test_backends.py's tolerance; with q2 the activation error is ~1e-5.
+// Because the two stages differ by exactly 2^8, their dot products combine in int32 (256*dot1 + dot2: at most
+// 32*255*127*257 < 2^31), and the code offset of Q4_0 (-8) and Q8_0 (-128, the stored +128) is subtracted in
+// integers too (the accumulator starts at -offset * (256*sum(q1) + sum(q2))). Per row and block that leaves one
+// int->float conversion and one FMA: acc += cvt(s) * (d*sx)  [+ m * (sx*sum) for Q4_1].
+// The AVX2 path computes the same integers (vpmaddubsw) and the same float operations in the same order, so its
+// outputs are bit-identical. A row's instruction sequence never depends on the other rows of the call.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace gguf_kernels {
+
+constexpr int kBlock = 32;   // columns per quant block
+constexpr int kGroup = 16;   // output rows per interleaved group
+constexpr int kMaxRows = 8;  // activation rows per kernel call
+
+enum Kind : int { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
+
+// bytes of codes per (group, block)
+constexpr int code_bytes(int kind) { return kind == Q8_0 ? 512 : 256; }
+// the code offset subtracted in integers (Q4_1's offset is a float per row and block)
+constexpr int code_offset(int kind) { return kind == Q4_0 ? 8 : kind == Q8_0 ? 128 : 0; }
+
+// One activation row quantised: per block 64 bytes (q1[32], q2[32]), and per block sx, the int sum
+// 256*sum(q1) + sum(q2), and (for Q4_1) xs = sx * that sum.
+struct QuantRow {
+    const int8_t* q;      // (K/32, 64)
+    const float* sx;      // (K/32)
+    const int32_t* nsum;  // (K/32)
+    const float* xs;      // (K/32)
+};
+
+struct QuantX {
+    QuantRow row[kMaxRows];
+    int64_t K;
+};
+
+// x (K floats) -> q (K/32 * 64 bytes), sx, nsum, xs. Scalar on purpose: the exact roundings are the contract
+// (nearbyint: ties to even), and it costs a few hundred ns per row against the GEMV's microseconds.
+inline void quantize_row(const float* x, int64_t K, int8_t* q, float* sx, int32_t* nsum, float* xs) {
+    const int64_t nb = K / kBlock;
+    for (int64_t b = 0; b < nb; ++b) {
+        const float* xb = x + b * kBlock;
+        int8_t* qb = q + b * 64;
+        float amax = 0.f;
+        for (int j = 0; j < kBlock; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
+        const float d1 = amax / 127.f;
+        const float s = d1 * (1.f / 256.f);
+        const float id1 = d1 > 0.f ? 1.f / d1 : 0.f, id2 = s > 0.f ? 1.f / s : 0.f;
+        int n1 = 0, n2 = 0;
+        for (int j = 0; j < kBlock; ++j) {
+            const int v1 = static_cast<int>(std::nearbyint(xb[j] * id1));
+            const float r = xb[j] - d1 * static_cast<float>(v1);
+            int v2 = static_cast<int>(std::nearbyint(r * id2));
+            v2 = v2 > 127 ? 127 : v2 < -127 ? -127 : v2;
+            qb[j] = static_cast<int8_t>(v1);
+            qb[32 + j] = static_cast<int8_t>(v2);
+            n1 += v1;
+            n2 += v2;
+        }
+        sx[b] = s;
+        nsum[b] = 256 * n1 + n2;
+        xs[b] = s * static_cast<float>(nsum[b]);
+    }
+}
+
+inline int32_t load4(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+}
+
+#ifndef GGUF_GEMV_PREFETCH
+#define GGUF_GEMV_PREFETCH 1024
+#endif
+
+// ------------------------------------------------------------------------------------------------ AVX-512 VNNI
+
+// 16 output rows of group g against M activation rows -> out (M, 16) fp32.
+template <int KIND, int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_avx512(
+        const uint8_t* w, const uint16_t* scales, const uint16_t* offsets, const QuantX& xq, int64_t g,
+        float* out) {
+    const int64_t nb = xq.K / kBlock;
+    constexpr int kBytes = code_bytes(KIND);
+    constexpr int kOff = code_offset(KIND);
+    // rows 1-2: the low/high nibble (or even/odd chunk) products in separate registers, so that the dependency
+    // chains are short enough for one row; integer sums, so the result is the same
+    constexpr int S = M <= 2 ? 2 : 1;
+    const uint8_t* wg = w + g * nb * kBytes;
+    const uint16_t* sg = scales + g * nb * kGroup;
+    const uint16_t* og = offsets ? offsets + g * nb * kGroup : nullptr;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 acc[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* wb = wg + b * kBytes;
+        if (GGUF_GEMV_PREFETCH > 0) {
+#pragma GCC unroll 8
+            for (int l = 0; l < kBytes / 64; ++l) _mm_prefetch(reinterpret_cast<const char*>(wb + GGUF_GEMV_PREFETCH + 64 * l), _MM_HINT_T0);
+        }
+        __m512i d1[M][S], d2[M][S];
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+#pragma GCC unroll 2
+            for (int s = 0; s < S; ++s) d1[m][s] = d2[m][s] = _mm512_setzero_si512();
+            if (kOff) d2[m][0] = _mm512_set1_epi32(-kOff * xq.row[m].nsum[b]);
+        }
+        if constexpr (KIND == Q8_0) {
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; ++c) {
+                const __m512i v = _mm512_loadu_si512(wb + c * 64);
+#pragma GCC unroll 8
+                for (int m = 0; m < M; ++m) {
+                    const int8_t* qb = xq.row[m].q + b * 64;
+                    d1[m][c % S] = _mm512_dpbusd_epi32(d1[m][c % S], v, _mm512_set1_epi32(load4(qb + 4 * c)));
+                    d2[m][c % S] = _mm512_dpbusd_epi32(d2[m][c % S], v, _mm512_set1_epi32(load4(qb + 32 + 4 * c)));
+                }
+            }
+        } else {
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; ++c) {
+                const __m512i v = _mm512_loadu_si512(wb + c * 64);
+                const __m512i lo = _mm512_and_si512(v, low);
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+#pragma GCC unroll 8
+                for (int m = 0; m < M; ++m) {
+                    const int8_t* qb = xq.row[m].q + b * 64;
+                    d1[m][0] = _mm512_dpbusd_epi32(d1[m][0], lo, _mm512_set1_epi32(load4(qb + 4 * c)));
+                    d1[m][S - 1] = _mm512_dpbusd_epi32(d1[m][S - 1], hi, _mm512_set1_epi32(load4(qb + 16 + 4 * c)));
+                    d2[m][0] = _mm512_dpbusd_epi32(d2[m][0], lo, _mm512_set1_epi32(load4(qb + 32 + 4 * c)));
+                    d2[m][S - 1] = _mm512_dpbusd_epi32(d2[m][S - 1], hi, _mm512_set1_epi32(load4(qb + 48 + 4 * c)));
+                }
+            }
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sg + b * kGroup)));
+        __m512 off;
+        if constexpr (KIND == Q4_1)
+            off = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(og + b * kGroup)));
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+            __m512i t1 = d1[m][0], t2 = d2[m][0];
+            if constexpr (S == 2) {
+                t1 = _mm512_add_epi32(t1, d1[m][1]);
+                t2 = _mm512_add_epi32(t2, d2[m][1]);
+            }
+            const __m512i s = _mm512_add_epi32(_mm512_slli_epi32(t1, 8), t2);
+            const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xq.row[m].sx[b]));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[m]);
+            if constexpr (KIND == Q4_1) acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xq.row[m].xs[b]), acc[m]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) _mm512_storeu_ps(out + m * kGroup, acc[m]);
+}
+
+// ------------------------------------------------------------------------------------------------------- AVX2
+
+// The same layout, 8 rows per 256-bit half. vpmaddubsw multiplies unsigned by signed bytes into saturating int16
+// pairs: 4-bit codes (<= 15 * 127 * 2) never saturate; 8-bit codes are made signed and multiplied as
+// |q| * sign(x, q) (<= 128 * 127 * 2). The integers equal the VNNI path's (there the offset is subtracted through
+// the accumulator's start value; here the Q8_0 products are signed already).
+template <int KIND, int M>
+__attribute__((target("avx2,fma,f16c"))) void group_avx2(
+        const uint8_t* w, const uint16_t* scales, const uint16_t* offsets, const QuantX& xq, int64_t g,
+        float* out) {
+    const int64_t nb = xq.K / kBlock;
+    constexpr int kBytes = code_bytes(KIND);
+    const uint8_t* wg = w + g * nb * kBytes;
+    const uint16_t* sg = scales + g * nb * kGroup;
+    const uint16_t* og = offsets ? offsets + g * nb * kGroup : nullptr;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+    __m256 acc[M][2];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* wb = wg + b * kBytes;
+        __m256i d1[M][2], d2[M][2];
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+            const __m256i init = _mm256_set1_epi32(KIND == Q4_0 ? -8 * xq.row[m].nsum[b] : 0);
+            d1[m][0] = d1[m][1] = _mm256_setzero_si256();
+            d2[m][0] = d2[m][1] = init;
+        }
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+            if constexpr (KIND == Q8_0) {
+#pragma GCC unroll 8
+                for (int c = 0; c < 8; ++c) {
+                    const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + h * 32));
+                    const __m256i s = _mm256_xor_si256(u, flip);   // signed code q
+                    const __m256i a = _mm256_sign_epi8(s, s);      // |q| (128 stays 0x80 = 128 unsigned)
+#pragma GCC unroll 8
+                    for (int m = 0; m < M; ++m) {
+                        const int8_t* qb = xq.row[m].q + b * 64;
+                        const __m256i xv = _mm256_sign_epi8(_mm256_set1_epi32(load4(qb + 4 * c)), s);
+                        const __m256i xv2 = _mm256_sign_epi8(_mm256_set1_epi32(load4(qb + 32 + 4 * c)), s);
+                        d1[m][h] = _mm256_add_epi32(d1[m][h], _mm256_madd_epi16(_mm256_maddubs_epi16(a, xv), ones16));
+                        d2[m][h] = _mm256_add_epi32(d2[m][h], _mm256_madd_epi16(_mm256_maddubs_epi16(a, xv2), ones16));
+                    }
+                }
+            } else {
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; ++c) {
+                    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + h * 32));
+                    const __m256i lo = _mm256_and_si256(v, low);
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+#pragma GCC unroll 8
+                    for (int m = 0; m < M; ++m) {
+                        const int8_t* qb = xq.row[m].q + b * 64;
+                        const __m256i pl = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load4(qb + 4 * c)));
+                        const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load4(qb + 16 + 4 * c)));
+                        const __m256i pl2 = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load4(qb + 32 + 4 * c)));
+                        const __m256i ph2 = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load4(qb + 48 + 4 * c)));
+                        d1[m][h] = _mm256_add_epi32(d1[m][h], _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones16));
+                        d2[m][h] = _mm256_add_epi32(d2[m][h], _mm256_madd_epi16(_mm256_add_epi16(pl2, ph2), ones16));
+                    }
+                }
+            }
+        }
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + b * kGroup + 8 * h)));
+            __m256 off;
+            if constexpr (KIND == Q4_1)
+                off = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(og + b * kGroup + 8 * h)));
+#pragma GCC unroll 8
+            for (int m = 0; m < M; ++m) {
+                const __m256i s = _mm256_add_epi32(_mm256_slli_epi32(d1[m][h], 8), d2[m][h]);
+                const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(xq.row[m].sx[b]));
+                acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[m][h]);
+                if constexpr (KIND == Q4_1) acc[m][h] = _mm256_fmadd_ps(off, _mm256_set1_ps(xq.row[m].xs[b]), acc[m][h]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+        _mm256_storeu_ps(out + m * kGroup, acc[m][0]);
+        _mm256_storeu_ps(out + m * kGroup + 8, acc[m][1]);
+    }
+}
+
+}  // namespace gguf_kernels
