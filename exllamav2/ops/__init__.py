@@ -18,6 +18,7 @@ import torch
 
 from . import dispatch
 from .cpu import linear as cpu_linear
+from .cpu import attention as _cpu_attn
 from .cpu import small_ops as _cpu_small
 from .dispatch import NoBackendError, active_backends, pinned_backend, set_backend, use_backend
 from .torch_ref import activation as _act
@@ -83,6 +84,7 @@ for _op, _fn in _REFERENCE.items():
     # the CPU backend runs the reference code on CPU tensors until its own kernels replace it (see cpu/)
     _op.register("cpu", _fn, _cpu_only)
 rms_norm.register("cpu", _cpu_small.rms_norm, _cpu_only)  # the C++ kernel in eager mode (cpu/small_ops.py)
+attention.register("cpu", _cpu_attn.attention, _cpu_only)  # the C++ kernel for decode rows (cpu/attention.py)
 
 # Triton attention kernels (triton/attention.py; the kernel modules themselves are imported at first call)
 attention.register("triton", _tri_attn.attention, _tri_attn.declines_attention)

@@ -43,6 +43,10 @@ def _register_fakes() -> None:
     def _rms_norm_fake(x, weight, eps, out_dtype):
         return x.new_empty(x.shape, dtype=out_dtype)
 
+    @torch.library.register_fake("exllamav2_cpu::decode_attention")
+    def _decode_attention_fake(q, k, v, mask, scale, softcap, is_causal):
+        return q.new_empty(q.shape)
+
     _registered = True
 
 

@@ -1,0 +1,38 @@
+"""The `cpu` backend's attention: the C++ kernel for a few query rows per sequence (decode, speculative drafts;
+csrc/attention.cpp), the reference (torch's SDPA) for everything else (prefill, head dims it does not take, CPUs
+without AVX-512, calls that need gradients). Registered as `ops.attention`'s cpu implementation in ops/__init__.py.
+
+Why: torch's CPU flash-attention kernel spends ~80 us per call setting up for a single query row (SmolLM2 at
+batch 1: 30 calls, 2.4 ms of a ~10 ms decode step); the kernel reads each key and value row once for all the
+query heads that share it and takes a few microseconds."""
+
+from __future__ import annotations
+
+import torch
+
+from ..torch_ref import attention as _ref
+from . import build, kernels
+from .gemv_linear import needs_grad
+
+MAX_QUERIES = 16   # query rows per sequence up to which the kernel runs (decode is 1; drafts a few)
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_ready: list[bool] = []
+
+
+def _kernels_ready() -> bool:
+    if not _ready:
+        _ready.append(build.disabled_reason() is None and kernels.ready() and kernels.isa() == "avx512")
+    return _ready[0]
+
+
+def takes(q, k, v, mask, softcap) -> bool:
+    return (q.shape[2] <= MAX_QUERIES and q.dtype in _FLOATS and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256
+            and k.dtype == q.dtype and v.dtype == q.dtype and (mask is None or mask.dtype == torch.bool)
+            and not needs_grad(q, k, v) and _kernels_ready())
+
+
+def attention(q, k, v, mask, scale: float, softcap: float = 0.0, is_causal: bool = False) -> torch.Tensor:
+    if not takes(q, k, v, mask, softcap):
+        return _ref.attention(q, k, v, mask, scale, softcap, is_causal)
+    return torch.ops.exllamav2_cpu.decode_attention(q, k, v, mask, float(scale), float(softcap or 0.0),
+                                                    bool(is_causal))

@@ -1,0 +1,98 @@
+"""The cpu backend's attention kernel for decode rows (exllamav2/ops/cpu/csrc/attention.cpp) against the reference
+(exllamav2/ops/torch_ref/attention.py: torch's SDPA, or the fp32 softcap path).
+
+Tolerance: the kernel computes scores, softmax and the weighted sum in fp32 and rounds the output once to the
+inputs' dtype, so against the same math in fp64 on the same inputs each output is within one unit in the last place
+of its dtype (half a unit from the final rounding, the rest fp32 noise) plus 1e-5 of the largest value. torch's
+SDPA is not that close in bf16/fp16 (its flash kernel rounds the probabilities to the inputs' dtype before the
+second product): against it, outputs agree within 1e-2 relative in norm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exllamav2 import ops
+from exllamav2.ops.cpu import attention as cpu_attention
+from exllamav2.ops.cpu import kernels
+from exllamav2.ops.torch_ref.attention import attention as reference, window_mask
+
+if not (kernels.ready() and kernels.isa() == "avx512"):
+    pytest.skip("the attention kernel needs the CPU kernels built and AVX-512", allow_module_level=True)
+
+
+def exact(q, k, v, mask, scale, softcap, causal):
+    """The reference's math in fp64 (GQA by repetition, bottom-right causal alignment)."""
+    q, k, v = q.double(), k.double(), v.double()
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s, t = q.shape[2], k.shape[2]
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    keep = torch.ones(s, t, dtype=torch.bool).tril(t - s) if causal else torch.ones(s, t, dtype=torch.bool)
+    if mask is not None:
+        keep = keep & mask
+    return scores.masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+
+def close(got, want, dtype):
+    ulp = torch.finfo(dtype).eps * want.abs()
+    return ((got.double() - want).abs() <= ulp + 1e-5 * want.abs().max()).all()
+
+
+def cache_views(b, hk, t, d, dtype, g):
+    """k, v as attn.py passes them: (b, hk, t, d) views of a (b, max_len, hk, d) cache."""
+    kc = torch.randn(b, t + 5, hk, d, generator=g).to(dtype)
+    vc = torch.randn(b, t + 5, hk, d, generator=g).to(dtype)
+    return kc[:, :t].transpose(1, 2), vc[:, :t].transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,hq,hk,s,t,d", [(1, 9, 3, 1, 37, 64), (3, 4, 4, 1, 200, 128), (2, 8, 2, 5, 19, 32),
+                                           (1, 2, 1, 16, 16, 16)])
+def test_decode_attention_equals_reference(dtype, b, hq, hk, s, t, d):
+    g = torch.Generator().manual_seed(b * 100 + t)
+    q = torch.randn(b, s, hq, d, generator=g).to(dtype).transpose(1, 2)
+    k, v = cache_views(b, hk, t, d, dtype, g)
+    scale = d ** -0.5
+    for mask, causal in ((None, False), (None, s > 1), (window_mask(t, s, max(2, t // 3), "cpu"), False)):
+        if mask is not None and mask.shape[0] != b:
+            mask = mask.expand(b, 1, s, t) if b > 1 and t % 2 else mask
+        for softcap in (0.0, 30.0):
+            ref = reference(q, k, v, mask, scale, softcap, causal).float()
+            got = torch.ops.exllamav2_cpu.decode_attention(q, k, v, mask, scale, softcap, causal)
+            assert got.dtype == dtype and got.shape == ref.shape
+            want = exact(q, k, v, mask, scale, softcap, causal)
+            assert close(got, want, dtype), (mask is None, causal, softcap, (got.double() - want).abs().max())
+            assert (got.float() - ref).norm() <= 1e-2 * ref.norm()
+
+
+def test_rows_are_independent_and_the_op_dispatches_to_the_kernel():
+    g = torch.Generator().manual_seed(5)
+    b, hq, hk, t, d = 4, 9, 3, 50, 64
+    q = torch.randn(b, hq, 1, d, generator=g).bfloat16()
+    k, v = cache_views(b, hk, t, d, torch.bfloat16, g)
+    together = torch.ops.exllamav2_cpu.decode_attention(q, k, v, None, 0.125, 0.0, False)
+    for i in range(b):
+        alone = torch.ops.exllamav2_cpu.decode_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], None, 0.125, 0.0, False)
+        assert torch.equal(alone, together[i:i + 1])
+    with ops.use_backend("cpu"):
+        assert ops.attention.choose(q, k, v, None, 0.125).fn is cpu_attention.attention
+        assert torch.equal(ops.attention(q, k, v, None, 0.125), together)
+        # a prefill (more query rows than MAX_QUERIES) takes the reference
+        qp = torch.randn(1, hq, cpu_attention.MAX_QUERIES + 1, d, generator=g).bfloat16()
+        kp, vp = cache_views(1, hk, cpu_attention.MAX_QUERIES + 1, d, torch.bfloat16, g)
+        assert torch.equal(ops.attention(qp, kp, vp, None, 0.125, 0.0, True),
+                           reference(qp, kp, vp, None, 0.125, 0.0, True))
+
+
+def test_decode_attention_rejects_bad_inputs():
+    q = torch.randn(1, 9, 1, 64)
+    k = torch.randn(1, 3, 10, 64)
+    with pytest.raises(RuntimeError, match="not a multiple of 2 kv heads"):
+        torch.ops.exllamav2_cpu.decode_attention(q, k[:, :2], k[:, :2], None, 1.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="head_dim 40 must be a multiple of 16"):
+        torch.ops.exllamav2_cpu.decode_attention(q[..., :40], k[..., :40], k[..., :40], None, 1.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="mask must be bool"):
+        torch.ops.exllamav2_cpu.decode_attention(q, k, k, torch.ones(1, 1, 1, 9, dtype=torch.bool), 1.0, 0.0, False)
