@@ -138,10 +138,19 @@ class Results:
                 self.rows = saved["rows"]
 
     def put(self, label: str, row: dict) -> None:
-        self.rows[label] = row
-        with open(self.path + ".tmp", "w") as f:
-            json.dump({"key": self.key, "rows": self.rows}, f, indent=1)
-        os.replace(self.path + ".tmp", self.path)
+        """Store one row; rows that other runs on the same --work stored meanwhile are kept (read under a lock)."""
+        import fcntl
+        with open(self.path + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if os.path.isfile(self.path):
+                with open(self.path) as f:
+                    saved = json.load(f)
+                if saved.get("key") == self.key:
+                    self.rows = {**saved["rows"], **self.rows}
+            self.rows[label] = row
+            with open(self.path + ".tmp", "w") as f:
+                json.dump({"key": self.key, "rows": self.rows}, f, indent=1)
+            os.replace(self.path + ".tmp", self.path)
 
 
 def source_folder(args) -> str:

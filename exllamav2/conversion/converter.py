@@ -20,12 +20,12 @@ from ..quant.exl2 import exl2_bits_per_weight, read_exl2
 from ..quant.gptq import gptq_bits_per_weight, read_gptq
 from ..tokenizer import ExLlamaV2Tokenizer
 from ..version import __version__
-from .adaptive_gptq import (Exl2Quantized, damp_for_target, output_errors, prepare_hessian, quantize_options,
-                            reference_target, single_cpu_thread)
+from .adaptive_gptq import (Exl2Quantized, PreparedHessian, ReferenceSolver, damp_for_target, output_errors,
+                            prepare_hessian, quantize_options, reference_target, single_cpu_thread)
 from .calibration import calibration_ids, read_calibration_text
 from .compile import copy_model_files, plain_tensor, write_config, write_shards
 from .job import Job, atomic_save_tensors, atomic_write_json, load_tensors
-from .layers import (hessian_of, linear_stages, linear_weight, run_module, run_module_paired, run_module_with,
+from .layers import (hessian_of, linear_stages, linear_weight, run_module, run_module_captures, run_module_paired,
                      substitute_weight)
 from .optimize import Slot, achievable_bpw, optimize
 from .qparams import CANDIDATES, QuantOption, head_option
@@ -282,10 +282,11 @@ class Converter:
         return {k: {"option": measurement[k]["options"][j]["option"], "error": measurement[k]["options"][j]["error"]}
                 for k, j in zip(keys, choice)}
 
-    def _quantize_linear(self, lin, H: torch.Tensor, C: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _quantize_linear(self, lin, H: torch.Tensor, solver: ReferenceSolver | None,
+                         prep: PreparedHessian | None) -> dict[str, torch.Tensor]:
         W = linear_weight(lin)
-        if C is not None:
-            W = reference_target(W, H, C, self.damp)
+        if solver is not None:
+            W = solver.target(W)
         bias = lin.bias.data if lin.bias is not None else None
         if self.s.gptq:
             with single_cpu_thread(W.device):
@@ -297,7 +298,7 @@ class Converter:
             substitute_weight(lin, gptq_dequantize(t, "", torch.float16, lin.in_features, lin.out_features).float())
             return t
         option = QuantOption.from_dict(self.job.get("strategy")[lin.key]["option"])
-        q = quantize_options(W, prepare_hessian(H, self.damp), [option])[0]
+        q = quantize_options(W, prep, [option])[0]
         t = _exl2_tensors(q, bias)
         check = read_exl2(t, lin.key, lin.in_features, lin.out_features)
         from ..quant import exl2_dequantize
@@ -320,18 +321,25 @@ class Converter:
                 tensors: dict[str, torch.Tensor] = {}
                 try:
                     stages = linear_stages(module)
-                    original = {lin: lin.weight for _, linears in stages for lin in linears}
+                    nxt_ref = ref_captured = None
+                    if ref is not None:  # the unquantized module's pass, once: its output and every stage's input
+                        nxt_ref, ref_captured = run_module_captures(module, ref, self.s.batch_rows,
+                                                                    [c for c, _ in stages])
                     for capture, linears in stages:
                         if ref is None:
                             _, H = run_module(module, states, self.s.batch_rows, capture, keep_output=False)
-                            C = None
+                            solver = None
                         else:
-                            H, C = run_module_paired(module, states, ref, original, self.s.batch_rows, capture)
+                            H, C = run_module_paired(module, states, None, None, self.s.batch_rows, capture,
+                                                     ref_captured=ref_captured.pop(capture))
+                            solver = ReferenceSolver(H, C, self.damp)
+                            del C
+                        # one inverse-Hessian factor for every linear of the stage (they read the same input)
+                        prep = None if self.s.gptq else prepare_hessian(H, self.damp)
                         for lin in linears:
-                            for name, t in self._quantize_linear(lin, H, C).items():
+                            for name, t in self._quantize_linear(lin, H, solver, prep).items():
                                 tensors[f"{lin.key}.{name}"] = t
                     nxt, _ = run_module(module, states, self.s.batch_rows)
-                    nxt_ref = run_module_with(module, ref, original, self.s.batch_rows) if ref is not None else None
                 finally:
                     module.unload()
                 atomic_save_tensors(tensors, job.file("out_tensor", f"{i:04d}.safetensors"))

@@ -81,18 +81,42 @@ def swapped_weights(weights: dict):
             lin.weight = w
 
 
-def run_module_paired(module, states: torch.Tensor, ref_states: torch.Tensor, reference: dict, batch_rows: int,
-                      capture: str) -> tuple[torch.Tensor, torch.Tensor]:
+def run_module_captures(module, states: torch.Tensor, batch_rows: int, captures: list[str]):
+    """One pass of the module as it is over states: (output states, {capture: intermediate}), all fp32 on the CPU,
+    computed batch by batch exactly as run_module and run_module_paired compute them."""
+    device = module.device()
+    dtype = module.model.dtype
+    out = torch.empty_like(states)
+    kept = {}
+    for a in range(0, states.shape[0], batch_rows):
+        r = _forward(module, states[a:a + batch_rows].to(device, dtype), True)
+        for c in captures:
+            x = r[c].to(torch.float32).cpu()
+            if c not in kept:
+                kept[c] = torch.empty((states.shape[0],) + tuple(x.shape[1:]), dtype=torch.float32)
+            kept[c][a:a + batch_rows] = x
+        out[a:a + batch_rows] = r["hidden_states"].to(torch.float32).cpu()
+    return out, kept
+
+
+def run_module_paired(module, states: torch.Tensor, ref_states: torch.Tensor | None, reference: dict | None,
+                      batch_rows: int, capture: str,
+                      ref_captured: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """H = sum X^T X and C = sum X_ref^T X over the intermediate `capture`, where X comes from the module as it is
     (earlier linears already quantized) on `states`, and X_ref from the module with the `reference` weights
-    {linear: weight Parameter} swapped in, on `ref_states` (the unquantized model's hidden states)."""
+    {linear: weight Parameter} swapped in, on `ref_states` (the unquantized model's hidden states).
+    ref_captured: X_ref already computed (run_module_captures with the reference weights), so the reference
+    forward is not repeated for every stage; the sums are the same, batch by batch."""
     device = module.device()
     dtype = module.model.dtype
     H = C = None
     for a in range(0, states.shape[0], batch_rows):
         X = _forward(module, states[a:a + batch_rows].to(device, dtype), True)[capture].to(torch.float32)
-        with swapped_weights(reference):
-            R = _forward(module, ref_states[a:a + batch_rows].to(device, dtype), True)[capture].to(torch.float32)
+        if ref_captured is not None:
+            R = ref_captured[a:a + batch_rows].to(device)
+        else:
+            with swapped_weights(reference):
+                R = _forward(module, ref_states[a:a + batch_rows].to(device, dtype), True)[capture].to(torch.float32)
         X = X.reshape(-1, X.shape[-1])
         R = R.reshape(-1, R.shape[-1])
         H = X.T @ X if H is None else H.addmm_(X.T, X)
