@@ -143,10 +143,13 @@ at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
     const at::Tensor xc = x.contiguous();
     at::Tensor out = at::empty({rows, n}, x.options());
     if (rows == 0 || n == 0) return out;
-    at::Tensor q = at::empty({rows, nb * 64}, x.options().dtype(at::kChar));
-    at::Tensor sc = at::empty({3, rows, nb}, x.options().dtype(at::kFloat));
-    int8_t* qp = q.data_ptr<int8_t>();
-    float* sxp = sc.data_ptr<float>();
+    // the quantised activations in per-thread scratch (two tensor allocations a call cost ~1 us at batch 1)
+    static thread_local std::vector<int8_t> q_scratch;
+    static thread_local std::vector<float> s_scratch;
+    q_scratch.resize(std::max<size_t>(q_scratch.size(), rows * nb * 64));
+    s_scratch.resize(std::max<size_t>(s_scratch.size(), 3 * rows * nb));
+    int8_t* qp = q_scratch.data();
+    float* sxp = s_scratch.data();
     int32_t* nsp = reinterpret_cast<int32_t*>(sxp + rows * nb);
     float* xsp = sxp + 2 * rows * nb;
     at::parallel_for(0, rows, 16, [&](int64_t m0, int64_t m1) { quantize_x(xc, m0, m1, qp, sxp, nsp, xsp); });
@@ -246,16 +249,24 @@ at::Tensor gguf_dequant(const at::Tensor& qweight, const at::Tensor& scales, con
 
 // One output row against M activation rows: 32 columns per vdpbf16ps, a masked tail, one horizontal sum in a fixed
 // order. R rows of W share the activation loads; the per (row, activation row) sequence does not depend on R.
+// The weight rows are R short streams (K*2 bytes each) that the hardware prefetcher picks up late: each step
+// prefetches R cache lines of the next R rows (`next`, `next_lines` lines in all), so they arrive just as they are
+// needed (single-thread stream rate 12.5 -> 18 GB/s on SmolLM2's shapes, Zen 4).
 template <int R, int M>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_rows_avx512(
-        const uint16_t* w, const uint16_t* x, int64_t K, float* out /* (M, R) */) {
+        const uint16_t* w, const uint16_t* x, int64_t K, float* out /* (M, R) */, const uint16_t* next,
+        int64_t next_lines) {
     __m512 acc[R][M];
     #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
         #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-    int64_t k = 0;
+    int64_t k = 0, line = 0;
+    const char* pf = reinterpret_cast<const char*>(next);
     for (; k + 32 <= K; k += 32) {
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; ++r, ++line)
+            if (line < next_lines) _mm_prefetch(pf + 64 * line, _MM_HINT_T0);
         __m512i xv[M];
         #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_si512(x + m * K + k);
@@ -293,7 +304,7 @@ __attribute__((target("avx2,fma"))) inline __m256 widen_bf16(const uint16_t* p) 
 
 template <int R, int M>
 __attribute__((target("avx2,fma"))) void bf16_rows_avx2(const uint16_t* w, const uint16_t* x, int64_t K,
-                                                        float* out /* (M, R) */) {
+                                                        float* out /* (M, R) */, const uint16_t*, int64_t) {
     __m256 acc[R][M];
     #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
@@ -329,7 +340,7 @@ __attribute__((target("avx2,fma"))) void bf16_rows_avx2(const uint16_t* w, const
         }
 }
 
-using RowsFn = void (*)(const uint16_t*, const uint16_t*, int64_t, float*);
+using RowsFn = void (*)(const uint16_t*, const uint16_t*, int64_t, float*, const uint16_t*, int64_t);
 
 template <int R, int M>
 RowsFn pick_rows_fn(int64_t isa) {
@@ -387,11 +398,12 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& weight, const std::o
                     }
             };
             for (; i + R <= n1; i += R) {
-                main(w + i * K, xp, K, tile);
+                const int64_t ahead = std::min<int64_t>(R, n1 - i - R);  // rows of the next step in this range
+                main(w + i * K, xp, K, tile, w + (i + R) * K, ahead > 0 ? ahead * K * 2 / 64 : 0);
                 emit(i, R);
             }
             for (; i < n1; ++i) {
-                one(w + i * K, xp, K, tile);
+                one(w + i * K, xp, K, tile, nullptr, 0);
                 emit(i, 1);
             }
         });
