@@ -136,6 +136,14 @@ class Results:
                 saved = json.load(f)
             if saved.get("key") == self.key:
                 self.rows = saved["rows"]
+        # each row is also kept in its own file, so a row is never lost to another run's rewrite of results.json
+        self.row_dir = os.path.join(os.path.dirname(path), "rows")
+        if os.path.isdir(self.row_dir):
+            for name in sorted(os.listdir(self.row_dir)):
+                with open(os.path.join(self.row_dir, name)) as f:
+                    saved = json.load(f)
+                if saved.get("key") == self.key:
+                    self.rows.setdefault(saved["label"], saved["row"])
 
     def put(self, label: str, row: dict) -> None:
         """Store one row; rows that other runs on the same --work stored meanwhile are kept (read under a lock)."""
@@ -148,6 +156,11 @@ class Results:
                 if saved.get("key") == self.key:
                     self.rows = {**saved["rows"], **self.rows}
             self.rows[label] = row
+            os.makedirs(self.row_dir, exist_ok=True)
+            row_file = os.path.join(self.row_dir, label.replace(" ", "_").replace("/", "_") + ".json")
+            with open(row_file + ".tmp", "w") as f:
+                json.dump({"key": self.key, "label": label, "row": row}, f, indent=1)
+            os.replace(row_file + ".tmp", row_file)
             with open(self.path + ".tmp", "w") as f:
                 json.dump({"key": self.key, "rows": self.rows}, f, indent=1)
             os.replace(self.path + ".tmp", self.path)
