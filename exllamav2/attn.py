@@ -167,10 +167,9 @@ class ExLlamaV2Attention(ExLlamaV2Module):
         if attn_params.paged:
             from .paged_attn import paged_attention
             return paged_attention(self, q, k, v, cache, attn_params)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         past = attn_params.past_len
         if cache is not None:
-            kc, vc = cache.get_kv_state(self.layer_idx, b, 0, past + s)
+            kc, vc = cache.get_kv_state(self.layer_idx, b, 0, past + s)  # (batch, max_seq_len, kv_heads, d)
             if kc.shape[0] < b:
                 raise ValueError(f"batch of {b} rows does not fit a cache built for batch_size={kc.shape[0]}")
             if kc.shape[0] != b:
@@ -178,10 +177,11 @@ class ExLlamaV2Attention(ExLlamaV2Module):
             # index_copy_, not a slice assignment: compiled, a slice assignment at a symbolic offset copies the
             # whole buffer
             index = attn_params.get_write_index(kc.device)
-            kc.index_copy_(2, index, k if k.dtype == kc.dtype else k.to(kc.dtype))
-            vc.index_copy_(2, index, v if v.dtype == vc.dtype else v.to(vc.dtype))
-            k, v = kc[:, :, :past + s], vc[:, :, :past + s]
+            kc.index_copy_(1, index, k if k.dtype == kc.dtype else k.to(kc.dtype))
+            vc.index_copy_(1, index, v if v.dtype == vc.dtype else v.to(vc.dtype))
+            k, v = kc[:, :past + s], vc[:, :past + s]
             cache.store_kv_state(self.layer_idx, b, past, s)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         mask = attn_params.get_attn_mask(q.device, self.sliding_window)
         out = ops.attention(q, k, v, mask, self.scaling, self.softcap, s > 1 and mask is None)
         return out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)

@@ -1,6 +1,12 @@
-"""KV caches. Per attention layer one K and one V tensor, preallocated, laid out (batch, kv_heads, max_seq_len,
-head_dim) so attention reads a contiguous prefix per head without transposes. `current_seq_len` is the number
-of positions filled (shared by all rows; uneven prompts are left padded)."""
+"""KV caches. Per attention layer one K and one V tensor, preallocated, laid out (batch, max_seq_len, kv_heads,
+head_dim) as the original's. `current_seq_len` is the number of positions filled (shared by all rows; uneven
+prompts are left padded).
+
+The layout is page-major: a row's positions cut into pages of page_size tokens, (max_seq_len / page_size,
+page_size, kv_heads, head_dim), are the pages the dynamic generator addresses through its block tables (a batch-1
+cache, paged_attn.py), and the seed API's batch-1 decode reads a plain cache as consecutive pages
+(runtime/cuda_graphs.py): one layout for every generator. Attention reads a row's prefix as the strided view
+(kv_heads, positions, head_dim), each position's head_dim values contiguous."""
 
 from __future__ import annotations
 
@@ -60,7 +66,7 @@ class ExLlamaV2CacheBase:
         self.current_seq_len = 0
         self.key_states: list = [None] * self.num_hidden_layers
         self.value_states: list = [None] * self.num_hidden_layers
-        self.shape_basic = (batch_size, self.num_key_value_heads, self.max_seq_len, self.head_dim)
+        self.shape_basic = (batch_size, self.max_seq_len, self.num_key_value_heads, self.head_dim)
         if copy_from is None:
             check_cache_size(model, batch_size, self.max_seq_len, self.dtype, self.num_key_value_heads,
                              [self._layer_device(i) for i in range(self.num_hidden_layers)])
@@ -123,13 +129,13 @@ class ExLlamaV2CacheBase:
             raise ValueError("copy_states: source and target ranges must have the same size")
         for i in range(self.num_hidden_layers):
             for src, dst in ((self.key_states[i], target.key_states[i]), (self.value_states[i], target.value_states[i])):
-                dst[to_row:to_row + to_rows, :, to_column:to_column + to_columns].copy_(
-                    src[from_row:from_row + from_rows, :, from_column:from_column + from_columns])
+                dst[to_row:to_row + to_rows, to_column:to_column + to_columns].copy_(
+                    src[from_row:from_row + from_rows, from_column:from_column + from_columns])
 
     def roll_left(self) -> None:
         for i in range(self.num_hidden_layers):
             for t in (self.key_states[i], self.value_states[i]):
-                t[:, :, :-1].copy_(t[:, :, 1:].clone())
+                t[:, :-1].copy_(t[:, 1:].clone())
         self.current_seq_len = max(0, self.current_seq_len - 1)
 
     def reset(self) -> None:

@@ -1,9 +1,9 @@
 """Quantized KV caches: ExLlamaV2Cache_Q4 (K4/V4), _Q6 (K8/V4), _Q8 (K8/V8) and _8bit (FP8 e5m2).
 
-Storage per layer keeps the (batch, kv_heads, max_seq_len, ...) layout of ExLlamaV2Cache:
-- 4/8-bit: `key_states`/`value_states` are uint8 codes (batch, kv_heads, max_seq_len, head_dim * bits / 8), two
+Storage per layer keeps the page-major (batch, max_seq_len, kv_heads, ...) layout of ExLlamaV2Cache (cache.py):
+- 4/8-bit: `key_states`/`value_states` are uint8 codes (batch, max_seq_len, kv_heads, head_dim * bits / 8), two
   4-bit codes per byte, low nibble first; `key_scales`/`value_scales` hold one scale per group of 32 values
-  (batch, kv_heads, max_seq_len, head_dim / 32) in the activation dtype. Each group of 32 consecutive head_dim values
+  (batch, max_seq_len, kv_heads, head_dim / 32) in the activation dtype. Each group of 32 consecutive head_dim values
   is rotated by the unnormalised 32-point Walsh-Hadamard matrix (spreads outliers over the group) before rounding.
 - FP8: `key_states`/`value_states` are the e5m2 bytes (as uint8) of every value; no scales.
 
@@ -57,11 +57,11 @@ class ExLlamaV2CacheQuantBase(ExLlamaV2CacheBase):
 
     def _alloc_layer(self, i: int) -> None:
         dev = self._layer_device(i)
-        b, h, n, d = self.shape_basic
+        b, n, h, d = self.shape_basic
         for fmt, codes, scales in ((self.k_format, self.key_states, self.key_scales),
                                    (self.v_format, self.value_states, self.value_scales)):
-            codes[i] = torch.zeros((b, h, n, fmt.code_width(d)), dtype=torch.uint8, device=dev)
-            scales[i] = (torch.zeros((b, h, n, fmt.scale_width(d)), dtype=self.dtype, device=dev)
+            codes[i] = torch.zeros((b, n, h, fmt.code_width(d)), dtype=torch.uint8, device=dev)
+            scales[i] = (torch.zeros((b, n, h, fmt.scale_width(d)), dtype=self.dtype, device=dev)
                          if fmt.has_scales else None)
 
     def create_state_tensors(self, copy_from=None, lazy: bool = False) -> None:
@@ -123,8 +123,8 @@ class ExLlamaV2CacheQuantBase(ExLlamaV2CacheBase):
         b = min(batch_size, self.batch_size)
         for fmt, codes, scales, temp in ((self.k_format, kq, self.key_scales[layer_idx], tk),
                                          (self.v_format, vq, self.value_scales[layer_idx], tv)):
-            sc = None if scales is None else scales[:b, :, :end]
-            temp[:b, :, :end] = fmt.dequantize(codes[:b, :, :end], sc, self.dtype)
+            sc = None if scales is None else scales[:b, :end]
+            temp[:b, :end] = fmt.dequantize(codes[:b, :end], sc, self.dtype)
         return tk, tv
 
     def store_kv_state(self, layer_idx: int, batch_size: int, offset: int, width: int, page_size: int = 0,
@@ -135,10 +135,10 @@ class ExLlamaV2CacheQuantBase(ExLlamaV2CacheBase):
         b, end = min(batch_size, self.batch_size), offset + width
         for fmt, codes, scales, temp in ((self.k_format, kq, self.key_scales[layer_idx], tk),
                                          (self.v_format, self.value_states[layer_idx], self.value_scales[layer_idx], tv)):
-            q, s = fmt.quantize(temp[:b, :, offset:end], self.dtype)
-            codes[:b, :, offset:end] = q
+            q, s = fmt.quantize(temp[:b, offset:end], self.dtype)
+            codes[:b, offset:end] = q
             if s is not None:
-                scales[:b, :, offset:end] = s
+                scales[:b, offset:end] = s
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -153,12 +153,12 @@ class ExLlamaV2CacheQuantBase(ExLlamaV2CacheBase):
         for i in range(self.num_hidden_layers):
             for src, dst in zip(self._state_lists(), target._state_lists()):
                 if src[i] is not None:
-                    dst[i][to_row:to_row + to_rows, :, to_column:to_column + to_columns].copy_(
-                        src[i][from_row:from_row + from_rows, :, from_column:from_column + from_columns])
+                    dst[i][to_row:to_row + to_rows, to_column:to_column + to_columns].copy_(
+                        src[i][from_row:from_row + from_rows, from_column:from_column + from_columns])
 
     def roll_left(self) -> None:
         for t in self.all_tensors():
-            t[:, :, :-1].copy_(t[:, :, 1:].clone())
+            t[:, :-1].copy_(t[:, 1:].clone())
         self.current_seq_len = max(0, self.current_seq_len - 1)
 
 

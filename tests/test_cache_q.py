@@ -230,8 +230,8 @@ def test_paged_path_reads_codes(model, cache_cls):
     got = packed(cache)
     assert cache._temp == {}
     pages = cache.paged_layer(0)
-    assert pages.k_codes.shape == (2, 64, cache.k_format.code_width(model.config.head_dim))
-    assert bool(pages.k_codes[:, 32:36].any()) and not bool(pages.k_codes[:, 16:32].any())  # pages 2, then 0
+    assert pages.k_codes.shape == (64, 2, cache.k_format.code_width(model.config.head_dim))  # page-major
+    assert bool(pages.k_codes[32:36].any()) and not bool(pages.k_codes[16:32].any())  # pages 2, then 0
     # measured (hd32/hd64): Q4 0.29/0.30, Q6 0.17/0.19, Q8 0.021/0.017, FP8 0.18/0.15: the seed path's bounds hold
     assert _rel(got, packed(ExLlamaV2Cache(model, 1, 64))) < LOGIT_TOL[cache_cls]
     with pytest.raises(ValueError, match="paged_layer"):

@@ -58,7 +58,7 @@ def _case(seed, formats, past_lens, q_lens, page, hq, hk, d, dtype=F16, device="
     T = sum(q_lens)
     q, k, v = (torch.randn(1, T, h, d, generator=g, dtype=dtype).to(device) for h in (hq, hk, hk))
     kf, vf = format_named(formats[0]), format_named(formats[1])
-    old = torch.randn(2, hk, n_pages * page, d, generator=g)
+    old = torch.randn(2, n_pages * page, hk, d, generator=g)  # page-major (slots, kv_heads, head_dim)
     old[0, :, :, 3] *= 10  # an outlier channel in the keys, as real keys have
     kc, ks = kf.quantize(old[0].to(dtype), dtype)
     vc, vs = vf.quantize(old[1].to(dtype), dtype)
@@ -100,15 +100,15 @@ def test_reference_equals_attention_over_the_dequantised_cache(formats):
     got = refq.quant_paged_attention(q, k, v, pages, params, 24, 0.125, 30.0)
     # only the written slots changed, each to its token's codes
     slots = params.slots
-    kq, ksc = pages.k_format.quantize(k[0].transpose(0, 1), torch.float32)
-    assert torch.equal(pages.k_codes[:, slots], kq)
-    keep = torch.ones(pages.k_codes.shape[1], dtype=torch.bool)
+    kq, ksc = pages.k_format.quantize(k[0], torch.float32)
+    assert torch.equal(pages.k_codes[slots], kq)
+    keep = torch.ones(pages.k_codes.shape[0], dtype=torch.bool)
     keep[slots] = False
-    assert torch.equal(pages.k_codes[:, keep], before.k_codes[:, keep])
-    assert torch.equal(pages.v_codes[:, keep], before.v_codes[:, keep])
+    assert torch.equal(pages.k_codes[keep], before.k_codes[keep])
+    assert torch.equal(pages.v_codes[keep], before.v_codes[keep])
     kd, vd = pages.read(slice(None), torch.float32)
     # the plain reference writes its k/v into the cache: give it the new tokens as their codes read back
-    kn, vn = (t[:, slots].transpose(0, 1).unsqueeze(0) for t in (kd, vd))
+    kn, vn = (t[slots].unsqueeze(0) for t in (kd, vd))
     expect = ref.paged_attention(q, kn, vn, kd.unsqueeze(0), vd.unsqueeze(0), params, 24, 0.125, 30.0)
     torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
 

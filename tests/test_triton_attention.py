@@ -129,8 +129,8 @@ def _paged_case(seed, past_lens, q_lens, page, hq, hk, d, spare_pages=3, dtype=F
     q = torch.randn(1, T, hq, d, generator=g, dtype=dtype)
     k = torch.randn(1, T, hk, d, generator=g, dtype=dtype)
     v = torch.randn(1, T, hk, d, generator=g, dtype=dtype)
-    kp = torch.randn(1, hk, n_pages * page, d, generator=g, dtype=dtype)
-    vp = torch.randn(1, hk, n_pages * page, d, generator=g, dtype=dtype)
+    kp = torch.randn(1, n_pages * page, hk, d, generator=g, dtype=dtype)  # page-major, as cache.py
+    vp = torch.randn(1, n_pages * page, hk, d, generator=g, dtype=dtype)
     return (*(t.to(device) for t in (q, k, v, kp, vp)), PagedParams(tables, past_lens, q_lens, page, device=device))
 
 
@@ -187,7 +187,7 @@ def test_paged_consecutive_pages_and_fp32(kdev):
     """Pages in order (the reference reads a slice) and fp32 throughout: fp32 rounding only."""
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 4, h, 32, generator=g).to(kdev) for h in (4, 2, 2))
-    kp, vp = (torch.randn(1, 2, 8 * 16, 32, generator=g).to(kdev) for _ in range(2))
+    kp, vp = (torch.randn(1, 8 * 16, 2, 32, generator=g).to(kdev) for _ in range(2))
     params = PagedParams([[2, 3, 4], [6]], [37, 0], [1, 3], 16, device=kdev)
     assert params.sequences[0].slot_start == 32
     _check_paged(q, k, v, kp, vp, params, 0, 0.0, atol=2e-5)

@@ -126,7 +126,7 @@ def main(argv=None):
             per = -(-ctx // page)
             tables = [perm[i * per:(i + 1) * per] for i in range(B)]
             params = PagedParams(tables, [ctx - 1] * B, [1] * B, page, device=dev)
-            kp, vp = rand(1, hk, n_pages * page, d), rand(1, hk, n_pages * page, d)
+            kp, vp = rand(1, n_pages * page, hk, d), rand(1, n_pages * page, hk, d)  # page-major (cache.py)
             q, k, v = rand(1, B, hq, d), rand(1, B, hk, d), rand(1, B, hk, d)
             args_ = (q, k, v, kp, vp, params, 0, scale, 0.0)
             got = call("triton", ops.paged_attention, *args_)

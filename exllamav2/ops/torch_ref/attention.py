@@ -46,13 +46,13 @@ def window_mask(kv_len: int, q_len: int, sliding_window: int, device) -> torch.T
 def attend_sequence(qs, kflat, vflat, kv_len: int, slot_start: int | None, slots, mask, scale: float,
                     softcap: float) -> torch.Tensor:
     """One sequence of a paged forward: qs (1, hq, q_len, d) over its kv_len keys, read as consecutive cache
-    slots from slot_start or gathered at `slots`; kflat/vflat (hk, cache slots, d). Returns (1, q_len, hq, d).
+    slots from slot_start or gathered at `slots`; kflat/vflat (cache slots, hk, d). Returns (1, q_len, hq, d).
     Both paged paths (packed and decode-only) attend through here, so they agree to the bit."""
     if slot_start is not None:
-        ks = kflat[:, slot_start:slot_start + kv_len].unsqueeze(0)
-        vs = vflat[:, slot_start:slot_start + kv_len].unsqueeze(0)
+        ks, vs = kflat[slot_start:slot_start + kv_len], vflat[slot_start:slot_start + kv_len]
     else:
-        ks, vs = kflat[:, slots].unsqueeze(0), vflat[:, slots].unsqueeze(0)
+        ks, vs = kflat[slots], vflat[slots]
+    ks, vs = ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0)
     o = attention(qs, ks.to(qs.dtype), vs.to(qs.dtype), mask, scale, softcap, mask is None and qs.shape[2] > 1)
     return o.transpose(1, 2)
 
@@ -60,13 +60,13 @@ def attend_sequence(qs, kflat, vflat, kv_len: int, slot_start: int | None, slots
 def paged_attention(q, k, v, k_pages, v_pages, params, sliding_window: int, scale: float,
                     softcap: float = 0.0) -> torch.Tensor:
     """q (1, T, hq, d), k and v (1, T, hk, d) after RoPE, for the packed tokens `params` (PagedParams or
-    PagedDecodeParams) describes; k_pages/v_pages (1, hk, slots, d) the layer's cache. Writes k/v into their slots
-    and returns (1, T, hq * d). Each sequence attends to exactly its own keys, so its result does not depend on
-    the batch."""
-    kflat, vflat = k_pages[0], v_pages[0]  # (hk, slots, d)
+    PagedDecodeParams) describes; k_pages/v_pages (1, slots, hk, d) the layer's cache (cache.py: page-major).
+    Writes k/v into their slots and returns (1, T, hq * d). Each sequence attends to exactly its own keys, so its
+    result does not depend on the batch."""
+    kflat, vflat = k_pages[0], v_pages[0]  # (slots, hk, d)
     slots = params.slots.to(kflat.device)
-    kflat.index_copy_(1, slots, k[0].transpose(0, 1).to(kflat.dtype))
-    vflat.index_copy_(1, slots, v[0].transpose(0, 1).to(vflat.dtype))
+    kflat.index_copy_(0, slots, k[0].to(kflat.dtype))
+    vflat.index_copy_(0, slots, v[0].to(vflat.dtype))
     if params.sequences is None:  # decode-only, built from device tensors (paged_attn.PagedDecodeParams)
         out = torch.ops.exllamav2.paged_decode_attention(q[0], kflat, vflat, params.block_index, params.kv_lens,
                                                          params.page_size, sliding_window or 0, scale, softcap)

@@ -120,8 +120,8 @@ def format_named(name: str) -> GroupQuant | FP8Quant:
 
 @dataclass
 class QuantPages:
-    """One layer of a quantized cache as pages: codes (kv_heads, slots, code width) uint8 and scales (kv_heads,
-    slots, head_dim / 32) (None for FP8) for keys and values; slot p * page_size + i is position i of page p."""
+    """One layer of a quantized cache as pages: codes (slots, kv_heads, code width) uint8 and scales (slots,
+    kv_heads, head_dim / 32) (None for FP8) for keys and values; slot p * page_size + i is position i of page p."""
     k_codes: torch.Tensor
     k_scales: torch.Tensor | None
     v_codes: torch.Tensor
@@ -135,15 +135,15 @@ class QuantPages:
         so a token's codes do not depend on the tokens written with it."""
         for fmt, codes, scales, x in ((self.k_format, self.k_codes, self.k_scales, k),
                                       (self.v_format, self.v_codes, self.v_scales, v)):
-            q, s = fmt.quantize(x.transpose(0, 1), self.dtype)
-            codes.index_copy_(1, slots, q)
+            q, s = fmt.quantize(x, self.dtype)
+            codes.index_copy_(0, slots, q)
             if s is not None:
-                scales.index_copy_(1, slots, s)
+                scales.index_copy_(0, slots, s)
 
     def read(self, slots, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V (kv_heads, n, head_dim) of the slots (a slice or an index tensor), dequantised."""
+        """K and V (n, kv_heads, head_dim) of the slots (a slice or an index tensor), dequantised."""
         out = []
         for fmt, codes, scales in ((self.k_format, self.k_codes, self.k_scales),
                                    (self.v_format, self.v_codes, self.v_scales)):
-            out.append(fmt.dequantize(codes[:, slots], None if scales is None else scales[:, slots], out_dtype))
+            out.append(fmt.dequantize(codes[slots], None if scales is None else scales[slots], out_dtype))
         return out[0], out[1]

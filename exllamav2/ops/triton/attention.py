@@ -45,7 +45,7 @@ def declines_paged(q, k, v, k_pages, v_pages, params, sliding_window, scale, sof
         return (f"KV cache pages of dtype {k_pages.dtype} (quantized caches are read by the quant_paged_attention "
                 f"op)")
     if k_pages.dim() != 4 or k_pages.shape[0] != 1:
-        return f"KV cache pages of shape {tuple(k_pages.shape)}, expected (1, kv_heads, slots, head_dim)"
+        return f"KV cache pages of shape {tuple(k_pages.shape)}, expected (1, slots, kv_heads, head_dim)"
     return None
 
 

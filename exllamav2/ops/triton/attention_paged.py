@@ -1,7 +1,8 @@
 """The `triton` backend of `paged_attention` (the reference: ops/torch_ref/attention.py::paged_attention): the
 packed new tokens of several sequences over the layer's paged cache (1, kv_heads, slots, head_dim). K/V are
 written into their slots first, then every sequence attends to exactly its own keys through its block table, all
-sequences in one launch per class (split decode-like sequences, whole prefill sequences; attn_meta.py).
+sequences in one launch per class (split decode-like sequences, whole prefill sequences; attn_meta.py). The cache
+is page-major (1, slots, kv_heads, head_dim) (cache.py).
 
 Decode-only forwards (paged_attn.PagedDecodeParams: one token per sequence, device tensors only) go through one
 custom op, `torch.ops.exllamav2.triton_paged_decode`, so that a compiled or graph-captured decode step sees one
@@ -18,7 +19,7 @@ from .attn_launch import kv_write, last_dim_contiguous, launch, prefill_impl
 
 
 def _check_layout(q, kflat, vflat):
-    hq, hk = q.shape[-2], kflat.shape[0]
+    hq, hk = q.shape[-2], kflat.shape[1]
     if hq % hk:
         raise ValueError(f"paged_attention: {hq} query heads are not a multiple of {hk} KV heads")
     if kflat.stride(-1) != 1 or vflat.stride(-1) != 1:
@@ -37,10 +38,10 @@ def _packed_meta(params, group: int, d: int, elem_bytes: int, device) -> tuple[a
 
 
 def _paged_launch(meta, q0, kflat, vflat, out0, block_table, page_size, window, scale, softcap):
-    """q0/out0 (T, hq, d) packed rows, kflat/vflat (hk, slots, d)."""
+    """q0/out0 (T, hq, d) packed rows, kflat/vflat (slots, hk, d)."""
     launch(meta, q0, kflat, vflat, out0, None, block_table,
-           q_strides=(0, q0.stride(0), q0.stride(1)), k_strides=(0, kflat.stride(0), kflat.stride(1)),
-           v_strides=(0, vflat.stride(0), vflat.stride(1)), o_strides=(0, out0.stride(0), out0.stride(1)),
+           q_strides=(0, q0.stride(0), q0.stride(1)), k_strides=(0, kflat.stride(1), kflat.stride(0)),
+           v_strides=(0, vflat.stride(1), vflat.stride(0)), o_strides=(0, out0.stride(0), out0.stride(1)),
            m_strides=(0, 0, 0), paged=True, page_size=page_size, max_kv_len=block_table.shape[1] * page_size,
            scale=scale, softcap=softcap, window=int(window or 0), causal=True)
 
@@ -48,7 +49,7 @@ def _paged_launch(meta, q0, kflat, vflat, out0, block_table, page_size, window, 
 def paged_attention(q, k, v, k_pages, v_pages, params, sliding_window: int, scale: float,
                     softcap: float = 0.0) -> torch.Tensor:
     """As torch_ref.paged_attention: q (1, T, hq, d), k/v (1, T, hk, d); writes k/v into their slots of k_pages/
-    v_pages (1, hk, slots, d) and returns (1, T, hq * d)."""
+    v_pages (1, slots, hk, d) and returns (1, T, hq * d)."""
     _, T, hq, d = q.shape
     kflat, vflat = k_pages[0], v_pages[0]
     _check_layout(q, kflat, vflat)
@@ -59,7 +60,7 @@ def paged_attention(q, k, v, k_pages, v_pages, params, sliding_window: int, scal
         return out.view(1, T, hq * d)
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     kv_write(k[0], v[0], kflat, vflat, params.slots.to(q.device))
-    meta, block_table = _packed_meta(params, hq // kflat.shape[0], d, q.element_size(), q.device)
+    meta, block_table = _packed_meta(params, hq // kflat.shape[1], d, q.element_size(), q.device)
     out = torch.empty(1, T, hq, d, dtype=q.dtype, device=q.device)
     if prefill_impl() == "sdpa" and any(not ln.split for ln in meta.launches):
         meta = attn_meta.AttnMeta(meta.q_starts, meta.q_lens, meta.kv_lens, meta.part_base,
@@ -88,12 +89,12 @@ def _decode_meta(num_seqs: int, kv_lens: torch.Tensor, group: int, d: int, elem_
 def triton_paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kflat: torch.Tensor,
                         vflat: torch.Tensor, block_index: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,
                         page_size: int, window: int, scale: float, softcap: float) -> torch.Tensor:
-    """One new token per sequence: q (B, hq, d), k/v (B, hk, d) written at `slots` into kflat/vflat (hk, slots,
+    """One new token per sequence: q (B, hq, d), k/v (B, hk, d) written at `slots` into kflat/vflat (slots, hk,
     d); sequence i attends to its kv_lens[i] keys through block_index[i] (int32 or int64, read on the device)."""
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     kv_write(k, v, kflat, vflat, slots)
     out = torch.empty_like(q)
-    meta = _decode_meta(q.shape[0], kv_lens, q.shape[1] // kflat.shape[0], q.shape[2], q.element_size(), q.device)
+    meta = _decode_meta(q.shape[0], kv_lens, q.shape[1] // kflat.shape[1], q.shape[2], q.element_size(), q.device)
     _paged_launch(meta, q, kflat, vflat, out, block_index, page_size, window, scale, softcap)
     return out
 
@@ -110,11 +111,8 @@ def _prefill_by_reference(q, out, kflat, vflat, params, sliding_window, scale, s
             continue
         qs = q[:, sq.start:sq.start + sq.q_len].transpose(1, 2)
         mask = sq.mask(sliding_window or 0, q.device)
-        if sq.slot_start is not None:
-            ks = kflat[:, sq.slot_start:sq.slot_start + sq.kv_len].unsqueeze(0)
-            vs = vflat[:, sq.slot_start:sq.slot_start + sq.kv_len].unsqueeze(0)
-        else:
-            idx = sq.slots.to(kflat.device)
-            ks, vs = kflat[:, idx].unsqueeze(0), vflat[:, idx].unsqueeze(0)
+        where = (slice(sq.slot_start, sq.slot_start + sq.kv_len) if sq.slot_start is not None
+                 else sq.slots.to(kflat.device))
+        ks, vs = kflat[where].transpose(0, 1).unsqueeze(0), vflat[where].transpose(0, 1).unsqueeze(0)
         o = _ref.attention(qs, ks.to(q.dtype), vs.to(q.dtype), mask, scale, softcap, mask is None)
         out[:, sq.start:sq.start + sq.q_len] = o.transpose(1, 2)

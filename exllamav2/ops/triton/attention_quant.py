@@ -44,15 +44,15 @@ def _layout(k_codes, k_scales, v_codes, v_scales, k_format: str, v_format: str) 
     ks = k_scales if k_scales is not None else k_codes
     vs = v_scales if v_scales is not None else v_codes
     return QuantLayout(ks, vs, FORMAT_CODES[k_format], FORMAT_CODES[v_format],
-                       (ks.stride(0), ks.stride(1)) if k_scales is not None else (0, 0),
-                       (vs.stride(0), vs.stride(1)) if v_scales is not None else (0, 0))
+                       (ks.stride(1), ks.stride(0)) if k_scales is not None else (0, 0),
+                       (vs.stride(1), vs.stride(0)) if v_scales is not None else (0, 0))
 
 
 def _launch(meta, q0, k_codes, v_codes, out0, block_table, layout: QuantLayout, page_size, window, scale, softcap):
-    """q0 (T, hq, d) packed rows (rotated when the keys are), out0 (T, hq, d) fp32, codes (hk, slots, width)."""
+    """q0 (T, hq, d) packed rows (rotated when the keys are), out0 (T, hq, d) fp32, codes (slots, hk, width)."""
     launch(meta, q0, k_codes, v_codes, out0, None, block_table,
-           q_strides=(0, q0.stride(0), q0.stride(1)), k_strides=(0, k_codes.stride(0), k_codes.stride(1)),
-           v_strides=(0, v_codes.stride(0), v_codes.stride(1)), o_strides=(0, out0.stride(0), out0.stride(1)),
+           q_strides=(0, q0.stride(0), q0.stride(1)), k_strides=(0, k_codes.stride(1), k_codes.stride(0)),
+           v_strides=(0, v_codes.stride(1), v_codes.stride(0)), o_strides=(0, out0.stride(0), out0.stride(1)),
            m_strides=(0, 0, 0), paged=True, page_size=page_size, max_kv_len=block_table.shape[1] * page_size,
            scale=scale, softcap=softcap, window=int(window or 0), causal=True, quant=layout)
 
@@ -62,7 +62,7 @@ def quant_paged_attention(q, k, v, pages: QuantPages, params, sliding_window: in
     """As torch_ref.attention_quant.quant_paged_attention: q (1, T, hq, d), k/v (1, T, hk, d); quantises k/v into
     their slots and returns (1, T, hq * d)."""
     _, T, hq, d = q.shape
-    hk = pages.k_codes.shape[0]
+    hk = pages.k_codes.shape[1]
     if hq % hk:
         raise ValueError(f"quant_paged_attention: {hq} query heads are not a multiple of {hk} KV heads")
     pages.write(k[0], v[0], params.slots.to(pages.k_codes.device))
@@ -94,7 +94,7 @@ def triton_quant_paged_decode(q: torch.Tensor, k_codes: torch.Tensor, k_scales: 
     for name in (k_format, v_format):
         format_named(name)
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    meta = _decode_meta(q.shape[0], kv_lens, q.shape[1] // k_codes.shape[0], q.shape[2], q.element_size(), q.device)
+    meta = _decode_meta(q.shape[0], kv_lens, q.shape[1] // k_codes.shape[1], q.shape[2], q.element_size(), q.device)
     _launch(meta, q, k_codes, v_codes, out, block_index, _layout(k_codes, k_scales, v_codes, v_scales, k_format,
                                                                   v_format), page_size, window, scale, softcap)
     return out

@@ -26,7 +26,7 @@ def prefill_impl() -> str:
 
 @dataclass
 class QuantLayout:
-    """Quantized pages for `launch`: the scales (kv_heads, slots, head_dim / 32) of K and V (any tensor when the
+    """Quantized pages for `launch`: the scales (slots, kv_heads, head_dim / 32) of K and V (any tensor when the
     format has none), the kernel's format codes (attn_kernels.py: 0 float, 4 / 8 group codes, 2 FP8 e5m2) and the
     scales' (head, slot) strides."""
     k_scales: torch.Tensor
@@ -53,7 +53,7 @@ def launch(meta: attn_meta.AttnMeta, q, kc, vc, out, mask, block_table, *, q_str
     kc/vc hold quantized pages (codes), described there."""
     kern = kernels("attn_kernels")
     hq, d = q.shape[-2] if paged else q.shape[1], q.shape[-1]
-    hk = kc.shape[0] if paged else kc.shape[1]
+    hk = kc.shape[1]  # paged: (slots, hk, width); contiguous: (b, hk, t, d)
     group = hq // hk
     bd = attn_meta.block_d(d)
     dot_f32, ieee = dot_flags(q.dtype)
@@ -95,10 +95,10 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def kv_write(k, v, kflat, vflat, slots) -> None:
-    """k, v (T, hk, d) into kflat/vflat (hk, slots, d) at slots (T,)."""
+    """k, v (T, hk, d) into kflat/vflat (slots, hk, d) at slots (T,)."""
     T, hk, d = k.shape
     if T == 0:
         return
     kernels("attn_kernels").kv_write[(T, hk)](
-        k, v, kflat, vflat, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1), kflat.stride(0),
-        kflat.stride(1), vflat.stride(0), vflat.stride(1), d, BLOCK_D=attn_meta.block_d(d), num_warps=1)
+        k, v, kflat, vflat, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1), kflat.stride(1),
+        kflat.stride(0), vflat.stride(1), vflat.stride(0), d, BLOCK_D=attn_meta.block_d(d), num_warps=1)
