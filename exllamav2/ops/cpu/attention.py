@@ -16,13 +16,14 @@ from .gemv_linear import needs_grad
 
 MAX_QUERIES = 16   # query rows per sequence up to which the kernel runs (decode is 1; drafts a few)
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-_ready: list[bool] = []
 
 
 def _kernels_ready() -> bool:
-    if not _ready:
-        _ready.append(build.disabled_reason() is None and kernels.ready() and kernels.isa() == "avx512")
-    return _ready[0]
+    # traced by dynamo (the compiled decode step), only a lookup: the kernels are loaded by then (the linears'
+    # prepare loads them), and a build or a torch.ops call here would break the graph
+    if torch.compiler.is_compiling() or kernels.loaded_with_avx512():
+        return kernels.loaded_with_avx512()
+    return build.disabled_reason() is None and kernels.ready() and kernels.loaded_with_avx512()
 
 
 def takes(q, k, v, mask, softcap) -> bool:

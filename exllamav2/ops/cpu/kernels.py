@@ -55,12 +55,20 @@ def ready(progress: bool = True) -> bool:
     if not build.load_library(progress):
         return False
     _register_fakes()
+    if "best_isa" not in build._state:
+        build._state["best_isa"] = isa()  # what the CPU has, before any override
     if "isa_env" not in build._state:
         build._state["isa_env"] = True
         env = os.environ.get("EXLLAMAV2_CPU_ISA", "").strip().lower()
         if env and env != "auto":
             set_isa(env, source="EXLLAMAV2_CPU_ISA")
     return isa() != "none"
+
+
+def loaded_with_avx512() -> bool:
+    """True when ready() has loaded the kernels on a CPU with AVX-512: a dict lookup, so that code traced by
+    dynamo can ask without a graph break (it never builds; False before ready() ran)."""
+    return build._state.get("ok", False) and build._state.get("best_isa") == "avx512"
 
 
 def isa() -> str:
