@@ -266,7 +266,7 @@ def test_dynamic_generator_runs_the_compiled_paged_step(tmp_path):
     runner = model.compile_decode(max_seq_len=256, progress=False, paged=True)
     try:
         tokens, logits = run([12, 20, 30])
-        assert runner.paged._step is not None and runner.paged._step.done and runner.paged.failed is None
+        assert runner.paged._steps and all(s.done for s in runner.paged._steps.values()) and runner.paged.failed is None
         assert tokens == eager_tokens
         # each job alone gives its tokens among the others (the same graph serves one sequence and several)
         for i, serial in enumerate(sorted(tokens)):

@@ -5,37 +5,18 @@
   one attention op that the GPU backend replaces with a kernel;
 - the contiguous decode step (runtime/decode.py) never syncs with the host.
 
-A host sync shows as `aten._local_scalar_dense` (`.item()`, `.tolist()`, `int(t)`), a data-dependent shape
-(`nonzero`, boolean indexing) or a tensor made from Python values (`lift_fresh`)."""
+What counts as a host sync: tests/host_sync.py."""
 
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from exllamav2 import ExLlamaV2Cache
 from exllamav2.runtime.decode import DecodeRunner
 from exllamav2.runtime.paged_decode import paged_decode_step
 
-SYNCS = ("aten._local_scalar_dense", "aten.nonzero", "aten.lift_fresh", "aten.equal", "aten.is_nonzero",
-         "aten.masked_select", "aten.unique")
-
-
-class Trace(TorchDispatchMode):
-    """Every op this thread dispatches at the top level (ops inside a custom op's body are not seen)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[tuple] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
-        self.ops.append((str(func), shapes))
-        return func(*args, **(kwargs or {}))
-
-
-def syncs(ops) -> list:
-    return [name for name, _ in ops if name.startswith(SYNCS)]
+from host_sync import SyncTrace as Trace
+from host_sync import host_syncs as syncs
 
 
 def test_paged_decode_step_is_static_and_sync_free(tmp_path):

@@ -25,9 +25,16 @@ def set_inductor_cache_dir(path: str | None = None) -> str:
 # autotuning picks between the two by timing them hot in cache, and on a busy machine those timings are noise (a
 # stalled OpenMP barrier reads as 8 ms for every choice); the pick is then cached on disk. Offering the template
 # alone makes the choice deterministic.
+#
+# emulate_precision_casts: inductor otherwise keeps a fused chain of bf16 ops in fp32 and rounds once at the end;
+# rounding where eager rounds makes the compiled step give eager's bits (SmolLM2, its GGUF weights: logits equal),
+# and, with split_reductions off (a reduction is never split over threads differently for 1 row than for 8), a
+# row's result the same in the graph for any batch size (the dynamic generator's per-size graphs rely on it).
 INDUCTOR_OPTIONS = {
     "max_autotune": True,
     "max_autotune_gemm_backends": "CPP",
+    "emulate_precision_casts": True,
+    "split_reductions": False,
 }
 
 

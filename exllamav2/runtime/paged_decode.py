@@ -1,5 +1,5 @@
 """The dynamic generator's decode step through the decode runner: one new token for each of B sequences over
-the paged cache, compiled once for any number of them.
+the paged cache, compiled once per bucket of sequence counts (1, 2, 4, 8, ...).
 
 The packed forward (generator/dynamic.py) describes its sequences with Python lists, which a compiled graph
 would have to guard on and rebuild every step. A decode-only step instead takes its block tables and lengths as
@@ -36,7 +36,8 @@ class PagedDecode:
 
     def __init__(self, runner):
         self.runner = runner
-        self._step = None         # the compiled step (one graph for any number of sequences)
+        self._steps: dict = {}    # per bucket of sequence counts (`bucket`), the compiled step
+        self._dynamic_rope: bool | None = None
         self._buffers: dict = {}  # per (B, pages) -> (ids, block_index, past), inference tensors
         self.failed: str | None = None  # why the step could not be compiled or captured (eager then runs)
 
@@ -49,7 +50,9 @@ class PagedDecode:
             return False
         if (cache.key_states[0].device.type != "cpu") != (self.runner.graphs is not None):
             return False  # CPU steps are compiled, GPU steps captured: a runner does one or the other
-        if any(getattr(r, "dynamic", False) for r in _ropes(model)):
+        if self._dynamic_rope is None:
+            self._dynamic_rope = any(getattr(r, "dynamic", False) for r in _ropes(model))
+        if self._dynamic_rope:
             return False  # dynamic RoPE scales by the longest position: the eager path tracks it exactly
         return self.runner.applies_to_model()
 
@@ -100,11 +103,12 @@ class PagedDecode:
             dev = cache.key_states[0].device
             return self.graphed(cache, ids.to(dev), params.block_index.to(dev), params.cache_seqlens.to(dev),
                                 params.page_size)
-        # one graph for every number of sequences, one included (a second, static graph for one sequence would
-        # round differently, and a request's tokens would depend on whether it ran alone): a lone sequence runs as
-        # two copies of itself, which write the same values to the same cache slots
+        # one static graph per bucket of sequence counts (1, 2, 4, 8, ...): the rows past the sequences are copies of
+        # the first, which write the same values to the same cache slots. Inductor's settings (runtime/compile.py:
+        # casts rounded as eager rounds them, no split reductions) make a row's result the same in every bucket,
+        # so a request's tokens do not depend on how many others share its steps (tests/test_decode_runner.py)
         b = params.num_sequences
-        n = max(b, 2)
+        n = bucket(b)
         pages = cache.max_seq_len // params.page_size
         bufs = self._buffers.get((n, pages))
         if bufs is None:
@@ -114,7 +118,8 @@ class PagedDecode:
                                                     torch.zeros(n, dtype=torch.long))
         ids_buf, table, past = bufs
         width = params.block_index.shape[1]
-        table.zero_()
+        if width < pages:
+            table[:, width:].zero_()
         ids_buf[:, :b].copy_(ids)
         table[:b, :width].copy_(params.block_index)
         past[:b].copy_(params.cache_seqlens)
@@ -122,9 +127,9 @@ class PagedDecode:
             ids_buf[:, b:].copy_(ids[:, :1])
             table[b:, :width].copy_(params.block_index[:1])
             past[b:].copy_(params.cache_seqlens[:1])
-        step = self._step
+        step = self._steps.get(n)
         if step is None:
-            step = self._step = self._compile(ids_buf, table, past)
+            step = self._steps[n] = self._compile(n)
         args = (self.runner.model, ids_buf, cache, table, past, params.page_size, cache.max_seq_len)
         try:
             out = step(*args)
@@ -149,12 +154,17 @@ class PagedDecode:
         print(f"exllamav2: the paged decode step could not be {what} ({self.failed[:200]}); decoding runs "
               "eagerly", file=sys.stderr)
 
-    def _compile(self, *inputs):
+    def _compile(self, n: int):
+        """The step for `n` sequences: its own copy of the code, so dynamo keeps the count static per graph."""
         fn = types.FunctionType(paged_decode_step.__code__.replace(), paged_decode_step.__globals__,
-                                "paged_decode_step")
-        for t in inputs:  # the number of sequences is symbolic from the start: one graph for every batch
-            torch._dynamo.mark_dynamic(t, 1 if t.dim() == 2 and t.shape[0] == 1 else 0)
-        return _Lazy(self.runner.compile_fn(fn), "Compiling the paged decode step", self.runner.progress)
+                                f"paged_decode_step_b{n}")
+        return _Lazy(self.runner.compile_fn(fn), f"Compiling the paged decode step for {n} sequence(s)",
+                     self.runner.progress)
+
+
+def bucket(b: int) -> int:
+    """The graph size that serves b sequences: the next power of two."""
+    return 1 << (b - 1).bit_length()
 
 
 class _Lazy:
