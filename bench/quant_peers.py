@@ -230,16 +230,18 @@ def llamacpp_rows(args, src: str, texts: dict, results: Results) -> None:
 def exl2_rows(args, src: str, texts: dict, results: Results, targets: list[float]) -> None:
     from exllamav2.conversion.adaptive_gptq import damp_for_target
     modules = 2 * ExLlamaV2Config(src).num_hidden_layers
+    suffix = " rotated" if args.rotate else ""
     for bits in targets:
-        label = f"EXL2 {bits:.2f}"
+        label = f"EXL2 {bits:.2f}{suffix}"
         if label in results.rows:
             continue
-        out = os.path.join(args.work, "exl2", f"{bits:.2f}")
-        measurement = os.path.join(args.work, "exl2", f"measurement_damp{damp_for_target(bits)}.json")
+        out = os.path.join(args.work, "exl2", f"{bits:.2f}{'r' if args.rotate else ''}")
+        measurement = os.path.join(args.work, "exl2", f"measurement_damp{damp_for_target(bits)}"
+                                                      f"{'_rotated' if args.rotate else ''}.json")
         reuse = os.path.isfile(measurement)
         print(f"[{label}] converting ({'reusing ' + measurement if reuse else 'measuring first'})", flush=True)
         r = convert_in_child(dict(in_dir=src, out_dir=out, bits=bits, head_bits=args.head_bits, rows=args.rows,
-                                  length=args.length, measurement=measurement if reuse else None,
+                                  length=args.length, rotate=args.rotate, measurement=measurement if reuse else None,
                                   save_measurement=None if reuse else measurement))
         print(f"[{label}] {r['summary']['bpw']:.3f} bpw; scoring", flush=True)
         ppl = score(out, texts, args.window)
@@ -272,20 +274,28 @@ def table(results: Results, kinds: list[str]) -> str:
     return "\n".join(lines)
 
 
+def exl2_variant(label: str) -> str:
+    """'EXL2 4.63 rotated' -> 'rotated'; '' for the plain conversion."""
+    return " ".join(label.split()[2:])
+
+
 def verdicts(results: Results, kinds: list[str], tolerance: float = 0.05) -> list[str]:
-    """For each llama.cpp row: the EXL2 row at its bpw (±tolerance) and whether it wins on every text."""
+    """For each llama.cpp row and each EXL2 variant (plain, rotated): the variant's row closest in bpw (within
+    ±tolerance) and whether it wins on every text."""
     out = []
     for label, r in results.rows.items():
         if not label.startswith("llama.cpp"):
             continue
-        mine = [(l, e) for l, e in results.rows.items() if l.startswith("EXL2") and abs(e["bpw"] - r["bpw"]) <= tolerance]
-        if not mine:
+        near = [(l, e) for l, e in results.rows.items() if l.startswith("EXL2") and abs(e["bpw"] - r["bpw"]) <= tolerance]
+        if not near:
             out.append(f"{label} ({r['bpw']:.3f} bpw): no EXL2 row within ±{tolerance}")
             continue
-        l, e = min(mine, key=lambda le: abs(le[1]["bpw"] - r["bpw"]))
-        worse = [f"{k} {100 * (e['ppl'][k] / r['ppl'][k] - 1):+.2f}%" for k in kinds if e["ppl"][k] >= r["ppl"][k]]
-        gaps = ", ".join(f"{k} {100 * (e['ppl'][k] / r['ppl'][k] - 1):+.2f}%" for k in kinds)
-        out.append(f"{l} vs {label}: {'WINS' if not worse else 'LOSES'} ({gaps} perplexity vs llama.cpp)")
+        for variant in sorted({exl2_variant(l) for l, _ in near}):
+            mine = [(l, e) for l, e in near if exl2_variant(l) == variant]
+            l, e = min(mine, key=lambda le: abs(le[1]["bpw"] - r["bpw"]))
+            worse = [k for k in kinds if e["ppl"][k] >= r["ppl"][k]]
+            gaps = ", ".join(f"{k} {100 * (e['ppl'][k] / r['ppl'][k] - 1):+.2f}%" for k in kinds)
+            out.append(f"{l} vs {label}: {'WINS' if not worse else 'LOSES'} ({gaps} perplexity vs llama.cpp)")
     return out
 
 
@@ -297,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--points", nargs="*", default=list(POINTS), help=f"llama.cpp presets (default: {' '.join(POINTS)})")
     ap.add_argument("--bits", nargs="*", type=float, default=[], help="extra EXL2 targets (bpw)")
     ap.add_argument("--no-exl2", action="store_true", help="only the source and llama.cpp rows")
+    ap.add_argument("--rotate", action="store_true",
+                    help="EXL2 rows converted with --rotate (rows labelled 'rotated'; their own measurement)")
     ap.add_argument("--prose", default=find_text(PROSE_CANDIDATES), help="held-out prose text file")
     ap.add_argument("--code", default=find_text(CODE_CANDIDATES), help="held-out code text file")
     ap.add_argument("--tokens", type=int, default=8192, help="tokens scored per text")

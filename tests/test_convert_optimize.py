@@ -70,3 +70,22 @@ def test_optimizer_keeps_every_slot_near_the_target():
     bounded = optimize(slots, 6.0)
     assert all(slots[i].bits[j] / slots[i].numel >= 6.0 - 2.0 for i, j in enumerate(bounded))
     assert sum(s.bits[j] for s, j in zip(slots, bounded)) <= 6.0 * 8000
+
+
+def test_trust_bound_by_target_and_rotation():
+    from exllamav2.conversion.optimize import MAX_DROP_BPW, ROTATED_LOW_TARGET_MAX_DROP_BPW, max_drop_for
+    assert max_drop_for(4.6, rotated=True) == ROTATED_LOW_TARGET_MAX_DROP_BPW < MAX_DROP_BPW
+    assert max_drop_for(4.6, rotated=False) == MAX_DROP_BPW
+    assert max_drop_for(6.0, rotated=True) == MAX_DROP_BPW
+
+
+def test_max_drop_setting_checked(tmp_path):
+    from exllamav2.conversion import ConvertSettings
+    from exllamav2.conversion.converter import Converter
+    from test_convert_common import make_tiny_llama
+    src = make_tiny_llama(tmp_path / "m")
+    with pytest.raises(ValueError, match="max_drop"):
+        Converter(ConvertSettings(in_dir=src, out_dir=str(tmp_path / "o"), max_drop=0.0), progress=False)
+    # the default (None) leaves the job settings as before, so older job folders stay resumable
+    assert "max_drop" not in ConvertSettings(in_dir=src, out_dir="o").job_settings()
+    assert ConvertSettings(in_dir=src, out_dir="o", max_drop=0.5).job_settings()["max_drop"] == 0.5

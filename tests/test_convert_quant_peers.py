@@ -161,3 +161,24 @@ def test_verdicts_pick_the_closest_row(tmp_path):
     # rows survive a reload with the same key, and are dropped when the settings changed
     assert set(quant_peers.Results(str(tmp_path / "r.json"), {"k": 1}).rows) == set(results.rows)
     assert quant_peers.Results(str(tmp_path / "r.json"), {"k": 2}).rows == {}
+
+
+def test_verdicts_per_variant_and_rows_merged(tmp_path):
+    key = {"k": 1}
+    a = quant_peers.Results(str(tmp_path / "r.json"), key)
+    b = quant_peers.Results(str(tmp_path / "r.json"), key)   # a second run on the same --work
+    a.put("llama.cpp Q3_K_M", {"bpw": 4.634, "ppl": {"prose": 23.0, "code": 6.8}, "seconds": 1.0,
+                               "peak_rss_mib": 100.0})
+    b.put("EXL2 4.63", {"bpw": 4.63, "ppl": {"prose": 24.0, "code": 6.9}, "seconds": 1.0, "peak_rss_mib": 1.0})
+    a.put("EXL2 4.63 rotated", {"bpw": 4.631, "ppl": {"prose": 22.0, "code": 6.7}, "seconds": 1.0,
+                                "peak_rss_mib": 1.0})
+    merged = quant_peers.Results(str(tmp_path / "r.json"), key)
+    assert set(merged.rows) == {"llama.cpp Q3_K_M", "EXL2 4.63", "EXL2 4.63 rotated"}
+    lines = quant_peers.verdicts(merged, ["prose", "code"])
+    assert lines[0].startswith("EXL2 4.63 vs llama.cpp Q3_K_M: LOSES")
+    assert lines[1].startswith("EXL2 4.63 rotated vs llama.cpp Q3_K_M: WINS")
+    # a row lost from results.json (an older run rewrote it) comes back from its own file
+    import json
+    with open(tmp_path / "r.json", "w") as f:
+        json.dump({"key": json.dumps(key, sort_keys=True), "rows": {}}, f)
+    assert set(quant_peers.Results(str(tmp_path / "r.json"), key).rows) == set(merged.rows)

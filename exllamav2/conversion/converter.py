@@ -27,7 +27,7 @@ from .compile import copy_model_files, plain_tensor, write_config, write_shards
 from .job import Job, atomic_save_tensors, atomic_write_json, load_tensors
 from .layers import (hessian_of, linear_stages, linear_weight, run_module, run_module_captures, run_module_paired,
                      substitute_weight)
-from .optimize import Slot, achievable_bpw, optimize
+from .optimize import Slot, achievable_bpw, max_drop_for, optimize
 from .qparams import CANDIDATES, QuantOption, head_option
 from .rotation import ROTATION_DIR, ROTATION_FILE, rotate_model_folder, rotation_unsupported
 from .sensitivity import output_gradient_moments
@@ -59,6 +59,7 @@ class ConvertSettings:
     damp: float | None = None        # GPTQ damping (a fraction of mean(diag H)); None: by the target bpw
     fp_target: bool = True           # aim each quantized layer at the unquantized model's outputs (reference_target)
     rotate: bool = False             # rotate the residual stream first (rotation.py; RMSNorm pre-norm models only)
+    max_drop: float | None = None    # no linear more than this below the target bpw; None: optimize.max_drop_for
 
     def job_settings(self) -> dict:
         """What must match for a working folder to be resumed."""
@@ -68,6 +69,8 @@ class ConvertSettings:
         for k in ("in_dir", "calibration", "measurement"):
             if d[k] is not None:
                 d[k] = os.path.abspath(d[k])
+        if d["max_drop"] is None:  # job folders from before the setting existed stay resumable
+            d.pop("max_drop")
         d["measure_method"] = MEASURE_METHOD  # a folder measured by an older method is not resumed
         return d
 
@@ -90,6 +93,8 @@ class Converter:
         head_option(s.head_bits)  # validates -hb
         if not 1.5 <= s.bits <= 9:
             raise ValueError(f"target bits must be between 1.5 and 9 bpw, got {s.bits}")
+        if s.max_drop is not None and not s.max_drop > 0:
+            raise ValueError(f"max_drop (bpw below the target a linear may go) must be positive, got {s.max_drop}")
         if s.damp is not None and not 0 < s.damp <= 100:
             raise ValueError(f"damp (GPTQ damping, a fraction of the Hessian's mean diagonal) must be in (0, 100], "
                              f"got {s.damp}")
@@ -217,11 +222,11 @@ class Converter:
                 held_out = states.shape[0] >= 2
                 tokens = (states.shape[0] // 2 if held_out else states.shape[0]) * states.shape[1]
                 try:
-                    nxt = None
-                    for capture, linears in linear_stages(module):
-                        out, H = run_module(module, states, self.s.batch_rows, capture, keep_output=nxt is None,
-                                            split=held_out)
-                        nxt = out if nxt is None else nxt
+                    stages = linear_stages(module)
+                    # nothing is substituted while measuring, so one pass gives every stage's Hessians
+                    nxt, Hs = run_module(module, states, self.s.batch_rows, [c for c, _ in stages], split=held_out)
+                    for capture, linears in stages:
+                        H = Hs.pop(capture)
                         # Options are fitted on the even calibration rows and scored on the odd ones: GPTQ's
                         # in-sample error understates its error on other text by 20-60% (SmolLM2-135M, 6 bits),
                         # unevenly across projections, which misleads the bit allocation.
@@ -273,7 +278,8 @@ class Converter:
             raise ValueError(f"measurement has no entry for {missing[0]} (and {len(missing) - 1} more); it was made for another model")
         slots = [Slot(k, measurement[k]["numel"], tuple(o["total_bits"] for o in measurement[k]["options"]),
                       tuple(o["error"] for o in measurement[k]["options"])) for k in keys]
-        choice = optimize(slots, self.s.bits)
+        max_drop = self.s.max_drop if self.s.max_drop is not None else max_drop_for(self.s.bits, self.rotate)
+        choice = optimize(slots, self.s.bits, max_drop)
         numel = sum(s.numel for s in slots)
         bpw = sum(s.bits[j] for s, j in zip(slots, choice)) / numel
         if abs(bpw - self.s.bits) > 0.05:

@@ -40,32 +40,47 @@ def _forward(module, x: torch.Tensor, intermediates: bool):
     return module.forward(x, cache=None, attn_params=Params(b, s, 0), intermediates=intermediates)
 
 
-def run_module(module, states: torch.Tensor, batch_rows: int, capture: str | None = None,
+def run_module(module, states: torch.Tensor, batch_rows: int, capture: str | list[str] | None = None,
                keep_output: bool = True, split: bool = False):
     """Forward the (rows, length, hidden) fp32 CPU states through module in batches of rows.
     Returns (output states (fp32, CPU) or None, H = sum of X^T X over every token of the intermediate
-    `capture`, or None). With split, H is a pair (even rows, odd rows): a fit and a held-out Hessian."""
+    `capture`, or None). With split, H is a pair (even rows, odd rows): a fit and a held-out Hessian.
+    With a list of captures, one pass gives {capture: H} for each."""
     device = module.device()
     dtype = module.model.dtype
-    H = [None, None]
+    captures = [] if capture is None else [capture] if isinstance(capture, str) else list(capture)
+    H = {c: [None, None] for c in captures}
     out = torch.empty_like(states) if keep_output else None
     for a in range(0, states.shape[0], batch_rows):
         x = states[a:a + batch_rows].to(device, dtype)
-        if capture is None:
+        if not captures:
             y = _forward(module, x, False)
         else:
             r = _forward(module, x, True)
-            X = r[capture].to(torch.float32)
-            # with split, batch row j is calibration row a + j: even rows go to H[0], odd rows to H[1]
-            parts = ((a % 2, X[0::2]), ((a + 1) % 2, X[1::2])) if split else ((0, X),)
-            for k, part in parts:
-                if part.numel():
-                    P = part.reshape(-1, part.shape[-1])
-                    H[k] = P.T @ P if H[k] is None else H[k].addmm_(P.T, P)
+            for c in captures:
+                X = r[c].to(torch.float32)
+                # with split, batch row j is calibration row a + j: even rows go to H[0], odd rows to H[1]
+                parts = ((a % 2, X[0::2]), ((a + 1) % 2, X[1::2])) if split else ((0, X),)
+                Hc = H[c]
+                for k, part in parts:
+                    if part.numel():
+                        P = part.reshape(-1, part.shape[-1])
+                        Hc[k] = P.T @ P if Hc[k] is None else Hc[k].addmm_(P.T, P)
             y = r["hidden_states"]
         if keep_output:
             out[a:a + batch_rows] = y.to(torch.float32).cpu()
-    return out, (tuple(H) if split else H[0])
+    result = {c: (tuple(h) if split else h[0]) for c, h in H.items()}
+    if isinstance(capture, str):
+        return out, result[capture]
+    return out, (result if capture is not None else None)
+
+
+def stage_input(module, x: torch.Tensor, capture: str) -> torch.Tensor | None:
+    """The intermediate `capture` without running the whole module, where that is only the module's input norm
+    ("post_norm" of attention and MLP modules: pre_layernorm(x), as their forward computes it); else None."""
+    if capture != "post_norm" or not isinstance(module, (ExLlamaV2Attention, ExLlamaV2MLP)):
+        return None
+    return module.pre_layernorm.forward(x) if module.pre_layernorm is not None else x
 
 
 @contextlib.contextmanager
@@ -111,7 +126,9 @@ def run_module_paired(module, states: torch.Tensor, ref_states: torch.Tensor | N
     dtype = module.model.dtype
     H = C = None
     for a in range(0, states.shape[0], batch_rows):
-        X = _forward(module, states[a:a + batch_rows].to(device, dtype), True)[capture].to(torch.float32)
+        x = states[a:a + batch_rows].to(device, dtype)
+        X = stage_input(module, x, capture)
+        X = (X if X is not None else _forward(module, x, True)[capture]).to(torch.float32)
         if ref_captured is not None:
             R = ref_captured[a:a + batch_rows].to(device)
         else:
