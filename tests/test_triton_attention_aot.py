@@ -98,6 +98,22 @@ def test_quantized_pages_compile_and_fit(compiled_kernels):
     _check(compiled_kernels, 89, "fp16", 64, True, k_fmt=2, v_fmt=2, index="*i64")
 
 
+def test_kv_quant_write_compiles():
+    """The quantized cache's write kernel (attn_kv_quant.py: 6-d butterflies, exact division) for 4 and 8 bits."""
+    mp = pytest.MonkeyPatch()
+    mp.delenv("TRITON_INTERPRET", raising=False)
+    try:
+        mod = kernels("attn_kv_quant", interpret=False)
+        for bits, t, cc in ((4, "*fp16", 90), (8, "*bf16", 86)):
+            sig = _signature(mod.kv_quant_write, {"X": t, "Codes": "*u8", "Scales": t, "slots": "*i64"},
+                             floats=("scale_max",))
+            k = _compile(mod.kv_quant_write, sig, dict(BITS=bits, BLOCK_R=32, SCALE_BF16=t == "*bf16",
+                                                       EXACT_DIV=True), cc, 4, 1)
+            assert k.asm.get("cubin"), (bits, t, cc)
+    finally:
+        mp.undo()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cc", [90, 89, 86])
 def test_every_tile_config_compiles_and_fits(compiled_kernels, cc):

@@ -118,6 +118,15 @@ def format_named(name: str) -> GroupQuant | FP8Quant:
     return fmt
 
 
+def write_part(fmt, codes: torch.Tensor, scales: torch.Tensor | None, x: torch.Tensor, slots: torch.Tensor,
+               scale_dtype: torch.dtype) -> None:
+    """Quantise x (T, kv_heads, head_dim) into codes/scales (slots, kv_heads, ...) at slots (T,)."""
+    q, s = fmt.quantize(x, scale_dtype)
+    codes.index_copy_(0, slots, q)
+    if s is not None:
+        scales.index_copy_(0, slots, s)
+
+
 @dataclass
 class QuantPages:
     """One layer of a quantized cache as pages: codes (slots, kv_heads, code width) uint8 and scales (slots,
@@ -133,12 +142,12 @@ class QuantPages:
     def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Quantise k, v (T, kv_heads, head_dim) into their slots (T,). Each token's groups are quantised alone,
         so a token's codes do not depend on the tokens written with it."""
-        for fmt, codes, scales, x in ((self.k_format, self.k_codes, self.k_scales, k),
-                                      (self.v_format, self.v_codes, self.v_scales, v)):
-            q, s = fmt.quantize(x, self.dtype)
-            codes.index_copy_(0, slots, q)
-            if s is not None:
-                scales.index_copy_(0, slots, s)
+        for part in self.parts(k, v):
+            write_part(*part, slots, self.dtype)
+
+    def parts(self, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """(format, codes, scales, new rows) for the keys and for the values."""
+        return ((self.k_format, self.k_codes, self.k_scales, k), (self.v_format, self.v_codes, self.v_scales, v))
 
     def read(self, slots, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V (n, kv_heads, head_dim) of the slots (a slice or an index tensor), dequantised."""

@@ -2,8 +2,8 @@
 over a quantized cache (cache_q.py), whose codes and scales the kernel (attn_kernels.py, K_FMT / V_FMT) reads and
 dequantises per block of keys, in registers; the cache is never dequantised into a temporary.
 
-The new tokens are quantised into their pages by the reference's own write (kv_quant.QuantPages.write: a few
-elementwise torch ops per layer, no host sync), so both backends hold the same codes. Group formats store
+The new tokens are quantised into their pages by one kernel per tensor (attn_kv_quant.py), which gives the
+reference's codes bit for bit (FP8 pages take the reference's write: a clamp and a cast). Group formats store
 Hadamard-rotated values: the query is rotated once before the launch (q' = H q / 32) and, for rotated values, the
 output once after it (o = H o' / 32), in fp32 (attn_kernels.py's docstring has the algebra).
 
@@ -17,12 +17,14 @@ from typing import Optional
 
 import torch
 
-from ..torch_ref.kv_quant import GROUP, QuantPages, format_named, hadamard_rotate
+from ..torch_ref.kv_quant import GROUP, QuantPages, format_named, hadamard_rotate, write_part
+from . import interpreting, kernels
 from .attention import _declines_common
 from .attention_paged import _decode_meta, _packed_meta
 from .attn_launch import QuantLayout, last_dim_contiguous, launch
 
 FORMAT_CODES = {"q4": 4, "q8": 8, "fp8": 2}  # attn_kernels.py's K_FMT / V_FMT
+WRITE_ROWS = 32  # groups of 32 values quantised per program of attn_kv_quant.kv_quant_write
 
 
 def declines_quant_paged(q, k, v, pages: QuantPages, params, sliding_window, scale, softcap=0.0) -> str | None:
@@ -48,6 +50,22 @@ def _layout(k_codes, k_scales, v_codes, v_scales, k_format: str, v_format: str) 
                        (vs.stride(1), vs.stride(0)) if v_scales is not None else (0, 0))
 
 
+def write(pages: QuantPages, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """k, v (T, kv_heads, head_dim) into their slots (T,): group formats through attn_kv_quant.kv_quant_write."""
+    for fmt, codes, scales, x in pages.parts(k, v):
+        T, hk, d = x.shape
+        if not fmt.has_scales or T == 0:
+            write_part(fmt, codes, scales, x, slots, pages.dtype)
+            continue
+        x = last_dim_contiguous(x)
+        rows = T * hk * (d // GROUP)
+        kernels("attn_kv_quant").kv_quant_write[(-(-rows // WRITE_ROWS),)](
+            x, codes, scales, slots, rows, hk, d // GROUP, x.stride(0), x.stride(1), codes.stride(0),
+            codes.stride(1), scales.stride(0), scales.stride(1), torch.finfo(pages.dtype).max, BITS=fmt.bits,
+            BLOCK_R=WRITE_ROWS, SCALE_BF16=pages.dtype == torch.bfloat16, EXACT_DIV=not interpreting(),
+            num_warps=4)
+
+
 def _launch(meta, q0, k_codes, v_codes, out0, block_table, layout: QuantLayout, page_size, window, scale, softcap):
     """q0 (T, hq, d) packed rows (rotated when the keys are), out0 (T, hq, d) fp32, codes (slots, hk, width)."""
     launch(meta, q0, k_codes, v_codes, out0, None, block_table,
@@ -65,7 +83,7 @@ def quant_paged_attention(q, k, v, pages: QuantPages, params, sliding_window: in
     hk = pages.k_codes.shape[1]
     if hq % hk:
         raise ValueError(f"quant_paged_attention: {hq} query heads are not a multiple of {hk} KV heads")
-    pages.write(k[0], v[0], params.slots.to(pages.k_codes.device))
+    write(pages, k[0], v[0], params.slots.to(pages.k_codes.device))
     qk = (_rotate(q[0]) if pages.k_format.rotated else q[0]).to(q.dtype)
     qk = last_dim_contiguous(qk)
     tensors = (pages.k_codes, pages.k_scales, pages.v_codes, pages.v_scales, pages.k_format.name, pages.v_format.name)
