@@ -92,10 +92,12 @@ def test_paged_kernel_compiles_and_fits_each_arch(compiled_kernels):
 
 
 def test_quantized_pages_compile_and_fit(compiled_kernels):
-    """The kernel reading quantized pages (cache_q.py: Q4, Q6 = K8/V4, FP8): decode on sm_90, prefill on sm_86."""
+    """The kernel reading quantized pages (cache_q.py: Q4, Q6 = K8/V4, FP8), with the query and output tiles rotated
+    in the kernel: decode on sm_90, prefill on sm_86."""
     _check(compiled_kernels, 90, "fp16", 128, True, k_fmt=4, v_fmt=4, softcap=True)
     _check(compiled_kernels, 86, "bf16", 128, False, k_fmt=8, v_fmt=4, window=True)
     _check(compiled_kernels, 89, "fp16", 64, True, k_fmt=2, v_fmt=2, index="*i64")
+    _check(compiled_kernels, 86, "fp16", 256, False, k_fmt=4, v_fmt=4)  # the largest tiles (measured 64 KB)
 
 
 def test_kv_quant_write_compiles():

@@ -1,11 +1,11 @@
 """The `triton` backend of `quant_paged_attention` (the reference: ops/torch_ref/attention_quant.py): paged attention
 over a quantized cache (cache_q.py), whose codes and scales the kernel (attn_kernels.py, K_FMT / V_FMT) reads and
-dequantises per block of keys, in registers; the cache is never dequantised into a temporary.
+dequantises per block of keys, in registers; the cache is never dequantised into a temporary. Group formats store
+Hadamard-rotated values: the kernel rotates its query tile and its output tile instead of the keys and values
+(attn_kernels.py's docstring has the algebra).
 
 The new tokens are quantised into their pages by one kernel per tensor (attn_kv_quant.py), which gives the
-reference's codes bit for bit (FP8 pages take the reference's write: a clamp and a cast). Group formats store
-Hadamard-rotated values: the query is rotated once before the launch (q' = H q / 32) and, for rotated values, the
-output once after it (o = H o' / 32), in fp32 (attn_kernels.py's docstring has the algebra).
+reference's codes bit for bit (FP8 pages take the reference's write: a clamp and a cast).
 
 Decode-only forwards (paged_attn.PagedDecodeParams) launch through one custom op,
 `torch.ops.exllamav2.triton_quant_paged_decode`, so that a compiled or graph-captured step sees one opaque node.
@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..torch_ref.kv_quant import GROUP, QuantPages, format_named, hadamard_rotate, write_part
+from ..torch_ref.kv_quant import GROUP, QuantPages, format_named, write_part
 from . import interpreting, kernels
 from .attention import _declines_common
 from .attention_paged import _decode_meta, _packed_meta
@@ -35,11 +35,6 @@ def declines_quant_paged(q, k, v, pages: QuantPages, params, sliding_window, sca
         if fmt.name not in FORMAT_CODES:
             return f"{name} format {fmt.name!r}, expected one of {', '.join(FORMAT_CODES)}"
     return None
-
-
-def _rotate(x: torch.Tensor) -> torch.Tensor:
-    """Each group of 32 head-dim values times H / 32, in fp32."""
-    return hadamard_rotate(x.float()).mul_(1.0 / GROUP)
 
 
 def _layout(k_codes, k_scales, v_codes, v_scales, k_format: str, v_format: str) -> QuantLayout:
@@ -67,7 +62,7 @@ def write(pages: QuantPages, k: torch.Tensor, v: torch.Tensor, slots: torch.Tens
 
 
 def _launch(meta, q0, k_codes, v_codes, out0, block_table, layout: QuantLayout, page_size, window, scale, softcap):
-    """q0 (T, hq, d) packed rows (rotated when the keys are), out0 (T, hq, d) fp32, codes (slots, hk, width)."""
+    """q0/out0 (T, hq, d) packed rows, codes (slots, hk, width)."""
     launch(meta, q0, k_codes, v_codes, out0, None, block_table,
            q_strides=(0, q0.stride(0), q0.stride(1)), k_strides=(0, k_codes.stride(1), k_codes.stride(0)),
            v_strides=(0, v_codes.stride(1), v_codes.stride(0)), o_strides=(0, out0.stride(0), out0.stride(1)),
@@ -84,21 +79,18 @@ def quant_paged_attention(q, k, v, pages: QuantPages, params, sliding_window: in
     if hq % hk:
         raise ValueError(f"quant_paged_attention: {hq} query heads are not a multiple of {hk} KV heads")
     write(pages, k[0], v[0], params.slots.to(pages.k_codes.device))
-    qk = (_rotate(q[0]) if pages.k_format.rotated else q[0]).to(q.dtype)
-    qk = last_dim_contiguous(qk)
+    q0 = last_dim_contiguous(q[0])
     tensors = (pages.k_codes, pages.k_scales, pages.v_codes, pages.v_scales, pages.k_format.name, pages.v_format.name)
     if getattr(params, "sequences", None) is None:  # decode-only, device tensors (paged_attn.PagedDecodeParams)
-        out = torch.ops.exllamav2.triton_quant_paged_decode(qk, *tensors, params.block_index, params.kv_lens,
+        out = torch.ops.exllamav2.triton_quant_paged_decode(q0, *tensors, params.block_index, params.kv_lens,
                                                             params.page_size, int(sliding_window or 0),
                                                             float(scale), float(softcap or 0.0))
     else:
         meta, block_table = _packed_meta(params, hq // hk, d, q.element_size(), q.device)
-        out = torch.empty(T, hq, d, dtype=torch.float32, device=q.device)
-        _launch(meta, qk, pages.k_codes, pages.v_codes, out, block_table, _layout(*tensors), params.page_size,
+        out = torch.empty(T, hq, d, dtype=q.dtype, device=q.device)
+        _launch(meta, q0, pages.k_codes, pages.v_codes, out, block_table, _layout(*tensors), params.page_size,
                 sliding_window, scale, softcap)
-    if pages.v_format.rotated:
-        out = _rotate(out)
-    return out.to(q.dtype).view(1, T, hq * d)
+    return out.view(1, T, hq * d)
 
 
 @torch.library.custom_op("exllamav2::triton_quant_paged_decode", mutates_args=())
@@ -106,12 +98,11 @@ def triton_quant_paged_decode(q: torch.Tensor, k_codes: torch.Tensor, k_scales: 
                               v_codes: torch.Tensor, v_scales: Optional[torch.Tensor], k_format: str, v_format: str,
                               block_index: torch.Tensor, kv_lens: torch.Tensor, page_size: int, window: int,
                               scale: float, softcap: float) -> torch.Tensor:
-    """One new token per sequence: q (B, hq, d) (rotated when the keys are) over each sequence's kv_lens[i] keys
-    through block_index[i]; returns fp32 (B, hq, d), still rotated when the values are."""
+    """One new token per sequence: q (B, hq, d) over each sequence's kv_lens[i] keys through block_index[i]."""
     q = last_dim_contiguous(q)
     for name in (k_format, v_format):
         format_named(name)
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
     meta = _decode_meta(q.shape[0], kv_lens, q.shape[1] // k_codes.shape[1], q.shape[2], q.element_size(), q.device)
     _launch(meta, q, k_codes, v_codes, out, block_index, _layout(k_codes, k_scales, v_codes, v_scales, k_format,
                                                                   v_format), page_size, window, scale, softcap)
@@ -121,4 +112,4 @@ def triton_quant_paged_decode(q: torch.Tensor, k_codes: torch.Tensor, k_scales: 
 @triton_quant_paged_decode.register_fake
 def _(q, k_codes, k_scales, v_codes, v_scales, k_format, v_format, block_index, kv_lens, page_size, window, scale,
       softcap):
-    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    return torch.empty_like(q)

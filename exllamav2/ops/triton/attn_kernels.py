@@ -13,9 +13,9 @@ Quantized pages (K_FMT / V_FMT, cache_q.py's formats; the reference: ops/torch_r
 pages as they are; 4 and 8 read group codes (4 bits, two per byte, low nibble first; or 8 bits) and one scale per 32
 values and dequantise them in registers; 2 reads FP8 e5m2 bytes (the high byte of an fp16). Group codes hold
 Hadamard-rotated values, and the kernel does not un-rotate them: H is symmetric with H @ H = 32 I, so
-q . (H g / 32) = (H q / 32) . g, and sum_j p_j (H g_j / 32) = H (sum_j p_j g_j) / 32. The caller rotates the
-query once before the launch and the output once after it (ops/triton/attention_quant.py), and the kernel stays a
-plain dot product over the stored groups.
+q . (H g / 32) = (H q / 32) . g, and sum_j p_j (H g_j / 32) = H (sum_j p_j g_j) / 32. A program rotates its query
+tile once after loading it and its output tile once before storing it (`_rotate_groups`), and the loop over keys
+stays a plain dot product over the stored groups.
 
 Split-KV (decode): a sequence's keys are cut into splits of `split_size` keys, a multiple of BLOCK_N that depends
 only on that sequence's kv_len (never on the batch), and each split is one program; blocks sit at absolute key
@@ -60,6 +60,28 @@ def _load_kv(base, s_base, slot, dd, kv_mask, s_slot, ss_slot, FMT: tl.constexpr
         sc = tl.load(s_base + slot[:, None] * ss_slot + (dd // 32)[None, :], mask=kv_mask, other=0.0)
         x = c.to(tl.float32) * sc.to(tl.float32)
     return x
+
+
+@triton.jit
+def _butterfly(x, sel, AXIS: tl.constexpr):
+    a = tl.reduce(tl.where(sel == 0, x, 0.0), AXIS, tl.standard._sum_combine, keep_dims=True)
+    b = tl.reduce(tl.where(sel == 1, x, 0.0), AXIS, tl.standard._sum_combine, keep_dims=True)
+    return tl.where(sel == 0, a + b, a - b)
+
+
+@triton.jit
+def _rotate_groups(x, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x (ROWS, BLOCK_D) fp32 -> each group of 32 columns times H / 32: the reference's butterflies
+    (ops/torch_ref/kv_quant.py::hadamard_rotate) in its order, on a (rows, groups, 2, 2, 2, 2, 2) view (a butterfly
+    over an index bit splits its axis with two sums, each adding a value to an exact 0)."""
+    y = tl.reshape(x, (ROWS, BLOCK_D // 32, 2, 2, 2, 2, 2))
+    ar = tl.arange(0, 2)
+    y = _butterfly(y, ar[None, None, None, None, None, None, :], 6)
+    y = _butterfly(y, ar[None, None, None, None, None, :, None], 5)
+    y = _butterfly(y, ar[None, None, None, None, :, None, None], 4)
+    y = _butterfly(y, ar[None, None, None, :, None, None, None], 3)
+    y = _butterfly(y, ar[None, None, :, None, None, None, None], 2)
+    return tl.reshape(y, (ROWS, BLOCK_D)) * (1.0 / 32)
 
 
 @triton.jit
@@ -162,6 +184,8 @@ def attn_fwd(Q, K, V, KScale, VScale, Out, PartO, PartL, Mask,
 
     q_ptr = Q + seq * sq_seq + (q0 + tok)[:, None] * sq_tok + head[:, None] * sq_h + dd[None, :]
     q = tl.load(q_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if K_FMT == 4 or K_FMT == 8:  # keys stored rotated: q' = q H / 32, rounded to q's dtype as the keys' dots take it
+        q = _rotate_groups(q.to(tl.float32), BLOCK_M, BLOCK_D).to(Q.dtype.element_ty)
     if DOT_F32:
         q = q.to(tl.float32)
 
@@ -191,6 +215,8 @@ def attn_fwd(Q, K, V, KScale, VScale, Out, PartO, PartL, Mask,
 
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if V_FMT == 4 or V_FMT == 8:  # values stored rotated: o = o' H / 32 (linear, so split partials may be merged after)
+        o = _rotate_groups(o, BLOCK_M, BLOCK_D)
     if SPLIT:
         prow = tl.load(part_base + seq) + tok
         ok = row_ok & ((tok * 0 + split) < n_splits)  # vector compare: Triton 3.9 interprets scalar & vector as int32
