@@ -419,6 +419,13 @@ def test_bad_inputs_raise_clear_errors():
         ExLlamaV2Sampler.sample(torch.zeros(1, 1, 5), Settings(), None, 0.5, None, blocked_tokens=[7])
     with pytest.raises(ValueError, match="no token can be sampled"):
         ExLlamaV2Sampler.sample(torch.full((1, 1, 5), float("-inf")), Settings(), None, 0.5, None)
+    # the greedy path checks the chosen logit only: a NaN anywhere, or every logit -inf, still fails loudly
+    nan_row = torch.tensor([[[0.5, 3.0, float("nan"), 1.0], [0.0, 1.0, 2.0, 3.0]]]).transpose(0, 1)
+    with pytest.raises(ValueError, match=r"row\(s\) \[0\]"):
+        ExLlamaV2Sampler.sample(nan_row, Settings.greedy(), None, 0.5, None)
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\]"):
+        ExLlamaV2Sampler.sample(torch.tensor([[[1.0, 2.0]], [[float("-inf"), float("-inf")]]]), Settings.greedy(),
+                                None, 0.5, None)
 
 
 def test_repetition_penalties_skip_padding_and_out_of_vocab_ids():

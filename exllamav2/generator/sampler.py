@@ -165,7 +165,14 @@ class ExLlamaV2Sampler:
             if vocab_size < vocab:
                 scores[:, vocab_size:] = float("-inf")
 
-        dead_rows = torch.isneginf(scores).all(dim=-1) | torch.isnan(scores).any(dim=-1)
+        greedy = settings.temperature < 0.01 or settings.top_k == 1
+        if greedy:
+            # argmax takes a NaN as the maximum and returns 0 for a row of -inf: its value alone tells a dead row
+            ids = scores.argmax(dim=-1, keepdim=True)
+            best = scores.gather(-1, ids)[:, 0]
+            dead_rows = torch.isneginf(best) | torch.isnan(best)
+        else:
+            dead_rows = torch.isneginf(scores).all(dim=-1) | torch.isnan(scores).any(dim=-1)
         if bool(dead_rows.any()):
             rows = dead_rows.nonzero().flatten().tolist()
             raise ValueError(f"ExLlamaV2Sampler.sample: no token can be sampled in batch row(s) {rows} "
@@ -180,8 +187,7 @@ class ExLlamaV2Sampler:
 
         # Probabilities
 
-        if settings.temperature < 0.01 or settings.top_k == 1:
-            ids = scores.argmax(dim=-1, keepdim=True)
+        if greedy:
             probs = torch.ones_like(ids, dtype=torch.float32)
             pos = torch.zeros(batch, dtype=torch.long, device=device)
         else:
