@@ -1,8 +1,8 @@
 """The `triton` backend of `paged_attention` (the reference: ops/torch_ref/attention.py::paged_attention): the
-packed new tokens of several sequences over the layer's paged cache (1, kv_heads, slots, head_dim). K/V are
-written into their slots first, then every sequence attends to exactly its own keys through its block table, all
-sequences in one launch per class (split decode-like sequences, whole prefill sequences; attn_meta.py). The cache
-is page-major (1, slots, kv_heads, head_dim) (cache.py).
+packed new tokens of several sequences over the layer's paged cache, page-major (1, slots, kv_heads, head_dim)
+(cache.py). K/V are written into their slots first, then every sequence attends to exactly its own keys through
+its block table, all sequences in one launch per class (split decode-like sequences, whole prefill sequences;
+attn_meta.py).
 
 Decode-only forwards (paged_attn.PagedDecodeParams: one token per sequence, device tensors only) go through one
 custom op, `torch.ops.exllamav2.triton_paged_decode`, so that a compiled or graph-captured decode step sees one
