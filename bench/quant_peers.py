@@ -92,13 +92,15 @@ def run_child(argv: list[str]) -> tuple[int, float, float, str]:
 def _convert_worker(kwargs: dict, queue) -> None:
     from exllamav2.conversion import ConvertSettings, convert_exl2
     layer_times: list[float] = []
-    last = [time.time()]
+    layer_cpu: list[float] = []
+    last = [time.time(), time.process_time()]
 
     def on_step(stage: str, index: int) -> None:
-        if stage == "quant":
-            now = time.time()
-            layer_times.append(now - last[0])
-            last[0] = now
+        now = [time.time(), time.process_time()]
+        if stage == "quant":  # wall time, and CPU time (all threads), which a shared machine's load does not inflate
+            layer_times.append(now[0] - last[0])
+            layer_cpu.append(now[1] - last[1])
+        last[:] = now
 
     t0 = time.time()
     try:
@@ -109,6 +111,7 @@ def _convert_worker(kwargs: dict, queue) -> None:
         return
     queue.put({"summary": {k: summary[k] for k in ("bpw", "head_bpw", "strategy")}, "seconds": time.time() - t0,
                "quant_seconds_per_module": sum(layer_times[1:]) / max(1, len(layer_times) - 1),
+               "quant_cpu_seconds_per_module": sum(layer_cpu[1:]) / max(1, len(layer_cpu) - 1),
                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
@@ -230,23 +233,26 @@ def llamacpp_rows(args, src: str, texts: dict, results: Results) -> None:
 def exl2_rows(args, src: str, texts: dict, results: Results, targets: list[float]) -> None:
     from exllamav2.conversion.adaptive_gptq import damp_for_target
     modules = 2 * ExLlamaV2Config(src).num_hidden_layers
-    suffix = " rotated" if args.rotate else ""
+    suffix = (" rotated" if args.rotate else "") + (f" damp{args.damp:g}" if args.damp is not None else "")
     for bits in targets:
         label = f"EXL2 {bits:.2f}{suffix}"
         if label in results.rows:
             continue
-        out = os.path.join(args.work, "exl2", f"{bits:.2f}{'r' if args.rotate else ''}")
-        measurement = os.path.join(args.work, "exl2", f"measurement_damp{damp_for_target(bits)}"
+        out = os.path.join(args.work, "exl2", f"{bits:.2f}{suffix.replace(' ', '_')}")
+        damp = args.damp if args.damp is not None else damp_for_target(bits)
+        measurement = os.path.join(args.work, "exl2", f"measurement_damp{damp}"
                                                       f"{'_rotated' if args.rotate else ''}.json")
         reuse = os.path.isfile(measurement)
         print(f"[{label}] converting ({'reusing ' + measurement if reuse else 'measuring first'})", flush=True)
         r = convert_in_child(dict(in_dir=src, out_dir=out, bits=bits, head_bits=args.head_bits, rows=args.rows,
-                                  length=args.length, rotate=args.rotate, measurement=measurement if reuse else None,
+                                  length=args.length, rotate=args.rotate, damp=args.damp,
+                                  measurement=measurement if reuse else None,
                                   save_measurement=None if reuse else measurement))
         print(f"[{label}] {r['summary']['bpw']:.3f} bpw; scoring", flush=True)
         ppl = score(out, texts, args.window)
         results.put(label, {"bpw": r["summary"]["bpw"], "ppl": ppl, "seconds": r["seconds"], "measured": not reuse,
                             "seconds_per_module": r["quant_seconds_per_module"], "modules": modules,
+                            "cpu_seconds_per_module": r["quant_cpu_seconds_per_module"],
                             "peak_rss_mib": r["peak_rss_mib"], "head_bpw": r["summary"]["head_bpw"]})
         print(f"[{label}] {fmt_ppl(ppl)}", flush=True)
 
@@ -267,9 +273,10 @@ def table(results: Results, kinds: list[str]) -> str:
         if label == "source":
             cells += ["-", "-", "-"]
         else:
-            per = r.get("seconds_per_module")
+            per, cpu = r.get("seconds_per_module"), r.get("cpu_seconds_per_module")
             cells += [f"{r['seconds']:.0f} s" + (" (incl. measuring)" if r.get("measured") else ""),
-                      "-" if per is None else f"{per:.1f} s", f"{r['peak_rss_mib']:.0f} MiB"]
+                      "-" if per is None else f"{per:.1f} s" + ("" if cpu is None else f" ({cpu:.1f} s CPU)"),
+                      f"{r['peak_rss_mib']:.0f} MiB"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -311,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="EXL2 rows converted with --rotate (rows labelled 'rotated'; their own measurement)")
     ap.add_argument("--prose", default=find_text(PROSE_CANDIDATES), help="held-out prose text file")
     ap.add_argument("--code", default=find_text(CODE_CANDIDATES), help="held-out code text file")
+    ap.add_argument("--damp", type=float, default=None,
+                    help="GPTQ damping for the EXL2 rows (default: by target, as convert; rows labelled 'dampD')")
     ap.add_argument("--tokens", type=int, default=8192, help="tokens scored per text")
     ap.add_argument("--window", type=int, default=1024, help="scoring window (tokens)")
     ap.add_argument("--rows", type=int, default=16, help="EXL2 calibration rows")
