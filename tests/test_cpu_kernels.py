@@ -8,6 +8,7 @@ Tolerances, and why:
   (error ~1e-5 relative, see gemv.cpp); the rest is fp32 summation order.
 - GGUF and bf16 with bf16 outputs: relative 1e-2 in norm, against the `torch` backend on the same bf16 inputs;
   dominated by the single rounding of each output to bf16 (2^-8 relative), as F.linear's own.
+- Q4_K: the layout round-trips to gguf-py's own dequantisation exactly; the GEMV as for the others (1e-4).
 - AVX2 against AVX-512 on GGUF: bit-identical (the integer dot products are exact on both paths and the fp32 steps
   are the same operations in the same order); on bf16 the AVX2 path sums 8-wide in fp32 FMAs instead of
   vdpbf16ps pairs: relative 1e-5 of the largest value before the bf16 rounding, so compared in fp32 inputs' terms.
@@ -92,6 +93,44 @@ def test_gguf_gemv_is_batch_invariant_and_avx2_gives_the_same_bits(qtype):
         results[isa] = together
     if len(results) == 2:
         assert torch.equal(results["avx512"], results["avx2"])
+
+
+def random_q4_k(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Raw Q4_K super-blocks (n, k/256 * 144): random codes and 6-bit scales/mins, realistic fp16 d and dmin."""
+    g = np.random.default_rng(seed)
+    raw = g.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
+    raw[..., 0:2] = (g.random((n, k // 256, 1)) * 0.002 + 1e-4).astype(np.float16).view(np.uint8)
+    raw[..., 2:4] = (g.random((n, k // 256, 1)) * 0.005).astype(np.float16).view(np.uint8)
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("shape", [(37, 256), (100, 768), (16, 512)])
+def test_q4_k_gemv_equals_gguf_dequantisation(shape):
+    from gguf import GGMLQuantizationType, quants
+    n, k = shape
+    raw = random_q4_k(n, k, seed=n)
+    w = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q4_K).copy())
+    packed = pack_gguf_blocks("Q4_K", raw, shape)
+    assert torch.equal(kernels.gguf_dequant(packed, torch.float32), w)
+    assert packed.nbytes() == -(-n // 16) * 16 * k // 256 * 148   # 4.625 bits per weight
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(13, k, generator=g)
+    ref = x @ w.t()
+    results = {}
+    for isa in ("avx512", "avx2") if kernels.isa() == "avx512" else (kernels.isa(),):
+        kernels.set_isa(isa)
+        got = kernels.gguf_gemv(x, packed)
+        assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+        for rows in (1, 3, 8):
+            assert torch.equal(kernels.gguf_gemv(x[rows - 1:rows], packed), got[rows - 1:rows])
+            assert torch.equal(kernels.gguf_gemv(x[:rows], packed), got[:rows])
+        results[isa] = got
+    if len(results) == 2:
+        assert torch.equal(results["avx512"], results["avx2"])
+    with pytest.raises(ValueError, match="multiple of 256 columns"):
+        pack_gguf_blocks("Q4_K", raw[:, :144], (n, 128))
+    with pytest.raises(RuntimeError, match="Q4_K needs float16 super-block scales"):
+        torch.ops.exllamav2_cpu.gguf_gemv(x, packed.qweight, packed.scales, packed.offsets, 3, n, None, None)
 
 
 @pytest.mark.parametrize("shape", [(64, 128), (37, 100), (333, 576), (50, 7)])
@@ -232,3 +271,26 @@ def test_calls_that_need_gradients_run_torch_ops_and_get_them(tmp_path):
     with ops.use_backend("cpu"):
         ops.rms_norm(x, w, 1e-5, torch.float32).sum().backward()
     assert x.grad is not None and w.grad is not None and w.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_kernel_equals_reference_bit_for_bit(dtype, interleaved):
+    """The reference's roundings step by step (csrc/small_ops.cpp), so equal to the bit; x as the strided q/k view
+    of a fused qkv output, a partial rotary dimension, per-row and broadcast tables."""
+    from exllamav2 import ops
+    from exllamav2.ops.torch_ref.rope import rope as reference
+    g = torch.Generator().manual_seed(3)
+    b, s, heads, d = 3, 5, 6, 64
+    fused = (torch.randn(b, s, heads * d + 40, generator=g) * 3).to(dtype)
+    x = fused[..., :heads * d].view(b, s, heads, d)
+    for rd, tb in ((64, b), (32, 1)):
+        ang = torch.randn(tb, s, 1, rd, generator=g) * 4
+        cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+        ref = reference(x, cos, sin, interleaved)
+        got = torch.ops.exllamav2_cpu.rope(x, cos, sin, interleaved)
+        assert got.dtype == dtype and torch.equal(got, ref)
+        with ops.use_backend("cpu"):
+            assert torch.equal(ops.rope(x, cos, sin, interleaved), ref)
+    with pytest.raises(RuntimeError, match="cos and sin must be"):
+        torch.ops.exllamav2_cpu.rope(x, cos[:, :2], sin[:, :2], interleaved)

@@ -85,6 +85,7 @@ for _op, _fn in _REFERENCE.items():
     _op.register("cpu", _fn, _cpu_only)
 rms_norm.register("cpu", _cpu_small.rms_norm, _cpu_only)  # the C++ kernel in eager mode (cpu/small_ops.py)
 attention.register("cpu", _cpu_attn.attention, _cpu_only)  # the C++ kernel for decode rows (cpu/attention.py)
+rope.register("cpu", _cpu_small.rope, _cpu_only)  # the C++ kernel in eager mode (cpu/small_ops.py)
 
 # Triton attention kernels (triton/attention.py; the kernel modules themselves are imported at first call)
 attention.register("triton", _tri_attn.attention, _tri_attn.declines_attention)

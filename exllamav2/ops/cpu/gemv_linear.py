@@ -1,6 +1,6 @@
 """Linear kernels of the `cpu` backend over the C++ kernels (csrc/gemv.cpp, kernels.py).
 
-- GGUF Q4_0/Q4_1/Q8_0 blocks (repacked at the file's size): the int8-dot kernel for every number of rows, in
+- GGUF Q4_0/Q4_1/Q8_0 blocks (repacked at the file's size) and Q4_K super-blocks (gguf_pack.py): the int8-dot kernel for every number of rows, in
   chunks of 8 sharing each weight group while it is in cache, so a row's result never depends on the rows beside
   it (tests/test_batch_invariance.py holds the dynamic generator to that, prefill included).
 - Dense bf16 (the module's own weight, no copy): the AVX512-BF16 GEMV for calls of up to GEMV_MAX_ROWS rows
@@ -31,7 +31,7 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
 
 
 class GgufGemvKernel:
-    """GGUF Q4_0/Q4_1/Q8_0 blocks (repacked, same size as the file's) for activations of any float dtype."""
+    """GGUF Q4_0/Q4_1/Q8_0/Q4_K blocks (repacked, gguf_pack.py) for activations of any float dtype."""
     backend = "cpu"
 
     def __init__(self, packed: GgufPacked, bias: torch.Tensor | None, dtype: torch.dtype, quant=None):

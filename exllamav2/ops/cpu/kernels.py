@@ -15,7 +15,7 @@ import torch
 from . import build
 
 ISA_LEVELS = {"none": 0, "avx2": 1, "avx512": 2}
-GGUF_KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
+GGUF_KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3}
 GROUP_ROWS = 16   # output rows per interleaved group of the GGUF layout (csrc/gemv.cpp)
 BLOCK = 32        # columns per GGUF block
 
@@ -28,11 +28,11 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("exllamav2_cpu::gguf_gemv")
-    def _gguf_gemv_fake(x, qweight, scales, offsets, kind, n, bias):
+    def _gguf_gemv_fake(x, qweight, scales, offsets, kind, n, bias, super_scales=None):
         return x.new_empty((x.shape[0], n))
 
     @torch.library.register_fake("exllamav2_cpu::gguf_dequant")
-    def _gguf_dequant_fake(qweight, scales, offsets, kind, n, k, dtype):
+    def _gguf_dequant_fake(qweight, scales, offsets, kind, n, k, dtype, super_scales=None):
         return qweight.new_empty((n, k), dtype=dtype)
 
     @torch.library.register_fake("exllamav2_cpu::bf16_gemv")
@@ -42,6 +42,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("exllamav2_cpu::rms_norm")
     def _rms_norm_fake(x, weight, eps, out_dtype):
         return x.new_empty(x.shape, dtype=out_dtype)
+
+    @torch.library.register_fake("exllamav2_cpu::rope")
+    def _rope_fake(x, cos, sin, interleaved):
+        return x.new_empty(x.shape)
 
     @torch.library.register_fake("exllamav2_cpu::decode_attention")
     def _decode_attention_fake(q, k, v, mask, scale, softcap, is_causal):
@@ -90,12 +94,12 @@ def set_isa(name: str, source: str = "set_isa") -> None:
 def gguf_gemv(x: torch.Tensor, packed, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (rows, K) -> (rows, N) in x's dtype, for a GgufPacked matrix (gguf_pack.py)."""
     return torch.ops.exllamav2_cpu.gguf_gemv(x, packed.qweight, packed.scales, packed.offsets, packed.kind,
-                                             packed.out_features, bias)
+                                             packed.out_features, bias, packed.super_scales)
 
 
 def gguf_dequant(packed, dtype: torch.dtype) -> torch.Tensor:
     return torch.ops.exllamav2_cpu.gguf_dequant(packed.qweight, packed.scales, packed.offsets, packed.kind,
-                                                packed.out_features, packed.in_features, dtype)
+                                                packed.out_features, packed.in_features, dtype, packed.super_scales)
 
 
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Linear kernels of the `cpu` backend: the C++ GEMV kernels built at first use (gemv_linear.py: GGUF Q4_0/Q4_1/Q8_0
-blocks and dense bf16) when they are available, else torch's int4 kernel (quant/kernels/cpu_int4.py) and oneDNN."""
+"""Linear kernels of the `cpu` backend: the C++ GEMV kernels built at first use (gemv_linear.py: GGUF Q4_0/Q4_1/Q8_0/
+Q4_K blocks and dense bf16) when they are available, else torch's int4 kernel (quant/kernels/cpu_int4.py) and oneDNN."""
 
 from __future__ import annotations
 
@@ -58,7 +58,9 @@ def prepare(dense: torch.Tensor | None, bias: torch.Tensor | None, quant, device
         return f"weights on {device}, this backend runs on the CPU"
     if quant is not None:
         if getattr(quant, "dense_on_cpu", False):
-            return DequantizedKernel(quant, device, dtype)
+            # Q4_K (one type across the weight's parts) runs packed through the GEMV; the other K-quants dense
+            gemv = _gguf_gemv_kernel(quant, dtype)
+            return gemv if gemv is not None else DequantizedKernel(quant, device, dtype)
         if dtype != torch.bfloat16:
             return f"the int4 kernel takes bfloat16 activations, got {str(dtype).removeprefix('torch.')}"
         gemv = _gguf_gemv_kernel(quant, dtype)

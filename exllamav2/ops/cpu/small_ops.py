@@ -1,4 +1,4 @@
-"""The `cpu` backend's small ops: RMSNorm through the C++ kernel (csrc/small_ops.cpp) in eager mode. Under
+"""The `cpu` backend's small ops: RMSNorm and RoPE through the C++ kernels (csrc/small_ops.cpp) in eager mode. Under
 torch.compile the reference code is traced instead, so that inductor fuses the norm with its neighbours; where
 the kernels are not built (no compiler), the reference runs, so pinning the `cpu` backend still covers a model."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..torch_ref import norm as _norm
+from ..torch_ref import rope as _rope
 from . import build, kernels
 from .gemv_linear import needs_grad
 
@@ -25,3 +26,12 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out_dtype: torch.dtyp
             or out_dtype not in _FLOATS or needs_grad(x, w) or not _kernels_ready()):
         return _norm.rms_norm(x, w, eps, out_dtype)
     return torch.ops.exllamav2_cpu.rms_norm(x, w, eps, out_dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """One C++ pass instead of the reference's six ops (bit-identical, see csrc/small_ops.cpp)."""
+    if (torch.compiler.is_compiling() or x.dtype not in _FLOATS or cos.dtype != x.dtype or sin.dtype != x.dtype
+            or x.dim() != 4 or cos.dim() != 4 or x.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1
+            or needs_grad(x, cos, sin) or not _kernels_ready()):
+        return _rope.rope(x, cos, sin, interleaved)
+    return torch.ops.exllamav2_cpu.rope(x, cos, sin, interleaved)

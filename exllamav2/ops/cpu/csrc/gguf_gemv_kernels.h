@@ -1,4 +1,4 @@
-// GGUF Q4_0/Q4_1/Q8_0 GEMV inner kernels (no torch: bench/cpu_kernels/ builds them alone for micro-benchmarks).
+// GGUF Q4_0/Q4_1/Q8_0/Q4_K GEMV inner kernels (no torch, so they can be built alone; bench/bench_cpu_kernels.py times them).
 // The torch op around them is gemv.cpp; the weight layout is made by exllamav2/ops/cpu/gguf_pack.py.
 //
 // Weight layout: output rows in groups of 16 (padded), per (group, 32-column block):
@@ -6,6 +6,10 @@
 //          (high nibble), the GGUF block's own byte order, only interleaved over 16 rows;
 //   8-bit: 8 chunks x 16 rows x 4 bytes, column 4c+i, stored as q + 128 (unsigned).
 //   scales d (fp16, 16 per group and block) and, for Q4_1, offsets m (fp16) in the same order.
+//   Q4_K: each 32-column sub-block's codes repacked into that 4-bit layout; its 6-bit scale and min as uint8
+//   (sc, mn: 16 per group and block), and per group and 256-column super-block the fp16 d and dmin (2 x 16), so
+//   w = (d*sc) * q - (dmin*mn): d*sc and dmin*mn are exact in fp32 (11-bit by 6-bit products), the file's own
+//   weights (4.625 bits per weight against the file's 4.5).
 // A 32-bit lane of a vector holds 4 weights of one output row, so the activation's 4 matching int8 values are
 // broadcast to all lanes and one vpdpbusd advances 16 output rows.
 //
@@ -16,7 +20,7 @@
 // Because the two stages differ by exactly 2^8, their dot products combine in int32 (256*dot1 + dot2: at most
 // 32*255*127*257 < 2^31), and the code offset of Q4_0 (-8) and Q8_0 (-128, the stored +128) is subtracted in
 // integers too (the accumulator starts at -offset * (256*sum(q1) + sum(q2))). Per row and block that leaves one
-// int->float conversion and one FMA: acc += cvt(s) * (d*sx)  [+ m * (sx*sum) for Q4_1].
+// int->float conversion and one FMA: acc += cvt(s) * (d*sx)  [+ m * (sx*sum) for Q4_1, - dmin*mn * (sx*sum) for Q4_K].
 // The AVX2 path computes the same integers (vpmaddubsw) and the same float operations in the same order, so its
 // outputs are bit-identical. A row's instruction sequence never depends on the other rows of the call.
 #pragma once
@@ -33,11 +37,21 @@ constexpr int kBlock = 32;   // columns per quant block
 constexpr int kGroup = 16;   // output rows per interleaved group
 constexpr int kMaxRows = 8;  // activation rows per kernel call
 
-enum Kind : int { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
+enum Kind : int { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, Q4_K = 3 };
+
+// The packed weight's arrays (gguf_pack.py); the ones a kind does not use are null.
+struct Weights {
+    const uint8_t* codes;
+    const uint16_t* d;      // fp16 (groups, blocks, 16): Q4_0, Q4_1, Q8_0
+    const uint16_t* m;      // fp16 (groups, blocks, 16): Q4_1
+    const uint8_t* sc;      // uint8 (groups, blocks, 16): Q4_K
+    const uint8_t* mn;      // uint8 (groups, blocks, 16): Q4_K
+    const uint16_t* super;  // fp16 (groups, blocks / 8, 2, 16): Q4_K d, dmin
+};
 
 // bytes of codes per (group, block)
 constexpr int code_bytes(int kind) { return kind == Q8_0 ? 512 : 256; }
-// the code offset subtracted in integers (Q4_1's offset is a float per row and block)
+// the code offset subtracted in integers (Q4_1's and Q4_K's offsets are floats per row and block)
 constexpr int code_offset(int kind) { return kind == Q4_0 ? 8 : kind == Q8_0 ? 128 : 0; }
 
 // One activation row quantised: per block 64 bytes (q1[32], q2[32]), and per block sx, the int sum
@@ -98,17 +112,15 @@ inline int32_t load4(const int8_t* p) {
 // 16 output rows of group g against M activation rows -> out (M, 16) fp32.
 template <int KIND, int M>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_avx512(
-        const uint8_t* w, const uint16_t* scales, const uint16_t* offsets, const QuantX& xq, int64_t g,
-        float* out) {
+        const Weights& wt, const QuantX& xq, int64_t g, float* out) {
     const int64_t nb = xq.K / kBlock;
     constexpr int kBytes = code_bytes(KIND);
     constexpr int kOff = code_offset(KIND);
     // rows 1-2: the low/high nibble (or even/odd chunk) products in separate registers, so that the dependency
     // chains are short enough for one row; integer sums, so the result is the same
     constexpr int S = M <= 2 ? 2 : 1;
-    const uint8_t* wg = w + g * nb * kBytes;
-    const uint16_t* sg = scales + g * nb * kGroup;
-    const uint16_t* og = offsets ? offsets + g * nb * kGroup : nullptr;
+    const uint8_t* wg = wt.codes + g * nb * kBytes;
+    const int64_t gb = g * nb * kGroup;   // this group's first scale
     const __m512i low = _mm512_set1_epi8(0x0F);
     __m512 acc[M];
 #pragma GCC unroll 8
@@ -153,10 +165,20 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
                 }
             }
         }
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sg + b * kGroup)));
-        __m512 off;
-        if constexpr (KIND == Q4_1)
-            off = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(og + b * kGroup)));
+        __m512 d, off;
+        if constexpr (KIND == Q4_K) {
+            const uint16_t* sp = wt.super + (g * (nb / 8) + b / 8) * 2 * kGroup;
+            const __m512 dd = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp)));
+            const __m512 dm = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + kGroup)));
+            const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wt.sc + gb + b * kGroup));
+            const __m128i mn = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wt.mn + gb + b * kGroup));
+            d = _mm512_mul_ps(dd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc)));
+            off = _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mn)));
+        } else {
+            d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt.d + gb + b * kGroup)));
+            if constexpr (KIND == Q4_1)
+                off = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt.m + gb + b * kGroup)));
+        }
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
             __m512i t1 = d1[m][0], t2 = d2[m][0];
@@ -168,6 +190,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
             const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xq.row[m].sx[b]));
             acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[m]);
             if constexpr (KIND == Q4_1) acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xq.row[m].xs[b]), acc[m]);
+            if constexpr (KIND == Q4_K) acc[m] = _mm512_fnmadd_ps(off, _mm512_set1_ps(xq.row[m].xs[b]), acc[m]);
         }
     }
 #pragma GCC unroll 8
@@ -182,13 +205,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
 // the accumulator's start value; here the Q8_0 products are signed already).
 template <int KIND, int M>
 __attribute__((target("avx2,fma,f16c"))) void group_avx2(
-        const uint8_t* w, const uint16_t* scales, const uint16_t* offsets, const QuantX& xq, int64_t g,
-        float* out) {
+        const Weights& wt, const QuantX& xq, int64_t g, float* out) {
     const int64_t nb = xq.K / kBlock;
     constexpr int kBytes = code_bytes(KIND);
-    const uint8_t* wg = w + g * nb * kBytes;
-    const uint16_t* sg = scales + g * nb * kGroup;
-    const uint16_t* og = offsets ? offsets + g * nb * kGroup : nullptr;
+    const uint8_t* wg = wt.codes + g * nb * kBytes;
+    const int64_t gb = g * nb * kGroup;   // this group's first scale
     const __m256i low = _mm256_set1_epi8(0x0F);
     const __m256i ones16 = _mm256_set1_epi16(1);
     const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
@@ -242,16 +263,27 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2(
         }
 #pragma GCC unroll 2
         for (int h = 0; h < 2; ++h) {
-            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + b * kGroup + 8 * h)));
-            __m256 off;
-            if constexpr (KIND == Q4_1)
-                off = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(og + b * kGroup + 8 * h)));
+            __m256 d, off;
+            if constexpr (KIND == Q4_K) {
+                const uint16_t* sp = wt.super + (g * (nb / 8) + b / 8) * 2 * kGroup + 8 * h;
+                const __m256 dd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp)));
+                const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + kGroup)));
+                const __m128i sc = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wt.sc + gb + b * kGroup + 8 * h));
+                const __m128i mn = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wt.mn + gb + b * kGroup + 8 * h));
+                d = _mm256_mul_ps(dd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc)));
+                off = _mm256_mul_ps(dm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn)));
+            } else {
+                d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wt.d + gb + b * kGroup + 8 * h)));
+                if constexpr (KIND == Q4_1)
+                    off = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wt.m + gb + b * kGroup + 8 * h)));
+            }
 #pragma GCC unroll 8
             for (int m = 0; m < M; ++m) {
                 const __m256i s = _mm256_add_epi32(_mm256_slli_epi32(d1[m][h], 8), d2[m][h]);
                 const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(xq.row[m].sx[b]));
                 acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[m][h]);
                 if constexpr (KIND == Q4_1) acc[m][h] = _mm256_fmadd_ps(off, _mm256_set1_ps(xq.row[m].xs[b]), acc[m][h]);
+                if constexpr (KIND == Q4_K) acc[m][h] = _mm256_fnmadd_ps(off, _mm256_set1_ps(xq.row[m].xs[b]), acc[m][h]);
             }
         }
     }

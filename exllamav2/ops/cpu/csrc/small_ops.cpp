@@ -99,12 +99,72 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, at::Sc
     return y;
 }
 
+// RoPE on (b, s, heads, d) with cos/sin (b or 1, s, 1, rd) gathered per position, in one pass instead of the
+// reference's six ops (exllamav2/ops/torch_ref/rope.py). Bit-identical to it: x and the tables share a dtype, and
+// each step rounds where the reference's elementwise ops round: out = T(T(x*cos) + T(rot*sin)), products and the
+// sum in fp32 (negation is exact). Channels past rd pass through. x may be a strided view (the fused qkv output).
+template <typename T>
+void rope_rows(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& y, bool interleaved) {
+    const int64_t B = x.size(0), S = x.size(1), H = x.size(2), D = x.size(3), rd = cos.size(3);
+    const T* xp = x.data_ptr<T>();
+    const T* cp = cos.data_ptr<T>();
+    const T* sp = sin.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    const int64_t cb = cos.size(0) == 1 ? 0 : cos.stride(0), sb = sin.size(0) == 1 ? 0 : sin.stride(0);
+    const int64_t half = rd / 2;
+    auto rnd = [](float v) { return static_cast<float>(static_cast<T>(v)); };
+    at::parallel_for(0, B * S, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            const int64_t b = r / S, s = r % S;
+            const T* c = cp + b * cb + s * cos.stride(1);
+            const T* n = sp + b * sb + s * sin.stride(1);
+            for (int64_t h = 0; h < H; ++h) {
+                const T* xi = xp + b * x.stride(0) + s * x.stride(1) + h * x.stride(2);
+                T* yo = yp + ((b * S + s) * H + h) * D;
+                for (int64_t j = 0; j < rd; ++j) {
+                    float rot;
+                    if (interleaved)
+                        rot = (j & 1) ? static_cast<float>(xi[j - 1]) : -static_cast<float>(xi[j + 1]);
+                    else
+                        rot = j < half ? -static_cast<float>(xi[j + half]) : static_cast<float>(xi[j - half]);
+                    const float a = rnd(static_cast<float>(xi[j]) * static_cast<float>(c[j]));
+                    const float bb = rnd(rot * static_cast<float>(n[j]));
+                    yo[j] = static_cast<T>(a + bb);
+                }
+                for (int64_t j = rd; j < D; ++j) yo[j] = xi[j];
+            }
+        }
+    });
+}
+
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool interleaved) {
+    TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1, "exllamav2_cpu::rope: x must be (batch, seq, heads, head_dim) "
+                "with contiguous channels, got ", x.sizes(), " strides ", x.strides());
+    TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type() && float_type(x.scalar_type()),
+                "exllamav2_cpu::rope: x, cos and sin must share a float dtype");
+    TORCH_CHECK(cos.dim() == 4 && cos.sizes() == sin.sizes() && cos.size(1) == x.size(1) && cos.size(2) == 1 &&
+                (cos.size(0) == 1 || cos.size(0) == x.size(0)) && cos.size(3) <= x.size(3) && cos.size(3) % 2 == 0 &&
+                cos.stride(3) == 1 && sin.stride(3) == 1 && cos.stride(1) == sin.stride(1),
+                "exllamav2_cpu::rope: cos and sin must be (", x.size(0), " or 1, ", x.size(1), ", 1, even rot_dim <= ",
+                x.size(3), ") with contiguous channels, got ", cos.sizes(), " and ", sin.sizes());
+    at::Tensor y = at::empty(x.sizes(), x.options());
+    if (y.numel() == 0) return y;
+    switch (x.scalar_type()) {
+        case at::kFloat: rope_rows<float>(x, cos, sin, y, interleaved); break;
+        case at::kBFloat16: rope_rows<c10::BFloat16>(x, cos, sin, y, interleaved); break;
+        default: rope_rows<c10::Half>(x, cos, sin, y, interleaved); break;
+    }
+    return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(exllamav2_cpu, m) {
     m.def("rms_norm(Tensor x, Tensor weight, float eps, ScalarType out_dtype) -> Tensor");
+    m.def("rope(Tensor x, Tensor cos, Tensor sin, bool interleaved) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(exllamav2_cpu, CPU, m) {
     m.impl("rms_norm", &rms_norm);
+    m.impl("rope", &rope);
 }

@@ -1,0 +1,93 @@
+"""Micro-benchmark of the cpu backend's GEMV kernels (exllamav2/ops/cpu/csrc/) over one SmolLM2-135M decode step's
+weights (30 layers of qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536, and the 49152x576 head: ~76-270
+MB, far more than the caches), against a plain read of as many bytes.
+
+    python bench/bench_cpu_kernels.py [--threads 1] [--rows 1] [--kinds Q4_0,Q4_1,Q8_0,Q4_K,BF16] [--reps 9]
+
+Made for a shared machine: times are CPU time of this process divided by the threads (time.process_time), so
+another process taking the cores away does not count (it still competes for memory bandwidth: compare rows of
+one run, and each kernel with the read line). Reports median ms per step and the weight bytes per CPU second.
+Random codes and scales: the kernels' speed does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def random_matrix(kind: str, n: int, k: int, rng):
+    from exllamav2.ops.cpu.gguf_pack import pack_gguf_blocks
+    if kind == "BF16":
+        return torch.randn(n, k, dtype=torch.bfloat16) * 0.02
+    if kind == "Q4_K":
+        kk = -(-k // 256) * 256   # Q4_K needs whole 256-column super-blocks
+        raw = rng.integers(0, 256, (n, kk // 256, 144), dtype=np.uint8)
+        raw[..., 0:4] = np.array([0.001, 0.002], np.float16).view(np.uint8)
+        return pack_gguf_blocks("Q4_K", raw.reshape(n, -1), (n, kk))
+    raw = rng.integers(0, 256, (n, k // 32, BLOCK_BYTES[kind]), dtype=np.uint8)
+    raw[..., 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    if kind == "Q4_1":
+        raw[..., 2:4] = np.frombuffer(np.float16(-0.05).tobytes(), np.uint8)
+    return pack_gguf_blocks(kind, raw.reshape(n, -1), (n, k))
+
+
+def cpu_seconds(fn, reps: int) -> list[float]:
+    fn()
+    out = []
+    for _ in range(reps):
+        t0 = time.process_time()
+        fn()
+        out.append((time.process_time() - t0) / torch.get_num_threads())
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rows", type=int, default=1, help="activation rows per call (1 = decode at batch 1)")
+    p.add_argument("--kinds", default="Q4_0,Q4_1,Q8_0,Q4_K,BF16")
+    p.add_argument("--reps", type=int, default=9)
+    args = p.parse_args(argv)
+    from exllamav2.ops.cpu import kernels
+    if not kernels.ready():
+        print("error: the CPU kernels are not available here (see the line above)", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    print(f"threads {args.threads}, rows {args.rows}, isa {kernels.isa()}; CPU ms per step (median of {args.reps})")
+    print("| kernel | MB per step | ms | GB/s |")
+    print("|---|---|---|---|")
+    big = torch.ones(128 << 20)  # 512 MiB
+    t = statistics.median(cpu_seconds(lambda: big.sum(), args.reps))
+    print(f"| read (torch.sum, 512 MiB) | {big.numel() * 4 / 1e6:.0f} | {t * 1e3:.2f} | {big.numel() * 4 / t / 1e9:.1f} |")
+    del big
+    for kind in args.kinds.split(","):
+        mats = [random_matrix(kind, n, k, rng) for n, k in SHAPES]
+        nbytes = sum(m.numel() * 2 if kind == "BF16" else m.nbytes() for m in mats)
+        xs = {}
+        for m in mats:
+            k = m.shape[1] if kind == "BF16" else m.in_features
+            xs.setdefault(k, torch.randn(args.rows, k, dtype=torch.bfloat16))
+
+        def step():
+            for m in mats:
+                if kind == "BF16":
+                    kernels.bf16_gemv(xs[m.shape[1]], m)
+                else:
+                    kernels.gguf_gemv(xs[m.in_features], m)
+        t = statistics.median(cpu_seconds(step, args.reps))
+        print(f"| {kind} GEMV | {nbytes / 1e6:.1f} | {t * 1e3:.2f} | {nbytes / t / 1e9:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
