@@ -1,10 +1,9 @@
 """Paged attention over a quantized KV cache (the reference; the Triton kernel: ops/triton/attention_quant.py).
 
 The op `quant_paged_attention` takes the layer's pages as a `kv_quant.QuantPages` (codes and scales, cache_q.py):
-the new tokens' K/V are quantised into their slots, then each sequence dequantises only its own keys and values
-(its pages, in block-table order) and attends to them alone, as the plain paged path does
-(attention.attend_sequence), so a request's result does not depend on the batch. Nothing dequantises the cache as
-a whole.
+the new tokens' K/V are quantised into their slots, then each sequence dequantises the keys and values of its own
+pages (in block-table order) and attends to them alone, as the plain paged path does (attention.attend_sequence),
+so a request's result does not depend on the batch. Nothing dequantises the cache as a whole.
 """
 
 from __future__ import annotations
@@ -31,6 +30,8 @@ def quant_paged_attention(q, k, v, pages: QuantPages, params, sliding_window: in
     outs = []
     for sq in params.sequences:
         qs = q[:, sq.start:sq.start + sq.q_len].transpose(1, 2)  # (1, hq, q_len, d)
+        # a sequence's keys are dequantised alone (kv_quant.GroupQuant.dequantize: a matmul whose rows must not
+        # depend on the batch)
         where = slice(sq.slot_start, sq.slot_start + sq.kv_len) if sq.slot_start is not None else sq.slots
         ks, vs = pages.read(where, q.dtype)
         mask = sq.mask(sliding_window or 0, q.device)
