@@ -354,7 +354,8 @@ def test_compiled_paged_step_with_a_quantized_cache(tiny32):
     runner = model.compile_decode(max_seq_len=256, progress=False, paged=True)
     try:
         assert _generate(model, tok, ExLlamaV2Cache_Q4, PROMPTS, 10) == eager
-        assert runner.paged.failed is None and runner.paged._step is not None and runner.paged._step.done
+        steps = runner.paged._steps
+        assert runner.paged.failed is None and steps and all(s.done for s in steps.values())
     finally:
         model.decode_runner = None
 

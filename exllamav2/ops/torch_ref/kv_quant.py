@@ -27,16 +27,13 @@ def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
     these steps exactly."""
     shape = x.shape
     g = x.reshape(-1, GROUP)
-    n = g.shape[0]
-    g, y = g.clone(), torch.empty_like(g)  # two buffers, written in turn (an op with out= and no stack per stage)
     h = 1
     while h < GROUP:
-        gv, yv = g.view(n, GROUP // (2 * h), 2, h), y.view(n, GROUP // (2 * h), 2, h)
-        torch.add(gv[:, :, 0], gv[:, :, 1], out=yv[:, :, 0])
-        torch.sub(gv[:, :, 0], gv[:, :, 1], out=yv[:, :, 1])
-        g, y = y, g
+        g = g.view(g.shape[0], GROUP // (2 * h), 2, h)
+        a, b = g[:, :, 0], g[:, :, 1]
+        g = torch.stack((a + b, a - b), 2)  # (out= into strided halves would be faster, but dynamo refuses it)
         h *= 2
-    return g.view(shape)
+    return g.reshape(shape)
 
 
 _HADAMARD: dict[str, torch.Tensor] = {}

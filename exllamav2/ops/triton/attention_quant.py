@@ -48,17 +48,29 @@ def _layout(k_codes, k_scales, v_codes, v_scales, k_format: str, v_format: str) 
 def write(pages: QuantPages, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """k, v (T, kv_heads, head_dim) into their slots (T,): group formats through attn_kv_quant.kv_quant_write."""
     for fmt, codes, scales, x in pages.parts(k, v):
-        T, hk, d = x.shape
-        if not fmt.has_scales or T == 0:
+        if not fmt.has_scales or x.shape[0] == 0:
             write_part(fmt, codes, scales, x, slots, pages.dtype)
             continue
-        x = last_dim_contiguous(x)
-        rows = T * hk * (d // GROUP)
-        kernels("attn_kv_quant").kv_quant_write[(-(-rows // WRITE_ROWS),)](
-            x, codes, scales, slots, rows, hk, d // GROUP, x.stride(0), x.stride(1), codes.stride(0),
-            codes.stride(1), scales.stride(0), scales.stride(1), torch.finfo(pages.dtype).max, BITS=fmt.bits,
-            BLOCK_R=WRITE_ROWS, SCALE_BF16=pages.dtype == torch.bfloat16, EXACT_DIV=not interpreting(),
-            num_warps=4)
+        torch.ops.exllamav2.triton_kv_quant_write(x, codes, scales, slots, fmt.bits)
+
+
+@torch.library.custom_op("exllamav2::triton_kv_quant_write", mutates_args=("codes", "scales"))
+def triton_kv_quant_write(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor,
+                          bits: int) -> None:
+    """x (T, kv_heads, head_dim) quantised into codes/scales (slots, kv_heads, ...) at slots (T,); a custom op so
+    that a compiled step calls the launch as one node."""
+    T, hk, d = x.shape
+    x = last_dim_contiguous(x)
+    rows = T * hk * (d // GROUP)
+    kernels("attn_kv_quant").kv_quant_write[(-(-rows // WRITE_ROWS),)](
+        x, codes, scales, slots, rows, hk, d // GROUP, x.stride(0), x.stride(1), codes.stride(0), codes.stride(1),
+        scales.stride(0), scales.stride(1), torch.finfo(scales.dtype).max, BITS=bits, BLOCK_R=WRITE_ROWS,
+        SCALE_BF16=scales.dtype == torch.bfloat16, EXACT_DIV=not interpreting(), num_warps=4)
+
+
+@triton_kv_quant_write.register_fake
+def _(x, codes, scales, slots, bits):
+    return None
 
 
 def _launch(meta, q0, k_codes, v_codes, out0, block_table, layout: QuantLayout, page_size, window, scale, softcap):
