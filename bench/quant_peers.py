@@ -243,11 +243,20 @@ def exl2_rows(args, src: str, texts: dict, results: Results, targets: list[float
         measurement = os.path.join(args.work, "exl2", f"measurement_damp{damp}"
                                                       f"{'_rotated' if args.rotate else ''}.json")
         reuse = os.path.isfile(measurement)
-        print(f"[{label}] converting ({'reusing ' + measurement if reuse else 'measuring first'})", flush=True)
-        r = convert_in_child(dict(in_dir=src, out_dir=out, bits=bits, head_bits=args.head_bits, rows=args.rows,
-                                  length=args.length, rotate=args.rotate, damp=args.damp,
-                                  measurement=measurement if reuse else None,
-                                  save_measurement=None if reuse else measurement))
+        done_file = os.path.join(out, "quant_peers_conversion.json")  # a finished conversion not yet scored
+        if os.path.isfile(done_file):
+            with open(done_file) as f:
+                r = json.load(f)
+            reuse = not r["measured"]
+            print(f"[{label}] converted earlier ({out})", flush=True)
+        else:
+            print(f"[{label}] converting ({'reusing ' + measurement if reuse else 'measuring first'})", flush=True)
+            r = convert_in_child(dict(in_dir=src, out_dir=out, bits=bits, head_bits=args.head_bits, rows=args.rows,
+                                      length=args.length, rotate=args.rotate, damp=args.damp,
+                                      measurement=measurement if reuse else None,
+                                      save_measurement=None if reuse else measurement))
+            with open(done_file, "w") as f:
+                json.dump({**r, "measured": not reuse}, f)
         print(f"[{label}] {r['summary']['bpw']:.3f} bpw; scoring", flush=True)
         ppl = score(out, texts, args.window)
         results.put(label, {"bpw": r["summary"]["bpw"], "ppl": ppl, "seconds": r["seconds"], "measured": not reuse,
