@@ -116,7 +116,13 @@ def test_every_op_on_cpu_equals_torch(dtype):
         with ops.use_backend("cpu"):
             got = op(*args)
         for r, g in zip(ref if isinstance(ref, tuple) else (ref,), got if isinstance(got, tuple) else (got,)):
-            if name in _CPU_KERNEL_OPS:
+            if name == "attention":
+                # the decode-row kernel (ops/cpu/csrc/attention.cpp) sums in its own fp32 order and does not round
+                # the probabilities to bf16/fp16 as SDPA does; tests/test_cpu_attention.py holds it to fp64 math
+                close = ((g - r).abs().max() <= 1e-5 * r.abs().max() if r.dtype == torch.float32
+                         else (g.float() - r.float()).norm() <= 1e-2 * r.float().norm())
+                assert g.dtype == r.dtype and close, name
+            elif name in _CPU_KERNEL_OPS:
                 # a C++ kernel (ops/cpu/csrc/small_ops.cpp): the reference's roundings but its own fp32 sum order
                 # and 1/sqrt, so fp32 outputs a few units in the last place apart, bf16/fp16 outputs at most one
                 units = 4 if r.dtype == torch.float32 else 1

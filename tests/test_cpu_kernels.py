@@ -130,7 +130,7 @@ def test_q4_k_gemv_equals_gguf_dequantisation(shape):
     with pytest.raises(ValueError, match="multiple of 256 columns"):
         pack_gguf_blocks("Q4_K", raw[:, :144], (n, 128))
     with pytest.raises(RuntimeError, match="Q4_K needs float16 super-block scales"):
-        torch.ops.exllamav2_cpu.gguf_gemv(x, packed.qweight, packed.scales, packed.offsets, 3, n, None, None)
+        torch.ops.exllamav2_cpu.gguf_gemv(x, packed.qweight, 3, n, None, None)
 
 
 @pytest.mark.parametrize("shape", [(64, 128), (37, 100), (333, 576), (50, 7)])

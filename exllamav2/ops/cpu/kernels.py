@@ -28,11 +28,11 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("exllamav2_cpu::gguf_gemv")
-    def _gguf_gemv_fake(x, qweight, scales, offsets, kind, n, bias, super_scales=None):
+    def _gguf_gemv_fake(x, qweight, kind, n, bias, super_scales=None):
         return x.new_empty((x.shape[0], n))
 
     @torch.library.register_fake("exllamav2_cpu::gguf_dequant")
-    def _gguf_dequant_fake(qweight, scales, offsets, kind, n, k, dtype, super_scales=None):
+    def _gguf_dequant_fake(qweight, kind, n, k, dtype, super_scales=None):
         return qweight.new_empty((n, k), dtype=dtype)
 
     @torch.library.register_fake("exllamav2_cpu::bf16_gemv")
@@ -93,13 +93,13 @@ def set_isa(name: str, source: str = "set_isa") -> None:
 
 def gguf_gemv(x: torch.Tensor, packed, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (rows, K) -> (rows, N) in x's dtype, for a GgufPacked matrix (gguf_pack.py)."""
-    return torch.ops.exllamav2_cpu.gguf_gemv(x, packed.qweight, packed.scales, packed.offsets, packed.kind,
-                                             packed.out_features, bias, packed.super_scales)
+    return torch.ops.exllamav2_cpu.gguf_gemv(x, packed.qweight, packed.kind, packed.out_features, bias,
+                                             packed.super_scales)
 
 
 def gguf_dequant(packed, dtype: torch.dtype) -> torch.Tensor:
-    return torch.ops.exllamav2_cpu.gguf_dequant(packed.qweight, packed.scales, packed.offsets, packed.kind,
-                                                packed.out_features, packed.in_features, dtype, packed.super_scales)
+    return torch.ops.exllamav2_cpu.gguf_dequant(packed.qweight, packed.kind, packed.out_features,
+                                                packed.in_features, dtype, packed.super_scales)
 
 
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -118,52 +118,35 @@ void check_isa(const char* op) {
                 "AVX2; the Python side should have kept torch's kernels");
 }
 
-// The packed weight's arrays for `kind`, checked against n x K (gguf_pack.py makes them).
+// The packed weight for `kind`, checked against n x K (gguf_pack.py makes it).
 Weights check_weights(const char* op, int64_t kind, int64_t n, int64_t K, const at::Tensor& qweight,
-                      const at::Tensor& scales, const std::optional<at::Tensor>& offsets,
                       const std::optional<at::Tensor>& super_scales) {
     TORCH_CHECK(kind == Q4_0 || kind == Q4_1 || kind == Q8_0 || kind == Q4_K, op, ": kind ", kind, " is not 0 (Q4_0), "
                 "1 (Q4_1), 2 (Q8_0) or 3 (Q4_K)");
     const int64_t blk = kind == Q4_K ? 256 : kBlock;
     TORCH_CHECK(K % blk == 0, op, ": ", K, " columns, expected a multiple of ", blk);
-    const int64_t nb = K / kBlock, groups = (n + kGroup - 1) / kGroup, per = groups * nb * kGroup;
-    const int64_t block_bytes = kind == Q8_0 ? 512 : 256;
-    TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous() &&
-                qweight.numel() == groups * nb * block_bytes, op, ": qweight must be contiguous uint8 with ",
-                groups * nb * block_bytes, " bytes for ", n, " rows x ", K, " columns, got ", qweight.numel());
-    Weights wt{qweight.data_ptr<uint8_t>(), nullptr, nullptr, nullptr, nullptr, nullptr};
+    const int64_t nb = K / kBlock, groups = (n + kGroup - 1) / kGroup;
+    const int64_t rec = kind == Q8_0 ? 544 : kind == Q4_1 ? 320 : 288;
+    TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous() && qweight.numel() == groups * nb * rec,
+                op, ": qweight must be contiguous uint8 with ", groups * nb * rec, " bytes for ", n, " rows x ", K,
+                " columns, got ", qweight.numel());
+    Weights wt{qweight.data_ptr<uint8_t>(), nullptr};
     if (kind == Q4_K) {
-        TORCH_CHECK(scales.scalar_type() == at::kByte && scales.is_contiguous() && scales.numel() == per, op,
-                    ": Q4_K scales must be contiguous uint8 with ", per, " values");
-        TORCH_CHECK(offsets.has_value() && offsets->scalar_type() == at::kByte && offsets->is_contiguous() &&
-                    offsets->numel() == per, op, ": Q4_K needs uint8 mins like its scales");
         TORCH_CHECK(super_scales.has_value() && super_scales->scalar_type() == at::kHalf &&
-                    super_scales->is_contiguous() && super_scales->numel() == per / 8 * 2, op,
-                    ": Q4_K needs float16 super-block scales (d, dmin) with ", per / 8 * 2, " values");
-        wt.sc = scales.data_ptr<uint8_t>();
-        wt.mn = offsets->data_ptr<uint8_t>();
+                    super_scales->is_contiguous() && super_scales->numel() == groups * nb / 8 * 2 * kGroup, op,
+                    ": Q4_K needs float16 super-block scales (d, dmin) with ", groups * nb / 8 * 2 * kGroup, " values");
         wt.super = reinterpret_cast<const uint16_t*>(super_scales->data_ptr<c10::Half>());
-        return wt;
-    }
-    TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == per, op,
-                ": scales must be contiguous float16 with ", per, " values");
-    wt.d = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::Half>());
-    if (kind == Q4_1) {
-        TORCH_CHECK(offsets.has_value() && offsets->scalar_type() == at::kHalf && offsets->is_contiguous() &&
-                    offsets->numel() == per, op, ": Q4_1 needs float16 offsets like scales");
-        wt.m = reinterpret_cast<const uint16_t*>(offsets->data_ptr<c10::Half>());
     }
     return wt;
 }
 
-at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                     const std::optional<at::Tensor>& offsets, int64_t kind, int64_t n,
+at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, int64_t kind, int64_t n,
                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& super_scales) {
     check_isa("gguf_gemv");
     TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "gguf_gemv: x must be a 2-D CPU tensor, got ", x.sizes());
     const int64_t rows = x.size(0), K = x.size(1);
     TORCH_CHECK(K % kBlock == 0, "gguf_gemv: x has ", K, " columns, expected a multiple of ", kBlock);
-    const Weights wt = check_weights("gguf_gemv", kind, n, K, qweight, scales, offsets, super_scales);
+    const Weights wt = check_weights("gguf_gemv", kind, n, K, qweight, super_scales);
     const int64_t nb = K / kBlock, groups = (n + kGroup - 1) / kGroup;
     if (bias.has_value())
         TORCH_CHECK(bias->numel() == n && bias->is_contiguous(), "gguf_gemv: bias must hold ", n, " values");
@@ -225,31 +208,29 @@ at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
 
 // Dense (n, K) weights from the interleaved layout, for calls with more rows than the GEMV serves (prefill): a
 // transient copy the caller feeds to oneDNN and drops.
-at::Tensor gguf_dequant(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& offsets,
-                        int64_t kind, int64_t n, int64_t K, at::ScalarType dtype,
+at::Tensor gguf_dequant(const at::Tensor& qweight, int64_t kind, int64_t n, int64_t K, at::ScalarType dtype,
                         const std::optional<at::Tensor>& super_scales) {
-    const Weights wt = check_weights("gguf_dequant", kind, n, K, qweight, scales, offsets, super_scales);
+    const Weights wt = check_weights("gguf_dequant", kind, n, K, qweight, super_scales);
     const int64_t nb = K / kBlock;
-    const int64_t block_bytes = kind == Q8_0 ? 512 : 256;
+    const int64_t code_bytes = kind == Q8_0 ? 512 : 256, rec = kind == Q8_0 ? 544 : kind == Q4_1 ? 320 : 288;
     at::Tensor out = at::empty({n, K}, qweight.options().dtype(dtype));
-    const uint8_t* w = wt.codes;
     auto half = [](const uint16_t* p, int64_t i) { return static_cast<float>(c10::Half(p[i], c10::Half::from_bits())); };
     at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
         std::vector<float> row(K);
         for (int64_t r = r0; r < r1; ++r) {
             const int64_t g = r / kGroup, rr = r % kGroup;
             for (int64_t b = 0; b < nb; ++b) {
-                const int64_t si = (g * nb + b) * kGroup + rr;
+                const uint8_t* wb = wt.rec + (g * nb + b) * rec;
+                const uint16_t* dp = reinterpret_cast<const uint16_t*>(wb + code_bytes);
                 float d, c;
                 if (kind == Q4_K) {
                     const int64_t sp = (g * (nb / 8) + b / 8) * 2 * kGroup + rr;
-                    d = half(wt.super, sp) * static_cast<float>(wt.sc[si]);
-                    c = -(half(wt.super, sp + kGroup) * static_cast<float>(wt.mn[si]));
+                    d = half(wt.super, sp) * static_cast<float>(wb[code_bytes + rr]);
+                    c = -(half(wt.super, sp + kGroup) * static_cast<float>(wb[code_bytes + kGroup + rr]));
                 } else {
-                    d = half(wt.d, si);
-                    c = kind == Q4_1 ? half(wt.m, si) : (kind == Q4_0 ? -8.f * d : -128.f * d);
+                    d = half(dp, rr);
+                    c = kind == Q4_1 ? half(dp, kGroup + rr) : (kind == Q4_0 ? -8.f * d : -128.f * d);
                 }
-                const uint8_t* wb = w + (g * nb + b) * block_bytes;
                 float* rb = row.data() + b * kBlock;
                 if (kind == Q8_0) {
                     for (int ch = 0; ch < 8; ++ch)
@@ -450,10 +431,9 @@ int64_t set_isa_op(int64_t level) {
 }  // namespace
 
 TORCH_LIBRARY(exllamav2_cpu, m) {
-    m.def("gguf_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, int kind, int n, Tensor? bias, "
-          "Tensor? super_scales=None) -> Tensor");
-    m.def("gguf_dequant(Tensor qweight, Tensor scales, Tensor? offsets, int kind, int n, int k, ScalarType dtype, "
-          "Tensor? super_scales=None) -> Tensor");
+    m.def("gguf_gemv(Tensor x, Tensor qweight, int kind, int n, Tensor? bias, Tensor? super_scales=None) -> Tensor");
+    m.def("gguf_dequant(Tensor qweight, int kind, int n, int k, ScalarType dtype, Tensor? super_scales=None) "
+          "-> Tensor");
     m.def("bf16_gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
     m.def("isa() -> int", &isa_op);
     m.def("set_isa(int level) -> int", &set_isa_op);

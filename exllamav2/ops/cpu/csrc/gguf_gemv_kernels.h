@@ -1,14 +1,15 @@
 // GGUF Q4_0/Q4_1/Q8_0/Q4_K GEMV inner kernels (no torch, so they can be built alone; bench/bench_cpu_kernels.py times them).
 // The torch op around them is gemv.cpp; the weight layout is made by exllamav2/ops/cpu/gguf_pack.py.
 //
-// Weight layout: output rows in groups of 16 (padded), per (group, 32-column block):
-//   4-bit: 4 chunks x 16 rows x 4 bytes; byte i of chunk c of row r holds column 4c+i (low nibble) and 16+4c+i
-//          (high nibble), the GGUF block's own byte order, only interleaved over 16 rows;
-//   8-bit: 8 chunks x 16 rows x 4 bytes, column 4c+i, stored as q + 128 (unsigned).
-//   scales d (fp16, 16 per group and block) and, for Q4_1, offsets m (fp16) in the same order.
-//   Q4_K: each 32-column sub-block's codes repacked into that 4-bit layout; its 6-bit scale and min as uint8
-//   (sc, mn: 16 per group and block), and per group and 256-column super-block the fp16 d and dmin (2 x 16), so
-//   w = (d*sc) * q - (dmin*mn): d*sc and dmin*mn are exact in fp32 (11-bit by 6-bit products), the file's own
+// Weight layout (gguf_pack.py): output rows in groups of 16 (padded); per (group, 32-column block) one record, the
+// records in column order and the groups one after another, so a thread streams one sequential range:
+//   codes, 4-bit: 4 chunks x 16 rows x 4 bytes; byte i of chunk c of row r holds column 4c+i (low nibble) and
+//          16+4c+i (high nibble), the GGUF block's own byte order, only interleaved over 16 rows;
+//   codes, 8-bit: 8 chunks x 16 rows x 4 bytes, column 4c+i, stored as q + 128 (unsigned);
+//   then the 16 rows' fp16 scales d, and for Q4_1 their fp16 offsets m (records of 288, 320, 544 bytes);
+//   Q4_K: each 32-column sub-block's codes in the 4-bit layout, then its 16 rows' 6-bit scales sc and mins mn as
+//   uint8 (288 bytes), and beside the records per group and 256-column super-block the fp16 d and dmin (2 x 16),
+//   so w = (d*sc) * q - (dmin*mn): d*sc and dmin*mn are exact in fp32 (11-bit by 6-bit products), the file's own
 //   weights (4.625 bits per weight against the file's 4.5).
 // A 32-bit lane of a vector holds 4 weights of one output row, so the activation's 4 matching int8 values are
 // broadcast to all lanes and one vpdpbusd advances 16 output rows.
@@ -39,18 +40,15 @@ constexpr int kMaxRows = 8;  // activation rows per kernel call
 
 enum Kind : int { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, Q4_K = 3 };
 
-// The packed weight's arrays (gguf_pack.py); the ones a kind does not use are null.
+// The packed weight (gguf_pack.py).
 struct Weights {
-    const uint8_t* codes;
-    const uint16_t* d;      // fp16 (groups, blocks, 16): Q4_0, Q4_1, Q8_0
-    const uint16_t* m;      // fp16 (groups, blocks, 16): Q4_1
-    const uint8_t* sc;      // uint8 (groups, blocks, 16): Q4_K
-    const uint8_t* mn;      // uint8 (groups, blocks, 16): Q4_K
-    const uint16_t* super;  // fp16 (groups, blocks / 8, 2, 16): Q4_K d, dmin
+    const uint8_t* rec;     // (groups, blocks) records
+    const uint16_t* super;  // Q4_K: fp16 (groups, blocks / 8, 2, 16) d, dmin; null otherwise
 };
 
-// bytes of codes per (group, block)
+// bytes of codes per (group, block), and of the whole record
 constexpr int code_bytes(int kind) { return kind == Q8_0 ? 512 : 256; }
+constexpr int record_bytes(int kind) { return code_bytes(kind) + (kind == Q4_1 ? 64 : 32); }
 // the code offset subtracted in integers (Q4_1's and Q4_K's offsets are floats per row and block)
 constexpr int code_offset(int kind) { return kind == Q4_0 ? 8 : kind == Q8_0 ? 128 : 0; }
 
@@ -103,9 +101,6 @@ inline int32_t load4(const int8_t* p) {
     return v;
 }
 
-#ifndef GGUF_GEMV_PREFETCH
-#define GGUF_GEMV_PREFETCH 1024
-#endif
 
 // ------------------------------------------------------------------------------------------------ AVX-512 VNNI
 
@@ -119,18 +114,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
     // rows 1-2: the low/high nibble (or even/odd chunk) products in separate registers, so that the dependency
     // chains are short enough for one row; integer sums, so the result is the same
     constexpr int S = M <= 2 ? 2 : 1;
-    const uint8_t* wg = wt.codes + g * nb * kBytes;
-    const int64_t gb = g * nb * kGroup;   // this group's first scale
+    constexpr int kRec = record_bytes(KIND);
+    const uint8_t* wg = wt.rec + g * nb * kRec;
     const __m512i low = _mm512_set1_epi8(0x0F);
     __m512 acc[M];
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* wb = wg + b * kBytes;
-        if (GGUF_GEMV_PREFETCH > 0) {
-#pragma GCC unroll 8
-            for (int l = 0; l < kBytes / 64; ++l) _mm_prefetch(reinterpret_cast<const char*>(wb + GGUF_GEMV_PREFETCH + 64 * l), _MM_HINT_T0);
-        }
+        const uint8_t* wb = wg + b * kRec;
+        const uint16_t* dp = reinterpret_cast<const uint16_t*>(wb + kBytes);  // d, then m (Q4_1)
+        const uint8_t* scp = wb + kBytes;                                     // Q4_K: sc, then mn
         __m512i d1[M][S], d2[M][S];
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
@@ -170,14 +163,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
             const uint16_t* sp = wt.super + (g * (nb / 8) + b / 8) * 2 * kGroup;
             const __m512 dd = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp)));
             const __m512 dm = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + kGroup)));
-            const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wt.sc + gb + b * kGroup));
-            const __m128i mn = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wt.mn + gb + b * kGroup));
+            const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(scp));
+            const __m128i mn = _mm_loadu_si128(reinterpret_cast<const __m128i*>(scp + kGroup));
             d = _mm512_mul_ps(dd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc)));
             off = _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mn)));
         } else {
-            d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt.d + gb + b * kGroup)));
+            d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dp)));
             if constexpr (KIND == Q4_1)
-                off = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt.m + gb + b * kGroup)));
+                off = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dp + kGroup)));
         }
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
@@ -208,8 +201,8 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2(
         const Weights& wt, const QuantX& xq, int64_t g, float* out) {
     const int64_t nb = xq.K / kBlock;
     constexpr int kBytes = code_bytes(KIND);
-    const uint8_t* wg = wt.codes + g * nb * kBytes;
-    const int64_t gb = g * nb * kGroup;   // this group's first scale
+    constexpr int kRec = record_bytes(KIND);
+    const uint8_t* wg = wt.rec + g * nb * kRec;
     const __m256i low = _mm256_set1_epi8(0x0F);
     const __m256i ones16 = _mm256_set1_epi16(1);
     const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
@@ -217,7 +210,9 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2(
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* wb = wg + b * kBytes;
+        const uint8_t* wb = wg + b * kRec;
+        const uint16_t* dp = reinterpret_cast<const uint16_t*>(wb + kBytes);  // d, then m (Q4_1)
+        const uint8_t* scp = wb + kBytes;                                     // Q4_K: sc, then mn
         __m256i d1[M][2], d2[M][2];
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
@@ -268,14 +263,14 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2(
                 const uint16_t* sp = wt.super + (g * (nb / 8) + b / 8) * 2 * kGroup + 8 * h;
                 const __m256 dd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp)));
                 const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + kGroup)));
-                const __m128i sc = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wt.sc + gb + b * kGroup + 8 * h));
-                const __m128i mn = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wt.mn + gb + b * kGroup + 8 * h));
+                const __m128i sc = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(scp + 8 * h));
+                const __m128i mn = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(scp + kGroup + 8 * h));
                 d = _mm256_mul_ps(dd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc)));
                 off = _mm256_mul_ps(dm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn)));
             } else {
-                d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wt.d + gb + b * kGroup + 8 * h)));
+                d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dp + 8 * h)));
                 if constexpr (KIND == Q4_1)
-                    off = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wt.m + gb + b * kGroup + 8 * h)));
+                    off = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dp + kGroup + 8 * h)));
             }
 #pragma GCC unroll 8
             for (int m = 0; m < M; ++m) {
