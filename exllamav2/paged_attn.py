@@ -68,23 +68,22 @@ class PagedParams(Params):
         self.num_sequences = len(q_lens)
         self.q_lens = list(q_lens)
         self.past_lens = list(past_lens)
+        # positions, write slots and last-token indices are worked out in Python and uploaded once: a decode step's
+        # handful of sequences would otherwise cost a dozen small tensor ops per step
+        self.block_tables = [list(pages) for pages in block_tables]
         max_pages = max(len(bt) for bt in block_tables)
-        bt = torch.zeros(len(block_tables), max_pages, dtype=torch.long)
-        for i, pages in enumerate(block_tables):
-            bt[i, :len(pages)] = torch.tensor(pages, dtype=torch.long)
-        self.block_index = bt.to(device)
+        self.block_index = torch.tensor([bt + [0] * (max_pages - len(bt)) for bt in self.block_tables],
+                                        dtype=torch.long, device=device)
         self.num_pages = torch.tensor([len(p) for p in block_tables], device=device)
-        past = torch.tensor(past_lens, dtype=torch.long, device=device)
-        ql = torch.tensor(q_lens, dtype=torch.long, device=device)
-        self.cache_seqlens = past
-
-        seq_of_token = torch.repeat_interleave(torch.arange(len(q_lens), device=device), ql)
-        starts = torch.cumsum(ql, 0) - ql
-        within = torch.arange(total, device=device) - starts[seq_of_token]
-        pos = past[seq_of_token] + within
-        self.positions = pos.unsqueeze(0)
-        self.slots = self._slots(seq_of_token, pos)
-        self.last_token_index = starts + ql - 1  # the packed index of each sequence's last new token
+        self.cache_seqlens = torch.tensor(past_lens, dtype=torch.long, device=device)
+        positions, slots, last = [], [], []
+        for pages, p, q in zip(self.block_tables, past_lens, q_lens):
+            positions.extend(range(p, p + q))
+            slots.extend(pages[t // page_size] * page_size + t % page_size for t in range(p, p + q))
+            last.append(len(positions) - 1)
+        self.positions = torch.tensor(positions, dtype=torch.long, device=device).unsqueeze(0)
+        self.slots = torch.tensor(slots, dtype=torch.long, device=device)
+        self.last_token_index = torch.tensor(last, dtype=torch.long, device=device)  # packed index of each last token
 
         # every sequence attends alone, to exactly its own keys: its result cannot depend on what else is in the
         # batch (padding it to a neighbour's length changes the attention kernel's reduction order)
@@ -102,10 +101,6 @@ class PagedParams(Params):
             self.sequences.append(_Sequence(start, q, kv_len, slot_start, slots, {}))
             start += q
         self.max_position = max(p + q for p, q in zip(past_lens, q_lens))
-
-    def _slots(self, seq_of_token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        page = self.block_index[seq_of_token, pos // self.page_size]
-        return page * self.page_size + pos % self.page_size
 
     def get_positions(self, device) -> tuple[torch.Tensor, int]:
         return self.positions.to(device), self.max_position

@@ -304,7 +304,7 @@ def test_mixed_step_runs_decode_rows_apart_from_prompts(tmp_path):
     def step(*args):
         calls.append(args[1].shape[1])
         return paged_decode_step(*args)
-    paged._step = _Lazy(step, "", False)
+    paged._steps = {2: _Lazy(step, "", False)}  # the bucket of two sequences
     with torch.inference_mode():
         want = _eager(model, cache, ids, params, rows, None)
         for (k, v), (k0, v0) in zip(zip(cache.key_states, cache.value_states), snapshot):

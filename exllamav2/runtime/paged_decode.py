@@ -62,13 +62,15 @@ class PagedDecode:
         same graph whatever else shares its step (a prompt being read beside it, say). None when the step cannot
         run here (the caller then runs the whole step eagerly)."""
         want = set(rows.tolist())
-        starts = torch.cumsum(torch.tensor([0] + params.q_lens[:-1]), 0).tolist()
+        starts = [0]
+        for q in params.q_lens[:-1]:
+            starts.append(starts[-1] + q)
         dec = [i for i, (q, st) in enumerate(zip(params.q_lens, starts)) if q == 1 and st in want]
         if not dec:
             return None
         if len(dec) == params.num_sequences and len(want) == len(dec):
             return self(ids, cache, params)
-        tables = [params.block_index[i, :int(params.num_pages[i])].tolist() for i in range(params.num_sequences)]
+        tables = params.block_tables
         rest = [i for i in range(params.num_sequences) if i not in set(dec)]
         sub = PagedParams([tables[i] for i in dec], [params.past_lens[i] for i in dec], [1] * len(dec),
                           params.page_size)
