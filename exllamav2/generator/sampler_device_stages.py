@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from . import sampler_stages as host_stages
+
 # "no range limit" for the repetition penalty, as a distance no history reaches
 _NO_LIMIT = 1 << 40
 
@@ -176,19 +178,8 @@ def min_p(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 def tail_free(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """sampler_stages.tail_free per row (rows with tfs outside (0, 1) are left alone)."""
-    n = p.shape[-1]
-    if n < 3:
-        return p
-    live = (p > 0).sum(dim=-1, keepdim=True)
-    d = (p[:, :-2] - 2 * p[:, 1:-1] + p[:, 2:]).abs()
-    valid = torch.arange(n - 2, device=p.device).unsqueeze(0) < live - 2
-    d = torch.where(valid, d, torch.zeros_like(d))
-    dsum = d.sum(dim=-1, keepdim=True)
-    cum = d.cumsum(dim=-1) / dsum.clamp(min=torch.finfo(p.dtype).tiny)
-    k = ((cum <= value) & valid).sum(dim=-1, keepdim=True)
-    keep = torch.arange(n, device=p.device).unsqueeze(0) < k + 1
-    keep = keep | (live < 3) | (dsum == 0)
-    return _keep(p, keep, (value > 0) & (value < 1))
+    keep = host_stages.tail_free_keep(p, value)
+    return p if keep is None else _keep(p, keep, (value > 0) & (value < 1))
 
 
 def typical(p: torch.Tensor, ids: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,9 +61,16 @@ def tail_free(p: torch.Tensor, value: float) -> torch.Tensor:
     the first k + 1 candidates where k counts the leading cumulative sums <= value. Fewer than three candidates,
     or no curvature at all, keep everything.
     """
+    keep = tail_free_keep(p, value)
+    return p if keep is None else _keep(p, keep)
+
+
+def tail_free_keep(p: torch.Tensor, value) -> torch.Tensor | None:
+    """The candidates tail-free sampling keeps (`value` a float or one per row, (batch, 1)); None for fewer than
+    three candidates. Shared by the host stage above and the device one (sampler_device_stages.py)."""
     n = p.shape[-1]
     if n < 3:
-        return p
+        return None
     live = (p > 0).sum(dim=-1, keepdim=True)
     d = (p[:, :-2] - 2 * p[:, 1:-1] + p[:, 2:]).abs()
     valid = torch.arange(n - 2, device=p.device).unsqueeze(0) < live - 2
@@ -72,8 +79,7 @@ def tail_free(p: torch.Tensor, value: float) -> torch.Tensor:
     cum = d.cumsum(dim=-1) / dsum.clamp(min=torch.finfo(p.dtype).tiny)
     k = ((cum <= value) & valid).sum(dim=-1, keepdim=True)
     keep = torch.arange(n, device=p.device).unsqueeze(0) < k + 1
-    keep |= (live < 3) | (dsum == 0)
-    return _keep(p, keep)
+    return keep | (live < 3) | (dsum == 0)
 
 
 def typical(p: torch.Tensor, ids: torch.Tensor, value: float) -> tuple[torch.Tensor, torch.Tensor]:

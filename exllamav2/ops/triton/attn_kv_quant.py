@@ -22,12 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _butterfly(x, sel, AXIS: tl.constexpr):
-    a = tl.reduce(tl.where(sel == 0, x, 0.0), AXIS, tl.standard._sum_combine, keep_dims=True)
-    b = tl.reduce(tl.where(sel == 1, x, 0.0), AXIS, tl.standard._sum_combine, keep_dims=True)
-    return tl.where(sel == 0, a + b, a - b)
+from .attn_kernels import _butterfly
 
 
 @triton.jit
