@@ -185,14 +185,7 @@ def tail_free(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 def typical(p: torch.Tensor, ids: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """sampler_stages.typical per row: may drop the most likely candidate, so enabled rows are re-sorted."""
     enabled = (value > 0) & (value < 1)
-    live = p > 0
-    entropy = _entropy(p).unsqueeze(-1)
-    deviation = torch.where(live, (-p.clamp(min=torch.finfo(p.dtype).tiny).log() - entropy).abs(), math.inf)
-    order = torch.argsort(deviation, dim=-1, stable=True)
-    mass = p.gather(-1, order).cumsum(dim=-1)
-    count = (mass < value).sum(dim=-1, keepdim=True) + 1
-    keep_in_order = torch.arange(p.shape[-1], device=p.device).unsqueeze(0) < count
-    keep = torch.zeros_like(live).scatter(-1, order, keep_in_order) & live
+    keep = host_stages.typical_keep(p, value)
     q = torch.where(keep, p, torch.zeros_like(p))
     q = q / q.sum(dim=-1, keepdim=True)
     resort = torch.argsort(q, dim=-1, descending=True, stable=True)

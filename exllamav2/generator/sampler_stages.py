@@ -82,12 +82,9 @@ def tail_free_keep(p: torch.Tensor, value) -> torch.Tensor | None:
     return keep | (live < 3) | (dsum == 0)
 
 
-def typical(p: torch.Tensor, ids: torch.Tensor, value: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    Locally typical sampling (as HF's TypicalLogitsWarper): order candidates by |-log p - H| and keep the
-    shortest run in that order whose mass reaches `value`. (The original's C++ misplaces a log term here.)
-    This stage may drop the most likely candidate, so it re-sorts and returns (probs, ids).
-    """
+def typical_keep(p: torch.Tensor, value) -> torch.Tensor:
+    """The candidates locally typical sampling keeps (`value` a float or one per row, (batch, 1)): the shortest run,
+    in order of |surprise - entropy|, whose mass reaches `value`. Shared with sampler_device_stages.py."""
     live = p > 0
     entropy = _entropy(p).unsqueeze(-1)
     deviation = torch.where(live, (-p.clamp(min=torch.finfo(p.dtype).tiny).log() - entropy).abs(), math.inf)
@@ -95,7 +92,16 @@ def typical(p: torch.Tensor, ids: torch.Tensor, value: float) -> tuple[torch.Ten
     mass = p.gather(-1, order).cumsum(dim=-1)
     count = (mass < value).sum(dim=-1, keepdim=True) + 1
     keep_in_order = torch.arange(p.shape[-1], device=p.device).unsqueeze(0) < count
-    keep = torch.zeros_like(live).scatter(-1, order, keep_in_order) & live
+    return torch.zeros_like(live).scatter(-1, order, keep_in_order) & live
+
+
+def typical(p: torch.Tensor, ids: torch.Tensor, value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Locally typical sampling (as HF's TypicalLogitsWarper): order candidates by |-log p - H| and keep the
+    shortest run in that order whose mass reaches `value`. (The original's C++ misplaces a log term here.)
+    This stage may drop the most likely candidate, so it re-sorts and returns (probs, ids).
+    """
+    keep = typical_keep(p, value)
     p = renormalise(torch.where(keep, p, torch.zeros_like(p)))
     resort = torch.argsort(p, dim=-1, descending=True, stable=True)
     return p.gather(-1, resort), ids.gather(-1, resort)
