@@ -1,0 +1,79 @@
+"""Micro-benchmark of the cpu backend's decode-attention kernel (exllamav2/ops/cpu/csrc/attention.cpp) against the
+reference the backend would run without it (exllamav2/ops/torch_ref/attention.py: torch's SDPA), on the shapes a
+decode step passes: q (b, hq, rows, d), k/v (b, hk, L, d) as transposed views of a (b, max_len, hk, d) cache.
+
+    python bench/bench_cpu_attention.py [--model smollm2|llama8b] [--rows 1] [--batch 1] [--dtype bf16]
+                                        [--threads 1,2] [--lengths 16,64,256,1024,4096]
+
+Made for a shared machine: each figure is the minimum over --reps repetitions of the mean over a loop of calls
+(~20 ms a loop), in wall microseconds per call; the minimum is the run least disturbed by other processes. Also
+printed: the kernel's rate in GMAC/s (2 * hq * rows * L * d multiply-adds: scores and weighted sum).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+MODELS = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128), "gemma2": (8, 4, 256)}  # (hq, hk, head_dim)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def per_call_us(fn, reps: int) -> float:
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-7)
+    loops = max(1, min(20000, int(0.02 / once)))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(loops):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / loops)
+    return best * 1e6
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+    p.add_argument("--rows", type=int, default=1, help="query rows per sequence (1 = decode; up to 16)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--lengths", default="16,64,256,512,1024,2048,4096")
+    p.add_argument("--reps", type=int, default=7)
+    args = p.parse_args(argv)
+    from exllamav2.ops.cpu import kernels
+    from exllamav2.ops.torch_ref.attention import attention as reference
+    if not (kernels.ready() and kernels.isa() == "avx512"):
+        print("the decode-attention kernel needs the CPU kernels built and AVX-512", file=sys.stderr)
+        return 1
+    hq, hk, d = MODELS[args.model]
+    dtype, s, b = DTYPES[args.dtype], args.rows, args.batch
+    kernel = torch.ops.exllamav2_cpu.decode_attention
+    print(f"# {args.model}: q ({b}, {hq}, {s}, {d}) {args.dtype}, k/v ({b}, {hk}, L, {d}) cache views; "
+          f"us per call (min of {args.reps}); causal when rows > 1")
+    print("| threads | L | kernel us | SDPA us | SDPA / kernel | kernel GMAC/s |")
+    print("|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for threads in (int(x) for x in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for L in (int(x) for x in args.lengths.split(",")):
+            q = torch.randn(b, s, hq, d, generator=g).to(dtype).transpose(1, 2)
+            kc = torch.randn(b, L + 64, hk, d, generator=g).to(dtype)
+            vc = torch.randn(b, L + 64, hk, d, generator=g).to(dtype)
+            k, v = kc[:, :L].transpose(1, 2), vc[:, :L].transpose(1, 2)
+            causal = s > 1
+            ours = per_call_us(lambda: kernel(q, k, v, None, d ** -0.5, 0.0, causal), args.reps)
+            ref = per_call_us(lambda: reference(q, k, v, None, d ** -0.5, 0.0, causal), args.reps)
+            gmac = 2 * b * hq * s * L * d / (ours * 1e3)
+            print(f"| {threads} | {L} | {ours:.1f} | {ref:.1f} | {ref / ours:.2f}x | {gmac:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
