@@ -150,7 +150,8 @@ class ExLlamaV2:
             cache.update_cache_tensors()
 
     def compile_decode(self, batch_sizes=(1,), max_seq_len: int | None = None, progress: bool = True,
-                       options: dict | None = None, freeze: bool = False, paged: bool | None = None):
+                       options: dict | None = None, freeze: bool = False, paged: bool | None = None,
+                       check_guards: bool = False):
         """Compile the decode step once (runtime/decode.py): every later `forward` of one token per row on a plain
         cache, from any generator, runs the compiled step. Compiled for caches of `batch_sizes` rows and
         `max_seq_len` positions (default: config.max_seq_len); a cache of another shape compiles once more on first
@@ -158,13 +159,16 @@ class ExLlamaV2:
         `compile_seconds` says what the compile cost. `freeze` folds the weights into the graph as constants
         (runtime/compile.py says when that pays, and why it is off). `paged`: the dynamic generator's decode steps
         through the runner too (runtime/paged_decode.py); default on a GPU (CUDA graphs), off on the CPU, where the
-        compiled paged step is still slower than the eager packed forward at batch 1 (bench/README_PERF.md)."""
+        compiled paged step is still slower than the eager packed forward at batch 1 (bench/README_PERF.md).
+        `check_guards`: let dynamo check its guards at every step instead of once per kind of call
+        (runtime/guards.py says what that costs and what it covers)."""
         if not self.loaded:
             raise RuntimeError("the model is not loaded: call model.load() first")
         from .runtime.decode import DecodeRunner
         self.decode_runner = None
         self.decode_runner = DecodeRunner(self, compile=True, progress=progress, options=options,
-                                          batch_sizes=batch_sizes, max_seq_len=max_seq_len, freeze=freeze, paged=paged)
+                                          batch_sizes=batch_sizes, max_seq_len=max_seq_len, freeze=freeze, paged=paged,
+                                          check_guards=check_guards)
         return self.decode_runner
 
     def final_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,6 +184,7 @@ class ExLlamaV2:
         for m in self.modules:
             m.unload()
         self.loaded = False
+        self.decode_runner = None  # its compiled steps read the unloaded weights
 
     def is_quant(self) -> bool:
         return any(m.is_quant() for m in self.kv_modules())

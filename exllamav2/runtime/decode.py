@@ -24,6 +24,7 @@ import torch
 from ..attn_params import Params
 from ..module import interventions_alive
 from .compile import INDUCTOR_OPTIONS, Ticker, configure_inductor
+from .guards import TrustedSteps, cache_kind
 
 
 def decode_step(model, ids: torch.Tensor, cache, past: int) -> torch.Tensor:
@@ -38,8 +39,10 @@ def decode_step(model, ids: torch.Tensor, cache, past: int) -> torch.Tensor:
 
 class DecodeRunner:
     def __init__(self, model, compile: bool = True, progress: bool = True, options: dict | None = None,
-                 batch_sizes=(1,), max_seq_len: int | None = None, freeze: bool = False, paged: bool | None = None):
+                 batch_sizes=(1,), max_seq_len: int | None = None, freeze: bool = False, paged: bool | None = None,
+                 check_guards: bool = False):
         self.model = model
+        self.trusted = TrustedSteps(check_guards)  # dynamo's guards checked once per kind of call (runtime/guards.py)
         self.compiled = compile
         self.compile_seconds = 0.0
         self.graph_breaks = False  # True when the step compiled as several graphs (a host sync inside it)
@@ -69,12 +72,16 @@ class DecodeRunner:
                 from .paged_decode import PagedDecode
                 self.paged = PagedDecode(self)  # the dynamic generator's decode steps, compiled at their first use
 
+    def _needs_aten(self, e: Exception) -> bool:
+        # inductor wraps NoValidChoicesError in its own error types
+        return "NoValidChoicesError" in repr(e) and "ATEN" not in self._options["max_autotune_gemm_backends"]
+
     def _compile(self, b: int):
         try:
             return self._compile_one(b)
-        except Exception as e:  # inductor wraps NoValidChoicesError in its own error types
+        except Exception as e:
             if "NoValidChoicesError" in repr(e):
-                if "ATEN" in self._options["max_autotune_gemm_backends"]:
+                if not self._needs_aten(e):
                     raise
                 # the C++ GEMM template has no micro-kernel for some matmul here (the int4 kernel's, say): offer
                 # ATen's kernels beside it
@@ -143,12 +150,24 @@ class DecodeRunner:
                 buf = self._ids[b] = torch.zeros(b, 1, dtype=torch.long)
         buf.copy_(input_ids)
         past = cache.current_seq_len
-        step = decode_step
         if self.compiled:
             step = self._steps.get(b)
             if step is None:  # a batch size not compiled ahead: compile it now, once
                 step = self._steps[b] = self._compile(b)
-        logits = step(self.model, buf, cache, past)
+            # positions 0 and 1 get graphs of their own (dynamo specialises them), the rest share one
+            kind = (b, min(past, 2), cache_kind(cache))
+            try:
+                logits = self.trusted.call(step, kind, self.model, buf, cache, past)
+            except Exception as e:
+                if not self._needs_aten(e):
+                    raise
+                # a recompile (another backend pinned since, say) met a matmul the C++ GEMM template cannot do
+                self._options = {**self._options, "max_autotune_gemm_backends": "CPP,ATEN"}
+                self.trusted.forget()
+                step = self._steps[b] = self._compile(b)
+                logits = self.trusted.call(step, kind, self.model, buf, cache, past)
+        else:
+            logits = decode_step(self.model, buf, cache, past)
         cache.current_seq_len = past + 1
         return logits
 

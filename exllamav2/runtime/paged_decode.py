@@ -19,6 +19,7 @@ import torch
 
 from ..paged_attn import PagedDecodeParams, PagedParams
 from .compile import Ticker
+from .guards import cache_kind
 
 
 def paged_decode_step(model, ids: torch.Tensor, cache, block_index: torch.Tensor, past: torch.Tensor,
@@ -134,7 +135,7 @@ class PagedDecode:
             step = self._steps[n] = self._compile(n)
         args = (self.runner.model, ids_buf, cache, table, past, params.page_size, cache.max_seq_len)
         try:
-            out = step(*args)
+            out = self.runner.trusted.call(step, (n, pages, params.page_size, cache_kind(cache)), *args)
         except Exception as e:  # a failed compile must not end the user's jobs: the eager forward computes the same
             if step.done:
                 raise

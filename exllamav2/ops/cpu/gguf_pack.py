@@ -37,9 +37,21 @@ class GgufPacked:
     in_features: int
     super_scales: torch.Tensor | None = None   # Q4_K: (groups, blocks / 8, 2, 16) float16 d, dmin
 
+    def __post_init__(self):
+        # parameters, not plain tensors: dynamo then leaves them out of the guard that no two inputs of a compiled
+        # step alias, the one guard it keeps checking at every step when runtime/guards.py skips the others (about
+        # 0.4 ms a token for SmolLM2's 121 matrices)
+        self.qweight = _frozen(self.qweight)
+        if self.super_scales is not None:
+            self.super_scales = _frozen(self.super_scales)
+
     def nbytes(self) -> int:
         ts = (self.qweight, self.super_scales)
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def _frozen(t: torch.Tensor) -> torch.nn.Parameter:
+    return t if isinstance(t, torch.nn.Parameter) else torch.nn.Parameter(t, requires_grad=False)
 
 
 def _interleave(a: np.ndarray, groups: int, nb: int, chunks: int) -> np.ndarray:
