@@ -5,7 +5,11 @@ Tolerance: the kernel computes scores, softmax and the weighted sum in fp32 and 
 inputs' dtype, so against the same math in fp64 on the same inputs each output is within one unit in the last place
 of its dtype (half a unit from the final rounding, the rest fp32 noise) plus 1e-5 of the largest value. torch's
 SDPA is not that close in bf16/fp16 (its flash kernel rounds the probabilities to the inputs' dtype before the
-second product): against it, outputs agree within 1e-2 relative in norm."""
+second product): against it, outputs agree within 1e-2 relative in norm.
+
+Determinism: the kernel cuts the keys into splits at fixed positions and merges them in order, so a row's output is
+bit-identical whatever the thread count, the other sequences and rows of the call, and the keys past its last
+visible one (the team's rule: the same request gives the same tokens alone or among others)."""
 
 from __future__ import annotations
 
@@ -50,7 +54,8 @@ def cache_views(b, hk, t, d, dtype, g):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,hq,hk,s,t,d", [(1, 9, 3, 1, 37, 64), (3, 4, 4, 1, 200, 128), (2, 8, 2, 5, 19, 32),
-                                           (1, 2, 1, 16, 16, 16)])
+                                           (1, 2, 1, 16, 16, 16), (1, 9, 3, 1, 1000, 64), (1, 8, 1, 3, 3000, 256),
+                                           (2, 8, 8, 16, 300, 48), (1, 24, 3, 16, 129, 128), (1, 16, 2, 2, 1000, 80)])
 def test_decode_attention_equals_reference(dtype, b, hq, hk, s, t, d):
     g = torch.Generator().manual_seed(b * 100 + t)
     q = torch.randn(b, s, hq, d, generator=g).to(dtype).transpose(1, 2)
@@ -96,3 +101,67 @@ def test_decode_attention_rejects_bad_inputs():
         torch.ops.exllamav2_cpu.decode_attention(q[..., :40], k[..., :40], k[..., :40], None, 1.0, 0.0, False)
     with pytest.raises(RuntimeError, match="mask must be bool"):
         torch.ops.exllamav2_cpu.decode_attention(q, k, k, torch.ones(1, 1, 1, 9, dtype=torch.bool), 1.0, 0.0, False)
+
+
+def padded_batch(seqs, s, dtype, g, hq=9, hk=3, d=64):
+    """Sequences of different lengths, alone and as one right-padded batch with a mask (padding keys are noise)."""
+    tmax = max(seqs)
+    q = torch.randn(len(seqs), hq, s, d, generator=g).to(dtype)
+    k, v = cache_views(len(seqs), hk, tmax, d, dtype, g)
+    mask = torch.zeros(len(seqs), 1, s, tmax, dtype=torch.bool)
+    for i, t in enumerate(seqs):
+        mask[i, 0, :, :t] = torch.ones(s, t, dtype=torch.bool).tril(t - s)
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("s", [1, 5])
+def test_a_sequence_gives_the_same_bits_alone_batched_and_on_any_thread_count(dtype, s):
+    seqs = [37, 300, 1000, 2100, 129]
+    q, k, v, mask = padded_batch(seqs, s, dtype, torch.Generator().manual_seed(s))
+    op = torch.ops.exllamav2_cpu.decode_attention
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            alone = [op(q[i:i + 1], k[i:i + 1, :, :t], v[i:i + 1, :, :t], None, 0.125, 0.0, s > 1)
+                     for i, t in enumerate(seqs)]
+            results.append((alone, op(q, k, v, mask, 0.125, 0.0, False)))
+    finally:
+        torch.set_num_threads(threads)
+    for alone, batched in results:
+        for i, a in enumerate(alone):
+            assert torch.equal(a, batched[i:i + 1]), (i, seqs[i])
+            assert torch.equal(a, results[0][0][i])
+            assert close(a, exact(q[i:i + 1], k[i:i + 1, :, :seqs[i]], v[i:i + 1, :, :seqs[i]], None, 0.125, 0.0,
+                                  s > 1), dtype)
+
+
+@pytest.mark.parametrize("t", [16, 200, 1500])
+def test_a_query_row_does_not_depend_on_the_rows_and_keys_after_it(t):
+    """The paged path (ops/torch_ref/attention.attend_sequence) may compute a 16-row query block in two calls
+    when the step budget cuts a prompt inside it: the first over fewer keys. Each row must come out the same."""
+    g = torch.Generator().manual_seed(t)
+    q = torch.randn(1, 12, 16, 128, generator=g).bfloat16()
+    k, v = cache_views(1, 4, t, 128, torch.bfloat16, g)
+    op = torch.ops.exllamav2_cpu.decode_attention
+    whole = op(q, k, v, None, 0.09, 0.0, True)
+    for cut in (1, 7, 15):
+        first = op(q[:, :, :cut], k[:, :, :t - 16 + cut], v[:, :, :t - 16 + cut], None, 0.09, 0.0, True)
+        rest = op(q[:, :, cut:], k, v, None, 0.09, 0.0, True)
+        assert torch.equal(torch.cat([first, rest], 2), whole), cut
+
+
+def test_a_fully_masked_row_gives_nan():
+    """NaN, as the reference's fp32 (softcap) path gives; torch 2.13's SDPA gives zeros there instead. No model
+    masks a row fully (a query always sees its own key), so only the kernel's own rule is pinned here."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 2, 64, generator=g)
+    k, v = cache_views(1, 2, 300, 64, torch.float32, g)
+    mask = torch.ones(1, 1, 2, 300, dtype=torch.bool)
+    mask[0, 0, 1] = False
+    for softcap in (0.0, 30.0):
+        got = torch.ops.exllamav2_cpu.decode_attention(q, k, v, mask, 0.125, softcap, False)
+        assert got[:, :, 1].isnan().all() and not got[:, :, 0].isnan().any()
+    assert reference(q, k, v, mask, 0.125, 30.0)[:, :, 1].isnan().all()

@@ -5,7 +5,7 @@
 // q (b, hq, s, d), k/v (b, hk, t, d) with hq a multiple of hk (query head h reads kv head h / (hq/hk)), an
 // optional bool mask broadcast as (b or 1, 1, s, t) (true = attend), causal alignment bottom-right (query i sees
 // keys <= t - s + i), optional tanh softcap. Scores, softmax and the weighted sum are fp32; the output is rounded
-// once to q's dtype; a fully masked row gives NaN, as torch's SDPA does.
+// once to q's dtype; a fully masked row gives NaN (as the reference's softcap path; torch 2.13's SDPA gives 0).
 //
 // Work: the keys are cut into splits of kSplit keys at fixed positions (0, kSplit, 2 kSplit, ...), and one task
 // is one (batch row, kv head, split): it reads the split's key and value rows once for the G*S query rows that
@@ -319,7 +319,7 @@ AVX512_TARGET void merge_splits(const Problem& P, const float* m, const float* l
                 _mm512_storeu_ps(row + 16 * c, _mm512_add_ps(_mm512_loadu_ps(row + 16 * c),
                                                              _mm512_mul_ps(_mm512_loadu_ps(a + 16 * c), ev)));
         }
-        const float inv = 1.f / sum;  // a fully masked row: 0 * inf = NaN, as torch's SDPA gives
+        const float inv = 1.f / sum;  // a fully masked row: 0 * inf = NaN
         const int64_t g = r / P.S, s = r % P.S;
         T* o = out + g * P.ov.sh + s * P.ov.ss;
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(row[d] * inv);
