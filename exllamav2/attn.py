@@ -146,19 +146,35 @@ class ExLlamaV2Attention(ExLlamaV2Module):
             q, k = self.q_norm.forward(q), self.k_norm.forward(k)
         return q, k, v
 
+    def cache_views(self, cache, b: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's plain-cache k and v for the first b rows, (b, max_seq_len, kv_heads, d)."""
+        kc, vc = cache.get_kv_state(self.layer_idx, b, 0, total)
+        if kc.shape[0] < b:
+            raise ValueError(f"batch of {b} rows does not fit a cache built for batch_size={kc.shape[0]}")
+        return (kc[:b], vc[:b]) if kc.shape[0] != b else (kc, vc)
+
     def attend(self, x, cache, attn_params: Params, loras=None) -> torch.Tensor:
         """Everything between the input norm and o_proj: returns (b, s, heads * head_dim)."""
         b, s = x.shape[0], x.shape[1]
         H, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         rope = self.rope() if self.uses_rope() else None
         y = self.qkv.forward_plain(x, loras) if self.q_norm is None else None
+        written = False  # k and v already in the plain cache
         if y is not None:
             # one fused output: q and k heads are adjacent, so RoPE rotates them in one go
             qk = y[..., :(H + Hkv) * d].view(b, s, H + Hkv, d)
             v = y[..., (H + Hkv) * d:].view(b, s, Hkv, d)
-            if rope is not None:
-                qk = rope.rotate(qk, *attn_params.get_rope(rope, qk.device, qk.dtype))
-            q, k = qk[:, :, :H], qk[:, :, H:]
+            if rope is not None and cache is not None and not attn_params.paged:
+                # and writes k and v into the cache in the same op (one C++ pass on the CPU: ops/cpu/small_ops.py)
+                kc, vc = self.cache_views(cache, b, attn_params.past_len + s)
+                cos, sin = attn_params.get_rope(rope, qk.device, qk.dtype)
+                q = ops.rope_kv_write(qk, v, cos, sin, rope.style == RopeStyle.GPTJ, kc, vc,
+                                      attn_params.get_write_index(kc.device), H)
+                written = True
+            else:
+                if rope is not None:
+                    qk = rope.rotate(qk, *attn_params.get_rope(rope, qk.device, qk.dtype))
+                q, k = qk[:, :, :H], qk[:, :, H:]
         else:
             q, k, v = self.project_qkv(x, loras)
             if rope is not None:
@@ -169,16 +185,13 @@ class ExLlamaV2Attention(ExLlamaV2Module):
             return paged_attention(self, q, k, v, cache, attn_params)
         past = attn_params.past_len
         if cache is not None:
-            kc, vc = cache.get_kv_state(self.layer_idx, b, 0, past + s)  # (batch, max_seq_len, kv_heads, d)
-            if kc.shape[0] < b:
-                raise ValueError(f"batch of {b} rows does not fit a cache built for batch_size={kc.shape[0]}")
-            if kc.shape[0] != b:
-                kc, vc = kc[:b], vc[:b]
-            # index_copy_, not a slice assignment: compiled, a slice assignment at a symbolic offset copies the
-            # whole buffer
-            index = attn_params.get_write_index(kc.device)
-            kc.index_copy_(1, index, k if k.dtype == kc.dtype else k.to(kc.dtype))
-            vc.index_copy_(1, index, v if v.dtype == vc.dtype else v.to(vc.dtype))
+            if not written:
+                kc, vc = self.cache_views(cache, b, past + s)
+                # index_copy_, not a slice assignment: compiled, a slice assignment at a symbolic offset copies the
+                # whole buffer
+                index = attn_params.get_write_index(kc.device)
+                kc.index_copy_(1, index, k if k.dtype == kc.dtype else k.to(kc.dtype))
+                vc.index_copy_(1, index, v if v.dtype == vc.dtype else v.to(vc.dtype))
             k, v = kc[:, :past + s], vc[:, :past + s]
             cache.store_kv_state(self.layer_idx, b, past, s)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

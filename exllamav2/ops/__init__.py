@@ -2,7 +2,8 @@
 
 - `prepare_linear(...)` -> a kernel for one (possibly fused) weight, chosen once per device and dtype
 - `rms_norm`, `layer_norm`
-- `rope` (rotate (b, s, heads, head_dim) by gathered cos/sin)
+- `rope` (rotate (b, s, heads, head_dim) by gathered cos/sin), `rope_kv_write` (rope on a fused q|k, k and v
+  written into a plain cache: torch_ref/rope_kv.py)
 - `attention` (contiguous KV prefix), `paged_attention` (packed tokens over a paged cache),
   `quant_paged_attention` (the same over a quantized paged cache: torch_ref/attention_quant.py)
 - `activation`, `gated_activation`
@@ -27,14 +28,16 @@ from .torch_ref import attention_quant as _attn_q
 from .torch_ref import linear as torch_linear
 from .torch_ref import norm as _norm
 from .torch_ref import rope as _rope
+from .torch_ref import rope_kv as _rope_kv
 from .torch_ref import sampling as _sampling
 from .triton import linear as triton_linear
 from .triton import attention as _tri_attn
 from .triton import attention_quant as _tri_attn_q
 
 __all__ = ["NoBackendError", "set_backend", "use_backend", "pinned_backend", "active_backends", "prepare_linear",
-           "rms_norm", "layer_norm", "rope", "attention", "paged_attention", "quant_paged_attention", "activation",
-           "gated_activation", "softmax_temperature", "top_candidates", "set_batch_invariant", "batch_invariant"]
+           "rms_norm", "layer_norm", "rope", "rope_kv_write", "attention", "paged_attention", "quant_paged_attention",
+           "activation", "gated_activation", "softmax_temperature", "top_candidates", "set_batch_invariant",
+           "batch_invariant"]
 
 
 def set_batch_invariant(enabled: bool = True) -> None:
@@ -54,6 +57,8 @@ rms_norm = dispatch.define_op("rms_norm", lambda x, w, eps, out_dtype: (x.device
 layer_norm = dispatch.define_op("layer_norm", lambda x, w, b, eps, out_dtype, fp32_stats=False:
                                 (x.device.type, x.dtype, w.dtype, out_dtype, fp32_stats))
 rope = dispatch.define_op("rope", lambda x, cos, sin, interleaved: (x.device.type, x.dtype, interleaved))
+rope_kv_write = dispatch.define_op("rope_kv_write", lambda qk, v, cos, sin, interleaved, kc, vc, index, q_heads:
+                                   (qk.device.type, qk.dtype, kc.dtype, interleaved))
 attention = dispatch.define_op("attention", lambda q, k, v, mask, scale, softcap=0.0, is_causal=False:
                                (q.device.type, q.dtype, q.shape[-1], mask is None, bool(softcap), is_causal))
 paged_attention = dispatch.define_op("paged_attention", lambda q, k, v, kp, vp, params, sliding_window, scale,
@@ -68,7 +73,8 @@ softmax_temperature = dispatch.define_op("softmax_temperature", lambda x, t, sf:
 top_candidates = dispatch.define_op("top_candidates", lambda p, k: (p.device.type, p.dtype))
 
 _REFERENCE = {
-    rms_norm: _norm.rms_norm, layer_norm: _norm.layer_norm, rope: _rope.rope, attention: _attn.attention,
+    rms_norm: _norm.rms_norm, layer_norm: _norm.layer_norm, rope: _rope.rope, rope_kv_write: _rope_kv.rope_kv_write,
+    attention: _attn.attention,
     paged_attention: _attn.paged_attention, quant_paged_attention: _attn_q.quant_paged_attention,
     activation: _act.activation, gated_activation: _act.gated_activation,
     softmax_temperature: _sampling.softmax_temperature, top_candidates: _sampling.top_candidates,
@@ -86,6 +92,8 @@ for _op, _fn in _REFERENCE.items():
 rms_norm.register("cpu", _cpu_small.rms_norm, _cpu_only)  # the C++ kernel in eager mode (cpu/small_ops.py)
 attention.register("cpu", _cpu_attn.attention, _cpu_only)  # the C++ kernel for decode rows (cpu/attention.py)
 rope.register("cpu", _cpu_small.rope, _cpu_only)  # the C++ kernel in eager mode (cpu/small_ops.py)
+rope_kv_write.register("cpu", _cpu_small.rope_kv_write, _cpu_only)  # the same, one C++ pass
+gated_activation.register("cpu", _cpu_small.gated_activation, _cpu_only)  # the same, one C++ pass
 
 # Triton attention kernels (triton/attention.py; the kernel modules themselves are imported at first call)
 attention.register("triton", _tri_attn.attention, _tri_attn.declines_attention)
