@@ -5,14 +5,15 @@ decode step passes: q (b, hq, rows, d), k/v (b, hk, L, d) as transposed views of
     python bench/bench_cpu_attention.py [--model smollm2|llama8b] [--rows 1] [--batch 1] [--dtype bf16]
                                         [--threads 1,2] [--lengths 16,64,256,1024,4096]
 
-Made for a shared machine: each figure is the minimum over --reps repetitions of the mean over a loop of calls
-(~20 ms a loop), in wall microseconds per call; the minimum is the run least disturbed by other processes. Also
-printed: the kernel's rate in GMAC/s (2 * hq * rows * L * d multiply-adds: scores and weighted sum).
+Made for a shared machine: each call is timed alone (wall microseconds), and the table gives the minimum (the call
+least disturbed by other processes) and the median over --calls calls. Also printed: the kernel's rate at its
+minimum in GMAC/s (2 * b * hq * rows * L * d multiply-adds: scores and weighted sum).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
@@ -22,19 +23,17 @@ MODELS = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128), "gemma2": (8, 4, 256)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def per_call_us(fn, reps: int) -> float:
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - t0, 1e-7)
-    loops = max(1, min(20000, int(0.02 / once)))
-    best = float("inf")
-    for _ in range(reps):
+def per_call_us(fn, calls: int) -> tuple[float, float]:
+    """(minimum, median) wall microseconds over `calls` calls timed one by one: on a shared machine a call that
+    another process interrupts (or that waits for a descheduled worker thread) only moves the upper tail."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(calls):
         t0 = time.perf_counter()
-        for _ in range(loops):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / loops)
-    return best * 1e6
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times) * 1e6, statistics.median(times) * 1e6
 
 
 def main(argv=None) -> int:
@@ -45,7 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--lengths", default="16,64,256,512,1024,2048,4096")
-    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--calls", type=int, default=300)
     args = p.parse_args(argv)
     from exllamav2.ops.cpu import kernels
     from exllamav2.ops.torch_ref.attention import attention as reference
@@ -56,8 +55,8 @@ def main(argv=None) -> int:
     dtype, s, b = DTYPES[args.dtype], args.rows, args.batch
     kernel = torch.ops.exllamav2_cpu.decode_attention
     print(f"# {args.model}: q ({b}, {hq}, {s}, {d}) {args.dtype}, k/v ({b}, {hk}, L, {d}) cache views; "
-          f"us per call (min of {args.reps}); causal when rows > 1")
-    print("| threads | L | kernel us | SDPA us | SDPA / kernel | kernel GMAC/s |")
+          f"us per call, min (median) of {args.calls}; causal when rows > 1")
+    print("| threads | L | kernel us | SDPA us | SDPA / kernel (min) | kernel GMAC/s |")
     print("|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for threads in (int(x) for x in args.threads.split(",")):
@@ -68,10 +67,11 @@ def main(argv=None) -> int:
             vc = torch.randn(b, L + 64, hk, d, generator=g).to(dtype)
             k, v = kc[:, :L].transpose(1, 2), vc[:, :L].transpose(1, 2)
             causal = s > 1
-            ours = per_call_us(lambda: kernel(q, k, v, None, d ** -0.5, 0.0, causal), args.reps)
-            ref = per_call_us(lambda: reference(q, k, v, None, d ** -0.5, 0.0, causal), args.reps)
-            gmac = 2 * b * hq * s * L * d / (ours * 1e3)
-            print(f"| {threads} | {L} | {ours:.1f} | {ref:.1f} | {ref / ours:.2f}x | {gmac:.1f} |", flush=True)
+            ours = per_call_us(lambda: kernel(q, k, v, None, d ** -0.5, 0.0, causal), args.calls)
+            ref = per_call_us(lambda: reference(q, k, v, None, d ** -0.5, 0.0, causal), args.calls)
+            gmac = 2 * b * hq * s * L * d / (ours[0] * 1e3)
+            print(f"| {threads} | {L} | {ours[0]:.1f} ({ours[1]:.1f}) | {ref[0]:.1f} ({ref[1]:.1f}) | "
+                  f"{ref[0] / ours[0]:.2f}x | {gmac:.1f} |", flush=True)
     return 0
 
 
