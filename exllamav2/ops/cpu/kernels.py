@@ -51,10 +51,6 @@ def _register_fakes() -> None:
     def _rope_kv_write_fake(qk, v, cos, sin, interleaved, k_cache, v_cache, index, q_heads):
         return qk.new_empty((qk.shape[0], qk.shape[1], q_heads, qk.shape[3]))
 
-    @torch.library.register_fake("exllamav2_cpu::gated_activation")
-    def _gated_activation_fake(gate, up, act):
-        return gate.new_empty(gate.shape)
-
     @torch.library.register_fake("exllamav2_cpu::decode_attention")
     def _decode_attention_fake(q, k, v, mask, scale, softcap, is_causal):
         return q.new_empty(q.shape)

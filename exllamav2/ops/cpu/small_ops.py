@@ -1,5 +1,5 @@
-"""The `cpu` backend's small ops: RMSNorm, RoPE, RoPE plus the KV-cache write and the gated activation through the C++
-kernels (csrc/small_ops.cpp) in eager mode. Under torch.compile the reference code is traced instead, so that
+"""The `cpu` backend's small ops: RMSNorm, RoPE, and RoPE plus the KV-cache write through the C++ kernels
+(csrc/small_ops.cpp) in eager mode. Under torch.compile the reference code is traced instead, so that
 inductor fuses them with their neighbours; where the kernels are not built (no compiler), the reference runs, so
 pinning the `cpu` backend still covers a model."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from ..torch_ref import activation as _act
 from ..torch_ref import norm as _norm
 from ..torch_ref import rope as _rope
 from ..torch_ref import rope_kv as _rope_kv
@@ -16,10 +15,6 @@ from .gemv_linear import needs_grad
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _ready: list[bool] = []
-_torch_avx512: list[bool] = []
-# activation name -> the kernel's act argument (csrc/small_ops.cpp); the names as torch_ref/activation.py maps them
-GATED_ACTS = {"silu": 0, "swish": 0, "gelu": 1,
-              "gelu_tanh": 2, "gelu_pytorch_tanh": 2, "gelu_new": 2, "gelu_fast": 2}
 
 
 def _kernels_ready() -> bool:
@@ -58,19 +53,3 @@ def rope_kv_write(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: tor
         return _rope_kv.rope_kv_write(qk, v, cos, sin, interleaved, k_cache, v_cache, index, q_heads)
     return torch.ops.exllamav2_cpu.rope_kv_write(qk, v, cos, sin, interleaved, k_cache, v_cache, index, q_heads)
 
-
-def _gated_kernel_ready() -> bool:
-    """The kernel reproduces torch's AVX-512 activation kernels: only where torch runs those."""
-    if not _torch_avx512:
-        _torch_avx512.append(torch.backends.cpu.get_cpu_capability() == "AVX512" and _kernels_ready())
-    return _torch_avx512[0]
-
-
-def gated_activation(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
-    """act(gate) * up in one C++ call instead of two aten ops (bit-identical to torch_ref/activation.py for silu and
-    both gelus, see csrc/small_ops.cpp); gate and up may be the strided halves of the fused gate_up output."""
-    kind = GATED_ACTS.get(act)
-    if (kind is None or torch.compiler.is_compiling() or gate.dtype not in _FLOATS or up.dtype != gate.dtype
-            or gate.shape != up.shape or needs_grad(gate, up) or not _gated_kernel_ready()):
-        return _act.gated_activation(gate, up, act)
-    return torch.ops.exllamav2_cpu.gated_activation(gate, up, kind)

@@ -1,5 +1,5 @@
-// Small ops for eager decode on the CPU, each one call instead of several aten ops: RMSNorm, RoPE, RoPE plus the KV
-// cache write, and the gated activation (act(gate) * up). Python side: exllamav2/ops/cpu/small_ops.py.
+// Small ops for eager decode on the CPU, each one call instead of several aten ops: RMSNorm, RoPE, and RoPE plus the
+// KV-cache write. Python side: exllamav2/ops/cpu/small_ops.py.
 //
 // RMSNorm in one pass, where torch's composite (casts, pow, mean, rsqrt, two muls)
 // costs more in dispatch than in arithmetic (F.rms_norm on bf16 [1, 576]: 10-17 us).
@@ -12,17 +12,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/gelu.h>
-#include <ATen/ops/silu.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
-
 #include <cmath>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -242,182 +237,11 @@ at::Tensor rope_kv_write(const at::Tensor& qk, const at::Tensor& v, const at::Te
     return q;
 }
 
-// act(g) * u for the MLP's gate and up (ops.gated_activation; the reference is torch_ref/activation.py: F.silu or
-// F.gelu, rounded to the dtype, times up), in one call instead of a split, an activation and a multiply.
-// Bit-identical to torch's AVX-512 kernels (small_ops.py calls this only where torch's cpu capability is AVX512):
-// they compute 2 vectors of the dtype (32 fp32 or 64 bf16/fp16 values) at a time with SLEEF's expf/tanhf (u10) and
-// ATen's erf polynomial, and the remainder of each inner loop element by element with libm's expf/erff/tanhf, which
-// differ from SLEEF in the last bit; so the split between the two is reproduced: one loop over everything when g is
-// contiguous (TensorIterator coalesces it), else one per row. Only below the size where TensorIterator splits the
-// work over threads (16384 values: gelu's threshold; silu's is 32768); larger or irregular calls, and erf gelu where
-// torch hands it to oneDNN, run torch's own ops from here. The tanh form's x + kappa * x^3 is one FMA in torch's
-// build (GCC contracts it), so it is one here. The multiply is exact before its rounding, so it rounds like torch's: T(float(T(act)) * float(u)).
-extern "C" __m512 Sleef_expf16_u10(__m512);
-extern "C" __m512 Sleef_tanhf16_u10(__m512);
-
-enum Act : int64_t { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_TANH = 2 };
-constexpr int64_t SERIAL_MAX = 16384;
-constexpr float kGeluBeta = static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5);
-constexpr float kGeluKappa = static_cast<float>(0.044715);
-constexpr float kSqrtHalf = static_cast<float>(M_SQRT1_2);
-
-// ATen's scalar lambdas, for the remainder (bf16/fp16 widened to float first, as there)
-inline float act_scalar(float x, int64_t act) {
-    switch (act) {
-        case ACT_SILU: return x / (1.0f + std::exp(-x));
-        case ACT_GELU: return x * 0.5f * (1.0f + std::erf(x * kSqrtHalf));
-        default: {
-            const float x_cube = x * x * x;
-            const float inner = kGeluBeta * std::fma(kGeluKappa, x_cube, x);
-            return 0.5f * x * (1.0f + std::tanh(inner));
-        }
-    }
-}
-
-#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-
-// Vectorized<float>::erf() of ATen's vec512_float.h, step by step
-AVX512_TARGET inline __m512 erf16(__m512 x) {
-    const __m512 neg_zero = _mm512_set1_ps(-0.f), one = _mm512_set1_ps(1.0f);
-    const __m512 sign = _mm512_and_ps(neg_zero, x), ax = _mm512_abs_ps(x);
-    const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), ax, one));
-    __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
-    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
-    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
-    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
-    const __m512 e = _mm512_xor_ps(neg_zero, Sleef_expf16_u10(_mm512_xor_ps(neg_zero, _mm512_mul_ps(x, x))));
-    return _mm512_xor_ps(sign, _mm512_fmadd_ps(_mm512_mul_ps(e, t), r, one));
-}
-
-// the vector lambdas of ATen's silu and gelu kernels (Activation.cpp, native/cpu/Gelu.h) on 16 floats
-AVX512_TARGET inline __m512 act16(__m512 x, int64_t act) {
-    const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
-    switch (act) {
-        case ACT_SILU:
-            return _mm512_div_ps(x, _mm512_add_ps(one, Sleef_expf16_u10(_mm512_xor_ps(_mm512_set1_ps(-0.f), x))));
-        case ACT_GELU:
-            return _mm512_mul_ps(_mm512_mul_ps(x, half),
-                                 _mm512_add_ps(one, erf16(_mm512_mul_ps(x, _mm512_set1_ps(kSqrtHalf)))));
-        default: {
-            const __m512 x_cube = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
-            const __m512 inner = _mm512_mul_ps(_mm512_set1_ps(kGeluBeta),
-                                               _mm512_fmadd_ps(_mm512_set1_ps(kGeluKappa), x_cube, x));
-            return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, Sleef_tanhf16_u10(inner)));
-        }
-    }
-}
-
-// 16 values of T <-> fp32, as ATen's vector conversions (bf16: round to nearest even, NaN -> 0xffff)
-template <typename T>
-AVX512_TARGET inline __m512 load16(const T* p) {
-    if constexpr (std::is_same_v<T, float>)
-        return _mm512_loadu_ps(p);
-    else if constexpr (std::is_same_v<T, c10::BFloat16>)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-    else
-        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-template <typename T>
-AVX512_TARGET inline void store16(T* p, __m512 v) {
-    if constexpr (std::is_same_v<T, float>) {
-        _mm512_storeu_ps(p, v);
-    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        const __m512i x = _mm512_castps_si512(v);
-        __m512i r = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
-        r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(r, _mm512_set1_epi32(0x7fff)), x), 16);
-        r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), _mm512_set1_epi32(0xffff), r);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtusepi32_epi16(r));
-    } else {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                            _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    }
-}
-
-// v rounded to T and back (what storing act(g) in a tensor of T does)
-template <typename T>
-AVX512_TARGET inline __m512 round16(__m512 v) {
-    if constexpr (std::is_same_v<T, float>) {
-        return v;
-    } else {
-        alignas(64) T tmp[16];
-        store16(tmp, v);
-        return load16(tmp);
-    }
-}
-
-// out[i] = T(T(act(g[i])) * u[i]) for n contiguous values, the activation as one inner loop of ATen's: the first
-// n - n % (2 vectors of T) through the vector lambdas, the rest through the scalar ones
-template <typename T>
-AVX512_TARGET void gated_loop(const T* g, const T* u, T* out, int64_t n, int64_t act) {
-    constexpr int64_t step = 2 * 64 / static_cast<int64_t>(sizeof(T));  // 2 * Vectorized<T>::size() on AVX-512
-    const int64_t body = n - n % step;
-    for (int64_t i = 0; i < body; i += 16)
-        store16(out + i, _mm512_mul_ps(round16<T>(act16(load16(g + i), act)), load16(u + i)));
-    for (int64_t i = body; i < n; ++i)
-        out[i] = static_cast<T>(static_cast<float>(static_cast<T>(act_scalar(static_cast<float>(g[i]), act))) *
-                                static_cast<float>(u[i]));
-}
-
-template <typename T>
-void gated_rows(const at::Tensor& g, const at::Tensor& u, at::Tensor& out, int64_t rows, int64_t n, int64_t gs,
-                int64_t us, int64_t act) {
-    const T* gp = g.data_ptr<T>();
-    const T* up = u.data_ptr<T>();
-    T* op = out.data_ptr<T>();
-    if (rows == 1 || gs == n)  // g contiguous: TensorIterator runs one inner loop over all of it (up is too)
-        gated_loop(gp, up, op, rows * n, act);
-    else
-        for (int64_t r = 0; r < rows; ++r) gated_loop(gp + r * gs, up + r * us, op + r * n, n, act);
-}
-
-// the stride between consecutive rows of (..., n) when the leading dimensions step uniformly, else -1
-int64_t uniform_row_stride(const at::Tensor& t) {
-    int64_t stride = -1, expect = -1;
-    for (int64_t d = t.dim() - 2; d >= 0; --d) {
-        if (t.size(d) == 1) continue;
-        if (stride < 0) {
-            stride = t.stride(d);
-        } else if (t.stride(d) != expect) {
-            return -1;
-        }
-        expect = t.stride(d) * t.size(d);
-    }
-    return stride < 0 ? t.size(-1) : stride;
-}
-
-at::Tensor gated_activation(const at::Tensor& g, const at::Tensor& u, int64_t act) {
-    TORCH_CHECK(act == ACT_SILU || act == ACT_GELU || act == ACT_GELU_TANH, "exllamav2_cpu::gated_activation: act "
-                "must be 0 (silu), 1 (gelu) or 2 (gelu_tanh), got ", act);
-    TORCH_CHECK(g.dim() >= 1 && g.sizes() == u.sizes() && g.scalar_type() == u.scalar_type() &&
-                float_type(g.scalar_type()), "exllamav2_cpu::gated_activation: gate and up must share a shape and a "
-                "float dtype, got ", g.sizes(), " ", g.scalar_type(), " and ", u.sizes(), " ", u.scalar_type());
-    const int64_t n = g.size(-1), rows = n ? g.numel() / n : 0;
-    const int64_t gs = uniform_row_stride(g), us = uniform_row_stride(u);
-    // F.gelu (erf) on a contiguous fp32/bf16 tensor runs oneDNN's kernel, not ATen's: left to torch
-    const bool onednn_gelu = act == ACT_GELU && g.scalar_type() != at::kHalf && g.is_contiguous();
-    if ((g.numel() > SERIAL_MAX && at::get_num_threads() > 1) || gs < 0 || us < 0 || g.stride(-1) != 1 ||
-        u.stride(-1) != 1 || onednn_gelu || (rows > 1 && gs == n && us != n)) {
-        at::Tensor a = act == ACT_SILU ? at::silu(g) : at::gelu(g, act == ACT_GELU ? "none" : "tanh");
-        return a.mul_(u);  // torch's own kernels, as the reference runs them
-    }
-    at::Tensor out = at::empty(g.sizes(), g.options().memory_format(at::MemoryFormat::Contiguous));
-    if (out.numel() == 0) return out;
-    switch (g.scalar_type()) {
-        case at::kFloat: gated_rows<float>(g, u, out, rows, n, gs, us, act); break;
-        case at::kBFloat16: gated_rows<c10::BFloat16>(g, u, out, rows, n, gs, us, act); break;
-        default: gated_rows<c10::Half>(g, u, out, rows, n, gs, us, act); break;
-    }
-    return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(exllamav2_cpu, m) {
     m.def("rms_norm(Tensor x, Tensor weight, float eps, ScalarType out_dtype) -> Tensor");
     m.def("rope(Tensor x, Tensor cos, Tensor sin, bool interleaved) -> Tensor");
-    m.def("gated_activation(Tensor gate, Tensor up, int act) -> Tensor");
     m.def("rope_kv_write(Tensor qk, Tensor v, Tensor cos, Tensor sin, bool interleaved, Tensor(a!) k_cache, "
           "Tensor(b!) v_cache, Tensor index, int q_heads) -> Tensor");
 }
@@ -426,5 +250,4 @@ TORCH_LIBRARY_IMPL(exllamav2_cpu, CPU, m) {
     m.impl("rms_norm", &rms_norm);
     m.impl("rope", &rope);
     m.impl("rope_kv_write", &rope_kv_write);
-    m.impl("gated_activation", &gated_activation);
 }
