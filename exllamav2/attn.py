@@ -164,12 +164,19 @@ class ExLlamaV2Attention(ExLlamaV2Module):
             # one fused output: q and k heads are adjacent, so RoPE rotates them in one go
             qk = y[..., :(H + Hkv) * d].view(b, s, H + Hkv, d)
             v = y[..., (H + Hkv) * d:].view(b, s, Hkv, d)
-            if rope is not None and cache is not None and not attn_params.paged:
+            if rope is not None and cache is not None and (not attn_params.paged
+                                                           or _writes_paged_kv(attn_params, cache, qk)):
                 # and writes k and v into the cache in the same op (one C++ pass on the CPU: ops/cpu/small_ops.py)
-                kc, vc = self.cache_views(cache, b, attn_params.past_len + s)
+                if attn_params.paged:  # the page-major cache (1, slots, kv_heads, d) at the tokens' slots
+                    kc, vc = cache.get_kv_state(self.layer_idx, 1, 0, 0)
+                    index = attn_params.slots
+                else:
+                    kc, vc = self.cache_views(cache, b, attn_params.past_len + s)
+                    index = attn_params.get_write_index(kc.device)
                 cos, sin = attn_params.get_rope(rope, qk.device, qk.dtype)
-                q = ops.rope_kv_write(qk, v, cos, sin, rope.style == RopeStyle.GPTJ, kc, vc,
-                                      attn_params.get_write_index(kc.device), H)
+                q = ops.rope_kv_write(qk, v, cos, sin, rope.style == RopeStyle.GPTJ, kc, vc, index, H)
+                if attn_params.paged:
+                    k = v = None  # in the pages already: ops.paged_attention is told so
                 written = True
             else:
                 if rope is not None:
@@ -198,3 +205,12 @@ class ExLlamaV2Attention(ExLlamaV2Module):
         mask = attn_params.get_attn_mask(q.device, self.sliding_window)
         out = ops.attention(q, k, v, mask, self.scaling, self.softcap, s > 1 and mask is None)
         return out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+
+
+def _writes_paged_kv(params, cache, qk) -> bool:
+    """A packed paged step on the CPU over a plain cache: `attend` writes k/v with RoPE (ops.rope_kv_write) and
+    ops.paged_attention is told so (k = v = None). Not on GPUs, whose paged kernels write k/v themselves, nor for
+    the compiled decode-only step (paged_attn.PagedDecodeParams), which keeps the traced reference."""
+    from .cache_q import ExLlamaV2CacheQuantBase
+    return (qk.device.type == "cpu" and getattr(params, "sequences", None) is not None
+            and not isinstance(cache, ExLlamaV2CacheQuantBase) and params.slots.device == qk.device)

@@ -37,7 +37,7 @@ class _Sequence:
     def mask(self, sliding_window: int, device) -> torch.Tensor | None:
         """None for plain causal attention over all its keys (the caller passes a causal flag); a bool mask
         (1, 1, q_len, kv_len) when a sliding window cuts some off."""
-        key = (sliding_window, str(device))
+        key = (sliding_window, device)
         if key not in self.masks:
             self.masks[key] = window_mask(self.kv_len, self.q_len, sliding_window, device)
         return self.masks[key]

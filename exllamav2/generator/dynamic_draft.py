@@ -41,7 +41,7 @@ def _eager(model, cache, ids, params, rows, loras):
         if idx == model.head_layer_idx:
             x = x[:, rows.to(x.device)]
         dev = module.device()
-        if idx > 0 and x.device != torch.device(dev):
+        if idx > 0 and (dev != "cpu" or x.device.type != "cpu") and x.device != torch.device(dev):
             x = x.to(dev)
         x = module.forward(x, cache=cache, attn_params=params, past_len=0, loras=loras)
     return model.final_logits(x[0])

@@ -35,5 +35,10 @@ def takes(q, k, v, mask, softcap) -> bool:
 def attention(q, k, v, mask, scale: float, softcap: float = 0.0, is_causal: bool = False) -> torch.Tensor:
     if not takes(q, k, v, mask, softcap):
         return _ref.attention(q, k, v, mask, scale, softcap, is_causal)
+    return kernel(q, k, v, mask, scale, softcap, is_causal)
+
+
+def kernel(q, k, v, mask, scale: float, softcap: float, is_causal: bool) -> torch.Tensor:
+    """The C++ kernel itself, for a caller that has already asked `takes` (the paged decode rows)."""
     return torch.ops.exllamav2_cpu.decode_attention(q, k, v, mask, float(scale), float(softcap or 0.0),
                                                     bool(is_causal))

@@ -46,6 +46,25 @@ def window_mask(kv_len: int, q_len: int, sliding_window: int, device) -> torch.T
 ROW_BLOCK = 16  # query rows per attention call in a paged sequence, blocks aligned on absolute positions
 
 
+_CPU_MODULES: list = []
+
+
+def _cpu_modules():
+    """(ops.dispatch, ops.cpu.attention), imported at first use: ops/cpu/attention.py imports this module."""
+    if not _CPU_MODULES:
+        from .. import dispatch
+        from ..cpu import attention as cpu_attention
+        _CPU_MODULES.extend((dispatch, cpu_attention))
+    return _CPU_MODULES
+
+
+def _slot_view(flat: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """flat (slots, hk, d)[start:start + n] as (1, hk, n, d)."""
+    s0, s1, s2 = flat.stride()
+    return flat.as_strided((1, flat.shape[1], n, flat.shape[2]), (s0 * n, s1, s0, s2),
+                           flat.storage_offset() + start * s0)
+
+
 def attend_sequence(qs, kflat, vflat, kv_len: int, slot_start: int | None, slots, mask, scale: float,
                     softcap: float) -> torch.Tensor:
     """One sequence of a paged forward: qs (1, hq, q_len, d), its last q_len positions, over its kv_len keys, read
@@ -58,19 +77,19 @@ def attend_sequence(qs, kflat, vflat, kv_len: int, slot_start: int | None, slots
     its prompt was cut into chunks, which depends on the other jobs of a step (tests/test_paged_chunk_invariance.py;
     SDPA's rows depend on the call's shape). Otherwise one call of `attention` here. Never a GPU backend: this is
     their reference."""
-    if slot_start is not None:
-        ks, vs = kflat[slot_start:slot_start + kv_len], vflat[slot_start:slot_start + kv_len]
+    if slot_start is not None:  # (1, hk, kv_len, d) views of the consecutive slots, each in one op
+        ks, vs = _slot_view(kflat, slot_start, kv_len), _slot_view(vflat, slot_start, kv_len)
     else:
-        ks, vs = kflat[slots], vflat[slots]
-    ks, vs = ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0)
+        ks, vs = kflat[slots].transpose(0, 1).unsqueeze(0), vflat[slots].transpose(0, 1).unsqueeze(0)
     if ks.dtype != qs.dtype:
         ks, vs = ks.to(qs.dtype), vs.to(qs.dtype)
-    from .. import dispatch
-    from ..cpu import attention as cpu_attention
+    dispatch, cpu_attention = _cpu_modules()
     q_len = qs.shape[2]
     if qs.device.type != "cpu" or "cpu" not in dispatch.active_backends() or not cpu_attention.takes(
-            qs[:, :, :1], ks, vs, None, softcap):
+            qs if q_len == 1 else qs[:, :, :1], ks, vs, None, softcap):
         return attention(qs, ks, vs, mask, scale, softcap, mask is None and q_len > 1).transpose(1, 2)
+    if q_len == 1:  # a decode row: one block over all the keys, the kernel called as the loop below would
+        return cpu_attention.kernel(qs, ks, vs, mask, scale, softcap, False).transpose(1, 2)
     first = kv_len - q_len  # the position of the first query row
     outs = []
     a = 0
@@ -89,12 +108,13 @@ def paged_attention(q, k, v, k_pages, v_pages, params, sliding_window: int, scal
                     softcap: float = 0.0) -> torch.Tensor:
     """q (1, T, hq, d), k and v (1, T, hk, d) after RoPE, for the packed tokens `params` (PagedParams or
     PagedDecodeParams) describes; k_pages/v_pages (1, slots, hk, d) the layer's cache (cache.py: page-major).
-    Writes k/v into their slots and returns (1, T, hq * d). Each sequence attends to exactly its own keys, so its
+    Writes k/v into their slots (k = v = None: they are there already) and returns (1, T, hq * d). Each sequence attends to exactly its own keys, so its
     result does not depend on the batch."""
     kflat, vflat = k_pages[0], v_pages[0]  # (slots, hk, d)
-    slots = params.slots.to(kflat.device)
-    kflat.index_copy_(0, slots, k[0].to(kflat.dtype))
-    vflat.index_copy_(0, slots, v[0].to(vflat.dtype))
+    if k is not None:  # None: the caller wrote them with RoPE (attn.py, ops.rope_kv_write)
+        slots = params.slots if params.slots.device == kflat.device else params.slots.to(kflat.device)
+        kflat.index_copy_(0, slots, k[0] if k.dtype == kflat.dtype else k[0].to(kflat.dtype))
+        vflat.index_copy_(0, slots, v[0] if v.dtype == vflat.dtype else v[0].to(vflat.dtype))
     if params.sequences is None:  # decode-only, built from device tensors (paged_attn.PagedDecodeParams)
         out = torch.ops.exllamav2.paged_decode_attention(q[0], kflat, vflat, params.block_index, params.kv_lens,
                                                          params.page_size, sliding_window or 0, scale, softcap)

@@ -44,6 +44,8 @@ def declines_paged(q, k, v, k_pages, v_pages, params, sliding_window, scale, sof
     if k_pages.dtype not in _FLOATS:
         return (f"KV cache pages of dtype {k_pages.dtype} (quantized caches are read by the quant_paged_attention "
                 f"op)")
+    if k is None:
+        return "k/v written beforehand (attn.py writes them with RoPE only for CPU tensors)"
     if k_pages.dim() != 4 or k_pages.shape[0] != 1:
         return f"KV cache pages of shape {tuple(k_pages.shape)}, expected (1, slots, kv_heads, head_dim)"
     return None
