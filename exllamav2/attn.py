@@ -153,6 +153,20 @@ class ExLlamaV2Attention(ExLlamaV2Module):
             raise ValueError(f"batch of {b} rows does not fit a cache built for batch_size={kc.shape[0]}")
         return (kc[:b], vc[:b]) if kc.shape[0] != b else (kc, vc)
 
+    def _writes_paged_kv(self, params, cache, qk, v) -> bool:
+        """A packed paged step over a plain cache whose attention runs on the `cpu` (or `torch`) backend: `attend`
+        writes k/v with RoPE (ops.rope_kv_write) and tells ops.paged_attention so (k = v = None). Not where the
+        triton backend takes the step (its paged kernels write k/v themselves), nor for the compiled decode-only
+        step (paged_attn.PagedDecodeParams), which keeps the traced reference."""
+        from .cache_q import ExLlamaV2CacheQuantBase
+        if (qk.device.type != "cpu" or getattr(params, "sequences", None) is None
+                or isinstance(cache, ExLlamaV2CacheQuantBase) or params.slots.device != qk.device):
+            return False
+        kc, vc = cache.get_kv_state(self.layer_idx, 1, 0, 0)
+        impl = ops.paged_attention.implementation(qk, qk, v, kc, vc, params, self.sliding_window or 0, self.scaling,
+                                                  self.softcap)
+        return impl.backend != "triton"
+
     def attend(self, x, cache, attn_params: Params, loras=None) -> torch.Tensor:
         """Everything between the input norm and o_proj: returns (b, s, heads * head_dim)."""
         b, s = x.shape[0], x.shape[1]
@@ -165,7 +179,7 @@ class ExLlamaV2Attention(ExLlamaV2Module):
             qk = y[..., :(H + Hkv) * d].view(b, s, H + Hkv, d)
             v = y[..., (H + Hkv) * d:].view(b, s, Hkv, d)
             if rope is not None and cache is not None and (not attn_params.paged
-                                                           or _writes_paged_kv(attn_params, cache, qk)):
+                                                           or self._writes_paged_kv(attn_params, cache, qk, v)):
                 # and writes k and v into the cache in the same op (one C++ pass on the CPU: ops/cpu/small_ops.py)
                 if attn_params.paged:  # the page-major cache (1, slots, kv_heads, d) at the tokens' slots
                     kc, vc = cache.get_kv_state(self.layer_idx, 1, 0, 0)
@@ -206,11 +220,3 @@ class ExLlamaV2Attention(ExLlamaV2Module):
         out = ops.attention(q, k, v, mask, self.scaling, self.softcap, s > 1 and mask is None)
         return out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
 
-
-def _writes_paged_kv(params, cache, qk) -> bool:
-    """A packed paged step on the CPU over a plain cache: `attend` writes k/v with RoPE (ops.rope_kv_write) and
-    ops.paged_attention is told so (k = v = None). Not on GPUs, whose paged kernels write k/v themselves, nor for
-    the compiled decode-only step (paged_attn.PagedDecodeParams), which keeps the traced reference."""
-    from .cache_q import ExLlamaV2CacheQuantBase
-    return (qk.device.type == "cpu" and getattr(params, "sequences", None) is not None
-            and not isinstance(cache, ExLlamaV2CacheQuantBase) and params.slots.device == qk.device)

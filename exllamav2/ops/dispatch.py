@@ -120,14 +120,18 @@ class Op:
         pin = f" (backend pinned to '{_pinned}')" if _pinned else ""
         raise NoBackendError(f"no backend accepts op '{self.name}'{pin}: " + "; ".join(reasons))
 
-    def __call__(self, *args, **kwargs):
+    def implementation(self, *args, **kwargs) -> Impl:
+        """What a call with these arguments runs (the choice cached per `key_fn` outside compiled code)."""
         if torch.compiler.is_compiling():
-            return self.choose(*args, **kwargs).fn(*args, **kwargs)
+            return self.choose(*args, **kwargs)
         key = self.key_fn(*args, **kwargs)
         impl = self.cache.get(key)
         if impl is None:
             impl = self.cache[key] = self.choose(*args, **kwargs)
-        return impl.fn(*args, **kwargs)
+        return impl
+
+    def __call__(self, *args, **kwargs):
+        return self.implementation(*args, **kwargs).fn(*args, **kwargs)
 
 
 _OPS: dict[str, Op] = {}
