@@ -10,7 +10,6 @@ fp16 in the kernel checks: the interpreter's tl.dot is wrong on bf16 inputs (the
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
@@ -20,28 +19,11 @@ from exllamav2.attn_params import PagedParams
 from exllamav2.ops.torch_ref import attention as ref
 from exllamav2.ops.torch_ref import attention_quant as refq
 from exllamav2.ops.torch_ref.kv_quant import QuantPages, format_named, hadamard_rotate
+from triton_devices import kdev  # noqa: F401  (the fixture)
 
 F16 = torch.float16
-KERNELS = "exllamav2.ops.triton.attn_kernels"
 # (key format, value format) of ExLlamaV2Cache_Q4, _Q6, _Q8 and _8bit
 FORMAT_PAIRS = [("q4", "q4"), ("q8", "q4"), ("q8", "q8"), ("fp8", "fp8")]
-
-
-@pytest.fixture(params=["interpreter", "cuda"])
-def kdev(request, monkeypatch):
-    """The CPU under TRITON_INTERPRET=1 (always), and a CUDA GPU when there is one (compiled kernels)."""
-    pytest.importorskip("triton")
-    if request.param == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("no CUDA device")
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    sys.modules.pop(KERNELS, None)
-    ops.set_backend(None)
-    yield "cuda" if request.param == "cuda" else "cpu"
-    sys.modules.pop(KERNELS, None)
-    ops.set_backend(None)
 
 
 def _case(seed, formats, past_lens, q_lens, page, hq, hk, d, dtype=F16, device="cpu", spare_pages=3):

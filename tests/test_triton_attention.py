@@ -15,11 +15,12 @@ import torch
 from exllamav2 import ops
 from exllamav2.attn_params import PagedParams
 from exllamav2.ops.torch_ref import attention as ref
+from triton_devices import kdev  # noqa: F401  (the fixture)
 
 pytest.importorskip("triton")
 
 F16 = torch.float16
-KERNELS = "exllamav2.ops.triton.attn_kernels"
+from triton_devices import ATTN_KERNELS as KERNELS
 
 
 @pytest.fixture
@@ -30,23 +31,6 @@ def interp(monkeypatch):
     sys.modules.pop(KERNELS, None)
     ops.set_backend(None)
     yield
-    sys.modules.pop(KERNELS, None)
-    ops.set_backend(None)
-
-
-@pytest.fixture(params=["interpreter", "cuda"])
-def kdev(request, monkeypatch):
-    """The device the kernel checks run on: the CPU under TRITON_INTERPRET=1 (always), and a CUDA GPU when there is
-    one (compiled kernels; skipped otherwise), so that the same checks verify the kernels on a GPU."""
-    if request.param == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("no CUDA device")
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    sys.modules.pop(KERNELS, None)
-    ops.set_backend(None)
-    yield "cuda" if request.param == "cuda" else "cpu"
     sys.modules.pop(KERNELS, None)
     ops.set_backend(None)
 
