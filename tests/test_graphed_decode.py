@@ -1,5 +1,5 @@
 """The GPU decode path's plumbing (runtime/cuda_graphs.py), run on the CPU: the static buffers a captured graph
-replays over, one per number of sequences, fed step after step with other lengths and pages; and the seed API's
+replays over, one per bucket of sequence counts, fed step after step with other lengths and pages; and the seed API's
 batch-1 decode over a plain cache seen as consecutive pages. Capture itself needs a GPU (bench/gpu/ runs it there);
 here each "graph" runs the same step eagerly on its static buffers, which must give the uncaptured step's logits."""
 
@@ -33,10 +33,14 @@ def test_static_buffers_per_batch_size_give_the_plain_step(tmp_path):
             got = graphs(cache, ids, table, past, ps)
             want = paged_decode_step(model, ids, cache, torch.cat((table, torch.zeros(b, pages - 5, dtype=torch.long)),
                                                                   1), past, ps, cache.max_seq_len)
+            # B=3 runs the graph of 4 rows (the spare row copies the first): each row as in the plain step
             assert torch.equal(got, want), f"step {step} (B={b})"
-            buf = graphs.graphs[(id(cache), b, pages, ps)]
-            assert seen.setdefault(b, buf.ids.data_ptr()) == buf.ids.data_ptr()  # the same buffers, reused
-    assert sorted(k[1] for k in graphs.graphs) == [1, 2, 3]
+            n = 1 << (b - 1).bit_length()
+            buf = graphs.graphs[(id(cache), n, pages, ps)]
+            assert buf.ids.shape == (1, n)
+            assert torch.equal(buf.ids[0, b:], ids[0, :1].expand(n - b))
+            assert seen.setdefault(n, buf.ids.data_ptr()) == buf.ids.data_ptr()  # the same buffers, reused
+    assert sorted(k[1] for k in graphs.graphs) == [1, 2, 4]
 
 
 def test_seed_api_batch1_decode_through_the_graphed_path(tmp_path):

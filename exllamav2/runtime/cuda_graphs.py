@@ -1,9 +1,12 @@
 """The paged decode step (runtime/paged_decode.py) captured as CUDA graphs: on a GPU, decode launches one graph
 per step instead of a few hundred kernels from Python.
 
-A step over B sequences is captured once per B, at its first use, over static buffers (token ids, block tables,
-lengths, logits); every later step copies its inputs into those buffers and replays the graph. The graphs share one
-memory pool, so holding a graph for every batch size costs about the activations of the largest. Capture needs a
+A step over B sequences runs the graph of its bucket (the next power of two, as the compiled CPU step:
+paged_decode.bucket), captured at its first use over static buffers (token ids, block tables, lengths, logits);
+every later step copies its inputs into those buffers, the spare rows copying the first sequence (they write the
+same values to the same cache slots), and replays the graph. A row's result does not depend on the rows beside it
+(the Triton paged attention and linears compute each row alone), so a sequence gets the same logits in every
+bucket. The graphs share one memory pool, so holding one per bucket costs about the activations of the largest. Capture needs a
 step with no host sync: the `triton` backend's paged attention and linears (ops/triton/) give that. When capture
 fails (an op that syncs with the host, such as MoE routing, or no Triton), the caller falls back to the eager step
 and one line says why.
@@ -19,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from .paged_decode import paged_decode_step
+from .paged_decode import bucket, paged_decode_step
 
 
 def contiguous_table(cache, device) -> tuple[torch.Tensor, int]:
@@ -34,8 +37,9 @@ class _Graph:
     buffers: how the CPU tests check everything around the capture). The buffers hold the first call's inputs while
     the capture warms up, so the warm-up steps rewrite that step's own cache slots with the same values."""
 
-    def __init__(self, model, cache, ids, table, past, pages: int, page_size: int, capture: Callable | None):
-        b, device = ids.shape[1], ids.device
+    def __init__(self, model, cache, ids, table, past, rows: int, pages: int, page_size: int,
+                 capture: Callable | None):
+        b, device = rows, ids.device
         self.ids = torch.zeros(1, b, dtype=torch.long, device=device)
         self.table = torch.zeros(b, pages, dtype=torch.long, device=device)
         self.past = torch.zeros(b, dtype=torch.long, device=device)
@@ -46,17 +50,23 @@ class _Graph:
             self.graph, self.out = capture(self.args)
 
     def _load(self, ids, table, past) -> None:
-        self.ids.copy_(ids)
+        b, width = ids.shape[1], table.shape[1]
+        self.ids[:, :b].copy_(ids)
         self.table.zero_()
-        self.table[:, :table.shape[1]].copy_(table)
-        self.past.copy_(past)
+        self.table[:b, :width].copy_(table)
+        self.past[:b].copy_(past)
+        if b < self.past.shape[0]:  # spare rows: copies of the first sequence
+            self.ids[:, b:].copy_(ids[:, :1])
+            self.table[b:, :width].copy_(table[:1])
+            self.past[b:].copy_(past[:1])
 
     def run(self, ids: torch.Tensor, table: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+        b = ids.shape[1]
         self._load(ids, table, past)
         if self.graph is None:
-            return paged_decode_step(*self.args)
+            return paged_decode_step(*self.args)[:b]
         self.graph.replay()
-        return self.out.clone()  # the graph's output buffer is rewritten by the next replay
+        return self.out[:b].clone()  # the graph's output buffer is rewritten by the next replay
 
 
 def cuda_capture(args, pool=None):
@@ -81,7 +91,7 @@ class GraphedDecode:
         self.progress = progress
         self._capture = capture
         self._pool = None
-        self.graphs: dict = {}  # (id(cache), B, pages, page_size) -> _Graph
+        self.graphs: dict = {}  # (id(cache), bucket of B, pages, page_size) -> _Graph
         self.capture_seconds = 0.0
 
     def _capture_fn(self):
@@ -95,19 +105,19 @@ class GraphedDecode:
     def __call__(self, cache, ids: torch.Tensor, table: torch.Tensor, past: torch.Tensor,
                  page_size: int) -> torch.Tensor:
         """Logits (B, vocab) for ids (1, B) at lengths `past` (B,) through block tables `table` (B, <= pages)."""
-        b = ids.shape[1]
+        n = bucket(ids.shape[1])
         pages = cache.max_seq_len // page_size
-        key = (id(cache), b, pages, page_size)
+        key = (id(cache), n, pages, page_size)
         g = self.graphs.get(key)
         if g is None:
             t0 = time.time()
             capture = self._capture_fn() if ids.device.type == "cuda" else self._capture
-            g = _Graph(self.model, cache, ids, table, past, pages, page_size, capture)
+            g = _Graph(self.model, cache, ids, table, past, n, pages, page_size, capture)
             dt = time.time() - t0
             self.capture_seconds += dt
             if self.progress:
                 import sys
-                print(f"exllamav2: captured the decode step for {b} sequence{'s' if b > 1 else ''} in {dt:.2f} s",
-                      file=sys.stderr)
+                print(f"exllamav2: captured the decode step for up to {n} sequence{'s' if n > 1 else ''} in "
+                      f"{dt:.2f} s", file=sys.stderr)
             self.graphs[key] = g
         return g.run(ids, table, past)
