@@ -42,3 +42,22 @@ def kernel(q, k, v, mask, scale: float, softcap: float, is_causal: bool) -> torc
     """The C++ kernel itself, for a caller that has already asked `takes` (the paged decode rows)."""
     return torch.ops.exllamav2_cpu.decode_attention(q, k, v, mask, float(scale), float(softcap or 0.0),
                                                     bool(is_causal))
+
+
+def takes_paged_decode(q, kflat, vflat, block_index, kv_lens) -> bool:
+    """Whether `paged_decode` takes a decode-only paged call: exactly when `attend_sequence` (torch_ref/attention.py)
+    would send each sequence's row to the kernel (`takes`), the cache already in q's dtype, the tables on the CPU.
+    Traced by dynamo in the compiled paged step: attribute reads and a dict lookup only."""
+    return (q.device.type == "cpu" and q.dtype in _FLOATS and kflat.dtype == q.dtype and vflat.dtype == q.dtype
+            and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256 and block_index.device.type == "cpu"
+            and kv_lens.device.type == "cpu" and not needs_grad(q, kflat, vflat) and _kernels_ready())
+
+
+def paged_decode(q, kflat, vflat, block_index, kv_lens, page_size: int, sliding_window: int, scale: float,
+                 softcap: float) -> torch.Tensor:
+    """One new token per sequence over a page-major cache, all sequences in one C++ call (csrc/attention.cpp):
+    q (B, hq, d), kflat/vflat (slots, hk, d), block_index (B, pages), kv_lens (B,) -> (B, hq, d), each sequence
+    bit-identical to `attend_sequence` over its own keys (tests/test_cpu_paged_decode.py)."""
+    return torch.ops.exllamav2_cpu.paged_decode_attention(q, kflat, vflat, block_index, kv_lens, int(page_size),
+                                                          int(sliding_window or 0), float(scale),
+                                                          float(softcap or 0.0))

@@ -55,6 +55,11 @@ def _register_fakes() -> None:
     def _decode_attention_fake(q, k, v, mask, scale, softcap, is_causal):
         return q.new_empty(q.shape)
 
+    @torch.library.register_fake("exllamav2_cpu::paged_decode_attention")
+    def _paged_decode_attention_fake(q, kflat, vflat, block_index, kv_lens, page_size, sliding_window, scale,
+                                     softcap):
+        return q.new_empty(q.shape)
+
     _registered = True
 
 

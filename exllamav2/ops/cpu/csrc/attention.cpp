@@ -28,6 +28,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -97,6 +98,21 @@ struct View {  // strides in elements; the last dimension is contiguous
     int64_t sb, sh, ss;
 };
 
+// A split's key (or value) rows, row j of the split (0 <= j < its key count): the same arithmetic reads them
+// whether they are one strided range (a contiguous cache, or one page) or gathered through a block table.
+template <typename T>
+struct StridedRows {
+    const T* base;  // the split's first row
+    int64_t stride;
+    const T* operator()(int64_t j) const { return base + j * stride; }
+};
+
+template <typename T>
+struct TableRows {
+    const T* const* rows;  // the split's rows, one pointer each
+    const T* operator()(int64_t j) const { return rows[j]; }
+};
+
 struct Problem {
     int64_t B, HK, G, S, T, D, splits;
     View qv, kv, vv, mv, ov;
@@ -120,15 +136,16 @@ Scratch& scratch() {
 }
 
 // rows [r0, r0 + RT) x dims [16 c0, 16 (c0 + DC)): acc += sum over the split's n keys of p(row, key) v(key)
-template <typename T, int RT, int DC>
-AVX512_TARGET void weighted_sum_tile(const float* p, int64_t pstride, const T* v, int64_t vstride, int64_t n,
-                                     float* acc, int64_t astride) {
+template <typename T, int RT, int DC, typename Rows>
+AVX512_TARGET void weighted_sum_tile(const float* p, int64_t pstride, Rows v, int64_t col, int64_t n, float* acc,
+                                     int64_t astride) {
     __m512 a[RT][DC];
     for (int r = 0; r < RT; ++r)
         for (int c = 0; c < DC; ++c) a[r][c] = _mm512_setzero_ps();
     for (int64_t t = 0; t < n; ++t) {
         __m512 vt[DC];
-        for (int c = 0; c < DC; ++c) vt[c] = load16(v + t * vstride + 16 * c);
+        const T* vr = v(t) + col;
+        for (int c = 0; c < DC; ++c) vt[c] = load16(vr + 16 * c);
         for (int r = 0; r < RT; ++r) {
             const __m512 pr = _mm512_set1_ps(p[r * pstride + t]);
             for (int c = 0; c < DC; ++c) a[r][c] = _mm512_fmadd_ps(pr, vt[c], a[r][c]);
@@ -138,24 +155,23 @@ AVX512_TARGET void weighted_sum_tile(const float* p, int64_t pstride, const T* v
         for (int c = 0; c < DC; ++c) _mm512_storeu_ps(acc + r * astride + 16 * c, a[r][c]);
 }
 
-template <typename T, int RT>
-AVX512_TARGET void weighted_sum_rows(const float* p, const T* v, int64_t vstride, int64_t n, float* acc, int64_t D,
-                                     int64_t r0) {
+template <typename T, int RT, typename Rows>
+AVX512_TARGET void weighted_sum_rows(const float* p, Rows v, int64_t n, float* acc, int64_t D, int64_t r0) {
     const float* pr = p + r0 * kSplit;
     float* ar = acc + r0 * D;
     int64_t c = 0, nv = D / 16;
-    for (; c + 4 <= nv; c += 4) weighted_sum_tile<T, RT, 4>(pr, kSplit, v + 16 * c, vstride, n, ar + 16 * c, D);
+    for (; c + 4 <= nv; c += 4) weighted_sum_tile<T, RT, 4>(pr, kSplit, v, 16 * c, n, ar + 16 * c, D);
     switch (nv - c) {
-        case 3: weighted_sum_tile<T, RT, 3>(pr, kSplit, v + 16 * c, vstride, n, ar + 16 * c, D); break;
-        case 2: weighted_sum_tile<T, RT, 2>(pr, kSplit, v + 16 * c, vstride, n, ar + 16 * c, D); break;
-        case 1: weighted_sum_tile<T, RT, 1>(pr, kSplit, v + 16 * c, vstride, n, ar + 16 * c, D); break;
+        case 3: weighted_sum_tile<T, RT, 3>(pr, kSplit, v, 16 * c, n, ar + 16 * c, D); break;
+        case 2: weighted_sum_tile<T, RT, 2>(pr, kSplit, v, 16 * c, n, ar + 16 * c, D); break;
+        case 1: weighted_sum_tile<T, RT, 1>(pr, kSplit, v, 16 * c, n, ar + 16 * c, D); break;
         default: break;
     }
 }
 
 // fp32/fp16 scores: per (row, key) a 16-lane fp32 accumulator over head_dim in order, then sum16 and the scale
-template <typename T>
-AVX512_TARGET void scores_fp32(const Problem& P, const float* qf, const T* k, int64_t t0, int64_t n, Scratch& w) {
+template <typename T, typename Rows>
+AVX512_TARGET void scores_fp32(const Problem& P, const float* qf, Rows k, int64_t n, Scratch& w) {
     const int64_t R = P.G * P.S, D = P.D, nv = D / 16;
     const __m512 scale = _mm512_set1_ps(P.scale);
     float* kf = w.kf.data();
@@ -163,7 +179,7 @@ AVX512_TARGET void scores_fp32(const Problem& P, const float* qf, const T* k, in
         const int64_t nk = std::min<int64_t>(16, n - j0);
         // the block's keys in fp32, chunk-major: kf[(c * 16 + j) * 16 + lane] = k(key j0 + j, dim 16 c + lane)
         for (int64_t j = 0; j < 16; ++j) {
-            const T* src = k + (t0 + j0 + j) * P.kv.ss;
+            const T* src = j < nk ? k(j0 + j) : nullptr;
             for (int64_t c = 0; c < nv; ++c)
                 _mm512_storeu_ps(kf + (c * 16 + j) * 16, j < nk ? load16(src + 16 * c) : _mm512_setzero_ps());
         }
@@ -189,8 +205,8 @@ AVX512_TARGET inline __m512i load_pairs(const uint16_t* p, bool half) {  // 32 b
                 : _mm512_loadu_si512(p);
 }
 
-AVX512_TARGET void scores_bf16(const Problem& P, const uint16_t* q, const uint16_t* k, int64_t t0, int64_t n,
-                               Scratch& w) {
+template <typename Rows>
+AVX512_TARGET void scores_bf16(const Problem& P, const uint16_t* q, Rows k, int64_t n, Scratch& w) {
     const int64_t R = P.G * P.S, D = P.D, nc = (D + 31) / 32;
     const bool half = D % 32 != 0;  // the last 32-dim chunk holds 16 dims
     const __m512 scale = _mm512_set1_ps(P.scale);
@@ -205,7 +221,7 @@ AVX512_TARGET void scores_bf16(const Problem& P, const uint16_t* q, const uint16
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
         const int64_t nk = std::min<int64_t>(16, n - j0);
         for (int64_t j = 0; j < 16; ++j) {
-            const uint16_t* src = k + (t0 + j0 + j) * P.kv.ss;
+            const uint16_t* src = j < nk ? reinterpret_cast<const uint16_t*>(k(j0 + j)) : nullptr;
             for (int64_t c = 0; c < nc; ++c)
                 _mm512_storeu_si512(kb + (c * 16 + j) * 16, j < nk ? load_pairs(src + 32 * c, half && c == nc - 1)
                                                                    : _mm512_setzero_si512());
@@ -224,13 +240,14 @@ AVX512_TARGET void scores_bf16(const Problem& P, const uint16_t* q, const uint16
     }
 }
 
-// One (batch row b, kv head h, split sp). Leaves per row: m (max score), l (sum of exp(score - m)), acc (sum of
-// exp(score - m) v) in out_m/out_l/out_acc.
-template <typename T>
-AVX512_TARGET void split_task(const Problem& P, const T* q, const T* k, const T* v, const bool* mask, int64_t sp,
-                              float* out_m, float* out_l, float* out_acc) {
+// One (batch row or sequence, kv head, split): keys [t0, t0 + n) of its T keys, whose rows are k(j), v(j) for key
+// t0 + j; keys before `lo` are masked (a sliding window), as are those `mask` (its row starts at key 0) excludes.
+// Leaves per row: m (max score), l (sum of exp(score - m)), acc (sum of exp(score - m) v) in out_m/out_l/out_acc.
+template <typename T, typename Rows>
+AVX512_TARGET void split_task(const Problem& P, const T* q, Rows k, Rows v, const bool* mask, int64_t T_, int64_t t0,
+                              int64_t lo, float* out_m, float* out_l, float* out_acc) {
     const int64_t G = P.G, S = P.S, D = P.D, R = G * S, nv = D / 16;
-    const int64_t t0 = sp * kSplit, n = std::min(kSplit, P.T - t0);
+    const int64_t n = std::min(kSplit, T_ - t0);
     Scratch& w = scratch();
     w.fit(R, D);
     float* qf = w.qf.data();
@@ -244,9 +261,9 @@ AVX512_TARGET void split_task(const Problem& P, const T* q, const T* k, const T*
     // scores (R, n) for 16 keys at a time, in fp32 rows of the scratch
     float* scores = w.scores.data();
     if constexpr (std::is_same_v<T, c10::BFloat16>)
-        scores_bf16(P, reinterpret_cast<const uint16_t*>(q), reinterpret_cast<const uint16_t*>(k), t0, n, w);
+        scores_bf16(P, reinterpret_cast<const uint16_t*>(q), k, n, w);
     else
-        scores_fp32(P, qf, k, t0, n, w);
+        scores_fp32<T>(P, qf, k, n, w);
     // softmax within the split, per row: masked keys -inf, then p = exp(score - m) in place
     const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     const int64_t nb = (n + 15) / 16;
@@ -256,12 +273,14 @@ AVX512_TARGET void split_task(const Problem& P, const T* q, const T* k, const T*
         if (P.softcap > 0.f)
             for (int64_t t = 0; t < n; ++t) sr[t] = P.softcap * std::tanh(sr[t] / P.softcap);
         // keys [t0, t0 + visible) pass causality (and the split's end)
-        const int64_t visible = P.causal ? std::max<int64_t>(0, std::min(n, P.T - S + s - t0 + 1)) : n;
+        const int64_t visible = P.causal ? std::max<int64_t>(0, std::min(n, T_ - S + s - t0 + 1)) : n;
         const bool* mr = mask ? mask + s * P.mv.ss + t0 : nullptr;
         __m512 mx = ninf;
         for (int64_t b = 0; b < nb; ++b) {
             const int64_t lim = std::min<int64_t>(16, std::max<int64_t>(0, visible - 16 * b));
             __mmask16 keep = static_cast<__mmask16>((1u << lim) - 1u);
+            if (lo > t0 + 16 * b)  // keys before the window
+                keep &= static_cast<__mmask16>(~((1u << std::min<int64_t>(16, lo - t0 - 16 * b)) - 1u));
             if (mr && keep) {
                 const __m128i mb = _mm_maskz_loadu_epi8(keep, mr + 16 * b);
                 keep &= _mm_test_epi8_mask(mb, mb);
@@ -286,21 +305,21 @@ AVX512_TARGET void split_task(const Problem& P, const T* q, const T* k, const T*
         out_l[r] = _mm512_reduce_add_ps(lsum);
     }
     // weighted sum of the split's values, 4 rows at a time
-    const T* vs = v + t0 * P.vv.ss;
     int64_t r0 = 0;
-    for (; r0 + 4 <= R; r0 += 4) weighted_sum_rows<T, 4>(scores, vs, P.vv.ss, n, out_acc, D, r0);
+    for (; r0 + 4 <= R; r0 += 4) weighted_sum_rows<T, 4>(scores, v, n, out_acc, D, r0);
     switch (R - r0) {
-        case 3: weighted_sum_rows<T, 3>(scores, vs, P.vv.ss, n, out_acc, D, r0); break;
-        case 2: weighted_sum_rows<T, 2>(scores, vs, P.vv.ss, n, out_acc, D, r0); break;
-        case 1: weighted_sum_rows<T, 1>(scores, vs, P.vv.ss, n, out_acc, D, r0); break;
+        case 3: weighted_sum_rows<T, 3>(scores, v, n, out_acc, D, r0); break;
+        case 2: weighted_sum_rows<T, 2>(scores, v, n, out_acc, D, r0); break;
+        case 1: weighted_sum_rows<T, 1>(scores, v, n, out_acc, D, r0); break;
         default: break;
     }
 }
 
 // out rows of one (batch row, kv head) from its splits' (m, l, acc), merged in split order
 template <typename T>
-AVX512_TARGET void merge_splits(const Problem& P, const float* m, const float* l, const float* acc, T* out) {
-    const int64_t R = P.G * P.S, D = P.D, NS = P.splits;
+AVX512_TARGET void merge_splits(const Problem& P, int64_t NS, const float* m, const float* l, const float* acc,
+                                T* out) {
+    const int64_t R = P.G * P.S, D = P.D;
     const float ninf = -std::numeric_limits<float>::infinity();
     alignas(64) float row[kMaxD];
     for (int64_t r = 0; r < R; ++r) {
@@ -359,13 +378,14 @@ void run_tasks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
     const int64_t macs = 2 * R * P.T * P.D * heads;
     auto work = [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
-            const int64_t bh = i / NS, sp = i % NS, b = bh / P.HK, h = bh % P.HK;
-            split_task<T>(P, qp + b * P.qv.sb + h * G * P.qv.sh, kp + b * P.kv.sb + h * P.kv.sh,
-                          vp + b * P.vv.sb + h * P.vv.sh, mp ? mp + b * P.mv.sb : nullptr, sp, pm + i * R,
-                          pl + i * R, pa + i * R * P.D);
+            const int64_t bh = i / NS, sp = i % NS, b = bh / P.HK, h = bh % P.HK, t0 = sp * kSplit;
+            split_task<T>(P, qp + b * P.qv.sb + h * G * P.qv.sh,
+                          StridedRows<T>{kp + b * P.kv.sb + h * P.kv.sh + t0 * P.kv.ss, P.kv.ss},
+                          StridedRows<T>{vp + b * P.vv.sb + h * P.vv.sh + t0 * P.vv.ss, P.vv.ss},
+                          mp ? mp + b * P.mv.sb : nullptr, P.T, t0, 0, pm + i * R, pl + i * R, pa + i * R * P.D);
             // the last of this head's splits to finish merges them (acq_rel: it sees the others' writes)
             if (pending[bh].fetch_sub(1, std::memory_order_acq_rel) == 1)
-                merge_splits<T>(P, pm + bh * NS * R, pl + bh * NS * R, pa + bh * NS * R * P.D,
+                merge_splits<T>(P, NS, pm + bh * NS * R, pl + bh * NS * R, pa + bh * NS * R * P.D,
                                 op + b * P.ov.sb + h * G * P.ov.sh);
         }
     };
@@ -426,13 +446,171 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_, const at
     return out;
 }
 
+// ---- paged decode: one new token per sequence over a page-major cache --------------------------------------------
+// Each sequence's keys are cut into splits at the same fixed positions as decode_attention's over that sequence's
+// (1, hk, kv_len, d) view, a split's rows read through the block table (one strided range when its pages are
+// consecutive, else one pointer per key), and a sliding window masks the keys before kv_len - window as
+// window_mask's bool mask does: the result is bit-identical to decode_attention on the sequence alone
+// (exllamav2/ops/torch_ref/attention.py: attend_sequence; tests/test_cpu_paged_decode.py).
+
+struct PagedTables {
+    const int64_t* block_index;  // (B, pages) row-major
+    int64_t pages, page_size;
+    const int64_t* kv_lens;
+    int64_t window;  // 0: every key
+};
+
+template <typename T>
+void run_paged(const at::Tensor& q, const at::Tensor& kflat, const at::Tensor& vflat, const PagedTables& pt,
+               at::Tensor& out, int64_t G, float scale, float softcap) {
+    const int64_t B = q.size(0), HK = kflat.size(1), D = q.size(2), R = G, ps = pt.page_size;
+    Problem P{B, HK, G, 1, 0, D, 0, {q.stride(0), q.stride(1), 0}, {0, kflat.stride(1), kflat.stride(0)},
+              {0, vflat.stride(1), vflat.stride(0)}, {0, 0, 0}, {out.stride(0), out.stride(1), 0}, scale, softcap,
+              false};
+    // tasks: per sequence b, HK heads x its splits, numbered from first[b] (head-major, so a head's partial results
+    // sit together for its merge)
+    static thread_local std::vector<int64_t> first_tasks;
+    first_tasks.resize(B + 1);
+    int64_t* first = first_tasks.data();
+    first[0] = 0;
+    int64_t keys = 0;
+    for (int64_t b = 0; b < B; ++b) {
+        first[b + 1] = first[b] + HK * ((pt.kv_lens[b] + kSplit - 1) / kSplit);
+        keys += pt.kv_lens[b];
+    }
+    const int64_t tasks = first[B], heads = B * HK;
+    static thread_local MergeState ms;
+    const size_t parts = size_t(tasks * R);
+    if (ms.m.size() < parts) ms.m.resize(parts), ms.l.resize(parts);
+    if (ms.acc.size() < parts * D) ms.acc.resize(parts * D);
+    if (ms.pending_size < heads) {
+        ms.pending.reset(new std::atomic<int64_t>[heads]);
+        ms.pending_size = heads;
+    }
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < HK; ++h)
+            ms.pending[b * HK + h].store((first[b + 1] - first[b]) / HK, std::memory_order_relaxed);
+    float *pm = ms.m.data(), *pl = ms.l.data(), *pa = ms.acc.data();
+    std::atomic<int64_t>* pending = ms.pending.get();
+    const T *qp = q.data_ptr<T>(), *kp = kflat.data_ptr<T>(), *vp = vflat.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    const int64_t kss = P.kv.ss, vss = P.vv.ss;
+    auto work = [&](int64_t i0, int64_t i1) {
+        const T* krow[kSplit];
+        const T* vrow[kSplit];
+        for (int64_t i = i0; i < i1; ++i) {
+            const int64_t b = std::upper_bound(first, first + B + 1, i) - first - 1;
+            const int64_t NS = (first[b + 1] - first[b]) / HK, h = (i - first[b]) / NS, sp = (i - first[b]) % NS;
+            const int64_t T_ = pt.kv_lens[b], t0 = sp * kSplit, n = std::min(kSplit, T_ - t0);
+            const int64_t lo = pt.window > 0 ? std::max<int64_t>(0, T_ - pt.window) : 0;
+            float *tm = pm + i * R, *tl = pl + i * R;
+            if (t0 + n <= lo) {  // the whole split is outside the window: what its task would leave, m = -inf
+                for (int64_t r = 0; r < R; ++r) tm[r] = -std::numeric_limits<float>::infinity(), tl[r] = 0.f;
+            } else {
+                const int64_t* table = pt.block_index + b * pt.pages;
+                const T* qr = qp + b * P.qv.sb + h * G * P.qv.sh;
+                const T *kh = kp + h * P.kv.sh, *vh = vp + h * P.vv.sh;
+                const int64_t p0 = t0 / ps, p1 = (t0 + n - 1) / ps;
+                bool consecutive = true;
+                for (int64_t p = p0 + 1; p <= p1 && consecutive; ++p) consecutive = table[p] == table[p0] + (p - p0);
+                if (consecutive) {
+                    const int64_t slot = table[p0] * ps + t0 % ps;
+                    split_task<T>(P, qr, StridedRows<T>{kh + slot * kss, kss}, StridedRows<T>{vh + slot * vss, vss},
+                                  nullptr, T_, t0, lo, tm, tl, pa + i * R * D);
+                } else {
+                    for (int64_t j = 0; j < n; ++j) {
+                        const int64_t t = t0 + j, slot = table[t / ps] * ps + t % ps;
+                        krow[j] = kh + slot * kss;
+                        vrow[j] = vh + slot * vss;
+                    }
+                    split_task<T>(P, qr, TableRows<T>{krow}, TableRows<T>{vrow}, nullptr, T_, t0, lo, tm, tl,
+                                  pa + i * R * D);
+                }
+            }
+            const int64_t bh = b * HK + h;
+            if (pending[bh].fetch_sub(1, std::memory_order_acq_rel) == 1) {
+                const int64_t h0 = first[b] + h * NS;
+                merge_splits<T>(P, NS, pm + h0 * R, pl + h0 * R, pa + h0 * R * D, op + b * P.ov.sb + h * G * P.ov.sh);
+            }
+        }
+    };
+    const int64_t macs = 2 * R * keys * D * HK;
+    if (macs < kParallelMacs || tasks == 1)
+        work(0, tasks);
+    else
+        at::parallel_for(0, tasks, 1, work);
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q_, const at::Tensor& kflat_, const at::Tensor& vflat_,
+                                  const at::Tensor& block_index_, const at::Tensor& kv_lens_, int64_t page_size,
+                                  int64_t sliding_window, double scale, double softcap) {
+    TORCH_CHECK(avx512_ok(), "exllamav2_cpu::paged_decode_attention needs AVX-512 with BF16 (the Python side keeps "
+                "the reference elsewhere)");
+    TORCH_CHECK(q_.dim() == 3, "paged_decode_attention: q must be (sequences, q heads, head_dim), got ", q_.sizes());
+    TORCH_CHECK(kflat_.dim() == 3 && kflat_.sizes() == vflat_.sizes(), "paged_decode_attention: kflat and vflat "
+                "must be (slots, kv heads, head_dim) of one shape, got ", kflat_.sizes(), " and ", vflat_.sizes());
+    const auto dt = q_.scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "paged_decode_attention: q must be "
+                "float32, bfloat16 or float16, got ", dt);
+    TORCH_CHECK(kflat_.scalar_type() == dt && vflat_.scalar_type() == dt, "paged_decode_attention: kflat and vflat "
+                "must have q's dtype ", dt, ", got ", kflat_.scalar_type(), " and ", vflat_.scalar_type());
+    const int64_t B = q_.size(0), HQ = q_.size(1), D = q_.size(2), slots = kflat_.size(0), HK = kflat_.size(1);
+    TORCH_CHECK(kflat_.size(2) == D, "paged_decode_attention: kflat's head_dim ", kflat_.size(2), " is not q's ", D);
+    TORCH_CHECK(HK > 0 && HQ % HK == 0, "paged_decode_attention: ", HQ, " query heads are not a multiple of ", HK,
+                " kv heads");
+    TORCH_CHECK(D % 16 == 0 && D <= kMaxD, "paged_decode_attention: head_dim ", D, " must be a multiple of 16 up to ",
+                kMaxD);
+    TORCH_CHECK(block_index_.scalar_type() == at::kLong && block_index_.dim() == 2 && block_index_.size(0) == B,
+                "paged_decode_attention: block_index must be int64 (", B, ", pages), got ", block_index_.scalar_type(),
+                " ", block_index_.sizes());
+    TORCH_CHECK(kv_lens_.scalar_type() == at::kLong && kv_lens_.dim() == 1 && kv_lens_.size(0) == B,
+                "paged_decode_attention: kv_lens must be int64 (", B, "), got ", kv_lens_.scalar_type(), " ",
+                kv_lens_.sizes());
+    TORCH_CHECK(page_size > 0, "paged_decode_attention: page_size must be positive, got ", page_size);
+    TORCH_CHECK(sliding_window >= 0, "paged_decode_attention: sliding_window must be >= 0 (0: none), got ",
+                sliding_window);
+    const at::Tensor block_index = block_index_.contiguous(), kv_lens = kv_lens_.contiguous();
+    const int64_t* bi = block_index.data_ptr<int64_t>();
+    const int64_t* lens = kv_lens.data_ptr<int64_t>();
+    const int64_t pages = block_index.size(1);
+    for (int64_t b = 0; b < B; ++b) {  // every slot the op will read exists
+        const int64_t len = lens[b], need = (len + page_size - 1) / page_size;
+        TORCH_CHECK(len >= 1, "paged_decode_attention: kv_lens[", b, "] = ", len, ", expected >= 1 (the new token's "
+                    "key is in the cache)");
+        TORCH_CHECK(need <= pages, "paged_decode_attention: block_index has ", pages, " pages per sequence; sequence ",
+                    b, " needs ", need, " for kv_lens[", b, "] = ", len, " at page_size ", page_size);
+        for (int64_t p = 0; p < need; ++p) {
+            const int64_t page = bi[b * pages + p], used = std::min(page_size, len - p * page_size);
+            TORCH_CHECK(page >= 0 && slots >= used && page <= (slots - used) / page_size,
+                        "paged_decode_attention: block_index[", b, ", ", p, "] = ", page, " reads slots past the "
+                        "cache's ", slots, " (page_size ", page_size, ")");
+        }
+    }
+    auto lastdim = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
+    const at::Tensor q = lastdim(q_), kflat = lastdim(kflat_), vflat = lastdim(vflat_);
+    at::Tensor out = at::empty({B, HQ, D}, q.options());
+    if (out.numel() == 0) return out;
+    const PagedTables pt{bi, pages, page_size, lens, sliding_window};
+    const int64_t G = HQ / HK;
+    const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
+    switch (dt) {
+        case at::kFloat: run_paged<float>(q, kflat, vflat, pt, out, G, sc, cap); break;
+        case at::kBFloat16: run_paged<c10::BFloat16>(q, kflat, vflat, pt, out, G, sc, cap); break;
+        default: run_paged<c10::Half>(q, kflat, vflat, pt, out, G, sc, cap); break;
+    }
+    return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(exllamav2_cpu, m) {
     m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, float softcap, bool is_causal) "
           "-> Tensor");
+    m.def("paged_decode_attention(Tensor q, Tensor kflat, Tensor vflat, Tensor block_index, Tensor kv_lens, "
+          "int page_size, int sliding_window, float scale, float softcap) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(exllamav2_cpu, CPU, m) {
     m.impl("decode_attention", &decode_attention);
+    m.impl("paged_decode_attention", &paged_decode_attention);
 }
