@@ -66,3 +66,35 @@ def test_seed_api_batch1_decode_through_the_graphed_path(tmp_path):
                 assert torch.allclose(got, want, atol=2e-2 * want.abs().max().item(), rtol=0)
                 assert got.argmax() == want.argmax()
         assert cache.current_seq_len == ref_cache.current_seq_len == 10
+
+
+def test_seed_api_batched_decode_through_the_graphed_path(tmp_path):
+    """A plain cache of 3 rows as one paged cache (FlatCache): the base and streaming generators' batched decode
+    on a GPU replays the 4-row graph; each row as the plain batched step gives it."""
+    from exllamav2.runtime.cuda_graphs import FlatCache, flat_view
+    model = _model(tmp_path)
+    cache, ref_cache = ExLlamaV2Cache(model, 3, 512), ExLlamaV2Cache(model, 3, 512)
+    flat = flat_view(cache)
+    assert isinstance(flat, FlatCache) and flat_view(cache) is flat
+    assert flat.key_states[0].shape == (1, 3 * 512, *cache.key_states[0].shape[2:])
+    assert flat.key_states[0].data_ptr() == cache.key_states[0].data_ptr()  # a view, no copy
+    table, page = contiguous_table(cache, "cpu", 3)
+    assert table.tolist() == [[0, 1], [2, 3], [4, 5]] and page == 256
+    prompt = torch.randint(0, 1000, (3, 6), generator=torch.Generator().manual_seed(2))
+    model.forward(prompt, cache)
+    model.forward(prompt, ref_cache)
+    runner = DecodeRunner(model, compile=False)
+    runner.graphs = GraphedDecode(model, progress=False)
+    runner.paged = PagedDecode(runner)
+    with torch.inference_mode():
+        for t in (5, 9, 11):
+            ids = torch.tensor([[t], [t + 1], [t + 2]])
+            got = runner._graphed(ids, cache)
+            want = decode_step(model, ids, ref_cache, ref_cache.current_seq_len)
+            ref_cache.current_seq_len += 1
+            assert got.shape == want.shape == (3, 1, model.config.vocab_size)
+            assert torch.allclose(got, want, atol=2e-2 * want.abs().max().item(), rtol=0)
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+    # the k/v the graphed steps wrote sit where the plain steps wrote them
+    assert torch.allclose(cache.key_states[0][:, :9].float(), ref_cache.key_states[0][:, :9].float(), atol=2e-2)
+    assert [k[1] for k in runner.graphs.graphs] == [4]

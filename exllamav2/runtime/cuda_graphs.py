@@ -11,8 +11,9 @@ step with no host sync: the `triton` backend's paged attention and linears (ops/
 fails (an op that syncs with the host, such as MoE routing, or no Triton), the caller falls back to the eager step
 and one line says why.
 
-The seed API's batch-1 decode over a plain cache runs the same step: a batch-1 cache is a paged cache whose block
-table is 0, 1, 2, ... (`contiguous_table`).
+The seed API's decode over a plain cache runs the same step: a plain cache of B rows, (B, max_seq_len, kv_heads, d)
+and contiguous, is one paged cache of B * max_seq_len slots (`FlatCache`) in which row i's block table is
+i * P, i * P + 1, ... for P pages a row (`contiguous_table`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,40 @@ import torch
 from .paged_decode import bucket, paged_decode_step
 
 
-def contiguous_table(cache, device) -> tuple[torch.Tensor, int]:
-    """A batch-1 plain cache as a paged one: (block table (1, pages), page size)."""
+def contiguous_table(cache, device, rows: int = 1) -> tuple[torch.Tensor, int]:
+    """The first `rows` rows of a plain cache as sequences of one paged cache (FlatCache): (block tables (rows,
+    pages a row), page size)."""
     n = cache.max_seq_len
     page = 256 if n % 256 == 0 else n
-    return torch.arange(n // page, device=device).view(1, -1), page
+    pages = n // page
+    return torch.arange(rows * pages, device=device).view(rows, pages), page
+
+
+class FlatCache:
+    """A plain cache's tensors (B, max_seq_len, kv_heads, d) seen as one paged cache (1, B * max_seq_len, kv_heads,
+    d): views, no copy. `max_seq_len` stays the row's (the block tables' width and the positions' bound)."""
+
+    batch_size = 1
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.max_seq_len = cache.max_seq_len
+        self.key_states = [k.view(1, -1, *k.shape[2:]) for k in cache.key_states]
+        self.value_states = [v.view(1, -1, *v.shape[2:]) for v in cache.value_states]
+
+    def get_kv_state(self, layer_idx: int, *args, **kwargs):
+        return self.key_states[layer_idx], self.value_states[layer_idx]
+
+    def store_kv_state(self, *args, **kwargs):
+        pass
+
+
+def flat_view(cache) -> "FlatCache":
+    """The cache's FlatCache, made once per cache (graphs are keyed by the object they were captured over)."""
+    flat = getattr(cache, "_flat_view", None)
+    if flat is None or flat.key_states[0].data_ptr() != cache.key_states[0].data_ptr():
+        flat = cache._flat_view = FlatCache(cache)
+    return flat
 
 
 class _Graph:

@@ -134,7 +134,7 @@ class DecodeRunner:
         if cache.key_states[0] is None:
             return False
         if cache.key_states[0].device.type != "cpu":
-            if self.graphs is None or self.paged.failed or cache.batch_size != 1 or input_ids.shape[0] != 1:
+            if self.graphs is None or self.paged.failed or not cache.key_states[0].is_contiguous():
                 return False
         elif self.graphs is not None:
             return False
@@ -173,15 +173,18 @@ class DecodeRunner:
 
 
     def _graphed(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
-        """Batch-1 decode on a GPU: the captured paged step over the plain cache seen as consecutive pages."""
-        from .cuda_graphs import contiguous_table
+        """Decode on a GPU: the captured paged step over the plain cache's rows seen as consecutive pages of one
+        paged cache (runtime/cuda_graphs.py)."""
+        from .cuda_graphs import contiguous_table, flat_view
         dev = cache.key_states[0].device
-        past = cache.current_seq_len
-        table, page = contiguous_table(cache, dev)
-        logits = self.paged.graphed(cache, input_ids.to(dev).view(1, 1), table, torch.tensor([past], device=dev), page)
+        past, b = cache.current_seq_len, input_ids.shape[0]
+        table, page = contiguous_table(cache, dev, b)
+        paged = cache if cache.batch_size == 1 else flat_view(cache)
+        logits = self.paged.graphed(paged, input_ids.to(dev).view(1, b), table,
+                                    torch.full((b,), past, dtype=torch.long, device=dev), page)
         if logits is None:  # the capture failed: the eager step, as it was
             logits = decode_step(self.model, input_ids, cache, past)
         else:
-            logits = logits.view(1, 1, -1)
+            logits = logits.view(b, 1, -1)
         cache.current_seq_len = past + 1
         return logits
