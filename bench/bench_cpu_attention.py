@@ -5,6 +5,11 @@ decode step passes: q (b, hq, rows, d), k/v (b, hk, L, d) as transposed views of
     python bench/bench_cpu_attention.py [--model smollm2|llama8b] [--rows 1] [--batch 1] [--dtype bf16]
                                         [--threads 1,2] [--lengths 16,64,256,1024,4096]
 
+With --paged PAGE_SIZE: the decode-only paged step's attention instead, --batch sequences of L keys each over a
+page-major cache (slots, hk, d), their pages scattered: the C++ op `exllamav2_cpu::paged_decode_attention` against
+the Python custom op it replaces in the compiled paged step (`exllamav2::paged_decode_attention`,
+ops/torch_ref/attention.py: block tables read on the host, then the decode kernel per sequence).
+
 Made for a shared machine: each call is timed alone (wall microseconds), and the table gives the minimum (the call
 least disturbed by other processes) and the median over --calls calls. Also printed: the kernel's rate at its
 minimum in GMAC/s (2 * b * hq * rows * L * d multiply-adds: scores and weighted sum).
@@ -45,6 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--lengths", default="16,64,256,512,1024,2048,4096")
     p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--paged", type=int, default=0, metavar="PAGE_SIZE", help="time the paged decode op instead")
     args = p.parse_args(argv)
     from exllamav2.ops.cpu import kernels
     from exllamav2.ops.torch_ref.attention import attention as reference
@@ -53,6 +59,8 @@ def main(argv=None) -> int:
         return 1
     hq, hk, d = MODELS[args.model]
     dtype, s, b = DTYPES[args.dtype], args.rows, args.batch
+    if args.paged:
+        return paged_table(args, hq, hk, d, dtype, b)
     kernel = torch.ops.exllamav2_cpu.decode_attention
     print(f"# {args.model}: q ({b}, {hq}, {s}, {d}) {args.dtype}, k/v ({b}, {hk}, L, {d}) cache views; "
           f"us per call, min (median) of {args.calls}; causal when rows > 1")
@@ -72,6 +80,33 @@ def main(argv=None) -> int:
             gmac = 2 * b * hq * s * L * d / (ours[0] * 1e3)
             print(f"| {threads} | {L} | {ours[0]:.1f} ({ours[1]:.1f}) | {ref[0]:.1f} ({ref[1]:.1f}) | "
                   f"{ref[0] / ours[0]:.2f}x | {gmac:.1f} |", flush=True)
+    return 0
+
+
+def paged_table(args, hq: int, hk: int, d: int, dtype: torch.dtype, b: int) -> int:
+    """The --paged table: both ops on the same scattered block tables, one new token per sequence."""
+    ps = args.paged
+    kernel, python_op = torch.ops.exllamav2_cpu.paged_decode_attention, torch.ops.exllamav2.paged_decode_attention
+    print(f"# {args.model}: {b} sequence(s) of L keys, q ({b}, {hq}, {d}) {args.dtype}, pages of {ps} scattered; us "
+          f"per call, min (median) of {args.calls}")
+    print("| threads | L | C++ op us | Python op us | Python / C++ (min) |")
+    print("|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for threads in (int(x) for x in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for L in (int(x) for x in args.lengths.split(",")):
+            need = -(-L // ps)
+            pages = torch.randperm(b * need + 1, generator=g)
+            block_index = pages[:b * need].view(b, need)
+            kflat = torch.randn((b * need + 1) * ps, hk, d, generator=g).to(dtype)
+            vflat = torch.randn((b * need + 1) * ps, hk, d, generator=g).to(dtype)
+            q = torch.randn(b, hq, d, generator=g).to(dtype)
+            lens = torch.full((b,), L, dtype=torch.long)
+            call = (q, kflat, vflat, block_index, lens, ps, 0, d ** -0.5, 0.0)
+            ours = per_call_us(lambda: kernel(*call), args.calls)
+            ref = per_call_us(lambda: python_op(*call), args.calls)
+            print(f"| {threads} | {L} | {ours[0]:.1f} ({ours[1]:.1f}) | {ref[0]:.1f} ({ref[1]:.1f}) | "
+                  f"{ref[0] / ours[0]:.2f}x |", flush=True)
     return 0
 
 
