@@ -68,6 +68,43 @@ inline void store_out(T* dst, const float* src, int n) {
 
 // ------------------------------------------------------------------------------------------- GGUF GEMV
 
+// One row of a GGUF tile (`n` <= 16 fp32 values) plus the bias (or none) to out. 8 columns per step in AVX2 (both
+// ISAs; a tile row is 16 values), the rest scalar: the same float add and, for bf16, c10's rounding (nearest even,
+// NaN -> 0x7FC0) in integers, so the values equal store_out's. fp16 stays scalar (c10's software conversion).
+__attribute__((target("avx2"))) void store_tile_row(void* dst, at::ScalarType dtype, const float* t,
+                                                   const float* bias, int64_t n) {
+    int64_t j = 0;
+    if (dtype == at::kFloat) {
+        float* y = static_cast<float*>(dst);
+        for (; j + 8 <= n; j += 8) {
+            __m256 v = _mm256_loadu_ps(t + j);
+            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
+            _mm256_storeu_ps(y + j, v);
+        }
+        for (; j < n; ++j) y[j] = bias ? t[j] + bias[j] : t[j];
+    } else if (dtype == at::kBFloat16) {
+        uint16_t* y = static_cast<uint16_t*>(dst);
+        const __m256i one = _mm256_set1_epi32(1), bias7 = _mm256_set1_epi32(0x7FFF), qnan = _mm256_set1_epi32(0x7FC0);
+        for (; j + 8 <= n; j += 8) {
+            __m256 v = _mm256_loadu_ps(t + j);
+            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
+            const __m256i u = _mm256_castps_si256(v);
+            const __m256i r = _mm256_srli_epi32(
+                _mm256_add_epi32(u, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), one), bias7)), 16);
+            const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            const __m256i h = _mm256_blendv_epi8(r, qnan, nan);
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(y + j),
+                             _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+        }
+        c10::BFloat16* yb = static_cast<c10::BFloat16*>(dst);
+        for (; j < n; ++j) yb[j] = static_cast<c10::BFloat16>(bias ? t[j] + bias[j] : t[j]);
+    } else {
+        c10::Half* y = static_cast<c10::Half*>(dst);
+        for (; j < n; ++j) y[j] = static_cast<c10::Half>(bias ? t[j] + bias[j] : t[j]);
+    }
+}
+
+
 using gguf_kernels::QuantX;
 using gguf_kernels::Weights;
 using GroupFn = void (*)(const Weights&, const QuantX&, int64_t, float*);
@@ -91,26 +128,22 @@ GroupFn group_fn_for_rows(int64_t rows, int64_t isa) {
     }
 }
 
-// rows [m0, m1) of x (any float dtype) quantised for the GGUF kernels (gguf_gemv_kernels.h)
-void quantize_x(const at::Tensor& x, int64_t m0, int64_t m1, int8_t* q, float* sx, int32_t* nsum, float* xs) {
+// rows [m0, m1) of x (float32, bfloat16 or float16) quantised for the GGUF kernels (gguf_gemv_kernels.h), read in
+// their own dtype by the vector quantiser of the active ISA (both bit-identical to gguf_kernels::quantize_row)
+void quantize_x(const at::Tensor& x, int64_t isa, int64_t m0, int64_t m1, int8_t* q, float* sx, int32_t* nsum,
+                float* xs) {
+    using namespace gguf_kernels;
+    using QuantFn = void (*)(const void*, int64_t, int8_t*, float*, int32_t*, float*);
+    const int in = x.scalar_type() == at::kFloat ? IN_F32 : x.scalar_type() == at::kBFloat16 ? IN_BF16 : IN_F16;
+    static constexpr QuantFn avx512[3] = {&quantize_row_avx512<IN_F32>, &quantize_row_avx512<IN_BF16>,
+                                          &quantize_row_avx512<IN_F16>};
+    static constexpr QuantFn avx2[3] = {&quantize_row_avx2<IN_F32>, &quantize_row_avx2<IN_BF16>,
+                                        &quantize_row_avx2<IN_F16>};
+    const QuantFn fn = isa == ISA_AVX512 ? avx512[in] : avx2[in];
     const int64_t K = x.size(1), nb = K / kBlock;
-    std::vector<float> row(x.scalar_type() == at::kFloat ? 0 : K);
-    for (int64_t m = m0; m < m1; ++m) {
-        const float* xr;
-        if (x.scalar_type() == at::kFloat) {
-            xr = x.data_ptr<float>() + m * K;
-        } else {
-            if (x.scalar_type() == at::kBFloat16) {
-                const c10::BFloat16* src = x.data_ptr<c10::BFloat16>() + m * K;
-                for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(src[k]);
-            } else {
-                const c10::Half* src = x.data_ptr<c10::Half>() + m * K;
-                for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(src[k]);
-            }
-            xr = row.data();
-        }
-        gguf_kernels::quantize_row(xr, K, q + m * nb * 64, sx + m * nb, nsum + m * nb, xs + m * nb);
-    }
+    const char* base = static_cast<const char*>(x.data_ptr());
+    for (int64_t m = m0; m < m1; ++m)
+        fn(base + m * K * x.element_size(), K, q + m * nb * 64, sx + m * nb, nsum + m * nb, xs + m * nb);
 }
 
 void check_isa(const char* op) {
@@ -165,14 +198,17 @@ at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, int64_t kin
     float* sxp = s_scratch.data();
     int32_t* nsp = reinterpret_cast<int32_t*>(sxp + rows * nb);
     float* xsp = sxp + 2 * rows * nb;
-    at::parallel_for(0, rows, 16, [&](int64_t m0, int64_t m1) { quantize_x(xc, m0, m1, qp, sxp, nsp, xsp); });
+    const int64_t isa = active_isa();
+    at::parallel_for(0, rows, 16, [&](int64_t m0, int64_t m1) { quantize_x(xc, isa, m0, m1, qp, sxp, nsp, xsp); });
     const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
     const float* bptr = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
-    const int64_t isa = active_isa();
 
     // groups outer, row chunks inner: a group's weights (K/2 or K bytes x 16 rows) stay in cache while every chunk
     // of 8 activation rows uses them, so a prefill reads the weights once
     const int64_t chunks = (rows + kMaxRows - 1) / kMaxRows;
+    const at::ScalarType out_type = out.scalar_type();
+    char* out_base = static_cast<char*>(out.data_ptr());
+    const int64_t out_elem = out.element_size();
     at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
         alignas(64) float tile[kMaxRows * kGroup];
         for (int64_t g = g0; g < g1; ++g) {
@@ -189,17 +225,9 @@ at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, int64_t kin
                                  : kind == Q8_0 ? group_fn_for_rows<Q8_0>(mr, isa) : group_fn_for_rows<Q4_K>(mr, isa);
                 fn(wt, xq, g, tile);
                 const int64_t c0 = g * kGroup, nc = std::min<int64_t>(kGroup, n - c0);
-                for (int64_t m = 0; m < mr; ++m) {
-                    float* t = tile + m * kGroup;
-                    if (bptr)
-                        for (int64_t j = 0; j < nc; ++j) t[j] += bptr[c0 + j];
-                    if (out.scalar_type() == at::kFloat)
-                        store_out(out.data_ptr<float>() + (r0 + m) * n + c0, t, nc);
-                    else if (out.scalar_type() == at::kBFloat16)
-                        store_out(out.data_ptr<c10::BFloat16>() + (r0 + m) * n + c0, t, nc);
-                    else
-                        store_out(out.data_ptr<c10::Half>() + (r0 + m) * n + c0, t, nc);
-                }
+                for (int64_t m = 0; m < mr; ++m)
+                    store_tile_row(out_base + ((r0 + m) * n + c0) * out_elem, out_type, tile + m * kGroup,
+                                   bptr ? bptr + c0 : nullptr, nc);
             }
         }
     });
