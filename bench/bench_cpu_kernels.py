@@ -3,6 +3,10 @@ weights (30 layers of qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536, a
 MB, far more than the caches), against a plain read of as many bytes.
 
     python bench/bench_cpu_kernels.py [--threads 1] [--rows 1] [--kinds Q4_0,Q4_1,Q8_0,Q4_K,BF16] [--reps 9]
+    python bench/bench_cpu_kernels.py --prefill MODEL.gguf [--tokens 512] [--threads 2] [--reps 5]
+
+--prefill: the whole model instead (ExLlamaV2Config, max_seq_len 1024): model.forward(ids (1, tokens), cache,
+last_id_only=True) from an empty cache, CPU time per forward divided by the threads, and tokens per CPU second.
 
 Made for a shared machine: times are CPU time of this process divided by the threads (time.process_time), so
 another process taking the cores away does not count (it still competes for memory bandwidth: compare rows of
@@ -50,13 +54,38 @@ def cpu_seconds(fn, reps: int) -> list[float]:
     return out
 
 
+def prefill(args) -> int:
+    from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
+    torch.set_num_threads(args.threads)
+    cfg = ExLlamaV2Config(args.prefill)
+    cfg.max_seq_len = 1024
+    model = ExLlamaV2(cfg)
+    model.load(progress=False)
+    cache = ExLlamaV2Cache(model, max_seq_len=1024)
+    ids = torch.randint(100, cfg.vocab_size - 100, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+
+    def forward():
+        cache.current_seq_len = 0
+        with torch.inference_mode():
+            model.forward(ids, cache, last_id_only=True)
+    times = cpu_seconds(forward, args.reps)
+    t = statistics.median(times)
+    print(f"prefill {args.tokens} tokens, {args.threads} thread(s): CPU s per forward (/threads) median {t:.3f} "
+          f"(min {min(times):.3f}, max {max(times):.3f} of {args.reps}) -> {args.tokens / t:.0f} tok/s")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rows", type=int, default=1, help="activation rows per call (1 = decode at batch 1)")
     p.add_argument("--kinds", default="Q4_0,Q4_1,Q8_0,Q4_K,BF16")
     p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--prefill", metavar="MODEL.gguf", help="time a prefill of the whole model instead")
+    p.add_argument("--tokens", type=int, default=512, help="prompt length for --prefill")
     args = p.parse_args(argv)
+    if args.prefill:
+        return prefill(args)
     from exllamav2.ops.cpu import kernels
     if not kernels.ready():
         print("error: the CPU kernels are not available here (see the line above)", file=sys.stderr)

@@ -95,6 +95,45 @@ def test_gguf_gemv_is_batch_invariant_and_avx2_gives_the_same_bits(qtype):
         assert torch.equal(results["avx512"], results["avx2"])
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K"])
+def test_gguf_gemv_gives_each_row_its_one_row_result_for_any_row_count_isa_and_threads(qtype):
+    """Prefill and batched decode go through the same kernels as one row (chunks of 8 rows, the rows side by side
+    in the quantised activations): every row of an R-row call (R = 1..40, the ragged last chunk included) must be
+    bit-identical to that row alone, on 1 and 2 threads, AVX-512 and AVX2; and the dtype readers and the stores
+    must equal the fp32 call's values rounded by torch (x16/bf16 in, same dtype out)."""
+    n, k = 100, 512   # 7 groups (the last one ragged), 16 blocks (2 Q4_K super-blocks)
+    raw = random_q4_k(n, k, seed=5) if qtype == "Q4_K" else random_blocks(qtype, n, k, seed=5)
+    packed = pack_gguf_blocks(qtype, raw, (n, k))
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(40, k, generator=g)
+    bias = torch.randn(n, generator=g)
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        for isa in ("avx512", "avx2") if kernels.isa() == "avx512" else (kernels.isa(),):
+            kernels.set_isa(isa)
+            for nthreads in (1, 2):
+                torch.set_num_threads(nthreads)
+                together = kernels.gguf_gemv(x, packed, bias)
+                for rows in range(1, 41):
+                    assert torch.equal(kernels.gguf_gemv(x[rows - 1:rows], packed, bias), together[rows - 1:rows]), \
+                        (isa, nthreads, rows)
+                    assert torch.equal(kernels.gguf_gemv(x[:rows], packed, bias), together[:rows]), (isa, nthreads, rows)
+                for dtype in (torch.bfloat16, torch.float16):
+                    xd = x.to(dtype)
+                    want = kernels.gguf_gemv(xd.float(), packed, bias.to(dtype).float()).to(dtype)
+                    got = kernels.gguf_gemv(xd, packed, bias.to(dtype))
+                    assert got.dtype == dtype and torch.equal(got, want), (isa, nthreads, dtype)
+                    for rows in (1, 9, 17, 33):
+                        assert torch.equal(kernels.gguf_gemv(xd[rows - 1:rows], packed, bias.to(dtype)),
+                                           got[rows - 1:rows])
+                results[isa, nthreads] = together
+    finally:
+        torch.set_num_threads(threads)
+    first = next(iter(results.values()))
+    assert all(torch.equal(r, first) for r in results.values()), list(results)
+
+
 def random_q4_k(n: int, k: int, seed: int = 0) -> np.ndarray:
     """Raw Q4_K super-blocks (n, k/256 * 144): random codes and 6-bit scales/mins, realistic fp16 d and dmin."""
     g = np.random.default_rng(seed)

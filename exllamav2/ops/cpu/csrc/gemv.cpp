@@ -133,7 +133,7 @@ GroupFn group_fn_for_rows(int64_t rows, int64_t isa) {
 void quantize_x(const at::Tensor& x, int64_t isa, int64_t m0, int64_t m1, int8_t* q, float* sx, int32_t* nsum,
                 float* xs) {
     using namespace gguf_kernels;
-    using QuantFn = void (*)(const void*, int64_t, int8_t*, float*, int32_t*, float*);
+    using QuantFn = void (*)(const void*, int64_t, int8_t*, float*, int32_t*, float*, int64_t);
     const int in = x.scalar_type() == at::kFloat ? IN_F32 : x.scalar_type() == at::kBFloat16 ? IN_BF16 : IN_F16;
     static constexpr QuantFn avx512[3] = {&quantize_row_avx512<IN_F32>, &quantize_row_avx512<IN_BF16>,
                                           &quantize_row_avx512<IN_F16>};
@@ -142,8 +142,11 @@ void quantize_x(const at::Tensor& x, int64_t isa, int64_t m0, int64_t m1, int8_t
     const QuantFn fn = isa == ISA_AVX512 ? avx512[in] : avx2[in];
     const int64_t K = x.size(1), nb = K / kBlock;
     const char* base = static_cast<const char*>(x.data_ptr());
-    for (int64_t m = m0; m < m1; ++m)
-        fn(base + m * K * x.element_size(), K, q + m * nb * 64, sx + m * nb, nsum + m * nb, xs + m * nb);
+    for (int64_t m = m0; m < m1; ++m) {
+        // row m's place in its chunk of kMaxRows rows (QuantX: block-major, the chunk's rows side by side)
+        const int64_t i = (m / kMaxRows) * nb * kMaxRows + m % kMaxRows;
+        fn(base + m * K * x.element_size(), K, q + i * 64, sx + i, nsum + i, xs + i, kMaxRows);
+    }
 }
 
 void check_isa(const char* op) {
@@ -192,12 +195,13 @@ at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, int64_t kin
     // the quantised activations in per-thread scratch (two tensor allocations a call cost ~1 us at batch 1)
     static thread_local std::vector<int8_t> q_scratch;
     static thread_local std::vector<float> s_scratch;
-    q_scratch.resize(std::max<size_t>(q_scratch.size(), rows * nb * 64));
-    s_scratch.resize(std::max<size_t>(s_scratch.size(), 3 * rows * nb));
+    const int64_t chunks = (rows + kMaxRows - 1) / kMaxRows, slots = chunks * kMaxRows;  // rows padded per chunk
+    q_scratch.resize(std::max<size_t>(q_scratch.size(), slots * nb * 64));
+    s_scratch.resize(std::max<size_t>(s_scratch.size(), 3 * slots * nb));
     int8_t* qp = q_scratch.data();
     float* sxp = s_scratch.data();
-    int32_t* nsp = reinterpret_cast<int32_t*>(sxp + rows * nb);
-    float* xsp = sxp + 2 * rows * nb;
+    int32_t* nsp = reinterpret_cast<int32_t*>(sxp + slots * nb);
+    float* xsp = sxp + 2 * slots * nb;
     const int64_t isa = active_isa();
     at::parallel_for(0, rows, 16, [&](int64_t m0, int64_t m1) { quantize_x(xc, isa, m0, m1, qp, sxp, nsp, xsp); });
     const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
@@ -205,7 +209,6 @@ at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, int64_t kin
 
     // groups outer, row chunks inner: a group's weights (K/2 or K bytes x 16 rows) stay in cache while every chunk
     // of 8 activation rows uses them, so a prefill reads the weights once
-    const int64_t chunks = (rows + kMaxRows - 1) / kMaxRows;
     const at::ScalarType out_type = out.scalar_type();
     char* out_base = static_cast<char*>(out.data_ptr());
     const int64_t out_elem = out.element_size();
@@ -214,12 +217,8 @@ at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, int64_t kin
         for (int64_t g = g0; g < g1; ++g) {
             for (int64_t ch = 0; ch < chunks; ++ch) {
                 const int64_t r0 = ch * kMaxRows, mr = std::min<int64_t>(kMaxRows, rows - r0);
-                QuantX xq;
-                xq.K = K;
-                for (int64_t m = 0; m < mr; ++m) {
-                    const int64_t i = (r0 + m) * nb;
-                    xq.row[m] = {qp + i * 64, sxp + i, nsp + i, xsp + i};
-                }
+                const int64_t i = ch * nb * kMaxRows;
+                const QuantX xq{qp + i * 64, sxp + i, nsp + i, xsp + i, K};
                 const GroupFn fn = kind == Q4_0 ? group_fn_for_rows<Q4_0>(mr, isa)
                                  : kind == Q4_1 ? group_fn_for_rows<Q4_1>(mr, isa)
                                  : kind == Q8_0 ? group_fn_for_rows<Q8_0>(mr, isa) : group_fn_for_rows<Q4_K>(mr, isa);

@@ -52,27 +52,25 @@ constexpr int record_bytes(int kind) { return code_bytes(kind) + (kind == Q4_1 ?
 // the code offset subtracted in integers (Q4_1's and Q4_K's offsets are floats per row and block)
 constexpr int code_offset(int kind) { return kind == Q4_0 ? 8 : kind == Q8_0 ? 128 : 0; }
 
-// One activation row quantised: per block 64 bytes (q1[32], q2[32]), and per block sx, the int sum
-// 256*sum(q1) + sum(q2), and (for Q4_1) xs = sx * that sum.
-struct QuantRow {
-    const int8_t* q;      // (K/32, 64)
-    const float* sx;      // (K/32)
-    const int32_t* nsum;  // (K/32)
-    const float* xs;      // (K/32)
-};
-
+// A chunk of up to kMaxRows activation rows quantised, block-major with the rows side by side (one base pointer
+// and constant offsets in the kernels: no per-row pointers to keep in registers): per block and row 64 bytes
+// (q1[32], q2[32]), sx, the int sum 256*sum(q1) + sum(q2), and (for Q4_1 / Q4_K) xs = sx * that sum.
 struct QuantX {
-    QuantRow row[kMaxRows];
+    const int8_t* q;      // (K/32, kMaxRows, 64)
+    const float* sx;      // (K/32, kMaxRows)
+    const int32_t* nsum;  // (K/32, kMaxRows)
+    const float* xs;      // (K/32, kMaxRows)
     int64_t K;
 };
 
-// x (K floats) -> q (K/32 * 64 bytes), sx, nsum, xs. Scalar on purpose: the exact roundings are the contract
-// (nearbyint: ties to even), and it costs a few hundred ns per row against the GEMV's microseconds.
-inline void quantize_row(const float* x, int64_t K, int8_t* q, float* sx, int32_t* nsum, float* xs) {
+// x (K floats) -> per block b: 64 bytes at q + b * stride * 64, and sx, nsum, xs [b * stride] (stride: the rows
+// of a chunk side by side). Scalar on purpose: it is the contract (nearbyint: ties to even) that the vector
+// quantisers below reproduce bit for bit.
+inline void quantize_row(const float* x, int64_t K, int8_t* q, float* sx, int32_t* nsum, float* xs, int64_t stride) {
     const int64_t nb = K / kBlock;
     for (int64_t b = 0; b < nb; ++b) {
         const float* xb = x + b * kBlock;
-        int8_t* qb = q + b * 64;
+        int8_t* qb = q + b * stride * 64;
         float amax = 0.f;
         for (int j = 0; j < kBlock; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
         const float d1 = amax / 127.f;
@@ -89,9 +87,9 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, float* sx, int32_
             n1 += v1;
             n2 += v2;
         }
-        sx[b] = s;
-        nsum[b] = 256 * n1 + n2;
-        xs[b] = s * static_cast<float>(nsum[b]);
+        sx[b * stride] = s;
+        nsum[b * stride] = 256 * n1 + n2;
+        xs[b * stride] = s * static_cast<float>(nsum[b * stride]);
     }
 }
 
@@ -111,7 +109,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) inline __m512 load16_f
 
 template <int IN>
 __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void quantize_row_avx512(
-        const void* x, int64_t K, int8_t* q, float* sx, int32_t* nsum, float* xs) {
+        const void* x, int64_t K, int8_t* q, float* sx, int32_t* nsum, float* xs, int64_t stride) {
     constexpr int kElem = IN == IN_F32 ? 4 : 2;
     const char* xp = static_cast<const char*>(x);
     const int64_t nb = K / kBlock;
@@ -131,16 +129,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void quantize_row_avx5
             const __m512 r = _mm512_sub_ps(xv[h], _mm512_mul_ps(vd1, _mm512_cvtepi32_ps(v1[h])));
             v2[h] = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(r, vid2)), nlim), lim);
         }
-        int8_t* qb = q + b * 64;
+        int8_t* qb = q + b * stride * 64;
         _mm_storeu_si128(reinterpret_cast<__m128i*>(qb), _mm512_cvtepi32_epi8(v1[0]));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 16), _mm512_cvtepi32_epi8(v1[1]));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 32), _mm512_cvtepi32_epi8(v2[0]));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 48), _mm512_cvtepi32_epi8(v2[1]));
         const int n1 = _mm512_reduce_add_epi32(_mm512_add_epi32(v1[0], v1[1]));
         const int n2 = _mm512_reduce_add_epi32(_mm512_add_epi32(v2[0], v2[1]));
-        sx[b] = s;
-        nsum[b] = 256 * n1 + n2;
-        xs[b] = s * static_cast<float>(nsum[b]);
+        sx[b * stride] = s;
+        nsum[b * stride] = 256 * n1 + n2;
+        xs[b * stride] = s * static_cast<float>(nsum[b * stride]);
     }
 }
 
@@ -154,7 +152,7 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256 load8_f32(const void* p) 
 
 template <int IN>
 __attribute__((target("avx2,fma,f16c"))) void quantize_row_avx2(
-        const void* x, int64_t K, int8_t* q, float* sx, int32_t* nsum, float* xs) {
+        const void* x, int64_t K, int8_t* q, float* sx, int32_t* nsum, float* xs, int64_t stride) {
     constexpr int kElem = IN == IN_F32 ? 4 : 2;
     const char* xp = static_cast<const char*>(x);
     const int64_t nb = K / kBlock;
@@ -192,16 +190,16 @@ __attribute__((target("avx2,fma,f16c"))) void quantize_row_avx2(
             _mm256_packs_epi16(_mm256_packs_epi32(v1[0], v1[1]), _mm256_packs_epi32(v1[2], v1[3])), order);
         const __m256i p2 = _mm256_permutevar8x32_epi32(
             _mm256_packs_epi16(_mm256_packs_epi32(v2[0], v2[1]), _mm256_packs_epi32(v2[2], v2[3])), order);
-        int8_t* qb = q + b * 64;
+        int8_t* qb = q + b * stride * 64;
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb), p1);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb + 32), p2);
         __m128i t1 = _mm_add_epi32(_mm256_castsi256_si128(n1), _mm256_extracti128_si256(n1, 1));
         __m128i t2 = _mm_add_epi32(_mm256_castsi256_si128(n2), _mm256_extracti128_si256(n2, 1));
         t1 = _mm_hadd_epi32(_mm_hadd_epi32(t1, t1), t1);
         t2 = _mm_hadd_epi32(_mm_hadd_epi32(t2, t2), t2);
-        sx[b] = s;
-        nsum[b] = 256 * _mm_cvtsi128_si32(t1) + _mm_cvtsi128_si32(t2);
-        xs[b] = s * static_cast<float>(nsum[b]);
+        sx[b * stride] = s;
+        nsum[b * stride] = 256 * _mm_cvtsi128_si32(t1) + _mm_cvtsi128_si32(t2);
+        xs[b * stride] = s * static_cast<float>(nsum[b * stride]);
     }
 }
 
@@ -239,7 +237,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
         for (int m = 0; m < M; ++m) {
 #pragma GCC unroll 2
             for (int s = 0; s < S; ++s) d1[m][s] = d2[m][s] = _mm512_setzero_si512();
-            if (kOff) d2[m][0] = _mm512_set1_epi32(-kOff * xq.row[m].nsum[b]);
+            if (kOff) d2[m][0] = _mm512_set1_epi32(-kOff * xq.nsum[b * kMaxRows + m]);
         }
         if constexpr (KIND == Q8_0) {
 #pragma GCC unroll 8
@@ -247,7 +245,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
                 const __m512i v = _mm512_loadu_si512(wb + c * 64);
 #pragma GCC unroll 8
                 for (int m = 0; m < M; ++m) {
-                    const int8_t* qb = xq.row[m].q + b * 64;
+                    const int8_t* qb = xq.q + (b * kMaxRows + m) * 64;
                     d1[m][c % S] = _mm512_dpbusd_epi32(d1[m][c % S], v, _mm512_set1_epi32(load4(qb + 4 * c)));
                     d2[m][c % S] = _mm512_dpbusd_epi32(d2[m][c % S], v, _mm512_set1_epi32(load4(qb + 32 + 4 * c)));
                 }
@@ -260,7 +258,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
                 const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
 #pragma GCC unroll 8
                 for (int m = 0; m < M; ++m) {
-                    const int8_t* qb = xq.row[m].q + b * 64;
+                    const int8_t* qb = xq.q + (b * kMaxRows + m) * 64;
                     d1[m][0] = _mm512_dpbusd_epi32(d1[m][0], lo, _mm512_set1_epi32(load4(qb + 4 * c)));
                     d1[m][S - 1] = _mm512_dpbusd_epi32(d1[m][S - 1], hi, _mm512_set1_epi32(load4(qb + 16 + 4 * c)));
                     d2[m][0] = _mm512_dpbusd_epi32(d2[m][0], lo, _mm512_set1_epi32(load4(qb + 32 + 4 * c)));
@@ -290,10 +288,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
                 t2 = _mm512_add_epi32(t2, d2[m][1]);
             }
             const __m512i s = _mm512_add_epi32(_mm512_slli_epi32(t1, 8), t2);
-            const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xq.row[m].sx[b]));
+            const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xq.sx[b * kMaxRows + m]));
             acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[m]);
-            if constexpr (KIND == Q4_1) acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xq.row[m].xs[b]), acc[m]);
-            if constexpr (KIND == Q4_K) acc[m] = _mm512_fnmadd_ps(off, _mm512_set1_ps(xq.row[m].xs[b]), acc[m]);
+            if constexpr (KIND == Q4_1) acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xq.xs[b * kMaxRows + m]), acc[m]);
+            if constexpr (KIND == Q4_K) acc[m] = _mm512_fnmadd_ps(off, _mm512_set1_ps(xq.xs[b * kMaxRows + m]), acc[m]);
         }
     }
 #pragma GCC unroll 8
@@ -326,7 +324,7 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2(
         __m256i d1[M][2], d2[M][2];
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
-            const __m256i init = _mm256_set1_epi32(KIND == Q4_0 ? -8 * xq.row[m].nsum[b] : 0);
+            const __m256i init = _mm256_set1_epi32(KIND == Q4_0 ? -8 * xq.nsum[b * kMaxRows + m] : 0);
             d1[m][0] = d1[m][1] = _mm256_setzero_si256();
             d2[m][0] = d2[m][1] = init;
         }
@@ -340,7 +338,7 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2(
                     const __m256i a = _mm256_sign_epi8(s, s);      // |q| (128 stays 0x80 = 128 unsigned)
 #pragma GCC unroll 8
                     for (int m = 0; m < M; ++m) {
-                        const int8_t* qb = xq.row[m].q + b * 64;
+                        const int8_t* qb = xq.q + (b * kMaxRows + m) * 64;
                         const __m256i xv = _mm256_sign_epi8(_mm256_set1_epi32(load4(qb + 4 * c)), s);
                         const __m256i xv2 = _mm256_sign_epi8(_mm256_set1_epi32(load4(qb + 32 + 4 * c)), s);
                         d1[m][h] = _mm256_add_epi32(d1[m][h], _mm256_madd_epi16(_mm256_maddubs_epi16(a, xv), ones16));
@@ -355,7 +353,7 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2(
                     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
 #pragma GCC unroll 8
                     for (int m = 0; m < M; ++m) {
-                        const int8_t* qb = xq.row[m].q + b * 64;
+                        const int8_t* qb = xq.q + (b * kMaxRows + m) * 64;
                         const __m256i pl = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load4(qb + 4 * c)));
                         const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load4(qb + 16 + 4 * c)));
                         const __m256i pl2 = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load4(qb + 32 + 4 * c)));
@@ -385,10 +383,10 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2(
 #pragma GCC unroll 8
             for (int m = 0; m < M; ++m) {
                 const __m256i s = _mm256_add_epi32(_mm256_slli_epi32(d1[m][h], 8), d2[m][h]);
-                const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(xq.row[m].sx[b]));
+                const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(xq.sx[b * kMaxRows + m]));
                 acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[m][h]);
-                if constexpr (KIND == Q4_1) acc[m][h] = _mm256_fmadd_ps(off, _mm256_set1_ps(xq.row[m].xs[b]), acc[m][h]);
-                if constexpr (KIND == Q4_K) acc[m][h] = _mm256_fnmadd_ps(off, _mm256_set1_ps(xq.row[m].xs[b]), acc[m][h]);
+                if constexpr (KIND == Q4_1) acc[m][h] = _mm256_fmadd_ps(off, _mm256_set1_ps(xq.xs[b * kMaxRows + m]), acc[m][h]);
+                if constexpr (KIND == Q4_K) acc[m][h] = _mm256_fnmadd_ps(off, _mm256_set1_ps(xq.xs[b * kMaxRows + m]), acc[m][h]);
             }
         }
     }
