@@ -134,6 +134,23 @@ def test_gguf_gemv_gives_each_row_its_one_row_result_for_any_row_count_isa_and_t
     assert all(torch.equal(r, first) for r in results.values()), list(results)
 
 
+def test_vector_activation_quantisers_equal_the_scalar_contract(tmp_path):
+    """tests/cpp/gguf_quantize_check.cpp: the AVX-512 and AVX2 quantisers (fp32/bf16/fp16 in) bit-identical to
+    gguf_gemv_kernels.h's scalar quantize_row, built with the kernels' own flags."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+    from exllamav2.ops.cpu.build import find_compiler
+    if kernels.isa() == "none" or shutil.which(find_compiler()) is None:
+        pytest.skip("needs AVX2 and a C++ compiler")
+    src = Path(__file__).parent / "cpp" / "gguf_quantize_check.cpp"
+    exe = tmp_path / "gguf_quantize_check"
+    subprocess.run([find_compiler(), "-O2", "-std=c++20", "-ffp-contract=off", "-mf16c", str(src), "-o", str(exe)],
+                   check=True, capture_output=True, timeout=120)
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("ok "), run.stdout + run.stderr
+
+
 def random_q4_k(n: int, k: int, seed: int = 0) -> np.ndarray:
     """Raw Q4_K super-blocks (n, k/256 * 144): random codes and 6-bit scales/mins, realistic fp16 d and dmin."""
     g = np.random.default_rng(seed)
