@@ -1,5 +1,6 @@
-// Decode GEMV / skinny GEMM kernels for 1..8 rows on x86 CPUs: GGUF Q4_0/Q4_1/Q8_0 blocks through int8 dot
-// products (AVX512-VNNI vpdpbusd, or AVX2 vpmaddubsw), bf16 weights through AVX512-BF16 vdpbf16ps (or AVX2 FMA).
+// GEMV / skinny GEMM kernels on x86 CPUs: GGUF Q4_0/Q4_1/Q8_0/Q4_K blocks through int8 dot products (AVX512-VNNI
+// vpdpbusd, or AVX2 vpmaddubsw) for any number of rows (decode, batched decode and prefill, in chunks of 8 rows),
+// bf16 weights through AVX512-BF16 vdpbf16ps (or AVX2 FMA).
 // Built at first use by exllamav2/ops/cpu/build.py; the Python side is exllamav2/ops/cpu/kernels.py and the
 // weight layout is made by exllamav2/ops/cpu/gguf_pack.py.
 //
