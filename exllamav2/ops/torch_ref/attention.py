@@ -113,8 +113,10 @@ def paged_attention(q, k, v, k_pages, v_pages, params, sliding_window: int, scal
     kflat, vflat = k_pages[0], v_pages[0]  # (slots, hk, d)
     if k is not None:  # None: the caller wrote them with RoPE (attn.py, ops.rope_kv_write)
         slots = params.slots if params.slots.device == kflat.device else params.slots.to(kflat.device)
-        kflat.index_copy_(0, slots, k[0] if k.dtype == kflat.dtype else k[0].to(kflat.dtype))
-        vflat.index_copy_(0, slots, v[0] if v.dtype == vflat.dtype else v[0].to(vflat.dtype))
+        # into the (1, slots, hk, d) caches themselves, not their [0] views: compiled, a write through a view of the
+        # step's input became a copy of the layer's whole cache and back (~1 ms a SmolLM2 step)
+        k_pages.index_copy_(1, slots, k if k.dtype == k_pages.dtype else k.to(k_pages.dtype))
+        v_pages.index_copy_(1, slots, v if v.dtype == v_pages.dtype else v.to(v_pages.dtype))
     if params.sequences is None:  # decode-only, built from device tensors (paged_attn.PagedDecodeParams)
         # on the CPU with the cpu backend's kernels, every sequence in one C++ call, bit-identical to the op below
         # (which costs ~30-50 us of Python per layer inside a compiled step)
