@@ -101,6 +101,16 @@ def test_each_sequence_equals_attend_sequence_bit_for_bit(dtype, page_size, scat
             assert close(got[i], exact, dtype), (i, window, softcap, (got[i].double() - exact).abs().max())
 
 
+@pytest.mark.parametrize("page_size", [1, 48, 100, 384])
+def test_page_sizes_that_do_not_divide_the_splits(page_size):
+    """A 128-key split across page boundaries anywhere (and pages longer than a split)."""
+    for scattered in (False, True):
+        p = Paged([3, 130, 385, 999], page_size, 9, 3, 64, torch.bfloat16, scattered, seed=page_size)
+        got = p.kernel(window=300)
+        for i in range(4):
+            assert torch.equal(got[i], p.attend_sequence(i, window=300)), (scattered, i)
+
+
 def test_the_python_op_and_the_kernel_agree():
     """The decode-only custom op (the path without the kernels) and the kernel, on one call."""
     p = Paged([5, 260, 1000, 33], 16, 9, 3, 64, torch.bfloat16, True, seed=7)
