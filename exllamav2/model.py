@@ -158,8 +158,8 @@ class ExLlamaV2:
         use. Minutes the first time on a machine, then loaded from inductor's on-disk cache. Returns the runner;
         `compile_seconds` says what the compile cost. `freeze` folds the weights into the graph as constants
         (runtime/compile.py says when that pays, and why it is off). `paged`: the dynamic generator's decode steps
-        through the runner too (runtime/paged_decode.py); default on a GPU (CUDA graphs), off on the CPU, where the
-        compiled paged step is still slower than the eager packed forward at batch 1 (bench/README_PERF.md).
+        through the runner too (runtime/paged_decode.py: CUDA graphs on a GPU, a compiled step per bucket of
+        sequence counts on the CPU, compiled at its first use); default on, `paged=False` keeps them eager.
         `check_guards`: let dynamo check its guards at every step instead of once per kind of call
         (runtime/guards.py says what that costs and what it covers)."""
         if not self.loaded:

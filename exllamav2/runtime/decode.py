@@ -68,7 +68,7 @@ class DecodeRunner:
                 for b in sorted(set(batch_sizes)):
                     self._steps[b] = self._compile(b)
             self.compile_seconds = time.time() - t0
-            if paged:
+            if paged is None or paged:
                 from .paged_decode import PagedDecode
                 self.paged = PagedDecode(self)  # the dynamic generator's decode steps, compiled at their first use
 

@@ -4,8 +4,9 @@ the paged cache, compiled once per bucket of sequence counts (1, 2, 4, 8, ...).
 The packed forward (generator/dynamic.py) describes its sequences with Python lists, which a compiled graph
 would have to guard on and rebuild every step. A decode-only step instead takes its block tables and lengths as
 device tensors of fixed shape (paged_attn.PagedDecodeParams): the block table is padded to the cache's page
-count, positions and write slots are computed on the device, and attention runs each sequence alone through the
-`exllamav2::paged_decode_attention` custom op (ops/torch_ref/attention.py), so a sequence's result stays
+count, positions and write slots are computed on the device, and attention runs each sequence alone (on the CPU
+one C++ call for all of them, `exllamav2_cpu::paged_decode_attention`; elsewhere the
+`exllamav2::paged_decode_attention` custom op, ops/torch_ref/attention.py), so a sequence's result stays
 independent of its neighbours. In a mixed step the one-token sequences still run here and the prompts being read
 run the packed forward eagerly beside them (`PagedDecode.forward`), so a request's decode tokens come from the same
 graph whatever shares its steps.
