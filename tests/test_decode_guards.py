@@ -9,6 +9,7 @@ import torch
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ops
 from exllamav2.runtime.guards import TrustedSteps, cache_kind, process_state
+from test_decode_runner import teacher_forced
 
 
 def _tiny_llama(tmp_path):
@@ -25,11 +26,7 @@ def _tiny_llama(tmp_path):
 
 
 def _decode(model, cache, ids, tokens):
-    cache.current_seq_len = 0
-    out = [model.forward(ids, cache, last_id_only=True)[0, -1]]
-    for t in tokens:
-        out.append(model.forward(torch.tensor([[t]]), cache)[0, -1])
-    return torch.stack(out)
+    return teacher_forced(model, ids, tokens, cache)
 
 
 def test_trusted_steps_check_each_new_kind_once():
