@@ -308,8 +308,9 @@ def probe_generators(bench: Bench, model, inputs: Inputs) -> dict:
             e.decode(inputs, 3)
             kind = e.name.removeprefix("ours ").removesuffix(" eager")
             if probe.asked == 0:
-                notes[f"decode path, {kind}"] = ("never calls model.forward (it runs its own paged forward), so the "
-                                                 "decode runner and the compiled step do not apply to it")
+                notes[f"decode path, {kind}"] = ("never calls model.forward (it runs its own paged forward); "
+                                                 "compiled, its decode steps run the runner's compiled paged step "
+                                                 "(runtime/paged_decode.py)")
             else:
                 notes[f"decode path, {kind}"] = (f"{probe.applied} of its {probe.asked} model.forward calls took the "
                                                  f"decode-runner path (the one --compile compiles)")
