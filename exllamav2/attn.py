@@ -153,19 +153,24 @@ class ExLlamaV2Attention(ExLlamaV2Module):
             raise ValueError(f"batch of {b} rows does not fit a cache built for batch_size={kc.shape[0]}")
         return (kc[:b], vc[:b]) if kc.shape[0] != b else (kc, vc)
 
-    def _writes_paged_kv(self, params, cache, qk, v) -> bool:
-        """A packed paged step over a plain cache whose attention runs on the `cpu` (or `torch`) backend: `attend`
-        writes k/v with RoPE (ops.rope_kv_write) and tells ops.paged_attention so (k = v = None). Not where the
-        triton backend takes the step (its paged kernels write k/v themselves), nor for the compiled decode-only
-        step (paged_attn.PagedDecodeParams), which keeps the traced reference."""
+    def _kv_write_target(self, params, cache, b: int, s: int, qk, v):
+        """Where `attend` writes k/v together with RoPE (ops.rope_kv_write): (k cache, v cache, write index), or None
+        to leave the write to the attention op. A plain cache: its rows at the new positions. A packed paged step
+        over a plain cache whose attention runs on the `cpu` or `torch` backend: the page-major cache (1, slots,
+        kv_heads, d) at the tokens' slots, and ops.paged_attention is then told so (k = v = None). Not where the
+        triton backend takes a paged step (its kernels write k/v themselves), nor for the compiled decode-only step
+        (paged_attn.PagedDecodeParams), which keeps the traced reference."""
+        if not params.paged:
+            kc, vc = self.cache_views(cache, b, params.past_len + s)
+            return kc, vc, params.get_write_index(kc.device)
         from .cache_q import ExLlamaV2CacheQuantBase
         if (qk.device.type != "cpu" or getattr(params, "sequences", None) is None
                 or isinstance(cache, ExLlamaV2CacheQuantBase) or params.slots.device != qk.device):
-            return False
+            return None
         kc, vc = cache.get_kv_state(self.layer_idx, 1, 0, 0)
         impl = ops.paged_attention.implementation(qk, qk, v, kc, vc, params, self.sliding_window or 0, self.scaling,
                                                   self.softcap)
-        return impl.backend != "triton"
+        return None if impl.backend == "triton" else (kc, vc, params.slots)
 
     def attend(self, x, cache, attn_params: Params, loras=None) -> torch.Tensor:
         """Everything between the input norm and o_proj: returns (b, s, heads * head_dim)."""
@@ -178,15 +183,11 @@ class ExLlamaV2Attention(ExLlamaV2Module):
             # one fused output: q and k heads are adjacent, so RoPE rotates them in one go
             qk = y[..., :(H + Hkv) * d].view(b, s, H + Hkv, d)
             v = y[..., (H + Hkv) * d:].view(b, s, Hkv, d)
-            if rope is not None and cache is not None and (not attn_params.paged
-                                                           or self._writes_paged_kv(attn_params, cache, qk, v)):
+            target = (self._kv_write_target(attn_params, cache, b, s, qk, v)
+                      if rope is not None and cache is not None else None)
+            if target is not None:
                 # and writes k and v into the cache in the same op (one C++ pass on the CPU: ops/cpu/small_ops.py)
-                if attn_params.paged:  # the page-major cache (1, slots, kv_heads, d) at the tokens' slots
-                    kc, vc = cache.get_kv_state(self.layer_idx, 1, 0, 0)
-                    index = attn_params.slots
-                else:
-                    kc, vc = self.cache_views(cache, b, attn_params.past_len + s)
-                    index = attn_params.get_write_index(kc.device)
+                kc, vc, index = target
                 cos, sin = attn_params.get_rope(rope, qk.device, qk.dtype)
                 q = ops.rope_kv_write(qk, v, cos, sin, rope.style == RopeStyle.GPTJ, kc, vc, index, H)
                 if attn_params.paged:

@@ -1,19 +1,19 @@
-"""The paged decode step (runtime/paged_decode.py) captured as CUDA graphs: on a GPU, decode launches one graph
-per step instead of a few hundred kernels from Python.
+"""The paged decode step (runtime/paged_decode.py) captured as CUDA graphs: on a GPU, decode launches one graph per
+step instead of a few hundred kernels from Python.
 
 A step over B sequences runs the graph of its bucket (the next power of two, as the compiled CPU step:
 paged_decode.bucket), captured at its first use over static buffers (token ids, block tables, lengths, logits);
 every later step copies its inputs into those buffers, the spare rows copying the first sequence (they write the
 same values to the same cache slots), and replays the graph. A row's result does not depend on the rows beside it
-(the Triton paged attention and linears compute each row alone), so a sequence gets the same logits in every
-bucket. The graphs share one memory pool, so holding one per bucket costs about the activations of the largest. Capture needs a
-step with no host sync: the `triton` backend's paged attention and linears (ops/triton/) give that. When capture
-fails (an op that syncs with the host, such as MoE routing, or no Triton), the caller falls back to the eager step
-and one line says why.
+(the Triton paged attention and linears compute each row alone), so a sequence gets the same logits in every bucket.
+The graphs share one memory pool, so holding one per bucket costs about the activations of the largest. Capture
+needs a step with no host sync: the `triton` backend's paged attention and linears (ops/triton/) give that. When
+capture fails (an op that syncs with the host, such as MoE routing, or no Triton), the caller falls back to the
+eager step and one line says why.
 
 The seed API's decode over a plain cache runs the same step: a plain cache of B rows, (B, max_seq_len, kv_heads, d)
-and contiguous, is one paged cache of B * max_seq_len slots (`FlatCache`) in which row i's block table is
-i * P, i * P + 1, ... for P pages a row (`contiguous_table`).
+and contiguous, is one paged cache of B * max_seq_len slots (`FlatCache`) in which row i's block table is i * P, i *
+P + 1, ... for P pages a row (`contiguous_table`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .paged_decode import bucket, paged_decode_step
+from .paged_decode import bucket, load_rows, paged_decode_step
 
 
 def contiguous_table(cache, device, rows: int = 1) -> tuple[torch.Tensor, int]:
@@ -80,15 +80,7 @@ class _Graph:
             self.graph, self.out = capture(self.args)
 
     def _load(self, ids, table, past) -> None:
-        b, width = ids.shape[1], table.shape[1]
-        self.ids[:, :b].copy_(ids)
-        self.table.zero_()
-        self.table[:b, :width].copy_(table)
-        self.past[:b].copy_(past)
-        if b < self.past.shape[0]:  # spare rows: copies of the first sequence
-            self.ids[:, b:].copy_(ids[:, :1])
-            self.table[b:, :width].copy_(table[:1])
-            self.past[b:].copy_(past[:1])
+        load_rows((self.ids, self.table, self.past), ids, table, past)
 
     def run(self, ids: torch.Tensor, table: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
         b = ids.shape[1]

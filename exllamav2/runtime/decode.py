@@ -80,13 +80,11 @@ class DecodeRunner:
         try:
             return self._compile_one(b)
         except Exception as e:
-            if "NoValidChoicesError" in repr(e):
-                if not self._needs_aten(e):
-                    raise
+            if self._needs_aten(e):
                 # the C++ GEMM template has no micro-kernel for some matmul here (the int4 kernel's, say): offer
                 # ATen's kernels beside it
                 self._options = {**self._options, "max_autotune_gemm_backends": "CPP,ATEN"}
-            elif self.graph_breaks:
+            elif self.graph_breaks or "NoValidChoicesError" in repr(e):
                 raise
             else:
                 # some module syncs with the host inside the step (MoE routing counts tokens per expert on the

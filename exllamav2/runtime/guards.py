@@ -1,19 +1,18 @@
 """Calling a compiled decode step without re-checking dynamo's guards at every token.
 
-Before each call of a compiled function, dynamo checks its guards: the dtype, shape and strides of every tensor
-the step reads (every weight of the model) and the Python state the trace depended on. For SmolLM2 that is about
-1.5 ms of a ~7 ms CPU step. `torch.compiler.set_stance(skip_guard_eval_unsafe=True)` skips them, keeping only
-the checks that tell the step's own graphs apart (a position of 1 against the general one, say); it is unsafe
-only for an input of a kind the step has never run with, which would run a graph made for another kind instead
-of compiling a new one.
+Before each call of a compiled function, dynamo checks its guards: the dtype, shape and strides of every tensor the
+step reads (every weight of the model) and the Python state the trace depended on. For SmolLM2 that is about 1.5 ms
+of a ~7 ms CPU step. `torch.compiler.set_stance(skip_guard_eval_unsafe=True)` skips them, keeping only the checks
+that tell the step's own graphs apart (a position of 1 against the general one, say); it is unsafe only for an input
+of a kind the step has never run with, which would run a graph made for another kind instead of compiling a new one.
 
-`TrustedSteps` makes that safe for the runners (runtime/decode.py, runtime/paged_decode.py): a call skips the
-guards only when a call of the same kind already ran with them, the kind being what the runner knows changes the
-graph (the step itself, batch bucket, cache class, shape, dtype and device, whether the position is 0, 1 or more) together with
-the process state a trace reads (the ops' backend choice and batch invariance, grad and inference mode, the
-default dtype). Anything else a trace depends on (a module's attributes, a weight's dtype or shape) is fixed once
-the model is loaded; `model.unload()` drops the runner. `EXLLAMAV2_DECODE_GUARDS=1` (or `check_guards=True` on
-the runner) checks every call, for debugging.
+`TrustedSteps` makes that safe for the runners (runtime/decode.py, runtime/paged_decode.py): a call skips the guards
+only when a call of the same kind already ran with them, the kind being what the runner knows changes the graph (the
+step itself, batch bucket, cache class, shape, dtype and device, whether the position is 0, 1 or more) together with
+the process state a trace reads (the ops' backend choice and batch invariance, grad and inference mode, the default
+dtype). Anything else a trace depends on (a module's attributes, a weight's dtype or shape) is fixed once the model
+is loaded; `model.unload()` drops the runner. `EXLLAMAV2_DECODE_GUARDS=1` (or `check_guards=True` on the runner)
+checks every call, for debugging.
 """
 
 from __future__ import annotations

@@ -121,16 +121,7 @@ class PagedDecode:
                                                     torch.zeros(n, pages, dtype=torch.long),
                                                     torch.zeros(n, dtype=torch.long))
         ids_buf, table, past = bufs
-        width = params.block_index.shape[1]
-        if width < pages:
-            table[:, width:].zero_()
-        ids_buf[:, :b].copy_(ids)
-        table[:b, :width].copy_(params.block_index)
-        past[:b].copy_(params.cache_seqlens)
-        if b < n:
-            ids_buf[:, b:].copy_(ids[:, :1])
-            table[b:, :width].copy_(params.block_index[:1])
-            past[b:].copy_(params.cache_seqlens[:1])
+        load_rows(bufs, ids, params.block_index, params.cache_seqlens)
         step = self._steps.get(n)
         if step is None:
             step = self._steps[n] = self._compile(n)
@@ -169,6 +160,23 @@ class PagedDecode:
 def bucket(b: int) -> int:
     """The graph size that serves b sequences: the next power of two."""
     return 1 << (b - 1).bit_length()
+
+
+def load_rows(bufs, ids: torch.Tensor, table: torch.Tensor, past: torch.Tensor) -> None:
+    """A step's inputs for b sequences into a bucket's static buffers (ids (1, n), block tables (n, pages), lengths
+    (n,)): table columns past the given width zeroed, and the spare rows past b copies of the first sequence (they
+    write the same values to the same cache slot where a row's result does not depend on the rows beside it)."""
+    ids_buf, table_buf, past_buf = bufs
+    b, width = ids.shape[1], table.shape[1]
+    if width < table_buf.shape[1]:
+        table_buf[:, width:].zero_()
+    ids_buf[:, :b].copy_(ids)
+    table_buf[:b, :width].copy_(table)
+    past_buf[:b].copy_(past)
+    if b < past_buf.shape[0]:
+        ids_buf[:, b:].copy_(ids[:, :1])
+        table_buf[b:, :width].copy_(table[:1])
+        past_buf[b:].copy_(past[:1])
 
 
 class _Lazy:

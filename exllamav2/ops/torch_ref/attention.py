@@ -108,8 +108,8 @@ def paged_attention(q, k, v, k_pages, v_pages, params, sliding_window: int, scal
                     softcap: float = 0.0) -> torch.Tensor:
     """q (1, T, hq, d), k and v (1, T, hk, d) after RoPE, for the packed tokens `params` (PagedParams or
     PagedDecodeParams) describes; k_pages/v_pages (1, slots, hk, d) the layer's cache (cache.py: page-major).
-    Writes k/v into their slots (k = v = None: they are there already) and returns (1, T, hq * d). Each sequence attends to exactly its own keys, so its
-    result does not depend on the batch."""
+    Writes k/v into their slots (k = v = None: they are there already) and returns (1, T, hq * d). Each sequence
+    attends to exactly its own keys, so its result does not depend on the batch."""
     kflat, vflat = k_pages[0], v_pages[0]  # (slots, hk, d)
     if k is not None:  # None: the caller wrote them with RoPE (attn.py, ops.rope_kv_write)
         slots = params.slots if params.slots.device == kflat.device else params.slots.to(kflat.device)
@@ -121,8 +121,8 @@ def paged_attention(q, k, v, k_pages, v_pages, params, sliding_window: int, scal
         # on the CPU with the cpu backend's kernels, every sequence in one C++ call, bit-identical to the op below
         # (which costs ~30-50 us of Python per layer inside a compiled step)
         dispatch, cpu_attention = _cpu_modules()
-        if "cpu" in dispatch.active_backends() and cpu_attention.takes_paged_decode(q, kflat, vflat, params.block_index,
-                                                                                    params.kv_lens):
+        if "cpu" in dispatch.active_backends() and cpu_attention.takes_paged_decode(
+                q, kflat, vflat, params.block_index, params.kv_lens):
             out = cpu_attention.paged_decode(q[0], kflat, vflat, params.block_index, params.kv_lens, params.page_size,
                                              sliding_window or 0, scale, softcap)
         else:
