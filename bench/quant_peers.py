@@ -156,8 +156,8 @@ class Results:
             if os.path.isfile(self.path):
                 with open(self.path) as f:
                     saved = json.load(f)
-                if saved.get("key") == self.key:
-                    self.rows = {**saved["rows"], **self.rows}
+                if saved.get("key") == self.key:  # the file is newer than what this run loaded at its start
+                    self.rows = {**self.rows, **saved["rows"]}
             self.rows[label] = row
             os.makedirs(self.row_dir, exist_ok=True)
             row_file = os.path.join(self.row_dir, label.replace(" ", "_").replace("/", "_") + ".json")

@@ -28,7 +28,7 @@ from .job import Job, atomic_save_tensors, atomic_write_json, load_tensors
 from .layers import (hessian_of, linear_stages, linear_weight, run_module, run_module_captures, run_module_paired,
                      substitute_weight)
 from .optimize import Slot, achievable_bpw, max_drop_for, optimize
-from .qparams import CANDIDATES, QuantOption, head_option
+from .qparams import CANDIDATES, UNQUANTIZED, UNQUANTIZED_BITS, QuantOption, describe, head_option, is_unquantized
 from .rotation import ROTATION_DIR, ROTATION_FILE, rotate_model_folder, rotation_unsupported
 from .sensitivity import output_gradient_moments
 
@@ -91,8 +91,9 @@ class Converter:
             raise FileNotFoundError(f"{s.in_dir}: not an HF model folder (no config.json); convert a GGUF file to a "
                                     "folder first (`exllamav2 convert-gguf`)")
         head_option(s.head_bits)  # validates -hb
-        if not 1.5 <= s.bits <= 9:
-            raise ValueError(f"target bits must be between 1.5 and 9 bpw, got {s.bits}")
+        if not 1.5 <= s.bits <= 16:
+            raise ValueError(f"target bits must be between 1.5 and 16 bpw"
+                             f" (above 8.08 some linears stay fp16), got {s.bits}")
         if s.max_drop is not None and not s.max_drop > 0:
             raise ValueError(f"max_drop (bpw below the target a linear may go) must be positive, got {s.max_drop}")
         if s.damp is not None and not 0 < s.damp <= 100:
@@ -276,8 +277,12 @@ class Converter:
         missing = [k for k in keys if k not in measurement]
         if missing:
             raise ValueError(f"measurement has no entry for {missing[0]} (and {len(missing) - 1} more); it was made for another model")
-        slots = [Slot(k, measurement[k]["numel"], tuple(o["total_bits"] for o in measurement[k]["options"]),
-                      tuple(o["error"] for o in measurement[k]["options"])) for k in keys]
+        # every linear may also stay fp16: error 0, 16 bits a weight (the bias is not counted, as for EXL2 options)
+        options = {k: measurement[k]["options"] + [{"option": UNQUANTIZED, "error": 0.0,
+                                                     "total_bits": UNQUANTIZED_BITS * measurement[k]["numel"]}]
+                   for k in keys}
+        slots = [Slot(k, measurement[k]["numel"], tuple(o["total_bits"] for o in options[k]),
+                      tuple(o["error"] for o in options[k])) for k in keys]
         max_drop = self.s.max_drop if self.s.max_drop is not None else max_drop_for(self.s.bits, self.rotate)
         choice = optimize(slots, self.s.bits, max_drop)
         numel = sum(s.numel for s in slots)
@@ -285,8 +290,7 @@ class Converter:
         if abs(bpw - self.s.bits) > 0.05:
             lo, hi = achievable_bpw(slots)
             print(f" -- warning: planned {bpw:.3f} bpw for a target of {self.s.bits} (achievable range {lo:.3f}-{hi:.3f})")
-        return {k: {"option": measurement[k]["options"][j]["option"], "error": measurement[k]["options"][j]["error"]}
-                for k, j in zip(keys, choice)}
+        return {k: {"option": options[k][j]["option"], "error": options[k][j]["error"]} for k, j in zip(keys, choice)}
 
     def _quantize_linear(self, lin, H: torch.Tensor, solver: ReferenceSolver | None,
                          prep: PreparedHessian | None) -> dict[str, torch.Tensor]:
@@ -303,7 +307,12 @@ class Converter:
             from ..quant import gptq_dequantize
             substitute_weight(lin, gptq_dequantize(t, "", torch.float16, lin.in_features, lin.out_features).float())
             return t
-        option = QuantOption.from_dict(self.job.get("strategy")[lin.key]["option"])
+        chosen = self.job.get("strategy")[lin.key]["option"]
+        if is_unquantized(chosen):
+            w16 = W.to(torch.float16).cpu()
+            substitute_weight(lin, w16.float())
+            return {"weight": w16, **({"bias": bias.to(torch.float16).cpu()} if bias is not None else {})}
+        option = QuantOption.from_dict(chosen)
         q = quantize_options(W, prep, [option])[0]
         t = _exl2_tensors(q, bias)
         check = read_exl2(t, lin.key, lin.in_features, lin.out_features)
@@ -421,7 +430,9 @@ class Converter:
             for _, linears in st:
                 for lin in linears:
                     sub = {k[len(lin.key) + 1:]: v for k, v in quantized.items() if k.startswith(lin.key + ".")}
-                    if s.gptq:
+                    if "weight" in sub:  # left unquantized
+                        bpw = sub["weight"].element_size() * 8
+                    elif s.gptq:
                         bpw = gptq_bits_per_weight(read_gptq(sub, lin.key, lin.in_features, lin.out_features))
                     else:
                         bpw = exl2_bits_per_weight(read_exl2(sub, lin.key, lin.in_features, lin.out_features))
@@ -450,7 +461,7 @@ class Converter:
         write_config(s.in_dir, s.out_dir, qc, untie_head=self.tied or self.rotate)
         summary = {"files": files, "bpw": bpw, "head_bpw": head_bpw, "layers": per_layer}
         if not s.gptq:
-            summary["strategy"] = {k: str(QuantOption.from_dict(v["option"])) for k, v in self.job.get("strategy").items()}
+            summary["strategy"] = {k: describe(v["option"]) for k, v in self.job.get("strategy").items()}
         return summary
 
 

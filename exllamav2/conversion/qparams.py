@@ -93,6 +93,21 @@ CANDIDATES: tuple[QuantOption, ...] = (
 )
 
 
+# A linear may also stay unquantized (fp16 `.weight`, which the original's loader and ours read beside EXL2 ones).
+# It lets a target above the widest option's 8.08 bpw be spent (llama.cpp's Q8_0 is 8.5 bpw), on the linears whose
+# 8-bit error costs the loss most.
+UNQUANTIZED = {"unquantized": "fp16"}
+UNQUANTIZED_BITS = 16
+
+
+def is_unquantized(option: dict) -> bool:
+    return option.get("unquantized") == "fp16"
+
+
+def describe(option: dict) -> str:
+    return "fp16 (unquantized)" if is_unquantized(option) else str(QuantOption.from_dict(option))
+
+
 def head_option(head_bits: int) -> QuantOption:
     if head_bits not in HEAD_BITS:
         raise ValueError(f"head bits must be one of {list(HEAD_BITS)}, got {head_bits}")
