@@ -3,6 +3,8 @@
 - GGUF Q4_0/Q4_1/Q8_0 blocks (repacked at the file's size) and Q4_K super-blocks (gguf_pack.py): the int8-dot kernel for every number of rows, in
   chunks of 8 sharing each weight group while it is in cache, so a row's result never depends on the rows beside
   it (tests/test_batch_invariance.py holds the dynamic generator to that, prefill included).
+- EXL2 and GPTQ weights repacked as Q4_0/Q4_1/Q8_0 blocks, one segment per block kind (quant_repack.py): the same
+  kernel per segment on the input columns it reads, the segments summed in fp32.
 - Dense bf16 (the module's own weight, no copy): the AVX512-BF16 GEMV for calls of up to GEMV_MAX_ROWS rows
   (decode); above it the GEMM is compute-bound and oneDNN's blocking (F.linear) wins.
 """
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from .. import dispatch
 from . import kernels
 from .gguf_pack import GgufPacked
+from .quant_repack import SegmentedPacked
 
 # Rows up to which the bf16 GEMV runs; above it F.linear (oneDNN).
 GEMV_MAX_ROWS = 8
@@ -44,6 +47,40 @@ class GgufGemvKernel:
         if needs_grad(x) and self.quant is not None:
             return F.linear(x, self.quant.dense(x.dtype), self.bias)
         return kernels.gguf_gemv(x, self.packed, self.bias)
+
+    def nbytes(self) -> int:
+        return self.packed.nbytes()
+
+
+class SegmentedGemvKernel:
+    """An EXL2 or GPTQ weight as GGUF blocks per kind (quant_repack.py), for activations of any float dtype. One
+    segment: the kernel's own output (bias added in fp32, one rounding to x's dtype, as GgufGemvKernel). Several:
+    each segment's output in fp32 (x converted first: the kernel reads bf16/fp16 exactly as their fp32 values),
+    summed in segment order, the bias added, then one rounding to x's dtype. Row by row, so batch invariant."""
+    backend = "cpu"
+
+    def __init__(self, packed: SegmentedPacked, bias: torch.Tensor | None, dtype: torch.dtype, quant):
+        self.packed = packed
+        self.segments = packed.segments
+        self.quant = quant  # the weight, dequantised for calls that need gradients
+        self.bias = None if bias is None else bias.to(dtype).contiguous()
+        self.bias_f32 = None if bias is None else bias.float().contiguous()
+        self.out_features, self.in_features = packed.out_features, packed.in_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if needs_grad(x):
+            return F.linear(x, self.quant.dense(x.dtype), self.bias)
+        if len(self.segments) == 1:
+            s = self.segments[0]
+            return kernels.gguf_gemv(s.input(x), s.packed, self.bias)
+        xf = x.float()
+        y = None
+        for s in self.segments:
+            ys = kernels.gguf_gemv(s.input(xf), s.packed)
+            y = ys if y is None else y + ys
+        if self.bias_f32 is not None:
+            y = y + self.bias_f32
+        return y.to(x.dtype)
 
     def nbytes(self) -> int:
         return self.packed.nbytes()
