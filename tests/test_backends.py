@@ -52,7 +52,8 @@ def test_pinning_and_the_error_that_names_op_and_reasons():
 
 
 def test_linear_error_names_the_layer_and_each_backend():
-    q = make_quant_weight("blk.q_proj", gptq_quantize(torch.randn(32, 64), group_size=32), 64, 32, torch.float32,
+    # groups of 16 rows: neither the C++ GEMV (whole 32-column blocks) nor the int4 kernel (bf16 only) takes fp32
+    q = make_quant_weight("blk.q_proj", gptq_quantize(torch.randn(32, 64), group_size=16), 64, 32, torch.float32,
                           "cpu", fast_path=False)
     with ops.use_backend("cpu"):
         with pytest.raises(NoBackendError) as e:
@@ -60,7 +61,9 @@ def test_linear_error_names_the_layer_and_each_backend():
     assert "blk.q_proj" in str(e.value) and "bfloat16" in str(e.value)
     # unpinned, the reference takes what the CPU kernel declines
     assert ops.prepare_linear(None, None, q, "cpu", torch.float32).backend == "torch"
-    assert ops.prepare_linear(None, None, q, "cpu", BF16).backend == "cpu"
+    q32 = make_quant_weight("blk.q_proj", gptq_quantize(torch.randn(32, 64), group_size=32), 64, 32, torch.float32,
+                            "cpu", fast_path=False)
+    assert ops.prepare_linear(None, None, q32, "cpu", BF16).backend == "cpu"
 
 
 def test_environment_variable_pins_a_backend():

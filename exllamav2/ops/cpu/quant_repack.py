@@ -122,7 +122,8 @@ def _plan_group(codes: np.ndarray, bits: int, scale: np.ndarray, zero: np.ndarra
         q0 = codes - zero + 8
         if q0.min(initial=8) >= 0 and q0.max(initial=8) <= 15:
             return _Group("Q4_0", q0, scale, None, cols)
-        m = (-scale.astype(np.float64) * zero).astype(np.float16)   # the inexact case (asymmetric GPTQ)
+        with np.errstate(over="ignore"):
+            m = (-scale.astype(np.float64) * zero).astype(np.float16)   # the inexact case (asymmetric GPTQ)
         if np.isfinite(m).all():
             return _Group("Q4_1", codes, scale, m, cols)
     return _q8_or_none(codes, zero, scale, cols)
@@ -130,7 +131,8 @@ def _plan_group(codes: np.ndarray, bits: int, scale: np.ndarray, zero: np.ndarra
 
 def _to_q4_1(g: _Group) -> _Group:
     """A Q4_0 group as Q4_1 (m = -8 d: exact unless it overflows fp16, then Q8_0)."""
-    m = (g.d.astype(np.float32) * -8).astype(np.float16)
+    with np.errstate(over="ignore"):
+        m = (g.d.astype(np.float32) * -8).astype(np.float16)
     if np.isfinite(m).all():
         return _Group("Q4_1", g.digits, g.d, m, g.cols)
     return _Group("Q8_0", g.digits - 8, g.d, None, g.cols)
