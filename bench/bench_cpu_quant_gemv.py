@@ -30,7 +30,8 @@ from exllamav2.ops.cpu.quant_repack import BlockSegment, exl2_blocks, pack_segme
 from exllamav2.quant import exl2_pack, gptq_quantize, make_quant_weight
 from exllamav2.quant.gguf_blocks import decode_blocks
 
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
+DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]   # (in, out): q/o, k/v, gate/up, down
 
 
@@ -96,7 +97,7 @@ def linear_table(args) -> None:
     print(f"{'weight':16} {'in x out':>10} {'rows':>4} {'dtype':>5} {'gemv':>8} {'q4_1':>8} {'int4':>8} {'torch':>8} "
           f"{'x best':>7}  segments")
     for name, n_in, out, q in weights:
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype in (DTYPES[d] for d in args.dtypes):
             gemv = ops.prepare_linear(None, None, q, "cpu", dtype)
             assert isinstance(gemv, SegmentedGemvKernel), type(gemv)
             with ops.use_backend("torch"):
@@ -183,6 +184,7 @@ def e2e(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["bf16", "fp32"])
     ap.add_argument("--calls", type=int, default=100)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--e2e", action="store_true", help="also a converted model's decode tokens/s")
