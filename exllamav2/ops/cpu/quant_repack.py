@@ -9,8 +9,8 @@ Each group becomes 32-column blocks with d = s; the group's rows are padded to a
 - other 4-bit groups (asymmetric GPTQ): Q4_1, digit q, m = -s * z rounded to fp16, w = d * q + m: the one inexact
   case, |error| <= half an fp16 ulp of s * z (tests/test_cpu_quant_repack.py checks that bound), 5 bits per weight;
 - width 5..8 (EXL2, GPTQ 8-bit) when q - z fits int8: Q8_0, w = d * (q - z): exact, 8.5 bits per weight.
-Every product above is exact in fp32, so the kernel's weights are s * (q - z) before any rounding (the `torch`
-backend's dense matrix is that rounded to fp16, as the original's dequantiser does).
+The blocks' weights are exact in fp32 (an fp16 d times a small integer, plus m): s * (q - z) itself, or for Q4_1
+s * q + m (the `torch` backend's dense matrix is s * (q - z) rounded to fp16, as the original's dequantiser does).
 One GgufPacked holds one block kind, so a weight becomes one segment per kind: the input columns it reads
 (`gather`), the padding among them (`pad`), and the packed blocks; y = sum of the segments' GEMVs (+ bias once).
 If a weight has Q4_0 and Q4_1 groups, its Q4_0 groups go to Q4_1 with m = -8 s (exact), so 4-bit groups share one
