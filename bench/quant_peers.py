@@ -183,8 +183,16 @@ def source_folder(args) -> str:
 
 @torch.inference_mode()
 def score(folder: str, texts: dict, window: int) -> dict:
-    """fp32 perplexity of a model folder on each text, in consecutive windows (as quant_quality.perplexity_of)."""
+    """fp32 perplexity of a model folder on each text, in consecutive windows (as quant_quality.perplexity_of).
+    Through the `torch` backend: the cpu backend's GEMV rounds activations to int8 per 32 columns (as llama.cpp
+    does), which would score the kernel with the quantization; the reference math scores the weights alone."""
     from tqdm.auto import tqdm
+    from exllamav2.ops import use_backend
+    with use_backend("torch"):
+        return _score(folder, texts, window, tqdm)
+
+
+def _score(folder: str, texts: dict, window: int, tqdm) -> dict:
     model = load_model(folder, window, torch.float32)
     try:
         out = {}
