@@ -13,6 +13,7 @@ from .linear import ExLlamaV2Linear
 from .mlp import ExLlamaV2MLP
 from .norms import make_norm
 from .rope import RotaryEmbedding
+from .runtime.stack_chunk import fresh_stack_chunk
 
 
 class ExLlamaV2:
@@ -202,6 +203,7 @@ class ExLlamaV2:
 
     # ------------------------------------------------------------------ forward
 
+    @fresh_stack_chunk
     @torch.inference_mode()
     def forward(self, input_ids, cache=None, input_mask=None, preprocess_only: bool = False,
                 last_id_only: bool = False, loras=None, return_last_state: bool = False, position_offsets=None,

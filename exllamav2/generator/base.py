@@ -7,6 +7,8 @@ import threading
 
 import torch
 
+from ..runtime.stack_chunk import fresh_stack_chunk
+
 from exllamav2.generator.sampler import ExLlamaV2Sampler
 
 
@@ -55,6 +57,7 @@ class ExLlamaV2BaseGenerator:
     def full(self) -> bool:
         return self.sequence_ids is not None and self.sequence_ids.shape[-1] >= self.cache.max_seq_len
 
+    @fresh_stack_chunk
     @torch.inference_mode()
     def generate_simple(
         self,

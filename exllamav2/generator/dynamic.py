@@ -43,6 +43,7 @@ from .dynamic_draft import DraftModel, NgramDraft, packed_forward
 from .dynamic_job import ExLlamaV2DynamicJob
 from .dynamic_pages import PageTable
 from .dynamic_sampling import sample_step_on_device
+from ..runtime.stack_chunk import fresh_stack_chunk
 from .sampler import ExLlamaV2Sampler
 
 __all__ = ["ExLlamaV2DynamicGenerator", "ExLlamaV2DynamicJob"]
@@ -315,6 +316,7 @@ class ExLlamaV2DynamicGenerator:
 
     # ------------------------------------------------------------------ stepping
 
+    @fresh_stack_chunk
     def iterate(self) -> list[dict]:
         """Run one step: admit what fits, one packed forward over all active jobs, sample. Returns result dicts."""
         results: list[dict] = []

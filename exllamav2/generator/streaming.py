@@ -12,6 +12,7 @@ import torch
 from exllamav2.generator.base import ExLlamaV2BaseGenerator, begin_filters, feed_filters
 from exllamav2.generator.sampler import ExLlamaV2Sampler
 from exllamav2.generator.sampler_hooks import ExLlamaV2PostSamplingResult, run_post_sampling_hooks
+from exllamav2.runtime.stack_chunk import fresh_stack_chunk
 
 
 def overlaps_start(text: str, target: str) -> bool:
@@ -220,6 +221,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
             out.append(r["logits"])
         return tuple(out)
 
+    @fresh_stack_chunk
     @torch.inference_mode()
     def stream_ex(self, ban_tokens: list[int] | None = None, **kwargs) -> dict:
         """One step. Returns a dict with `chunk` (text, may be empty while text is held), `eos`,
