@@ -32,22 +32,18 @@ if not kernels.ready():
 
 from exllamav2.ops.cpu.gemv_linear import SegmentedGemvKernel  # noqa: E402
 from exllamav2.ops.cpu.quant_repack import exl2_blocks, gptq_blocks, repack_quant_weight  # noqa: E402
-from exllamav2.quant import exl2_pack, gptq_quantize, make_quant_weight  # noqa: E402
+from exllamav2.quant import gptq_quantize, make_quant_weight  # noqa: E402
 from exllamav2.quant.exl2 import exl2_codes, exl2_scales  # noqa: E402
 from exllamav2.quant.gguf_blocks import decode_blocks, dequantize_digits  # noqa: E402
 from exllamav2.quant.gptq import gptq_zero_points, unpack_nibble_rows  # noqa: E402
+from test_quant_weight import exl2_tensors  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BF16 = torch.bfloat16
 
 
 def exl2_weight(groups, out, seed=0, bias=True, dtype=BF16):
-    g = torch.Generator().manual_seed(seed)
-    n_in = sum(r for _, r in groups)
-    codes = torch.cat([torch.randint(0, 1 << b, (r, out), generator=g) for b, r in groups])
-    t = exl2_pack(codes, groups, torch.randint(0, 16, (len(groups), out), generator=g),
-                  (torch.rand(len(groups), generator=g) * 0.05 + 0.01).half(), torch.randperm(n_in, generator=g),
-                  torch.randn(out, generator=g) if bias else None)
+    t, n_in = exl2_tensors(groups, out, seed, bias)
     return make_quant_weight("exl2", t, n_in, out, dtype, "cpu", fast_path=False)
 
 
