@@ -8,6 +8,7 @@ import torch
 
 from exllamav2.generator.sampler import ExLlamaV2Sampler
 from exllamav2.generator.sampler_penalties import apply_repetition_penalties, dry_penalty
+from test_dynamic_tiny import tiny  # noqa: F401  (fixture: a tiny model with SmolLM2's real tokenizer)
 
 Settings = ExLlamaV2Sampler.Settings
 V = 12
@@ -432,3 +433,48 @@ def test_repetition_penalties_skip_padding_and_out_of_vocab_ids():
     logits = torch.tensor([[1.0, -1.0, 2.0, 0.5]])
     got = apply_repetition_penalties(logits.clone(), torch.tensor([[-1, 7, 1, -1]]), 2.0, -1, 0, 0.0, 0.0)
     assert torch.equal(got, torch.tensor([[1.0, -2.0, 2.0, 0.5]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_plain_greedy_fast_path_equals_the_general_path(tiny, dtype):
+    """Plain greedy settings with a float draw take sampler._greedy (no fp32 copy of the logits); a list of draws
+    takes the general path. Both give the same tokens, probabilities and errors: rounded logits (many ties), rows
+    whose maximum lies in the padding past the tokenizer's vocabulary, a history without penalties."""
+    from exllamav2.generator import sampler as sampler_module
+    calls = []
+    real = sampler_module._greedy
+    sampler_module._greedy = lambda *a: calls.append(1) or real(*a)
+    try:
+        real_tok = tiny[2]
+        vocab = real_tok.get_vocab_size() + 32  # a model's logits padded past the tokenizer's vocabulary
+        gen = torch.Generator().manual_seed(3)
+        for trial in range(40):
+            b = 1 + trial % 4
+            logits = (torch.randn(b, 1, vocab, generator=gen) * 2).round().to(dtype)
+            logits[trial % b, 0, vocab - 32:] = 40.0  # padding wins unless masked
+            tok = real_tok if trial % 2 else None
+            hist = torch.randint(0, vocab - 32, (b, 5), generator=gen) if trial % 3 == 0 else None
+            for settings in (Settings.greedy(), plain(top_k=1, temperature=0.7)):
+                n = len(calls)
+                fast = ExLlamaV2Sampler.sample(logits, settings, hist, 0.25, tok)
+                assert len(calls) == n + 1, "the float draw must take the fast path"
+                slow = ExLlamaV2Sampler.sample(logits, settings, hist, [0.25] * b, tok)
+                assert len(calls) == n + 1, "a list of draws must take the general path"
+                assert torch.equal(fast[0], slow[0]) and fast[0].dtype == slow[0].dtype == torch.long
+                assert torch.equal(fast[3], slow[3]) and fast[4] is slow[4] is False
+        for bad in (float("-inf"), float("nan")):
+            logits = torch.zeros(2, 1, 8, dtype=dtype)
+            logits[1] = bad
+            for draw in (0.5, [0.5, 0.5]):
+                with pytest.raises(ValueError, match=r"row\(s\) \[1\]"):
+                    ExLlamaV2Sampler.sample(logits, Settings.greedy(), None, draw, None)
+        with pytest.raises(ValueError, match="must lie in"):
+            ExLlamaV2Sampler.sample(torch.zeros(1, 1, 8), Settings.greedy(), None, 1.5, None)
+        # anything that changes the logits first keeps the general path
+        n = len(calls)
+        ExLlamaV2Sampler.sample(torch.zeros(1, 1, 8), Settings.greedy(token_repetition_penalty=1.2),
+                                torch.tensor([[1, 2]]), 0.5, None)
+        ExLlamaV2Sampler.sample(torch.zeros(1, 1, 8), Settings.greedy(), None, 0.5, None, blocked_tokens=[3])
+        assert len(calls) == n
+    finally:
+        sampler_module._greedy = real

@@ -79,6 +79,12 @@ class ExLlamaV2Sampler:
         filters = filters or []
         if sync and logits.device.type == "cuda":
             torch.cuda.synchronize(logits.device)
+        if (not filters and prefix_token is None and not return_top_tokens and not blocked_tokens
+                and _plain_greedy(settings, sequence_ids) and isinstance(random, (float, int))):
+            if not 0.0 <= random <= 1.0:
+                raise ValueError(f"ExLlamaV2Sampler.sample: random draws must lie in [0, 1), got {[random]}")
+            if sequence_ids is None or sequence_ids.shape[0] >= logits.shape[0]:
+                return _greedy(logits, tokenizer)
 
         device = logits.device
         scores = logits[:, 0, :].to(torch.float32, copy=True).contiguous()
@@ -215,6 +221,35 @@ class ExLlamaV2Sampler:
         if mask_filters and not end_filter:
             end_filter = any(f.ends_with(tokens[0, 0].item()) for f in mask_filters if hasattr(f, "ends_with"))
         return tokens, top_tokens, top_probs, token_probs, end_filter
+
+
+def _plain_greedy(settings: ExLlamaV2SamplerSettings, sequence_ids) -> bool:
+    """Greedy with nothing that changes the logits first: the argmax of the raw logits is the token."""
+    s = settings
+    if sequence_ids is not None and not (isinstance(sequence_ids, torch.Tensor) and sequence_ids.dim() == 2):
+        return False  # the general path names what is wrong with it
+    penalties = sequence_ids is not None and sequence_ids.shape[-1] > 0 and (
+        s.token_repetition_penalty != 1.0 or s.token_frequency_penalty != 0.0 or s.token_presence_penalty != 0.0
+        or s.dry_multiplier > 0.0)
+    return ((s.temperature < 0.01 or s.top_k == 1) and s.cfg_scale is None and s.token_bias is None
+            and not s.mirostat and not penalties)
+
+
+def _greedy(logits: torch.Tensor, tokenizer):
+    """sample()'s result for plain greedy settings, without copying the logits to fp32 (the argmax and its ties are
+    the same in any float dtype): ids past the tokenizer's vocabulary are never picked, a row whose best logit is
+    -inf or NaN is refused, and the sampled token's probability is 1, as on the general path."""
+    scores = logits[:, 0, :]
+    if tokenizer is not None:
+        scores = scores[:, :tokenizer.get_vocab_size()]
+    ids = scores.argmax(dim=-1, keepdim=True)
+    best = scores.gather(-1, ids)[:, 0]
+    dead_rows = torch.isneginf(best) | torch.isnan(best)
+    if bool(dead_rows.any()):
+        rows = dead_rows.nonzero().flatten().tolist()
+        raise ValueError(f"ExLlamaV2Sampler.sample: no token can be sampled in batch row(s) {rows} "
+                         f"(all masked, or NaN logits)")
+    return ids.cpu(), none_tensor, none_tensor, torch.ones(ids.shape, dtype=torch.float32), False
 
 
 def _history(sequence_ids: torch.Tensor | None, batch: int) -> torch.Tensor | None:
