@@ -101,6 +101,10 @@ class PagedParams(Params):
             self.sequences.append(_Sequence(start, q, kv_len, slot_start, slots, {}))
             start += q
         self.max_position = max(p + q for p, q in zip(past_lens, q_lens))
+        # one new token per sequence: ops.paged_attention may then run every sequence in one decode call, which
+        # computes each exactly as the per-sequence path does (tests/test_dynamic_paging.py)
+        self.decode_only = all(q == 1 for q in q_lens)
+        self.kv_lens = torch.tensor([p + q for p, q in zip(past_lens, q_lens)], dtype=torch.long, device=device)
 
     def get_positions(self, device) -> tuple[torch.Tensor, int]:
         return self.positions.to(device), self.max_position

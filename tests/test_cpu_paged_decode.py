@@ -271,3 +271,34 @@ def test_the_compiled_decode_write_goes_straight_into_the_cache():
     assert torch.equal(k_pages[0, 2 * 16 + 4], k[0, 1]) and torch.equal(v_pages[0, 5], v[0, 0])  # past 20, 5
     assert len(graphs) == 1 and graphs[0].count("aten.index_copy.default") == 2
     assert "scatter" not in graphs[0] and "exllamav2_cpu.paged_decode_attention" in graphs[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scattered", [False, True])
+@pytest.mark.parametrize("window", [0, 20])
+def test_a_packed_step_of_single_tokens_takes_the_kernel_bit_for_bit(dtype, scattered, window):
+    """The dynamic generator's eager packed forward (paged_attn.PagedParams) with one new token per sequence runs
+    all sequences in the one C++ call, giving exactly the per-sequence path's bits."""
+    from exllamav2.paged_attn import PagedParams
+    lens, page_size, hq, hk, d = [1, 17, 40, 64, 33], 16, 6, 2, 64
+    p = Paged(lens, page_size, hq, hk, d, dtype, scattered, seed=5)
+    tables = [p.block_index[i, :-(-n // page_size)].tolist() for i, n in enumerate(lens)]
+    params = PagedParams(tables, [n - 1 for n in lens], [1] * len(lens), page_size)
+    assert params.decode_only and params.kv_lens.tolist() == lens
+    q = p.q.unsqueeze(0)  # (1, B, hq, d): the packed tokens
+    kp, vp = p.kflat.unsqueeze(0), p.vflat.unsqueeze(0)
+    calls = []
+    real = cpu_attention.paged_decode
+    cpu_attention.paged_decode = lambda *a: calls.append(1) or real(*a)
+    try:
+        fast = ref_attention.paged_attention(q, None, None, kp, vp, params, window, 0.125)
+        params.decode_only = False
+        slow = ref_attention.paged_attention(q, None, None, kp, vp, params, window, 0.125)
+    finally:
+        cpu_attention.paged_decode = real
+    assert calls == [1], "the single-token packed step must take the one-call kernel"
+    assert fast.shape == slow.shape == (1, len(lens), hq * d)
+    assert torch.equal(fast, slow)
+    qs = [1] + [2] * (len(lens) - 1)
+    mixed = PagedParams(tables, [n - q for n, q in zip(lens, qs)], qs, page_size)
+    assert not mixed.decode_only

@@ -129,6 +129,13 @@ def paged_attention(q, k, v, k_pages, v_pages, params, sliding_window: int, scal
             out = torch.ops.exllamav2.paged_decode_attention(q[0], kflat, vflat, params.block_index, params.kv_lens,
                                                              params.page_size, sliding_window or 0, scale, softcap)
         return out.reshape(1, params.seq_len, -1)
+    if params.decode_only:  # a packed step of one new token per sequence: on the CPU, the same one C++ call
+        dispatch, cpu_attention = _cpu_modules()
+        if "cpu" in dispatch.active_backends() and cpu_attention.takes_paged_decode(
+                q, kflat, vflat, params.block_index, params.kv_lens):
+            out = cpu_attention.paged_decode(q[0], kflat, vflat, params.block_index, params.kv_lens, params.page_size,
+                                             sliding_window or 0, scale, softcap)
+            return out.reshape(1, params.seq_len, -1)
     outs = []
     for sq in params.sequences:
         qs = q[:, sq.start:sq.start + sq.q_len].transpose(1, 2)  # (1, hq, q_len, d)
