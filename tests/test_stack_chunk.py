@@ -54,6 +54,7 @@ def hot_loop():
     return x
 
 
+@pytest.mark.skipif(sys.version_info >= (3, 13), reason="3.13's later releases keep a spare chunk too (gh-142183)")
 def test_a_loop_on_a_chunk_boundary_faults_on_every_inner_call():
     # the phenomenon the decorator exists for, on this interpreter: at some depth each leaf() call opens a chunk
     assert worst_faults_per_call(hot_loop) >= 100
@@ -97,4 +98,5 @@ def test_model_forward_is_anchored(tmp_path):
     plain = worst_faults_per_call(step(type(model).forward.__wrapped__), calls=2)
     anchored = worst_faults_per_call(step(type(model).forward), calls=2)
     assert anchored <= 8, anchored
-    assert plain > anchored + 10, (plain, anchored)  # the eager forward thrashes at some depth without it
+    if sys.version_info < (3, 13):  # 3.13's later releases keep a spare chunk too (gh-142183)
+        assert plain > anchored + 10, (plain, anchored)  # the eager forward thrashes at some depth without it
