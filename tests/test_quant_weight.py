@@ -98,6 +98,11 @@ def test_info_and_sizes():
     assert qw.describe().startswith("EXL2 ") and "[6:5%, 4:95%] g32" in qw.describe()
     assert 4.0 < qw.bits_per_weight() < 5.0
     assert qw.footprint_bytes() >= t["q_weight"].numel() * 4
+    before = qw.footprint_bytes()
+    from exllamav2 import ops
+    kernel = ops.prepare_linear(None, None, qw, "cpu", torch.bfloat16)
+    if kernel.backend == "cpu" and getattr(qw, "_cpu_gemv_packed", None):  # the cpu backend's repack is counted
+        assert qw.footprint_bytes() == before + qw._cpu_gemv_packed.nbytes() > before
     g = make_quant_weight("g", gptq_quantize(torch.randn(256, 256), group_size=128), 256, 256, torch.bfloat16, "cpu")
     assert g.format == "gptq" and g.describe() == "GPTQ 4-bit g128"
     assert 4.0 < g.bits_per_weight() < 4.5

@@ -73,6 +73,8 @@ class QuantWeight:
     def footprint_bytes(self) -> int:
         """Bytes held: the stored tensors, the packed kernel copy and any kept dense copy (see release_dense)."""
         extra = self.packed.nbytes() if self.packed is not None else 0
+        cpu_gemv = getattr(self, "_cpu_gemv_packed", None)  # the cpu backend's repack (ops/cpu/linear.py), if built
+        extra += cpu_gemv.nbytes() if cpu_gemv else 0
         return self._stored_bytes() + extra + _tensor_bytes(self._dense, self.bias)
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
