@@ -14,7 +14,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__.split(":", 1)[1].strip())
     p.add_argument("-i", "--in_dir", required=True, help="input HF model folder (config.json + safetensors)")
     p.add_argument("-o", "--out_dir", required=True, help="output model folder (created)")
-    p.add_argument("-b", "--bits", type=float, default=4.0, help="target bits per weight over the decoder layers (default 4.0)")
+    p.add_argument("-b", "--bits", type=float, default=4.0,
+                   help="target bits per weight over the decoder layers, 1.5-16 (default 4.0; above 8.08 the linears "
+                        "whose 8-bit error costs most stay fp16)")
     p.add_argument("-hb", "--head_bits", type=int, default=6, choices=[2, 3, 4, 5, 6, 8], help="bits of the output head (default 6)")
     p.add_argument("-c", "--cal_dataset", default=None, help="calibration text file (default: the built-in text)")
     p.add_argument("-r", "--dataset_rows", type=int, default=16, help="calibration rows (default 16)")
