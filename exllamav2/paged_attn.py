@@ -104,7 +104,7 @@ class PagedParams(Params):
         # one new token per sequence: ops.paged_attention may then run every sequence in one decode call, which
         # computes each exactly as the per-sequence path does (tests/test_dynamic_paging.py)
         self.decode_only = all(q == 1 for q in q_lens)
-        self.kv_lens = torch.tensor([p + q for p, q in zip(past_lens, q_lens)], dtype=torch.long, device=device)
+        self.kv_lens = self.cache_seqlens + 1 if self.decode_only else None
 
     def get_positions(self, device) -> tuple[torch.Tensor, int]:
         return self.positions.to(device), self.max_position

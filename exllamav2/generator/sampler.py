@@ -179,10 +179,7 @@ class ExLlamaV2Sampler:
             dead_rows = torch.isneginf(best) | torch.isnan(best)
         else:
             dead_rows = torch.isneginf(scores).all(dim=-1) | torch.isnan(scores).any(dim=-1)
-        if bool(dead_rows.any()):
-            rows = dead_rows.nonzero().flatten().tolist()
-            raise ValueError(f"ExLlamaV2Sampler.sample: no token can be sampled in batch row(s) {rows} "
-                             f"(all masked, or NaN logits)")
+        _refuse_dead_rows(dead_rows)
 
         mu = None
         if settings.mirostat:
@@ -244,12 +241,15 @@ def _greedy(logits: torch.Tensor, tokenizer):
         scores = scores[:, :tokenizer.get_vocab_size()]
     ids = scores.argmax(dim=-1, keepdim=True)
     best = scores.gather(-1, ids)[:, 0]
-    dead_rows = torch.isneginf(best) | torch.isnan(best)
+    _refuse_dead_rows(torch.isneginf(best) | torch.isnan(best))
+    return ids.cpu(), none_tensor, none_tensor, torch.ones(ids.shape, dtype=torch.float32), False
+
+
+def _refuse_dead_rows(dead_rows: torch.Tensor) -> None:
     if bool(dead_rows.any()):
         rows = dead_rows.nonzero().flatten().tolist()
         raise ValueError(f"ExLlamaV2Sampler.sample: no token can be sampled in batch row(s) {rows} "
                          f"(all masked, or NaN logits)")
-    return ids.cpu(), none_tensor, none_tensor, torch.ones(ids.shape, dtype=torch.float32), False
 
 
 def _history(sequence_ids: torch.Tensor | None, batch: int) -> torch.Tensor | None:

@@ -94,9 +94,7 @@ def _gguf_gemv_kernel(quant, dtype: torch.dtype) -> GgufGemvKernel | None:
     """The C++ GEMV over a GGUF weight's Q4_0/Q4_1/Q8_0 blocks (packed once per weight), or None."""
     if getattr(quant, "format", None) != "gguf" or not _kernels_ready():
         return None
-    packed = getattr(quant, "_cpu_gemv_packed", False)
-    if packed is False:
-        packed = quant._cpu_gemv_packed = pack_gguf_weight(quant)
+    packed = _cpu_gemv_packed(quant, pack_gguf_weight)
     return None if packed is None else GgufGemvKernel(packed, quant.bias, dtype, quant)
 
 
@@ -105,7 +103,14 @@ def _quant_gemv_kernel(quant, dtype: torch.dtype) -> SegmentedGemvKernel | None:
     if getattr(quant, "format", None) not in ("exl2", "gptq") or dtype not in QUANT_GEMV_DTYPES \
             or not _kernels_ready():
         return None
+    packed = _cpu_gemv_packed(quant, repack_quant_weight)
+    return None if packed is None else SegmentedGemvKernel(packed, quant.bias, dtype, quant)
+
+
+def _cpu_gemv_packed(quant, repack):
+    """The weight's repack for the GEMV, built once and kept on the weight (None: it cannot be repacked; counted by
+    QuantWeight.footprint_bytes)."""
     packed = getattr(quant, "_cpu_gemv_packed", False)
     if packed is False:
-        packed = quant._cpu_gemv_packed = repack_quant_weight(quant)
-    return None if packed is None else SegmentedGemvKernel(packed, quant.bias, dtype, quant)
+        packed = quant._cpu_gemv_packed = repack(quant)
+    return packed

@@ -117,24 +117,21 @@ def paged_attention(q, k, v, k_pages, v_pages, params, sliding_window: int, scal
         # step's input became a copy of the layer's whole cache and back (~1 ms a SmolLM2 step)
         k_pages.index_copy_(1, slots, k if k.dtype == k_pages.dtype else k.to(k_pages.dtype))
         v_pages.index_copy_(1, slots, v if v.dtype == v_pages.dtype else v.to(v_pages.dtype))
-    if params.sequences is None:  # decode-only, built from device tensors (paged_attn.PagedDecodeParams)
+    # one new token per sequence: built from device tensors (paged_attn.PagedDecodeParams, sequences None), or a
+    # packed step whose sequences all feed one token (PagedParams.decode_only)
+    if params.sequences is None or params.decode_only:
         # on the CPU with the cpu backend's kernels, every sequence in one C++ call, bit-identical to the op below
-        # (which costs ~30-50 us of Python per layer inside a compiled step)
+        # and to the per-sequence loop (which cost ~30-50 us of Python per layer)
         dispatch, cpu_attention = _cpu_modules()
+        out = None
         if "cpu" in dispatch.active_backends() and cpu_attention.takes_paged_decode(
                 q, kflat, vflat, params.block_index, params.kv_lens):
             out = cpu_attention.paged_decode(q[0], kflat, vflat, params.block_index, params.kv_lens, params.page_size,
                                              sliding_window or 0, scale, softcap)
-        else:
+        elif params.sequences is None:  # the packed step keeps its per-sequence loop (no host sync on a GPU)
             out = torch.ops.exllamav2.paged_decode_attention(q[0], kflat, vflat, params.block_index, params.kv_lens,
                                                              params.page_size, sliding_window or 0, scale, softcap)
-        return out.reshape(1, params.seq_len, -1)
-    if params.decode_only:  # a packed step of one new token per sequence: on the CPU, the same one C++ call
-        dispatch, cpu_attention = _cpu_modules()
-        if "cpu" in dispatch.active_backends() and cpu_attention.takes_paged_decode(
-                q, kflat, vflat, params.block_index, params.kv_lens):
-            out = cpu_attention.paged_decode(q[0], kflat, vflat, params.block_index, params.kv_lens, params.page_size,
-                                             sliding_window or 0, scale, softcap)
+        if out is not None:
             return out.reshape(1, params.seq_len, -1)
     outs = []
     for sq in params.sequences:
