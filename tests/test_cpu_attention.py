@@ -1,4 +1,5 @@
-"""The cpu backend's attention kernel for decode rows (exllamav2/ops/cpu/csrc/attention.cpp) against the reference
+"""The cpu backend's attention kernel for decode and prefill rows (exllamav2/ops/cpu/csrc/attention.cpp) against the
+reference
 (exllamav2/ops/torch_ref/attention.py: torch's SDPA, or the fp32 softcap path).
 
 Tolerance: the kernel computes scores, softmax and the weighted sum in fp32 and rounds the output once to the
@@ -55,7 +56,10 @@ def cache_views(b, hk, t, d, dtype, g):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,hq,hk,s,t,d", [(1, 9, 3, 1, 37, 64), (3, 4, 4, 1, 200, 128), (2, 8, 2, 5, 19, 32),
                                            (1, 2, 1, 16, 16, 16), (1, 9, 3, 1, 1000, 64), (1, 8, 1, 3, 3000, 256),
-                                           (2, 8, 8, 16, 300, 48), (1, 24, 3, 16, 129, 128), (1, 16, 2, 2, 1000, 80)])
+                                           (2, 8, 8, 16, 300, 48), (1, 24, 3, 16, 129, 128), (1, 16, 2, 2, 1000, 80),
+                                           # prefills: more rows than the few-row path takes, blocks of rows
+                                           (1, 9, 3, 100, 100, 64), (2, 4, 4, 40, 300, 32), (1, 24, 3, 150, 520, 128),
+                                           (1, 2, 2, 17, 17, 16)])
 def test_decode_attention_equals_reference(dtype, b, hq, hk, s, t, d):
     g = torch.Generator().manual_seed(b * 100 + t)
     q = torch.randn(b, s, hq, d, generator=g).to(dtype).transpose(1, 2)
@@ -85,11 +89,11 @@ def test_rows_are_independent_and_the_op_dispatches_to_the_kernel():
     with ops.use_backend("cpu"):
         assert ops.attention.choose(q, k, v, None, 0.125).fn is cpu_attention.attention
         assert torch.equal(ops.attention(q, k, v, None, 0.125), together)
-        # a prefill (more query rows than MAX_QUERIES) takes the reference
-        qp = torch.randn(1, hq, cpu_attention.MAX_QUERIES + 1, d, generator=g).bfloat16()
-        kp, vp = cache_views(1, hk, cpu_attention.MAX_QUERIES + 1, d, torch.bfloat16, g)
+        # a prefill takes the kernel too
+        qp = torch.randn(1, hq, 70, d, generator=g).bfloat16()
+        kp, vp = cache_views(1, hk, 90, d, torch.bfloat16, g)
         assert torch.equal(ops.attention(qp, kp, vp, None, 0.125, 0.0, True),
-                           reference(qp, kp, vp, None, 0.125, 0.0, True))
+                           torch.ops.exllamav2_cpu.decode_attention(qp, kp, vp, None, 0.125, 0.0, True))
 
 
 def test_decode_attention_rejects_bad_inputs():
@@ -151,6 +155,37 @@ def test_a_query_row_does_not_depend_on_the_rows_and_keys_after_it(t):
         first = op(q[:, :, :cut], k[:, :, :t - 16 + cut], v[:, :, :t - 16 + cut], None, 0.09, 0.0, True)
         rest = op(q[:, :, cut:], k, v, None, 0.09, 0.0, True)
         assert torch.equal(torch.cat([first, rest], 2), whole), cut
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hq,hk,s,t", [(9, 3, 300, 300), (8, 8, 45, 400), (16, 2, 129, 700)])
+def test_a_prefill_row_is_the_row_computed_alone(dtype, hq, hk, s, t):
+    """Many query rows run in blocks of rows (a task each, costliest first); each row must be bit-identical to the
+    few-row path on that row alone over its own keys, on any thread count, with a window mask too: the paged path
+    relies on it when a prompt is prefilled in one call, in chunks, or beside other jobs."""
+    g = torch.Generator().manual_seed(s + t)
+    d = 64
+    q = torch.randn(1, s, hq, d, generator=g).to(dtype).transpose(1, 2)
+    k, v = cache_views(1, hk, t, d, dtype, g)
+    op = torch.ops.exllamav2_cpu.decode_attention
+    win = window_mask(t, s, 97, "cpu")
+    threads = torch.get_num_threads()
+    try:
+        wholes = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            wholes.append((op(q, k, v, None, 0.125, 0.0, True), op(q, k, v, win, 0.125, 0.0, False)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(wholes[0][0], wholes[1][0]) and torch.equal(wholes[0][1], wholes[1][1])
+    causal, windowed = wholes[0]
+    for i in list(range(0, s, 7)) + [s - 1]:
+        end = t - s + i + 1  # the keys row i sees
+        alone = op(q[:, :, i:i + 1], k[:, :, :end], v[:, :, :end], None, 0.125, 0.0, False)
+        assert torch.equal(alone, causal[:, :, i:i + 1]), i
+        alone_w = op(q[:, :, i:i + 1], k[:, :, :end], v[:, :, :end], win[:, :, i:i + 1, :end], 0.125, 0.0, False)
+        assert torch.equal(alone_w, windowed[:, :, i:i + 1]), i
+    assert close(causal, exact(q, k, v, None, 0.125, 0.0, True), dtype)
 
 
 def test_a_fully_masked_row_gives_nan():

@@ -43,9 +43,6 @@ def window_mask(kv_len: int, q_len: int, sliding_window: int, device) -> torch.T
     return ((kp <= qp) & (qp - kp < sliding_window)).view(1, 1, q_len, kv_len)
 
 
-ROW_BLOCK = 16  # query rows per attention call in a paged sequence, blocks aligned on absolute positions
-
-
 _CPU_MODULES: list = []
 
 
@@ -72,11 +69,10 @@ def attend_sequence(qs, kflat, vflat, kv_len: int, slot_start: int | None, slots
     (1, q_len, hq, d). Both paged paths (packed and decode-only) attend through here, so they agree to the bit.
 
     When the cpu backend is active, the queries go to its C++ kernel (ops/cpu/attention.py: torch's SDPA spends
-    ~80 us per call setting up for one decode row) in blocks of ROW_BLOCK rows aligned on absolute positions, each
-    over the keys up to its last row. The kernel computes each row alone, so a row's result is then the same however
-    its prompt was cut into chunks, which depends on the other jobs of a step (tests/test_paged_chunk_invariance.py;
-    SDPA's rows depend on the call's shape). Otherwise one call of `attention` here. Never a GPU backend: this is
-    their reference."""
+    ~80 us per call setting up for one decode row), which computes each row alone, so a row's result is then the
+    same however its prompt was cut into chunks, which depends on the other jobs of a step
+    (tests/test_paged_chunk_invariance.py; SDPA's rows depend on the call's shape). Otherwise one call of
+    `attention` here. Never a GPU backend: this is their reference."""
     if slot_start is not None:  # (1, hk, kv_len, d) views of the consecutive slots, each in one op
         ks, vs = _slot_view(kflat, slot_start, kv_len), _slot_view(vflat, slot_start, kv_len)
     else:
@@ -84,24 +80,11 @@ def attend_sequence(qs, kflat, vflat, kv_len: int, slot_start: int | None, slots
     if ks.dtype != qs.dtype:
         ks, vs = ks.to(qs.dtype), vs.to(qs.dtype)
     dispatch, cpu_attention = _cpu_modules()
-    q_len = qs.shape[2]
+    causal = mask is None and qs.shape[2] > 1
     if qs.device.type != "cpu" or "cpu" not in dispatch.active_backends() or not cpu_attention.takes(
-            qs if q_len == 1 else qs[:, :, :1], ks, vs, None, softcap):
-        return attention(qs, ks, vs, mask, scale, softcap, mask is None and q_len > 1).transpose(1, 2)
-    if q_len == 1:  # a decode row: one block over all the keys, the kernel called as the loop below would
-        return cpu_attention.kernel(qs, ks, vs, mask, scale, softcap, False).transpose(1, 2)
-    first = kv_len - q_len  # the position of the first query row
-    outs = []
-    a = 0
-    while a < q_len:
-        b = min(q_len, (first + a) // ROW_BLOCK * ROW_BLOCK + ROW_BLOCK - first)
-        end = first + b  # keys [0, end) for rows [a, b)
-        m = None if mask is None else mask[:, :, a:b, :end]
-        outs.append(cpu_attention.attention(qs[:, :, a:b], ks[:, :, :end], vs[:, :, :end], m, scale, softcap,
-                                            m is None and b - a > 1))
-        a = b
-    o = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
-    return o.transpose(1, 2)
+            qs, ks, vs, None, softcap):
+        return attention(qs, ks, vs, mask, scale, softcap, causal).transpose(1, 2)
+    return cpu_attention.kernel(qs, ks, vs, mask, scale, softcap, causal).transpose(1, 2)
 
 
 def paged_attention(q, k, v, k_pages, v_pages, params, sliding_window: int, scale: float,

@@ -1,6 +1,6 @@
-// Attention for a few query rows per sequence (decode, speculative drafts, the paged path's 16-row query blocks)
-// on x86 CPUs with AVX-512, where torch's SDPA costs more in set-up than the work for one row.
-// Python side: exllamav2/ops/cpu/attention.py (which takes it only for <= MAX_QUERIES query rows and head_dim a
+// Attention on x86 CPUs with AVX-512: a few query rows per sequence (decode, speculative drafts), where torch's SDPA
+// costs more in set-up than the work for one row, and prefills, where it is ~1.7x torch's flash kernel (bf16,
+// SmolLM2's 512-token prompt: bench/bench_cpu_attention.py). Python side: exllamav2/ops/cpu/attention.py (head_dim a
 // multiple of 16; the reference otherwise). Semantics are the reference's (exllamav2/ops/torch_ref/attention.py):
 // q (b, hq, s, d), k/v (b, hk, t, d) with hq a multiple of hk (query head h reads kv head h / (hq/hk)), an
 // optional bool mask broadcast as (b or 1, 1, s, t) (true = attend), causal alignment bottom-right (query i sees
@@ -91,6 +91,67 @@ void run_tasks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
         at::parallel_for(0, tasks, 1, work);
 }
 
+// ---- many query rows per sequence (prefill): one task per (batch row, kv head, block of query rows) ---------------
+// A block of rows runs the same splits at the same key positions as the few-row path above, over the keys up to
+// its last row (causal), one split after another, and merges them in split order as merge_splits does there; the
+// splits a causal block cannot see are never computed (they would leave m = -inf, which the merge skips). So a
+// row's result is bit-identical to the few-row path's for that row alone, whatever the block it sits in.
+
+constexpr int64_t kManyRows = 16;  // above this many query rows per sequence, tasks take blocks of rows
+
+inline int64_t row_block(int64_t G) { return std::max<int64_t>(8, 64 / G); }  // ~64 score rows per task
+
+struct BlockScratch {  // per thread: one block's per-split (m, l, acc)
+    std::vector<float> m, l, acc;
+};
+
+template <typename T>
+void run_row_blocks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, View mv,
+                    at::Tensor& out, int64_t G, float scale, float softcap, bool causal) {
+    const Problem P{q.size(0), k.size(1), G, q.size(2), k.size(2), q.size(3), 0,
+                    view_of(q), view_of(k), view_of(v), mv, view_of(out), scale, softcap, causal};
+    const int64_t RB = row_block(G), nblocks = (P.S + RB - 1) / RB, tasks = P.B * P.HK * nblocks;
+    const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+    const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    T* op = out.data_ptr<T>();
+    // the keys a block reads: up to its last row's (causal), else all
+    auto block_keys = [&](int64_t blk) {
+        const int64_t end = std::min(P.S, (blk + 1) * RB);
+        return causal ? P.T - P.S + end : P.T;
+    };
+    // tasks handed out costliest first (the last blocks of a causal prompt read the most keys), so two threads
+    // finish together; the order of tasks changes no result
+    std::atomic<int64_t> next{0};
+    auto work = [&](int64_t, int64_t) {
+        static thread_local BlockScratch bs;
+        for (int64_t i = next.fetch_add(1); i < tasks; i = next.fetch_add(1)) {
+            const int64_t blk = nblocks - 1 - i % nblocks, bh = i / nblocks, b = bh / P.HK, h = bh % P.HK;
+            const int64_t a = blk * RB, rows = std::min(RB, P.S - a), T_ = block_keys(blk);
+            Problem Pb = P;
+            Pb.S = rows;
+            Pb.T = T_;
+            Pb.splits = (T_ + kSplit - 1) / kSplit;
+            const int64_t R = G * rows, NS = Pb.splits;
+            if (bs.m.size() < size_t(NS * R)) bs.m.resize(NS * R), bs.l.resize(NS * R);
+            if (bs.acc.size() < size_t(NS * R * P.D)) bs.acc.resize(NS * R * P.D);
+            const T* qb = qp + b * P.qv.sb + h * G * P.qv.sh + a * P.qv.ss;
+            const bool* mb = mp ? mp + b * P.mv.sb + a * P.mv.ss : nullptr;
+            for (int64_t sp = 0; sp < NS; ++sp) {
+                const int64_t t0 = sp * kSplit;
+                split_task<T>(Pb, qb, StridedRows<T>{kp + b * P.kv.sb + h * P.kv.sh + t0 * P.kv.ss, P.kv.ss},
+                              StridedRows<T>{vp + b * P.vv.sb + h * P.vv.sh + t0 * P.vv.ss, P.vv.ss}, mb, T_, t0, 0,
+                              bs.m.data() + sp * R, bs.l.data() + sp * R, bs.acc.data() + sp * R * P.D);
+            }
+            merge_splits<T>(Pb, NS, bs.m.data(), bs.l.data(), bs.acc.data(),
+                            op + b * P.ov.sb + h * G * P.ov.sh + a * P.ov.ss);
+        }
+    };
+    if (tasks == 1 || 2 * G * P.S * P.T * P.D * P.B * P.HK < kParallelMacs)
+        work(0, 1);
+    else
+        at::parallel_for(0, at::get_num_threads(), 1, work);
+}
+
 bool avx512_ok() {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -133,10 +194,20 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_, const at
     if (T_ == 0) return out.fill_(std::numeric_limits<float>::quiet_NaN());  // no keys: every row fully masked
     const int64_t G = HQ / HK;
     const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
+    const bool many = S > kManyRows;
     switch (q.scalar_type()) {
-        case at::kFloat: run_tasks<float>(q, k, v, mask, mv, out, G, sc, cap, is_causal); break;
-        case at::kBFloat16: run_tasks<c10::BFloat16>(q, k, v, mask, mv, out, G, sc, cap, is_causal); break;
-        case at::kHalf: run_tasks<c10::Half>(q, k, v, mask, mv, out, G, sc, cap, is_causal); break;
+        case at::kFloat:
+            many ? run_row_blocks<float>(q, k, v, mask, mv, out, G, sc, cap, is_causal)
+                 : run_tasks<float>(q, k, v, mask, mv, out, G, sc, cap, is_causal);
+            break;
+        case at::kBFloat16:
+            many ? run_row_blocks<c10::BFloat16>(q, k, v, mask, mv, out, G, sc, cap, is_causal)
+                 : run_tasks<c10::BFloat16>(q, k, v, mask, mv, out, G, sc, cap, is_causal);
+            break;
+        case at::kHalf:
+            many ? run_row_blocks<c10::Half>(q, k, v, mask, mv, out, G, sc, cap, is_causal)
+                 : run_tasks<c10::Half>(q, k, v, mask, mv, out, G, sc, cap, is_causal);
+            break;
         default: TORCH_CHECK(false, "decode_attention: q must be float32, bfloat16 or float16, got ", q.scalar_type());
     }
     return out;
