@@ -107,18 +107,23 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, at::Sc
 // each step rounds where the reference's elementwise ops round: out = T(T(x*cos) + T(rot*sin)), products and the
 // sum in fp32 (negation is exact). Channels past rd pass through. x may be a strided view (the fused qkv output).
 template <typename T>
+inline float rope_term(T x, T c) {  // one product, rounded to T where the reference's op rounds
+    return static_cast<float>(static_cast<T>(static_cast<float>(x) * static_cast<float>(c)));
+}
+
+template <typename T>
 inline void rope_head(const T* xi, const T* c, const T* n, T* yo, int64_t rd, int64_t D, bool interleaved) {
-    auto rnd = [](float v) { return static_cast<float>(static_cast<T>(v)); };
     const int64_t half = rd / 2;
-    for (int64_t j = 0; j < rd; ++j) {
-        float rot;
-        if (interleaved)
-            rot = (j & 1) ? static_cast<float>(xi[j - 1]) : -static_cast<float>(xi[j + 1]);
-        else
-            rot = j < half ? -static_cast<float>(xi[j + half]) : static_cast<float>(xi[j - half]);
-        const float a = rnd(static_cast<float>(xi[j]) * static_cast<float>(c[j]));
-        const float bb = rnd(rot * static_cast<float>(n[j]));
-        yo[j] = static_cast<T>(a + bb);
+    if (interleaved) {
+        for (int64_t j = 0; j < rd; j += 2) {
+            yo[j] = static_cast<T>(rope_term(xi[j], c[j]) - rope_term(xi[j + 1], n[j]));
+            yo[j + 1] = static_cast<T>(rope_term(xi[j + 1], c[j + 1]) + rope_term(xi[j], n[j + 1]));
+        }
+    } else {  // two branch-free halves, so that the compiler vectorizes them
+        for (int64_t j = 0; j < half; ++j)
+            yo[j] = static_cast<T>(rope_term(xi[j], c[j]) - rope_term(xi[j + half], n[j]));
+        for (int64_t j = half; j < rd; ++j)
+            yo[j] = static_cast<T>(rope_term(xi[j], c[j]) + rope_term(xi[j - half], n[j]));
     }
     for (int64_t j = rd; j < D; ++j) yo[j] = xi[j];
 }
