@@ -1,9 +1,12 @@
-"""Micro-benchmark of the cpu backend's decode-attention kernel (exllamav2/ops/cpu/csrc/attention.cpp) against the
+"""Micro-benchmark of the cpu backend's attention kernel (exllamav2/ops/cpu/csrc/attention.cpp) against the
 reference the backend would run without it (exllamav2/ops/torch_ref/attention.py: torch's SDPA), on the shapes a
 decode step passes: q (b, hq, rows, d), k/v (b, hk, L, d) as transposed views of a (b, max_len, hk, d) cache.
 
     python bench/bench_cpu_attention.py [--model smollm2|llama8b] [--rows 1] [--batch 1] [--dtype bf16]
                                         [--threads 1,2] [--lengths 16,64,256,1024,4096]
+    python bench/bench_cpu_attention.py --prefill [--lengths 128,512,2048] [--calls 20]
+
+--prefill: a whole prompt of L tokens attending to itself (rows = L, causal), as a prefill from an empty cache.
 
 With --paged PAGE_SIZE: the decode-only paged step's attention instead, --batch sequences of L keys each over a
 page-major cache (slots, hk, d), their pages scattered: the C++ op `exllamav2_cpu::paged_decode_attention` against
@@ -12,7 +15,8 @@ ops/torch_ref/attention.py: block tables read on the host, then the decode kerne
 
 Made for a shared machine: each call is timed alone (wall microseconds), and the table gives the minimum (the call
 least disturbed by other processes) and the median over --calls calls. Also printed: the kernel's rate at its
-minimum in GMAC/s (2 * b * hq * rows * L * d multiply-adds: scores and weighted sum).
+minimum in GMAC/s (2 * b * hq * rows * L * d multiply-adds: scores and weighted sum; a prefill counts the
+causal half, 2 * b * hq * L * (L + 1) / 2 * d).
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ def per_call_us(fn, calls: int) -> tuple[float, float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="smollm2")
-    p.add_argument("--rows", type=int, default=1, help="query rows per sequence (1 = decode; up to 16)")
+    p.add_argument("--rows", type=int, default=1, help="query rows per sequence (1 = decode)")
+    p.add_argument("--prefill", action="store_true", help="rows = L: a whole prompt, causal")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--threads", default="1,2")
@@ -63,13 +68,16 @@ def main(argv=None) -> int:
         return paged_table(args, hq, hk, d, dtype, b)
     kernel = torch.ops.exllamav2_cpu.decode_attention
     print(f"# {args.model}: q ({b}, {hq}, {s}, {d}) {args.dtype}, k/v ({b}, {hk}, L, {d}) cache views; "
-          f"us per call, min (median) of {args.calls}; causal when rows > 1")
+          f"us per call, min (median) of {args.calls}; causal when rows > 1" if not args.prefill else
+          f"# {args.model}: prefill, q ({b}, {hq}, L, {d}) {args.dtype} over its own L keys, causal; us per call, min "
+          f"(median) of {args.calls}")
     print("| threads | L | kernel us | SDPA us | SDPA / kernel (min) | kernel GMAC/s |")
     print("|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for threads in (int(x) for x in args.threads.split(",")):
         torch.set_num_threads(threads)
         for L in (int(x) for x in args.lengths.split(",")):
+            s = L if args.prefill else args.rows
             q = torch.randn(b, s, hq, d, generator=g).to(dtype).transpose(1, 2)
             kc = torch.randn(b, L + 64, hk, d, generator=g).to(dtype)
             vc = torch.randn(b, L + 64, hk, d, generator=g).to(dtype)
@@ -77,7 +85,8 @@ def main(argv=None) -> int:
             causal = s > 1
             ours = per_call_us(lambda: kernel(q, k, v, None, d ** -0.5, 0.0, causal), args.calls)
             ref = per_call_us(lambda: reference(q, k, v, None, d ** -0.5, 0.0, causal), args.calls)
-            gmac = 2 * b * hq * s * L * d / (ours[0] * 1e3)
+            pairs = L * (L + 1) // 2 if args.prefill else s * L
+            gmac = 2 * b * hq * pairs * d / (ours[0] * 1e3)
             print(f"| {threads} | {L} | {ours[0]:.1f} ({ours[1]:.1f}) | {ref[0]:.1f} ({ref[1]:.1f}) | "
                   f"{ref[0] / ours[0]:.2f}x | {gmac:.1f} |", flush=True)
     return 0
