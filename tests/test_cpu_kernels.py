@@ -239,13 +239,6 @@ def test_a_gguf_and_a_dense_model_run_their_linears_through_the_kernels(tmp_path
     model.load()
     attn, mlp = model.modules[1], model.modules[2]
     assert isinstance(attn.qkv.kernel(torch.bfloat16), GgufGemvKernel)
-    # fp32 and fp16 activations take the same kernel (read exactly, quantised per block as bf16 ones are)
-    for dt in (torch.float32, torch.float16):
-        k = attn.qkv.kernel(dt)
-        assert isinstance(k, GgufGemvKernel), (dt, k)
-        x = torch.randn(3, k.in_features, generator=torch.Generator().manual_seed(1)).to(dt)
-        want = F.linear(x.float(), k.quant.dense(torch.float32))
-        assert (k(x).float() - want).norm() <= (1e-3 if dt == torch.float16 else 1e-4) * want.norm()
     ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 
     def run(backend):

@@ -67,11 +67,14 @@ def prepare(dense: torch.Tensor | None, bias: torch.Tensor | None, quant, device
             # Q4_K (one type across the weight's parts) runs packed through the GEMV; the other K-quants dense
             gemv = _gguf_gemv_kernel(quant, dtype)
             return gemv if gemv is not None else DequantizedKernel(quant, device, dtype)
-        gemv = _quant_gemv_kernel(quant, dtype) or _gguf_gemv_kernel(quant, dtype)
+        gemv = _quant_gemv_kernel(quant, dtype)
         if gemv is not None:
             return gemv
         if dtype != torch.bfloat16:
             return f"the int4 kernel takes bfloat16 activations, got {str(dtype).removeprefix('torch.')}"
+        gemv = _gguf_gemv_kernel(quant, dtype)
+        if gemv is not None:
+            return gemv
         packed = quant.packed_matrix()
         if packed is None:
             return f"{quant.describe()} cannot be packed for the int4 kernel (group sizes do not align)"
