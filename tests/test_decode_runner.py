@@ -301,9 +301,9 @@ def test_mixed_step_runs_decode_rows_apart_from_prompts(tmp_path):
     paged = PagedDecode(runner)
     calls = []
 
-    def step(*args):
-        calls.append(args[1].shape[1])
-        return paged_decode_step(*args)
+    def step(*args):  # the compiled step's arguments: the model is bound in (runtime/compile.py: bind_model)
+        calls.append(args[0].shape[1])
+        return paged_decode_step(model, *args)
     paged._steps = {2: _Lazy(step, "", False)}  # the bucket of two sequences
     with torch.inference_mode():
         want = _eager(model, cache, ids, params, rows, None)

@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import time
+import types
 
 import torch
 
@@ -41,6 +42,35 @@ INDUCTOR_OPTIONS = {
     "split_reductions": False,
     "cpp_wrapper": True,
 }
+
+
+def bind_model(fn, model, name: str):
+    """`fn(model, *args)` as a function of `*args` alone, with a code object of its own (dynamo keeps one cache of
+    graphs per code object: a copy per batch size keeps each size's graph static) and the model a free variable.
+
+    Why: with the model passed as an argument, every call of the compiled step ran dynamo's prologue, which gathers
+    the graph's ~400 input tensors (every weight, through the model's attributes) before the graph runs: ~0.2 ms of
+    a ~4.5 ms SmolLM2 Q4_0 step. Reached through a closure and traced with dynamo's `install_free_tensors`
+    (`call_tracing`), the weights become attributes of the graph instead: the same logits, the step 4-9% faster
+    (bench/README_PERF.md, session 11). The weights are held by reference, so the graph sees in-place changes; a
+    weight replaced by another tensor is not seen, which the runner already assumes (runtime/guards.py: fixed once
+    the model is loaded; `model.unload()` drops the runner)."""
+    def bound(*args):
+        return fn(model, *args)
+    return types.FunctionType(bound.__code__.replace(), bound.__globals__, name, None, bound.__closure__)
+
+
+def call_tracing(step, *args):
+    """Call a compiled step where dynamo may trace it (its first call of a kind): the model's tensors, free
+    variables of `bind_model`'s closure, are installed in the graph rather than gathered as inputs. Set around
+    these calls only: changing dynamo's config costs ~4 us, and other torch.compile users keep their setting."""
+    cfg = torch._dynamo.config
+    old = cfg.install_free_tensors
+    cfg.install_free_tensors = True
+    try:
+        return step(*args)
+    finally:
+        cfg.install_free_tensors = old
 
 
 def configure_inductor(freeze: bool = False) -> None:

@@ -17,13 +17,12 @@ row and for the cache's batch size, with inductor's cache on disk (runtime/compi
 from __future__ import annotations
 
 import time
-import types
 
 import torch
 
 from ..attn_params import Params
 from ..module import interventions_alive
-from .compile import INDUCTOR_OPTIONS, Ticker, configure_inductor
+from .compile import INDUCTOR_OPTIONS, Ticker, bind_model, call_tracing, configure_inductor
 from .guards import TrustedSteps, cache_kind
 
 
@@ -97,8 +96,7 @@ class DecodeRunner:
         dynamo keeps one graph per size with the batch static (one shared code object turns the batch dimension
         symbolic at the second size and runs every size through that slower graph)."""
         from ..cache import ExLlamaV2Cache
-        fn = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, f"decode_step_b{b}")
-        step = self.compile_fn(fn)
+        step = self.compile_fn(bind_model(decode_step, self.model, f"decode_step_b{b}"))
         # the cache length is part of the compiled shapes: warm up with the one generators allocate
         cache = ExLlamaV2Cache(self.model, batch_size=b,
                                max_seq_len=self._max_seq_len or self.model.config.max_seq_len)
@@ -109,7 +107,7 @@ class DecodeRunner:
             # shapes are static but for the position: the second call marks it dynamic (dynamic=True would make
             # every weight's shape symbolic, and tracing then spends minutes in sympy)
             for p in (1, 2):
-                step(self.model, ids, cache, p)
+                call_tracing(step, ids, cache, p)
         return step
 
     def compile_fn(self, fn):
@@ -155,7 +153,7 @@ class DecodeRunner:
             # positions 0 and 1 get graphs of their own (dynamo specialises them), the rest share one
             kind = (b, min(past, 2), cache_kind(cache))
             try:
-                logits = self.trusted.call(step, kind, self.model, buf, cache, past)
+                logits = self.trusted.call(step, kind, buf, cache, past)
             except Exception as e:
                 if not self._needs_aten(e):
                     raise
@@ -163,7 +161,7 @@ class DecodeRunner:
                 self._options = {**self._options, "max_autotune_gemm_backends": "CPP,ATEN"}
                 self.trusted.forget()
                 step = self._steps[b] = self._compile(b)
-                logits = self.trusted.call(step, kind, self.model, buf, cache, past)
+                logits = self.trusted.call(step, kind, buf, cache, past)
         else:
             logits = decode_step(self.model, buf, cache, past)
         cache.current_seq_len = past + 1

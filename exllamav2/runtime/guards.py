@@ -22,6 +22,7 @@ import os
 import torch
 
 from ..ops import dispatch
+from .compile import call_tracing
 
 
 def process_state() -> tuple:
@@ -55,7 +56,7 @@ class TrustedSteps:
             self.skipped += 1
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 return step(*args)
-        out = step(*args)
+        out = call_tracing(step, *args)
         self._seen.add(key)
         return out
 

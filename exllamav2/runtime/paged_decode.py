@@ -14,12 +14,11 @@ graph whatever shares its steps.
 
 from __future__ import annotations
 
-import types
 
 import torch
 
 from ..paged_attn import PagedDecodeParams, PagedParams
-from .compile import Ticker
+from .compile import Ticker, bind_model
 from .guards import cache_kind
 
 
@@ -125,7 +124,7 @@ class PagedDecode:
         step = self._steps.get(n)
         if step is None:
             step = self._steps[n] = self._compile(n)
-        args = (self.runner.model, ids_buf, cache, table, past, params.page_size, cache.max_seq_len)
+        args = (ids_buf, cache, table, past, params.page_size, cache.max_seq_len)
         try:
             out = self.runner.trusted.call(step, (n, pages, params.page_size, cache_kind(cache)), *args)
         except Exception as e:  # a failed compile must not end the user's jobs: the eager forward computes the same
@@ -151,8 +150,7 @@ class PagedDecode:
 
     def _compile(self, n: int):
         """The step for `n` sequences: its own copy of the code, so dynamo keeps the count static per graph."""
-        fn = types.FunctionType(paged_decode_step.__code__.replace(), paged_decode_step.__globals__,
-                                f"paged_decode_step_b{n}")
+        fn = bind_model(paged_decode_step, self.runner.model, f"paged_decode_step_b{n}")
         return _Lazy(self.runner.compile_fn(fn), f"Compiling the paged decode step for {n} sequence(s)",
                      self.runner.progress)
 
