@@ -14,7 +14,6 @@ graph whatever shares its steps.
 
 from __future__ import annotations
 
-
 import torch
 
 from ..paged_attn import PagedDecodeParams, PagedParams

@@ -1,6 +1,6 @@
 // Attention on x86 CPUs with AVX-512: a few query rows per sequence (decode, speculative drafts), where torch's SDPA
-// costs more in set-up than the work for one row, and prefills, where it is ~1.7x torch's flash kernel (bf16,
-// SmolLM2's 512-token prompt: bench/bench_cpu_attention.py). Python side: exllamav2/ops/cpu/attention.py (head_dim a
+// costs more in set-up than the work for one row, and prefills, where it is 1.5-2.5x torch's flash kernel (bf16,
+// SmolLM2 shapes, 128-2048 tokens: python bench/bench_cpu_attention.py --prefill). Python side: exllamav2/ops/cpu/attention.py (head_dim a
 // multiple of 16; the reference otherwise). Semantics are the reference's (exllamav2/ops/torch_ref/attention.py):
 // q (b, hq, s, d), k/v (b, hk, t, d) with hq a multiple of hk (query head h reads kv head h / (hq/hk)), an
 // optional bool mask broadcast as (b or 1, 1, s, t) (true = attend), causal alignment bottom-right (query i sees
@@ -152,6 +152,15 @@ void run_row_blocks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         at::parallel_for(0, at::get_num_threads(), 1, work);
 }
 
+template <typename T>
+void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, View mv,
+         at::Tensor& out, int64_t G, float scale, float softcap, bool causal) {
+    if (q.size(2) > kManyRows)
+        run_row_blocks<T>(q, k, v, mask, mv, out, G, scale, softcap, causal);
+    else
+        run_tasks<T>(q, k, v, mask, mv, out, G, scale, softcap, causal);
+}
+
 bool avx512_ok() {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -194,20 +203,10 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_, const at
     if (T_ == 0) return out.fill_(std::numeric_limits<float>::quiet_NaN());  // no keys: every row fully masked
     const int64_t G = HQ / HK;
     const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
-    const bool many = S > kManyRows;
     switch (q.scalar_type()) {
-        case at::kFloat:
-            many ? run_row_blocks<float>(q, k, v, mask, mv, out, G, sc, cap, is_causal)
-                 : run_tasks<float>(q, k, v, mask, mv, out, G, sc, cap, is_causal);
-            break;
-        case at::kBFloat16:
-            many ? run_row_blocks<c10::BFloat16>(q, k, v, mask, mv, out, G, sc, cap, is_causal)
-                 : run_tasks<c10::BFloat16>(q, k, v, mask, mv, out, G, sc, cap, is_causal);
-            break;
-        case at::kHalf:
-            many ? run_row_blocks<c10::Half>(q, k, v, mask, mv, out, G, sc, cap, is_causal)
-                 : run_tasks<c10::Half>(q, k, v, mask, mv, out, G, sc, cap, is_causal);
-            break;
+        case at::kFloat: run<float>(q, k, v, mask, mv, out, G, sc, cap, is_causal); break;
+        case at::kBFloat16: run<c10::BFloat16>(q, k, v, mask, mv, out, G, sc, cap, is_causal); break;
+        case at::kHalf: run<c10::Half>(q, k, v, mask, mv, out, G, sc, cap, is_causal); break;
         default: TORCH_CHECK(false, "decode_attention: q must be float32, bfloat16 or float16, got ", q.scalar_type());
     }
     return out;
