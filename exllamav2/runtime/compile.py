@@ -33,8 +33,9 @@ def set_inductor_cache_dir(path: str | None = None) -> str:
 # row's result the same in the graph for any batch size (the dynamic generator's per-size graphs rely on it).
 #
 # cpp_wrapper: the step's ~270 kernel and custom-op calls (SmolLM2) are made from generated C++ instead of a Python
-# wrapper: the Q4_0 step 7% faster (5.11 -> 4.75 ms, both compiled in one process and interleaved; AMD EPYC, 2
-# threads), for ~60 s more on the first compile of a model on a machine (the wrapper is cached with the rest).
+# wrapper: the Q4_0 step 8% faster (4.43 -> 4.06 ms, both compiled in one process and timed alternately,
+# bench/bench_compile_options.py; AMD EPYC, 2 threads), for ~60 s more on the first compile of a model on a machine
+# (the wrapper is cached with the rest).
 INDUCTOR_OPTIONS = {
     "max_autotune": True,
     "max_autotune_gemm_backends": "CPP",
