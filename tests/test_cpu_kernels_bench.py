@@ -37,3 +37,31 @@ def test_bench_llamacpp_table(tmp_path):
     bad = subprocess.run([sys.executable, "bench/bench_llamacpp.py", "--llama-bench", str(tmp_path / "missing")],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert bad.returncode == 2 and "is not an executable" in bad.stderr
+
+
+def test_bench_cpu_rope_table():
+    """bench/bench_cpu_rope.py: one row per size and dtype with both timings and their ratio."""
+    from exllamav2.ops.cpu import kernels
+    if not kernels.ready():
+        pytest.skip("the CPU kernels cannot be built here: the bench has nothing to time")
+    r = subprocess.run([sys.executable, "bench/bench_cpu_rope.py", "--rows", "1,32", "--calls", "3"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [ln.split("|")[1:-1] for ln in r.stdout.splitlines() if ln.startswith("| 1 ") or ln.startswith("| 32 ")]
+    assert len(rows) == 4, r.stdout
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[3]) > 0 and row[4].strip().endswith("x")
+
+
+@pytest.mark.slow
+def test_bench_compile_options_compares_two_steps(tmp_path):
+    """bench/bench_compile_options.py on the tiny GGUF model: both steps timed, and the same logits."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_gguf_support import write_tiny_gguf
+    path = write_tiny_gguf(str(tmp_path / "tiny.gguf"), qtype="Q4_0", hidden=128, ffn=256, vocab=96)
+    r = subprocess.run([sys.executable, "bench/bench_compile_options.py", "-m", path, "--options",
+                        '{"cpp_wrapper": false}', "--reps", "1", "--tokens", "4"],
+                       capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "default: min" in r.stdout and "with {'cpp_wrapper': False}: min" in r.stdout
+    assert "same logits: True" in r.stdout
