@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ops
-from exllamav2.runtime.guards import TrustedSteps, cache_kind, process_state
+from exllamav2.runtime.compile import bind_model
+from exllamav2.runtime.guards import TrustedSteps, cache_kind, direct_frame, process_state
 from test_decode_runner import teacher_forced
 
 
@@ -49,6 +50,47 @@ def test_trusted_steps_check_each_new_kind_once():
     assert forced.skipped == 0
 
 
+def _toy(breaks: bool):
+    """A compiled step of `bind_model`'s shape: a free model, tensor and int arguments (the int specialised at its
+    first value, then dynamic, as the decode step's position)."""
+    import types
+    model = types.SimpleNamespace(w=torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
+
+    def f(model, x, past):
+        y = x @ model.w
+        if breaks:
+            torch._dynamo.graph_break()
+        return y * past + 1
+
+    return model, f, torch.compile(bind_model(f, model, f"toy_step_{breaks}"), dynamic=None)
+
+
+def test_direct_frames_run_each_kinds_graph_without_dynamo():
+    model, f, step = _toy(breaks=False)
+    x = torch.randn(2, 8)
+    trusted = TrustedSteps()
+    pasts = (1, 2, 3, 7, 1, 1, 5)
+    for past in pasts:
+        # the kind tells the graphs apart as the runners' kinds do: position 1 has a graph of its own
+        assert torch.equal(trusted.call(step, (min(past, 2),), x, past), f(model, x, past)), past
+    # every call after the first of its kind ran the captured code: a wrong graph (position 1's, or one made
+    # static at 2) would have given another product above
+    assert trusted.direct == trusted.skipped == len(pasts) - 2
+    # the front entry (the general position's graph) is refused for arguments its guards reject
+    assert direct_frame(step, (x, 4)) is not None
+    assert direct_frame(step, (torch.randn(3, 8), 4)) is None and direct_frame(step, (x.double(), 4)) is None
+    assert direct_frame(lambda *a: None, (x, 1)) is None  # not a compiled function
+
+
+def test_direct_frames_keep_dynamo_after_a_graph_break():
+    model, f, step = _toy(breaks=True)
+    x = torch.randn(2, 8)
+    trusted = TrustedSteps()
+    for past in (1, 2, 3, 4):
+        assert torch.equal(trusted.call(step, (min(past, 2),), x, past), f(model, x, past))
+    assert trusted.direct == 0 and trusted.skipped == 2
+
+
 def test_process_state_and_cache_kind_see_what_changes_a_graph(tmp_path):
     model = _tiny_llama(tmp_path)
     a, b = ExLlamaV2Cache(model, max_seq_len=64), ExLlamaV2Cache(model, max_seq_len=32)
@@ -84,6 +126,7 @@ def test_compiled_step_with_skipped_guards_equals_checked_and_follows_changes(tm
         runner.trusted = trusted
         got = _decode(model, cache, ids, tokens)
         assert trusted.skipped >= len(tokens) - 2       # all but the first call of each kind
+        assert trusted.direct == trusted.skipped        # and those ran the compiled code without dynamo
         assert torch.equal(got, checked)
         span = eager.abs().max()
         assert (got - eager).abs().max() < 0.05 * span

@@ -182,6 +182,10 @@ class _Lazy:
     def __init__(self, step, what: str, progress: bool):
         self.step, self.what, self.progress, self.done = step, what, progress, False
 
+    @property
+    def compiled(self):
+        return self.step  # the torch.compile'd function (runtime/guards.py: direct_frame)
+
     def __call__(self, *args):
         if self.done:
             return self.step(*args)

@@ -78,6 +78,12 @@ def ready(progress: bool = True) -> bool:
     return isa() != "none"
 
 
+def loaded_usable() -> bool:
+    """True when ready() has loaded the kernels on a CPU that runs one of their paths: a dict lookup, for code
+    traced by dynamo (False before ready() ran; set_isa never selects 'none')."""
+    return build._state.get("ok", False) and build._state.get("best_isa", "none") != "none"
+
+
 def loaded_with_avx512() -> bool:
     """True when ready() has loaded the kernels on a CPU with AVX-512: a dict lookup, so that code traced by
     dynamo can ask without a graph break (it never builds; False before ready() ran)."""

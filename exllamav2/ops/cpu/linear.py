@@ -87,6 +87,10 @@ def prepare(dense: torch.Tensor | None, bias: torch.Tensor | None, quant, device
 
 
 def _kernels_ready() -> bool:
+    if torch.compiler.is_compiling():
+        # a kernel prepared inside the compiled decode step (after a backend switch, say): a lookup only, since
+        # a build check (os.uname) or an op call here would make dynamo give up the step and run it eagerly
+        return kernels.loaded_usable()
     return build.disabled_reason() is None and kernels.ready()
 
 
