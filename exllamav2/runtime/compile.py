@@ -36,12 +36,17 @@ def set_inductor_cache_dir(path: str | None = None) -> str:
 # wrapper: the Q4_0 step 8% faster (4.43 -> 4.06 ms, both compiled in one process and timed alternately,
 # bench/bench_compile_options.py; AMD EPYC, 2 threads), for ~60 s more on the first compile of a model on a machine
 # (the wrapper is cached with the rest).
+#
+# size_asserts off: the wrapper otherwise checks every extern call's output sizes and strides against the trace
+# (the custom ops' fake implementations, exllamav2/ops/cpu/kernels.py, already give them): ~0.35 us a call, the Q4_0
+# step 3.65 -> 3.51 ms (median of 10 alternations, bench/bench_compile_options.py, same logits; AMD EPYC, 2 threads).
 INDUCTOR_OPTIONS = {
     "max_autotune": True,
     "max_autotune_gemm_backends": "CPP",
     "emulate_precision_casts": True,
     "split_reductions": False,
     "cpp_wrapper": True,
+    "size_asserts": False,
 }
 
 
