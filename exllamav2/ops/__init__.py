@@ -37,7 +37,7 @@ from .triton import attention_quant as _tri_attn_q
 __all__ = ["NoBackendError", "set_backend", "use_backend", "pinned_backend", "active_backends", "prepare_linear",
            "rms_norm", "layer_norm", "rope", "rope_kv_write", "attention", "paged_attention", "quant_paged_attention",
            "activation", "gated_activation", "softmax_temperature", "top_candidates", "set_batch_invariant",
-           "batch_invariant"]
+           "batch_invariant", "set_cpu_activations", "cpu_activations"]
 
 
 def set_batch_invariant(enabled: bool = True) -> None:
@@ -51,6 +51,20 @@ def set_batch_invariant(enabled: bool = True) -> None:
 
 def batch_invariant() -> bool:
     return dispatch.batch_invariant()
+
+
+def set_cpu_activations(name: str) -> None:
+    """How the CPU's GGUF kernels (and EXL2/GPTQ weights repacked for them) quantise activations for their int8 dot
+    products. "int16" (the default): int8 plus an int8 of its rounding residual, ~1e-5 relative error, so logits
+    follow the fp reference (HF transformers) closely. "int8": the int8 alone, llama.cpp's own q8_0 activations
+    (~0.5% relative error per dot product, small beside 4-bit weights' own), at half the dot products: prefill and
+    batched decode, which are compute-bound, run up to ~2x faster. Rows stay independent of each other in both.
+    Process-wide; `EXLLAMAV2_CPU_ACTIVATIONS=int8` sets it at start-up. Compiled decode steps recompile for it."""
+    dispatch.set_cpu_activations(name)
+
+
+def cpu_activations() -> str:
+    return next(k for k, v in dispatch.CPU_ACTIVATIONS.items() if v == dispatch.cpu_activation_stages())
 
 
 rms_norm = dispatch.define_op("rms_norm", lambda x, w, eps, out_dtype: (x.device.type, x.dtype, w.dtype, out_dtype))

@@ -48,6 +48,32 @@ def set_batch_invariant(enabled: bool = True) -> None:
     _batch_invariant = bool(enabled)
 
 
+CPU_ACTIVATIONS = {"int16": 2, "int8": 1}  # name -> the GGUF GEMV's activation stages (ops/cpu/csrc/gemv.cpp)
+CPU_ACTIVATIONS_ENV = "EXLLAMAV2_CPU_ACTIVATIONS"
+
+
+def _parse_cpu_activations(name: str | None, source: str) -> int:
+    if name is None or name.strip() == "" or name.strip().lower() == "auto":
+        return CPU_ACTIVATIONS["int16"]
+    key = name.strip().lower()
+    if key not in CPU_ACTIVATIONS:
+        raise ValueError(f"{source}: CPU activations '{name}' are unknown; expected int16 (the default) or int8")
+    return CPU_ACTIVATIONS[key]
+
+
+_cpu_act_stages = _parse_cpu_activations(os.environ.get(CPU_ACTIVATIONS_ENV), CPU_ACTIVATIONS_ENV)
+
+
+def set_cpu_activations(name: str) -> None:
+    global _cpu_act_stages, _generation
+    _cpu_act_stages = _parse_cpu_activations(name, "set_cpu_activations")
+    _generation += 1  # compiled decode steps see a new process state (runtime/guards.py) and recompile
+
+
+def cpu_activation_stages() -> int:
+    return _cpu_act_stages
+
+
 def batch_invariant() -> bool:
     return _batch_invariant
 

@@ -35,15 +35,30 @@ struct Out {
 };
 
 template <int IN>
-static bool check(const void* src, const float* xf, int64_t K, int64_t stride, bool avx512) {
+static bool check_stages(const void* src, const float* xf, int64_t K, int64_t stride, bool avx512, bool two) {
     const int64_t nb = K / kBlock;
     Out ref(nb, stride), a(nb, stride), b(nb, stride);
-    quantize_row(xf, K, ref.q.data(), ref.sx.data(), ref.nsum.data(), ref.xs.data(), stride);
-    quantize_row_avx2<IN>(src, K, a.q.data(), a.sx.data(), a.nsum.data(), a.xs.data(), stride);
+    quantize_row(xf, K, ref.q.data(), ref.sx.data(), ref.nsum.data(), ref.xs.data(), stride, two);
+    if (!two)  // one stage: no residual codes, and the sum is 256 * sum(q1) (what the kernels' offsets assume)
+        for (int64_t blk = 0; blk < nb; ++blk) {
+            const int8_t* qb = ref.q.data() + blk * stride * 64;
+            int n1 = 0;
+            for (int j = 0; j < 32; ++j) {
+                n1 += qb[j];
+                if (qb[32 + j] != 0) return false;
+            }
+            if (ref.nsum[blk * stride] != 256 * n1) return false;
+        }
+    quantize_row_avx2<IN>(src, K, a.q.data(), a.sx.data(), a.nsum.data(), a.xs.data(), stride, two);
     if (!(a == ref)) return false;
     if (!avx512) return true;
-    quantize_row_avx512<IN>(src, K, b.q.data(), b.sx.data(), b.nsum.data(), b.xs.data(), stride);
+    quantize_row_avx512<IN>(src, K, b.q.data(), b.sx.data(), b.nsum.data(), b.xs.data(), stride, two);
     return b == ref;
+}
+
+template <int IN>
+static bool check(const void* src, const float* xf, int64_t K, int64_t stride, bool avx512) {
+    return check_stages<IN>(src, xf, K, stride, avx512, true) && check_stages<IN>(src, xf, K, stride, avx512, false);
 }
 
 int main() {

@@ -46,7 +46,7 @@ class GgufGemvKernel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if needs_grad(x) and self.quant is not None:
             return F.linear(x, self.quant.dense(x.dtype), self.bias)
-        return kernels.gguf_gemv(x, self.packed, self.bias)
+        return kernels.gguf_gemv(x, self.packed, self.bias, dispatch.cpu_activation_stages())
 
     def nbytes(self) -> int:
         return self.packed.nbytes()
@@ -70,13 +70,14 @@ class SegmentedGemvKernel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if needs_grad(x):
             return F.linear(x, self.quant.dense(x.dtype), self.bias)
+        stages = dispatch.cpu_activation_stages()
         if len(self.segments) == 1:
             s = self.segments[0]
-            return kernels.gguf_gemv(s.input(x), s.packed, self.bias)
+            return kernels.gguf_gemv(s.input(x), s.packed, self.bias, stages)
         xf = x.float()
         y = None
         for s in self.segments:
-            ys = kernels.gguf_gemv(s.input(xf), s.packed)
+            ys = kernels.gguf_gemv(s.input(xf), s.packed, None, stages)
             y = ys if y is None else y + ys
         if self.bias_f32 is not None:
             y = y + self.bias_f32

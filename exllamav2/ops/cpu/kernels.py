@@ -28,7 +28,7 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("exllamav2_cpu::gguf_gemv")
-    def _gguf_gemv_fake(x, qweight, kind, n, bias, super_scales=None):
+    def _gguf_gemv_fake(x, qweight, kind, n, bias, super_scales=None, act_stages=2):
         return x.new_empty((x.shape[0], n))
 
     @torch.library.register_fake("exllamav2_cpu::gguf_dequant")
@@ -106,10 +106,12 @@ def set_isa(name: str, source: str = "set_isa") -> None:
         raise ValueError(f"{source}: {name} is not available on this CPU ({e})") from e
 
 
-def gguf_gemv(x: torch.Tensor, packed, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (rows, K) -> (rows, N) in x's dtype, for a GgufPacked matrix (gguf_pack.py)."""
+def gguf_gemv(x: torch.Tensor, packed, bias: torch.Tensor | None = None, act_stages: int = 2) -> torch.Tensor:
+    """x (rows, K) -> (rows, N) in x's dtype, for a GgufPacked matrix (gguf_pack.py). act_stages: 2 quantises x
+    to int8 plus its rounding residual (~1e-5 relative error), 1 to int8 alone (llama.cpp's q8_0 activations, half
+    the dot products; ops.set_cpu_activations)."""
     return torch.ops.exllamav2_cpu.gguf_gemv(x, packed.qweight, packed.kind, packed.out_features, bias,
-                                             packed.super_scales)
+                                             packed.super_scales, act_stages)
 
 
 def gguf_dequant(packed, dtype: torch.dtype) -> torch.Tensor:

@@ -111,30 +111,31 @@ using gguf_kernels::Weights;
 using GroupFn = void (*)(const Weights&, const QuantX&, int64_t, float*);
 
 template <int KIND, int M>
-GroupFn pick_group_fn(int64_t isa) {
-    return isa == ISA_AVX512 ? &gguf_kernels::group_avx512<KIND, M> : &gguf_kernels::group_avx2<KIND, M>;
+GroupFn pick_group_fn(int64_t isa, bool two) {
+    if (two) return isa == ISA_AVX512 ? &gguf_kernels::group_avx512<KIND, M> : &gguf_kernels::group_avx2<KIND, M>;
+    return isa == ISA_AVX512 ? &gguf_kernels::group_avx512<KIND, M, false> : &gguf_kernels::group_avx2<KIND, M, false>;
 }
 
 template <int KIND>
-GroupFn group_fn_for_rows(int64_t rows, int64_t isa) {
+GroupFn group_fn_for_rows(int64_t rows, int64_t isa, bool two) {
     switch (rows) {
-        case 1: return pick_group_fn<KIND, 1>(isa);
-        case 2: return pick_group_fn<KIND, 2>(isa);
-        case 3: return pick_group_fn<KIND, 3>(isa);
-        case 4: return pick_group_fn<KIND, 4>(isa);
-        case 5: return pick_group_fn<KIND, 5>(isa);
-        case 6: return pick_group_fn<KIND, 6>(isa);
-        case 7: return pick_group_fn<KIND, 7>(isa);
-        default: return pick_group_fn<KIND, 8>(isa);
+        case 1: return pick_group_fn<KIND, 1>(isa, two);
+        case 2: return pick_group_fn<KIND, 2>(isa, two);
+        case 3: return pick_group_fn<KIND, 3>(isa, two);
+        case 4: return pick_group_fn<KIND, 4>(isa, two);
+        case 5: return pick_group_fn<KIND, 5>(isa, two);
+        case 6: return pick_group_fn<KIND, 6>(isa, two);
+        case 7: return pick_group_fn<KIND, 7>(isa, two);
+        default: return pick_group_fn<KIND, 8>(isa, two);
     }
 }
 
 // rows [m0, m1) of x (float32, bfloat16 or float16) quantised for the GGUF kernels (gguf_gemv_kernels.h), read in
 // their own dtype by the vector quantiser of the active ISA (both bit-identical to gguf_kernels::quantize_row)
 void quantize_x(const at::Tensor& x, int64_t isa, int64_t m0, int64_t m1, int8_t* q, float* sx, int32_t* nsum,
-                float* xs) {
+                float* xs, bool two) {
     using namespace gguf_kernels;
-    using QuantFn = void (*)(const void*, int64_t, int8_t*, float*, int32_t*, float*, int64_t);
+    using QuantFn = void (*)(const void*, int64_t, int8_t*, float*, int32_t*, float*, int64_t, bool);
     const int in = x.scalar_type() == at::kFloat ? IN_F32 : x.scalar_type() == at::kBFloat16 ? IN_BF16 : IN_F16;
     static constexpr QuantFn avx512[3] = {&quantize_row_avx512<IN_F32>, &quantize_row_avx512<IN_BF16>,
                                           &quantize_row_avx512<IN_F16>};
@@ -146,7 +147,7 @@ void quantize_x(const at::Tensor& x, int64_t isa, int64_t m0, int64_t m1, int8_t
     for (int64_t m = m0; m < m1; ++m) {
         // row m's place in its chunk of kMaxRows rows (QuantX: block-major, the chunk's rows side by side)
         const int64_t i = (m / kMaxRows) * nb * kMaxRows + m % kMaxRows;
-        fn(base + m * K * x.element_size(), K, q + i * 64, sx + i, nsum + i, xs + i, kMaxRows);
+        fn(base + m * K * x.element_size(), K, q + i * 64, sx + i, nsum + i, xs + i, kMaxRows, two);
     }
 }
 
@@ -178,8 +179,12 @@ Weights check_weights(const char* op, int64_t kind, int64_t n, int64_t K, const 
 }
 
 at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, int64_t kind, int64_t n,
-                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& super_scales) {
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& super_scales,
+                     int64_t act_stages) {
     check_isa("gguf_gemv");
+    TORCH_CHECK(act_stages == 1 || act_stages == 2, "gguf_gemv: act_stages must be 1 (int8 activations, llama.cpp's) "
+                "or 2 (int8 plus its rounding residual), got ", act_stages);
+    const bool two = act_stages == 2;
     TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "gguf_gemv: x must be a 2-D CPU tensor, got ", x.sizes());
     const int64_t rows = x.size(0), K = x.size(1);
     TORCH_CHECK(K % kBlock == 0, "gguf_gemv: x has ", K, " columns, expected a multiple of ", kBlock);
@@ -204,7 +209,7 @@ at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, int64_t kin
     int32_t* nsp = reinterpret_cast<int32_t*>(sxp + slots * nb);
     float* xsp = sxp + 2 * slots * nb;
     const int64_t isa = active_isa();
-    at::parallel_for(0, rows, 16, [&](int64_t m0, int64_t m1) { quantize_x(xc, isa, m0, m1, qp, sxp, nsp, xsp); });
+    at::parallel_for(0, rows, 16, [&](int64_t m0, int64_t m1) { quantize_x(xc, isa, m0, m1, qp, sxp, nsp, xsp, two); });
     const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
     const float* bptr = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
 
@@ -220,9 +225,10 @@ at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, int64_t kin
                 const int64_t r0 = ch * kMaxRows, mr = std::min<int64_t>(kMaxRows, rows - r0);
                 const int64_t i = ch * nb * kMaxRows;
                 const QuantX xq{qp + i * 64, sxp + i, nsp + i, xsp + i, K};
-                const GroupFn fn = kind == Q4_0 ? group_fn_for_rows<Q4_0>(mr, isa)
-                                 : kind == Q4_1 ? group_fn_for_rows<Q4_1>(mr, isa)
-                                 : kind == Q8_0 ? group_fn_for_rows<Q8_0>(mr, isa) : group_fn_for_rows<Q4_K>(mr, isa);
+                const GroupFn fn = kind == Q4_0 ? group_fn_for_rows<Q4_0>(mr, isa, two)
+                                 : kind == Q4_1 ? group_fn_for_rows<Q4_1>(mr, isa, two)
+                                 : kind == Q8_0 ? group_fn_for_rows<Q8_0>(mr, isa, two)
+                                                : group_fn_for_rows<Q4_K>(mr, isa, two);
                 fn(wt, xq, g, tile);
                 const int64_t c0 = g * kGroup, nc = std::min<int64_t>(kGroup, n - c0);
                 for (int64_t m = 0; m < mr; ++m)
@@ -459,7 +465,8 @@ int64_t set_isa_op(int64_t level) {
 }  // namespace
 
 TORCH_LIBRARY(exllamav2_cpu, m) {
-    m.def("gguf_gemv(Tensor x, Tensor qweight, int kind, int n, Tensor? bias, Tensor? super_scales=None) -> Tensor");
+    m.def("gguf_gemv(Tensor x, Tensor qweight, int kind, int n, Tensor? bias, Tensor? super_scales=None, "
+          "int act_stages=2) -> Tensor");
     m.def("gguf_dequant(Tensor qweight, int kind, int n, int k, ScalarType dtype, Tensor? super_scales=None) "
           "-> Tensor");
     m.def("bf16_gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");

@@ -24,6 +24,10 @@
 // int->float conversion and one FMA: acc += cvt(s) * (d*sx)  [+ m * (sx*sum) for Q4_1, - dmin*mn * (sx*sum) for Q4_K].
 // The AVX2 path computes the same integers (vpmaddubsw) and the same float operations in the same order, so its
 // outputs are bit-identical. A row's instruction sequence never depends on the other rows of the call.
+//
+// One stage (two_stage false, TWO = false; ops.set_cpu_activations("int8")): q2 is 0 and its products are skipped,
+// which is llama.cpp's own q8_0 activation (x ~ d1 * q1, d1 = amax/127) at half the dot products: the kernels are
+// then the two-stage kernels given q2 = 0, bit for bit, and compute-bound calls (prefill, batches) run ~2x faster.
 #pragma once
 
 #include <immintrin.h>
@@ -66,7 +70,8 @@ struct QuantX {
 // x (K floats) -> per block b: 64 bytes at q + b * stride * 64, and sx, nsum, xs [b * stride] (stride: the rows
 // of a chunk side by side). Scalar on purpose: it is the contract (nearbyint: ties to even) that the vector
 // quantisers below reproduce bit for bit.
-inline void quantize_row(const float* x, int64_t K, int8_t* q, float* sx, int32_t* nsum, float* xs, int64_t stride) {
+inline void quantize_row(const float* x, int64_t K, int8_t* q, float* sx, int32_t* nsum, float* xs, int64_t stride,
+                         bool two_stage = true) {
     const int64_t nb = K / kBlock;
     for (int64_t b = 0; b < nb; ++b) {
         const float* xb = x + b * kBlock;
@@ -81,7 +86,7 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, float* sx, int32_
             const int v1 = static_cast<int>(std::nearbyint(xb[j] * id1));
             const float r = xb[j] - d1 * static_cast<float>(v1);
             int v2 = static_cast<int>(std::nearbyint(r * id2));
-            v2 = v2 > 127 ? 127 : v2 < -127 ? -127 : v2;
+            v2 = !two_stage ? 0 : v2 > 127 ? 127 : v2 < -127 ? -127 : v2;
             qb[j] = static_cast<int8_t>(v1);
             qb[32 + j] = static_cast<int8_t>(v2);
             n1 += v1;
@@ -109,11 +114,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) inline __m512 load16_f
 
 template <int IN>
 __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void quantize_row_avx512(
-        const void* x, int64_t K, int8_t* q, float* sx, int32_t* nsum, float* xs, int64_t stride) {
+        const void* x, int64_t K, int8_t* q, float* sx, int32_t* nsum, float* xs, int64_t stride,
+        bool two_stage = true) {
     constexpr int kElem = IN == IN_F32 ? 4 : 2;
     const char* xp = static_cast<const char*>(x);
     const int64_t nb = K / kBlock;
-    const __m512i lim = _mm512_set1_epi32(127), nlim = _mm512_set1_epi32(-127);
+    const __m512i lim = _mm512_set1_epi32(two_stage ? 127 : 0), nlim = _mm512_set1_epi32(two_stage ? -127 : 0);
     for (int64_t b = 0; b < nb; ++b) {
         const __m512 x0 = load16_f32<IN>(xp + (b * kBlock) * kElem), x1 = load16_f32<IN>(xp + (b * kBlock + 16) * kElem);
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
@@ -152,12 +158,13 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256 load8_f32(const void* p) 
 
 template <int IN>
 __attribute__((target("avx2,fma,f16c"))) void quantize_row_avx2(
-        const void* x, int64_t K, int8_t* q, float* sx, int32_t* nsum, float* xs, int64_t stride) {
+        const void* x, int64_t K, int8_t* q, float* sx, int32_t* nsum, float* xs, int64_t stride,
+        bool two_stage = true) {
     constexpr int kElem = IN == IN_F32 ? 4 : 2;
     const char* xp = static_cast<const char*>(x);
     const int64_t nb = K / kBlock;
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-    const __m256i lim = _mm256_set1_epi32(127), nlim = _mm256_set1_epi32(-127);
+    const __m256i lim = _mm256_set1_epi32(two_stage ? 127 : 0), nlim = _mm256_set1_epi32(two_stage ? -127 : 0);
     for (int64_t b = 0; b < nb; ++b) {
         __m256 xv[4];
         __m256 m = _mm256_setzero_ps();
@@ -212,8 +219,8 @@ inline int32_t load4(const int8_t* p) {
 
 // ------------------------------------------------------------------------------------------------ AVX-512 VNNI
 
-// 16 output rows of group g against M activation rows -> out (M, 16) fp32.
-template <int KIND, int M>
+// 16 output rows of group g against M activation rows -> out (M, 16) fp32. TWO: the q2 stage's products too.
+template <int KIND, int M, bool TWO = true>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_avx512(
         const Weights& wt, const QuantX& xq, int64_t g, float* out) {
     const int64_t nb = xq.K / kBlock;
@@ -247,7 +254,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
                 for (int m = 0; m < M; ++m) {
                     const int8_t* qb = xq.q + (b * kMaxRows + m) * 64;
                     d1[m][c % S] = _mm512_dpbusd_epi32(d1[m][c % S], v, _mm512_set1_epi32(load4(qb + 4 * c)));
-                    d2[m][c % S] = _mm512_dpbusd_epi32(d2[m][c % S], v, _mm512_set1_epi32(load4(qb + 32 + 4 * c)));
+                    if constexpr (TWO)
+                        d2[m][c % S] = _mm512_dpbusd_epi32(d2[m][c % S], v, _mm512_set1_epi32(load4(qb + 32 + 4 * c)));
                 }
             }
         } else {
@@ -261,8 +269,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
                     const int8_t* qb = xq.q + (b * kMaxRows + m) * 64;
                     d1[m][0] = _mm512_dpbusd_epi32(d1[m][0], lo, _mm512_set1_epi32(load4(qb + 4 * c)));
                     d1[m][S - 1] = _mm512_dpbusd_epi32(d1[m][S - 1], hi, _mm512_set1_epi32(load4(qb + 16 + 4 * c)));
-                    d2[m][0] = _mm512_dpbusd_epi32(d2[m][0], lo, _mm512_set1_epi32(load4(qb + 32 + 4 * c)));
-                    d2[m][S - 1] = _mm512_dpbusd_epi32(d2[m][S - 1], hi, _mm512_set1_epi32(load4(qb + 48 + 4 * c)));
+                    if constexpr (TWO) {
+                        d2[m][0] = _mm512_dpbusd_epi32(d2[m][0], lo, _mm512_set1_epi32(load4(qb + 32 + 4 * c)));
+                        d2[m][S - 1] = _mm512_dpbusd_epi32(d2[m][S - 1], hi, _mm512_set1_epi32(load4(qb + 48 + 4 * c)));
+                    }
                 }
             }
         }
@@ -304,7 +314,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
 // pairs: 4-bit codes (<= 15 * 127 * 2) never saturate; 8-bit codes are made signed and multiplied as
 // |q| * sign(x, q) (<= 128 * 127 * 2). The integers equal the VNNI path's (there the offset is subtracted through
 // the accumulator's start value; here the Q8_0 products are signed already).
-template <int KIND, int M>
+template <int KIND, int M, bool TWO = true>
 __attribute__((target("avx2,fma,f16c"))) void group_avx2(
         const Weights& wt, const QuantX& xq, int64_t g, float* out) {
     const int64_t nb = xq.K / kBlock;
@@ -340,9 +350,11 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2(
                     for (int m = 0; m < M; ++m) {
                         const int8_t* qb = xq.q + (b * kMaxRows + m) * 64;
                         const __m256i xv = _mm256_sign_epi8(_mm256_set1_epi32(load4(qb + 4 * c)), s);
-                        const __m256i xv2 = _mm256_sign_epi8(_mm256_set1_epi32(load4(qb + 32 + 4 * c)), s);
                         d1[m][h] = _mm256_add_epi32(d1[m][h], _mm256_madd_epi16(_mm256_maddubs_epi16(a, xv), ones16));
-                        d2[m][h] = _mm256_add_epi32(d2[m][h], _mm256_madd_epi16(_mm256_maddubs_epi16(a, xv2), ones16));
+                        if constexpr (TWO) {
+                            const __m256i xv2 = _mm256_sign_epi8(_mm256_set1_epi32(load4(qb + 32 + 4 * c)), s);
+                            d2[m][h] = _mm256_add_epi32(d2[m][h], _mm256_madd_epi16(_mm256_maddubs_epi16(a, xv2), ones16));
+                        }
                     }
                 }
             } else {
@@ -356,10 +368,12 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2(
                         const int8_t* qb = xq.q + (b * kMaxRows + m) * 64;
                         const __m256i pl = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load4(qb + 4 * c)));
                         const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load4(qb + 16 + 4 * c)));
-                        const __m256i pl2 = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load4(qb + 32 + 4 * c)));
-                        const __m256i ph2 = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load4(qb + 48 + 4 * c)));
                         d1[m][h] = _mm256_add_epi32(d1[m][h], _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones16));
-                        d2[m][h] = _mm256_add_epi32(d2[m][h], _mm256_madd_epi16(_mm256_add_epi16(pl2, ph2), ones16));
+                        if constexpr (TWO) {
+                            const __m256i pl2 = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load4(qb + 32 + 4 * c)));
+                            const __m256i ph2 = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load4(qb + 48 + 4 * c)));
+                            d2[m][h] = _mm256_add_epi32(d2[m][h], _mm256_madd_epi16(_mm256_add_epi16(pl2, ph2), ones16));
+                        }
                     }
                 }
             }
