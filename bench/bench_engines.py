@@ -105,12 +105,15 @@ class SeedLoop(LoopEngine):
     """The seed API: model.forward(prompt, cache, last_id_only=True), then model.forward(tok, cache) per token.
     `runner` None runs eager; a runner from model.compile_decode() runs the compiled step."""
 
-    def __init__(self, name: str, model, runner, caches: dict, weight_bytes: int):
+    def __init__(self, name: str, model, runner, caches: dict, weight_bytes: int, activations: str = "int16"):
         self.name, self.model, self.runner, self.caches = name, model, runner, caches
         self.weight_bytes = weight_bytes
+        self.activations = activations  # ops.set_cpu_activations mode while this row runs
         self.cache = None
 
     def activate(self):
+        from exllamav2 import ops
+        ops.set_cpu_activations(self.activations)
         self.model.decode_runner = self.runner
 
     def start(self, ids):

@@ -5,10 +5,12 @@ Q4_0 / Q8_0 / BF16 requantizations (made once with llama-quantize --allow-requan
     bench/setup_llamacpp.sh                     # builds llama-bench + llama-quantize once (~10+ min on 2 cores)
     python bench/bench_llamacpp.py --llama-bench ~/.cache/exllamav2/llama.cpp/bin/llama-bench [--compile]
            [-m MODEL.gguf] [--quants Q4_1,Q4_0,Q8_0,BF16] [--threads N] [--reps R] [--tokens N] [--prefill P]
-           [--batch B] [--no-generators]
+           [--batch B] [--no-generators] [--int8-activations]
 
 Ours, per file, through the public API (bench/bench_engines.py): the seed-API loop (`model.forward` per token,
 greedy) eager and, with --compile, compiled (`model.compile_decode()`), plus the dynamic generator's decode rate.
+With --int8-activations, the seed-API rows again with `ops.set_cpu_activations("int8")` (llama.cpp's own q8_0
+activations: the precision llama-bench runs at; our default keeps a second int8 stage).
 Columns: decode tok/s at batch 1 (N tokens after an 8-token prompt); batch-B tok/s (B rows per forward) and its
 ratio to batch 1; prefill tok/s of one P-token prompt; attained weight bandwidth (bytes the linears read per step
 x decode tok/s) against torch.sum over 512 MiB; and the ratio to llama.cpp on the same file (llama-bench `tg N`
@@ -82,7 +84,7 @@ def llama_bench(binary: str, path: str, threads: int, tokens: int, prefill: int)
 class Ours:
     """Our rows for one file: the seed loop eager (and compiled), the dynamic generator."""
 
-    def __init__(self, path: str, compile: bool, generators: bool, max_len: int, batch: int):
+    def __init__(self, path: str, compile: bool, generators: bool, max_len: int, batch: int, int8: bool = False):
         from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
         from exllamav2.tokenizer import ExLlamaV2Tokenizer
         cfg = ExLlamaV2Config(path)
@@ -99,6 +101,10 @@ class Ours:
             runner = self.model.compile_decode(batch_sizes=tuple(sizes), max_seq_len=max_len, progress=True)
             self.model.decode_runner = None
             self.rows["compiled"] = SeedLoop("compiled", self.model, runner, caches, self.weight_bytes)
+        if int8:  # the same loops with llama.cpp's one-stage int8 activations (ops.set_cpu_activations)
+            for mode, row in list(self.rows.items()):
+                self.rows[f"{mode}, int8 act."] = SeedLoop(f"{mode}, int8 act.", self.model, row.runner, caches,
+                                                           self.weight_bytes, activations="int8")
         self.generator = None
         if generators:
             best = self.rows.get("compiled", self.rows["eager"])
@@ -131,6 +137,8 @@ def main(argv=None) -> int:
     p.add_argument("--quants", default=",".join(QUANT_TYPES),
                    help=f"comma-separated: the shipped type and requantizations among {', '.join(QUANT_TYPES)}")
     p.add_argument("--compile", action="store_true", help="also time the compiled decode step (model.compile_decode)")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="also our rows with ops.set_cpu_activations('int8'): llama.cpp's own q8_0 activation precision")
     p.add_argument("--no-generators", action="store_true", help="skip the dynamic generator row")
     p.add_argument("--threads", type=int, default=None, help="threads for both engines (default: usable cores)")
     p.add_argument("--reps", type=int, default=3)
@@ -163,6 +171,7 @@ def main(argv=None) -> int:
         print(f"error: model not found: {src}", file=sys.stderr)
         return 2
 
+    from exllamav2 import ops
     from exllamav2.runtime.threads import configure_threads
     threads = configure_threads(args.threads)
     log(f"threads: {threads}; measuring memory bandwidth ...")
@@ -187,7 +196,7 @@ def main(argv=None) -> int:
     for q, path in files.items():
         log(f"loading ours on {Path(path).name} ...")
         t0 = time.perf_counter()
-        ours[q] = Ours(path, args.compile, not args.no_generators, max_len, args.batch)
+        ours[q] = Ours(path, args.compile, not args.no_generators, max_len, args.batch, args.int8_activations)
         t_load[q] = time.perf_counter() - t0
     inputs = make_inputs(next(iter(ours.values())).tokenizer, ours[quants[0]].model.config.vocab_size,
                          args.prefill, args.batch)
@@ -201,6 +210,7 @@ def main(argv=None) -> int:
             row.prefill(inputs)
             row.batch_decode(inputs, 2)
         if o.generator:
+            ops.set_cpu_activations("int16")
             o.generator.activate()
             o.generator.decode(inputs, 4)
         o.model.decode_runner = None
@@ -216,6 +226,7 @@ def main(argv=None) -> int:
                 d["batch"].append(row.batch_decode(inputs, batch_tokens))
                 d["prefill"].append(row.prefill(inputs))
             if o.generator:
+                ops.set_cpu_activations("int16")
                 o.generator.activate()
                 res.setdefault((q, "dynamic generator"), {"decode": []})["decode"].append(
                     o.generator.decode(inputs, args.tokens))
@@ -241,7 +252,8 @@ def main(argv=None) -> int:
         lc = res[(q, "llama.cpp")]
         lc_dec, lc_pre = med(lc["decode"]), med(lc["prefill"])
         wb = ours[q].weight_bytes
-        for mode in [m for m in ("eager", "compiled", "dynamic generator") if (q, m) in res]:
+        modes = ("eager", "compiled", "eager, int8 act.", "compiled, int8 act.", "dynamic generator")
+        for mode in [m for m in modes if (q, m) in res]:
             d = res[(q, mode)]
             dec, bat, pre = med(d["decode"]), med(d.get("batch", [])), med(d.get("prefill", []))
             gbs = None if dec is None else wb * dec / 1e9

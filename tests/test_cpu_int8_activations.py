@@ -140,11 +140,15 @@ def test_compiled_decode_follows_the_mode(tmp_path):
         ops.set_cpu_activations(mode)
         eager[mode] = teacher_forced(model, ids, tokens, cache)
     assert not torch.equal(eager["int16"], eager["int8"])
+    from torch._dynamo.utils import counters
     runner = model.compile_decode(max_seq_len=128, progress=False)
     try:
-        for mode in ("int16", "int8", "int16"):
+        for i, mode in enumerate(("int16", "int8", "int16", "int8")):
             ops.set_cpu_activations(mode)
+            graphs = counters["stats"]["unique_graphs"]
             got = teacher_forced(model, ids, tokens, cache)
+            if i >= 2:  # each mode's graphs are kept: switching back compiles nothing
+                assert counters["stats"]["unique_graphs"] == graphs, mode
             span = eager[mode].abs().max()
             assert (got - eager[mode]).abs().max() <= 0.02 * span, mode
             other = eager["int8" if mode == "int16" else "int16"]

@@ -104,12 +104,22 @@ def test_process_state_and_cache_kind_see_what_changes_a_graph(tmp_path):
     assert process_state() == before
     with ops.use_backend("torch"):
         assert process_state() != before
+    before = process_state()
+    ops.set_cpu_activations("int8")
+    try:
+        assert process_state() != before
+    finally:
+        ops.set_cpu_activations("int16")
+    assert process_state() == before
 
 
 @pytest.mark.slow
 def test_compiled_step_with_skipped_guards_equals_checked_and_follows_changes(tmp_path):
     """`pytest -m slow`: compiles a tiny model's step (~1 min on 2 cores)."""
     from torch._dynamo.utils import counters
+    # dynamo remembers per step name which shapes changed between compiles (its automatic-dynamic state, process
+    # wide): another test's steps would make this one's cache length dynamic from the start
+    torch._dynamo.reset()
     model = _tiny_llama(tmp_path)
     ids = torch.randint(0, 131, (1, 9), generator=torch.Generator().manual_seed(0))
     tokens = torch.randint(0, 131, (10,), generator=torch.Generator().manual_seed(1)).tolist()

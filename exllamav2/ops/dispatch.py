@@ -65,9 +65,10 @@ _cpu_act_stages = _parse_cpu_activations(os.environ.get(CPU_ACTIVATIONS_ENV), CP
 
 
 def set_cpu_activations(name: str) -> None:
-    global _cpu_act_stages, _generation
+    # read by the kernels at each call, so prepared kernels stay valid (a generation bump would re-prepare them and
+    # make every compiled step recompile); compiled steps key their graphs on it (runtime/guards.py: process_state)
+    global _cpu_act_stages
     _cpu_act_stages = _parse_cpu_activations(name, "set_cpu_activations")
-    _generation += 1  # compiled decode steps see a new process state (runtime/guards.py) and recompile
 
 
 def cpu_activation_stages() -> int:

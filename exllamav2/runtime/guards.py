@@ -9,9 +9,9 @@ of a kind the step has never run with, which would run a graph made for another 
 `TrustedSteps` makes that safe for the runners (runtime/decode.py, runtime/paged_decode.py): a call skips the guards
 only when a call of the same kind already ran with them, the kind being what the runner knows changes the graph (the
 step itself, batch bucket, cache class, shape, dtype and device, whether the position is 0, 1 or more) together with
-the process state a trace reads (the ops' backend choice and batch invariance, grad and inference mode, the default
-dtype). Anything else a trace depends on (a module's attributes, a weight's dtype or shape) is fixed once the model
-is loaded; `model.unload()` drops the runner. `EXLLAMAV2_DECODE_GUARDS=1` (or `check_guards=True` on the runner)
+the process state a trace reads (the ops' backend choice, batch invariance and CPU activation mode, grad and
+inference mode, the default dtype). Anything else a trace depends on (a module's attributes, a weight's dtype or
+shape) is fixed once the model is loaded; `model.unload()` drops the runner. `EXLLAMAV2_DECODE_GUARDS=1` (or `check_guards=True` on the runner)
 checks every call, for debugging.
 
 Skipping the guards still left dynamo's frame evaluation at every call (the cache lookup, the differentiating
@@ -35,7 +35,7 @@ from .compile import call_tracing
 
 def process_state() -> tuple:
     """What, outside the step's arguments, a decode step's trace reads and a user may change between calls."""
-    return (dispatch._generation, dispatch._batch_invariant, torch.is_grad_enabled(),
+    return (dispatch._generation, dispatch._batch_invariant, dispatch._cpu_act_stages, torch.is_grad_enabled(),
             torch.is_inference_mode_enabled(), torch.get_default_dtype())
 
 
