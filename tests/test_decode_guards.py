@@ -164,3 +164,24 @@ def test_unload_drops_the_decode_runner(tmp_path):
     model.decode_runner = DecodeRunner(model, compile=False)
     model.unload()
     assert model.decode_runner is None
+
+
+def test_inductor_cache_is_per_kernel_build(tmp_path, monkeypatch):
+    """Compiled graphs call the custom ops by their schema: the on-disk cache is kept per build of the kernels, under
+    the user's TORCHINDUCTOR_CACHE_DIR or our default, never torch's own default taken for the user's choice, and
+    repeated calls do not nest."""
+    import os
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    from exllamav2.ops.cpu import build, kernels
+    from exllamav2.runtime import compile as rc
+    monkeypatch.setattr(rc, "DEFAULT_CACHE_DIR", str(tmp_path / "ours"))
+    key = build.loaded_key() if kernels.ready() else None
+    sub = f"exllamav2-kernels-{key}" if key else ""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    got = rc.set_inductor_cache_dir()
+    assert got == os.path.join(str(tmp_path / "ours"), sub).rstrip("/") and os.environ["TORCHINDUCTOR_CACHE_DIR"] == got
+    assert rc.set_inductor_cache_dir() == got          # a second call keeps it
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert rc.set_inductor_cache_dir() == os.path.join(str(tmp_path / "mine"), sub).rstrip("/")
+    if key:
+        assert len(key) == 16 and os.path.isdir(got)

@@ -3,6 +3,7 @@ machine, weight freezing, and a ticker that shows elapsed seconds while a long c
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import threading
@@ -15,8 +16,26 @@ DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "exllamav2",
 
 
 def set_inductor_cache_dir(path: str | None = None) -> str:
-    """Point inductor's on-disk cache at ~/.cache/exllamav2/inductor unless the user chose another."""
-    path = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or path or DEFAULT_CACHE_DIR
+    """Point inductor's on-disk cache at ~/.cache/exllamav2/inductor (or the user's TORCHINDUCTOR_CACHE_DIR), in a
+    folder per build of the CPU kernels.
+
+    Per build: a compiled graph calls the custom ops by their schema at compile time, and inductor's cache key does
+    not cover custom ops' schemas, so a graph cached before a kernel update (an argument added) would be reused and
+    fail at its first call. torch sets TORCHINDUCTOR_CACHE_DIR to its own default the first time it compiles; that
+    value is not taken for the user's choice."""
+    from ..ops.cpu import build
+    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        torch_default = os.path.abspath(default_cache_dir())
+    except Exception:  # another torch's layout: any value set is taken as the user's
+        torch_default = None
+    if env and os.path.basename(os.path.normpath(env)).startswith("exllamav2-kernels-"):
+        env = os.path.dirname(os.path.normpath(env))  # set by an earlier call: its base
+    user = env if env and os.path.abspath(env) != torch_default else None
+    base = user or path or DEFAULT_CACHE_DIR
+    key = build.loaded_key()
+    path = os.path.join(base, f"exllamav2-kernels-{key}") if key else base
     os.makedirs(path, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     return path
@@ -50,6 +69,9 @@ INDUCTOR_OPTIONS = {
 }
 
 
+_serial = itertools.count()
+
+
 def bind_model(fn, model, name: str):
     """`fn(model, *args)` as a function of `*args` alone, with a code object of its own (dynamo keeps one cache of
     graphs per code object: a copy per batch size keeps each size's graph static) and the model a free variable.
@@ -60,10 +82,16 @@ def bind_model(fn, model, name: str):
     (`call_tracing`), the weights become attributes of the graph instead: the same logits, the step 4-9% faster
     (bench/README_PERF.md, session 11). The weights are held by reference, so the graph sees in-place changes; a
     weight replaced by another tensor is not seen, which the runner already assumes (runtime/guards.py: fixed once
-    the model is loaded; `model.unload()` drops the runner)."""
+    the model is loaded; `model.unload()` drops the runner).
+
+    The name gets a per-process serial: dynamo keeps what it learnt between compiles (which shapes changed, to make
+    them dynamic) per file, line and code name, so two models' steps of one name would make each other's graphs
+    dynamic (a second model in the same process then decoded with a slower, symbolic graph)."""
     def bound(*args):
         return fn(model, *args)
-    return types.FunctionType(bound.__code__.replace(), bound.__globals__, name, None, bound.__closure__)
+    name = f"{name}_{next(_serial)}"
+    return types.FunctionType(bound.__code__.replace(co_name=name), bound.__globals__, name, None,
+                              bound.__closure__)
 
 
 def call_tracing(step, *args):

@@ -162,7 +162,9 @@ def load_library(progress: bool = True) -> bool:
         reason = disabled_reason()
         if reason is None:
             try:
-                torch.ops.load_library(str(build(progress)))
+                lib = build(progress)
+                torch.ops.load_library(str(lib))
+                _state["key"] = lib.parent.name
             except (KernelBuildError, OSError, RuntimeError) as e:
                 reason = str(e)
         if reason is not None:
@@ -170,6 +172,12 @@ def load_library(progress: bool = True) -> bool:
         _state["ok"] = reason is None
         _state["reason"] = reason
         return _state["ok"]
+
+
+def loaded_key() -> str | None:
+    """The hash of the loaded kernels' build (sources, compiler, flags, torch), None when none is loaded: graphs
+    compiled against one build call its ops' schemas and must not be reused with another (runtime/compile.py)."""
+    return _state.get("key") if _state.get("ok") else None
 
 
 def unavailable_reason() -> str | None:
