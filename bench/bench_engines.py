@@ -68,6 +68,14 @@ class Engine:
     def first_token(self, inp: Inputs) -> float | None: ...
 
 
+def use_model(model, runner, activations: str = "int16") -> None:
+    """Route the model's decode calls through `runner` (None: eager), with the CPU kernels' activation mode
+    (ops.set_cpu_activations) the engine's rows are measured at."""
+    from exllamav2 import ops
+    ops.set_cpu_activations(activations)
+    model.decode_runner = runner
+
+
 class LoopEngine(Engine):
     """Engines driven by the seed-API loop: `start(ids)` -> last logits (b, vocab) after the prompt (resets
     state), `step(ids (b, 1))` -> logits (b, vocab)."""
@@ -112,9 +120,7 @@ class SeedLoop(LoopEngine):
         self.cache = None
 
     def activate(self):
-        from exllamav2 import ops
-        ops.set_cpu_activations(self.activations)
-        self.model.decode_runner = self.runner
+        use_model(self.model, self.runner, self.activations)
 
     def start(self, ids):
         self.cache = self.caches[ids.shape[0]]
@@ -203,7 +209,7 @@ class GeneratorEngine(Engine):
         self.greedy = ExLlamaV2Sampler.Settings.greedy()
 
     def activate(self):
-        self.model.decode_runner = self.runner
+        use_model(self.model, self.runner)
 
 
 class BaseGenEngine(GeneratorEngine):

@@ -171,7 +171,6 @@ def main(argv=None) -> int:
         print(f"error: model not found: {src}", file=sys.stderr)
         return 2
 
-    from exllamav2 import ops
     from exllamav2.runtime.threads import configure_threads
     threads = configure_threads(args.threads)
     log(f"threads: {threads}; measuring memory bandwidth ...")
@@ -210,7 +209,6 @@ def main(argv=None) -> int:
             row.prefill(inputs)
             row.batch_decode(inputs, 2)
         if o.generator:
-            ops.set_cpu_activations("int16")
             o.generator.activate()
             o.generator.decode(inputs, 4)
         o.model.decode_runner = None
@@ -226,7 +224,6 @@ def main(argv=None) -> int:
                 d["batch"].append(row.batch_decode(inputs, batch_tokens))
                 d["prefill"].append(row.prefill(inputs))
             if o.generator:
-                ops.set_cpu_activations("int16")
                 o.generator.activate()
                 res.setdefault((q, "dynamic generator"), {"decode": []})["decode"].append(
                     o.generator.decode(inputs, args.tokens))

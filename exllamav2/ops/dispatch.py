@@ -53,9 +53,9 @@ CPU_ACTIVATIONS_ENV = "EXLLAMAV2_CPU_ACTIVATIONS"
 
 
 def _parse_cpu_activations(name: str | None, source: str) -> int:
-    if name is None or name.strip() == "" or name.strip().lower() == "auto":
+    key = (name or "").strip().lower()
+    if key in ("", "auto"):
         return CPU_ACTIVATIONS["int16"]
-    key = name.strip().lower()
     if key not in CPU_ACTIVATIONS:
         raise ValueError(f"{source}: CPU activations '{name}' are unknown; expected int16 (the default) or int8")
     return CPU_ACTIVATIONS[key]

@@ -13,6 +13,7 @@ import types
 import torch
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "exllamav2", "inductor")
+KERNEL_CACHE_PREFIX = "exllamav2-kernels-"  # the per-kernel-build folder inside the inductor cache
 
 
 def set_inductor_cache_dir(path: str | None = None) -> str:
@@ -30,12 +31,12 @@ def set_inductor_cache_dir(path: str | None = None) -> str:
         torch_default = os.path.abspath(default_cache_dir())
     except Exception:  # another torch's layout: any value set is taken as the user's
         torch_default = None
-    if env and os.path.basename(os.path.normpath(env)).startswith("exllamav2-kernels-"):
+    if env and os.path.basename(os.path.normpath(env)).startswith(KERNEL_CACHE_PREFIX):
         env = os.path.dirname(os.path.normpath(env))  # set by an earlier call: its base
     user = env if env and os.path.abspath(env) != torch_default else None
     base = user or path or DEFAULT_CACHE_DIR
     key = build.loaded_key()
-    path = os.path.join(base, f"exllamav2-kernels-{key}") if key else base
+    path = os.path.join(base, KERNEL_CACHE_PREFIX + key) if key else base
     os.makedirs(path, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     return path

@@ -11,8 +11,8 @@ only when a call of the same kind already ran with them, the kind being what the
 step itself, batch bucket, cache class, shape, dtype and device, whether the position is 0, 1 or more) together with
 the process state a trace reads (the ops' backend choice, batch invariance and CPU activation mode, grad and
 inference mode, the default dtype). Anything else a trace depends on (a module's attributes, a weight's dtype or
-shape) is fixed once the model is loaded; `model.unload()` drops the runner. `EXLLAMAV2_DECODE_GUARDS=1` (or `check_guards=True` on the runner)
-checks every call, for debugging.
+shape) is fixed once the model is loaded; `model.unload()` drops the runner. `EXLLAMAV2_DECODE_GUARDS=1` (or
+`check_guards=True` on the runner) checks every call, for debugging.
 
 Skipping the guards still left dynamo's frame evaluation at every call (the cache lookup, the differentiating
 guards, the no-aliasing check over the cache's tensors): ~0.3 ms of a ~4.2 ms SmolLM2 Q4_0 step. So after the
@@ -106,7 +106,8 @@ def direct_frame(step, args: tuple):
         if (sum(n.startswith("__compiled_fn") for n in names) != 1
                 or any(n.startswith("__resume_at") for n in names)):
             return None
-        local = {"args": args, **{n: c.cell_contents for n, c in zip(orig.__code__.co_freevars, orig.__closure__ or ())}}
+        free = zip(orig.__code__.co_freevars, orig.__closure__ or ())
+        local = {"args": args, **{name: cell.cell_contents for name, cell in free}}
         if not entry.guard_manager.check(local):
             return None
     except Exception:  # another torch's internals: dynamo's own path serves
