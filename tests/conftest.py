@@ -20,6 +20,34 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def interpreter_dot_per_row():
+    """The Triton interpreter's tl.dot is numpy's matmul, and numpy's float16 matmul gives a row a result that
+    depends on its place in the block (numpy 2.4: a row's last bit differs between rows 3 and 0 of the same
+    product); a GPU's MMA computes every row alike. So that the kernels' batch-invariance tests check the kernels
+    and not numpy, the interpreter's dot runs one row at a time (each row through the same 1-row matmul)."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        yield
+        return
+    builder = interpreter.InterpreterBuilder
+    whole = builder.create_dot
+
+    def per_row(self, a, b, d, *args):
+        rows = a.data.shape[-2]
+        if rows == 1:
+            return whole(self, a, b, d, *args)
+        out = [whole(self, interpreter.TensorHandle(a.data[..., i:i + 1, :], a.dtype), b,
+                     interpreter.TensorHandle(d.data[..., i:i + 1, :], d.dtype), *args) for i in range(rows)]
+        import numpy as np
+        return interpreter.TensorHandle(np.concatenate([o.data for o in out], axis=-2), out[0].dtype)
+
+    builder.create_dot = per_row
+    yield
+    builder.create_dot = whole
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> str:
     from exllamav2.default_models import smollm2_gguf_path
