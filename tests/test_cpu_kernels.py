@@ -95,12 +95,14 @@ def test_gguf_gemv_is_batch_invariant_and_avx2_gives_the_same_bits(qtype):
         assert torch.equal(results["avx512"], results["avx2"])
 
 
+@pytest.mark.parametrize("act_stages", [2, 1])
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K"])
-def test_gguf_gemv_gives_each_row_its_one_row_result_for_any_row_count_isa_and_threads(qtype):
+def test_gguf_gemv_gives_each_row_its_one_row_result_for_any_row_count_isa_and_threads(qtype, act_stages):
     """Prefill and batched decode go through the same kernels as one row (chunks of 8 rows, the rows side by side
-    in the quantised activations): every row of an R-row call (R = 1..40, the ragged last chunk included) must be
-    bit-identical to that row alone, on 1 and 2 threads, AVX-512 and AVX2; and the dtype readers and the stores
-    must equal the fp32 call's values rounded by torch (x16/bf16 in, same dtype out)."""
+    in the quantised activations; from 4 rows on AVX-512, two 16-row groups per call): every row of an R-row call
+    (R = 1..40, the ragged last chunk and the odd last group included) must be bit-identical to that row alone, on
+    1 and 2 threads, AVX-512 and AVX2, in both activation modes; and the dtype readers and the stores must equal
+    the fp32 call's values rounded by torch (x16/bf16 in, same dtype out)."""
     n, k = 100, 512   # 7 groups (the last one ragged), 16 blocks (2 Q4_K super-blocks)
     raw = random_q4_k(n, k, seed=5) if qtype == "Q4_K" else random_blocks(qtype, n, k, seed=5)
     packed = pack_gguf_blocks(qtype, raw, (n, k))
@@ -114,18 +116,18 @@ def test_gguf_gemv_gives_each_row_its_one_row_result_for_any_row_count_isa_and_t
             kernels.set_isa(isa)
             for nthreads in (1, 2):
                 torch.set_num_threads(nthreads)
-                together = kernels.gguf_gemv(x, packed, bias)
+                together = kernels.gguf_gemv(x, packed, bias, act_stages)
                 for rows in range(1, 41):
-                    assert torch.equal(kernels.gguf_gemv(x[rows - 1:rows], packed, bias), together[rows - 1:rows]), \
+                    assert torch.equal(kernels.gguf_gemv(x[rows - 1:rows], packed, bias, act_stages), together[rows - 1:rows]), \
                         (isa, nthreads, rows)
-                    assert torch.equal(kernels.gguf_gemv(x[:rows], packed, bias), together[:rows]), (isa, nthreads, rows)
+                    assert torch.equal(kernels.gguf_gemv(x[:rows], packed, bias, act_stages), together[:rows]), (isa, nthreads, rows)
                 for dtype in (torch.bfloat16, torch.float16):
                     xd = x.to(dtype)
-                    want = kernels.gguf_gemv(xd.float(), packed, bias.to(dtype).float()).to(dtype)
-                    got = kernels.gguf_gemv(xd, packed, bias.to(dtype))
+                    want = kernels.gguf_gemv(xd.float(), packed, bias.to(dtype).float(), act_stages).to(dtype)
+                    got = kernels.gguf_gemv(xd, packed, bias.to(dtype), act_stages)
                     assert got.dtype == dtype and torch.equal(got, want), (isa, nthreads, dtype)
                     for rows in (1, 9, 17, 33):
-                        assert torch.equal(kernels.gguf_gemv(xd[rows - 1:rows], packed, bias.to(dtype)),
+                        assert torch.equal(kernels.gguf_gemv(xd[rows - 1:rows], packed, bias.to(dtype), act_stages),
                                            got[rows - 1:rows])
                 results[isa, nthreads] = together
     finally:
@@ -298,6 +300,46 @@ def test_rms_norm_kernel_equals_reference_and_is_row_independent(x_dtype, out_dt
         assert ops.rms_norm.choose(x, w, 1e-6, out_dtype).fn.__module__ == "exllamav2.ops.cpu.small_ops"
     with pytest.raises(RuntimeError, match="weight must hold 7 values"):
         torch.ops.exllamav2_cpu.rms_norm(torch.randn(2, 7), torch.randn(8), 1e-6, torch.float32)
+
+
+def rms_norm_contract(x: torch.Tensor, w: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """csrc/small_ops.cpp's RMSNorm order in numpy float32: 8 partial sums (column j into sum j % 8, a ragged tail
+    into sum 0), combined ((0+4)+(1+5))+((2+6)+(3+7)), 1/sqrt(mean + eps), then the reference's roundings."""
+    f32 = np.float32
+    xs = x.float().reshape(-1, x.shape[-1]).numpy()
+    n, full = xs.shape[1], xs.shape[1] // 8 * 8
+    fp32_scale = w.dtype == torch.float32 or out_dtype == torch.float32
+    rows = []
+    for xr in xs:
+        part = np.zeros(8, f32)
+        for i in range(0, full, 8):
+            part = part + xr[i:i + 8] * xr[i:i + 8]
+        for v in xr[full:]:
+            part[0] = part[0] + v * v
+        ss = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]))
+        inv = f32(1) / np.sqrt(ss / f32(n) + f32(eps))
+        rows.append(torch.from_numpy(xr * inv))
+    v = torch.stack(rows)
+    if fp32_scale:
+        return (v * w.float()).to(out_dtype).reshape(x.shape)
+    return (v.to(out_dtype).float() * w.to(out_dtype).float()).to(out_dtype).reshape(x.shape)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_kernel_follows_its_scalar_contract_bit_for_bit(x_dtype, w_dtype, out_dtype):
+    """The AVX2 rows (fp32/bf16) compute exactly the scalar loop's sums and roundings: equal bits to the contract
+    above, ragged column counts included, and NaN rows stay NaN."""
+    g = torch.Generator().manual_seed(11)
+    for n in (576, 100, 13, 8):
+        x = (torch.randn(9, n, generator=g) * 3).to(x_dtype)
+        w = (torch.randn(n, generator=g) * 0.1 + 1).to(w_dtype)
+        got = torch.ops.exllamav2_cpu.rms_norm(x, w, 1e-5, out_dtype)
+        assert torch.equal(got, rms_norm_contract(x, w, 1e-5, out_dtype)), n
+    x[2, 3] = float("nan")
+    got = torch.ops.exllamav2_cpu.rms_norm(x, w, 1e-5, out_dtype)
+    assert got[2].isnan().all() and not got[[0, 1, 3]].isnan().any()
 
 
 def test_calls_that_need_gradients_run_torch_ops_and_get_them(tmp_path):

@@ -130,6 +130,38 @@ GroupFn group_fn_for_rows(int64_t rows, int64_t isa, bool two) {
     }
 }
 
+// Two groups (32 output rows) against up to kPairRows activation rows, AVX-512 only (group_avx512's G = 2)
+constexpr int64_t kPairRows = 4;
+
+template <int KIND, int M>
+GroupFn pick_pair_fn(bool two) {
+    return two ? &gguf_kernels::group_avx512<KIND, M, true, 2> : &gguf_kernels::group_avx512<KIND, M, false, 2>;
+}
+
+template <int KIND>
+GroupFn pair_fn_for_rows(int64_t rows, bool two) {
+    switch (rows) {
+        case 1: return pick_pair_fn<KIND, 1>(two);
+        case 2: return pick_pair_fn<KIND, 2>(two);
+        case 3: return pick_pair_fn<KIND, 3>(two);
+        default: return pick_pair_fn<KIND, 4>(two);
+    }
+}
+
+GroupFn group_fn(int64_t kind, int64_t rows, int64_t isa, bool two) {
+    return kind == Q4_0 ? group_fn_for_rows<Q4_0>(rows, isa, two)
+         : kind == Q4_1 ? group_fn_for_rows<Q4_1>(rows, isa, two)
+         : kind == Q8_0 ? group_fn_for_rows<Q8_0>(rows, isa, two)
+                        : group_fn_for_rows<Q4_K>(rows, isa, two);
+}
+
+GroupFn pair_fn(int64_t kind, int64_t rows, bool two) {
+    return kind == Q4_0 ? pair_fn_for_rows<Q4_0>(rows, two)
+         : kind == Q4_1 ? pair_fn_for_rows<Q4_1>(rows, two)
+         : kind == Q8_0 ? pair_fn_for_rows<Q8_0>(rows, two)
+                        : pair_fn_for_rows<Q4_K>(rows, two);
+}
+
 // rows [m0, m1) of x (float32, bfloat16 or float16) quantised for the GGUF kernels (gguf_gemv_kernels.h), read in
 // their own dtype by the vector quantiser of the active ISA (both bit-identical to gguf_kernels::quantize_row)
 void quantize_x(const at::Tensor& x, int64_t isa, int64_t m0, int64_t m1, int8_t* q, float* sx, int32_t* nsum,
@@ -218,23 +250,28 @@ at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, int64_t kin
     const at::ScalarType out_type = out.scalar_type();
     char* out_base = static_cast<char*>(out.data_ptr());
     const int64_t out_elem = out.element_size();
+    // Calls of kPairRows rows or more (prefill, batches) run two groups at a time in sub-chunks of kPairRows rows
+    // on AVX-512 (each activation broadcast feeds both groups); a row's result is the same either way.
+    const bool pairs = isa == ISA_AVX512 && rows >= kPairRows;
     at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
-        alignas(64) float tile[kMaxRows * kGroup];
-        for (int64_t g = g0; g < g1; ++g) {
+        alignas(64) float tile[kMaxRows * kGroup * 2];
+        for (int64_t g = g0; g < g1;) {
+            const int64_t ng = pairs && g + 1 < g1 ? 2 : 1;
+            const int64_t c0 = g * kGroup, nc = std::min<int64_t>(ng * kGroup, n - c0);
             for (int64_t ch = 0; ch < chunks; ++ch) {
                 const int64_t r0 = ch * kMaxRows, mr = std::min<int64_t>(kMaxRows, rows - r0);
-                const int64_t i = ch * nb * kMaxRows;
-                const QuantX xq{qp + i * 64, sxp + i, nsp + i, xsp + i, K};
-                const GroupFn fn = kind == Q4_0 ? group_fn_for_rows<Q4_0>(mr, isa, two)
-                                 : kind == Q4_1 ? group_fn_for_rows<Q4_1>(mr, isa, two)
-                                 : kind == Q8_0 ? group_fn_for_rows<Q8_0>(mr, isa, two)
-                                                : group_fn_for_rows<Q4_K>(mr, isa, two);
-                fn(wt, xq, g, tile);
-                const int64_t c0 = g * kGroup, nc = std::min<int64_t>(kGroup, n - c0);
-                for (int64_t m = 0; m < mr; ++m)
-                    store_tile_row(out_base + ((r0 + m) * n + c0) * out_elem, out_type, tile + m * kGroup,
-                                   bptr ? bptr + c0 : nullptr, nc);
+                const int64_t step = ng == 2 ? kPairRows : mr;
+                for (int64_t s0 = 0; s0 < mr; s0 += step) {
+                    const int64_t sr = std::min<int64_t>(step, mr - s0);
+                    const int64_t i = ch * nb * kMaxRows + s0;  // row s0 of the chunk (rows side by side per block)
+                    const QuantX xq{qp + i * 64, sxp + i, nsp + i, xsp + i, K};
+                    (ng == 2 ? pair_fn(kind, sr, two) : group_fn(kind, sr, isa, two))(wt, xq, g, tile);
+                    for (int64_t m = 0; m < sr; ++m)
+                        store_tile_row(out_base + ((r0 + s0 + m) * n + c0) * out_elem, out_type,
+                                       tile + m * ng * kGroup, bptr ? bptr + c0 : nullptr, nc);
+                }
             }
+            g += ng;
         }
     });
     return out;
