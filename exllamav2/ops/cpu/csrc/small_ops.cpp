@@ -69,34 +69,43 @@ __attribute__((target("avx2"))) inline void store8(T* p, __m256 v) {
     }
 }
 
-template <typename TX, typename TW, typename TO>
-__attribute__((target("avx2"))) void rms_norm_row_avx2(const TX* xr, const TW* w, TO* yr, int64_t n, float eps,
-                                                       bool fp32_scale) {
-    __m256 acc = _mm256_setzero_ps();
+// R rows at once: R independent sum chains (one row's chain alone waits on the add latency)
+template <int R, typename TX, typename TW, typename TO>
+__attribute__((target("avx2"))) void rms_norm_rows_avx2(const TX* x, const TW* w, TO* y, int64_t n, float eps,
+                                                        bool fp32_scale) {
+    __m256 acc[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m256 v = load8(xr + i);
-        acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
-    }
-    alignas(32) float part[8];
-    _mm256_store_ps(part, acc);
-    for (; i < n; ++i) {
-        const float v = to_f(xr[i]);
-        part[0] += v * v;
-    }
-    const float ss = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-    const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
-    const __m256 vinv = _mm256_set1_ps(inv);
-    int64_t k = 0;
-    for (; k + 8 <= n; k += 8) {
-        const __m256 v = _mm256_mul_ps(load8(xr + k), vinv);
-        store8(yr + k, fp32_scale ? _mm256_mul_ps(v, load8(w + k))
-                                  : _mm256_mul_ps(as_dtype<TO>(v), as_dtype<TO>(load8(w + k))));
-    }
-    for (; k < n; ++k) {
-        const float v = to_f(xr[k]) * inv;
-        yr[k] = fp32_scale ? static_cast<TO>(v * to_f(w[k]))
-                           : static_cast<TO>(to_f(static_cast<TO>(v)) * to_f(static_cast<TO>(w[k])));
+    for (; i + 8 <= n; i += 8)
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            const __m256 v = load8(x + r * n + i);
+            acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(v, v));
+        }
+    for (int r = 0; r < R; ++r) {
+        const TX* xr = x + r * n;
+        TO* yr = y + r * n;
+        alignas(32) float part[8];
+        _mm256_store_ps(part, acc[r]);
+        for (int64_t j = i; j < n; ++j) {
+            const float v = to_f(xr[j]);
+            part[0] += v * v;
+        }
+        const float ss = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+        const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+        const __m256 vinv = _mm256_set1_ps(inv);
+        int64_t k = 0;
+        for (; k + 8 <= n; k += 8) {
+            const __m256 v = _mm256_mul_ps(load8(xr + k), vinv);
+            store8(yr + k, fp32_scale ? _mm256_mul_ps(v, load8(w + k))
+                                      : _mm256_mul_ps(as_dtype<TO>(v), as_dtype<TO>(load8(w + k))));
+        }
+        for (; k < n; ++k) {
+            const float v = to_f(xr[k]) * inv;
+            yr[k] = fp32_scale ? static_cast<TO>(v * to_f(w[k]))
+                               : static_cast<TO>(to_f(static_cast<TO>(v)) * to_f(static_cast<TO>(w[k])));
+        }
     }
 }
 
@@ -112,8 +121,10 @@ template <typename TX, typename TW, typename TO>
 void rms_norm_rows(const TX* x, const TW* w, TO* y, int64_t rows, int64_t n, float eps, bool fp32_scale) {
     if constexpr (kVecType<TX> && kVecType<TW> && kVecType<TO>) {
         if (cpu_has_avx2()) {
-            at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-                for (int64_t r = r0; r < r1; ++r) rms_norm_row_avx2(x + r * n, w, y + r * n, n, eps, fp32_scale);
+            at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
+                int64_t r = r0;
+                for (; r + 4 <= r1; r += 4) rms_norm_rows_avx2<4>(x + r * n, w, y + r * n, n, eps, fp32_scale);
+                for (; r < r1; ++r) rms_norm_rows_avx2<1>(x + r * n, w, y + r * n, n, eps, fp32_scale);
             });
             return;
         }
