@@ -239,7 +239,7 @@ __attribute__((target("avx512f,avx512vnni"), always_inline)) inline void dot_gro
         d[0][m][s] = dpbusd_bcast(d[0][m][s], w[0], p);
     } else {
         const __m512i xv = _mm512_set1_epi32(load4(p));
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int j = 0; j < G; ++j) d[j][m][s] = _mm512_dpbusd_epi32(d[j][m][s], w[j], xv);
     }
 }
@@ -259,17 +259,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
     constexpr int S = (M * G <= 2 || (!TWO && G == 1)) ? 2 : 1;
     constexpr int kRec = record_bytes(KIND);
     const uint8_t* wg[G];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int j = 0; j < G; ++j) wg[j] = wt.rec + (g + j) * nb * kRec;
     const __m512i low = _mm512_set1_epi8(0x0F);
     __m512 acc[G][M];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int j = 0; j < G; ++j)
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) acc[j][m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
         __m512i d1[G][M][S], d2[G][M][S];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int j = 0; j < G; ++j)
 #pragma GCC unroll 8
             for (int m = 0; m < M; ++m) {
@@ -282,7 +282,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
 #pragma GCC unroll 8
             for (int c = 0; c < 8; ++c) {
                 __m512i v[G];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
                 for (int j = 0; j < G; ++j) v[j] = _mm512_loadu_si512(wg[j] + b * kRec + c * 64);
 #pragma GCC unroll 8
                 for (int m = 0; m < M; ++m) {
@@ -295,7 +295,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
 #pragma GCC unroll 4
             for (int c = 0; c < 4; ++c) {
                 __m512i lo[G], hi[G];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
                 for (int j = 0; j < G; ++j) {
                     const __m512i v = _mm512_loadu_si512(wg[j] + b * kRec + c * 64);
                     lo[j] = _mm512_and_si512(v, low);
@@ -313,7 +313,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
                 }
             }
         }
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int j = 0; j < G; ++j) {
             const uint8_t* wb = wg[j] + b * kRec;
             const uint16_t* dp = reinterpret_cast<const uint16_t*>(wb + kBytes);  // d, then m (Q4_1)
@@ -350,7 +350,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
             }
         }
     }
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int j = 0; j < G; ++j)
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) _mm512_storeu_ps(out + m * G * kGroup + j * kGroup, acc[j][m]);
