@@ -99,7 +99,7 @@ def test_gguf_gemv_is_batch_invariant_and_avx2_gives_the_same_bits(qtype):
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K"])
 def test_gguf_gemv_gives_each_row_its_one_row_result_for_any_row_count_isa_and_threads(qtype, act_stages):
     """Prefill and batched decode go through the same kernels as one row (chunks of 8 rows, the rows side by side
-    in the quantised activations; from 4 rows on AVX-512, two 16-row groups per call): every row of an R-row call
+    in the quantised activations; past 8 rows on AVX-512, two 16-row groups per call): every row of an R-row call
     (R = 1..40, the ragged last chunk and the odd last group included) must be bit-identical to that row alone, on
     1 and 2 threads, AVX-512 and AVX2, in both activation modes; and the dtype readers and the stores must equal
     the fp32 call's values rounded by torch (x16/bf16 in, same dtype out)."""

@@ -246,8 +246,8 @@ __attribute__((target("avx512f,avx512vnni"), always_inline)) inline void dot_gro
 
 // 16 * G output rows (groups g .. g+G-1) against M activation rows -> out (M, 16 * G) fp32. TWO: the q2 stage's
 // products too. With G = 2 each activation broadcast feeds both groups' products (a register broadcast reused:
-// many-row calls ~15% faster on Zen 5 than a broadcast per product); a row's integer sums and float operations are
-// the same for any G, so its result is too.
+// 8-row one-stage calls on cached weights ~10% faster on Zen 5 than a broadcast per product); a row's integer sums
+// and float operations are the same for any G, so its result is too.
 template <int KIND, int M, bool TWO = true, int G = 1>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_avx512(
         const Weights& wt, const QuantX& xq, int64_t g, float* out) {
