@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,7 +32,10 @@ def interpreter_dot_per_row():
     except ImportError:
         yield
         return
-    builder = interpreter.InterpreterBuilder
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if builder is None or not hasattr(builder, "create_dot") or not hasattr(interpreter, "TensorHandle"):
+        yield  # another interpreter layout: its dot runs as it is
+        return
     whole = builder.create_dot
 
     def per_row(self, a, b, d, *args):
@@ -40,7 +44,6 @@ def interpreter_dot_per_row():
             return whole(self, a, b, d, *args)
         out = [whole(self, interpreter.TensorHandle(a.data[..., i:i + 1, :], a.dtype), b,
                      interpreter.TensorHandle(d.data[..., i:i + 1, :], d.dtype), *args) for i in range(rows)]
-        import numpy as np
         return interpreter.TensorHandle(np.concatenate([o.data for o in out], axis=-2), out[0].dtype)
 
     builder.create_dot = per_row
