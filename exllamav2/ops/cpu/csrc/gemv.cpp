@@ -25,6 +25,7 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16_round.h"
 #include "gguf_gemv_kernels.h"
 
 namespace {
@@ -69,8 +70,8 @@ inline void store_out(T* dst, const float* src, int n) {
 
 // ------------------------------------------------------------------------------------------- GGUF GEMV
 
-// One row of a GGUF tile (`n` <= 16 fp32 values) plus the bias (or none) to out. 8 columns per step in AVX2 (both
-// ISAs; a tile row is 16 values), the rest scalar: the same float add and, for bf16, c10's rounding (nearest even,
+// One row of a GGUF tile (`n` <= 32 fp32 values: one group, or a pair in prefill) plus the bias (or none) to out.
+// 8 columns per step in AVX2 (both ISAs), the rest scalar: the same float add and, for bf16, c10's rounding (nearest even,
 // NaN -> 0x7FC0) in integers, so the values equal store_out's. fp16 stays scalar (c10's software conversion).
 __attribute__((target("avx2"))) void store_tile_row(void* dst, at::ScalarType dtype, const float* t,
                                                    const float* bias, int64_t n) {
@@ -85,15 +86,10 @@ __attribute__((target("avx2"))) void store_tile_row(void* dst, at::ScalarType dt
         for (; j < n; ++j) y[j] = bias ? t[j] + bias[j] : t[j];
     } else if (dtype == at::kBFloat16) {
         uint16_t* y = static_cast<uint16_t*>(dst);
-        const __m256i one = _mm256_set1_epi32(1), bias7 = _mm256_set1_epi32(0x7FFF), qnan = _mm256_set1_epi32(0x7FC0);
         for (; j + 8 <= n; j += 8) {
             __m256 v = _mm256_loadu_ps(t + j);
             if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
-            const __m256i u = _mm256_castps_si256(v);
-            const __m256i r = _mm256_srli_epi32(
-                _mm256_add_epi32(u, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), one), bias7)), 16);
-            const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-            const __m256i h = _mm256_blendv_epi8(r, qnan, nan);
+            const __m256i h = bf16_round::bits8(v);
             _mm_storeu_si128(reinterpret_cast<__m128i*>(y + j),
                              _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
         }
@@ -106,37 +102,6 @@ __attribute__((target("avx2"))) void store_tile_row(void* dst, at::ScalarType dt
 }
 
 
-// The same values 16 at a time (AVX-512 machines; the prefill GEMMs store 512 x n outputs a call): fp32 and bf16
-// vectorized in the same integer rounding, the rest (fp16, a ragged tail) through store_tile_row.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void store_tile_row_avx512(
-        void* dst, at::ScalarType dtype, const float* t, const float* bias, int64_t n) {
-    int64_t j = 0;
-    if (dtype == at::kFloat) {
-        float* y = static_cast<float*>(dst);
-        for (; j + 16 <= n; j += 16) {
-            __m512 v = _mm512_loadu_ps(t + j);
-            if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j));
-            _mm512_storeu_ps(y + j, v);
-        }
-    } else if (dtype == at::kBFloat16) {
-        uint16_t* y = static_cast<uint16_t*>(dst);
-        const __m512i one = _mm512_set1_epi32(1), bias7 = _mm512_set1_epi32(0x7FFF), qnan = _mm512_set1_epi32(0x7FC0);
-        for (; j + 16 <= n; j += 16) {
-            __m512 v = _mm512_loadu_ps(t + j);
-            if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j));
-            const __m512i u = _mm512_castps_si512(v);
-            const __m512i r = _mm512_srli_epi32(
-                _mm512_add_epi32(u, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), one), bias7)), 16);
-            const __m512i h = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), qnan);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + j), _mm512_cvtepi32_epi16(h));
-        }
-    }
-    if (j < n)
-        store_tile_row(static_cast<char*>(dst) + j * c10::elementSize(dtype), dtype, t + j, bias ? bias + j : nullptr,
-                       n - j);
-}
-
-using StoreFn = void (*)(void*, at::ScalarType, const float*, const float*, int64_t);
 using gguf_kernels::QuantX;
 using gguf_kernels::Weights;
 using GroupFn = void (*)(const Weights&, const QuantX&, int64_t, float*);
@@ -286,7 +251,6 @@ at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, int64_t kin
     // chunk (batched decode): there the weights stream from memory once, and a second pass over each pair from
     // cache left the stream idle (8 rows: 4.3 -> 5.4 ms over the step's weights). A row's result is the same.
     const bool pairs = isa == ISA_AVX512 && rows > kMaxRows;
-    const StoreFn store = isa == ISA_AVX512 ? &store_tile_row_avx512 : &store_tile_row;
     at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
         alignas(64) float tile[kMaxRows * kGroup * 2];
         for (int64_t g = g0; g < g1;) {
@@ -301,7 +265,7 @@ at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, int64_t kin
                     const QuantX xq{qp + i * 64, sxp + i, nsp + i, xsp + i, K};
                     (ng == 2 ? pair_fn(kind, sr, two) : group_fn(kind, sr, isa, two))(wt, xq, g, tile);
                     for (int64_t m = 0; m < sr; ++m)
-                        store(out_base + ((r0 + s0 + m) * n + c0) * out_elem, out_type,
+                        store_tile_row(out_base + ((r0 + s0 + m) * n + c0) * out_elem, out_type,
                                        tile + m * ng * kGroup, bptr ? bptr + c0 : nullptr, nc);
                 }
             }

@@ -221,7 +221,8 @@ inline int32_t load4(const int8_t* p) {
 
 // acc += w (16 lanes of 4 unsigned bytes) . the 4 signed bytes at p broadcast to every lane. gcc and clang load the
 // broadcast with its own vpbroadcastd; vpdpbusd's embedded {1to16} broadcast does it in the same instruction (half
-// the instructions of the inner loops: 8-row calls ~25% faster on Zen 5, bench/bench_cpu_kernels.py --rows 8).
+// the instructions of the inner loops: 8-row Q4_0 calls ~6% faster on one Zen 5 core, bench/README_PERF.md
+// "Session 13").
 __attribute__((target("avx512f,avx512vnni"))) inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int8_t* p) {
 #if defined(__GNUC__)
     asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(p)));
