@@ -2,13 +2,17 @@
 [-> post norm] -> + residual.
 
 Tokens are grouped by expert with one sort; the Python loop runs over the experts that received tokens, never
-over tokens. That grouping counts tokens per expert on the host, so a step that must not sync with the host (a
-decode step being compiled or captured as a CUDA graph) takes the static path instead: every expert runs over
-every token and each token's result is weighted by its router weight for that expert, 0 where it did not pick it
-(`forward_static`). Shapes there depend on the token count only; the sum runs over the experts in the same order,
-so each token gets what the grouped path gives it (adding an exact 0 changes nothing). Expert weights are read from per-expert tensors (keys `moe_w1`/`moe_w3`/`moe_w2` (gate/up/down) with `*`
-for the expert index, the layout HF saves) or from fused 3-D tensors (`experts.gate_up_proj` (E, 2I, H), `experts.down_proj` (E, H, I),
-the layout HF 5.x models hold in memory).
+over tokens (`forward_grouped`). That grouping counts tokens per expert on the host. While torch.compile traces a
+CPU step, the grouped path runs as one custom op (moe_grouped_op.py), which dynamo does not look into: the graph
+stays whole and each step still runs only the experts its tokens picked. A step that must not sync with the host
+at all (a CUDA graph being captured, or a GPU step being compiled) takes the static path instead: every expert runs
+over every token and each token's result is weighted by its router weight for that expert, 0 where it did not pick
+it (`forward_static`). Shapes there depend on the token count only; the sum runs over the experts in the same
+order, so each token gets what the grouped path gives it (adding an exact 0 changes nothing).
+
+Expert weights are read from per-expert tensors (keys `moe_w1`/`moe_w3`/`moe_w2` (gate/up/down) with `*` for the
+expert index, the layout HF saves) or from fused 3-D tensors (`experts.gate_up_proj` (E, 2I, H),
+`experts.down_proj` (E, H, I), the layout HF 5.x models hold in memory).
 
 Two identity steps (`ExLlamaV2HookPoint`) give the branch module boundaries that no single linear has, so an
 `Intervention` can read or edit them (see `hook_sites()` and exllamav2/interventions/points.py):
@@ -27,6 +31,7 @@ from .activations import get_activation
 from .linear import ExLlamaV2Linear
 from .mlp import ExLlamaV2MLP
 from .module import ExLlamaV2Module, TensorShapeError
+from .moe_grouped_op import moe_grouped_experts, register
 from .norms import make_norm
 
 
@@ -52,8 +57,9 @@ class ExLlamaV2HookPoint(ExLlamaV2Module):
 class ExLlamaV2MoEMLP(ExLlamaV2Module):
     name = "MoEMLP"
 
-    # None: the static (sync-free) routing path while torch.compile traces or a CUDA graph is captured, the grouped
-    # path otherwise; True / False: always / never (per module or on the class)
+    # None: the static (sync-free) routing path while a CUDA graph is captured or torch.compile traces a GPU step,
+    # the grouped path otherwise (as one opaque op while torch.compile traces); True / False: always / never (per
+    # module or on the class)
     static_routing: bool | None = None
 
     def __init__(self, model, key, layer_idx: int, archparams=None):
@@ -105,6 +111,7 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
         # identity steps: the tensor the down projections read, and the branch output (see the module docstring)
         self.pre_down_point = ExLlamaV2HookPoint(model, key + ".hook_pre_down", ap)
         self.out_point = ExLlamaV2HookPoint(model, key + ".hook_out", ap)
+        self.handle = register(self)  # the grouped path's custom op finds this module by it
         self.submodules = [m for m in (self.pre_layernorm, self.gate, *self.experts, self.shared_expert,
                                        self.shared_gate, self.post_layernorm) if m is not None]
 
@@ -193,13 +200,25 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
                 loras=None, **kwargs):
         residual = hidden_states
         x = self.pre_layernorm.forward(hidden_states) if self.pre_layernorm is not None else hidden_states
-        post_norm = x
         shape = x.shape
         xf = x.reshape(-1, shape[-1])
         weights, ids = self.route(xf)
-        if not intermediates and self._routes_statically(xf):
-            return self._finish(self.forward_static(xf, weights, ids, shape), xf, shape, residual, None)
+        inter = {"post_norm": x} if intermediates else None
+        if inter is None and self._routes_statically(xf):
+            y = self.forward_static(xf, weights, ids, shape)
+        elif inter is None and torch.compiler.is_compiling():
+            # the host read of the counts would break the graph: the same path, opaque to dynamo
+            y = moe_grouped_experts(x, weights, ids, self.handle)
+        else:
+            y = self.forward_grouped(x, weights, ids, inter)
+        return self._finish(y, xf, shape, residual, inter)
 
+    def forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                        inter: dict | None = None) -> torch.Tensor:
+        """The experts' weighted sum (T, hidden) for x (..., hidden), each expert run once over the tokens that
+        picked it; `inter` (when given) gets `pre_down` and each expert's `pre_down.{e}` rows."""
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1])
         # group the (token, slot) assignments by expert with one stable sort; assignment t * k + j is token t's
         # j-th ranked expert
         k, im = self.top_k, self.interm_features
@@ -208,7 +227,6 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         tokens = order // k
         slot_weights = weights.reshape(-1)[order]
-        inter = {"post_norm": post_norm} if intermediates else None
 
         # gate/up per expert, each activation row written at its assignment's place
         act = None
@@ -228,8 +246,8 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
         if inter is not None:
             inter["pre_down"] = act.view(*shape[:-1], k * im)
 
-        # down per expert, weighted, summed per token
-        y = torch.zeros_like(xf)
+        # down per expert, weighted, summed per token (a fresh contiguous tensor: the custom op's fake says so)
+        y = xf.new_zeros(xf.shape)
         beg = 0
         for e, n in enumerate(counts):
             if n == 0:
@@ -240,15 +258,14 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
             ye = self.w2[e].forward(ae) * slot_weights[beg:beg + n, None]
             y.index_add_(0, tokens[beg:beg + n], ye.to(y.dtype))
             beg += n
-
-        return self._finish(y, xf, shape, residual, inter)
+        return y
 
     def _routes_statically(self, x: torch.Tensor) -> bool:
         if self.static_routing is not None:
             return self.static_routing
-        if torch.compiler.is_compiling():
-            return True
-        return x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if x.device.type == "cpu":
+            return False  # a host read costs nothing here; a compiled step runs the grouped path as an opaque op
+        return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
     def forward_static(self, xf: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, shape) -> torch.Tensor:
         """The experts' weighted sum (T, hidden) with no host sync: every expert over all T tokens (E calls per

@@ -157,7 +157,7 @@ def test_compiled_step_equals_eager(smol):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["mixtral", "gemma2", "gptj"])
 def test_compiled_step_on_other_architectures(arch, tmp_path):
-    """MoE (static routing while compiling, moe_mlp.forward_static: one graph, no host sync), logit softcap with
+    """MoE (the grouped experts as one opaque op while compiling, moe_grouped_op.py: one graph), logit softcap with
     sliding window, and a parallel block with partial interleaved RoPE, compiled against eager (`pytest -m slow`)."""
     import transformers as tf
     from parity import make_tiny, save_hf_model

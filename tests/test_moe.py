@@ -244,7 +244,8 @@ def test_moe_decode_step_makes_no_host_sync_on_the_static_path(mixtral, static_r
 
 @pytest.mark.slow
 def test_compiled_moe_decode_step_is_one_graph(mixtral):
-    """Under torch.compile the static path is taken by itself: the decode step compiles with fullgraph=True."""
+    """Under torch.compile on the CPU the grouped path runs as one opaque op (moe_grouped_op.py): the decode step
+    compiles with fullgraph=True."""
     from exllamav2.runtime.decode import DecodeRunner
     _, model = mixtral
     runner = DecodeRunner(model, compile=True, progress=False, batch_sizes=(2,), max_seq_len=64)
