@@ -4,9 +4,10 @@ reference
 
 Tolerance: the kernel computes scores, softmax and the weighted sum in fp32 and rounds the output once to the
 inputs' dtype, so against the same math in fp64 on the same inputs each output is within one unit in the last place
-of its dtype (half a unit from the final rounding, the rest fp32 noise) plus 1e-5 of the largest value. torch's
-SDPA is not that close in bf16/fp16 (its flash kernel rounds the probabilities to the inputs' dtype before the
-second product): against it, outputs agree within 1e-2 relative in norm.
+of its dtype (half a unit from the final rounding, the rest fp32 noise) plus 1e-5 of the largest value. For bf16
+it rounds the probabilities to bf16 before they multiply v (as torch's flash kernel does), which moves an output
+by at most 2^-8 (bf16's unit roundoff) times the probability-weighted mean of |v|: `close` adds that bound. torch's
+SDPA is not that close in bf16/fp16: against it, outputs agree within 1e-2 relative in norm.
 
 Determinism: the kernel cuts the keys into splits at fixed positions and merges them in order, so a row's output is
 bit-identical whatever the thread count, the other sequences and rows of the call, and the keys past its last
@@ -27,7 +28,8 @@ if not (kernels.ready() and kernels.isa() == "avx512"):
 
 
 def exact(q, k, v, mask, scale, softcap, causal):
-    """The reference's math in fp64 (GQA by repetition, bottom-right causal alignment)."""
+    """The reference's math in fp64 (GQA by repetition, bottom-right causal alignment), and beside it the
+    probability-weighted mean of |v| (the scale of the bf16 probabilities' rounding): a pair for `close`."""
     q, k, v = q.double(), k.double(), v.double()
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
@@ -38,12 +40,16 @@ def exact(q, k, v, mask, scale, softcap, causal):
     keep = torch.ones(s, t, dtype=torch.bool).tril(t - s) if causal else torch.ones(s, t, dtype=torch.bool)
     if mask is not None:
         keep = keep & mask
-    return scores.masked_fill(~keep, float("-inf")).softmax(-1) @ v
+    p = scores.masked_fill(~keep, float("-inf")).softmax(-1)
+    return p @ v, p @ v.abs()
 
 
 def close(got, want, dtype):
-    ulp = torch.finfo(dtype).eps * want.abs()
-    return ((got.double() - want).abs() <= ulp + 1e-5 * want.abs().max()).all()
+    want, mean_abs = want
+    bound = torch.finfo(dtype).eps * want.abs() + 1e-5 * want.abs().max()
+    if dtype == torch.bfloat16:
+        bound = bound + 2.0 ** -8 * mean_abs
+    return ((got.double() - want).abs() <= bound).all()
 
 
 def cache_views(b, hk, t, d, dtype, g):
@@ -73,7 +79,7 @@ def test_decode_attention_equals_reference(dtype, b, hq, hk, s, t, d):
             got = torch.ops.exllamav2_cpu.decode_attention(q, k, v, mask, scale, softcap, causal)
             assert got.dtype == dtype and got.shape == ref.shape
             want = exact(q, k, v, mask, scale, softcap, causal)
-            assert close(got, want, dtype), (mask is None, causal, softcap, (got.double() - want).abs().max())
+            assert close(got, want, dtype), (mask is None, causal, softcap, (got.double() - want[0]).abs().max())
             assert (got.float() - ref).norm() <= 1e-2 * ref.norm()
 
 

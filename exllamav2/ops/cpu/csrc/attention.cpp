@@ -1,10 +1,11 @@
 // Attention on x86 CPUs with AVX-512: a few query rows per sequence (decode, speculative drafts), where torch's SDPA
-// costs more in set-up than the work for one row, and prefills, where it is 1.5-2.5x torch's flash kernel (bf16,
+// costs more in set-up than the work for one row, and prefills, where it is 3.4-5.4x torch's flash kernel (bf16,
 // SmolLM2 shapes, 128-2048 tokens: python bench/bench_cpu_attention.py --prefill). Python side: exllamav2/ops/cpu/attention.py (head_dim a
 // multiple of 16; the reference otherwise). Semantics are the reference's (exllamav2/ops/torch_ref/attention.py):
 // q (b, hq, s, d), k/v (b, hk, t, d) with hq a multiple of hk (query head h reads kv head h / (hq/hk)), an
 // optional bool mask broadcast as (b or 1, 1, s, t) (true = attend), causal alignment bottom-right (query i sees
-// keys <= t - s + i), optional tanh softcap. Scores, softmax and the weighted sum are fp32; the output is rounded
+// keys <= t - s + i), optional tanh softcap. Scores, softmax and the weighted sum are fp32 (for bf16 the
+// probabilities are rounded to bf16 before they multiply v, as torch's flash kernel does); the output is rounded
 // once to q's dtype; a fully masked row gives NaN (as the reference's softcap path; torch 2.13's SDPA gives 0).
 //
 // Work: the keys are cut into splits of kSplit keys at fixed positions (0, kSplit, 2 kSplit, ...), and one task

@@ -5,8 +5,7 @@
 // value rows of a split come through an accessor (StridedRows, TableRows), so a contiguous cache and a paged one
 // run the same instructions on the same values.
 //
-// Scores: per (query row, key) one 16-lane accumulator over head_dim, and 16 keys' accumulators summed into one
-// vector of 16 scores by a fixed transpose-and-add tree (one horizontal reduction per key cost 3x more).
+// Scores: keys laid out in quads, one order of sums per score for any number of rows (compute_scores below).
 
 #pragma once
 
@@ -60,23 +59,6 @@ AVX512_TARGET inline __m512 exp_nonpositive(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-// 16 vectors -> one vector whose lane j is the sum of a[j]'s 16 lanes (fixed tree: same sums for every call)
-AVX512_TARGET inline __m512 sum16(__m512* a) {
-    __m512 b[8], c[4], e[2];
-    for (int i = 0; i < 8; ++i)  // lanes per 128-bit quarter: a0 a1 partial sums, interleaved
-        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-    for (int i = 0; i < 4; ++i) {
-        const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
-        c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-    }
-    // c[i]: each 128-bit quarter q holds keys 4i..4i+3's partial sums over lanes 4q..4q+3
-    for (int i = 0; i < 2; ++i)
-        e[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
-                             _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xdd));
-    // e[i]'s quarters: keys 8i..8i+3 (twice: two halves of the lanes), then keys 8i+4..8i+7 (twice)
-    return _mm512_add_ps(_mm512_shuffle_f32x4(e[0], e[1], 0x88), _mm512_shuffle_f32x4(e[0], e[1], 0xdd));
-}
-
 struct View {  // strides in elements; the last dimension is contiguous
     int64_t sb, sh, ss;
 };
@@ -105,11 +87,13 @@ struct Problem {  // T, splits: decode_attention's key count and splits (the pag
 
 // per-thread scratch, grown once, never freed: no allocation per call or task
 struct Scratch {
-    std::vector<float> qf, scores, kf;
+    std::vector<float> qe, scores, kb, vb, pb;  // kb, vb, pb: 32-bit units (bf16 pairs or fp32)
     void fit(int64_t R, int64_t D) {
-        if (qf.size() < size_t(R * (D + 16))) qf.resize(R * (D + 16));  // bf16: pairs padded to 32 dims
+        if (qe.size() < size_t(R * D)) qe.resize(R * D);
         if (scores.size() < size_t(R * kSplit)) scores.resize(R * kSplit);
-        if (kf.size() < size_t(16 * kMaxD)) kf.resize(16 * kMaxD);
+        if (kb.size() < size_t(kSplit * kMaxD)) kb.resize(kSplit * kMaxD);
+        if (vb.size() < size_t(kSplit * kMaxD)) vb.resize(kSplit * kMaxD);
+        if (pb.size() < size_t(R * kSplit / 2)) pb.resize(R * kSplit / 2);
     }
 };
 
@@ -118,6 +102,7 @@ inline Scratch& scratch() {
     return s;
 }
 
+// ---- weighted sum for fp32 and fp16: FMAs over fp32 p ------------------------------------------------------------
 // RT rows x dims [col, col + 16 DC): acc += sum over the split's n keys of p(row, key) v(key)
 template <typename T, int RT, int DC, typename Rows>
 AVX512_TARGET void weighted_sum_tile(const float* p, int64_t pstride, Rows v, int64_t col, int64_t n, float* acc,
@@ -152,74 +137,277 @@ AVX512_TARGET void weighted_sum_rows(const float* p, Rows v, int64_t n, float* a
     }
 }
 
-// fp32/fp16 scores: per (row, key) a 16-lane fp32 accumulator over head_dim in order, then sum16 and the scale
-template <typename T, typename Rows>
-AVX512_TARGET void scores_fp32(const Problem& P, const float* qf, Rows k, int64_t n, Scratch& w) {
-    const int64_t R = P.G * P.S, D = P.D, nv = D / 16;
-    const __m512 scale = _mm512_set1_ps(P.scale);
-    float* kf = w.kf.data();
-    for (int64_t j0 = 0; j0 < n; j0 += 16) {
-        const int64_t nk = std::min<int64_t>(16, n - j0);
-        // the block's keys in fp32, chunk-major: kf[(c * 16 + j) * 16 + lane] = k(key j0 + j, dim 16 c + lane)
-        for (int64_t j = 0; j < 16; ++j) {
-            const T* src = j < nk ? k(j0 + j) : nullptr;
-            for (int64_t c = 0; c < nv; ++c)
-                _mm512_storeu_ps(kf + (c * 16 + j) * 16, j < nk ? load16(src + 16 * c) : _mm512_setzero_ps());
-        }
-        for (int64_t r = 0; r < R; ++r) {
-            const float* qr = qf + r * D;
-            __m512 a[16];
-            const __m512 q0 = _mm512_loadu_ps(qr);
-            for (int j = 0; j < 16; ++j) a[j] = _mm512_mul_ps(q0, _mm512_loadu_ps(kf + j * 16));
-            for (int64_t c = 1; c < nv; ++c) {
-                const __m512 qc = _mm512_loadu_ps(qr + 16 * c);
-                const float* kc = kf + c * 256;
-                for (int j = 0; j < 16; ++j) a[j] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(kc + j * 16), a[j]);
-            }
-            _mm512_storeu_ps(w.scores.data() + r * kSplit + j0, _mm512_mul_ps(sum16(a), scale));
-        }
-    }
+// ---- weighted sum for bf16: vdpbf16ps over pairs of keys ---------------------------------------------------------
+// p is rounded to bf16 (round to nearest even) before it multiplies v, as torch's CPU flash attention does for
+// bf16 inputs; products and sums stay fp32. One instruction then takes two keys for 16 dims, half the FMAs' count.
+// For more than 4 rows the split's values are laid out once per task as pairs of keys (vb[(tp * D/16 + cc) * 16 +
+// lane] holds dim 16 cc + lane of keys 2 tp and 2 tp + 1, the second zero past n); for up to 4 rows the same pairs
+// are formed as they are read. A row's p as bf16 pairs in pb (zero past n).
+
+// dims [32 c, 32 c + 32) of a bf16 row (the upper 16 zero when `half`; all zero for no row)
+AVX512_TARGET inline __m512i load_dims32(const uint16_t* row, int64_t c, bool half) {
+    if (!row) return _mm512_setzero_si512();
+    return half ? _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * c)))
+                : _mm512_loadu_si512(row + 32 * c);
 }
 
-// bf16 scores: vdpbf16ps on pairs of dims (products of two bf16 are exact in fp32, each pair added in turn with
-// one rounding, as two FMAs: no conversion of q or k), 32 dims per instruction, then sum16 and the scale
-AVX512_TARGET inline __m512i load_pairs(const uint16_t* p, bool half) {  // 32 bf16, or 16 and zeros
-    return half ? _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))
-                : _mm512_loadu_si512(p);
+// keys 2 tp and 2 tp + 1 (b null past n), dims [32 c, 32 c + 32) -> two vectors of 16 dims, each lane a key pair
+AVX512_TARGET inline void interleave_pair(const uint16_t* a, const uint16_t* b, int64_t c, bool half, __m512i* lo,
+                                          __m512i* hi) {
+    // per 128-bit lane k: 64-bit units k and 4 + k (dims 4k..4k+3 and 16+4k..16+4k+3), so that the 16-bit
+    // interleaves give dims 0..15 (low halves) and 16..31 (high halves) in order
+    const __m512i units = _mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m512i x = _mm512_permutexvar_epi64(units, load_dims32(a, c, half));
+    const __m512i y = _mm512_permutexvar_epi64(units, load_dims32(b, c, half));
+    *lo = _mm512_unpacklo_epi16(x, y);
+    *hi = _mm512_unpackhi_epi16(x, y);
 }
 
 template <typename Rows>
-AVX512_TARGET void scores_bf16(const Problem& P, const uint16_t* q, Rows k, int64_t n, Scratch& w) {
-    const int64_t R = P.G * P.S, D = P.D, nc = (D + 31) / 32;
-    const bool half = D % 32 != 0;  // the last 32-dim chunk holds 16 dims
-    const __m512 scale = _mm512_set1_ps(P.scale);
-    // q rows as pairs, chunk-major per row; k's block as pairs, chunk-major: kb[(c * 16 + j) * 16 + pair]
-    uint32_t* qb = reinterpret_cast<uint32_t*>(w.qf.data());
-    uint32_t* kb = reinterpret_cast<uint32_t*>(w.kf.data());
-    for (int64_t r = 0; r < R; ++r) {
-        const uint16_t* qr = q + (r / P.S) * P.qv.sh + (r % P.S) * P.qv.ss;
-        for (int64_t c = 0; c < nc; ++c)
-            _mm512_storeu_si512(qb + (r * nc + c) * 16, load_pairs(qr + 32 * c, half && c == nc - 1));
+AVX512_TARGET inline const uint16_t* pair_row(Rows v, int64_t t, int64_t n) {
+    return t < n ? reinterpret_cast<const uint16_t*>(v(t)) : nullptr;
+}
+
+template <typename Rows>
+AVX512_TARGET void layout_values_bf16(Rows v, int64_t n, int64_t D, uint32_t* vb) {
+    const int64_t nc = (D + 31) / 32, DC16 = D / 16;
+    const bool half = D % 32 != 0;
+    for (int64_t tp = 0; tp < (n + 1) / 2; ++tp)
+        for (int64_t c = 0; c < nc; ++c) {
+            const bool h = half && c == nc - 1;
+            __m512i lo, hi;
+            interleave_pair(pair_row(v, 2 * tp, n), pair_row(v, 2 * tp + 1, n), c, h, &lo, &hi);
+            uint32_t* dst = vb + (tp * DC16 + 2 * c) * 16;
+            _mm512_storeu_si512(dst, lo);
+            if (!h) _mm512_storeu_si512(dst + 16, hi);
+        }
+}
+
+// a few rows (decode): all R rows x all dims, the pairs interleaved as they are read (no layout to amortize)
+template <int RT, typename Rows>
+AVX512_TARGET void weighted_sum_bf16_direct(const uint32_t* pb, Rows v, int64_t n, int64_t D, int64_t cc0, float* acc) {
+    constexpr int DC = 4;  // 64 dims per pass, the last pass masked to D
+    const int64_t DC16 = D / 16, dcs = std::min<int64_t>(DC, DC16 - cc0);
+    __m512 a[RT][DC];
+    for (int r = 0; r < RT; ++r)
+        for (int c = 0; c < DC; ++c) a[r][c] = _mm512_setzero_ps();
+    for (int64_t tp = 0; tp < (n + 1) / 2; ++tp) {
+        __m512i vt[DC];
+        const uint16_t *x = pair_row(v, 2 * tp, n), *y = pair_row(v, 2 * tp + 1, n);
+        for (int c = 0; c < DC; c += 2)
+            if (c < dcs) interleave_pair(x, y, (cc0 + c) / 2, c + 1 >= dcs, &vt[c], &vt[c + 1]);
+        for (int r = 0; r < RT; ++r) {
+            const __m512i pr = _mm512_set1_epi32(static_cast<int>(pb[r * (kSplit / 2) + tp]));
+            for (int c = 0; c < DC; ++c)
+                if (c < dcs) a[r][c] = _mm512_dpbf16_ps(a[r][c], (__m512bh)pr, (__m512bh)vt[c]);
+        }
     }
-    for (int64_t j0 = 0; j0 < n; j0 += 16) {
-        const int64_t nk = std::min<int64_t>(16, n - j0);
-        for (int64_t j = 0; j < 16; ++j) {
-            const uint16_t* src = j < nk ? reinterpret_cast<const uint16_t*>(k(j0 + j)) : nullptr;
-            for (int64_t c = 0; c < nc; ++c)
-                _mm512_storeu_si512(kb + (c * 16 + j) * 16, j < nk ? load_pairs(src + 32 * c, half && c == nc - 1)
-                                                                   : _mm512_setzero_si512());
+    for (int r = 0; r < RT; ++r)
+        for (int c = 0; c < DC; ++c)
+            if (c < dcs) _mm512_storeu_ps(acc + r * D + 16 * (cc0 + c), a[r][c]);
+}
+
+// RT rows x dims [16 cc0, 16 (cc0 + DC)): acc = sum over the split's np key pairs of p(row, pair) . v(pair)
+template <int RT, int DC>
+AVX512_TARGET void weighted_sum_bf16_tile(const uint32_t* pb, const uint32_t* vb, int64_t DC16, int64_t cc0,
+                                          int64_t np, float* acc, int64_t D) {
+    __m512 a[RT][DC];
+    for (int r = 0; r < RT; ++r)
+        for (int c = 0; c < DC; ++c) a[r][c] = _mm512_setzero_ps();
+    for (int64_t tp = 0; tp < np; ++tp) {
+        __m512i vt[DC];
+        for (int c = 0; c < DC; ++c) vt[c] = _mm512_loadu_si512(vb + (tp * DC16 + cc0 + c) * 16);
+        for (int r = 0; r < RT; ++r) {
+            const __m512i pr = _mm512_set1_epi32(static_cast<int>(pb[r * (kSplit / 2) + tp]));
+            for (int c = 0; c < DC; ++c) a[r][c] = _mm512_dpbf16_ps(a[r][c], (__m512bh)pr, (__m512bh)vt[c]);
         }
-        for (int64_t r = 0; r < R; ++r) {
-            __m512 a[16];
-            for (int j = 0; j < 16; ++j) a[j] = _mm512_setzero_ps();
+    }
+    for (int r = 0; r < RT; ++r)
+        for (int c = 0; c < DC; ++c) _mm512_storeu_ps(acc + r * D + 16 * (cc0 + c), a[r][c]);
+}
+
+template <int RT>
+AVX512_TARGET void weighted_sum_bf16_rows(const uint32_t* pb, const uint32_t* vb, int64_t np, float* acc, int64_t D) {
+    const int64_t DC16 = D / 16;
+    int64_t c = 0;
+    for (; c + 4 <= DC16; c += 4) weighted_sum_bf16_tile<RT, 4>(pb, vb, DC16, c, np, acc, D);
+    switch (DC16 - c) {
+        case 3: weighted_sum_bf16_tile<RT, 3>(pb, vb, DC16, c, np, acc, D); break;
+        case 2: weighted_sum_bf16_tile<RT, 2>(pb, vb, DC16, c, np, acc, D); break;
+        case 1: weighted_sum_bf16_tile<RT, 1>(pb, vb, DC16, c, np, acc, D); break;
+        default: break;
+    }
+}
+
+// R rows of p (fp32, the split's n keys; the scratch past n may hold anything) -> bf16 pairs, then the sums
+template <typename Rows>
+AVX512_TARGET void weighted_sum_bf16(const float* p, Rows v, int64_t n, int64_t R, int64_t D, float* acc,
+                                     Scratch& w) {
+    uint32_t* vb = reinterpret_cast<uint32_t*>(w.vb.data());
+    uint32_t* pb = reinterpret_cast<uint32_t*>(w.pb.data());
+    const int64_t np = (n + 1) / 2;
+    for (int64_t r = 0; r < R; ++r)
+        for (int64_t t = 0; t < n; t += 32) {
+            const __mmask16 lo = static_cast<__mmask16>(n - t >= 16 ? 0xffff : (1u << (n - t)) - 1u);
+            const __mmask16 hi = static_cast<__mmask16>(n - t >= 32 ? 0xffff : n - t <= 16 ? 0 : (1u << (n - t - 16)) - 1u);
+            const __m512bh x = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, p + r * kSplit + t + 16),
+                                                   _mm512_maskz_loadu_ps(lo, p + r * kSplit + t));
+            _mm512_storeu_si512(pb + r * (kSplit / 2) + t / 2, (__m512i)x);
+        }
+    if (R <= 4) {  // the same products and sums, without the layout
+        for (int64_t cc = 0; cc < D / 16; cc += 4) switch (R) {
+            case 4: weighted_sum_bf16_direct<4>(pb, v, n, D, cc, acc); break;
+            case 3: weighted_sum_bf16_direct<3>(pb, v, n, D, cc, acc); break;
+            case 2: weighted_sum_bf16_direct<2>(pb, v, n, D, cc, acc); break;
+            default: weighted_sum_bf16_direct<1>(pb, v, n, D, cc, acc); break;
+        }
+        return;
+    }
+    layout_values_bf16(v, n, D, vb);
+    int64_t r0 = 0;
+    for (; r0 + 4 <= R; r0 += 4) weighted_sum_bf16_rows<4>(pb + r0 * (kSplit / 2), vb, np, acc + r0 * D, D);
+    switch (R - r0) {
+        case 3: weighted_sum_bf16_rows<3>(pb + r0 * (kSplit / 2), vb, np, acc + r0 * D, D); break;
+        case 2: weighted_sum_bf16_rows<2>(pb + r0 * (kSplit / 2), vb, np, acc + r0 * D, D); break;
+        case 1: weighted_sum_bf16_rows<1>(pb + r0 * (kSplit / 2), vb, np, acc + r0 * D, D); break;
+        default: break;
+    }
+}
+
+// ---- scores ------------------------------------------------------------------------------------------------------
+// A row's elements are 32-bit units: pairs of dims for bf16 (vdpbf16ps multiplies and adds a pair: two bf16
+// products are exact in fp32, added in turn), single fp32 dims for fp32 and fp16 (converted on load, then FMA);
+// E = D/2 or D of them, a multiple of 8. A split's keys are laid out once per task in blocks of 16 keys, and per
+// block, quarter-group g (elements 4g..4g+3) and key quad kq (keys 4kq..4kq+3) one vector holds those 4 keys' 4
+// elements: lane 4i + c = key 4kq + i, element 4g + c. A query row's 4 elements of group g are broadcast to the
+// 4 quarters, so lane (i, c) sums the products of elements c, c + 4, c + 8, ... in order, and each score is then
+// (class 0 + class 2) + (class 1 + class 3). That order is the same for any number of rows, which is what keeps a
+// row's bits independent of its neighbours; the layout costs a 4 x 4 shuffle of 128-bit pieces per 16 keys and 16
+// elements (shared by all the rows of the task) and 10 instructions per row and 16 keys for the sums, against 45
+// for a full horizontal sum of 16 lanes per score.
+
+template <typename T>
+constexpr int64_t elems(int64_t D) {
+    return std::is_same_v<T, c10::BFloat16> ? D / 2 : D;
+}
+
+// elements [16 c, 16 c + 16) of a row (the upper 8 zero when `half`): bf16 pairs as they are, else fp32
+template <typename T>
+AVX512_TARGET inline __m512i load_elems(const T* row, int64_t c, bool half) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        const T* p = row + 32 * c;
+        return half ? _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))
+                    : _mm512_loadu_si512(p);
+    } else if constexpr (std::is_same_v<T, float>) {
+        const float* p = row + 16 * c;
+        return half ? _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))
+                    : _mm512_loadu_si512(p);
+    } else {
+        const T* p = row + 16 * c;
+        const __m256i h = half ? _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
+                               : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        return _mm512_castps_si512(_mm512_cvtph_ps(h));
+    }
+}
+
+// the split's n keys in quads (see above): kb[((b * G4 + g) * 4 + kq) * 16 + lane], zero keys past n
+template <typename T, typename Rows>
+AVX512_TARGET void layout_keys(Rows k, int64_t n, int64_t D, uint32_t* kb) {
+    const int64_t E = elems<T>(D), G4 = E / 4, nc = (E + 15) / 16;
+    const bool half = E % 16 != 0;
+    for (int64_t b = 0; b < (n + 15) / 16; ++b)
+        for (int64_t kq = 0; kq < 4; ++kq) {
+            const int64_t j0 = 16 * b + 4 * kq;
             for (int64_t c = 0; c < nc; ++c) {
-                const __m512i qc = _mm512_loadu_si512(qb + (r * nc + c) * 16);
-                const uint32_t* kc = kb + c * 256;
-                for (int j = 0; j < 16; ++j)
-                    a[j] = _mm512_dpbf16_ps(a[j], (__m512bh)qc, (__m512bh)_mm512_loadu_si512(kc + j * 16));
+                const bool h = half && c == nc - 1;
+                __m512i r[4];
+                for (int i = 0; i < 4; ++i) r[i] = j0 + i < n ? load_elems(k(j0 + i), c, h) : _mm512_setzero_si512();
+                const __m512i t0 = _mm512_shuffle_i32x4(r[0], r[1], 0x44), t1 = _mm512_shuffle_i32x4(r[0], r[1], 0xee);
+                const __m512i t2 = _mm512_shuffle_i32x4(r[2], r[3], 0x44), t3 = _mm512_shuffle_i32x4(r[2], r[3], 0xee);
+                const __m512i v[4] = {_mm512_shuffle_i32x4(t0, t2, 0x88), _mm512_shuffle_i32x4(t0, t2, 0xdd),
+                                      _mm512_shuffle_i32x4(t1, t3, 0x88), _mm512_shuffle_i32x4(t1, t3, 0xdd)};
+                for (int q = 0; q < (h ? 2 : 4); ++q)
+                    _mm512_storeu_si512(kb + ((b * G4 + 4 * c + q) * 4 + kq) * 16, v[q]);
             }
-            _mm512_storeu_ps(w.scores.data() + r * kSplit + j0, _mm512_mul_ps(sum16(a), scale));
         }
+}
+
+// 4 quad accumulators of 16 keys -> their 16 scores in key order: per key (class 0 + 2) + (class 1 + 3)
+AVX512_TARGET inline __m512 reduce_quads(const __m512* a) {
+    const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+    const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+    const __m512d x = _mm512_castps_pd(s01), y = _mm512_castps_pd(s23);
+    // quarter i: keys i, 4 + i, 8 + i, 12 + i
+    const __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    const __m512i to_keys = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return _mm512_permutexvar_ps(to_keys, s);
+}
+
+// rows [r0, r0 + RT) x key blocks [b0, b0 + NB): scores (scaled) into the scratch rows
+template <bool BF16, int RT, int NB>
+AVX512_TARGET void score_tile(const uint32_t* qe, const uint32_t* kb, int64_t E, int64_t r0, int64_t b0,
+                              __m512 scale, float* scores) {
+    const int64_t G4 = E / 4;
+    __m512 a[RT][4 * NB];
+    for (int r = 0; r < RT; ++r)
+        for (int x = 0; x < 4 * NB; ++x) a[r][x] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G4; ++g) {
+        __m512i kv[4 * NB];
+        for (int x = 0; x < 4 * NB; ++x) kv[x] = _mm512_loadu_si512(kb + (((b0 + x / 4) * G4 + g) * 4 + x % 4) * 16);
+        for (int r = 0; r < RT; ++r) {
+            const __m512i qv = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qe + (r0 + r) * E + 4 * g)));
+            for (int x = 0; x < 4 * NB; ++x) {
+                if constexpr (BF16)
+                    a[r][x] = _mm512_dpbf16_ps(a[r][x], (__m512bh)qv, (__m512bh)kv[x]);
+                else
+                    a[r][x] = _mm512_fmadd_ps(_mm512_castsi512_ps(qv), _mm512_castsi512_ps(kv[x]), a[r][x]);
+            }
+        }
+    }
+    for (int r = 0; r < RT; ++r)
+        for (int b = 0; b < NB; ++b)
+            _mm512_storeu_ps(scores + (r0 + r) * kSplit + 16 * (b0 + b), _mm512_mul_ps(reduce_quads(a[r] + 4 * b), scale));
+}
+
+// rows [r0, r0 + RT) over all nb blocks: two blocks at a time for one or two rows (enough independent sums)
+template <bool BF16, int RT>
+AVX512_TARGET void score_rows(const uint32_t* qe, const uint32_t* kb, int64_t E, int64_t r0, int64_t nb, __m512 scale,
+                              float* scores) {
+    int64_t b = 0;
+    if constexpr (RT <= 2)
+        for (; b + 2 <= nb; b += 2) score_tile<BF16, RT, 2>(qe, kb, E, r0, b, scale, scores);
+    for (; b < nb; ++b) score_tile<BF16, RT, 1>(qe, kb, E, r0, b, scale, scores);
+}
+
+// the split's scores (R rows x n keys, scaled) into the scratch: query rows as elements, keys laid out in quads
+template <typename T, typename Rows>
+AVX512_TARGET void compute_scores(const Problem& P, const T* q, Rows k, int64_t n, Scratch& w) {
+    constexpr bool BF16 = std::is_same_v<T, c10::BFloat16>;
+    const int64_t R = P.G * P.S, D = P.D, E = elems<T>(D), nc = (E + 15) / 16, nb = (n + 15) / 16;
+    const bool half = E % 16 != 0;
+    uint32_t* qe = reinterpret_cast<uint32_t*>(w.qe.data());
+    uint32_t* kb = reinterpret_cast<uint32_t*>(w.kb.data());
+    for (int64_t r = 0; r < R; ++r) {
+        const T* qr = q + (r / P.S) * P.qv.sh + (r % P.S) * P.qv.ss;
+        for (int64_t c = 0; c < nc; ++c) {
+            const bool h = half && c == nc - 1;
+            const __m512i x = load_elems(qr, c, h);
+            if (h)
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(qe + r * E + 16 * c), _mm512_castsi512_si256(x));
+            else
+                _mm512_storeu_si512(qe + r * E + 16 * c, x);
+        }
+    }
+    layout_keys<T>(k, n, D, kb);
+    const __m512 scale = _mm512_set1_ps(P.scale);
+    float* sc = w.scores.data();
+    int64_t r0 = 0;
+    for (; r0 + 4 <= R; r0 += 4) score_rows<BF16, 4>(qe, kb, E, r0, nb, scale, sc);
+    switch (R - r0) {
+        case 3: score_rows<BF16, 3>(qe, kb, E, r0, nb, scale, sc); break;
+        case 2: score_rows<BF16, 2>(qe, kb, E, r0, nb, scale, sc); break;
+        case 1: score_rows<BF16, 1>(qe, kb, E, r0, nb, scale, sc); break;
+        default: break;
     }
 }
 
@@ -229,24 +417,13 @@ AVX512_TARGET void scores_bf16(const Problem& P, const uint16_t* q, Rows k, int6
 template <typename T, typename Rows>
 AVX512_TARGET void split_task(const Problem& P, const T* q, Rows k, Rows v, const bool* mask, int64_t T_, int64_t t0,
                               int64_t lo, float* out_m, float* out_l, float* out_acc) {
-    const int64_t G = P.G, S = P.S, D = P.D, R = G * S, nv = D / 16;
+    const int64_t S = P.S, D = P.D, R = P.G * S;
     const int64_t n = std::min(kSplit, T_ - t0);
     Scratch& w = scratch();
     w.fit(R, D);
-    float* qf = w.qf.data();
-    if constexpr (!std::is_same_v<T, c10::BFloat16>)
-        for (int64_t g = 0; g < G; ++g)
-            for (int64_t s = 0; s < S; ++s) {
-                const T* qr = q + g * P.qv.sh + s * P.qv.ss;
-                for (int64_t c = 0; c < nv; ++c)
-                    _mm512_storeu_ps(qf + (g * S + s) * D + 16 * c, load16(qr + 16 * c));
-            }
-    // scores (R, n) for 16 keys at a time, in fp32 rows of the scratch
+    // scores (R, n) in fp32 rows of the scratch
     float* scores = w.scores.data();
-    if constexpr (std::is_same_v<T, c10::BFloat16>)
-        scores_bf16(P, reinterpret_cast<const uint16_t*>(q), k, n, w);
-    else
-        scores_fp32<T>(P, qf, k, n, w);
+    compute_scores<T>(P, q, k, n, w);
     // softmax within the split, per row: masked keys -inf, then p = exp(score - m) in place
     const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     const int64_t nb = (n + 15) / 16;
@@ -287,8 +464,12 @@ AVX512_TARGET void split_task(const Problem& P, const T* q, Rows k, Rows v, cons
         out_m[r] = m;
         out_l[r] = _mm512_reduce_add_ps(lsum);
     }
-    // weighted sum of the split's values, 4 rows at a time
-    int64_t r0 = 0;
+    // weighted sum of the split's values
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        weighted_sum_bf16(scores, v, n, R, D, out_acc, w);
+        return;
+    }
+    int64_t r0 = 0;  // fp32 and fp16: FMAs over fp32 p, 4 rows at a time
     for (; r0 + 4 <= R; r0 += 4) weighted_sum_rows<T, 4>(scores, v, n, out_acc, D, r0);
     switch (R - r0) {
         case 3: weighted_sum_rows<T, 3>(scores, v, n, out_acc, D, r0); break;
