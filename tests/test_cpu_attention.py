@@ -206,3 +206,16 @@ def test_a_fully_masked_row_gives_nan():
         got = torch.ops.exllamav2_cpu.decode_attention(q, k, v, mask, 0.125, softcap, False)
         assert got[:, :, 1].isnan().all() and not got[:, :, 0].isnan().any()
     assert reference(q, k, v, mask, 0.125, 30.0)[:, :, 1].isnan().all()
+
+
+def test_the_output_is_laid_out_b_s_h_d_and_its_fake_says_so():
+    """The kernel writes (b, s, hq, d) and returns its (b, hq, s, d) view, so attn.py's transpose back to
+    (b, s, hq * d) costs no copy; the fake implementation (ops/cpu/kernels.py) gives the compiled step the same
+    strides (torch.library.opcheck compares them)."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 9, 7, 64, generator=g).bfloat16()
+    k, v = cache_views(2, 3, 30, 64, torch.bfloat16, g)
+    out = torch.ops.exllamav2_cpu.decode_attention(q, k, v, None, 0.125, 0.0, True)
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+    torch.library.opcheck(torch.ops.exllamav2_cpu.decode_attention.default, (q, k, v, None, 0.125, 0.0, True),
+                          test_utils=("test_faketensor",))

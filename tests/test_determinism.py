@@ -2,7 +2,8 @@
 the dynamic generator and through the server (official `openai` client), on SmolLM2 in its default weights (the
 GGUF's int4 blocks packed, bf16 activations: invariant as they are). Dense bf16 weights are invariant with
 ops.set_batch_invariant (serve --deterministic): the bf16 GEMV then serves every batch size (ops/cpu/gemv_linear.py),
-where otherwise a request alone (1 row, GEMV) and among 16 (16 rows, oneDNN) is rounded differently."""
+where otherwise a request alone (1 row, GEMV) and among 16 (16 rows, oneDNN) is rounded differently; float32 and
+float16 dense weights then run each row alone through torch's GEMM (ops/cpu/linear.py)."""
 
 from __future__ import annotations
 
@@ -105,6 +106,28 @@ def test_bf16_gemv_rows_do_not_depend_on_the_batch(batch_invariant):
     alone = torch.cat([kernel(x[i:i + 1]) for i in range(x.shape[0])])
     for m in (1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, x.shape[0]):
         assert torch.equal(kernel(x[:m]), alone[:m]), f"a row changed in a call of {m} rows"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dense_float_rows_do_not_depend_on_the_batch(batch_invariant, dtype):
+    """float32/float16 dense weights run torch's GEMM, whose rounding follows the row count: in batch-invariant
+    mode each row runs alone (ops/cpu/linear.py: DenseKernel), so a row's bits do not depend on the call."""
+    from exllamav2.ops.cpu.linear import DenseKernel
+
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(384, 256, generator=g) * 0.05).to(dtype)
+    x = torch.randn(33, 256, generator=g).to(dtype)
+    kernel = DenseKernel(w, None)
+    alone = torch.cat([kernel(x[i:i + 1]) for i in range(x.shape[0])])
+    for m in (2, 8, 9, 33):
+        assert torch.equal(kernel(x[:m]), alone[:m]), f"a row changed in a call of {m} rows"
+        assert torch.equal(kernel(x[1:m]), alone[1:m]), f"a row changed with an offset in a call of {m - 1} rows"
+
+
+def test_dense_float32_model_invariant_with_the_option(tmp_path, batch_invariant):
+    """The tiny Llama in float32: 16 jobs together compute, bit for bit, the logits each computes alone."""
+    model, tok = load_tiny(build_tiny_dir(tmp_path / "tiny"), dtype="float32")
+    assert_alone_equals_together(model, tok, n=6, chat=False, logits=True)
 
 
 def test_dense_bf16_model_invariant_with_the_option(tmp_path, batch_invariant):

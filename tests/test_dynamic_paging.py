@@ -4,9 +4,10 @@ produced, and a resumed job finds its own pages again by prefix hash (tiny rando
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from exllamav2 import ExLlamaV2Cache
+from exllamav2 import ExLlamaV2Cache, ops
 from exllamav2.generator.dynamic import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob
 from exllamav2.generator.sampler import ExLlamaV2Sampler
 from test_dynamic_tiny import PAGE, greedy_reference, tiny  # noqa: F401  (fixture)
@@ -67,10 +68,19 @@ def test_unbounded_job_does_not_block_short_ones(tiny):
     gen.cancel(capped)
 
 
-def test_preempted_jobs_resume_with_the_same_tokens(tiny):
+@pytest.fixture
+def batch_invariant():
+    ops.set_batch_invariant(True)
+    yield
+    ops.set_batch_invariant(False)
+
+
+def test_preempted_jobs_resume_with_the_same_tokens(tiny, batch_invariant):
     """Six jobs that together need twice the cache: they are admitted as their prompts fit, preempted when the
     pages run out, and every one ends with exactly the tokens of its run in a cache big enough for all (sampled
-    with seeds, and greedy against the plain reference loop)."""
+    with seeds, and greedy against the plain reference loop). The model's weights are dense float32, whose GEMM
+    rounds a row by the call's row count, so the batch-invariant mode is on: a resumed job prefills again rows it
+    first decoded alone, and a seeded sample follows the logits to the last bit."""
     _, model, tok = tiny
     sampled = ExLlamaV2Sampler.Settings(temperature=1.0, top_k=0, top_p=0.9, token_repetition_penalty=1.0)
     specs = [(ids_of(10 + 7 * i, 10 + i), 40 + 3 * i, GREEDY if i % 2 else sampled) for i in range(6)]

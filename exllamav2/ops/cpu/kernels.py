@@ -53,7 +53,8 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("exllamav2_cpu::decode_attention")
     def _decode_attention_fake(q, k, v, mask, scale, softcap, is_causal):
-        return q.new_empty(q.shape)
+        b, hq, s, d = q.shape
+        return q.new_empty((b, s, hq, d)).transpose(1, 2)  # the kernel's layout (csrc/attention.cpp)
 
     @torch.library.register_fake("exllamav2_cpu::paged_decode_attention")
     def _paged_decode_attention_fake(q, kflat, vflat, block_index, kv_lens, page_size, sliding_window, scale,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import dispatch
 from ..torch_ref import linear as torch_linear
 from . import build, kernels
 from .gemv_linear import Bf16GemvKernel, GgufGemvKernel, SegmentedGemvKernel
@@ -34,8 +35,20 @@ class Int4Kernel:
 
 
 class DenseKernel(torch_linear.DenseKernel):
-    """F.linear on the module's own weight (oneDNN underneath); the weight and activations share a dtype."""
+    """F.linear on the module's own weight (oneDNN underneath); the weight and activations share a dtype.
+
+    Batch-invariant mode (ops.set_batch_invariant): each row runs alone, from a fresh copy. torch's GEMM picks
+    its blocking by the row count, and a BLAS may take other code paths by the data's alignment, so a row computed
+    among others can round differently from the same row alone. One call per row makes float32/float16 prefill
+    slow in that mode; bfloat16 weights take the GEMV instead (gemv_linear.py). A traced (compiled) step keeps
+    the single call."""
     backend = "cpu"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1 and dispatch.batch_invariant() and not torch.compiler.is_compiling():
+            one = super().__call__
+            return torch.cat([one(x[i:i + 1].clone()) for i in range(x.shape[0])])
+        return super().__call__(x)
 
 
 class DequantizedKernel:

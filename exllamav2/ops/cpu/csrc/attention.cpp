@@ -199,7 +199,9 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_, const at
         mask = mask_->contiguous();
         mv = {mask.size(0) == 1 ? 0 : mask.stride(0), 0, mask.stride(2)};
     }
-    at::Tensor out = at::empty({B, HQ, S, D}, q.options());
+    // (b, s, hq, d) in memory, returned as its (b, hq, s, d) view (as torch's SDPA does): the caller's
+    // transpose back to (b, s, hq * d) is then free
+    at::Tensor out = at::empty({B, S, HQ, D}, q.options()).transpose(1, 2);
     if (out.numel() == 0) return out;
     if (T_ == 0) return out.fill_(std::numeric_limits<float>::quiet_NaN());  // no keys: every row fully masked
     const int64_t G = HQ / HK;
