@@ -240,8 +240,10 @@ def test_paged_path_reads_codes(model, cache_cls):
 
 @pytest.mark.slow
 def test_smollm2_greedy_with_each_cache(smollm2_gguf):
-    """The real model (bf16, head_dim 64): 16 greedy tokens after a 25-token prompt with each quantized cache agree
-    with the fp cache on nearly every token, logits within the measured error (see LOGIT_TOL). Run with -m slow."""
+    """The real model (bf16, head_dim 64): 16 greedy tokens after a 25-token prompt; fed the same tokens, each
+    quantized cache picks the fp cache's token at nearly every step, logits within the measured error (see
+    LOGIT_TOL). Teacher-forced, so one near-tie (the FP8 cache met one at step 7: top two 0.25 apart) costs one step,
+    not the rest of the sequence. Run with -m slow."""
     from exllamav2.tokenizer import ExLlamaV2Tokenizer
 
     config = ExLlamaV2Config(smollm2_gguf)
@@ -250,18 +252,19 @@ def test_smollm2_greedy_with_each_cache(smollm2_gguf):
     ids = ExLlamaV2Tokenizer(config).encode("The history of the Roman Empire spans many centuries, beginning with "
                                             "the founding of the city of Rome and continuing through the reign of")
 
-    def greedy(cache):
+    def greedy(cache, forced=None):
+        """Logits and the argmax at each of 16 steps, fed its own argmax or the `forced` tokens."""
         logits = [model.forward(ids, cache, last_id_only=True)]
         tokens = []
-        for _ in range(16):
+        for i in range(16):
             tokens.append(logits[-1][:, -1:].argmax(-1))
-            logits.append(model.forward(tokens[-1], cache))
+            logits.append(model.forward(tokens[-1] if forced is None else forced[:, i:i + 1], cache))
         return torch.cat(logits, 1), torch.cat(tokens, 1)
 
     ref_logits, ref_tokens = greedy(ExLlamaV2Cache(model, 1, 128))
     limits = {ExLlamaV2Cache_Q4: 0.2, ExLlamaV2Cache_Q6: 0.12, ExLlamaV2Cache_Q8: 0.05, ExLlamaV2Cache_8bit: 0.7}
     for cache_cls, limit in limits.items():
-        logits, tokens = greedy(cache_cls(model, 1, 128))
+        logits, tokens = greedy(cache_cls(model, 1, 128), forced=ref_tokens)
         assert (tokens == ref_tokens).sum() >= 14, cache_cls.__name__
         # the first decode step's logits are comparable however the sequences continue
         assert _rel(logits[:, 1], ref_logits[:, 1]) < limit, cache_cls.__name__
