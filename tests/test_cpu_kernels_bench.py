@@ -65,3 +65,12 @@ def test_bench_compile_options_compares_two_steps(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "default: min" in r.stdout and "with {'cpp_wrapper': False}: min" in r.stdout
     assert "same logits: True" in r.stdout
+
+
+def test_bench_prefill_line():
+    """bench/bench_prefill.py: one line with a time for each activation mode."""
+    r = subprocess.run([sys.executable, "bench/bench_prefill.py", "--tokens", "32", "--reps", "2", "--threads", "1"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = r.stdout.strip().splitlines()[-1]
+    assert ".gguf int16 " in line and " int8 " in line and line.endswith(" ms"), line

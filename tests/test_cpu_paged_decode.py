@@ -20,6 +20,8 @@ from exllamav2.paged_attn import PagedDecodeParams
 if not (kernels.ready() and kernels.isa() == "avx512"):
     pytest.skip("the paged decode kernel needs the CPU kernels built and AVX-512", allow_module_level=True)
 
+from test_cpu_attention import close  # noqa: E402  (its tolerance: exact output and weighted mean of |v|)
+
 op = torch.ops.exllamav2_cpu.paged_decode_attention
 
 
@@ -76,15 +78,6 @@ class Paged:
             scores[:, :self.lens[i] - window] = float("-inf")
         p = scores.softmax(-1)
         return torch.einsum("hn,nhd->hd", p, v), torch.einsum("hn,nhd->hd", p, v.abs())
-
-
-def close(got, want, dtype):
-    """Within test_cpu_attention.py's tolerance: want is (exact output, probability-weighted mean of |v|)."""
-    want, mean_abs = want
-    bound = torch.finfo(dtype).eps * want.abs() + 1e-5 * want.abs().max()
-    if dtype == torch.bfloat16:
-        bound = bound + 2.0 ** -8 * mean_abs
-    return ((got.double() - want).abs() <= bound).all()
 
 
 LENS = [1, 17, 128, 129, 300, 700]

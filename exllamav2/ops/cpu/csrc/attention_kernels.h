@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,f16c")))
@@ -102,6 +103,20 @@ inline Scratch& scratch() {
     return s;
 }
 
+// f(width, i) for i = 0, 4, 8, ... with width std::integral_constant<int, 4>, then once for the 1-3 left over (so
+// n <= 4 is a single call of width n): tiles of rows or 16-dim chunks whose width is a template argument
+template <typename F>
+inline void in_fours(int64_t n, F&& f) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) f(std::integral_constant<int, 4>{}, i);
+    switch (n - i) {
+        case 3: f(std::integral_constant<int, 3>{}, i); break;
+        case 2: f(std::integral_constant<int, 2>{}, i); break;
+        case 1: f(std::integral_constant<int, 1>{}, i); break;
+        default: break;
+    }
+}
+
 // ---- weighted sum for fp32 and fp16: FMAs over fp32 p ------------------------------------------------------------
 // RT rows x dims [col, col + 16 DC): acc += sum over the split's n keys of p(row, key) v(key)
 template <typename T, int RT, int DC, typename Rows>
@@ -127,14 +142,9 @@ template <typename T, int RT, typename Rows>
 AVX512_TARGET void weighted_sum_rows(const float* p, Rows v, int64_t n, float* acc, int64_t D, int64_t r0) {
     const float* pr = p + r0 * kSplit;
     float* ar = acc + r0 * D;
-    int64_t c = 0, nv = D / 16;
-    for (; c + 4 <= nv; c += 4) weighted_sum_tile<T, RT, 4>(pr, kSplit, v, 16 * c, n, ar + 16 * c, D);
-    switch (nv - c) {
-        case 3: weighted_sum_tile<T, RT, 3>(pr, kSplit, v, 16 * c, n, ar + 16 * c, D); break;
-        case 2: weighted_sum_tile<T, RT, 2>(pr, kSplit, v, 16 * c, n, ar + 16 * c, D); break;
-        case 1: weighted_sum_tile<T, RT, 1>(pr, kSplit, v, 16 * c, n, ar + 16 * c, D); break;
-        default: break;
-    }
+    in_fours(D / 16, [&](auto dc, int64_t c) {
+        weighted_sum_tile<T, RT, decltype(dc)::value>(pr, kSplit, v, 16 * c, n, ar + 16 * c, D);
+    });
 }
 
 // ---- weighted sum for bf16: vdpbf16ps over pairs of keys ---------------------------------------------------------
@@ -229,14 +239,9 @@ AVX512_TARGET void weighted_sum_bf16_tile(const uint32_t* pb, const uint32_t* vb
 template <int RT>
 AVX512_TARGET void weighted_sum_bf16_rows(const uint32_t* pb, const uint32_t* vb, int64_t np, float* acc, int64_t D) {
     const int64_t DC16 = D / 16;
-    int64_t c = 0;
-    for (; c + 4 <= DC16; c += 4) weighted_sum_bf16_tile<RT, 4>(pb, vb, DC16, c, np, acc, D);
-    switch (DC16 - c) {
-        case 3: weighted_sum_bf16_tile<RT, 3>(pb, vb, DC16, c, np, acc, D); break;
-        case 2: weighted_sum_bf16_tile<RT, 2>(pb, vb, DC16, c, np, acc, D); break;
-        case 1: weighted_sum_bf16_tile<RT, 1>(pb, vb, DC16, c, np, acc, D); break;
-        default: break;
-    }
+    in_fours(DC16, [&](auto dc, int64_t c) {
+        weighted_sum_bf16_tile<RT, decltype(dc)::value>(pb, vb, DC16, c, np, acc, D);
+    });
 }
 
 // R rows of p (fp32, the split's n keys; the scratch past n may hold anything) -> bf16 pairs, then the sums
@@ -254,24 +259,16 @@ AVX512_TARGET void weighted_sum_bf16(const float* p, Rows v, int64_t n, int64_t 
                                                    _mm512_maskz_loadu_ps(lo, p + r * kSplit + t));
             _mm512_storeu_si512(pb + r * (kSplit / 2) + t / 2, (__m512i)x);
         }
-    if (R <= 4) {  // the same products and sums, without the layout
-        for (int64_t cc = 0; cc < D / 16; cc += 4) switch (R) {
-            case 4: weighted_sum_bf16_direct<4>(pb, v, n, D, cc, acc); break;
-            case 3: weighted_sum_bf16_direct<3>(pb, v, n, D, cc, acc); break;
-            case 2: weighted_sum_bf16_direct<2>(pb, v, n, D, cc, acc); break;
-            default: weighted_sum_bf16_direct<1>(pb, v, n, D, cc, acc); break;
-        }
+    if (R <= 4) {  // the same products and sums, without the layout: one call of width R
+        in_fours(R, [&](auto rt, int64_t) {
+            for (int64_t cc = 0; cc < D / 16; cc += 4) weighted_sum_bf16_direct<decltype(rt)::value>(pb, v, n, D, cc, acc);
+        });
         return;
     }
     layout_values_bf16(v, n, D, vb);
-    int64_t r0 = 0;
-    for (; r0 + 4 <= R; r0 += 4) weighted_sum_bf16_rows<4>(pb + r0 * (kSplit / 2), vb, np, acc + r0 * D, D);
-    switch (R - r0) {
-        case 3: weighted_sum_bf16_rows<3>(pb + r0 * (kSplit / 2), vb, np, acc + r0 * D, D); break;
-        case 2: weighted_sum_bf16_rows<2>(pb + r0 * (kSplit / 2), vb, np, acc + r0 * D, D); break;
-        case 1: weighted_sum_bf16_rows<1>(pb + r0 * (kSplit / 2), vb, np, acc + r0 * D, D); break;
-        default: break;
-    }
+    in_fours(R, [&](auto rt, int64_t r0) {
+        weighted_sum_bf16_rows<decltype(rt)::value>(pb + r0 * (kSplit / 2), vb, np, acc + r0 * D, D);
+    });
 }
 
 // ---- scores ------------------------------------------------------------------------------------------------------
@@ -346,8 +343,9 @@ AVX512_TARGET inline __m512 reduce_quads(const __m512* a) {
 // rows [r0, r0 + RT) x key blocks [b0, b0 + NB): scores (scaled) into the scratch rows
 template <bool BF16, int RT, int NB>
 AVX512_TARGET void score_tile(const uint32_t* qe, const uint32_t* kb, int64_t E, int64_t r0, int64_t b0,
-                              __m512 scale, float* scores) {
+                              float scale_, float* scores) {
     const int64_t G4 = E / 4;
+    const __m512 scale = _mm512_set1_ps(scale_);
     __m512 a[RT][4 * NB];
     for (int r = 0; r < RT; ++r)
         for (int x = 0; x < 4 * NB; ++x) a[r][x] = _mm512_setzero_ps();
@@ -371,7 +369,7 @@ AVX512_TARGET void score_tile(const uint32_t* qe, const uint32_t* kb, int64_t E,
 
 // rows [r0, r0 + RT) over all nb blocks: two blocks at a time for one or two rows (enough independent sums)
 template <bool BF16, int RT>
-AVX512_TARGET void score_rows(const uint32_t* qe, const uint32_t* kb, int64_t E, int64_t r0, int64_t nb, __m512 scale,
+AVX512_TARGET void score_rows(const uint32_t* qe, const uint32_t* kb, int64_t E, int64_t r0, int64_t nb, float scale,
                               float* scores) {
     int64_t b = 0;
     if constexpr (RT <= 2)
@@ -399,16 +397,8 @@ AVX512_TARGET void compute_scores(const Problem& P, const T* q, Rows k, int64_t 
         }
     }
     layout_keys<T>(k, n, D, kb);
-    const __m512 scale = _mm512_set1_ps(P.scale);
     float* sc = w.scores.data();
-    int64_t r0 = 0;
-    for (; r0 + 4 <= R; r0 += 4) score_rows<BF16, 4>(qe, kb, E, r0, nb, scale, sc);
-    switch (R - r0) {
-        case 3: score_rows<BF16, 3>(qe, kb, E, r0, nb, scale, sc); break;
-        case 2: score_rows<BF16, 2>(qe, kb, E, r0, nb, scale, sc); break;
-        case 1: score_rows<BF16, 1>(qe, kb, E, r0, nb, scale, sc); break;
-        default: break;
-    }
+    in_fours(R, [&](auto rt, int64_t r0) { score_rows<BF16, decltype(rt)::value>(qe, kb, E, r0, nb, P.scale, sc); });
 }
 
 // One (batch row or sequence, kv head, split): keys [t0, t0 + n) of its T keys, whose rows are k(j), v(j) for key
@@ -469,14 +459,8 @@ AVX512_TARGET void split_task(const Problem& P, const T* q, Rows k, Rows v, cons
         weighted_sum_bf16(scores, v, n, R, D, out_acc, w);
         return;
     }
-    int64_t r0 = 0;  // fp32 and fp16: FMAs over fp32 p, 4 rows at a time
-    for (; r0 + 4 <= R; r0 += 4) weighted_sum_rows<T, 4>(scores, v, n, out_acc, D, r0);
-    switch (R - r0) {
-        case 3: weighted_sum_rows<T, 3>(scores, v, n, out_acc, D, r0); break;
-        case 2: weighted_sum_rows<T, 2>(scores, v, n, out_acc, D, r0); break;
-        case 1: weighted_sum_rows<T, 1>(scores, v, n, out_acc, D, r0); break;
-        default: break;
-    }
+    // fp32 and fp16: FMAs over fp32 p, 4 rows at a time
+    in_fours(R, [&](auto rt, int64_t r0) { weighted_sum_rows<T, decltype(rt)::value>(scores, v, n, out_acc, D, r0); });
 }
 
 // out rows of one (batch row, kv head) from its splits' (m, l, acc), merged in split order
