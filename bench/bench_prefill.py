@@ -1,4 +1,5 @@
-"""Prefill time of one prompt through `model.forward` on the CPU, best of N, for each GGUF activation mode
+"""Prefill time of one prompt through `model.forward(ids, cache, last_id_only=True)` on the CPU (as
+bench_llamacpp.py and llama-bench's pp: the last position's logits), best of N, for each GGUF activation mode
 (ops.set_cpu_activations: "int16", the default, and "int8", llama.cpp's precision). Made for A/B runs of two
 trees, one process each, alternating:
 
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
             cache.current_seq_len = 0
             t0 = time.perf_counter()
             with torch.inference_mode():
-                model.forward(ids, cache, preprocess_only=True)
+                model.forward(ids, cache, last_id_only=True)
             ts.append(time.perf_counter() - t0)
         times[mode] = min(ts[1:]) * 1000
     ops.set_cpu_activations("int16")

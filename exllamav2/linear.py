@@ -14,6 +14,7 @@ from .ops import dispatch
 
 class ExLlamaV2Linear(ExLlamaV2Module):
     name = "Linear"
+    per_position = True
 
     def __init__(self, model, key, in_features: int, out_features: int, has_bias: bool, pad32: bool = True,
                  max_out_len=None, prescale: float = 1, f_key=None, f_beg=None, f_end=None,

@@ -12,6 +12,7 @@ from .norms import make_norm
 
 class ExLlamaV2MLP(ExLlamaV2Module):
     name = "MLP"
+    per_position = True
 
     def __init__(self, model, key, layer_idx: int, has_norm: bool = True, has_residual: bool = True,
                  archparams=None, in_features=None, out_features=None, interm_features=None, merge=None,

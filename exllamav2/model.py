@@ -11,6 +11,7 @@ from .attn_params import Params
 from .embedding import ExLlamaV2Embedding
 from .linear import ExLlamaV2Linear
 from .mlp import ExLlamaV2MLP
+from .module import interventions_alive
 from .norms import make_norm
 from .rope import RotaryEmbedding
 from .runtime.stack_chunk import fresh_stack_chunk
@@ -282,6 +283,7 @@ class ExLlamaV2:
         x = input_ids
         states = {}
         last_state = None
+        prune = self._pruned_layer(q_len, preprocess_only, last_id_only, attn_params, extract_state_indices)
         for idx, module in enumerate(self.modules):
             if abort_event is not None and abort_event.is_set():
                 return None
@@ -293,7 +295,11 @@ class ExLlamaV2:
             dev = module.device()
             if idx > 0 and (dev != "cpu" or x.device.type != "cpu") and x.device != torch.device(dev):
                 x = x.to(dev)
-            x = module.forward(x, cache=cache, attn_params=attn_params, past_len=past, loras=loras, **kwargs)
+            if idx == prune:
+                x = module.forward(x, cache=cache, attn_params=attn_params, past_len=past, loras=loras,
+                                   out_rows="none" if preprocess_only else "last", **kwargs)
+            else:
+                x = module.forward(x, cache=cache, attn_params=attn_params, past_len=past, loras=loras, **kwargs)
             if extract_state_indices is not None and idx in extract_state_indices:
                 states[idx] = x
             if preprocess_only and idx == self.last_kv_layer_idx:
@@ -304,6 +310,24 @@ class ExLlamaV2:
         if x is not None:
             x = self.final_logits(x)
         return {"logits": x, "last_state": last_state, "states": states}
+
+
+    def _pruned_layer(self, q_len, preprocess_only, last_id_only, attn_params, extract_state_indices) -> int:
+        """The index of the module from which on a call computes the last position only (-1: none). A call that
+        wants no logits, or the last position's, needs every layer's k/v but after the last KV layer's attention
+        only its last row (llama.cpp prunes the same way): that attention returns its last row, and the modules
+        after it, which must all be per-position, run on one row. Not where anything could look at the other rows
+        (an intervention, extracted states) or where the last KV layer is not a plain attention."""
+        if q_len < 2 or not (preprocess_only or last_id_only) or getattr(attn_params, "paged", False):
+            return -1
+        idx = self.last_kv_layer_idx
+        if type(self.modules[idx]) is not ExLlamaV2Attention or interventions_alive():
+            return -1
+        if extract_state_indices is not None and any(i >= idx for i in extract_state_indices):
+            return -1
+        if not all(m.per_position for m in self.modules[idx + 1:]):
+            return -1
+        return idx
 
 
 def _result(r: dict | None, return_last_state: bool):

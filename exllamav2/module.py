@@ -26,6 +26,9 @@ class ExLlamaV2Module:
     (e.g. "model.layers.0.self_attn.q_proj"); a trailing dot is accepted and dropped."""
 
     name: str = "Module"
+    # True where a position's output depends on that position's input alone (no attention across positions):
+    # model.forward_chunk then runs the modules after the last KV layer on the rows it returns only
+    per_position: bool = False
 
     def __init__(self, model, key: str, archparams=None):
         self.model = model

@@ -56,6 +56,7 @@ class ExLlamaV2HookPoint(ExLlamaV2Module):
 
 class ExLlamaV2MoEMLP(ExLlamaV2Module):
     name = "MoEMLP"
+    per_position = True
 
     # None: the static (sync-free) routing path while a CUDA graph is captured or torch.compile traces a GPU step,
     # the grouped path otherwise (as one opaque op while torch.compile traces); True / False: always / never (per

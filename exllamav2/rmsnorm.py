@@ -10,6 +10,7 @@ from .module import ExLlamaV2Module, MissingTensorError, TensorShapeError
 
 class ExLlamaV2RMSNorm(ExLlamaV2Module):
     name = "RMSNorm"
+    per_position = True
 
     def __init__(self, model, key, archparams=None, size: int | None = None, output_fp32: bool = False):
         super().__init__(model, key, archparams)
