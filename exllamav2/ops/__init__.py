@@ -107,6 +107,7 @@ rms_norm.register("cpu", _cpu_small.rms_norm, _cpu_only)  # the C++ kernel in ea
 attention.register("cpu", _cpu_attn.attention, _cpu_only)  # the C++ kernel for decode rows (cpu/attention.py)
 rope.register("cpu", _cpu_small.rope, _cpu_only)  # the C++ kernel in eager mode (cpu/small_ops.py)
 rope_kv_write.register("cpu", _cpu_small.rope_kv_write, _cpu_only)  # the same, one C++ pass
+gated_activation.register("cpu", _cpu_small.gated_activation, _cpu_only)  # act(gate) * up, one C++ pass
 
 # Triton attention kernels (triton/attention.py; the kernel modules themselves are imported at first call)
 attention.register("triton", _tri_attn.attention, _tri_attn.declines_attention)

@@ -43,6 +43,10 @@ def _register_fakes() -> None:
     def _rms_norm_fake(x, weight, eps, out_dtype):
         return x.new_empty(x.shape, dtype=out_dtype)
 
+    @torch.library.register_fake("exllamav2_cpu::gated_activation")
+    def _gated_activation_fake(gate, up, act):
+        return gate.new_empty(gate.shape)
+
     @torch.library.register_fake("exllamav2_cpu::rope")
     def _rope_fake(x, cos, sin, interleaved):
         return x.new_empty(x.shape)
@@ -105,6 +109,13 @@ def set_isa(name: str, source: str = "set_isa") -> None:
         torch.ops.exllamav2_cpu.set_isa(ISA_LEVELS[name])
     except RuntimeError as e:
         raise ValueError(f"{source}: {name} is not available on this CPU ({e})") from e
+    build._state["isa_now"] = isa()
+
+
+def active_avx512() -> bool:
+    """True when the kernels are loaded and run their AVX-512 path now (set_isa may have chosen AVX2): a dict
+    lookup, for the eager small ops' per-call choice."""
+    return build._state.get("ok", False) and build._state.get("isa_now", build._state.get("best_isa")) == "avx512"
 
 
 def gguf_gemv(x: torch.Tensor, packed, bias: torch.Tensor | None = None, act_stages: int = 2) -> torch.Tensor:

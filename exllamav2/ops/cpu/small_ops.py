@@ -1,5 +1,5 @@
-"""The `cpu` backend's small ops: RMSNorm, RoPE, and RoPE plus the KV-cache write through the C++ kernels
-(csrc/small_ops.cpp) in eager mode. Under torch.compile the reference code is traced instead, so that
+"""The `cpu` backend's small ops: RMSNorm, RoPE, RoPE plus the KV-cache write, and the gated MLP activation
+act(gate) * up (AVX-512 only) through the C++ kernels (csrc/small_ops.cpp) in eager mode. Under torch.compile the reference code is traced instead, so that
 inductor fuses them with their neighbours; where the kernels are not built (no compiler), the reference runs, so
 pinning the `cpu` backend still covers a model."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..torch_ref import activation as _act
 from ..torch_ref import norm as _norm
 from ..torch_ref import rope as _rope
 from ..torch_ref import rope_kv as _rope_kv
@@ -53,3 +54,17 @@ def rope_kv_write(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: tor
         return _rope_kv.rope_kv_write(qk, v, cos, sin, interleaved, k_cache, v_cache, index, q_heads)
     return torch.ops.exllamav2_cpu.rope_kv_write(qk, v, cos, sin, interleaved, k_cache, v_cache, index, q_heads)
 
+
+
+_GATED = {"silu": 0, "swish": 0, "gelu_tanh": 1, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu_fast": 1}
+
+
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    """act(gate) * up in one C++ pass (silu and the tanh GELU; the reference's roundings, exp within 2 ulp of
+    fp32, see csrc/small_ops.cpp); other activations, or no AVX-512, run the reference. Few checks here: this runs
+    once per MLP per step, and the op checks its arguments itself."""
+    code = _GATED.get(act)
+    if (code is None or gate.dtype not in _FLOATS or torch.compiler.is_compiling() or not kernels.active_avx512()
+            or gate.shape != up.shape or gate.stride(-1) != 1 or up.stride(-1) != 1 or needs_grad(gate, up)):
+        return _act.gated_activation(gate, up, act)
+    return torch.ops.exllamav2_cpu.gated_activation(gate, up, code)

@@ -22,43 +22,14 @@
 #include <utility>
 #include <vector>
 
-#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,f16c")))
+#include "avx512_math.h"
 
 namespace attention_kernels {
 
 constexpr int kMaxD = 256;
 constexpr int64_t kSplit = 128;  // keys per task; fixed, so that a row's arithmetic never depends on the call
 
-template <typename T>
-AVX512_TARGET inline __m512 load16(const T* p) {
-    if constexpr (std::is_same_v<T, float>) {
-        return _mm512_loadu_ps(p);
-    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    } else {
-        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    }
-}
-
-// exp(x) for x <= 0 (a score minus its row's max): exp(0) = 1 exactly, exp(-inf) = 0 exactly, NaN stays NaN.
-// Cephes' expf: x = n ln2 + r with |r| <= ln2/2 (ln2 in two parts), a degree-7 polynomial in r, times 2^n by
-// scalef (which underflows to 0 below 2^-149). Relative error within 2 ulp of fp32 (Cephes: 1.7e-7 peak).
-AVX512_TARGET inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-200.f), x);  // -inf -> -200 (exp underflows to 0); NaN (2nd operand) kept
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    return _mm512_scalef_ps(p, n);
-}
+using avx512_math::load16;
 
 struct View {  // strides in elements; the last dimension is contiguous
     int64_t sb, sh, ss;
@@ -446,7 +417,7 @@ AVX512_TARGET void split_task(const Problem& P, const T* q, Rows k, Rows v, cons
         } else {
             const __m512 mv = _mm512_set1_ps(m);
             for (int64_t b = 0; b < nb; ++b) {
-                const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sr + 16 * b), mv));
+                const __m512 e = avx512_math::exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + 16 * b), mv));
                 _mm512_storeu_ps(sr + 16 * b, e);
                 lsum = _mm512_add_ps(lsum, e);
             }
