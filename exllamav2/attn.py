@@ -117,10 +117,10 @@ class ExLlamaV2Attention(ExLlamaV2Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, hidden_states, cache=None, attn_params=None, past_len=None, intermediates=False,
-                loras=None, out_rows: str | None = None, **kwargs):
-        """`out_rows` (model.forward_chunk, for the last KV layer of a call that wants the last position's logits
-        or none): "last" returns the last position only, (b, 1, hidden), after writing every position's k/v;
-        "none" writes the k/v and returns None."""
+                loras=None, out_rows: str | torch.Tensor | None = None, **kwargs):
+        """`out_rows` (model.last_rows_layer: the last KV layer of a call that wants some positions' logits only):
+        after writing every position's k/v, "last" returns the last position only, (b, 1, hidden), a tensor of
+        positions returns those, (b, len, hidden), and "none" returns None."""
         b, s = hidden_states.shape[0], hidden_states.shape[1]
         if attn_params is None:
             past = past_len if past_len is not None else (cache.current_seq_len if cache is not None else 0)
@@ -129,9 +129,11 @@ class ExLlamaV2Attention(ExLlamaV2Module):
         x = self.pre_layernorm.forward(hidden_states) if self.pre_layernorm is not None else hidden_states
         post_norm = x
         attn_output = self.attend(x, cache, attn_params, loras)
-        if out_rows == "none":
+        if isinstance(out_rows, str) and out_rows == "none":
             return None
-        if out_rows == "last":
+        if isinstance(out_rows, torch.Tensor):
+            attn_output, residual = attn_output[:, out_rows], residual[:, out_rows]
+        elif out_rows == "last":
             attn_output, residual = attn_output[:, -1:], residual[:, -1:]
         o = self.o_proj.forward(attn_output, loras=loras)
         if self.post_layernorm is not None:

@@ -313,17 +313,23 @@ class ExLlamaV2:
 
 
     def _pruned_layer(self, q_len, preprocess_only, last_id_only, attn_params, extract_state_indices) -> int:
-        """The index of the module from which on a call computes the last position only (-1: none). A call that
-        wants no logits, or the last position's, needs every layer's k/v but after the last KV layer's attention
-        only its last row (llama.cpp prunes the same way): that attention returns its last row, and the modules
-        after it, which must all be per-position, run on one row. Not where anything could look at the other rows
-        (an intervention, extracted states) or where the last KV layer is not a plain attention."""
+        """Where forward_chunk starts computing the last position only (-1: nowhere): for a call that wants the
+        last position's logits or none, unless extracted states look at the rows after the last KV layer."""
         if q_len < 2 or not (preprocess_only or last_id_only) or getattr(attn_params, "paged", False):
             return -1
+        idx = self.last_rows_layer()
+        if extract_state_indices is not None and any(i >= idx for i in extract_state_indices):
+            return -1
+        return idx
+
+    def last_rows_layer(self) -> int:
+        """The last KV layer's index when the modules after it may run on some rows only (-1 otherwise). A call
+        needs every layer's k/v, but after the last KV layer's attention only the rows whose logits it wants
+        (llama.cpp prunes the same way): that attention returns those rows (its `out_rows`), and the modules after
+        it, which must all be per-position, run on them. Not while an intervention could look at the other rows,
+        nor where the last KV layer is not a plain attention."""
         idx = self.last_kv_layer_idx
         if type(self.modules[idx]) is not ExLlamaV2Attention or interventions_alive():
-            return -1
-        if extract_state_indices is not None and any(i >= idx for i in extract_state_indices):
             return -1
         if not all(m.per_position for m in self.modules[idx + 1:]):
             return -1

@@ -82,3 +82,44 @@ def test_every_row_where_something_looks(smollm2_default):
     cache.current_seq_len = 0
     r = model.forward_chunk(ids, cache, last_id_only=True, extract_state_indices=[idx])
     assert r["states"][idx].shape[1] == 40 and r["logits"].shape[1] == 1
+
+
+def test_the_dynamic_generator_prunes_to_its_sampled_rows(smollm2_default, monkeypatch):
+    """Packed steps (prompt chunks beside decode rows) run the last MLP on the rows they sample only, and give the
+    same tokens and probabilities as the unpruned forward."""
+    from exllamav2.generator.dynamic import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob
+    from exllamav2.generator.sampler import ExLlamaV2Sampler
+    model, tok = smollm2_default
+
+    def run():
+        cache = ExLlamaV2Cache(model, 1, 2048)
+        gen = ExLlamaV2DynamicGenerator(model, cache, tok, page_size=256, max_chunk_size=64)
+        prompts = ["The capital of France is", "List three colours: red,",
+                   "Once upon a time, in a land far away, there lived a"]
+        for i, p in enumerate(prompts):
+            gen.enqueue(ExLlamaV2DynamicJob(input_ids=tok.encode(p), max_new_tokens=12, identifier=i,
+                                            gen_settings=ExLlamaV2Sampler.Settings.greedy(), return_probs=True))
+        out = {}
+        while gen.num_remaining_jobs():
+            for r in gen.iterate():
+                if r.get("stage") == "streaming":
+                    o = out.setdefault(r["identifier"], [[], []])
+                    if r.get("token_ids") is not None:
+                        o[0] += r["token_ids"].flatten().tolist()
+                    if r.get("token_probs") is not None:
+                        o[1] += r["token_probs"].flatten().tolist()
+        return out
+
+    seen, undo = _rows_seen(model, model.last_kv_layer_idx + 1)
+    try:
+        pruned = run()
+    finally:
+        undo()
+    monkeypatch.setattr(type(model), "last_rows_layer", lambda self: -1)
+    seen_full, undo = _rows_seen(model, model.last_kv_layer_idx + 1)
+    try:
+        full = run()
+    finally:
+        undo()
+    assert sum(seen) < sum(seen_full)  # the prompts' rows were left out
+    assert pruned == full and all(len(v[0]) == 12 for v in full.values())

@@ -35,15 +35,21 @@ def packed_forward(model, cache, ids: torch.Tensor, params: PagedParams, rows: t
 
 def _eager(model, cache, ids, params, rows, loras):
     x = ids
+    # fewer rows than tokens (a prompt's chunk): from the last KV layer's attention on, only those rows
+    prune = model.last_rows_layer() if 0 < len(rows) < ids.shape[1] else -1
     for idx, module in enumerate(model.modules):
         if not len(rows) and idx > model.last_kv_layer_idx:
             return None
-        if idx == model.head_layer_idx:
+        if idx == model.head_layer_idx and prune < 0:
             x = x[:, rows.to(x.device)]
         dev = module.device()
         if idx > 0 and (dev != "cpu" or x.device.type != "cpu") and x.device != torch.device(dev):
             x = x.to(dev)
-        x = module.forward(x, cache=cache, attn_params=params, past_len=0, loras=loras)
+        if idx == prune:
+            x = module.forward(x, cache=cache, attn_params=params, past_len=0, loras=loras,
+                               out_rows=rows.to(x.device))
+        else:
+            x = module.forward(x, cache=cache, attn_params=params, past_len=0, loras=loras)
     return model.final_logits(x[0])
 
 
