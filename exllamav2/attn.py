@@ -172,9 +172,9 @@ class ExLlamaV2Attention(ExLlamaV2Module):
         if not params.paged:
             kc, vc = self.cache_views(cache, b, params.past_len + s)
             return kc, vc, params.get_write_index(kc.device)
-        from .cache_q import ExLlamaV2CacheQuantBase
+        from .cache_q import has_quant_pages
         if (qk.device.type != "cpu" or getattr(params, "sequences", None) is None
-                or isinstance(cache, ExLlamaV2CacheQuantBase) or params.slots.device != qk.device):
+                or has_quant_pages(cache) or params.slots.device != qk.device):
             return None
         kc, vc = cache.get_kv_state(self.layer_idx, 1, 0, 0)
         impl = ops.paged_attention.implementation(qk, qk, v, kc, vc, params, self.sliding_window or 0, self.scaling,
@@ -223,10 +223,11 @@ class ExLlamaV2Attention(ExLlamaV2Module):
                 index = attn_params.get_write_index(kc.device)
                 kc.index_copy_(1, index, k if k.dtype == kc.dtype else k.to(kc.dtype))
                 vc.index_copy_(1, index, v if v.dtype == vc.dtype else v.to(vc.dtype))
+            # before the reads below: a quantized cache stores the new tokens and leaves them in kc/vc as stored
+            cache.store_kv_state(self.layer_idx, b, past, s)
             k, v = kc[:, :past + s], vc[:, :past + s]
             if k.dtype != q.dtype:  # a cache in another dtype than the activations (fp32 ones, a bf16 cache)
                 k, v = k.to(q.dtype), v.to(q.dtype)
-            cache.store_kv_state(self.layer_idx, b, past, s)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         mask = attn_params.get_attn_mask(q.device, self.sliding_window)
         out = ops.attention(q, k, v, mask, self.scaling, self.softcap, s > 1 and mask is None)

@@ -19,7 +19,7 @@ import torch
 
 from . import ops
 from .attn_params import Params
-from .cache_q import ExLlamaV2CacheQuantBase
+from .cache_q import has_quant_pages
 from .ops.torch_ref.attention import window_mask
 
 
@@ -154,7 +154,7 @@ def paged_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
         raise ValueError(f"paged attention expects packed input (1, {params.seq_len}, ...), got {tuple(q.shape)}")
     if cache is None or cache.batch_size != 1:
         raise ValueError("paged attention needs a cache with batch_size=1")
-    if isinstance(cache, ExLlamaV2CacheQuantBase):  # codes and scales, dequantised inside attention
+    if has_quant_pages(cache):  # codes and scales, dequantised inside attention
         return ops.quant_paged_attention(q, k, v, cache.paged_layer(module.layer_idx), params,
                                          module.sliding_window or 0, module.scaling, module.softcap)
     kc, vc = cache.get_kv_state(module.layer_idx, 1, 0, 0)

@@ -13,7 +13,9 @@ eager step and one line says why.
 
 The seed API's decode over a plain cache runs the same step: a plain cache of B rows, (B, max_seq_len, kv_heads, d)
 and contiguous, is one paged cache of B * max_seq_len slots (`FlatCache`) in which row i's block table is i * P, i *
-P + 1, ... for P pages a row (`contiguous_table`).
+P + 1, ... for P pages a row (`contiguous_table`). A quantized cache's codes and scales are seen the same way
+(`FlatQuantCache`), so its decode reads the codes inside attention (runtime/decode.py routes it here on a GPU and
+to the compiled paged step on the CPU).
 """
 
 from __future__ import annotations
@@ -54,11 +56,34 @@ class FlatCache:
         pass
 
 
+class FlatQuantCache(FlatCache):
+    """A quantized cache's codes and scales (cache_q.py), (B, max_seq_len, kv_heads, w) each, seen as one paged
+    cache of B * max_seq_len slots, as FlatCache does for a plain cache: attention reads it through `paged_layer`
+    (ops.quant_paged_attention), never through get_kv_state."""
+
+    def __init__(self, cache):
+        super().__init__(cache)
+        self.k_format, self.v_format, self.dtype = cache.k_format, cache.v_format, cache.dtype
+        flat = lambda ts: [None if t is None else t.view(1, -1, *t.shape[2:]) for t in ts]  # noqa: E731
+        self.key_scales, self.value_scales = flat(cache.key_scales), flat(cache.value_scales)
+
+    def paged_layer(self, layer_idx: int):
+        from ..cache_q import QuantPages
+        ks, vs = self.key_scales[layer_idx], self.value_scales[layer_idx]
+        return QuantPages(self.key_states[layer_idx][0], None if ks is None else ks[0], self.value_states[layer_idx][0],
+                          None if vs is None else vs[0], self.k_format, self.v_format, self.dtype)
+
+    def get_kv_state(self, layer_idx: int, *args, **kwargs):
+        raise RuntimeError("FlatQuantCache: attention reads a quantized cache through paged_layer()")
+
+
 def flat_view(cache) -> "FlatCache":
-    """The cache's FlatCache, made once per cache (graphs are keyed by the object they were captured over)."""
+    """The cache's FlatCache (FlatQuantCache for a quantized cache), made once per cache (graphs are keyed by the
+    object they were captured over)."""
+    from ..cache_q import has_quant_pages
     flat = getattr(cache, "_flat_view", None)
     if flat is None or flat.key_states[0].data_ptr() != cache.key_states[0].data_ptr():
-        flat = cache._flat_view = FlatCache(cache)
+        flat = cache._flat_view = (FlatQuantCache if has_quant_pages(cache) else FlatCache)(cache)
     return flat
 
 

@@ -4,11 +4,12 @@ optionally compiled once with torch.compile.
 
 Every decode call made through `model.forward` (the seed API, every generator, the server) comes here when the
 runner is enabled (`model.compile_decode()`) and the call is a plain decode step:
-- one token per row, a plain `ExLlamaV2Cache` on the CPU, no padding mask or position offsets;
+- one token per row, a plain `ExLlamaV2Cache` (or a quantized one, cache_q.py, through the compiled paged step:
+  `_quantized`), no padding mask or position offsets;
 - no LoRA, no intervention anywhere in the model (interventions run the same modules eagerly: an edit never
   leaves the fast kernels, only the compiled graph), no extra outputs requested.
-Anything else runs the same modules eagerly. On CUDA the same step is where CUDA graphs will be captured per
-batch-size bucket (the GPU decode issue); only the CPU compile is built today.
+Anything else runs the same modules eagerly. On CUDA the step runs as the paged step's CUDA graphs, one per
+bucket of batch sizes (runtime/cuda_graphs.py); on the CPU it is compiled.
 
 Compiling: the step is traced through the module forwards with the sequence length dynamic, compiled for one
 row and for the cache's batch size, with inductor's cache on disk (runtime/compile.py) so later processes load it.
@@ -123,7 +124,9 @@ class DecodeRunner:
     def applies(self, input_ids, cache, input_mask, position_offsets, loras, preprocess_only, return_last_state,
                 abort_event, kwargs) -> bool:
         from ..cache import ExLlamaV2Cache
-        if (input_ids.shape[-1] != 1 or type(cache) is not ExLlamaV2Cache or input_mask is not None
+        from ..cache_q import ExLlamaV2CacheQuantBase
+        quant = isinstance(cache, ExLlamaV2CacheQuantBase)
+        if (input_ids.shape[-1] != 1 or (type(cache) is not ExLlamaV2Cache and not quant) or input_mask is not None
                 or position_offsets is not None or loras or preprocess_only or return_last_state
                 or abort_event is not None or kwargs):
             return False
@@ -134,11 +137,15 @@ class DecodeRunner:
                 return False
         elif self.graphs is not None:
             return False
+        elif quant and (self.paged is None or self.paged.failed or not self.paged.usable(self.model, cache, loras)):
+            return False  # a quantized cache on the CPU decodes through the compiled paged step (_quantized)
         return self.applies_to_model()
 
     def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         if self.graphs is not None:
             return self._graphed(input_ids, cache)
+        if hasattr(cache, "paged_layer"):
+            return self._quantized(input_ids, cache)
         b = input_ids.shape[0]
         buf = self._ids.get(b)
         if buf is None:
@@ -167,6 +174,24 @@ class DecodeRunner:
         cache.current_seq_len = past + 1
         return logits
 
+
+    def _quantized(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        """Decode over a quantized cache (cache_q.py) on the CPU: the dynamic generator's compiled paged step over the
+        cache's rows seen as consecutive pages (runtime/cuda_graphs.py: FlatQuantCache), which reads the codes inside
+        attention, where the eager step dequantises every layer's whole prefix into a temporary per token."""
+        from ..paged_attn import PagedParams
+        from .cuda_graphs import contiguous_table, flat_view
+        past, b = cache.current_seq_len, input_ids.shape[0]
+        table, page = contiguous_table(cache, "cpu", b)
+        paged = cache if cache.batch_size == 1 else flat_view(cache)
+        params = PagedParams(table.tolist(), [past] * b, [1] * b, page)
+        logits = self.paged(input_ids.reshape(1, b), paged, params)
+        if logits is None:  # the step failed to compile (one line said why): the eager step, as it was
+            logits = decode_step(self.model, input_ids, cache, past)
+        else:
+            logits = logits.view(b, 1, -1)
+        cache.current_seq_len = past + 1
+        return logits
 
     def _graphed(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         """Decode on a GPU: the captured paged step over the plain cache's rows seen as consecutive pages of one

@@ -44,8 +44,8 @@ class PagedDecode:
     def usable(self, model, cache, loras) -> bool:
         """Whether this runner can take this model's decode steps on this cache now."""
         from ..cache import ExLlamaV2Cache
-        from ..cache_q import ExLlamaV2CacheQuantBase  # quantized pages: ops.quant_paged_attention's decode op
-        paged = type(cache) is ExLlamaV2Cache or isinstance(cache, ExLlamaV2CacheQuantBase)
+        from ..cache_q import has_quant_pages  # quantized pages: ops.quant_paged_attention's decode op
+        paged = type(cache) is ExLlamaV2Cache or has_quant_pages(cache)
         if self.failed or loras or not paged or cache.key_states[0] is None:
             return False
         if (cache.key_states[0].device.type != "cpu") != (self.runner.graphs is not None):

@@ -1,0 +1,112 @@
+"""The seed API's decode runner over quantized caches (cache_q.py): the cache's rows seen as one paged cache
+(runtime/cuda_graphs.py: FlatQuantCache), decoded by the paged step that reads the codes inside attention. On a GPU
+that step is captured (here: the same step eagerly on its static buffers, GraphedDecode without a capture); on the
+CPU it is the compiled paged step (runtime/decode.py: _quantized). Each gives the eager step's tokens, and writes
+the same codes where the eager step quantises its temporary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exllamav2 import ExLlamaV2Cache_8bit, ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q6
+from exllamav2.runtime.cuda_graphs import FlatQuantCache, GraphedDecode, flat_view
+from exllamav2.runtime.decode import DecodeRunner, decode_step
+from exllamav2.runtime.paged_decode import PagedDecode
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Llama (head dim 32, as the group caches need) in bf16, whose GEMV computes each row alone."""
+    from test_dynamic_tiny import build_tiny_dir, load_tiny
+    return load_tiny(build_tiny_dir(tmp_path_factory.mktemp("tiny_q"), head_dim=32), "bfloat16")[0]
+
+
+def test_flat_view_of_a_quantized_cache(tiny):
+    cache = ExLlamaV2Cache_Q4(tiny, 3, 512)
+    flat = flat_view(cache)
+    assert isinstance(flat, FlatQuantCache) and flat_view(cache) is flat and flat.batch_size == 1
+    for mine, theirs in ((flat.key_states, cache.key_states), (flat.value_scales, cache.value_scales)):
+        assert mine[0].shape == (1, 3 * 512, *theirs[0].shape[2:])
+        assert mine[0].data_ptr() == theirs[0].data_ptr()  # views, no copy
+    pages = flat.paged_layer(1)
+    assert pages.k_codes.shape == (3 * 512, *cache.key_states[1].shape[2:])
+    assert pages.k_format is cache.k_format and pages.dtype == cache.dtype
+    with pytest.raises(RuntimeError, match="paged_layer"):
+        flat.get_kv_state(0, 1, 0, 1)
+
+
+@pytest.mark.parametrize("cache_cls", [ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q6, ExLlamaV2Cache_8bit])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_graphed_path_over_a_quantized_cache_gives_the_eager_step(tiny, cache_cls, rows):
+    cache, ref_cache = cache_cls(tiny, rows, 512), cache_cls(tiny, rows, 512)
+    prompt = torch.randint(0, 1000, (rows, 7), generator=torch.Generator().manual_seed(rows))
+    tiny.forward(prompt, cache)
+    tiny.forward(prompt, ref_cache)
+    runner = DecodeRunner(tiny, compile=False)
+    runner.graphs = GraphedDecode(tiny, progress=False)
+    runner.paged = PagedDecode(runner)
+    with torch.inference_mode():
+        for t in (5, 9, 11, 13):
+            ids = torch.arange(t, t + rows).view(rows, 1)
+            got = runner._graphed(ids, cache)
+            want = decode_step(tiny, ids, ref_cache, ref_cache.current_seq_len)
+            ref_cache.current_seq_len += 1
+            assert got.shape == want.shape == (rows, 1, tiny.config.vocab_size)
+            assert torch.allclose(got, want, atol=2e-2 * want.abs().max().item(), rtol=0)
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert cache.current_seq_len == ref_cache.current_seq_len == 11
+    # the codes (and scales) the paged steps wrote are the eager step's, at every row's new positions
+    for mine, theirs in zip(cache.all_tensors(), ref_cache.all_tensors()):
+        assert torch.equal(mine[:, 7:11], theirs[:, 7:11])
+    assert len(runner.graphs.graphs) == 1 and runner.paged.failed is None
+
+
+def test_the_runner_takes_quantized_caches_only_where_it_can(tiny):
+    runner = DecodeRunner(tiny, compile=False)  # no compiled steps: nothing to route a quantized cache to
+    cache = ExLlamaV2Cache_Q4(tiny, 1, 256)
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    assert runner.paged is None
+    assert not runner.applies(ids, cache, None, None, None, False, False, None, {})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rows", [1, 2])
+def test_compiled_decode_over_a_quantized_cache_gives_eager_tokens(tiny, rows):
+    """model.compile_decode(): the seed API's decode over a Q4 cache runs the compiled paged step (one graph per
+    bucket) and gives the eager greedy tokens (~30 s compile)."""
+    prompt = torch.randint(0, 1000, (rows, 9), generator=torch.Generator().manual_seed(7))
+
+    def greedy(n=8):
+        cache = ExLlamaV2Cache_Q4(tiny, rows, 256)
+        logits = tiny.forward(prompt, cache, last_id_only=True)
+        out = []
+        for _ in range(n):
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(tok)
+            logits = tiny.forward(tok, cache)
+        return torch.cat(out, 1)
+
+    eager = greedy()
+    runner = tiny.compile_decode(max_seq_len=256, progress=False)
+    try:
+        cache = ExLlamaV2Cache_Q4(tiny, rows, 256)
+        assert runner.applies(prompt[:, :1], cache, None, None, None, False, False, None, {})
+        assert torch.equal(greedy(), eager)
+        assert runner.paged.failed is None and runner.paged._steps
+        assert all(s.done for s in runner.paged._steps.values())
+    finally:
+        tiny.decode_runner = None
+
+
+@pytest.mark.parametrize("cache_cls", [ExLlamaV2Cache_Q4, ExLlamaV2Cache_8bit])
+def test_a_prompt_gives_the_same_codes_however_it_is_chunked(tiny, cache_cls):
+    """The new tokens attend each other as stored (cache_q.py: store_kv_state writes them back dequantised), so
+    a prompt read in one call or in pieces leaves the same codes and gives the same last logits."""
+    prompt = torch.randint(0, 1000, (2, 23), generator=torch.Generator().manual_seed(3))
+    whole, pieces = cache_cls(tiny, 2, 256), cache_cls(tiny, 2, 256)
+    a = tiny.forward(prompt, whole)[:, -1]
+    for beg, end in ((0, 5), (5, 6), (6, 23)):
+        b = tiny.forward(prompt[:, beg:end], pieces)[:, -1]
+    assert torch.equal(a, b)
+    assert all(torch.equal(x[:, :23], y[:, :23]) for x, y in zip(whole.all_tensors(), pieces.all_tensors()))
