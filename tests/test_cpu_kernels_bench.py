@@ -74,3 +74,16 @@ def test_bench_prefill_line():
     assert r.returncode == 0, r.stderr[-2000:]
     line = r.stdout.strip().splitlines()[-1]
     assert ".gguf int16 " in line and " int8 " in line and line.endswith(" ms"), line
+
+
+def test_bench_quant_cache_decode_table():
+    """bench/bench_quant_cache_decode.py --no-compile: a table row per cache with eager ms per step."""
+    r = subprocess.run([sys.executable, "bench/bench_quant_cache_decode.py", "--context", "40", "--tokens", "3",
+                        "--caches", "fp16,Q4", "--threads", "1", "--no-compile"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| fp16 ") or ln.startswith("| Q4 ")]
+    assert len(rows) == 2 and all(float(ln.split("|")[2]) > 0 for ln in rows), r.stdout
+    bad = subprocess.run([sys.executable, "bench/bench_quant_cache_decode.py", "--caches", "Q5"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "unknown Q5" in bad.stderr
