@@ -324,7 +324,10 @@ def test_static_decode_step_equals_packed_forward(tiny32, cache_name):
             got = graphs(a, ids, table, past, ps)
             params = PagedParams(table.tolist(), past.tolist(), [1] * n, ps)
             want = _eager(model, b, ids, params, torch.arange(n), None)
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            if n != 3:
+                assert torch.equal(got, want), f"{n} sequences"
+            else:  # the spare row's k/v may differ in the last bits and flip a code at a rounding boundary
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
             assert torch.equal(got.argmax(-1), want.argmax(-1))
             if n != 3:
                 assert all(torch.equal(x, y) for x, y in zip(a.all_tensors(), b.all_tensors())), f"{n} sequences"

@@ -62,3 +62,27 @@ def paged_decode(q, kflat, vflat, block_index, kv_lens, page_size: int, sliding_
     return torch.ops.exllamav2_cpu.paged_decode_attention(q, kflat, vflat, block_index, kv_lens, int(page_size),
                                                           int(sliding_window or 0), float(scale),
                                                           float(softcap or 0.0))
+
+
+_QUANT_FORMATS = {"q4": 0, "q8": 1, "fp8": 2}
+
+
+def takes_quant_paged_decode(q, pages, block_index, kv_lens) -> bool:
+    """Whether `quant_paged_decode` takes a decode-only call over a quantized paged cache (kv_quant.QuantPages):
+    CPU tensors, head_dim a multiple of 32, the kernels loaded with AVX-512. Attribute reads and a dict lookup only
+    (traced by dynamo in the compiled paged step)."""
+    return (q.device.type == "cpu" and q.dtype in _FLOATS and q.shape[-1] % 32 == 0 and q.shape[-1] <= 256
+            and pages.k_codes.device.type == "cpu" and block_index.device.type == "cpu"
+            and kv_lens.device.type == "cpu" and not needs_grad(q) and _kernels_ready())
+
+
+def quant_paged_decode(q, pages, block_index, kv_lens, page_size: int, sliding_window: int, scale: float,
+                       softcap: float) -> torch.Tensor:
+    """One new token per sequence over a quantized paged cache, every sequence in one C++ call
+    (csrc/attention_quant.cpp): q (B, hq, d) -> (B, hq, d), no key or value row dequantised (the query and the
+    output are rotated instead; within the activation dtype's rounding of the reference,
+    tests/test_cpu_quant_attention.py)."""
+    return torch.ops.exllamav2_cpu.quant_paged_decode_attention(
+        q, pages.k_codes, pages.k_scales, pages.v_codes, pages.v_scales, _QUANT_FORMATS[pages.k_format.name],
+        _QUANT_FORMATS[pages.v_format.name], block_index, kv_lens, int(page_size), int(sliding_window or 0),
+        float(scale), float(softcap or 0.0))

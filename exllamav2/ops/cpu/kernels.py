@@ -60,6 +60,11 @@ def _register_fakes() -> None:
         b, hq, s, d = q.shape
         return q.new_empty((b, s, hq, d)).transpose(1, 2)  # the kernel's layout (csrc/attention.cpp)
 
+    @torch.library.register_fake("exllamav2_cpu::quant_paged_decode_attention")
+    def _quant_paged_decode_attention_fake(q, k_codes, k_scales, v_codes, v_scales, k_fmt, v_fmt, block_index,
+                                           kv_lens, page_size, sliding_window, scale, softcap):
+        return q.new_empty(q.shape)
+
     @torch.library.register_fake("exllamav2_cpu::paged_decode_attention")
     def _paged_decode_attention_fake(q, kflat, vflat, block_index, kv_lens, page_size, sliding_window, scale,
                                      softcap):

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .attention import attend_sequence, window_mask
+from .attention import _cpu_modules, attend_sequence, window_mask
 from .kv_quant import QuantPages, format_named
 
 
@@ -21,6 +21,15 @@ def quant_paged_attention(q, k, v, pages: QuantPages, params, sliding_window: in
     """q (1, T, hq, d), k and v (1, T, hk, d) after RoPE, for the packed tokens `params` (paged_attn.PagedParams
     or PagedDecodeParams) describes. Quantises k/v into their slots and returns (1, T, hq * d)."""
     pages.write(k[0], v[0], params.slots.to(pages.k_codes.device))
+    if params.sequences is None or params.decode_only:
+        # one new token per sequence on the CPU with the cpu backend's kernels: every sequence in one C++ call that
+        # reads the codes as they are (ops/cpu/attention.py)
+        dispatch, cpu_attention = _cpu_modules()
+        if "cpu" in dispatch.active_backends() and cpu_attention.takes_quant_paged_decode(
+                q, pages, params.block_index, params.kv_lens):
+            out = cpu_attention.quant_paged_decode(q[0], pages, params.block_index, params.kv_lens, params.page_size,
+                                                   sliding_window or 0, scale, softcap)
+            return out.reshape(1, params.seq_len, -1)
     if params.sequences is None:  # decode-only, built from device tensors (paged_attn.PagedDecodeParams)
         out = torch.ops.exllamav2.quant_paged_decode_attention(
             q[0], pages.k_codes, pages.k_scales, pages.v_codes, pages.v_scales, pages.k_format.name,

@@ -1,0 +1,373 @@
+// Decode attention over a quantized paged KV cache (the formats of exllamav2/ops/torch_ref/kv_quant.py, stored by
+// cache_q.py): one new token per sequence, each sequence over its own keys through its block table row, as
+// `exllamav2::quant_paged_decode_attention` (ops/torch_ref/attention_quant.py) computes, without dequantising any
+// key or value row. Python side: exllamav2/ops/cpu/attention.py (`quant_paged_decode`).
+//
+// Group formats (q4, q8) store r = H x per group of 32 values (H the unnormalised Walsh-Hadamard matrix, symmetric,
+// H H = 32 I) as r ~ s (c - off). So q . x = (H q / 32) . r: the query is rotated once per head, and a score is
+// sum over groups of s * (q' . c - off * sum(q')); the output is H u / 32 with u = sum over keys of p s (c - off),
+// rotated once. FP8 (e5m2) codes are the top byte of an fp16: no scale, no rotation. Scores, softmax and sums in
+// fp32; a key's codes are decoded once for the G query heads that share its kv head; the output is rounded once
+// to q's dtype. Against the reference, which rounds each dequantised key and value to the activation dtype first,
+// results differ by about that rounding (tests/test_cpu_quant_attention.py). Each (sequence, kv head) is one
+// task: a sequence's result does not depend on the others in the call.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "avx512_math.h"
+
+namespace {
+
+enum Format : int64_t { FMT_Q4 = 0, FMT_Q8 = 1, FMT_FP8 = 2 };
+constexpr int kGroup = 32;
+constexpr int kMaxD = 256;
+
+bool avx512_ok() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16") &&
+           __builtin_cpu_supports("f16c");
+}
+
+// the unnormalised Walsh-Hadamard transform of 32 values in place (kv_quant.hadamard_rotate's butterflies)
+inline void hadamard32(float* x) {
+    for (int h = 1; h < kGroup; h *= 2)
+        for (int i = 0; i < kGroup; i += 2 * h)
+            for (int j = i; j < i + h; ++j) {
+                const float a = x[j], b = x[j + h];
+                x[j] = a + b;
+                x[j + h] = a - b;
+            }
+}
+
+inline float scalar_of(const void* p, at::ScalarType t, int64_t i) {
+    if (t == at::kFloat) return static_cast<const float*>(p)[i];
+    if (t == at::kBFloat16) return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+    return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
+}
+
+// One code row's 16 values starting at position 16 * part of group g, as fp32 lanes in the order the query and
+// the accumulators are kept: q4 lanes hold bytes (lane i: positions 2i (low nibble) and 2i + 1 (high) of the
+// group), so a group is (low nibbles, high nibbles) = two vectors; q8 and fp8 lanes hold positions in order.
+struct Codes {
+    int64_t fmt;
+    int off;  // the stored offset (q4: 8, q8: 128; fp8: none)
+
+    // group g's two vectors of 16 (a: first, b: second) for the code row at p
+    AVX512_TARGET inline void load(const uint8_t* p, int g, __m512* a, __m512* b) const {
+        if (fmt == FMT_Q4) {
+            const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * g)));
+            *a = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)));
+            *b = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+        } else if (fmt == FMT_Q8) {
+            *a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 * g))));
+            *b = _mm512_cvtepi32_ps(
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 * g + 16))));
+        } else {  // e5m2 is the high byte of an fp16
+            const __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 * g)));
+            const __m512i hi =
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 * g + 16)));
+            *a = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_slli_epi32(lo, 8)));
+            *b = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_slli_epi32(hi, 8)));
+        }
+    }
+    bool rotated() const { return fmt != FMT_FP8; }
+};
+
+// a group's 32 values in the lane order of Codes::load (q4: even positions, then odd), from position order
+inline void to_lanes(const Codes& c, const float* x, float* lanes) {
+    for (int i = 0; i < kGroup; ++i)
+        lanes[i] = c.fmt == FMT_Q4 ? x[i < 16 ? 2 * i : 2 * (i - 16) + 1] : x[i];
+}
+
+inline void from_lanes(const Codes& c, const float* lanes, float* x) {
+    for (int i = 0; i < kGroup; ++i)
+        x[c.fmt == FMT_Q4 ? (i < 16 ? 2 * i : 2 * (i - 16) + 1) : i] = lanes[i];
+}
+
+struct Problem {
+    const void* q;
+    at::ScalarType qt;
+    int64_t q_sb, q_sh;  // strides of q (B, hq, d); the last is 1
+    const uint8_t *kc, *vc;
+    int64_t kc_ss, kc_sh, vc_ss, vc_sh;  // strides of the codes (slots, hk, width)
+    const void *ks, *vs;                 // scales (slots, hk, d / 32) or null
+    at::ScalarType kst, vst;
+    int64_t ks_ss, ks_sh, vs_ss, vs_sh;
+    Codes kf, vf;
+    const int64_t* table;
+    int64_t pages, page_size;
+    const int64_t* lens;
+    int64_t window, G, D, HK;
+    float scale, softcap;
+    void* out;
+    int64_t o_sb, o_sh;
+};
+
+struct Scratch {
+    std::vector<float> qr, qsum, scores, u, w;
+};
+
+template <typename T>
+inline void store_row(void* out, int64_t off, const float* x, int64_t D) {
+    T* o = static_cast<T*>(out) + off;
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(x[d]);
+}
+
+inline void store_any(const Problem& P, int64_t off, const float* x) {
+    if (P.qt == at::kFloat) store_row<float>(P.out, off, x, P.D);
+    else if (P.qt == at::kBFloat16) store_row<c10::BFloat16>(P.out, off, x, P.D);
+    else store_row<c10::Half>(P.out, off, x, P.D);
+}
+
+AVX512_TARGET void task(const Problem& P, int64_t b, int64_t h, Scratch& w) {
+    const int64_t G = P.G, D = P.D, NG = D / kGroup;
+    const int64_t n = P.lens[b];
+    const int64_t lo = P.window > 0 ? std::max<int64_t>(0, n - P.window) : 0;
+    w.qr.resize(G * D);
+    w.qsum.resize(G * NG);
+    w.u.resize(G * D);
+    w.w.resize(G * NG);
+    w.scores.resize(G * std::max<int64_t>(n, 1));
+    float* qr = w.qr.data();
+    float* qsum = w.qsum.data();
+    float* sc = w.scores.data();
+    float* u = w.u.data();
+    float* ws = w.w.data();
+    if (n - lo <= 0) {  // no key visible: NaN, as a fully masked row of the reference
+        std::vector<float> nan(D, std::numeric_limits<float>::quiet_NaN());
+        for (int64_t g = 0; g < G; ++g) store_any(P, b * P.o_sb + (h * G + g) * P.o_sh, nan.data());
+        return;
+    }
+    // the query rows, rotated per group (H q / 32) for a rotated key format, in the key codes' lane order
+    alignas(64) float tmp[kGroup];
+    for (int64_t g = 0; g < G; ++g) {
+        const int64_t qoff = b * P.q_sb + (h * G + g) * P.q_sh;
+        for (int64_t gi = 0; gi < NG; ++gi) {
+            for (int i = 0; i < kGroup; ++i) tmp[i] = scalar_of(P.q, P.qt, qoff + gi * kGroup + i);
+            float s = 0.f;
+            if (P.kf.rotated()) {
+                hadamard32(tmp);
+                for (int i = 0; i < kGroup; ++i) tmp[i] *= 1.f / kGroup;
+            }
+            for (int i = 0; i < kGroup; ++i) s += tmp[i];
+            to_lanes(P.kf, tmp, qr + g * D + gi * kGroup);
+            qsum[g * NG + gi] = s;
+        }
+    }
+    // scores
+    const int64_t* row = P.table + b * P.pages;
+    auto slot_of = [&](int64_t t) { return row[t / P.page_size] * P.page_size + t % P.page_size; };
+    const float koff = static_cast<float>(P.kf.off), voff = static_cast<float>(P.vf.off);
+    for (int64_t t = lo; t < n; ++t) {
+        const int64_t slot = slot_of(t);
+        const uint8_t* kp = P.kc + slot * P.kc_ss + h * P.kc_sh;
+        __m512 acc[8];  // G <= 8 rows at a time
+        for (int64_t g0 = 0; g0 < G; g0 += 8) {
+            const int64_t gn = std::min<int64_t>(8, G - g0);
+            for (int64_t g = 0; g < gn; ++g) acc[g] = _mm512_setzero_ps();
+            float corr[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            for (int64_t gi = 0; gi < NG; ++gi) {
+                __m512 a, c;
+                P.kf.load(kp, static_cast<int>(gi), &a, &c);
+                const float s = P.ks ? scalar_of(P.ks, P.kst, slot * P.ks_ss + h * P.ks_sh + gi) : 1.f;
+                const __m512 sv = _mm512_set1_ps(s);
+                for (int64_t g = 0; g < gn; ++g) {
+                    const float* qg = qr + (g0 + g) * D + gi * kGroup;
+                    const __m512 d = _mm512_fmadd_ps(_mm512_loadu_ps(qg), a, _mm512_mul_ps(_mm512_loadu_ps(qg + 16), c));
+                    acc[g] = _mm512_fmadd_ps(sv, d, acc[g]);
+                    corr[g] += s * koff * qsum[(g0 + g) * NG + gi];
+                }
+            }
+            for (int64_t g = 0; g < gn; ++g) {
+                float x = (_mm512_reduce_add_ps(acc[g]) - corr[g]) * P.scale;
+                if (P.softcap > 0.f) x = P.softcap * std::tanh(x / P.softcap);
+                sc[(g0 + g) * n + t] = x;
+            }
+        }
+    }
+    // softmax per row over [lo, n), then the weighted sums of the values' scaled codes
+    std::vector<float> l(G);
+    for (int64_t g = 0; g < G; ++g) {
+        float* s = sc + g * n;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t t = lo; t < n; ++t) m = std::fmax(m, s[t]);
+        int64_t t = lo;
+        __m512 sum = _mm512_setzero_ps();
+        const __m512 mv = _mm512_set1_ps(m);
+        for (; t + 16 <= n; t += 16) {
+            const __m512 e = avx512_math::exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv));
+            _mm512_storeu_ps(s + t, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        float tail = 0.f;
+        for (; t < n; ++t) {
+            s[t] = std::exp(s[t] - m);
+            tail += s[t];
+        }
+        l[g] = _mm512_reduce_add_ps(sum) + tail;
+    }
+    for (int64_t i = 0; i < G * D; ++i) u[i] = 0.f;
+    for (int64_t i = 0; i < G * NG; ++i) ws[i] = 0.f;
+    for (int64_t t = lo; t < n; ++t) {
+        const int64_t slot = slot_of(t);
+        const uint8_t* vp = P.vc + slot * P.vc_ss + h * P.vc_sh;
+        for (int64_t gi = 0; gi < NG; ++gi) {
+            __m512 a, c;
+            P.vf.load(vp, static_cast<int>(gi), &a, &c);
+            const float s = P.vs ? scalar_of(P.vs, P.vst, slot * P.vs_ss + h * P.vs_sh + gi) : 1.f;
+            for (int64_t g = 0; g < G; ++g) {
+                const float ps = sc[g * n + t] * s;
+                const __m512 pv = _mm512_set1_ps(ps);
+                float* ug = u + g * D + gi * kGroup;
+                _mm512_storeu_ps(ug, _mm512_fmadd_ps(pv, a, _mm512_loadu_ps(ug)));
+                _mm512_storeu_ps(ug + 16, _mm512_fmadd_ps(pv, c, _mm512_loadu_ps(ug + 16)));
+                ws[g * NG + gi] += ps;
+            }
+        }
+    }
+    alignas(64) float outrow[kMaxD];
+    for (int64_t g = 0; g < G; ++g) {
+        const float inv = 1.f / l[g];
+        for (int64_t gi = 0; gi < NG; ++gi) {
+            const float* ug = u + g * D + gi * kGroup;
+            for (int i = 0; i < kGroup; ++i) tmp[i] = ug[i] - voff * ws[g * NG + gi];
+            from_lanes(P.vf, tmp, outrow + gi * kGroup);
+            if (P.vf.rotated()) {
+                hadamard32(outrow + gi * kGroup);
+                for (int i = 0; i < kGroup; ++i) outrow[gi * kGroup + i] *= 1.f / kGroup;
+            }
+        }
+        for (int64_t d = 0; d < D; ++d) outrow[d] *= inv;
+        store_any(P, b * P.o_sb + (h * G + g) * P.o_sh, outrow);
+    }
+}
+
+Codes codes_of(int64_t fmt) {
+    return {fmt, fmt == FMT_Q4 ? 8 : fmt == FMT_Q8 ? 128 : 0};
+}
+
+int64_t code_width(int64_t fmt, int64_t D) { return fmt == FMT_Q4 ? D / 2 : D; }
+
+at::Tensor quant_paged_decode_attention(const at::Tensor& q, const at::Tensor& k_codes,
+                                        const std::optional<at::Tensor>& k_scales, const at::Tensor& v_codes,
+                                        const std::optional<at::Tensor>& v_scales, int64_t k_fmt, int64_t v_fmt,
+                                        const at::Tensor& block_index, const at::Tensor& kv_lens, int64_t page_size,
+                                        int64_t sliding_window, double scale, double softcap) {
+    const char* op = "exllamav2_cpu::quant_paged_decode_attention";
+    TORCH_CHECK(avx512_ok(), op, " needs AVX-512 with BF16 (the Python side keeps the reference elsewhere)");
+    TORCH_CHECK(k_fmt >= 0 && k_fmt <= 2 && v_fmt >= 0 && v_fmt <= 2, op, ": formats must be 0 (q4), 1 (q8) or "
+                "2 (fp8), got ", k_fmt, " and ", v_fmt);
+    TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && (q.scalar_type() == at::kFloat ||
+                q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf), op,
+                ": q must be (B, q_heads, head_dim) float32/bfloat16/float16 with contiguous head_dim, got ",
+                q.sizes(), " ", q.scalar_type());
+    const int64_t B = q.size(0), HQ = q.size(1), D = q.size(2);
+    TORCH_CHECK(D % kGroup == 0 && D <= kMaxD, op, ": head_dim must be a multiple of 32 up to ", kMaxD, ", got ", D);
+    for (auto [name, c, fmt] : {std::tuple{"k_codes", &k_codes, k_fmt}, std::tuple{"v_codes", &v_codes, v_fmt}})
+        TORCH_CHECK(c->dim() == 3 && c->scalar_type() == at::kByte && c->stride(2) == 1 &&
+                    c->size(2) == code_width(fmt, D) && c->size(1) == k_codes.size(1) && c->size(0) == k_codes.size(0),
+                    op, ": ", name, " must be uint8 (slots, kv_heads, ", code_width(fmt, D), "), got ", c->sizes(),
+                    " ", c->scalar_type());
+    const int64_t HK = k_codes.size(1), slots = k_codes.size(0);
+    TORCH_CHECK(HK > 0 && HQ % HK == 0, op, ": ", HQ, " query heads are not a multiple of ", HK, " kv heads");
+    for (auto [name, s, fmt] : {std::tuple{"k_scales", &k_scales, k_fmt}, std::tuple{"v_scales", &v_scales, v_fmt}}) {
+        if (fmt == FMT_FP8) continue;
+        TORCH_CHECK(s->has_value() && (*s)->dim() == 3 && (*s)->size(0) == slots && (*s)->size(1) == HK &&
+                    (*s)->size(2) == D / kGroup && (*s)->stride(2) == 1 &&
+                    ((*s)->scalar_type() == at::kFloat || (*s)->scalar_type() == at::kBFloat16 ||
+                     (*s)->scalar_type() == at::kHalf),
+                    op, ": ", name, " must be float (slots, kv_heads, ", D / kGroup, ") for a group format");
+    }
+    TORCH_CHECK(block_index.dim() == 2 && block_index.size(0) == B && block_index.scalar_type() == at::kLong &&
+                kv_lens.dim() == 1 && kv_lens.size(0) == B && kv_lens.scalar_type() == at::kLong, op,
+                ": block_index must be int64 (", B, ", pages) and kv_lens int64 (", B, ",)");
+    TORCH_CHECK(page_size > 0, op, ": page_size must be positive, got ", page_size);
+    const at::Tensor table = block_index.contiguous(), lens = kv_lens.contiguous();
+    const int64_t pages = table.size(1);
+    const int64_t* tp = table.data_ptr<int64_t>();
+    const int64_t* lp = lens.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+        TORCH_CHECK(lp[b] >= 0 && lp[b] <= pages * page_size, op, ": kv_lens[", b, "] = ", lp[b], " is outside 0..",
+                    pages * page_size);
+        for (int64_t p = 0; p < (lp[b] + page_size - 1) / page_size; ++p)
+            TORCH_CHECK(tp[b * pages + p] >= 0 && (tp[b * pages + p] + 1) * page_size <= slots, op,
+                        ": block_index[", b, ", ", p, "] = ", tp[b * pages + p], " is outside the cache's ",
+                        slots / page_size, " pages");
+    }
+    at::Tensor out = at::empty({B, HQ, D}, q.options());
+    if (out.numel() == 0) return out;
+    Problem P{};
+    P.q = q.data_ptr();
+    P.qt = q.scalar_type();
+    P.q_sb = q.stride(0);
+    P.q_sh = q.stride(1);
+    P.kc = k_codes.data_ptr<uint8_t>();
+    P.vc = v_codes.data_ptr<uint8_t>();
+    P.kc_ss = k_codes.stride(0);
+    P.kc_sh = k_codes.stride(1);
+    P.vc_ss = v_codes.stride(0);
+    P.vc_sh = v_codes.stride(1);
+    if (k_fmt != FMT_FP8) {
+        P.ks = k_scales->data_ptr();
+        P.kst = k_scales->scalar_type();
+        P.ks_ss = k_scales->stride(0);
+        P.ks_sh = k_scales->stride(1);
+    }
+    if (v_fmt != FMT_FP8) {
+        P.vs = v_scales->data_ptr();
+        P.vst = v_scales->scalar_type();
+        P.vs_ss = v_scales->stride(0);
+        P.vs_sh = v_scales->stride(1);
+    }
+    P.kf = codes_of(k_fmt);
+    P.vf = codes_of(v_fmt);
+    P.table = tp;
+    P.pages = pages;
+    P.page_size = page_size;
+    P.lens = lp;
+    P.window = sliding_window;
+    P.G = HQ / HK;
+    P.D = D;
+    P.HK = HK;
+    P.scale = static_cast<float>(scale);
+    P.softcap = static_cast<float>(softcap);
+    P.out = out.data_ptr();
+    P.o_sb = out.stride(0);
+    P.o_sh = out.stride(1);
+    int64_t keys = 0;
+    for (int64_t b = 0; b < B; ++b) keys += lp[b];
+    auto work = [&](int64_t i0, int64_t i1) {
+        static thread_local Scratch w;
+        for (int64_t i = i0; i < i1; ++i) task(P, i / HK, i % HK, w);
+    };
+    if (keys * HQ * D < (1 << 16) || B * HK == 1)
+        work(0, B * HK);
+    else
+        at::parallel_for(0, B * HK, 1, work);
+    return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(exllamav2_cpu, m) {
+    m.def("quant_paged_decode_attention(Tensor q, Tensor k_codes, Tensor? k_scales, Tensor v_codes, "
+          "Tensor? v_scales, int k_fmt, int v_fmt, Tensor block_index, Tensor kv_lens, int page_size, "
+          "int sliding_window, float scale, float softcap) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(exllamav2_cpu, CPU, m) {
+    m.impl("quant_paged_decode_attention", &quant_paged_decode_attention);
+}
