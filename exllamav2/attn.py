@@ -223,11 +223,10 @@ class ExLlamaV2Attention(ExLlamaV2Module):
                 index = attn_params.get_write_index(kc.device)
                 kc.index_copy_(1, index, k if k.dtype == kc.dtype else k.to(kc.dtype))
                 vc.index_copy_(1, index, v if v.dtype == vc.dtype else v.to(vc.dtype))
-            # before the reads below: a quantized cache stores the new tokens and leaves them in kc/vc as stored
-            cache.store_kv_state(self.layer_idx, b, past, s)
             k, v = kc[:, :past + s], vc[:, :past + s]
             if k.dtype != q.dtype:  # a cache in another dtype than the activations (fp32 ones, a bf16 cache)
                 k, v = k.to(q.dtype), v.to(q.dtype)
+            cache.store_kv_state(self.layer_idx, b, past, s)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         mask = attn_params.get_attn_mask(q.device, self.sliding_window)
         out = ops.attention(q, k, v, mask, self.scaling, self.softcap, s > 1 and mask is None)

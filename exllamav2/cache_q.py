@@ -10,11 +10,11 @@ Storage per layer keeps the page-major (batch, max_seq_len, kv_heads, ...) layou
 Two ways in:
 - the seed API (model.forward over a cache of any batch size): `get_kv_state(layer, b, offset, width)`
   dequantises positions [0, offset + width) of rows [:b] into a per-device temporary of full cache shape in the
-  activation dtype and returns it; attention writes its new tokens into the temporary, then
-  `store_kv_state(layer, b, offset, width)` quantises [offset, offset + width) of the temporary into storage and
-  writes them back dequantised, and attention reads the temporary: the new tokens attend each other as stored, as on
-  the paged path (so a prompt gives the same result however it is chunked, and the decode runner's paged step,
-  runtime/decode.py, computes what the eager step does).
+  activation dtype and returns it; attention writes its new tokens into the temporary and reads the prefix;
+  `store_kv_state(layer, b, offset, width)` quantises [offset, offset + width) of the temporary back into storage.
+  A call's new tokens attend each other exactly, as in the original (the paged path below quantises them first:
+  there a prompt's chunks depend on what else shares the step, and its tokens must not). Quantising them first
+  here too cost SmolLM2 two of 16 teacher-forced greedy tokens with the Q4 cache (tests/test_cache_q.py).
   The temporaries are shared by all layers of one cache (layers run one after another).
 - the dynamic generator (batch_size 1, the sequence axis cut into pages): `paged_layer(layer)` hands the layer's
   codes and scales to the `quant_paged_attention` op (paged_attn.py), which quantises the new tokens into their
@@ -148,9 +148,6 @@ class ExLlamaV2CacheQuantBase(ExLlamaV2CacheBase):
             codes[:b, offset:end] = q
             if s is not None:
                 scales[:b, offset:end] = s
-            # attention reads the temporary after this call: the new tokens as stored, as the paged path reads
-            # them (quantised before attention), so a token's result does not depend on how a prompt was chunked
-            temp[:b, offset:end] = fmt.dequantize(q, s, self.dtype)
 
     # ------------------------------------------------------------------ bookkeeping
 

@@ -1,9 +1,11 @@
 """The seed API's decode runner over quantized caches (cache_q.py): the cache's rows seen as one paged cache
 (runtime/cuda_graphs.py: FlatQuantCache), decoded by the paged step that reads the codes inside attention. On a GPU
 that step is captured (here: the same step eagerly on its static buffers, GraphedDecode without a capture); on the
-CPU it is the compiled paged step (runtime/decode.py: _quantized). With the reference's quantized attention each gives
-the eager step's logits and writes its codes; with the CPU kernel, which reads the codes in fp32 where the eager step
-reads them rounded to the activation dtype, it stays close; compiled, it gives the uncompiled paged step's tokens."""
+CPU it is the compiled paged step (runtime/decode.py: _quantized). It attends a step's own token as stored (as the
+dynamic generator does), the eager step as computed (as the original does); with the reference's quantized
+attention the two stay close and pick the same tokens; with the CPU kernel, which reads the codes in fp32 where the
+eager step reads them rounded to the activation dtype, they stay close; compiled, the paged step gives its own
+uncompiled tokens."""
 
 from __future__ import annotations
 
@@ -44,8 +46,13 @@ def _graphed_runner(model):
     return runner
 
 
-def _decode_both(tiny, cache_cls, rows, steps=(5, 9, 11, 13)):
-    """(graphed logits, eager logits) per step, and the two caches, after the same 7-token prompt."""
+def _decode_both(tiny, cache_cls, rows, steps=(5, 9, 11, 13), paged_reference=False):
+    """(graphed logits, reference logits) per step, and the two caches, after the same 7-token prompt. The
+    reference: the eager seed step, or (paged_reference) the dynamic generator's packed forward over the other
+    cache's rows seen as pages, which attends a step's own token as stored, as the paged step does."""
+    from exllamav2.attn_params import PagedParams
+    from exllamav2.generator.dynamic_draft import _eager
+    from exllamav2.runtime.cuda_graphs import contiguous_table
     cache, ref_cache = cache_cls(tiny, rows, 512), cache_cls(tiny, rows, 512)
     prompt = torch.randint(0, 1000, (rows, 7), generator=torch.Generator().manual_seed(rows))
     tiny.forward(prompt, cache)
@@ -56,7 +63,14 @@ def _decode_both(tiny, cache_cls, rows, steps=(5, 9, 11, 13)):
         for t in steps:
             ids = torch.arange(t, t + rows).view(rows, 1)
             got = runner._graphed(ids, cache)
-            want = decode_step(tiny, ids, ref_cache, ref_cache.current_seq_len)
+            past = ref_cache.current_seq_len
+            if paged_reference:
+                table, page = contiguous_table(ref_cache, "cpu", rows)
+                params = PagedParams(table.tolist(), [past] * rows, [1] * rows, page)
+                paged = ref_cache if rows == 1 else flat_view(ref_cache)
+                want = _eager(tiny, paged, ids.view(1, rows), params, torch.arange(rows), None).view(rows, 1, -1)
+            else:
+                want = decode_step(tiny, ids, ref_cache, past)
             ref_cache.current_seq_len += 1
             assert got.shape == want.shape == (rows, 1, tiny.config.vocab_size)
             out.append((got, want))
@@ -67,25 +81,41 @@ def _decode_both(tiny, cache_cls, rows, steps=(5, 9, 11, 13)):
 
 @pytest.mark.parametrize("cache_cls", [ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q6, ExLlamaV2Cache_8bit])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_graphed_path_over_a_quantized_cache_gives_the_eager_step(tiny, cache_cls, rows, monkeypatch):
-    """The plumbing, with the reference's quantized attention on both paths (both read the codes dequantised to
-    the activation dtype): the eager step's logits and, at every row's new positions, its codes."""
-    from exllamav2.ops.cpu import attention as cpu_attention
-    monkeypatch.setattr(cpu_attention, "takes_quant_paged_decode", lambda *a: False)
-    steps, cache, ref_cache = _decode_both(tiny, cache_cls, rows)
+def test_graphed_path_over_a_quantized_cache_gives_the_packed_forward(tiny, cache_cls, rows):
+    """The plumbing: the graphed step over the cache's rows seen as pages (static buffers, spare rows) gives the
+    dynamic generator's packed forward over the same view, and writes the same codes where the plain layout keeps
+    each row's positions."""
+    steps, cache, ref_cache = _decode_both(tiny, cache_cls, rows, paged_reference=True)
     for got, want in steps:
-        assert torch.allclose(got, want, atol=2e-2 * want.abs().max().item(), rtol=0)
-        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        assert torch.equal(got, want)
     for mine, theirs in zip(cache.all_tensors(), ref_cache.all_tensors()):
-        assert torch.equal(mine[:, 7:11], theirs[:, 7:11])
+        assert torch.equal(mine, theirs)
+        assert mine[:, 7:11].any()  # the new positions were written, in each row
 
 
 @pytest.mark.parametrize("cache_cls", [ExLlamaV2Cache_Q4, ExLlamaV2Cache_8bit])
-def test_graphed_path_with_the_cpu_kernel_stays_close_to_the_eager_step(tiny, cache_cls):
-    """With the CPU kernel (csrc/attention_quant.cpp), which reads the codes in fp32 where the eager step reads them
-    rounded to bf16: close (this random model amplifies that rounding to 1-5% of its logits), the same greedy token
-    at most steps; the kernel's own precision is tests/test_cpu_quant_attention.py's."""
-    steps, _, _ = _decode_both(tiny, cache_cls, 3)
+def test_graphed_path_with_the_cpu_kernel_stays_close_to_the_reference(tiny, cache_cls, monkeypatch):
+    """The CPU kernel (csrc/attention_quant.cpp) reads the codes in fp32 where the reference's attention reads them
+    rounded to bf16: against the packed forward with the reference's attention, close (this random model amplifies
+    that rounding to a few % of its logits) and the same greedy token at most steps; the kernel's own precision is
+    tests/test_cpu_quant_attention.py's."""
+    from exllamav2.ops.cpu import attention as cpu_attention
+    real = cpu_attention.takes_quant_paged_decode
+    graphed = []
+    # the graphed step with the kernel, the packed reference without: the reference's rows are the second of each pair
+    monkeypatch.setattr(cpu_attention, "takes_quant_paged_decode", lambda *a: graphed[-1] if graphed else real(*a))
+    from exllamav2.generator import dynamic_draft
+    eager = dynamic_draft._eager
+
+    def reference(*a):
+        graphed.append(False)
+        try:
+            return eager(*a)
+        finally:
+            graphed.pop()
+
+    monkeypatch.setattr(dynamic_draft, "_eager", reference)
+    steps, _, _ = _decode_both(tiny, cache_cls, 3, paged_reference=True)
     agree = []
     for got, want in steps:
         assert (got - want).norm() <= 0.08 * want.norm()
@@ -130,16 +160,3 @@ def test_compiled_decode_over_a_quantized_cache_gives_the_paged_steps_tokens(tin
         assert all(s.done for s in compiled_runner.paged._steps.values())
     finally:
         tiny.decode_runner = None
-
-
-@pytest.mark.parametrize("cache_cls", [ExLlamaV2Cache_Q4, ExLlamaV2Cache_8bit])
-def test_a_prompt_gives_the_same_codes_however_it_is_chunked(tiny, cache_cls):
-    """The new tokens attend each other as stored (cache_q.py: store_kv_state writes them back dequantised), so
-    a prompt read in one call or in pieces leaves the same codes and gives the same last logits."""
-    prompt = torch.randint(0, 1000, (2, 23), generator=torch.Generator().manual_seed(3))
-    whole, pieces = cache_cls(tiny, 2, 256), cache_cls(tiny, 2, 256)
-    a = tiny.forward(prompt, whole)[:, -1]
-    for beg, end in ((0, 5), (5, 6), (6, 23)):
-        b = tiny.forward(prompt[:, beg:end], pieces)[:, -1]
-    assert torch.equal(a, b)
-    assert all(torch.equal(x[:, :23], y[:, :23]) for x, y in zip(whole.all_tensors(), pieces.all_tensors()))
