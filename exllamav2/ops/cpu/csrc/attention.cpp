@@ -162,17 +162,11 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
         run_tasks<T>(q, k, v, mask, mv, out, G, scale, softcap, causal);
 }
 
-bool avx512_ok() {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16") &&
-           __builtin_cpu_supports("f16c");
-}
 
 at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                             const std::optional<at::Tensor>& mask_, double scale, double softcap, bool is_causal) {
-    TORCH_CHECK(avx512_ok(), "exllamav2_cpu::decode_attention needs AVX-512 with BF16 (the Python side keeps "
-                "the reference elsewhere)");
+    TORCH_CHECK(avx512_math::cpu_supported(), "exllamav2_cpu::decode_attention needs AVX-512 with BF16 (the Python "
+                "side keeps the reference elsewhere)");
     TORCH_CHECK(q_.dim() == 4 && k_.dim() == 4 && v_.dim() == 4, "decode_attention: q, k, v must be 4-D "
                 "(batch, heads, seq, head_dim), got ", q_.sizes(), ", ", k_.sizes(), ", ", v_.sizes());
     TORCH_CHECK(q_.scalar_type() == k_.scalar_type() && q_.scalar_type() == v_.scalar_type(),
@@ -313,8 +307,8 @@ void run_paged(const at::Tensor& q, const at::Tensor& kflat, const at::Tensor& v
 at::Tensor paged_decode_attention(const at::Tensor& q_, const at::Tensor& kflat_, const at::Tensor& vflat_,
                                   const at::Tensor& block_index_, const at::Tensor& kv_lens_, int64_t page_size,
                                   int64_t sliding_window, double scale, double softcap) {
-    TORCH_CHECK(avx512_ok(), "exllamav2_cpu::paged_decode_attention needs AVX-512 with BF16 (the Python side keeps "
-                "the reference elsewhere)");
+    TORCH_CHECK(avx512_math::cpu_supported(), "exllamav2_cpu::paged_decode_attention needs AVX-512 with BF16 (the "
+                "Python side keeps the reference elsewhere)");
     TORCH_CHECK(q_.dim() == 3, "paged_decode_attention: q must be (sequences, q heads, head_dim), got ", q_.sizes());
     TORCH_CHECK(kflat_.dim() == 3 && kflat_.sizes() == vflat_.sizes(), "paged_decode_attention: kflat and vflat "
                 "must be (slots, kv heads, head_dim) of one shape, got ", kflat_.sizes(), " and ", vflat_.sizes());

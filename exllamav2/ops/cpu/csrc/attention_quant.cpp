@@ -34,12 +34,6 @@ enum Format : int64_t { FMT_Q4 = 0, FMT_Q8 = 1, FMT_FP8 = 2 };
 constexpr int kGroup = 32;
 constexpr int kMaxD = 256;
 
-bool avx512_ok() {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16") &&
-           __builtin_cpu_supports("f16c");
-}
 
 // the unnormalised Walsh-Hadamard transform of 32 values in place (kv_quant.hadamard_rotate's butterflies)
 inline void hadamard32(float* x) {
@@ -72,9 +66,9 @@ struct Codes {
             *a = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)));
             *b = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
         } else if (fmt == FMT_Q8) {
-            *a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 * g))));
-            *b = _mm512_cvtepi32_ps(
-                _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 * g + 16))));
+            const __m128i* q8 = reinterpret_cast<const __m128i*>(p + 32 * g);
+            *a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(q8)));
+            *b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(q8 + 1)));
         } else {  // e5m2 is the high byte of an fp16
             const __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 * g)));
             const __m512i hi =
@@ -186,7 +180,8 @@ AVX512_TARGET void task(const Problem& P, int64_t b, int64_t h, Scratch& w) {
                 const __m512 sv = _mm512_set1_ps(s);
                 for (int64_t g = 0; g < gn; ++g) {
                     const float* qg = qr + (g0 + g) * D + gi * kGroup;
-                    const __m512 d = _mm512_fmadd_ps(_mm512_loadu_ps(qg), a, _mm512_mul_ps(_mm512_loadu_ps(qg + 16), c));
+                    const __m512 d =
+                        _mm512_fmadd_ps(_mm512_loadu_ps(qg), a, _mm512_mul_ps(_mm512_loadu_ps(qg + 16), c));
                     acc[g] = _mm512_fmadd_ps(sv, d, acc[g]);
                     corr[g] += s * koff * qsum[(g0 + g) * NG + gi];
                 }
@@ -267,7 +262,8 @@ at::Tensor quant_paged_decode_attention(const at::Tensor& q, const at::Tensor& k
                                         const at::Tensor& block_index, const at::Tensor& kv_lens, int64_t page_size,
                                         int64_t sliding_window, double scale, double softcap) {
     const char* op = "exllamav2_cpu::quant_paged_decode_attention";
-    TORCH_CHECK(avx512_ok(), op, " needs AVX-512 with BF16 (the Python side keeps the reference elsewhere)");
+    TORCH_CHECK(avx512_math::cpu_supported(), op,
+                " needs AVX-512 with BF16 (the Python side keeps the reference elsewhere)");
     TORCH_CHECK(k_fmt >= 0 && k_fmt <= 2 && v_fmt >= 0 && v_fmt <= 2, op, ": formats must be 0 (q4), 1 (q8) or "
                 "2 (fp8), got ", k_fmt, " and ", v_fmt);
     TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && (q.scalar_type() == at::kFloat ||

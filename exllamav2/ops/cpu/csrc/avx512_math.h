@@ -13,6 +13,14 @@
 
 namespace avx512_math {
 
+// whether this CPU runs the AVX-512 kernels (F, BW, VL, BF16 and F16C): the ops that have no AVX2 path check it
+inline bool cpu_supported() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16") &&
+           __builtin_cpu_supports("f16c");
+}
+
 template <typename T>
 AVX512_TARGET inline __m512 load16(const T* p) {
     if constexpr (std::is_same_v<T, float>) {
