@@ -112,6 +112,7 @@ struct Problem {
 
 struct Scratch {
     std::vector<float> qr, qsum, scores, u, w;
+    std::vector<int64_t> slots;
 };
 
 template <typename T>
@@ -124,6 +125,97 @@ inline void store_any(const Problem& P, int64_t off, const float* x) {
     if (P.qt == at::kFloat) store_row<float>(P.out, off, x, P.D);
     else if (P.qt == at::kBFloat16) store_row<c10::BFloat16>(P.out, off, x, P.D);
     else store_row<c10::Half>(P.out, off, x, P.D);
+}
+
+// [sum(a0), sum(a1), sum(a2), sum(a3)]: the horizontal sums of four vectors at once (~10 instructions for four)
+AVX512_TARGET inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    const __m512d x = _mm512_castps_pd(t0), y = _mm512_castps_pd(t1);
+    __m512 t = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, _MM_SHUFFLE(1, 0, 3, 2)));
+    t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm512_castps512_ps128(t);
+}
+
+// scores of GN query rows (from g0) for the 4 keys from t0 (nk of them real; the rest repeat key t0 and are
+// dropped): per row and key a 16-lane sum over the groups, then four keys' sums at once
+template <int GN>
+AVX512_TARGET void score_quad(const Problem& P, const float* qr, const float* qsum, int64_t h, const int64_t* slots,
+                              int nk, int64_t g0, int64_t t0, int64_t n, float* sc) {
+    const int64_t D = P.D, NG = D / kGroup;
+    const float koff = static_cast<float>(P.kf.off);
+    __m512 acc[GN][4];
+    float corr[GN][4];
+    for (int g = 0; g < GN; ++g)
+        for (int k = 0; k < 4; ++k) acc[g][k] = _mm512_setzero_ps(), corr[g][k] = 0.f;
+    for (int64_t gi = 0; gi < NG; ++gi)
+        for (int k = 0; k < 4; ++k) {
+            const int64_t slot = slots[k < nk ? k : 0];
+            __m512 a, c;
+            P.kf.load(P.kc + slot * P.kc_ss + h * P.kc_sh, static_cast<int>(gi), &a, &c);
+            const float s = P.ks ? scalar_of(P.ks, P.kst, slot * P.ks_ss + h * P.ks_sh + gi) : 1.f;
+            const __m512 sv = _mm512_set1_ps(s);
+            for (int g = 0; g < GN; ++g) {
+                const float* qg = qr + (g0 + g) * D + gi * kGroup;
+                const __m512 d =
+                    _mm512_fmadd_ps(_mm512_loadu_ps(qg), a, _mm512_mul_ps(_mm512_loadu_ps(qg + 16), c));
+                acc[g][k] = _mm512_fmadd_ps(sv, d, acc[g][k]);
+                corr[g][k] += s * koff * qsum[(g0 + g) * NG + gi];
+            }
+        }
+    for (int g = 0; g < GN; ++g) {
+        alignas(16) float x[4];
+        _mm_store_ps(x, sum4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]));
+        for (int k = 0; k < nk; ++k) {
+            float v = (x[k] - corr[g][k]) * P.scale;
+            if (P.softcap > 0.f) v = P.softcap * std::tanh(v / P.softcap);
+            sc[(g0 + g) * n + t0 + k] = v;
+        }
+    }
+}
+
+// u[g][group gi] += p(g, t) s(t, gi) codes(t, gi) over keys [lo, n), GN rows from g0, kept in registers per group
+template <int GN>
+AVX512_TARGET void value_rows(const Problem& P, const float* sc, int64_t h, const int64_t* slots, int64_t lo,
+                              int64_t n, int64_t g0, float* u, float* ws) {
+    const int64_t D = P.D, NG = D / kGroup;
+    for (int64_t gi = 0; gi < NG; ++gi) {
+        __m512 ua[GN], uc[GN];
+        float wsum[GN];
+        for (int g = 0; g < GN; ++g) ua[g] = uc[g] = _mm512_setzero_ps(), wsum[g] = 0.f;
+        for (int64_t t = lo; t < n; ++t) {
+            const int64_t slot = slots[t - lo];
+            __m512 a, c;
+            P.vf.load(P.vc + slot * P.vc_ss + h * P.vc_sh, static_cast<int>(gi), &a, &c);
+            const float s = P.vs ? scalar_of(P.vs, P.vst, slot * P.vs_ss + h * P.vs_sh + gi) : 1.f;
+            for (int g = 0; g < GN; ++g) {
+                const float ps = sc[(g0 + g) * n + t] * s;
+                const __m512 pv = _mm512_set1_ps(ps);
+                ua[g] = _mm512_fmadd_ps(pv, a, ua[g]);
+                uc[g] = _mm512_fmadd_ps(pv, c, uc[g]);
+                wsum[g] += ps;
+            }
+        }
+        for (int g = 0; g < GN; ++g) {
+            _mm512_storeu_ps(u + (g0 + g) * D + gi * kGroup, ua[g]);
+            _mm512_storeu_ps(u + (g0 + g) * D + gi * kGroup + 16, uc[g]);
+            ws[(g0 + g) * NG + gi] = wsum[g];
+        }
+    }
+}
+
+// f(width, g0) over the query rows in chunks of up to 4 (width a template argument)
+template <typename F>
+inline void in_row_chunks(int64_t G, F&& f) {
+    int64_t g0 = 0;
+    for (; g0 + 4 <= G; g0 += 4) f(std::integral_constant<int, 4>{}, g0);
+    switch (G - g0) {
+        case 3: f(std::integral_constant<int, 3>{}, g0); break;
+        case 2: f(std::integral_constant<int, 2>{}, g0); break;
+        case 1: f(std::integral_constant<int, 1>{}, g0); break;
+        default: break;
+    }
 }
 
 AVX512_TARGET void task(const Problem& P, int64_t b, int64_t h, Scratch& w) {
@@ -161,37 +253,16 @@ AVX512_TARGET void task(const Problem& P, int64_t b, int64_t h, Scratch& w) {
             qsum[g * NG + gi] = s;
         }
     }
-    // scores
+    // the keys' slots, then the scores, four keys at a time
     const int64_t* row = P.table + b * P.pages;
-    auto slot_of = [&](int64_t t) { return row[t / P.page_size] * P.page_size + t % P.page_size; };
-    const float koff = static_cast<float>(P.kf.off), voff = static_cast<float>(P.vf.off);
-    for (int64_t t = lo; t < n; ++t) {
-        const int64_t slot = slot_of(t);
-        const uint8_t* kp = P.kc + slot * P.kc_ss + h * P.kc_sh;
-        __m512 acc[8];  // G <= 8 rows at a time
-        for (int64_t g0 = 0; g0 < G; g0 += 8) {
-            const int64_t gn = std::min<int64_t>(8, G - g0);
-            for (int64_t g = 0; g < gn; ++g) acc[g] = _mm512_setzero_ps();
-            float corr[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-            for (int64_t gi = 0; gi < NG; ++gi) {
-                __m512 a, c;
-                P.kf.load(kp, static_cast<int>(gi), &a, &c);
-                const float s = P.ks ? scalar_of(P.ks, P.kst, slot * P.ks_ss + h * P.ks_sh + gi) : 1.f;
-                const __m512 sv = _mm512_set1_ps(s);
-                for (int64_t g = 0; g < gn; ++g) {
-                    const float* qg = qr + (g0 + g) * D + gi * kGroup;
-                    const __m512 d =
-                        _mm512_fmadd_ps(_mm512_loadu_ps(qg), a, _mm512_mul_ps(_mm512_loadu_ps(qg + 16), c));
-                    acc[g] = _mm512_fmadd_ps(sv, d, acc[g]);
-                    corr[g] += s * koff * qsum[(g0 + g) * NG + gi];
-                }
-            }
-            for (int64_t g = 0; g < gn; ++g) {
-                float x = (_mm512_reduce_add_ps(acc[g]) - corr[g]) * P.scale;
-                if (P.softcap > 0.f) x = P.softcap * std::tanh(x / P.softcap);
-                sc[(g0 + g) * n + t] = x;
-            }
-        }
+    w.slots.resize(n - lo);
+    int64_t* slots = w.slots.data();
+    for (int64_t t = lo; t < n; ++t) slots[t - lo] = row[t / P.page_size] * P.page_size + t % P.page_size;
+    for (int64_t t0 = lo; t0 < n; t0 += 4) {
+        const int nk = static_cast<int>(std::min<int64_t>(4, n - t0));
+        in_row_chunks(G, [&](auto gn, int64_t g0) {
+            score_quad<decltype(gn)::value>(P, qr, qsum, h, slots + (t0 - lo), nk, g0, t0, n, sc);
+        });
     }
     // softmax per row over [lo, n), then the weighted sums of the values' scaled codes
     std::vector<float> l(G);
@@ -214,25 +285,8 @@ AVX512_TARGET void task(const Problem& P, int64_t b, int64_t h, Scratch& w) {
         }
         l[g] = _mm512_reduce_add_ps(sum) + tail;
     }
-    for (int64_t i = 0; i < G * D; ++i) u[i] = 0.f;
-    for (int64_t i = 0; i < G * NG; ++i) ws[i] = 0.f;
-    for (int64_t t = lo; t < n; ++t) {
-        const int64_t slot = slot_of(t);
-        const uint8_t* vp = P.vc + slot * P.vc_ss + h * P.vc_sh;
-        for (int64_t gi = 0; gi < NG; ++gi) {
-            __m512 a, c;
-            P.vf.load(vp, static_cast<int>(gi), &a, &c);
-            const float s = P.vs ? scalar_of(P.vs, P.vst, slot * P.vs_ss + h * P.vs_sh + gi) : 1.f;
-            for (int64_t g = 0; g < G; ++g) {
-                const float ps = sc[g * n + t] * s;
-                const __m512 pv = _mm512_set1_ps(ps);
-                float* ug = u + g * D + gi * kGroup;
-                _mm512_storeu_ps(ug, _mm512_fmadd_ps(pv, a, _mm512_loadu_ps(ug)));
-                _mm512_storeu_ps(ug + 16, _mm512_fmadd_ps(pv, c, _mm512_loadu_ps(ug + 16)));
-                ws[g * NG + gi] += ps;
-            }
-        }
-    }
+    const float voff = static_cast<float>(P.vf.off);
+    in_row_chunks(G, [&](auto gn, int64_t g0) { value_rows<decltype(gn)::value>(P, sc, h, slots, lo, n, g0, u, ws); });
     alignas(64) float outrow[kMaxD];
     for (int64_t g = 0; g < G; ++g) {
         const float inv = 1.f / l[g];
