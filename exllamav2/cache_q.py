@@ -12,9 +12,12 @@ Two ways in:
   dequantises positions [0, offset + width) of rows [:b] into a per-device temporary of full cache shape in the
   activation dtype and returns it; attention writes its new tokens into the temporary and reads the prefix;
   `store_kv_state(layer, b, offset, width)` quantises [offset, offset + width) of the temporary back into storage.
-  A call's new tokens attend each other exactly, as in the original (the paged path below quantises them first:
-  there a prompt's chunks depend on what else shares the step, and its tokens must not). Quantising them first
-  here too cost SmolLM2 two of 16 teacher-forced greedy tokens with the Q4 cache (tests/test_cache_q.py).
+  A prompt's new tokens attend each other exactly, as in the original (the paged path below quantises them first:
+  there a prompt's chunks depend on what else shares the step, and its tokens must not; quantising a prompt first
+  here too cost SmolLM2 two of 16 teacher-forced greedy tokens with the Q4 cache, tests/test_cache_q.py). A decode
+  step (one token per row) on the CPU skips the temporary: attn.py writes the token's codes and attends straight
+  from the codes (the CPU kernel for quantized pages), the token attending to itself as stored, as on the paged
+  path and the compiled decode step.
   The temporaries are shared by all layers of one cache (layers run one after another).
 - the dynamic generator (batch_size 1, the sequence axis cut into pages): `paged_layer(layer)` hands the layer's
   codes and scales to the `quant_paged_attention` op (paged_attn.py), which quantises the new tokens into their

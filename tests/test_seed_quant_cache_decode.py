@@ -1,11 +1,11 @@
-"""The seed API's decode runner over quantized caches (cache_q.py): the cache's rows seen as one paged cache
+"""The seed API's decode over quantized caches (cache_q.py): the cache's rows seen as one paged cache
 (runtime/cuda_graphs.py: FlatQuantCache), decoded by the paged step that reads the codes inside attention. On a GPU
 that step is captured (here: the same step eagerly on its static buffers, GraphedDecode without a capture); on the
-CPU it is the compiled paged step (runtime/decode.py: _quantized). It attends a step's own token as stored (as the
-dynamic generator does), the eager step as computed (as the original does); with the reference's quantized
-attention the two stay close and pick the same tokens; with the CPU kernel, which reads the codes in fp32 where the
-eager step reads them rounded to the activation dtype, they stay close; compiled, the paged step gives its own
-uncompiled tokens."""
+CPU it is the compiled paged step (runtime/decode.py: _quantized), and the eager seed step's decode reads the codes
+through the same CPU kernel (attn.py: _attend_quant_decode). Each attends a step's own token as stored, as the
+dynamic generator does. The plumbing is compared bit for bit with the packed forward over the same view; the CPU
+kernel, which reads the codes in fp32 where the reference's attention reads them rounded to the activation dtype,
+stays close to that reference; eager and graphed decode agree; compiled, the paged step gives its uncompiled tokens."""
 
 from __future__ import annotations
 
@@ -160,3 +160,29 @@ def test_compiled_decode_over_a_quantized_cache_gives_the_paged_steps_tokens(tin
         assert all(s.done for s in compiled_runner.paged._steps.values())
     finally:
         tiny.decode_runner = None
+
+
+def test_eager_decode_reads_the_codes_through_the_kernel(tiny, monkeypatch):
+    """An eager seed-API decode step over a quantized cache never dequantises the prefix (get_kv_state is for
+    prompts), and gives the graphed paged step's logits."""
+    rows = 3
+    cache, graphed_cache = ExLlamaV2Cache_Q4(tiny, rows, 512), ExLlamaV2Cache_Q4(tiny, rows, 512)
+    prompt = torch.randint(0, 1000, (rows, 7), generator=torch.Generator().manual_seed(4))
+    tiny.forward(prompt, cache)
+    tiny.forward(prompt, graphed_cache)
+
+    def refuse(*a, **k):
+        raise AssertionError("a decode step dequantised the prefix")
+
+    monkeypatch.setattr(cache, "get_kv_state", refuse)
+    runner = _graphed_runner(tiny)
+    with torch.inference_mode():
+        for t in (5, 9, 11):
+            ids = torch.arange(t, t + rows).view(rows, 1)
+            eager = tiny.forward(ids, cache)
+            graphed = runner._graphed(ids, graphed_cache)
+            assert torch.allclose(eager, graphed, atol=1e-2 * graphed.abs().max().item(), rtol=0)
+            assert torch.equal(eager.argmax(-1), graphed.argmax(-1))
+    assert cache.current_seq_len == graphed_cache.current_seq_len == 10
+    for mine, theirs in zip(cache.all_tensors(), graphed_cache.all_tensors()):
+        assert torch.equal(mine[:, :7], theirs[:, :7]) and mine[:, 7:10].any()

@@ -76,6 +76,12 @@ def takes_quant_paged_decode(q, pages, block_index, kv_lens) -> bool:
             and kv_lens.device.type == "cpu" and not needs_grad(q) and _kernels_ready())
 
 
+def takes_quant_paged_decode_shape(dtype: torch.dtype, head_dim: int) -> bool:
+    """The same for a caller that has no pages yet (attn.py's decode over a quantized seed-API cache)."""
+    return dtype in _FLOATS and head_dim % 32 == 0 and head_dim <= 256 and not torch.is_grad_enabled() \
+        and _kernels_ready()
+
+
 def quant_paged_decode(q, pages, block_index, kv_lens, page_size: int, sliding_window: int, scale: float,
                        softcap: float) -> torch.Tensor:
     """One new token per sequence over a quantized paged cache, every sequence in one C++ call
