@@ -264,7 +264,8 @@ class ExLlamaV2Attention(ExLlamaV2Module):
         table, page = contiguous_table(cache, q.device, b)
         slots = table[:, past // page] * page + past % page
         kd, vd = (t[:, 0] if t.dtype == cache.dtype else t[:, 0].to(cache.dtype) for t in (k, v))
-        pages.write(kd, vd, slots)
+        if not cpu_attention.quant_write(pages, kd, vd, slots):
+            pages.write(kd, vd, slots)
         lens = torch.full((b,), past + 1, dtype=torch.long)
         out = cpu_attention.quant_paged_decode(q[:, 0], pages, table, lens, page, self.sliding_window or 0,
                                                self.scaling, self.softcap)

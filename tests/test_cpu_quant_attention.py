@@ -128,3 +128,37 @@ def test_the_paged_op_takes_the_kernel_for_decode_steps(monkeypatch):
     # the new tokens were written first, and the kernel read them
     want = real(q, pages, torch.tensor(params.block_index.tolist()), kv, ps, 0, 0.125, 0.0)
     assert torch.equal(out.view(2, 4, 64), want)
+
+
+@pytest.mark.parametrize("fmt", ["q4", "q8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_the_write_kernel_gives_the_reference_codes(fmt, dtype):
+    """csrc/kv_quant_write.cpp against QuantPages.write, bit for bit: codes and scales, scattered slots, rows of
+    zeros, large values (fp16 scales near their max), a spike in a group."""
+    g = torch.Generator().manual_seed(11)
+    f = format_named(fmt)
+    slots_n, hk, d, T = 64, 3, 64, 20
+    x = torch.randn(2, T, hk, d, generator=g) * 3
+    x[0, 0] = 0.0
+    x[1, 1, 0, 5] = 40.0
+    if dtype != torch.float16:
+        x[0, 2] *= 1e4
+    x = x.to(dtype)
+    kc, ks = f.quantize(torch.zeros(slots_n, hk, d, dtype=dtype), dtype)
+    vc, vs = f.quantize(torch.zeros(slots_n, hk, d, dtype=dtype), dtype)
+    mine = QuantPages(kc.clone(), None if ks is None else ks.clone(), vc.clone(), None if vs is None else vs.clone(),
+                      f, f, dtype)
+    ref = QuantPages(kc.clone(), None if ks is None else ks.clone(), vc.clone(), None if vs is None else vs.clone(),
+                     f, f, dtype)
+    slots = torch.randperm(slots_n, generator=g)[:T]
+    assert cpu_attention.quant_write(mine, x[0], x[1], slots)
+    ref.write(x[0], x[1], slots)
+    for a, b in ((mine.k_codes, ref.k_codes), (mine.v_codes, ref.v_codes), (mine.k_scales, ref.k_scales),
+                 (mine.v_scales, ref.v_scales)):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert mine.k_codes[slots].any()
+    with pytest.raises(RuntimeError, match="slots\\[0\\]"):
+        torch.ops.exllamav2_cpu.quant_kv_write(x[0][:1], x[1][:1], mine.k_codes, mine.k_scales, mine.v_codes,
+                                               mine.v_scales, 1 if fmt == "q8" else (0 if fmt == "q4" else 2),
+                                               1 if fmt == "q8" else (0 if fmt == "q4" else 2),
+                                               torch.tensor([slots_n]))

@@ -92,3 +92,17 @@ def quant_paged_decode(q, pages, block_index, kv_lens, page_size: int, sliding_w
         q, pages.k_codes, pages.k_scales, pages.v_codes, pages.v_scales, _QUANT_FORMATS[pages.k_format.name],
         _QUANT_FORMATS[pages.v_format.name], block_index, kv_lens, int(page_size), int(sliding_window or 0),
         float(scale), float(softcap or 0.0))
+
+
+def quant_write(pages, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> bool:
+    """k, v (T, kv_heads, head_dim) quantised into their slots of `pages` (kv_quant.QuantPages) in one C++ call
+    (csrc/kv_quant_write.cpp), bit-identical to QuantPages.write; False (nothing written) where the kernel does not
+    apply: traced by dynamo (the reference is traced there), gradients, other devices, no kernels."""
+    if (torch.compiler.is_compiling() or k.device.type != "cpu" or pages.k_codes.device.type != "cpu"
+            or slots.device.type != "cpu" or k.dtype not in _FLOATS or v.dtype not in _FLOATS
+            or k.shape[-1] % 32 or needs_grad(k, v) or not _kernels_ready()):
+        return False
+    torch.ops.exllamav2_cpu.quant_kv_write(k, v, pages.k_codes, pages.k_scales, pages.v_codes, pages.v_scales,
+                                           _QUANT_FORMATS[pages.k_format.name], _QUANT_FORMATS[pages.v_format.name],
+                                           slots)
+    return True

@@ -20,11 +20,14 @@ def quant_paged_attention(q, k, v, pages: QuantPages, params, sliding_window: in
                           softcap: float = 0.0) -> torch.Tensor:
     """q (1, T, hq, d), k and v (1, T, hk, d) after RoPE, for the packed tokens `params` (paged_attn.PagedParams
     or PagedDecodeParams) describes. Quantises k/v into their slots and returns (1, T, hq * d)."""
-    pages.write(k[0], v[0], params.slots.to(pages.k_codes.device))
+    slots = params.slots.to(pages.k_codes.device)
+    dispatch, cpu_attention = _cpu_modules()
+    # on the CPU with the cpu backend's kernels one C++ call writes the codes (bit-identical to pages.write)
+    if not ("cpu" in dispatch.active_backends() and cpu_attention.quant_write(pages, k[0], v[0], slots)):
+        pages.write(k[0], v[0], slots)
     if params.sequences is None or params.decode_only:
         # one new token per sequence on the CPU with the cpu backend's kernels: every sequence in one C++ call that
         # reads the codes as they are (ops/cpu/attention.py)
-        dispatch, cpu_attention = _cpu_modules()
         if "cpu" in dispatch.active_backends() and cpu_attention.takes_quant_paged_decode(
                 q, pages, params.block_index, params.kv_lens):
             out = cpu_attention.quant_paged_decode(q[0], pages, params.block_index, params.kv_lens, params.page_size,
