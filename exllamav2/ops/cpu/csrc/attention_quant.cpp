@@ -27,30 +27,12 @@
 #include <vector>
 
 #include "avx512_math.h"
+#include "kv_formats.h"
 
 namespace {
 
-enum Format : int64_t { FMT_Q4 = 0, FMT_Q8 = 1, FMT_FP8 = 2 };
-constexpr int kGroup = 32;
+using namespace kv_formats;
 constexpr int kMaxD = 256;
-
-
-// the unnormalised Walsh-Hadamard transform of 32 values in place (kv_quant.hadamard_rotate's butterflies)
-inline void hadamard32(float* x) {
-    for (int h = 1; h < kGroup; h *= 2)
-        for (int i = 0; i < kGroup; i += 2 * h)
-            for (int j = i; j < i + h; ++j) {
-                const float a = x[j], b = x[j + h];
-                x[j] = a + b;
-                x[j + h] = a - b;
-            }
-}
-
-inline float scalar_of(const void* p, at::ScalarType t, int64_t i) {
-    if (t == at::kFloat) return static_cast<const float*>(p)[i];
-    if (t == at::kBFloat16) return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
-    return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
-}
 
 // One code row's 16 values starting at position 16 * part of group g, as fp32 lanes in the order the query and
 // the accumulators are kept: q4 lanes hold bytes (lane i: positions 2i (low nibble) and 2i + 1 (high) of the
@@ -154,7 +136,7 @@ AVX512_TARGET void score_quad(const Problem& P, const float* qr, const float* qs
             const int64_t slot = slots[k < nk ? k : 0];
             __m512 a, c;
             P.kf.load(P.kc + slot * P.kc_ss + h * P.kc_sh, static_cast<int>(gi), &a, &c);
-            const float s = P.ks ? scalar_of(P.ks, P.kst, slot * P.ks_ss + h * P.ks_sh + gi) : 1.f;
+            const float s = P.ks ? load_float(P.ks, P.kst, slot * P.ks_ss + h * P.ks_sh + gi) : 1.f;
             const __m512 sv = _mm512_set1_ps(s);
             for (int g = 0; g < GN; ++g) {
                 const float* qg = qr + (g0 + g) * D + gi * kGroup;
@@ -188,7 +170,7 @@ AVX512_TARGET void value_rows(const Problem& P, const float* sc, int64_t h, cons
             const int64_t slot = slots[t - lo];
             __m512 a, c;
             P.vf.load(P.vc + slot * P.vc_ss + h * P.vc_sh, static_cast<int>(gi), &a, &c);
-            const float s = P.vs ? scalar_of(P.vs, P.vst, slot * P.vs_ss + h * P.vs_sh + gi) : 1.f;
+            const float s = P.vs ? load_float(P.vs, P.vst, slot * P.vs_ss + h * P.vs_sh + gi) : 1.f;
             for (int g = 0; g < GN; ++g) {
                 const float ps = sc[(g0 + g) * n + t] * s;
                 const __m512 pv = _mm512_set1_ps(ps);
@@ -242,7 +224,7 @@ AVX512_TARGET void task(const Problem& P, int64_t b, int64_t h, Scratch& w) {
     for (int64_t g = 0; g < G; ++g) {
         const int64_t qoff = b * P.q_sb + (h * G + g) * P.q_sh;
         for (int64_t gi = 0; gi < NG; ++gi) {
-            for (int i = 0; i < kGroup; ++i) tmp[i] = scalar_of(P.q, P.qt, qoff + gi * kGroup + i);
+            for (int i = 0; i < kGroup; ++i) tmp[i] = load_float(P.q, P.qt, qoff + gi * kGroup + i);
             float s = 0.f;
             if (P.kf.rotated()) {
                 hadamard32(tmp);

@@ -18,21 +18,11 @@
 #include <cstdint>
 #include <limits>
 
+#include "kv_formats.h"
+
 namespace {
 
-enum Format : int64_t { FMT_Q4 = 0, FMT_Q8 = 1, FMT_FP8 = 2 };
-constexpr int kGroup = 32;
-
-template <typename T>
-inline float to_f(const void* p, int64_t i) {
-    return static_cast<float>(static_cast<const T*>(p)[i]);
-}
-
-inline float load_f(const void* p, at::ScalarType t, int64_t i) {
-    if (t == at::kFloat) return to_f<float>(p, i);
-    if (t == at::kBFloat16) return to_f<c10::BFloat16>(p, i);
-    return to_f<c10::Half>(p, i);
-}
+using namespace kv_formats;
 
 // x rounded to the scale dtype, as `.to(scale_dtype)` does, and stored; returns the stored value as fp32
 inline float store_scale(void* p, at::ScalarType t, int64_t i, float x) {
@@ -62,7 +52,7 @@ void quantize_row(const void* x, at::ScalarType xt, int64_t xoff, int64_t d, int
     if (fmt == FMT_FP8) {
         for (int64_t i = 0; i < d; ++i) {
             // clamp (exact for these bounds in any of the input dtypes; NaN stays NaN), then c10's e5m2 conversion
-            const float f = load_f(x, xt, xoff + i);
+            const float f = load_float(x, xt, xoff + i);
             codes[i] = c10::Float8_e5m2(std::isnan(f) ? f : std::min(57344.f, std::max(-57344.f, f))).x;
         }
         return;
@@ -71,14 +61,8 @@ void quantize_row(const void* x, at::ScalarType xt, int64_t xoff, int64_t d, int
     const float fmax = dtype_max(st);
     for (int64_t g = 0; g < d / kGroup; ++g) {
         float r[kGroup];
-        for (int i = 0; i < kGroup; ++i) r[i] = load_f(x, xt, xoff + g * kGroup + i);
-        for (int h = 1; h < kGroup; h *= 2)
-            for (int i = 0; i < kGroup; i += 2 * h)
-                for (int j = i; j < i + h; ++j) {
-                    const float a = r[j], b = r[j + h];
-                    r[j] = a + b;
-                    r[j + h] = a - b;
-                }
+        for (int i = 0; i < kGroup; ++i) r[i] = load_float(x, xt, xoff + g * kGroup + i);
+        hadamard32(r);
         float amax = r[0], amin = r[0];
         for (int i = 1; i < kGroup; ++i) amax = std::max(amax, r[i]), amin = std::min(amin, r[i]);
         const float hi = std::max(amax, 0.f) / static_cast<float>(qpos);
