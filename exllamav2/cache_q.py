@@ -145,12 +145,32 @@ class ExLlamaV2CacheQuantBase(ExLlamaV2CacheBase):
         kq = self.key_states[layer_idx]
         tk, tv = self._temp_for(kq.device)
         b, end = min(batch_size, self.batch_size), offset + width
+        if self._write_with_kernel(layer_idx, tk, tv, b, offset, end):
+            return
         for fmt, codes, scales, temp in ((self.k_format, kq, self.key_scales[layer_idx], tk),
                                          (self.v_format, self.value_states[layer_idx], self.value_scales[layer_idx], tv)):
             q, s = fmt.quantize(temp[:b, offset:end], self.dtype)
             codes[:b, offset:end] = q
             if s is not None:
                 scales[:b, offset:end] = s
+
+    def _write_with_kernel(self, layer_idx: int, tk, tv, b: int, offset: int, end: int) -> bool:
+        """Positions [offset, end) of rows [:b] of the temporaries quantised into storage by the CPU kernel (one call,
+        bit-identical to the formats' quantize: ops/cpu/attention.py quant_write); False where it does not apply."""
+        kq = self.key_states[layer_idx]
+        if kq.device.type != "cpu" or not kq.is_contiguous() or torch.compiler.is_compiling():
+            return False
+        from .ops import dispatch
+        from .ops.cpu import attention as cpu_attention
+        if "cpu" not in dispatch.active_backends():
+            return False
+        from .runtime.cuda_graphs import flat_view
+        n = self.max_seq_len
+        pages = (self if self.batch_size == 1 else flat_view(self)).paged_layer(layer_idx)
+        rows = torch.arange(b).view(b, 1) * n + torch.arange(offset, end).view(1, -1)
+        k = tk[:b, offset:end].reshape(-1, *tk.shape[2:])
+        v = tv[:b, offset:end].reshape(-1, *tv.shape[2:])
+        return cpu_attention.quant_write(pages, k, v, rows.reshape(-1))
 
     # ------------------------------------------------------------------ bookkeeping
 

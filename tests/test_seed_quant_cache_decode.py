@@ -186,3 +186,23 @@ def test_eager_decode_reads_the_codes_through_the_kernel(tiny, monkeypatch):
     assert cache.current_seq_len == graphed_cache.current_seq_len == 10
     for mine, theirs in zip(cache.all_tensors(), graphed_cache.all_tensors()):
         assert torch.equal(mine[:, :7], theirs[:, :7]) and mine[:, 7:10].any()
+
+
+@pytest.mark.parametrize("cache_cls", [ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q6, ExLlamaV2Cache_8bit])
+def test_a_prompt_is_stored_by_the_kernel_with_the_reference_codes(tiny, cache_cls, monkeypatch):
+    """A seed-API prompt's rows go into a quantized cache through the CPU write kernel (cache_q.py:
+    _write_with_kernel), giving the codes and scales the formats' own quantize gives."""
+    from exllamav2.ops.cpu import attention as cpu_attention
+    prompt = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(1))
+    real = cpu_attention.quant_write
+    calls = []
+    monkeypatch.setattr(cpu_attention, "quant_write", lambda *a: calls.append(1) or real(*a))
+    with_kernel = cache_cls(tiny, 2, 256)
+    tiny.forward(prompt, with_kernel)
+    assert len(calls) == tiny.config.num_hidden_layers
+    monkeypatch.setattr(cpu_attention, "quant_write", lambda *a: False)  # the reference's quantize
+    reference = cache_cls(tiny, 2, 256)
+    tiny.forward(prompt, reference)
+    for a, b in zip(with_kernel.all_tensors(), reference.all_tensors()):
+        assert torch.equal(a, b)
+    assert with_kernel.key_states[0][:, :40].any()
