@@ -9,11 +9,14 @@ import torch
 from . import ops
 from .architecture import RopeStyle
 from .attn_params import Params
+from .cache_q import ExLlamaV2CacheQuantBase, has_quant_pages
 from .fused_linear import FusedLinear
 from .headnorm import ExLlamaV2HeadNorm
 from .linear import ExLlamaV2Linear
 from .module import ExLlamaV2Module
 from .norms import make_norm
+from .ops import dispatch
+from .ops.cpu import attention as cpu_attention
 
 
 class ExLlamaV2Attention(ExLlamaV2Module):
@@ -170,11 +173,8 @@ class ExLlamaV2Attention(ExLlamaV2Module):
         triton backend takes a paged step (its kernels write k/v themselves), nor for the compiled decode-only step
         (paged_attn.PagedDecodeParams), which keeps the traced reference."""
         if not params.paged:
-            if self._quant_decode(cache, params, s, qk):
-                return None  # attend() writes the codes and reads them in one kernel call
             kc, vc = self.cache_views(cache, b, params.past_len + s)
             return kc, vc, params.get_write_index(kc.device)
-        from .cache_q import has_quant_pages
         if (qk.device.type != "cpu" or getattr(params, "sequences", None) is None
                 or has_quant_pages(cache) or params.slots.device != qk.device):
             return None
@@ -188,6 +188,8 @@ class ExLlamaV2Attention(ExLlamaV2Module):
         b, s = x.shape[0], x.shape[1]
         H, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         rope = self.rope() if self.uses_rope() else None
+        # a decode step over a quantized cache writes the codes and reads them in one kernel call (below)
+        quant = cache is not None and self._quant_decode(cache, attn_params, s, x)
         y = self.qkv.forward_plain(x, loras) if self.q_norm is None else None
         written = False  # k and v already in the plain cache
         if y is not None:
@@ -195,7 +197,7 @@ class ExLlamaV2Attention(ExLlamaV2Module):
             qk = y[..., :(H + Hkv) * d].view(b, s, H + Hkv, d)
             v = y[..., (H + Hkv) * d:].view(b, s, Hkv, d)
             target = (self._kv_write_target(attn_params, cache, b, s, qk, v)
-                      if rope is not None and cache is not None else None)
+                      if rope is not None and cache is not None and not quant else None)
             if target is not None:
                 # and writes k and v into the cache in the same op (one C++ pass on the CPU: ops/cpu/small_ops.py)
                 kc, vc, index = target
@@ -217,8 +219,8 @@ class ExLlamaV2Attention(ExLlamaV2Module):
             from .paged_attn import paged_attention
             return paged_attention(self, q, k, v, cache, attn_params)
         past = attn_params.past_len
-        if cache is not None and self._quant_decode(cache, attn_params, s, q):
-            return self._attend_quant_decode(q, k, v, cache, past)
+        if quant:
+            return self._attend_quant_decode(q, k, v, cache, attn_params)
         if cache is not None:
             if not written:
                 kc, vc = self.cache_views(cache, b, past + s)
@@ -236,37 +238,45 @@ class ExLlamaV2Attention(ExLlamaV2Module):
         out = ops.attention(q, k, v, mask, self.scaling, self.softcap, s > 1 and mask is None)
         return out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
 
-    def _quant_decode(self, cache, params, s: int, q) -> bool:
+    def _quant_decode(self, cache, params, s: int, x) -> bool:
         """Whether this step reads a quantized cache (cache_q.py) through the CPU kernel for quantized pages
         (csrc/attention_quant.cpp) instead of dequantising the layer's whole prefix into a temporary: one new token
         per row, no padding mask or position offsets, on the CPU with the cpu backend's kernels."""
-        from .cache_q import ExLlamaV2CacheQuantBase
-        if (s != 1 or params.paged or not isinstance(cache, ExLlamaV2CacheQuantBase) or q.device.type != "cpu"
+        if (s != 1 or params.paged or not isinstance(cache, ExLlamaV2CacheQuantBase) or x.device.type != "cpu"
                 or params.input_mask is not None or params.position_offsets is not None
                 or params.rope_offsets is not None or torch.compiler.is_compiling()):
             return False
-        from .ops import dispatch
-        from .ops.cpu import attention as cpu_attention
         return ("cpu" in dispatch.active_backends() and cache.key_states[self.layer_idx].is_contiguous()
-                and cpu_attention.takes_quant_paged_decode_shape(q.dtype, self.head_dim))
+                and cpu_attention.takes_quant_paged_decode_shape(x.dtype, self.head_dim))
 
-    def _attend_quant_decode(self, q, k, v, cache, past: int) -> torch.Tensor:
+    def _attend_quant_decode(self, q, k, v, cache, params: Params) -> torch.Tensor:
         """One new token per row over a quantized cache: its k/v quantised into the cache (as store_kv_state would),
         then attention straight from the codes, the rows seen as consecutive pages (runtime/cuda_graphs.py). The
         new token attends to itself as stored, as on the paged path; a prompt (several tokens) still attends to its
         own tokens as computed (the temporary path)."""
-        from .ops.cpu import attention as cpu_attention
-        from .runtime.cuda_graphs import contiguous_table, flat_view
         b = q.shape[0]
         if b > cache.batch_size:
             raise ValueError(f"batch of {b} rows does not fit a cache built for batch_size={cache.batch_size}")
-        pages = (cache if cache.batch_size == 1 else flat_view(cache)).paged_layer(self.layer_idx)
-        table, page = contiguous_table(cache, q.device, b)
-        slots = table[:, past // page] * page + past % page
+        flat, table, page, slots, lens = _quant_step(cache, params, b)
+        pages = flat.paged_layer(self.layer_idx)
         kd, vd = (t[:, 0] if t.dtype == cache.dtype else t[:, 0].to(cache.dtype) for t in (k, v))
         if not cpu_attention.quant_write(pages, kd, vd, slots):
             pages.write(kd, vd, slots)
-        lens = torch.full((b,), past + 1, dtype=torch.long)
         out = cpu_attention.quant_paged_decode(q[:, 0], pages, table, lens, page, self.sliding_window or 0,
                                                self.scaling, self.softcap)
         return out.reshape(b, 1, self.num_heads * self.head_dim)
+
+
+def _quant_step(cache, params: Params, b: int) -> tuple:
+    """(the cache as pages, block tables (b, pages), page size, the new token's slots (b,), key counts (b,)) for a
+    decode step over a quantized cache: built once per step, on its Params, and shared by every layer."""
+    step = getattr(params, "_quant_step", None)
+    if step is None or step[0] is not cache:
+        from .runtime.cuda_graphs import contiguous_table, flat_view
+        past = params.past_len
+        table, page = contiguous_table(cache, "cpu", b)
+        slots = table[:, past // page] * page + past % page
+        lens = torch.full((b,), past + 1, dtype=torch.long)
+        step = params._quant_step = (cache, cache if cache.batch_size == 1 else flat_view(cache), table, page, slots,
+                                     lens)
+    return step[1:]

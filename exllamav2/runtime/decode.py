@@ -22,6 +22,7 @@ import time
 import torch
 
 from ..attn_params import Params
+from ..cache_q import has_quant_pages
 from ..module import interventions_alive
 from .compile import INDUCTOR_OPTIONS, Ticker, bind_model, call_tracing, configure_inductor
 from .guards import TrustedSteps, cache_kind
@@ -144,7 +145,7 @@ class DecodeRunner:
     def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         if self.graphs is not None:
             return self._graphed(input_ids, cache)
-        if hasattr(cache, "paged_layer"):
+        if has_quant_pages(cache):
             return self._quantized(input_ids, cache)
         b = input_ids.shape[0]
         buf = self._ids.get(b)

@@ -29,6 +29,7 @@ namespace attention_kernels {
 constexpr int kMaxD = 256;
 constexpr int64_t kSplit = 128;  // keys per task; fixed, so that a row's arithmetic never depends on the call
 
+using avx512_math::in_fours;
 using avx512_math::load16;
 
 struct View {  // strides in elements; the last dimension is contiguous
@@ -72,20 +73,6 @@ struct Scratch {
 inline Scratch& scratch() {
     static thread_local Scratch s;
     return s;
-}
-
-// f(width, i) for i = 0, 4, 8, ... with width std::integral_constant<int, 4>, then once for the 1-3 left over (so
-// n <= 4 is a single call of width n): tiles of rows or 16-dim chunks whose width is a template argument
-template <typename F>
-inline void in_fours(int64_t n, F&& f) {
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) f(std::integral_constant<int, 4>{}, i);
-    switch (n - i) {
-        case 3: f(std::integral_constant<int, 3>{}, i); break;
-        case 2: f(std::integral_constant<int, 2>{}, i); break;
-        case 1: f(std::integral_constant<int, 1>{}, i); break;
-        default: break;
-    }
 }
 
 // ---- weighted sum for fp32 and fp16: FMAs over fp32 p ------------------------------------------------------------

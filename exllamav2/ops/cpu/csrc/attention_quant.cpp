@@ -187,19 +187,6 @@ AVX512_TARGET void value_rows(const Problem& P, const float* sc, int64_t h, cons
     }
 }
 
-// f(width, g0) over the query rows in chunks of up to 4 (width a template argument)
-template <typename F>
-inline void in_row_chunks(int64_t G, F&& f) {
-    int64_t g0 = 0;
-    for (; g0 + 4 <= G; g0 += 4) f(std::integral_constant<int, 4>{}, g0);
-    switch (G - g0) {
-        case 3: f(std::integral_constant<int, 3>{}, g0); break;
-        case 2: f(std::integral_constant<int, 2>{}, g0); break;
-        case 1: f(std::integral_constant<int, 1>{}, g0); break;
-        default: break;
-    }
-}
-
 AVX512_TARGET void task(const Problem& P, int64_t b, int64_t h, Scratch& w) {
     const int64_t G = P.G, D = P.D, NG = D / kGroup;
     const int64_t n = P.lens[b];
@@ -242,7 +229,7 @@ AVX512_TARGET void task(const Problem& P, int64_t b, int64_t h, Scratch& w) {
     for (int64_t t = lo; t < n; ++t) slots[t - lo] = row[t / P.page_size] * P.page_size + t % P.page_size;
     for (int64_t t0 = lo; t0 < n; t0 += 4) {
         const int nk = static_cast<int>(std::min<int64_t>(4, n - t0));
-        in_row_chunks(G, [&](auto gn, int64_t g0) {
+        avx512_math::in_fours(G, [&](auto gn, int64_t g0) {
             score_quad<decltype(gn)::value>(P, qr, qsum, h, slots + (t0 - lo), nk, g0, t0, n, sc);
         });
     }
@@ -268,7 +255,9 @@ AVX512_TARGET void task(const Problem& P, int64_t b, int64_t h, Scratch& w) {
         l[g] = _mm512_reduce_add_ps(sum) + tail;
     }
     const float voff = static_cast<float>(P.vf.off);
-    in_row_chunks(G, [&](auto gn, int64_t g0) { value_rows<decltype(gn)::value>(P, sc, h, slots, lo, n, g0, u, ws); });
+    avx512_math::in_fours(G, [&](auto gn, int64_t g0) {
+        value_rows<decltype(gn)::value>(P, sc, h, slots, lo, n, g0, u, ws);
+    });
     alignas(64) float outrow[kMaxD];
     for (int64_t g = 0; g < G; ++g) {
         const float inv = 1.f / l[g];

@@ -1,5 +1,6 @@
-// AVX-512 helpers shared by the CPU kernels (attention_kernels.h, small_ops.cpp): loads of 16 fp32/bf16/fp16
-// values as fp32, a vectorized exp, and c10's bf16 rounding in 512-bit integers.
+// AVX-512 helpers shared by the CPU kernels (attention_kernels.h, attention_quant.cpp, small_ops.cpp): loads of 16
+// fp32/bf16/fp16 values as fp32, a vectorized exp, c10's bf16 rounding in 512-bit integers, and the dispatch of
+// register tiles four at a time.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -7,6 +8,7 @@
 
 #include <immintrin.h>
 
+#include <cstdint>
 #include <type_traits>
 
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,f16c")))
@@ -104,6 +106,20 @@ AVX512_TARGET inline __m512 exp_ps(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
     return _mm512_scalef_ps(p, n);
+}
+
+// f(width, i) for i = 0, 4, 8, ... with width std::integral_constant<int, 4>, then once for the 1-3 left over (so
+// n <= 4 is a single call of width n): tiles of rows or 16-dim chunks whose width is a template argument
+template <typename F>
+inline void in_fours(int64_t n, F&& f) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) f(std::integral_constant<int, 4>{}, i);
+    switch (n - i) {
+        case 3: f(std::integral_constant<int, 3>{}, i); break;
+        case 2: f(std::integral_constant<int, 2>{}, i); break;
+        case 1: f(std::integral_constant<int, 1>{}, i); break;
+        default: break;
+    }
 }
 
 }  // namespace avx512_math
