@@ -9,6 +9,7 @@ trees, one process each, alternating:
     done
 
 Default model: the shipped SmolLM2-135M-Instruct GGUF. Prints one line: the file and the milliseconds per mode.
+`--profile` then prints torch.profiler's table of the ops over one more prefill per mode (where the time goes).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--reps", type=int, default=6, help="prefills per mode; the first is a warm-up")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--profile", action="store_true", help="also print the ops' times over one prefill per mode")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -51,6 +53,16 @@ def main(argv=None) -> int:
         times[mode] = min(ts[1:]) * 1000
     ops.set_cpu_activations("int16")
     print(path.split("/")[-1], " ".join(f"{m} {v:.1f} ms" for m, v in times.items()))
+    if args.profile:
+        from torch.profiler import profile
+        for mode in ("int16", "int8"):
+            ops.set_cpu_activations(mode)
+            cache.current_seq_len = 0
+            with profile() as prof, torch.inference_mode():
+                model.forward(ids, cache, last_id_only=True)
+            print(f"activations {mode}:")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        ops.set_cpu_activations("int16")
     return 0
 
 

@@ -6,13 +6,18 @@ runtime/decode.py), beside the plain cache, in one process:
 
 For each cache: a `--context`-token prompt, then `--tokens` greedy decode steps through model.forward; prints
 ms per decode step (median over the steps) eager and compiled, and the compiled speed-up. `--no-compile` times the
-eager steps only (the test suite's smoke run).
+eager steps only (the test suite's smoke run). Two more measures, instead of the table:
+
+    --prefill   ms to read the `--context`-token prompt into each cache (model.forward, preprocess_only; best of 3)
+    --op        us per call of the CPU decode attention over quantized pages alone (csrc/attention_quant.cpp), one
+                sequence of `--context` keys with SmolLM2's heads (9 q / 3 kv, head_dim 64), per format (best of 200)
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -45,8 +50,12 @@ def main(argv=None) -> int:
     p.add_argument("--caches", default="fp16,Q4,Q8", help=f"comma-separated, of {', '.join(CACHES)}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-compile", action="store_true", help="eager steps only")
+    p.add_argument("--prefill", action="store_true", help="time the prompt into each cache instead")
+    p.add_argument("--op", action="store_true", help="time the quantized-page attention op alone instead")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.op:
+        return op_alone(args.context)
 
     import exllamav2
     from exllamav2 import ExLlamaV2, ExLlamaV2Config
@@ -62,6 +71,8 @@ def main(argv=None) -> int:
     model = ExLlamaV2(cfg)
     model.load(progress=False)
     ids = torch.randint(100, min(20000, cfg.vocab_size), (1, args.context), generator=torch.Generator().manual_seed(0))
+    if args.prefill:
+        return prefill_ms(model, ids, names, path, args.threads)
     eager = {c: decode_ms(model, getattr(exllamav2, CACHES[c]), ids, args.tokens) for c in names}
     compiled = {}
     if not args.no_compile:
@@ -81,6 +92,46 @@ def main(argv=None) -> int:
             print(f"| {c} | {e[0]:.2f} | {k[0]:.2f} | {e[0] / k[0]:.2f}x | {e[1] == k[1]} |")
         else:
             print(f"| {c} | {e[0]:.2f} | – | – | – |")
+    return 0
+
+
+def prefill_ms(model, ids: torch.Tensor, names: list, path: str, threads: int) -> int:
+    import exllamav2
+    print(f"{path.split('/')[-1]}: a {ids.shape[1]}-token prompt into each cache, {threads} threads (ms, best of 3)")
+    for c in names:
+        cache = getattr(exllamav2, CACHES[c])(model, 1, model.config.max_seq_len)
+        best = float("inf")
+        for _ in range(3):
+            cache.current_seq_len = 0
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                model.forward(ids, cache, preprocess_only=True)
+            best = min(best, time.perf_counter() - t0)
+        print(f"| {c} | {best * 1000:.1f} |")
+    return 0
+
+
+def op_alone(keys: int) -> int:
+    from bench_cpu_rope import per_call_us
+    from exllamav2.ops.cpu import attention, kernels
+    from exllamav2.ops.torch_ref.kv_quant import QuantPages, format_named
+    if not kernels.ready() or not kernels.loaded_with_avx512():
+        print("error: the CPU kernels (AVX-512) are not available here", file=sys.stderr)
+        return 2
+    page, hk, d = 256, 3, 64
+    pages_n = -(-keys // page)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 9, d, generator=g).bfloat16()
+    table, lens = torch.arange(pages_n).view(1, -1), torch.tensor([keys])
+    print(f"quantized-page decode attention alone: {keys} keys, 9/3 heads, head_dim 64, bf16 (us per call, best of 200)")
+    for name in ("q4", "q8", "fp8"):
+        f = format_named(name)
+        k, v = (torch.randn(pages_n * page, hk, d, generator=g).bfloat16() for _ in range(2))
+        kc, ks = f.quantize(k, torch.bfloat16)
+        vc, vs = f.quantize(v, torch.bfloat16)
+        pages = QuantPages(kc, ks, vc, vs, f, f, torch.bfloat16)
+        us = per_call_us(lambda: attention.quant_paged_decode(q, pages, table, lens, page, 0, 0.125, 0.0), 200)
+        print(f"| {name} | {us:.1f} |")
     return 0
 
 

@@ -87,3 +87,16 @@ def test_bench_quant_cache_decode_table():
     bad = subprocess.run([sys.executable, "bench/bench_quant_cache_decode.py", "--caches", "Q5"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "unknown Q5" in bad.stderr
+
+
+def test_bench_gated_and_quantized_attention_op_tables():
+    """bench/bench_cpu_gated.py and bench_quant_cache_decode.py --op: a row of times per case."""
+    r = subprocess.run([sys.executable, "bench/bench_cpu_gated.py", "--rows", "1,16", "--calls", "3", "--threads", "1"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| 1 |") or ln.startswith("| 16 |")]
+    assert len(rows) == 2 and all(ln.rstrip().endswith("x |") for ln in rows), r.stdout
+    r = subprocess.run([sys.executable, "bench/bench_quant_cache_decode.py", "--op", "--context", "100"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [ln.split("|")[1].strip() for ln in r.stdout.splitlines() if ln.startswith("| ")] == ["q4", "q8", "fp8"]
