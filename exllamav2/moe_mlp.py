@@ -33,6 +33,11 @@ from .mlp import ExLlamaV2MLP
 from .module import ExLlamaV2Module, TensorShapeError
 from .moe_grouped_op import moe_grouped_experts, register
 from .norms import make_norm
+from .ops import dispatch
+from .ops.triton import declines_device as triton_declines
+from .ops.triton import linear as triton_linear
+from .ops.triton.moe import expert_tables
+from .ops.triton.moe import grouped_experts as grouped_device
 
 
 class ExLlamaV2HookPoint(ExLlamaV2Module):
@@ -113,6 +118,8 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
         self.pre_down_point = ExLlamaV2HookPoint(model, key + ".hook_pre_down", ap)
         self.out_point = ExLlamaV2HookPoint(model, key + ".hook_out", ap)
         self.handle = register(self)  # the grouped path's custom op finds this module by it
+        self._tables = None  # (key, expert tables, the kernels they were built from): see _device_tables
+        self.device_path_declined: str | None = None  # why the device-routed kernels last declined this layer
         self.submodules = [m for m in (self.pre_layernorm, self.gate, *self.experts, self.shared_expert,
                                        self.shared_gate, self.post_layernorm) if m is not None]
 
@@ -205,7 +212,11 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
         xf = x.reshape(-1, shape[-1])
         weights, ids = self.route(xf)
         inter = {"post_norm": x} if intermediates else None
-        if inter is None and self._routes_statically(xf):
+        tables = self._device_tables(xf) if inter is None else None
+        if tables is not None:
+            y = grouped_device(xf, weights, ids, tables, self.act, pre_down=lambda a: self.pre_down_point.forward(
+                a.view(*shape[:-1], a.shape[-1])))
+        elif inter is None and self._routes_statically(xf):
             y = self.forward_static(xf, weights, ids, shape)
         elif inter is None and torch.compiler.is_compiling():
             # the host read of the counts would break the graph: the same path, opaque to dynamo
@@ -260,6 +271,31 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
             y.index_add_(0, tokens[beg:beg + n], ye.to(y.dtype))
             beg += n
         return y
+
+    def _device_tables(self, x: torch.Tensor):
+        """The triton backend's expert tables (ops/triton/moe.py) when this call runs the experts routed on the
+        device, else None. It does on a CUDA device (or the CPU under Triton's interpreter) when the experts' Triton kernels take it: always while a graph is captured or compiled, and for up
+        to DENSE_ROWS tokens otherwise (decode steps; longer prompts take the grouped path's matmuls), or any
+        count under `ops.set_batch_invariant()`."""
+        if self.static_routing is not None or "triton" not in dispatch.active_backends() \
+                or triton_declines(x.device) is not None:
+            return None
+        if x.shape[0] > triton_linear.DENSE_ROWS and not dispatch.batch_invariant() \
+                and not torch.compiler.is_compiling() and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return None
+        if any(lin.prescale != 1 or "forward" in vars(lin) for lin in self.experts):
+            return None  # an expert changed by hand runs through its own forward
+        key = (x.dtype, dispatch.generation())
+        cached = self._tables
+        if cached is not None and cached[0] == key and all(
+                lin._kernels.get(x.dtype) is k for lin, k in zip(self.experts, cached[2])):
+            return cached[1]
+        tables = expert_tables(self.w1, self.w3, self.w2, self.act, x.dtype)
+        if isinstance(tables, str):
+            self.device_path_declined = tables
+            return None
+        self._tables = (key, tables, [lin._kernels.get(x.dtype) for lin in self.experts])
+        return tables
 
     def _routes_statically(self, x: torch.Tensor) -> bool:
         if self.static_routing is not None:

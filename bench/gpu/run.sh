@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one command, for a lent GPU machine (nothing is downloaded there):
-#   bash bench/gpu/run.sh [all|attention|linears|decode]     (results under $OUT, default ./gpu_results)
+#   bash bench/gpu/run.sh [all|attention|linears|decode|moe]     (results under $OUT, default ./gpu_results)
 # Wheels the machine lacks (gguf; the original exllamav2 0.3.2 and what its import needs) may be put in
 # bench/gpu/vendor/ beforehand: they are installed from there with --no-deps. Each bench has its own time limit so one
 # that hangs cannot eat the others' time; `--cpu` runs of each are in the test suite.
@@ -23,3 +23,4 @@ run() {  # name, seconds, command...
 case "$what" in all|attention) run attention 120 python bench/gpu/bench_attention.py ;; esac
 case "$what" in all|linears) run linears 300 python bench/gpu/bench_linears.py --out "$OUT" ;; esac
 case "$what" in all|decode) run decode 420 python bench/gpu/bench_decode.py --out "$OUT" --model-dir /tmp/bench_decode_8b ${orig:+--original-wheel "$orig"} ;; esac
+case "$what" in all|moe) run moe 90 python bench/gpu/bench_moe.py ;; esac

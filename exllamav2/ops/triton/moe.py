@@ -1,0 +1,149 @@
+"""An MoE layer's experts on the `triton` backend with no host sync (kernels: moe_kernels.py).
+
+The eager grouped path (exllamav2/moe_mlp.py: forward_grouped) counts tokens per expert on the host; the static
+path reads every expert's weights for every token. Here the routing is grouped on the device with a fixed number
+of blocks for a given token count (`route_blocks`), and the two kernels find each block's expert through tables of
+the experts' tensor addresses (`ExpertTables`, built from the linears' own prepared Triton kernels: no copy of any
+weight). So a decode step can be captured in a CUDA graph and reads only the experts its tokens picked.
+
+Takes: experts whose Triton kernels are dense (F.linear on the module's own weight, in the activations' dtype) or
+GGUF blocks of one type per projection, all experts of a projection alike, no bias; the activations the kernel
+knows (`_act_codes`). Anything else is declined with a reason, and the module runs its other paths.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import interpreting, kernels
+from .linear import triton_cdiv
+
+DENSE_FMT = 16  # moe_kernels.DENSE; GGUF types use gguf_kernels.QTYPE_CODES (0-5)
+
+
+def _act_codes() -> dict:
+    """The activation functions the kernel computes (exllamav2/ops/torch_ref/activation.py), by function."""
+    from ..torch_ref.activation import ACTIVATIONS
+    names = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "quickgelu": 4}
+    return {ACTIVATIONS[n]: code for n, code in names.items()}
+
+
+class ExpertTables:
+    """One projection kind's experts (all of w1, w3 or w2) as one int64 table of tensor addresses on the device,
+    with their format code and bytes per row (GGUF; 0 for dense). Holds the kernels, so the addresses stay valid
+    while the table lives."""
+
+    def __init__(self, kernel_list: list, what: str):
+        from .linear import DenseKernel
+        first = kernel_list[0]
+        self.kernels = kernel_list
+        self.in_features, self.out_features = first.in_features, first.out_features
+        if isinstance(first, DenseKernel):
+            self.fmt, self.row_bytes = DENSE_FMT, 0
+            tensors = [k.weight for k in kernel_list]
+        elif _is_gguf(first):
+            self.fmt, self.row_bytes = first.qcode, first.row_bytes
+            tensors = [k.blocks for k in kernel_list]
+        else:
+            raise _Declined(f"{what}: {type(first).__name__} experts (the grouped kernel reads dense or GGUF ones)")
+        for k, t in zip(kernel_list, tensors):
+            if type(k) is not type(first) or (k.in_features, k.out_features) != (self.in_features, self.out_features):
+                raise _Declined(f"{what}: experts differ in format or shape")
+            if getattr(k, "bias", None) is not None:
+                raise _Declined(f"{what}: experts with a bias")
+            if _is_gguf(k) and (k.qcode, k.row_bytes) != (self.fmt, self.row_bytes):
+                raise _Declined(f"{what}: experts in different GGUF types")
+            if not t.is_contiguous():
+                raise _Declined(f"{what}: an expert's weight is not contiguous")
+        self.table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=tensors[0].device)
+
+
+class _Declined(Exception):
+    pass
+
+
+def _is_gguf(kernel) -> bool:
+    # gguf_linear.GgufKernel, by its attributes: that module is loaded once per interpreter mode (kernels()), so
+    # its class is not one object
+    return type(kernel).__name__ == "GgufKernel" and hasattr(kernel, "qcode") and hasattr(kernel, "blocks")
+
+
+def expert_tables(w1: list, w3: list, w2: list, act, dtype: torch.dtype):
+    """(tables for w1, w3, w2) from the expert linears' Triton kernels for `dtype`, or the reason they cannot run
+    here (a string). `act`: the module's activation function."""
+    if act not in _act_codes():
+        return f"activation {getattr(act, '__name__', act)!r} (the grouped kernel has silu, gelu, gelu_tanh, relu, quickgelu)"
+    try:
+        ks = [[lin.kernel(dtype) for lin in group] for group in (w1, w3, w2)]
+    except Exception as e:  # a linear no backend takes for this dtype: the module's other paths say why
+        return f"no kernels for the experts: {e}"
+    if any(getattr(k, "backend", None) != "triton" for group in ks for k in group):
+        return "the experts' linears run on another backend"
+    try:
+        return tuple(ExpertTables(group, what) for group, what in zip(ks, ("w1", "w3", "w2")))
+    except _Declined as e:
+        return str(e)
+
+
+def route_blocks(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The assignments (token t's j-th ranked expert is assignment t * k + j) grouped by expert in blocks of
+    `block_m`: (rows (blocks * block_m,) int32: assignment indices, A = T * k in padding; experts (blocks,) int32:
+    each block's expert, -1 past the last). Device ops only, no host sync; the block count,
+    ceil(A / block_m) + min(E, A), bounds sum over experts of ceil(count / block_m) and depends on A alone. Within
+    an expert, assignments keep their order (a stable sort)."""
+    T, k = ids.shape
+    A, E, dev = T * k, num_experts, ids.device
+    flat = ids.reshape(-1).to(torch.int64)
+    counts = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    blocks = (counts + block_m - 1) // block_m
+    block_end = torch.cumsum(blocks, 0)
+    n_blocks = triton_cdiv(A, block_m) + min(E, A)
+    owner = torch.searchsorted(block_end, torch.arange(n_blocks, device=dev), right=True)
+    experts = torch.where(owner < E, owner, -1).to(torch.int32)
+    order = torch.argsort(flat, stable=True)
+    sorted_e = flat[order]
+    rank = torch.arange(A, device=dev) - (torch.cumsum(counts, 0) - counts)[sorted_e]
+    pos = (block_end - blocks)[sorted_e] * block_m + rank
+    rows = torch.full((n_blocks * block_m,), A, dtype=torch.int32, device=dev)
+    rows.scatter_(0, pos, order.to(torch.int32))
+    return rows, experts
+
+
+def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, tables, act,
+                    pre_down=None) -> torch.Tensor:
+    """The experts' weighted sum (T, hidden) for x (T, hidden), routing weights (T, k) fp32 and ids (T, k).
+    `pre_down` (optional): called with the (T, k * I) activations the down projections read and returns the
+    tensor they read (the module's hook point)."""
+    t1, t3, t2 = tables
+    T, H = x.shape
+    k = ids.shape[1]
+    A, I = T * k, t1.out_features
+    interpret = x.device.type == "cpu" and interpreting()
+    mod = kernels("moe_kernels", interpret)
+    tile = mod.TILE
+    bm, bn, bk = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]
+    dot_f32 = interpret and x.dtype == torch.bfloat16
+    x = x if x.stride(1) == 1 else x.contiguous()
+    rows, experts = route_blocks(ids, t1.table.shape[0], bm)
+    n_blocks = experts.shape[0]
+
+    act_buf = torch.empty((A, I), dtype=x.dtype, device=x.device)
+    mod.moe_gate_up[(n_blocks, triton_cdiv(I, bn))](
+        x, rows, experts, act_buf, t1.table, t3.table, A, H, I, t1.row_bytes, t3.row_bytes, x.stride(0),
+        TOPK=k, FMT1=t1.fmt, FMT3=t3.fmt, ACT=_act_codes()[act], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        DOT_F32=dot_f32)
+    if pre_down is not None:
+        act_buf = pre_down(act_buf.view(T, k * I)).reshape(A, I).contiguous()
+
+    out = torch.empty((A, H), dtype=x.dtype, device=x.device)
+    mod.moe_down[(n_blocks, triton_cdiv(H, bn))](
+        act_buf, rows, experts, weights.reshape(-1).float().contiguous(), out, t2.table, A, I, H, t2.row_bytes,
+        FMT2=t2.fmt, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_F32=dot_f32)
+
+    # each token's rows added in expert order from zero, as the grouped path's index_add over experts does
+    by_expert = torch.argsort(ids, dim=1, stable=True)
+    rows_in_order = torch.take_along_dim(out.view(T, k, H), by_expert.unsqueeze(-1), dim=1)
+    y = torch.zeros((T, H), dtype=x.dtype, device=x.device)
+    for j in range(k):
+        y = y + rows_in_order[:, j]
+    return y

@@ -1,0 +1,236 @@
+"""MoE experts routed on the device (exllamav2/ops/triton/moe.py, moe_kernels.py) under the Triton interpreter, in
+fp16: the block grouping covers every assignment once with no host sync; the kernels give the eager grouped path's
+result (dense experts, and GGUF blocks of several types); a token's result is the same bits alone or in a batch;
+a whole model decodes the torch backend's greedy tokens through them; the pre_down hook point still sees and edits
+what the down projections read; experts the kernel cannot read are declined and run the other paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ops  # noqa: E402
+from exllamav2.interventions import AddVector, add_edit  # noqa: E402
+from exllamav2.moe_mlp import ExLlamaV2MoEMLP  # noqa: E402
+from exllamav2.ops.triton import moe as tmoe  # noqa: E402
+from host_sync import SyncTrace, host_syncs  # noqa: E402
+from parity import save_hf_model  # noqa: E402
+from test_moe import _build  # noqa: E402
+
+F16 = torch.float16
+
+
+@pytest.fixture(autouse=True)
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ops.set_backend(None)
+    yield
+    ops.set_backend(None)
+
+
+def _load(name, tmp_path, dtype=F16):
+    cfg = ExLlamaV2Config(save_hf_model(_build(name), tmp_path))
+    cfg.dtype = dtype
+    cfg.max_seq_len = 64
+    model = ExLlamaV2(cfg)
+    model.load()
+    return model
+
+
+def _moe_layers(model):
+    return [m for m in model.modules if isinstance(m, ExLlamaV2MoEMLP)]
+
+
+@pytest.mark.parametrize("T,k,E,bm", [(1, 2, 8, 16), (3, 2, 5, 16), (40, 4, 6, 16), (7, 3, 60, 4), (5, 1, 1, 2)])
+def test_route_blocks_cover_every_assignment_once(T, k, E, bm):
+    g = torch.Generator().manual_seed(T * 100 + E)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    with SyncTrace() as trace:
+        rows, experts = tmoe.route_blocks(ids, E, bm)
+    assert not host_syncs(trace.ops), host_syncs(trace.ops)
+    A = T * k
+    assert rows.shape == (experts.shape[0] * bm,) and experts.shape[0] == -(-A // bm) + min(E, A)
+    flat = ids.reshape(-1)
+    seen = []
+    for b, e in enumerate(experts.tolist()):
+        block = rows[b * bm:(b + 1) * bm].tolist()
+        real = [r for r in block if r < A]
+        if e < 0:
+            assert not real, "a spare block holds assignments"
+            continue
+        assert real and all(r == A for r in block[len(real):]), "padding must follow a block's assignments"
+        assert all(flat[r] == e for r in real), "an assignment in another expert's block"
+        seen += real
+    assert sorted(seen) == list(range(A))
+    # within an expert, assignments keep their order
+    for e in range(E):
+        mine = [r for r in seen if flat[r] == e]
+        assert mine == sorted(mine)
+
+
+def _routing(moe, T, seed):
+    x = torch.randn(T, moe.hidden_size, generator=torch.Generator().manual_seed(seed)).to(F16)
+    weights, ids = moe.route(x)
+    return x, weights, ids
+
+
+def _device(moe, x, weights, ids):
+    tables = tmoe.expert_tables(moe.w1, moe.w3, moe.w2, moe.act, x.dtype)
+    assert not isinstance(tables, str), tables
+    return tmoe.grouped_experts(x, weights, ids, tables, moe.act)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+def test_dense_experts_give_the_grouped_paths_result(name, tmp_path):
+    model = _load(name, tmp_path)
+    moe = _moe_layers(model)[0]
+    for T in (1, 5, 37):
+        x, weights, ids = _routing(moe, T, T)
+        want = moe.forward_grouped(x, weights, ids)
+        got = _device(moe, x, weights, ids)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        # fp16 results of the same fp16 weights summed in another order: within a few units of the last place
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=4e-3)
+        assert (got != want).float().mean() < 0.2
+
+
+def test_a_tokens_result_is_the_same_alone_and_batched(tmp_path):
+    model = _load("mixtral", tmp_path)
+    moe = _moe_layers(model)[0]
+    x, weights, ids = _routing(moe, 9, 4)
+    batched = _device(moe, x, weights, ids)
+    for t in (0, 4, 8):
+        alone = _device(moe, x[t:t + 1], weights[t:t + 1], ids[t:t + 1])
+        assert torch.equal(alone[0], batched[t]), f"token {t}: its result depends on the other tokens"
+
+
+def test_the_device_step_makes_no_host_sync(tmp_path):
+    model = _load("mixtral", tmp_path)
+    moe = _moe_layers(model)[0]
+    x, weights, ids = _routing(moe, 3, 1)
+    tables = tmoe.expert_tables(moe.w1, moe.w3, moe.w2, moe.act, F16)
+    with SyncTrace() as trace:
+        tmoe.grouped_experts(x, weights, ids, tables, moe.act)
+    assert not host_syncs(trace.ops), host_syncs(trace.ops)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_model_decodes_the_torch_backends_tokens_through_the_device_path(name, tmp_path, monkeypatch):
+    model = _load(name, tmp_path)
+    calls = []
+    real = tmoe.grouped_experts
+    monkeypatch.setattr("exllamav2.moe_mlp.grouped_device", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    ids = torch.randint(0, 131, (2, 7), generator=torch.Generator().manual_seed(2))
+
+    def greedy(backend):
+        with ops.use_backend(backend):
+            cache = ExLlamaV2Cache(model, batch_size=2, max_seq_len=64)
+            logits = model.forward(ids, cache, last_id_only=True)[:, -1]
+            out = []
+            for _ in range(4):
+                tok = logits.argmax(-1, keepdim=True)
+                out.append(tok)
+                logits = model.forward(tok, cache)[:, -1]
+        return torch.cat(out, 1)
+
+    ref = greedy("torch")
+    assert not calls
+    got = greedy(None)  # triton first: the expert linears take its kernels, so the MoE layers route on the device
+    assert torch.equal(got, ref)
+    moes = _moe_layers(model)
+    # the prompt's 14 rows (the model's last layer on the 2 sampled rows only: model.last_rows_layer), then 4
+    # steps of 2 rows
+    last = model.config.num_hidden_layers - 1
+    prompt = [2 if m.layer_idx == last else 14 for m in moes]
+    assert calls == prompt + [2] * (4 * len(moes)), calls
+    assert all(m.device_path_declined is None for m in moes)
+
+
+def test_pre_down_edits_reach_the_down_projections(tmp_path):
+    model = _load("mixtral", tmp_path)
+    moe = _moe_layers(model)[0]
+    i = moe.layer_idx
+    ids = torch.randint(0, 131, (1, 6), generator=torch.Generator().manual_seed(9))
+    v = torch.zeros(moe.top_k * moe.interm_features)
+    v[:moe.interm_features] = torch.randn(moe.interm_features, generator=torch.Generator().manual_seed(1))
+    outs = {}
+    for backend in ("torch", None):
+        with ops.use_backend(backend):
+            base = model.forward(ids)
+            with add_edit(model, f"blocks.{i}.mlp.pre_down", AddVector(v)):
+                edited = model.forward(ids)
+        outs[backend] = (base, edited)
+    moved = (outs[None][1] - outs[None][0]).float().abs().max()
+    assert moved > 0.05, "the edit did not reach the device path's down projections"
+    torch.testing.assert_close(outs[None][1], outs["torch"][1], atol=5e-3, rtol=5e-3)
+
+
+def test_gguf_experts_of_several_types(tmp_path):
+    """Experts stored as GGUF blocks (one type per projection kind), each expert different, against the torch
+    backend's dequantise-then-matmul of the same blocks."""
+    from exllamav2.gguf import GGUFFile
+    from exllamav2.quant.gguf import GgufWeight
+    from test_gguf_support import write_tiny_gguf
+    from types import SimpleNamespace
+    E, up, down = 3, "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"
+
+    def experts(qtype, name):
+        files = [GGUFFile(write_tiny_gguf(str(tmp_path / f"{qtype}{e}.gguf"), qtype=qtype, hidden=256, heads=4,
+                                          kv_heads=2, ffn=256, layers=1, seed=11 * e + len(qtype)))
+                 for e in range(E)]
+        out = []
+        for f in files:
+            n, k = f.shape(name)
+            q = GgufWeight(name, [(f, name, n)], k, n, F16, "cpu", fast_path=False)
+            out.append(SimpleNamespace(q=q))
+        return out
+
+    def linear(ns, backend):
+        with ops.use_backend(backend):
+            return ops.prepare_linear(None, None, ns.q, "cpu", F16)
+
+    class Lin:  # what expert_tables asks of an expert linear: its kernel for a dtype
+        def __init__(self, ns):
+            self.ns = ns
+
+        def kernel(self, dtype):
+            return linear(self.ns, "triton")
+
+    for t1, t3, t2 in (("Q4_0", "Q8_0", "Q4_K"), ("Q6_K", "Q4_1", "Q5_K")):
+        w1, w3, w2 = experts(t1, up), experts(t3, up), experts(t2, down)
+        tables = tmoe.expert_tables([Lin(n) for n in w1], [Lin(n) for n in w3], [Lin(n) for n in w2],
+                                    torch.nn.functional.silu, F16)
+        assert not isinstance(tables, str), tables
+        g = torch.Generator().manual_seed(5)
+        x = (torch.randn(4, 256, generator=g) * 0.5).to(F16)
+        ids = torch.tensor([[0, 2], [1, 0], [2, 1], [2, 0]])
+        weights = torch.rand(4, 2, generator=g)
+        got = tmoe.grouped_experts(x, weights, ids, tables, torch.nn.functional.silu)
+        want = torch.zeros_like(x)
+        for t in range(4):
+            for j in sorted(range(2), key=lambda j: int(ids[t, j])):
+                e = int(ids[t, j])
+                xt = x[t:t + 1]
+                a = torch.nn.functional.silu(linear(w1[e], "torch")(xt)) * linear(w3[e], "torch")(xt)
+                want[t] += (linear(w2[e], "torch")(a) * weights[t, j]).to(F16)[0]
+        torch.testing.assert_close(got, want, atol=3e-3, rtol=5e-3)
+
+
+def test_experts_the_kernel_cannot_read_are_declined(tmp_path, monkeypatch):
+    """A layer whose expert linears run another backend is declined with a reason and runs the grouped path; an
+    activation the kernel lacks is declined too."""
+    model = _load("mixtral", tmp_path)
+    moe = _moe_layers(model)[0]
+    why = tmoe.expert_tables(moe.w1, moe.w3, moe.w2, lambda t: t, F16)
+    assert isinstance(why, str) and "activation" in why
+    with ops.use_backend("torch"):
+        why = tmoe.expert_tables(moe.w1, moe.w3, moe.w2, moe.act, F16)
+    assert isinstance(why, str) and "another backend" in why
+    # an expert whose forward was replaced by hand runs through it: the layer keeps the grouped path
+    x = torch.randn(3, moe.hidden_size).to(F16)
+    assert moe._device_tables(x) is not None
+    orig = moe.w2[0].forward
+    monkeypatch.setattr(moe.w2[0], "forward", lambda *a, **kw: orig(*a, **kw))
+    assert moe._device_tables(x) is None
