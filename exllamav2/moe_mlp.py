@@ -4,11 +4,14 @@
 Tokens are grouped by expert with one sort; the Python loop runs over the experts that received tokens, never
 over tokens (`forward_grouped`). That grouping counts tokens per expert on the host. While torch.compile traces a
 CPU step, the grouped path runs as one custom op (moe_grouped_op.py), which dynamo does not look into: the graph
-stays whole and each step still runs only the experts its tokens picked. A step that must not sync with the host
-at all (a CUDA graph being captured, or a GPU step being compiled) takes the static path instead: every expert runs
-over every token and each token's result is weighted by its router weight for that expert, 0 where it did not pick
-it (`forward_static`). Shapes there depend on the token count only; the sum runs over the experts in the same
-order, so each token gets what the grouped path gives it (adding an exact 0 changes nothing).
+stays whole and each step still runs only the experts its tokens picked. On the `triton` backend (a CUDA device)
+the routing is grouped on the device instead and two kernels find each block of tokens' expert through a table of
+the experts' addresses (exllamav2/ops/triton/moe.py): no host sync and only the picked experts read, for decode
+steps (up to DENSE_ROWS tokens) and always inside a captured graph. A step that must not sync with the host whose
+experts those kernels cannot read (a CUDA graph being captured, or a GPU step being compiled) takes the static
+path: every expert runs over every token and each token's result is weighted by its router weight for that expert,
+0 where it did not pick it (`forward_static`). Shapes there depend on the token count only; the sum runs over the
+experts in the same order, so each token gets what the grouped path gives it (adding an exact 0 changes nothing).
 
 Expert weights are read from per-expert tensors (keys `moe_w1`/`moe_w3`/`moe_w2` (gate/up/down) with `*` for the
 expert index, the layout HF saves) or from fused 3-D tensors (`experts.gate_up_proj` (E, 2I, H),

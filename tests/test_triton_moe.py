@@ -234,3 +234,73 @@ def test_experts_the_kernel_cannot_read_are_declined(tmp_path, monkeypatch):
     orig = moe.w2[0].forward
     monkeypatch.setattr(moe.w2[0], "forward", lambda *a, **kw: orig(*a, **kw))
     assert moe._device_tables(x) is None
+
+
+def _quantized_experts_folder(name, tmp_path, fmt):
+    """The tiny model with every expert linear in EXL2 (random codes, each expert its own mix of widths and group
+    sizes, so the experts' group tables and K tiles differ, and a random q_perm) or GPTQ (RTN, 4 bits in groups of
+    8, one grouping for every expert, as a GPTQ file has)."""
+    import os
+    from safetensors.torch import load_file, save_file
+    from exllamav2.quant import gptq_quantize
+    from exllamav2.quant.exl2 import exl2_pack
+    path = save_hf_model(_build(name), tmp_path)
+    st = os.path.join(path, "model.safetensors")
+    sd = load_file(st)
+    g = torch.Generator().manual_seed(8)
+    layouts = {48: [[(6, 16), (4, 32)], [(5, 32), (3, 16)], [(8, 16), (4, 16), (2, 16)]],
+               24: [[(4, 16), (3, 8)], [(8, 8), (4, 8), (3, 8)]]}
+    for i, key in enumerate(sorted(n[:-len(".weight")] for n in sd if ".experts." in n)):
+        w = sd.pop(key + ".weight")
+        n, k = w.shape
+        if fmt == "gptq":
+            t = gptq_quantize(w.float(), group_size=8, sym=False)
+        else:
+            groups = layouts[k][i % len(layouts[k])]
+            codes = torch.cat([torch.randint(0, 1 << b, (r, n), generator=g) for b, r in groups])
+            t = exl2_pack(codes, groups, torch.randint(4, 16, (len(groups), n), generator=g),
+                          torch.full((len(groups),), float(w.abs().amax()) / 24).half(), torch.randperm(k, generator=g))
+        sd.update({f"{key}.{s}": v.contiguous() for s, v in t.items()})
+    save_file(sd, st)
+    if fmt == "gptq":
+        import json
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 8}
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(cfg, f)
+    return path
+
+
+@pytest.mark.parametrize("fmt,kernel", [("exl2", "Exl2Kernel"), ("gptq", "GptqKernel")])
+def test_quantized_experts_route_on_the_device(fmt, kernel, tmp_path, monkeypatch):
+    """EXL2 experts (each with its own groups) and GPTQ experts: the kernels against the grouped path (the
+    experts' own linears), a token alone against the batch, and greedy decoding equal to the torch backend's."""
+    cfg = ExLlamaV2Config(_quantized_experts_folder("qwen3_moe", tmp_path, fmt))
+    cfg.dtype = F16
+    cfg.max_seq_len = 64
+    model = ExLlamaV2(cfg)
+    model.load()
+    moe = _moe_layers(model)[0]
+    assert moe.w1[0].is_quant() and type(moe.w1[0].kernel(F16)).__name__ == kernel
+    x, weights, ids = _routing(moe, 6, 3)
+    got = _device(moe, x, weights, ids)
+    torch.testing.assert_close(got, moe.forward_grouped(x, weights, ids), atol=3e-3, rtol=5e-3)
+    assert torch.equal(_device(moe, x[2:3], weights[2:3], ids[2:3])[0], got[2])
+
+    calls = []
+    real = tmoe.grouped_experts
+    monkeypatch.setattr("exllamav2.moe_mlp.grouped_device", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    prompt = torch.randint(0, 131, (1, 6), generator=torch.Generator().manual_seed(4))
+    runs = {}
+    for backend in ("torch", None):
+        with ops.use_backend(backend):
+            cache = ExLlamaV2Cache(model, max_seq_len=64)
+            logits = model.forward(prompt, cache, last_id_only=True)[:, -1]
+            toks = []
+            for _ in range(4):
+                toks.append(logits.argmax(-1, keepdim=True))
+                logits = model.forward(toks[-1], cache)[:, -1]
+        runs[backend] = torch.cat(toks, 1)
+        assert bool(calls) == (backend is None)
+    assert torch.equal(runs[None], runs["torch"])

@@ -7,9 +7,10 @@ every later step copies its inputs into those buffers, the spare rows copying th
 same values to the same cache slots), and replays the graph. A row's result does not depend on the rows beside it
 (the Triton paged attention and linears compute each row alone), so a sequence gets the same logits in every bucket.
 The graphs share one memory pool, so holding one per bucket costs about the activations of the largest. Capture
-needs a step with no host sync: the `triton` backend's paged attention and linears (ops/triton/) give that. When
-capture fails (an op that syncs with the host, such as MoE routing, or no Triton), the caller falls back to the
-eager step and one line says why.
+needs a step with no host sync: the `triton` backend's paged attention, linears and MoE experts (ops/triton/) give
+that (MoE experts the device-routed kernels cannot read run masked over every expert: moe_mlp.forward_static). When
+capture fails (an op that syncs with the host, or no Triton), the caller falls back to the eager step and one line
+says why.
 
 The seed API's decode over a plain cache runs the same step: a plain cache of B rows, (B, max_seq_len, kv_heads, d)
 and contiguous, is one paged cache of B * max_seq_len slots (`FlatCache`) in which row i's block table is i * P, i *

@@ -8,8 +8,8 @@ per group and column from the q_scale nibble and the group's fp16(q_scale_max / 
 original does, and each weight is rounded to fp16 once: the tile equals the reference dequantiser's
 (exl2_dequantize) bit for bit.
 
-One kernel, `exl2_matmul`, in two modes (one copy of the decoding; the interpreter also runs a nested @jit call
-far slower than inline code):
+One kernel, `exl2_matmul`, in two modes (the decoding in two @jit helpers, `exl2_group` and `exl2_tile`, which
+the MoE kernels (moe_kernels.py) call too):
 - x gathered through q_perm times the dequantised tiles, one fp32 partial per split of the groups (the split comes
   from the matrix shape; linear_kernels.splitk_reduce adds the partials in a fixed order);
 - DEQUANT: the (in, out) matrix in quantized row order, into a scratch buffer, for calls with many rows.
@@ -23,6 +23,53 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def exl2_group(qs_ptr, groups_ptr, smax_ptr, g, offs_n, n_mask, stride_qs):
+    """Group g's first quantized row, row count, first stream bit and width, and its scales for columns offs_n
+    (fp32 values of fp16 roundings)."""
+    k0 = tl.load(groups_ptr + g * 4)
+    rows = tl.load(groups_ptr + g * 4 + 1)
+    bit0 = tl.load(groups_ptr + g * 4 + 2)
+    bits = tl.load(groups_ptr + g * 4 + 3)
+    smax = tl.load(smax_ptr + g)
+    sw = tl.load(qs_ptr + g * stride_qs + offs_n // 8, mask=n_mask, other=0)
+    code = (sw >> ((offs_n % 8) * 4)) & 15
+    scale = (((code + 1) * (code + 1)).to(tl.float32) * smax).to(tl.float16).to(tl.float32)
+    return k0, rows, bit0, bits, scale
+
+
+@triton.jit
+def exl2_tile(qw_ptr, stride_qw, r, rows, bit0, bits, scale, offs_n, n_mask, BLOCK_K: tl.constexpr):
+    """The fp16 weights of rows r .. r + BLOCK_K of a group (width `bits`, stream from bit0) for columns offs_n, a
+    (BLOCK_K, BLOCK_N) tile (rows past the group's end are 0), and which rows are real."""
+    offs_r = r + tl.arange(0, BLOCK_K)
+    r_mask = offs_r < rows
+    mask2 = r_mask[:, None] & n_mask[None, :]
+    if bits == 4:
+        # 4 bits (most rows of a 4 bpw matrix): each word loaded once and unpacked to its 8 rows
+        offs_w = r // 8 + tl.arange(0, BLOCK_K // 8)
+        words = tl.load(qw_ptr + ((bit0 >> 5) + offs_w)[:, None] * stride_qw + offs_n[None, :],
+                        mask=(offs_w * 8 < rows)[:, None] & n_mask[None, :], other=0)
+        v4 = (words[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 15
+        q = tl.reshape(v4, (BLOCK_K, offs_n.shape[0])) - 8
+    else:
+        field = ((1 << bits) - 1).to(tl.uint32)
+        zero = 1 << (bits - 1)
+        off = bit0 + offs_r * bits
+        word = off >> 5
+        shift = (off & 31).to(tl.uint32)
+        lo = tl.load(qw_ptr + word[:, None] * stride_qw + offs_n[None, :], mask=mask2, other=0)
+        straddles = ((off & 31) + bits) > 32
+        hi = tl.load(qw_ptr + (word + 1)[:, None] * stride_qw + offs_n[None, :],
+                     mask=mask2 & straddles[:, None], other=0)
+        lo = lo.to(tl.uint32, bitcast=True)
+        hi = hi.to(tl.uint32, bitcast=True)
+        # two shifts for the high word: a shift by 32 is undefined; when nothing straddles hi is 0
+        v = ((lo >> shift[:, None]) | ((hi << (31 - shift[:, None])) << 1)) & field
+        q = v.to(tl.int32) - zero
+    return (q.to(tl.float32) * scale[None, :]).to(tl.float16), offs_r, r_mask
 
 
 @triton.jit
@@ -44,44 +91,12 @@ def exl2_matmul(x_ptr, perm_ptr, qw_ptr, qs_ptr, groups_ptr, smax_ptr, out_ptr, 
     g_begin = pid_s * groups_per_split
     g_end = tl.minimum(g_begin + groups_per_split, num_groups)
     for g in range(g_begin, g_end):
-        k0 = tl.load(groups_ptr + g * 4)
-        rows = tl.load(groups_ptr + g * 4 + 1)
-        bit0 = tl.load(groups_ptr + g * 4 + 2)
-        bits = tl.load(groups_ptr + g * 4 + 3)
-        smax = tl.load(smax_ptr + g)
-        sw = tl.load(qs_ptr + g * stride_qs + offs_n // 8, mask=n_mask, other=0)
-        code = (sw >> ((offs_n % 8) * 4)) & 15
-        scale = (((code + 1) * (code + 1)).to(tl.float32) * smax).to(tl.float16).to(tl.float32)
-        field = ((1 << bits) - 1).to(tl.uint32)
-        zero = 1 << (bits - 1)
+        k0, rows, bit0, bits, scale = exl2_group(qs_ptr, groups_ptr, smax_ptr, g, offs_n, n_mask, stride_qs)
         for r in range(0, rows, BLOCK_K):
-            offs_r = r + tl.arange(0, BLOCK_K)
-            r_mask = offs_r < rows
-            mask2 = r_mask[:, None] & n_mask[None, :]
-            if bits == 4:
-                # 4 bits (most rows of a 4 bpw matrix): each word loaded once and unpacked to its 8 rows
-                offs_w = r // 8 + tl.arange(0, BLOCK_K // 8)
-                words = tl.load(qw_ptr + ((bit0 >> 5) + offs_w)[:, None] * stride_qw + offs_n[None, :],
-                                mask=(offs_w * 8 < rows)[:, None] & n_mask[None, :], other=0)
-                v4 = (words[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 15
-                q = tl.reshape(v4, (BLOCK_K, BLOCK_N)) - 8
-            else:
-                off = bit0 + offs_r * bits
-                word = off >> 5
-                shift = (off & 31).to(tl.uint32)
-                lo = tl.load(qw_ptr + word[:, None] * stride_qw + offs_n[None, :], mask=mask2, other=0)
-                straddles = ((off & 31) + bits) > 32
-                hi = tl.load(qw_ptr + (word + 1)[:, None] * stride_qw + offs_n[None, :],
-                             mask=mask2 & straddles[:, None], other=0)
-                lo = lo.to(tl.uint32, bitcast=True)
-                hi = hi.to(tl.uint32, bitcast=True)
-                # two shifts for the high word: a shift by 32 is undefined; when nothing straddles hi is 0
-                v = ((lo >> shift[:, None]) | ((hi << (31 - shift[:, None])) << 1)) & field
-                q = v.to(tl.int32) - zero
-            w = (q.to(tl.float32) * scale[None, :]).to(tl.float16)
+            w, offs_r, r_mask = exl2_tile(qw_ptr, stride_qw, r, rows, bit0, bits, scale, offs_n, n_mask, BLOCK_K)
             if DEQUANT:
                 dst = out_ptr + (k0 + offs_r)[:, None] * stride_out + offs_n[None, :]
-                tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=mask2)
+                tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & n_mask[None, :])
             else:
                 src = tl.load(perm_ptr + k0 + offs_r, mask=r_mask, other=0)
                 xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + src[None, :],

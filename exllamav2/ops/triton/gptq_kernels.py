@@ -5,7 +5,8 @@ tensors: qweight (in * bits / 32, out) with 32 / bits input rows per word (low b
 A weight is ((q - zero) * scale) rounded to fp16 once, zero = z + 1 for v1 checkpoints and z for gptq_v2: the tile
 equals the reference dequantiser's (gptq_dequantize) bit for bit.
 
-One kernel, `gptq_matmul`, in two modes (one copy of the decoding):
+One kernel, `gptq_matmul`, in two modes (the decoding in one @jit helper, `gptq_tile`, which the MoE kernels
+(moe_kernels.py) call too):
 - x times the dequantised tiles, one fp32 partial per split of the K tiles (the split comes from the matrix shape;
   linear_kernels.splitk_reduce adds the partials in a fixed order);
 - DEQUANT: the (in, out) matrix into a scratch buffer, for calls with many rows.
@@ -22,17 +23,45 @@ import triton.language as tl
 
 
 @triton.jit
+def gptq_tile(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, t, offs_n, n_mask, K, stride_qw, stride_qz, stride_sc, group_size,
+              BITS: tl.constexpr, ZERO_PLUS: tl.constexpr, BLOCK_K: tl.constexpr, SEQ_GROUPS: tl.constexpr):
+    """K tile t's fp16 weights for columns offs_n, a (BLOCK_K, BLOCK_N) tile (rows past K are 0), its row indices
+    and which are real. SEQ_GROUPS: rows are in groups of `group_size` in order (no act-order) and the tile lies in
+    one group, so its scales and zeros are one row each; otherwise each row's group is looked up in gidx."""
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    WROWS: tl.constexpr = BLOCK_K // PER
+    offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    mask2 = k_mask[:, None] & n_mask[None, :]
+    # each word once, unpacked to its PER rows (row PER*r + i is field i of word row r)
+    offs_w = t * WROWS + tl.arange(0, WROWS)
+    words = tl.load(qw_ptr + offs_w[:, None] * stride_qw + offs_n[None, :],
+                    mask=(offs_w < K // PER)[:, None] & n_mask[None, :], other=0)
+    q = (words[:, None, :] >> (tl.arange(0, PER) * BITS)[None, :, None]) & MASK
+    q = tl.reshape(q, (BLOCK_K, offs_n.shape[0]))
+    if SEQ_GROUPS:
+        g = (t * BLOCK_K) // group_size
+        zw = tl.load(qz_ptr + g * stride_qz + offs_n // PER, mask=n_mask, other=0)
+        z = ((zw >> ((offs_n % PER) * BITS)) & MASK) + ZERO_PLUS
+        s = tl.load(sc_ptr + g * stride_sc + offs_n, mask=n_mask, other=0.0).to(tl.float16).to(tl.float32)
+        w = ((q - z[None, :]).to(tl.float32) * s[None, :]).to(tl.float16)
+    else:
+        g = tl.load(gidx_ptr + offs_k, mask=k_mask, other=0)
+        zw = tl.load(qz_ptr + g[:, None] * stride_qz + (offs_n // PER)[None, :], mask=mask2, other=0)
+        z = ((zw >> ((offs_n % PER) * BITS)[None, :]) & MASK) + ZERO_PLUS
+        s = tl.load(sc_ptr + g[:, None] * stride_sc + offs_n[None, :], mask=mask2, other=0.0)
+        w = ((q - z).to(tl.float32) * s.to(tl.float16).to(tl.float32)).to(tl.float16)
+    return w, offs_k, k_mask
+
+
+@triton.jit
 def gptq_matmul(x_ptr, qw_ptr, qz_ptr, sc_ptr, gidx_ptr, out_ptr, M, N, K, stride_xm, stride_qw, stride_qz,
                 stride_sc, stride_out, tiles_per_split, group_size,
                 BITS: tl.constexpr, ZERO_PLUS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, DEQUANT: tl.constexpr, SEQ_GROUPS: tl.constexpr):
     """DEQUANT=False: x (M, K) times the K tiles of split program_id(2), into the fp32 partials out (splits, M, N).
-    DEQUANT=True: the tiles themselves into out (K, N) (x and M unused).
-    SEQ_GROUPS: rows are in groups of `group_size` in order (no act-order) and a tile lies in one group, so its
-    scales and zeros are one row each; otherwise each row's group is looked up in gidx."""
-    PER: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    WROWS: tl.constexpr = BLOCK_K // PER
+    DEQUANT=True: the tiles themselves into out (K, N) (x and M unused). SEQ_GROUPS: see gptq_tile."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -44,30 +73,11 @@ def gptq_matmul(x_ptr, qw_ptr, qz_ptr, sc_ptr, gidx_ptr, out_ptr, M, N, K, strid
     t_begin = pid_s * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, (K + BLOCK_K - 1) // BLOCK_K)
     for t in range(t_begin, t_end):
-        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        mask2 = k_mask[:, None] & n_mask[None, :]
-        # each word once, unpacked to its PER rows (row PER*r + i is field i of word row r)
-        offs_w = t * WROWS + tl.arange(0, WROWS)
-        words = tl.load(qw_ptr + offs_w[:, None] * stride_qw + offs_n[None, :],
-                        mask=(offs_w < K // PER)[:, None] & n_mask[None, :], other=0)
-        q = (words[:, None, :] >> (tl.arange(0, PER) * BITS)[None, :, None]) & MASK
-        q = tl.reshape(q, (BLOCK_K, BLOCK_N))
-        if SEQ_GROUPS:
-            g = (t * BLOCK_K) // group_size
-            zw = tl.load(qz_ptr + g * stride_qz + offs_n // PER, mask=n_mask, other=0)
-            z = ((zw >> ((offs_n % PER) * BITS)) & MASK) + ZERO_PLUS
-            s = tl.load(sc_ptr + g * stride_sc + offs_n, mask=n_mask, other=0.0).to(tl.float16).to(tl.float32)
-            w = ((q - z[None, :]).to(tl.float32) * s[None, :]).to(tl.float16)
-        else:
-            g = tl.load(gidx_ptr + offs_k, mask=k_mask, other=0)
-            zw = tl.load(qz_ptr + g[:, None] * stride_qz + (offs_n // PER)[None, :], mask=mask2, other=0)
-            z = ((zw >> ((offs_n % PER) * BITS)[None, :]) & MASK) + ZERO_PLUS
-            s = tl.load(sc_ptr + g[:, None] * stride_sc + offs_n[None, :], mask=mask2, other=0.0)
-            w = ((q - z).to(tl.float32) * s.to(tl.float16).to(tl.float32)).to(tl.float16)
+        w, offs_k, k_mask = gptq_tile(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, t, offs_n, n_mask, K, stride_qw, stride_qz,
+                                      stride_sc, group_size, BITS, ZERO_PLUS, BLOCK_K, SEQ_GROUPS)
         if DEQUANT:
             tl.store(out_ptr + offs_k[:, None] * stride_out + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
-                     mask=mask2)
+                     mask=k_mask[:, None] & n_mask[None, :])
         else:
             xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                          mask=m_mask[:, None] & k_mask[None, :], other=0.0)

@@ -6,8 +6,10 @@ of blocks for a given token count (`route_blocks`), and the two kernels find eac
 the experts' tensor addresses (`ExpertTables`, built from the linears' own prepared Triton kernels: no copy of any
 weight). So a decode step can be captured in a CUDA graph and reads only the experts its tokens picked.
 
-Takes: experts whose Triton kernels are dense (F.linear on the module's own weight, in the activations' dtype) or
-GGUF blocks of one type per projection, all experts of a projection alike, no bias; the activations the kernel
+Takes: experts whose Triton kernels are dense (F.linear on the module's own weight, in the activations' dtype),
+GGUF blocks of one type per projection, EXL2 (any widths, each expert its own groups) or GPTQ (4 or 8 bits, the
+same bits, zero convention and grouping for every expert of a projection), all experts of a projection of one
+format and shape, no bias; the activations the kernel
 knows (`_act_codes`). Anything else is declined with a reason, and the module runs its other paths.
 """
 
@@ -18,7 +20,8 @@ import torch
 from . import interpreting, kernels
 from .linear import triton_cdiv
 
-DENSE_FMT = 16  # moe_kernels.DENSE; GGUF types use gguf_kernels.QTYPE_CODES (0-5)
+DENSE_FMT, EXL2_FMT, GPTQ_FMT = 16, 17, 32  # moe_kernels' codes; GGUF types use gguf_kernels.QTYPE_CODES (0-5)
+BLOCK_K = 64  # moe_kernels.BLOCK_K: the K tile of dense and GGUF experts
 
 
 def _act_codes() -> dict:
@@ -29,9 +32,11 @@ def _act_codes() -> dict:
 
 
 class ExpertTables:
-    """One projection kind's experts (all of w1, w3 or w2) as one int64 table of tensor addresses on the device,
-    with their format code and bytes per row (GGUF; 0 for dense). Holds the kernels, so the addresses stay valid
-    while the table lives."""
+    """One projection kind's experts (all of w1, w3 or w2) as an int64 table (6, E) on the device, the addresses
+    and numbers moe_kernels._project reads per expert (row 0 the weight: dense matrix, GGUF blocks, EXL2 q_weight
+    or GPTQ qweight; rows 1-5 the other EXL2 / GPTQ tensors and numbers); with the format code, two numbers per
+    format (GGUF bytes per row; EXL2 / GPTQ row strides) and the K tile. Holds the kernels, so the addresses stay
+    valid while the table lives."""
 
     def __init__(self, kernel_list: list, what: str):
         from .linear import DenseKernel
@@ -39,23 +44,41 @@ class ExpertTables:
         self.kernels = kernel_list
         self.in_features, self.out_features = first.in_features, first.out_features
         if isinstance(first, DenseKernel):
-            self.fmt, self.row_bytes = DENSE_FMT, 0
-            tensors = [k.weight for k in kernel_list]
+            self.fmt, self.params, self.block_k = DENSE_FMT, (0, 0), BLOCK_K
+            rows = [[k.weight] for k in kernel_list]
         elif _is_gguf(first):
-            self.fmt, self.row_bytes = first.qcode, first.row_bytes
-            tensors = [k.blocks for k in kernel_list]
+            self.fmt, self.params, self.block_k = first.qcode, (first.row_bytes, 0), BLOCK_K
+            rows = [[k.blocks] for k in kernel_list]
+        elif type(first).__name__ == "Exl2Kernel":
+            self.fmt, self.params = EXL2_FMT, (first.qw.stride(0), first.qs.stride(0))
+            self.block_k = min(k.block_k for k in kernel_list)  # the choices divide each other (64, 32, 16)
+            rows = [[k.qw, k.qs, k.table, k.smax, k.perm, k.num_groups] for k in kernel_list]
+        elif type(first).__name__ == "GptqKernel":
+            self.fmt = GPTQ_FMT + 4 * first.bits + 2 * first.zero_plus + int(first.seq_groups)
+            self.params, self.block_k = (first.qw.stride(0), first.sc.stride(0)), first.block_k
+            rows = [[k.qw, k.qz, k.sc, k.gidx, k.qz.stride(0), k.group_size] for k in kernel_list]
         else:
-            raise _Declined(f"{what}: {type(first).__name__} experts (the grouped kernel reads dense or GGUF ones)")
-        for k, t in zip(kernel_list, tensors):
+            raise _Declined(f"{what}: {type(first).__name__} experts (the grouped kernel reads dense, GGUF, EXL2 "
+                            "and GPTQ ones)")
+        for k in kernel_list:
             if type(k) is not type(first) or (k.in_features, k.out_features) != (self.in_features, self.out_features):
                 raise _Declined(f"{what}: experts differ in format or shape")
             if getattr(k, "bias", None) is not None:
                 raise _Declined(f"{what}: experts with a bias")
-            if _is_gguf(k) and (k.qcode, k.row_bytes) != (self.fmt, self.row_bytes):
+            if _is_gguf(k) and (k.qcode, k.row_bytes) != (self.fmt, self.params[0]):
                 raise _Declined(f"{what}: experts in different GGUF types")
-            if not t.is_contiguous():
+            if self.fmt == EXL2_FMT and (k.qw.stride(0), k.qs.stride(0)) != self.params:
+                raise _Declined(f"{what}: EXL2 experts with different strides")
+            if self.fmt >= GPTQ_FMT and (GPTQ_FMT + 4 * k.bits + 2 * k.zero_plus + int(k.seq_groups),
+                                         k.qw.stride(0), k.sc.stride(0), k.block_k) != (self.fmt, *self.params,
+                                                                                         self.block_k):
+                raise _Declined(f"{what}: GPTQ experts with different bits, zeros, grouping or strides")
+        for r in rows:
+            if any(isinstance(t, torch.Tensor) and not t.is_contiguous() for t in r):
                 raise _Declined(f"{what}: an expert's weight is not contiguous")
-        self.table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=tensors[0].device)
+        table = [[t.data_ptr() if isinstance(t, torch.Tensor) else int(t) for t in r] + [0] * (6 - len(r))
+                 for r in rows]
+        self.table = torch.tensor(table, dtype=torch.int64).t().contiguous().to(rows[0][0].device)
 
 
 class _Declined(Exception):
@@ -117,28 +140,27 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, t
     t1, t3, t2 = tables
     T, H = x.shape
     k = ids.shape[1]
-    A, I = T * k, t1.out_features
+    A, I, E = T * k, t1.out_features, t1.table.shape[1]
     interpret = x.device.type == "cpu" and interpreting()
     mod = kernels("moe_kernels", interpret)
-    tile = mod.TILE
-    bm, bn, bk = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]
+    bm, bn = mod.TILE["BLOCK_M"], mod.TILE["BLOCK_N"]
     dot_f32 = interpret and x.dtype == torch.bfloat16
     x = x if x.stride(1) == 1 else x.contiguous()
-    rows, experts = route_blocks(ids, t1.table.shape[0], bm)
+    rows, experts = route_blocks(ids, E, bm)
     n_blocks = experts.shape[0]
 
     act_buf = torch.empty((A, I), dtype=x.dtype, device=x.device)
     mod.moe_gate_up[(n_blocks, triton_cdiv(I, bn))](
-        x, rows, experts, act_buf, t1.table, t3.table, A, H, I, t1.row_bytes, t3.row_bytes, x.stride(0),
-        TOPK=k, FMT1=t1.fmt, FMT3=t3.fmt, ACT=_act_codes()[act], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        DOT_F32=dot_f32)
+        x, rows, experts, act_buf, t1.table, t3.table, A, E, H, I, *t1.params, *t3.params, x.stride(0),
+        TOPK=k, FMT1=t1.fmt, FMT3=t3.fmt, BK1=t1.block_k, BK3=t3.block_k, ACT=_act_codes()[act], BLOCK_M=bm,
+        BLOCK_N=bn, DOT_F32=dot_f32)
     if pre_down is not None:
         act_buf = pre_down(act_buf.view(T, k * I)).reshape(A, I).contiguous()
 
     out = torch.empty((A, H), dtype=x.dtype, device=x.device)
     mod.moe_down[(n_blocks, triton_cdiv(H, bn))](
-        act_buf, rows, experts, weights.reshape(-1).float().contiguous(), out, t2.table, A, I, H, t2.row_bytes,
-        FMT2=t2.fmt, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_F32=dot_f32)
+        act_buf, rows, experts, weights.reshape(-1).float().contiguous(), out, t2.table, A, E, I, H, *t2.params,
+        FMT2=t2.fmt, BK2=t2.block_k, BLOCK_M=bm, BLOCK_N=bn, DOT_F32=dot_f32)
 
     # each token's rows added in expert order from zero, as the grouped path's index_add over experts does
     by_expert = torch.argsort(ids, dim=1, stable=True)
