@@ -41,6 +41,7 @@ from .ops.triton import declines_device as triton_declines
 from .ops.triton import linear as triton_linear
 from .ops.triton.moe import expert_tables
 from .ops.triton.moe import grouped_experts as grouped_device
+from .runtime.graph_step import in_graph_step
 
 
 class ExLlamaV2HookPoint(ExLlamaV2Module):
@@ -277,35 +278,34 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
 
     def _device_tables(self, x: torch.Tensor):
         """The triton backend's expert tables (ops/triton/moe.py) when this call runs the experts routed on the
-        device, else None. It does on a CUDA device (or the CPU under Triton's interpreter) when the experts' Triton kernels take it: always while a graph is captured or compiled, and for up
-        to DENSE_ROWS tokens otherwise (decode steps; longer prompts take the grouped path's matmuls), or any
-        count under `ops.set_batch_invariant()`."""
+        device, else None. It does on a CUDA device (or the CPU under Triton's interpreter) when the experts'
+        Triton kernels take it: always in a captured graph's step and its warm-up (runtime/graph_step.py), for
+        up to DENSE_ROWS tokens otherwise (decode steps; longer prompts take the grouped path's matmuls), and for
+        any count under `ops.set_batch_invariant()`. The tables (or the reason they cannot be built,
+        `device_path_declined`) are kept until the experts' kernels change."""
         if self.static_routing is not None or "triton" not in dispatch.active_backends() \
                 or triton_declines(x.device) is not None:
-            return None
-        if x.shape[0] > triton_linear.DENSE_ROWS and not dispatch.batch_invariant() \
-                and not torch.compiler.is_compiling() and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             return None
         if any(lin.prescale != 1 or "forward" in vars(lin) for lin in self.experts):
             return None  # an expert changed by hand runs through its own forward
         key = (x.dtype, dispatch.generation())
         cached = self._tables
-        if cached is not None and cached[0] == key and all(
+        if cached is None or cached[0] != key or not all(
                 lin._kernels.get(x.dtype) is k for lin, k in zip(self.experts, cached[2])):
-            return cached[1]
-        tables = expert_tables(self.w1, self.w3, self.w2, self.act, x.dtype)
-        if isinstance(tables, str):
-            self.device_path_declined = tables
+            tables = expert_tables(self.w1, self.w3, self.w2, self.act, x.dtype)
+            self.device_path_declined = tables if isinstance(tables, str) else None
+            cached = self._tables = (key, None if isinstance(tables, str) else tables,
+                                     [lin._kernels.get(x.dtype) for lin in self.experts])
+        if x.shape[0] > triton_linear.DENSE_ROWS and not dispatch.batch_invariant() and not in_graph_step(x):
             return None
-        self._tables = (key, tables, [lin._kernels.get(x.dtype) for lin in self.experts])
-        return tables
+        return cached[1]
 
     def _routes_statically(self, x: torch.Tensor) -> bool:
         if self.static_routing is not None:
             return self.static_routing
         if x.device.type == "cpu":
             return False  # a host read costs nothing here; a compiled step runs the grouped path as an opaque op
-        return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        return in_graph_step(x)
 
     def forward_static(self, xf: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, shape) -> torch.Tensor:
         """The experts' weighted sum (T, hidden) with no host sync: every expert over all T tokens (E calls per

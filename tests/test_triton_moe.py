@@ -304,3 +304,59 @@ def test_quantized_experts_route_on_the_device(fmt, kernel, tmp_path, monkeypatc
         runs[backend] = torch.cat(toks, 1)
         assert bool(calls) == (backend is None)
     assert torch.equal(runs[None], runs["torch"])
+
+
+def test_graphed_decode_step_routes_moe_on_the_device(tmp_path, monkeypatch):
+    """The GPU decode step's static buffers (runtime/cuda_graphs.py, run eagerly on the CPU here) with every op on
+    the triton backend: the MoE layers take the device-routed kernels with no host sync in the step once its
+    first run built their tables, and each row gets the torch backend's tokens (3 sequences in the 4-row bucket,
+    the spare row copying the first)."""
+    from exllamav2.runtime.cuda_graphs import GraphedDecode
+    from exllamav2.runtime.paged_decode import paged_decode_step
+    model = _load("mixtral", tmp_path)
+    ps, pages, b = 8, 12, 3
+    g = torch.Generator().manual_seed(3)
+    steps = []
+    for _ in range(3):
+        table = torch.randperm(pages, generator=g)[:b * 4].view(b, 4)
+        steps.append((torch.randint(0, 131, (1, b), generator=g), table, torch.randint(1, 30, (b,), generator=g)))
+    cache = ExLlamaV2Cache(model, 1, ps * pages)
+    with torch.inference_mode():
+        for kc, vc in zip(cache.key_states, cache.value_states):  # a random K/V history
+            kc.copy_(torch.randn(kc.shape, generator=g).to(kc.dtype))
+            vc.copy_(torch.randn(vc.shape, generator=g).to(vc.dtype))
+        ref_cache = ExLlamaV2Cache(model, 1, ps * pages)
+        for c, r in zip(cache.key_states + cache.value_states, ref_cache.key_states + ref_cache.value_states):
+            r.copy_(c)
+        with ops.use_backend("torch"):
+            want = [paged_decode_step(model, ids, ref_cache, torch.cat((table, torch.zeros(b, pages - 4,
+                                      dtype=torch.long)), 1), past, ps, ref_cache.max_seq_len)
+                    for ids, table, past in steps]
+        calls = []
+        real = tmoe.grouped_experts
+        monkeypatch.setattr("exllamav2.moe_mlp.grouped_device",
+                            lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+        graphs = GraphedDecode(model, progress=False)
+        for i, (ids, table, past) in enumerate(steps):
+            with SyncTrace() as trace:
+                got = graphs(cache, ids, table, past, ps)
+            if i > 0:
+                assert not host_syncs(trace.ops), host_syncs(trace.ops)
+            torch.testing.assert_close(got.float(), want[i].float(), atol=5e-3, rtol=5e-3)
+            assert torch.equal(got.argmax(-1), want[i].argmax(-1))
+    assert calls == [4] * (3 * len(_moe_layers(model))), calls
+
+
+def test_graph_warm_up_takes_the_captures_path(tmp_path):
+    """Inside runtime.graph_step.graph_step() (a capture's warm-up) a step of more than DENSE_ROWS tokens routes on
+    the device as the capture will; outside it, such a step takes the grouped path's matmuls."""
+    from exllamav2.ops.triton import linear as tl_linear
+    from exllamav2.runtime.graph_step import graph_step
+    model = _load("mixtral", tmp_path)
+    moe = _moe_layers(model)[0]
+    x = torch.randn(tl_linear.DENSE_ROWS + 1, moe.hidden_size).to(F16)
+    assert moe._device_tables(x[:2]) is not None
+    assert moe._device_tables(x) is None
+    with graph_step():
+        assert moe._device_tables(x) is not None
+    assert moe._device_tables(x) is None

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from .graph_step import graph_step
 from .paged_decode import bucket, load_rows, paged_decode_step
 
 
@@ -121,13 +122,14 @@ def cuda_capture(args, pool=None):
     """Warm up on a side stream (Triton compiles its kernels, tables are built), then capture one step."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            paged_decode_step(*args)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = paged_decode_step(*args)
+    with graph_step():  # the warm-up takes the capture's paths (runtime/graph_step.py)
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                paged_decode_step(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = paged_decode_step(*args)
     return graph, out
 
 
