@@ -62,6 +62,14 @@ struct Codes {
     bool rotated() const { return fmt != FMT_FP8; }
 };
 
+constexpr int64_t kPrefetch = 16;  // keys ahead
+
+inline int64_t code_bytes(const Codes& c, int64_t D) { return c.fmt == FMT_Q4 ? D / 2 : D; }
+
+inline void prefetch_row(const uint8_t* p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+}
+
 // a group's 32 values in the lane order of Codes::load (q4: even positions, then odd), from position order
 inline void to_lanes(const Codes& c, const float* x, float* lanes) {
     for (int i = 0; i < kGroup; ++i)
@@ -168,6 +176,8 @@ AVX512_TARGET void value_rows(const Problem& P, const float* sc, int64_t h, cons
         for (int g = 0; g < GN; ++g) ua[g] = uc[g] = _mm512_setzero_ps(), wsum[g] = 0.f;
         for (int64_t t = lo; t < n; ++t) {
             const int64_t slot = slots[t - lo];
+            if (gi == 0 && t + kPrefetch < n)
+                prefetch_row(P.vc + slots[t + kPrefetch - lo] * P.vc_ss + h * P.vc_sh, code_bytes(P.vf, D));
             __m512 a, c;
             P.vf.load(P.vc + slot * P.vc_ss + h * P.vc_sh, static_cast<int>(gi), &a, &c);
             const float s = P.vs ? load_float(P.vs, P.vst, slot * P.vs_ss + h * P.vs_sh + gi) : 1.f;
@@ -229,6 +239,10 @@ AVX512_TARGET void task(const Problem& P, int64_t b, int64_t h, Scratch& w) {
     for (int64_t t = lo; t < n; ++t) slots[t - lo] = row[t / P.page_size] * P.page_size + t % P.page_size;
     for (int64_t t0 = lo; t0 < n; t0 += 4) {
         const int nk = static_cast<int>(std::min<int64_t>(4, n - t0));
+        // the keys kPrefetch ahead into L1: the rows are a few hundred bytes apart, and a cache streamed from
+        // memory otherwise waits on each (measured: Q8 codes 2x slower from memory than from L2 without it)
+        for (int64_t t = t0 + kPrefetch; t < std::min<int64_t>(t0 + kPrefetch + 4, n); ++t)
+            prefetch_row(P.kc + slots[t - lo] * P.kc_ss + h * P.kc_sh, code_bytes(P.kf, D));
         avx512_math::in_fours(G, [&](auto gn, int64_t g0) {
             score_quad<decltype(gn)::value>(P, qr, qsum, h, slots + (t0 - lo), nk, g0, t0, n, sc);
         });
