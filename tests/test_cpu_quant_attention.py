@@ -82,6 +82,26 @@ def test_kernel_equals_fp64_attention(formats, dtype, hq, hk, d):
         assert err <= ref_err + TOL[dtype] / 2
 
 
+@pytest.mark.parametrize("formats", [("q4", "q4"), ("q8", "fp8")])
+def test_long_contexts_split_at_fixed_positions(formats):
+    """Contexts over several splits of keys (256 a task, csrc/attention_quant.cpp), a sliding window that starts
+    inside a split: equal to fp64 attention, and the same bits with one thread or two."""
+    ps = 32
+    q, pages, table, kv = _case(formats, torch.bfloat16, 4, 9, 3, 64, ps, (600, 257, 256, 1000), seed=11)
+    for window in (0, 300):
+        got = cpu_attention.quant_paged_decode(q, pages, table, kv, ps, window, 0.125, 0.0)
+        want = _exact(q, pages, table, kv, ps, window, 0.125, 0.0)
+        err = ((got.double() - want).abs().max() / want.abs().max()).item()
+        assert err <= TOL[torch.bfloat16], f"window {window}: {err:.2e}"
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = cpu_attention.quant_paged_decode(q, pages, table, kv, ps, window, 0.125, 0.0)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one, got)
+
+
 def test_a_sequence_alone_equals_itself_among_others():
     ps = 8
     q, pages, table, kv = _case(("q4", "q8"), torch.bfloat16, 4, 6, 2, 64, ps, (50, 3, 17, 64), seed=5)

@@ -9,8 +9,9 @@
 // rotated once. FP8 (e5m2) codes are the top byte of an fp16: no scale, no rotation. Scores, softmax and sums in
 // fp32; a key's codes are decoded once for the G query heads that share its kv head; the output is rounded once
 // to q's dtype. Against the reference, which rounds each dequantised key and value to the activation dtype first,
-// results differ by about that rounding (tests/test_cpu_quant_attention.py). Each (sequence, kv head) is one
-// task: a sequence's result does not depend on the others in the call.
+// results differ by about that rounding (tests/test_cpu_quant_attention.py). A task is one (sequence, kv head,
+// split of kSplitKeys keys at fixed positions); a second pass merges each (sequence, kv head)'s splits in order,
+// so a sequence's result depends on neither the thread count nor the other sequences in the call.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -21,6 +22,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -63,6 +65,7 @@ struct Codes {
 };
 
 constexpr int64_t kPrefetch = 16;  // keys ahead
+constexpr int64_t kSplitKeys = 256;  // keys per task, at fixed positions
 
 inline int64_t code_bytes(const Codes& c, int64_t D) { return c.fmt == FMT_Q4 ? D / 2 : D; }
 
@@ -101,7 +104,7 @@ struct Problem {
 };
 
 struct Scratch {
-    std::vector<float> qr, qsum, scores, u, w;
+    std::vector<float> qr, qsum, scores;
     std::vector<int64_t> slots;
 };
 
@@ -197,26 +200,10 @@ AVX512_TARGET void value_rows(const Problem& P, const float* sc, int64_t h, cons
     }
 }
 
-AVX512_TARGET void task(const Problem& P, int64_t b, int64_t h, Scratch& w) {
+// The query rows of (b, h), rotated per group (H q / 32) for a rotated key format, in the key codes' lane order,
+// and each group's sum of them.
+void rotated_query(const Problem& P, int64_t b, int64_t h, float* qr, float* qsum) {
     const int64_t G = P.G, D = P.D, NG = D / kGroup;
-    const int64_t n = P.lens[b];
-    const int64_t lo = P.window > 0 ? std::max<int64_t>(0, n - P.window) : 0;
-    w.qr.resize(G * D);
-    w.qsum.resize(G * NG);
-    w.u.resize(G * D);
-    w.w.resize(G * NG);
-    w.scores.resize(G * std::max<int64_t>(n, 1));
-    float* qr = w.qr.data();
-    float* qsum = w.qsum.data();
-    float* sc = w.scores.data();
-    float* u = w.u.data();
-    float* ws = w.w.data();
-    if (n - lo <= 0) {  // no key visible: NaN, as a fully masked row of the reference
-        std::vector<float> nan(D, std::numeric_limits<float>::quiet_NaN());
-        for (int64_t g = 0; g < G; ++g) store_any(P, b * P.o_sb + (h * G + g) * P.o_sh, nan.data());
-        return;
-    }
-    // the query rows, rotated per group (H q / 32) for a rotated key format, in the key codes' lane order
     alignas(64) float tmp[kGroup];
     for (int64_t g = 0; g < G; ++g) {
         const int64_t qoff = b * P.q_sb + (h * G + g) * P.q_sh;
@@ -232,28 +219,49 @@ AVX512_TARGET void task(const Problem& P, int64_t b, int64_t h, Scratch& w) {
             qsum[g * NG + gi] = s;
         }
     }
-    // the keys' slots, then the scores, four keys at a time
+}
+
+// Per split, per query row: its max score m, sum of exp(score - m) l, the weighted sums of the values' scaled
+// codes u (D, lane order) and of their scales ws (NG); `Partial` points into the call's buffer.
+struct Partial {
+    float* m;   // (G)
+    float* l;   // (G)
+    float* u;   // (G, D)
+    float* ws;  // (G, NG)
+};
+
+// One split of (b, h)'s keys, [t_lo, t_hi) (not empty): its partial sums for the G query rows.
+AVX512_TARGET void split_task(const Problem& P, int64_t b, int64_t h, int64_t t_lo, int64_t t_hi, Partial out,
+                              Scratch& w) {
+    const int64_t G = P.G, D = P.D, NG = D / kGroup, n = t_hi - t_lo;
+    w.qr.resize(G * D);
+    w.qsum.resize(G * NG);
+    w.scores.resize(G * n);
+    float* qr = w.qr.data();
+    float* qsum = w.qsum.data();
+    float* sc = w.scores.data();
+    rotated_query(P, b, h, qr, qsum);
     const int64_t* row = P.table + b * P.pages;
-    w.slots.resize(n - lo);
+    w.slots.resize(n);
     int64_t* slots = w.slots.data();
-    for (int64_t t = lo; t < n; ++t) slots[t - lo] = row[t / P.page_size] * P.page_size + t % P.page_size;
-    for (int64_t t0 = lo; t0 < n; t0 += 4) {
+    for (int64_t t = 0; t < n; ++t) slots[t] = row[(t_lo + t) / P.page_size] * P.page_size + (t_lo + t) % P.page_size;
+    // the scores, four keys at a time (keys indexed from 0 within the split)
+    for (int64_t t0 = 0; t0 < n; t0 += 4) {
         const int nk = static_cast<int>(std::min<int64_t>(4, n - t0));
         // the keys kPrefetch ahead into L1: the rows are a few hundred bytes apart, and a cache streamed from
         // memory otherwise waits on each (measured: Q8 codes 2x slower from memory than from L2 without it)
         for (int64_t t = t0 + kPrefetch; t < std::min<int64_t>(t0 + kPrefetch + 4, n); ++t)
-            prefetch_row(P.kc + slots[t - lo] * P.kc_ss + h * P.kc_sh, code_bytes(P.kf, D));
+            prefetch_row(P.kc + slots[t] * P.kc_ss + h * P.kc_sh, code_bytes(P.kf, D));
         avx512_math::in_fours(G, [&](auto gn, int64_t g0) {
-            score_quad<decltype(gn)::value>(P, qr, qsum, h, slots + (t0 - lo), nk, g0, t0, n, sc);
+            score_quad<decltype(gn)::value>(P, qr, qsum, h, slots + t0, nk, g0, t0, n, sc);
         });
     }
-    // softmax per row over [lo, n), then the weighted sums of the values' scaled codes
-    std::vector<float> l(G);
+    // exp(score - m) per row, then the weighted sums of the values' scaled codes
     for (int64_t g = 0; g < G; ++g) {
         float* s = sc + g * n;
         float m = -std::numeric_limits<float>::infinity();
-        for (int64_t t = lo; t < n; ++t) m = std::fmax(m, s[t]);
-        int64_t t = lo;
+        for (int64_t t = 0; t < n; ++t) m = std::fmax(m, s[t]);
+        int64_t t = 0;
         __m512 sum = _mm512_setzero_ps();
         const __m512 mv = _mm512_set1_ps(m);
         for (; t + 16 <= n; t += 16) {
@@ -266,18 +274,36 @@ AVX512_TARGET void task(const Problem& P, int64_t b, int64_t h, Scratch& w) {
             s[t] = std::exp(s[t] - m);
             tail += s[t];
         }
-        l[g] = _mm512_reduce_add_ps(sum) + tail;
+        out.m[g] = m;
+        out.l[g] = _mm512_reduce_add_ps(sum) + tail;
     }
-    const float voff = static_cast<float>(P.vf.off);
     avx512_math::in_fours(G, [&](auto gn, int64_t g0) {
-        value_rows<decltype(gn)::value>(P, sc, h, slots, lo, n, g0, u, ws);
+        value_rows<decltype(gn)::value>(P, sc, h, slots, 0, n, g0, out.u, out.ws);
     });
-    alignas(64) float outrow[kMaxD];
+}
+
+// (b, h)'s splits merged in split order (each rescaled to the largest max), the values' offset and rotation
+// undone, divided by the softmax's sum, stored in q's dtype.
+void merge(const Problem& P, int64_t b, int64_t h, int64_t NS, const Partial* parts) {
+    const int64_t G = P.G, D = P.D, NG = D / kGroup;
+    const float voff = static_cast<float>(P.vf.off);
+    alignas(64) float u[kMaxD], outrow[kMaxD], tmp[kGroup];
+    float ws[kMaxD / kGroup];
     for (int64_t g = 0; g < G; ++g) {
-        const float inv = 1.f / l[g];
+        float M = -std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < NS; ++s) M = std::fmax(M, parts[s].m[g]);
+        float L = 0.f;
+        for (int64_t d = 0; d < D; ++d) u[d] = 0.f;
+        for (int64_t gi = 0; gi < NG; ++gi) ws[gi] = 0.f;
+        for (int64_t s = 0; s < NS; ++s) {
+            const float c = std::exp(parts[s].m[g] - M);
+            L += c * parts[s].l[g];
+            for (int64_t d = 0; d < D; ++d) u[d] += c * parts[s].u[g * D + d];
+            for (int64_t gi = 0; gi < NG; ++gi) ws[gi] += c * parts[s].ws[g * NG + gi];
+        }
+        const float inv = 1.f / L;
         for (int64_t gi = 0; gi < NG; ++gi) {
-            const float* ug = u + g * D + gi * kGroup;
-            for (int i = 0; i < kGroup; ++i) tmp[i] = ug[i] - voff * ws[g * NG + gi];
+            for (int i = 0; i < kGroup; ++i) tmp[i] = u[gi * kGroup + i] - voff * ws[gi];
             from_lanes(P.vf, tmp, outrow + gi * kGroup);
             if (P.vf.rotated()) {
                 hadamard32(outrow + gi * kGroup);
@@ -382,16 +408,54 @@ at::Tensor quant_paged_decode_attention(const at::Tensor& q, const at::Tensor& k
     P.out = out.data_ptr();
     P.o_sb = out.stride(0);
     P.o_sh = out.stride(1);
+    // tasks: (b, h, split) over each row's visible keys [lo, n) cut at fixed positions 0, kSplitKeys, ... (so a
+    // row's arithmetic depends on neither the thread count nor the other rows), then one merge per (b, h)
+    const int64_t G = P.G, NG = D / kGroup, per = G * (2 + D + NG);
+    std::vector<int64_t> first(B + 1, 0), lo(B), ns(B);
+    for (int64_t b = 0; b < B; ++b) {
+        lo[b] = sliding_window > 0 ? std::max<int64_t>(0, lp[b] - sliding_window) : 0;
+        ns[b] = lp[b] > lo[b] ? (lp[b] - 1) / kSplitKeys - lo[b] / kSplitKeys + 1 : 0;
+        first[b + 1] = first[b] + HK * ns[b];
+    }
+    const int64_t tasks = first[B];
+    std::vector<float> buf(static_cast<size_t>(std::max<int64_t>(tasks, 1) * per));
+    auto part = [&](int64_t i) {
+        float* p = buf.data() + i * per;
+        return Partial{p, p + G, p + 2 * G, p + 2 * G + G * D};
+    };
+    auto split_work = [&](int64_t i0, int64_t i1) {
+        static thread_local Scratch w;
+        int64_t b = std::upper_bound(first.begin(), first.end(), i0) - first.begin() - 1;
+        for (int64_t i = i0; i < i1; ++i) {
+            while (i >= first[b + 1]) ++b;
+            const int64_t h = (i - first[b]) / ns[b], s = (i - first[b]) % ns[b];
+            const int64_t s0 = lo[b] / kSplitKeys + s;
+            split_task(P, b, h, std::max(lo[b], s0 * kSplitKeys), std::min(lp[b], (s0 + 1) * kSplitKeys), part(i), w);
+        }
+    };
+    auto merge_work = [&](int64_t i0, int64_t i1) {
+        std::vector<Partial> parts;
+        for (int64_t i = i0; i < i1; ++i) {
+            const int64_t b = i / HK, h = i % HK;
+            if (ns[b] == 0) {  // no key visible: NaN, as a fully masked row of the reference
+                std::vector<float> nan(D, std::numeric_limits<float>::quiet_NaN());
+                for (int64_t g = 0; g < G; ++g) store_any(P, b * P.o_sb + (h * G + g) * P.o_sh, nan.data());
+                continue;
+            }
+            parts.clear();
+            for (int64_t s = 0; s < ns[b]; ++s) parts.push_back(part(first[b] + h * ns[b] + s));
+            merge(P, b, h, ns[b], parts.data());
+        }
+    };
     int64_t keys = 0;
     for (int64_t b = 0; b < B; ++b) keys += lp[b];
-    auto work = [&](int64_t i0, int64_t i1) {
-        static thread_local Scratch w;
-        for (int64_t i = i0; i < i1; ++i) task(P, i / HK, i % HK, w);
-    };
-    if (keys * HQ * D < (1 << 16) || B * HK == 1)
-        work(0, B * HK);
-    else
-        at::parallel_for(0, B * HK, 1, work);
+    if (keys * HQ * D < (1 << 16) || tasks <= 1) {
+        split_work(0, tasks);
+        merge_work(0, B * HK);
+    } else {
+        at::parallel_for(0, tasks, 1, split_work);
+        at::parallel_for(0, B * HK, std::max<int64_t>(1, B * HK / 8), merge_work);
+    }
     return out;
 }
 
