@@ -13,6 +13,9 @@ from .ops import dispatch
 
 
 class ExLlamaV2Linear(ExLlamaV2Module):
+    # counts kernels prepared by any linear: a cache of kernels (moe_mlp.py's expert tables) is current while it
+    # stands still
+    kernel_epoch = 0
     name = "Linear"
     per_position = True
 
@@ -182,6 +185,7 @@ class ExLlamaV2Linear(ExLlamaV2Module):
             dense = None if self._q_handle is not None else self._weight.data
             k = self._kernels[dtype] = ops.prepare_linear(dense, self._bias, self._q_handle, self.device(), dtype,
                                                           name=self.key)
+            ExLlamaV2Linear.kernel_epoch += 1
         return k
 
     def forward(self, hidden_states, cache=None, attn_params=None, past_len=None,

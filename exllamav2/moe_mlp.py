@@ -282,20 +282,32 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
         Triton kernels take it: always in a captured graph's step and its warm-up (runtime/graph_step.py), for
         up to DENSE_ROWS tokens otherwise (decode steps; longer prompts take the grouped path's matmuls), and for
         any count under `ops.set_batch_invariant()`. The tables (or the reason they cannot be built,
-        `device_path_declined`) are kept until the experts' kernels change."""
+        `device_path_declined`) are kept until the experts' kernels or the backend choice change or an expert is
+        replaced (an Intervention wrapping it takes the layer off this path); a forward assigned to an expert
+        instance by hand is seen when the tables are built, not after."""
         if self.static_routing is not None or "triton" not in dispatch.active_backends() \
                 or triton_declines(x.device) is not None:
             return None
-        if any(lin.prescale != 1 or "forward" in vars(lin) for lin in self.experts):
-            return None  # an expert changed by hand runs through its own forward
-        key = (x.dtype, dispatch.generation())
         cached = self._tables
-        if cached is None or cached[0] != key or not all(
-                lin._kernels.get(x.dtype) is k for lin, k in zip(self.experts, cached[2])):
-            tables = expert_tables(self.w1, self.w3, self.w2, self.act, x.dtype)
+        key = (x.dtype, dispatch.generation(), ExLlamaV2Linear.kernel_epoch)
+        if cached is not None and cached[0] != key and cached[0][:2] == key[:2] and all(
+                lin._kernels.get(x.dtype) is k for lin, k in zip(cached[2], cached[3])):
+            # kernels were prepared somewhere, but these experts' are the ones the tables hold
+            cached = self._tables = (key, *cached[1:])
+        if cached is None or cached[0] != key or cached[2] != self.w1 + self.w3 + self.w2:
+            # rebuilt when the experts' kernels or the backend choice changed or an expert was replaced (an
+            # Intervention wrapping one); list equality is identity here
+            experts = self.w1 + self.w3 + self.w2
+            if any(type(lin) is not ExLlamaV2Linear or lin.prescale != 1 or "forward" in vars(lin)
+                   for lin in experts):
+                tables = "an expert linear is wrapped or changed by hand (it runs through its own forward)"
+            else:
+                tables = expert_tables(self.w1, self.w3, self.w2, self.act, x.dtype)
             self.device_path_declined = tables if isinstance(tables, str) else None
-            cached = self._tables = (key, None if isinstance(tables, str) else tables,
-                                     [lin._kernels.get(x.dtype) for lin in self.experts])
+            # the key read after the build, which may have prepared the experts' kernels
+            cached = self._tables = ((x.dtype, dispatch.generation(), ExLlamaV2Linear.kernel_epoch),
+                                     None if isinstance(tables, str) else tables, experts,
+                                     [getattr(lin, "_kernels", {}).get(x.dtype) for lin in experts])
         if x.shape[0] > triton_linear.DENSE_ROWS and not dispatch.batch_invariant() and not in_graph_step(x):
             return None
         return cached[1]

@@ -98,3 +98,22 @@ def test_seed_api_batched_decode_through_the_graphed_path(tmp_path):
     # the k/v the graphed steps wrote sit where the plain steps wrote them
     assert torch.allclose(cache.key_states[0][:, :9].float(), ref_cache.key_states[0][:, :9].float(), atol=2e-2)
     assert [k[1] for k in runner.graphs.graphs] == [4]
+
+
+def test_graphs_are_captured_anew_when_the_backend_choice_changes(tmp_path):
+    """A graph holds the kernels it captured; pinning another backend (or any process state a step reads) drops
+    the graphs, so none replays kernels that were replaced."""
+    from exllamav2 import ops
+    model = _model(tmp_path)
+    ps, pages = 8, 4
+    cache = ExLlamaV2Cache(model, 1, ps * pages)
+    graphs = GraphedDecode(model, progress=False)
+    ids, table, past = torch.tensor([[3]]), torch.tensor([[0, 1]]), torch.tensor([5])
+    with torch.inference_mode():
+        graphs(cache, ids, table, past, ps)
+        first = next(iter(graphs.graphs.values()))
+        graphs(cache, ids, table, past, ps)
+        assert next(iter(graphs.graphs.values())) is first
+        with ops.use_backend("torch"):
+            graphs(cache, ids, table, past, ps)
+        assert len(graphs.graphs) == 1 and next(iter(graphs.graphs.values())) is not first

@@ -167,6 +167,26 @@ def test_pre_down_edits_reach_the_down_projections(tmp_path):
     torch.testing.assert_close(outs[None][1], outs["torch"][1], atol=5e-3, rtol=5e-3)
 
 
+def test_a_pre_down_hook_may_change_the_dtype(tmp_path):
+    """A hook at mlp.pre_down that returns fp32 (a capture or edit computing in fp32): the down projections read
+    its values in the model's dtype, as the grouped path's linears do."""
+    from exllamav2.interventions.hooks import InterventionHook
+    model = _load("mixtral", tmp_path)
+    moe = _moe_layers(model)[0]
+    ids = torch.randint(0, 131, (1, 5), generator=torch.Generator().manual_seed(2))
+    outs = {}
+    for backend in ("torch", None):
+        inner = moe.pre_down_point
+        moe.pre_down_point = InterventionHook(inner, None, lambda y, *a, **kw: y.float() * 1.5)
+        try:
+            with ops.use_backend(backend):
+                outs[backend] = model.forward(ids)
+        finally:
+            moe.pre_down_point = inner
+    assert torch.isfinite(outs[None]).all()
+    torch.testing.assert_close(outs[None], outs["torch"], atol=5e-3, rtol=5e-3)
+
+
 def test_gguf_experts_of_several_types(tmp_path):
     """Experts stored as GGUF blocks (one type per projection kind), each expert different, against the torch
     backend's dequantise-then-matmul of the same blocks."""
@@ -231,9 +251,14 @@ def test_experts_the_kernel_cannot_read_are_declined(tmp_path, monkeypatch):
     # an expert whose forward was replaced by hand runs through it: the layer keeps the grouped path
     x = torch.randn(3, moe.hidden_size).to(F16)
     assert moe._device_tables(x) is not None
-    orig = moe.w2[0].forward
-    monkeypatch.setattr(moe.w2[0], "forward", lambda *a, **kw: orig(*a, **kw))
-    assert moe._device_tables(x) is None
+    # an expert wrapped in an Intervention runs through the wrapper: the layer leaves the device path, and comes
+    # back when the wrapper is gone
+    from exllamav2 import Intervention
+    inner = moe.w2[0]
+    moe.w2[0] = Intervention(inner, None, lambda y, *a, **kw: y * 2)
+    assert moe._device_tables(x) is None and "wrapped" in moe.device_path_declined
+    moe.w2[0] = inner
+    assert moe._device_tables(x) is not None
 
 
 def _quantized_experts_folder(name, tmp_path, fmt):

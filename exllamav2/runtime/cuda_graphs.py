@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from .graph_step import graph_step
+from .guards import process_state
 from .paged_decode import bucket, load_rows, paged_decode_step
 
 
@@ -142,6 +143,7 @@ class GraphedDecode:
         self._capture = capture
         self._pool = None
         self.graphs: dict = {}  # (id(cache), bucket of B, pages, page_size) -> _Graph
+        self._state = None  # guards.process_state() the graphs were captured under
         self.capture_seconds = 0.0
 
     def _capture_fn(self):
@@ -157,6 +159,11 @@ class GraphedDecode:
         """Logits (B, vocab) for ids (1, B) at lengths `past` (B,) through block tables `table` (B, <= pages)."""
         n = bucket(ids.shape[1])
         pages = cache.max_seq_len // page_size
+        state = process_state()
+        if state != self._state:
+            # a backend pin, batch invariance, ...: the kernels a graph captured may be gone; capture anew
+            self.graphs.clear()
+            self._state = state
         key = (id(cache), n, pages, page_size)
         g = self.graphs.get(key)
         if g is None:

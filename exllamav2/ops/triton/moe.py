@@ -155,7 +155,9 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, t
         TOPK=k, FMT1=t1.fmt, FMT3=t3.fmt, BK1=t1.block_k, BK3=t3.block_k, ACT=_act_codes()[act], BLOCK_M=bm,
         BLOCK_N=bn, DOT_F32=dot_f32)
     if pre_down is not None:
-        act_buf = pre_down(act_buf.view(T, k * I)).reshape(A, I).contiguous()
+        # a hook may hand back another dtype (fp32, say): the kernel reads its input as x's dtype, as the grouped
+        # path's linears cast theirs
+        act_buf = pre_down(act_buf.view(T, k * I)).reshape(A, I).to(x.dtype).contiguous()
 
     out = torch.empty((A, H), dtype=x.dtype, device=x.device)
     mod.moe_down[(n_blocks, triton_cdiv(H, bn))](
