@@ -110,26 +110,27 @@ def expert_tables(w1: list, w3: list, w2: list, act, dtype: torch.dtype):
 
 def route_blocks(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The assignments (token t's j-th ranked expert is assignment t * k + j) grouped by expert in blocks of
-    `block_m`: (rows (blocks * block_m,) int32: assignment indices, A = T * k in padding; experts (blocks,) int32:
-    each block's expert, -1 past the last). Device ops only, no host sync; the block count,
+    `block_m` (moe_kernels.moe_route, one launch): (rows (blocks * block_m,) int32: assignment indices, A = T * k
+    in padding; experts (blocks,) int32: each block's expert, -1 past the last). No host sync; the block count,
     ceil(A / block_m) + min(E, A), bounds sum over experts of ceil(count / block_m) and depends on A alone. Within
-    an expert, assignments keep their order (a stable sort)."""
+    an expert, assignments keep their order."""
     T, k = ids.shape
-    A, E, dev = T * k, num_experts, ids.device
-    flat = ids.reshape(-1).to(torch.int64)
-    counts = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
-    blocks = (counts + block_m - 1) // block_m
-    block_end = torch.cumsum(blocks, 0)
+    A, E = T * k, num_experts
     n_blocks = triton_cdiv(A, block_m) + min(E, A)
-    owner = torch.searchsorted(block_end, torch.arange(n_blocks, device=dev), right=True)
-    experts = torch.where(owner < E, owner, -1).to(torch.int32)
-    order = torch.argsort(flat, stable=True)
-    sorted_e = flat[order]
-    rank = torch.arange(A, device=dev) - (torch.cumsum(counts, 0) - counts)[sorted_e]
-    pos = (block_end - blocks)[sorted_e] * block_m + rank
-    rows = torch.full((n_blocks * block_m,), A, dtype=torch.int32, device=dev)
-    rows.scatter_(0, pos, order.to(torch.int32))
+    rows = torch.empty(n_blocks * block_m, dtype=torch.int32, device=ids.device)
+    experts = torch.empty(n_blocks, dtype=torch.int32, device=ids.device)
+    if A == 0:
+        return rows, experts
+    mod = kernels("moe_kernels", ids.device.type == "cpu" and interpreting())
+    flat = ids.reshape(-1)
+    flat = flat if flat.dtype == torch.int64 and flat.is_contiguous() else flat.to(torch.int64).contiguous()
+    mod.moe_route[(1,)](flat, rows, experts, A, E, n_blocks, BLOCK_M=block_m, E_PAD=_pow2(E),
+                        CHUNK=mod.ROUTE_CHUNK, num_warps=4)
     return rows, experts
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, tables, act,
@@ -165,9 +166,8 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, t
         FMT2=t2.fmt, BK2=t2.block_k, BLOCK_M=bm, BLOCK_N=bn, DOT_F32=dot_f32)
 
     # each token's rows added in expert order from zero, as the grouped path's index_add over experts does
-    by_expert = torch.argsort(ids, dim=1, stable=True)
-    rows_in_order = torch.take_along_dim(out.view(T, k, H), by_expert.unsqueeze(-1), dim=1)
-    y = torch.zeros((T, H), dtype=x.dtype, device=x.device)
-    for j in range(k):
-        y = y + rows_in_order[:, j]
+    y = torch.empty((T, H), dtype=x.dtype, device=x.device)
+    ids64 = ids if ids.dtype == torch.int64 and ids.is_contiguous() else ids.to(torch.int64).contiguous()
+    mod.moe_combine[(T, triton_cdiv(H, mod.COMBINE_BLOCK))](out, ids64, y, H, TOPK=k, K_PAD=_pow2(k),
+                                                            BLOCK_H=mod.COMBINE_BLOCK)
     return y

@@ -9,8 +9,10 @@ own dot product over K in a fixed order), so a token gets the same result alone 
 
 - `moe_gate_up`: act(x W1_e^T) * (x W3_e^T) for every assignment, written at its row of `act` (A, I): routing-rank
   order, the layout of the module's `pre_down` hook point.
-- `moe_down`: (act W2_e^T) * the assignment's router weight, written at its row of `out` (A, H); moe.py adds each
-  token's rows in expert order, as the grouped path's index_add does.
+- `moe_route` (one program, before them): the blocks, from the routing's expert ids;
+- `moe_down`: (act W2_e^T) * the assignment's router weight, written at its row of `out` (A, H);
+- `moe_combine`: each token's rows of `out` added in expert order, as the grouped path's index_add does.
+Four launches a layer, so a captured step holds few kernels.
 
 Rounding follows the eager path's (exllamav2/moe_mlp.py: forward_grouped): each projection rounded to the
 activations' dtype, the activation computed in fp32 and rounded, the product rounded; the down projection rounded
@@ -44,6 +46,19 @@ GELU = tl.constexpr(1)
 GELU_TANH = tl.constexpr(2)
 RELU = tl.constexpr(3)
 QUICK_GELU = tl.constexpr(4)
+
+
+@triton.jit
+def _sum(x, AXIS: tl.constexpr):
+    # tl.reduce with tl.sum's own combine function, not tl.sum: the interpreter recognises it (and runs a numpy
+    # sum), while the library's @jit tl.sum cannot be called by an interpreted kernel when triton was imported
+    # before TRITON_INTERPRET was set
+    return tl.reduce(x, AXIS, tl.standard._sum_combine)
+
+
+@triton.jit
+def _cumsum(x, AXIS: tl.constexpr):
+    return tl.associative_scan(x, AXIS, tl.standard._sum_combine)
 
 
 @triton.jit
@@ -177,10 +192,68 @@ def moe_down(act_ptr, rows_ptr, experts_ptr, rw_ptr, out_ptr, t2, A, E, K, N, p2
         tl.store(out_ptr + r64[:, None] * N + offs_n[None, :], y.to(dt), mask=r_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def moe_route(ids_ptr, rows_ptr, experts_ptr, A, E, n_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
+              CHUNK: tl.constexpr):
+    """One program: the A assignments (ids_ptr, their experts) grouped by expert into blocks of BLOCK_M rows.
+    experts[p]: block p's expert, -1 past the last; rows[p * BLOCK_M + i]: the assignment in that place, A where a
+    block is padded. Within an expert, assignments keep their order."""
+    e_idx = tl.arange(0, E_PAD)
+    counts = tl.full((E_PAD,), 0, tl.int32)
+    for a0 in range(0, A, CHUNK):
+        offs = a0 + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < A, other=-1).to(tl.int32)
+        counts += _sum((ids[:, None] == e_idx[None, :]).to(tl.int32), 0)
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    block_end = _cumsum(blocks, 0)
+    block_start = block_end - blocks
+    for p0 in range(0, n_blocks, CHUNK):
+        p = p0 + tl.arange(0, CHUNK)
+        # the owner of block p: the number of experts whose blocks end at or before it (E_PAD past the last)
+        owner = _sum((block_end[None, :] <= p[:, None]).to(tl.int32), 1)
+        tl.store(experts_ptr + p, tl.where(owner < E, owner, -1), mask=p < n_blocks)
+    for r0 in range(0, n_blocks * BLOCK_M, CHUNK):
+        r = r0 + tl.arange(0, CHUNK)
+        tl.store(rows_ptr + r, tl.full((CHUNK,), 0, tl.int32) + A, mask=r < n_blocks * BLOCK_M)
+    tl.debug_barrier()  # the padding is written before any assignment lands on it
+    running = tl.full((E_PAD,), 0, tl.int32)
+    for a0 in range(0, A, CHUNK):
+        offs = a0 + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < A, other=-1).to(tl.int32)
+        eq = (ids[:, None] == e_idx[None, :]).to(tl.int32)
+        seen = _cumsum(eq, 0) + running[None, :]  # each expert's assignments up to and including this one
+        rank = _sum(eq * seen, 1) - 1
+        start = _sum(eq * block_start[None, :], 1)
+        tl.store(rows_ptr + start * BLOCK_M + rank, offs, mask=offs < A)
+        running += _sum(eq, 0)
+
+
+@triton.jit
+def moe_combine(out_ptr, ids_ptr, y_ptr, H, TOPK: tl.constexpr, K_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
+    """y[t] = token t's TOPK rows of out (A, H) added from zero in the order of their experts (ascending ids, as
+    the grouped path's index_add over experts adds them), rounded to y's dtype after each addition."""
+    t = tl.program_id(0)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    slots = tl.arange(0, K_PAD)
+    ids = tl.load(ids_ptr + t * TOPK + slots, mask=slots < TOPK, other=2147483647).to(tl.int32)
+    # a token's experts are distinct: slot j's place in expert order is how many of its experts have smaller ids
+    place = _sum((ids[None, :] < ids[:, None]).to(tl.int32), 1)
+    dt = y_ptr.dtype.element_ty
+    y = tl.full((BLOCK_H,), 0.0, tl.float32)
+    for r in range(0, TOPK):
+        j = _sum(tl.where(place == r, slots, 0), 0)
+        row = tl.load(out_ptr + (t * TOPK + j).to(tl.int64) * H + offs_h, mask=h_mask, other=0.0)
+        y = (y + row.to(tl.float32)).to(dt).to(tl.float32)
+    tl.store(y_ptr + t.to(tl.int64) * H + offs_h, y.to(dt), mask=h_mask)
+
+
 # Tile sizes (moe.py reads them; an EXL2 projection's K tile is its groups' common divisor, exl2_kernels'
 # BLOCK_K_CHOICES) and the signatures the AOT test compiles.
 TILE = dict(BLOCK_M=16, BLOCK_N=64)
 BLOCK_K = 64
+ROUTE_CHUNK = 64
+COMBINE_BLOCK = 256
 
 _GATE_UP_SIG = {"x_ptr": "*{dt}", "rows_ptr": "*i32", "experts_ptr": "*i32", "act_ptr": "*{dt}", "t1": "*i64",
                 "t3": "*i64", "A": "i32", "E": "i32", "K": "i32", "N": "i32", "p11": "i32", "p12": "i32",
@@ -193,6 +266,15 @@ _DOWN_SIG = {"act_ptr": "*{dt}", "rows_ptr": "*i32", "experts_ptr": "*i32", "rw_
              "DOT_F32": "constexpr"}
 
 AOT_SPECS = [
+    *({"kernel": "moe_route", "signature": {"ids_ptr": "*i64", "rows_ptr": "*i32", "experts_ptr": "*i32", "A": "i32",
+                                            "E": "i32", "n_blocks": "i32", "BLOCK_M": "constexpr",
+                                            "E_PAD": "constexpr", "CHUNK": "constexpr"},
+       "constexprs": {"BLOCK_M": 16, "E_PAD": e_pad, "CHUNK": ROUTE_CHUNK}, "aot_default": e_pad == 128}
+      for e_pad in (8, 128, 256)),
+    *({"kernel": "moe_combine", "signature": {"out_ptr": f"*{dt}", "ids_ptr": "*i64", "y_ptr": f"*{dt}", "H": "i32",
+                                              "TOPK": "constexpr", "K_PAD": "constexpr", "BLOCK_H": "constexpr"},
+       "constexprs": {"TOPK": k, "K_PAD": 1 << (k - 1).bit_length(), "BLOCK_H": COMBINE_BLOCK},
+       "aot_default": dt == "bf16" and k == 8} for dt in ("fp16", "bf16") for k in (1, 2, 6, 8)),
     *({"kernel": "moe_gate_up", "signature": {k: v.format(dt=dt) for k, v in _GATE_UP_SIG.items()},
        "constexprs": {**TILE, "TOPK": 2, "FMT1": fmt, "FMT3": fmt, "BK1": bk, "BK3": bk, "ACT": act,
                       "DOT_F32": False},
