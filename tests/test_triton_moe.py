@@ -385,3 +385,40 @@ def test_graph_warm_up_takes_the_captures_path(tmp_path):
     with graph_step():
         assert moe._device_tables(x) is not None
     assert moe._device_tables(x) is None
+
+
+def test_aligned_dense_experts_promise_vector_loads_and_compute_the_same():
+    """Experts whose rows start 64-byte aligned take the kernels' aligned variant (moe.py checks the promise it
+    makes the compiler: misaligned experts must not get it), with the grouped computation's results."""
+    import torch.nn.functional as F
+    from exllamav2.ops.triton.linear import DenseKernel
+
+    class Lin:
+        def __init__(self, w):
+            self.k = DenseKernel(w, None)
+
+        def kernel(self, dtype):
+            return self.k
+
+    g = torch.Generator().manual_seed(4)
+    H, I, E = 64, 96, 4
+    w1, w3 = ([torch.randn(I, H, generator=g).to(F16) * 0.1 for _ in range(E)] for _ in range(2))
+    w2 = [torch.randn(H, I, generator=g).to(F16) * 0.1 for _ in range(E)]
+    tables = tmoe.expert_tables(*([Lin(w) for w in ws] for ws in (w1, w3, w2)), F.silu, F16)
+    # torch allocates 64-byte aligned; rows of 64 and 96 halves are whole multiples of 64 bytes
+    assert all(t.aligned for t in tables)
+    x = torch.randn(5, H, generator=g).to(F16)
+    weights, ids = torch.topk(torch.softmax(torch.randn(5, E, generator=g), -1), 2)
+    got = tmoe.grouped_experts(x, weights, ids, tables, F.silu)
+    want = torch.zeros_like(x)
+    for t in range(5):
+        for j in sorted(range(2), key=lambda j: int(ids[t, j])):
+            e = int(ids[t, j])
+            a = F.silu(F.linear(x[t:t + 1], w1[e])) * F.linear(x[t:t + 1], w3[e])
+            want[t] += (F.linear(a, w2[e]) * weights[t, j]).to(F16)[0]
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=4e-3)
+    # a misaligned view (one element in) is not promised anything
+    buf = torch.zeros(I * H + 1, dtype=F16)
+    odd = buf[1:].view(I, H)
+    t = tmoe.ExpertTables([DenseKernel(odd, None)] * E, "w1")
+    assert not t.aligned

@@ -41,17 +41,22 @@ def exl2_group(qs_ptr, groups_ptr, smax_ptr, g, offs_n, n_mask, stride_qs):
 
 
 @triton.jit
-def exl2_tile(qw_ptr, stride_qw, r, rows, bit0, bits, scale, offs_n, n_mask, BLOCK_K: tl.constexpr):
+def exl2_tile(qw_ptr, stride_qw, r, rows, bit0, bits, scale, offs_n, n_mask, BLOCK_K: tl.constexpr,
+              ALIGNED: tl.constexpr):
     """The fp16 weights of rows r .. r + BLOCK_K of a group (width `bits`, stream from bit0) for columns offs_n, a
-    (BLOCK_K, BLOCK_N) tile (rows past the group's end are 0), and which rows are real."""
+    (BLOCK_K, BLOCK_N) tile (rows past the group's end are 0), and which rows are real. ALIGNED: the caller
+    promises q_weight's rows start 64-byte aligned (pointers made from integers carry no alignment of their own;
+    moe_kernels.py)."""
     offs_r = r + tl.arange(0, BLOCK_K)
     r_mask = offs_r < rows
     mask2 = r_mask[:, None] & n_mask[None, :]
     if bits == 4:
         # 4 bits (most rows of a 4 bpw matrix): each word loaded once and unpacked to its 8 rows
         offs_w = r // 8 + tl.arange(0, BLOCK_K // 8)
-        words = tl.load(qw_ptr + ((bit0 >> 5) + offs_w)[:, None] * stride_qw + offs_n[None, :],
-                        mask=(offs_w * 8 < rows)[:, None] & n_mask[None, :], other=0)
+        w_ptrs = qw_ptr + ((bit0 >> 5) + offs_w)[:, None] * stride_qw + offs_n[None, :]
+        if ALIGNED:
+            w_ptrs = tl.max_contiguous(tl.multiple_of(w_ptrs, [16, 16]), [1, offs_n.shape[0]])
+        words = tl.load(w_ptrs, mask=(offs_w * 8 < rows)[:, None] & n_mask[None, :], other=0)
         v4 = (words[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 15
         q = tl.reshape(v4, (BLOCK_K, offs_n.shape[0])) - 8
     else:
@@ -60,7 +65,10 @@ def exl2_tile(qw_ptr, stride_qw, r, rows, bit0, bits, scale, offs_n, n_mask, BLO
         off = bit0 + offs_r * bits
         word = off >> 5
         shift = (off & 31).to(tl.uint32)
-        lo = tl.load(qw_ptr + word[:, None] * stride_qw + offs_n[None, :], mask=mask2, other=0)
+        lo_ptrs = qw_ptr + word[:, None] * stride_qw + offs_n[None, :]
+        if ALIGNED:
+            lo_ptrs = tl.max_contiguous(tl.multiple_of(lo_ptrs, [16, 16]), [1, offs_n.shape[0]])
+        lo = tl.load(lo_ptrs, mask=mask2, other=0)
         straddles = ((off & 31) + bits) > 32
         hi = tl.load(qw_ptr + (word + 1)[:, None] * stride_qw + offs_n[None, :],
                      mask=mask2 & straddles[:, None], other=0)
@@ -93,7 +101,8 @@ def exl2_matmul(x_ptr, perm_ptr, qw_ptr, qs_ptr, groups_ptr, smax_ptr, out_ptr, 
     for g in range(g_begin, g_end):
         k0, rows, bit0, bits, scale = exl2_group(qs_ptr, groups_ptr, smax_ptr, g, offs_n, n_mask, stride_qs)
         for r in range(0, rows, BLOCK_K):
-            w, offs_r, r_mask = exl2_tile(qw_ptr, stride_qw, r, rows, bit0, bits, scale, offs_n, n_mask, BLOCK_K)
+            w, offs_r, r_mask = exl2_tile(qw_ptr, stride_qw, r, rows, bit0, bits, scale, offs_n, n_mask, BLOCK_K,
+                                          False)
             if DEQUANT:
                 dst = out_ptr + (k0 + offs_r)[:, None] * stride_out + offs_n[None, :]
                 tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & n_mask[None, :])

@@ -24,10 +24,13 @@ import triton.language as tl
 
 @triton.jit
 def gptq_tile(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, t, offs_n, n_mask, K, stride_qw, stride_qz, stride_sc, group_size,
-              BITS: tl.constexpr, ZERO_PLUS: tl.constexpr, BLOCK_K: tl.constexpr, SEQ_GROUPS: tl.constexpr):
+              BITS: tl.constexpr, ZERO_PLUS: tl.constexpr, BLOCK_K: tl.constexpr, SEQ_GROUPS: tl.constexpr,
+              ALIGNED: tl.constexpr):
     """K tile t's fp16 weights for columns offs_n, a (BLOCK_K, BLOCK_N) tile (rows past K are 0), its row indices
     and which are real. SEQ_GROUPS: rows are in groups of `group_size` in order (no act-order) and the tile lies in
-    one group, so its scales and zeros are one row each; otherwise each row's group is looked up in gidx."""
+    one group, so its scales and zeros are one row each; otherwise each row's group is looked up in gidx.
+    ALIGNED: the caller promises qweight's and scales' rows start 64-byte aligned (pointers made from integers
+    carry no alignment of their own; moe_kernels.py)."""
     PER: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     WROWS: tl.constexpr = BLOCK_K // PER
@@ -36,15 +39,20 @@ def gptq_tile(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, t, offs_n, n_mask, K, stride_qw,
     mask2 = k_mask[:, None] & n_mask[None, :]
     # each word once, unpacked to its PER rows (row PER*r + i is field i of word row r)
     offs_w = t * WROWS + tl.arange(0, WROWS)
-    words = tl.load(qw_ptr + offs_w[:, None] * stride_qw + offs_n[None, :],
-                    mask=(offs_w < K // PER)[:, None] & n_mask[None, :], other=0)
+    w_ptrs = qw_ptr + offs_w[:, None] * stride_qw + offs_n[None, :]
+    if ALIGNED:
+        w_ptrs = tl.max_contiguous(tl.multiple_of(w_ptrs, [16, 16]), [1, offs_n.shape[0]])
+    words = tl.load(w_ptrs, mask=(offs_w < K // PER)[:, None] & n_mask[None, :], other=0)
     q = (words[:, None, :] >> (tl.arange(0, PER) * BITS)[None, :, None]) & MASK
     q = tl.reshape(q, (BLOCK_K, offs_n.shape[0]))
     if SEQ_GROUPS:
         g = (t * BLOCK_K) // group_size
         zw = tl.load(qz_ptr + g * stride_qz + offs_n // PER, mask=n_mask, other=0)
         z = ((zw >> ((offs_n % PER) * BITS)) & MASK) + ZERO_PLUS
-        s = tl.load(sc_ptr + g * stride_sc + offs_n, mask=n_mask, other=0.0).to(tl.float16).to(tl.float32)
+        s_ptrs = sc_ptr + g * stride_sc + offs_n
+        if ALIGNED:
+            s_ptrs = tl.max_contiguous(tl.multiple_of(s_ptrs, 16), offs_n.shape[0])
+        s = tl.load(s_ptrs, mask=n_mask, other=0.0).to(tl.float16).to(tl.float32)
         w = ((q - z[None, :]).to(tl.float32) * s[None, :]).to(tl.float16)
     else:
         g = tl.load(gidx_ptr + offs_k, mask=k_mask, other=0)
@@ -74,7 +82,7 @@ def gptq_matmul(x_ptr, qw_ptr, qz_ptr, sc_ptr, gidx_ptr, out_ptr, M, N, K, strid
     t_end = tl.minimum(t_begin + tiles_per_split, (K + BLOCK_K - 1) // BLOCK_K)
     for t in range(t_begin, t_end):
         w, offs_k, k_mask = gptq_tile(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, t, offs_n, n_mask, K, stride_qw, stride_qz,
-                                      stride_sc, group_size, BITS, ZERO_PLUS, BLOCK_K, SEQ_GROUPS)
+                                      stride_sc, group_size, BITS, ZERO_PLUS, BLOCK_K, SEQ_GROUPS, False)
         if DEQUANT:
             tl.store(out_ptr + offs_k[:, None] * stride_out + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
                      mask=k_mask[:, None] & n_mask[None, :])

@@ -78,6 +78,12 @@ class ExpertTables:
                 raise _Declined(f"{what}: an expert's weight is not contiguous")
         table = [[t.data_ptr() if isinstance(t, torch.Tensor) else int(t) for t in r] + [0] * (6 - len(r))
                  for r in rows]
+        # the kernels may load whole aligned vectors when every row of the streamed tensors starts 64-byte aligned
+        # (the promise moe_kernels._project makes to the compiler)
+        streamed = {DENSE_FMT: [0], EXL2_FMT: [0]}.get(self.fmt, [0, 2] if self.fmt >= GPTQ_FMT else [])
+        self.aligned = bool(streamed) and all(
+            r[i].data_ptr() % 64 == 0 and (r[i].stride(0) * r[i].element_size()) % 64 == 0
+            for r in rows for i in streamed)
         self.table = torch.tensor(table, dtype=torch.int64).t().contiguous().to(rows[0][0].device)
 
 
@@ -153,7 +159,8 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, t
     act_buf = torch.empty((A, I), dtype=x.dtype, device=x.device)
     mod.moe_gate_up[(n_blocks, triton_cdiv(I, bn))](
         x, rows, experts, act_buf, t1.table, t3.table, A, E, H, I, *t1.params, *t3.params, x.stride(0),
-        TOPK=k, FMT1=t1.fmt, FMT3=t3.fmt, BK1=t1.block_k, BK3=t3.block_k, ACT=_act_codes()[act], BLOCK_M=bm,
+        TOPK=k, FMT1=t1.fmt, FMT3=t3.fmt, BK1=t1.block_k, BK3=t3.block_k, ALN1=t1.aligned, ALN3=t3.aligned,
+        ACT=_act_codes()[act], BLOCK_M=bm,
         BLOCK_N=bn, DOT_F32=dot_f32)
     if pre_down is not None:
         # a hook may hand back another dtype (fp32, say): the kernel reads its input as x's dtype, as the grouped
@@ -163,7 +170,7 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, t
     out = torch.empty((A, H), dtype=x.dtype, device=x.device)
     mod.moe_down[(n_blocks, triton_cdiv(H, bn))](
         act_buf, rows, experts, weights.reshape(-1).float().contiguous(), out, t2.table, A, E, I, H, *t2.params,
-        FMT2=t2.fmt, BK2=t2.block_k, BLOCK_M=bm, BLOCK_N=bn, DOT_F32=dot_f32)
+        FMT2=t2.fmt, BK2=t2.block_k, ALN2=t2.aligned, BLOCK_M=bm, BLOCK_N=bn, DOT_F32=dot_f32)
 
     # each token's rows added in expert order from zero, as the grouped path's index_add over experts does
     y = torch.empty((T, H), dtype=x.dtype, device=x.device)

@@ -72,12 +72,14 @@ def _dot(acc, a, b, DOT_F32: tl.constexpr):
 
 @triton.jit
 def _project(acc, a_ptr, arow, r_mask, stride_a, table, E, e, offs_n, n_mask, K, p1, p2,
-             FMT: tl.constexpr, BK: tl.constexpr, DOT_F32: tl.constexpr):
+             FMT: tl.constexpr, BK: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr):
     """acc (rows, BLOCK_N) += a[arow, :K] W_e[offs_n, :K]^T, expert e's tensors read through `table` (6, E): its
     first row the weight's address (dense matrix, GGUF blocks, EXL2 q_weight, GPTQ qweight); for EXL2 also
     q_scale, the group table, the group scales, q_perm and the group count; for GPTQ qzeros, scales, g_idx, the
     qzeros row stride and the group size. p1, p2: GGUF bytes per row; EXL2 q_weight and q_scale row strides; GPTQ
-    qweight and scales row strides."""
+    qweight and scales row strides. ALIGNED: a promise (moe.py checks it) that every expert's weight rows (dense,
+    EXL2 q_weight, GPTQ qweight and scales) start 64-byte aligned: an address made from an integer carries no
+    alignment, and without it the tiles load 2 or 4 bytes at a time."""
     addr = tl.load(table + e)
     if FMT >= GPTQ:
         # 32: GPTQ, written out (the interpreter's constexpr values do not shift)
@@ -92,7 +94,7 @@ def _project(acc, a_ptr, arow, r_mask, stride_a, table, E, e, offs_n, n_mask, K,
         group_size = tl.load(table + 5 * E + e)
         for t in range(0, (K + BK - 1) // BK):
             w, offs_k, k_mask = gptq_tile(qw, qz, sc, gidx, t, offs_n, n_mask, K, p1, stride_qz, p2, group_size,
-                                          BITS, ZERO_PLUS, BK, SEQ)
+                                          BITS, ZERO_PLUS, BK, SEQ, ALIGNED)
             at = tl.load(a_ptr + arow[:, None] * stride_a + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :],
                          other=0.0)
             acc = _dot(acc, at, w.to(at.dtype), DOT_F32)
@@ -106,7 +108,7 @@ def _project(acc, a_ptr, arow, r_mask, stride_a, table, E, e, offs_n, n_mask, K,
         for g in range(0, num_groups):
             k0, rows, bit0, bits, scale = exl2_group(qs, groups, smax, g, offs_n, n_mask, p2)
             for r in range(0, rows, BK):
-                w, offs_r, k_mask = exl2_tile(qw, p1, r, rows, bit0, bits, scale, offs_n, n_mask, BK)
+                w, offs_r, k_mask = exl2_tile(qw, p1, r, rows, bit0, bits, scale, offs_n, n_mask, BK, ALIGNED)
                 src = tl.load(perm + k0 + offs_r, mask=k_mask, other=0)
                 at = tl.load(a_ptr + arow[:, None] * stride_a + src[None, :], mask=r_mask[:, None] & k_mask[None, :],
                              other=0.0)
@@ -119,8 +121,10 @@ def _project(acc, a_ptr, arow, r_mask, stride_a, table, E, e, offs_n, n_mask, K,
                          other=0.0)
             w_mask = n_mask[:, None] & k_mask[None, :]
             if FMT == DENSE:
-                w = tl.load(addr.to(a_ptr.dtype) + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], mask=w_mask,
-                            other=0.0)
+                w_ptrs = addr.to(a_ptr.dtype) + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+                if ALIGNED:
+                    w_ptrs = tl.max_contiguous(tl.multiple_of(w_ptrs, [16, 16]), [1, BK])
+                w = tl.load(w_ptrs, mask=w_mask, other=0.0)
             else:
                 w = _decode(addr.to(tl.pointer_type(tl.uint8)), addr.to(tl.pointer_type(tl.float16)),
                             offs_n[:, None], offs_k[None, :], p1, w_mask, FMT)
@@ -149,7 +153,7 @@ def _activation(g, ACT: tl.constexpr):
 @triton.jit
 def moe_gate_up(x_ptr, rows_ptr, experts_ptr, act_ptr, t1, t3, A, E, K, N, p11, p12, p31, p32, stride_x,
                 TOPK: tl.constexpr, FMT1: tl.constexpr, FMT3: tl.constexpr, BK1: tl.constexpr, BK3: tl.constexpr,
-                ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+                ALN1: tl.constexpr, ALN3: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(experts_ptr + pid_b)
@@ -159,9 +163,10 @@ def moe_gate_up(x_ptr, rows_ptr, experts_ptr, act_ptr, t1, t3, A, E, K, N, p11, 
         tok = (rows // TOPK).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        acc_g = _project(tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32), x_ptr, tok, r_mask, stride_x, t1, E, e, offs_n, n_mask, K, p11, p12, FMT1, BK1,
+        zero = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        acc_g = _project(zero, x_ptr, tok, r_mask, stride_x, t1, E, e, offs_n, n_mask, K, p11, p12, FMT1, BK1, ALN1,
                          DOT_F32)
-        acc_u = _project(tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32), x_ptr, tok, r_mask, stride_x, t3, E, e, offs_n, n_mask, K, p31, p32, FMT3, BK3,
+        acc_u = _project(zero, x_ptr, tok, r_mask, stride_x, t3, E, e, offs_n, n_mask, K, p31, p32, FMT3, BK3, ALN3,
                          DOT_F32)
         dt = x_ptr.dtype.element_ty
         g = acc_g.to(dt).to(tl.float32)
@@ -173,8 +178,8 @@ def moe_gate_up(x_ptr, rows_ptr, experts_ptr, act_ptr, t1, t3, A, E, K, N, p11, 
 
 @triton.jit
 def moe_down(act_ptr, rows_ptr, experts_ptr, rw_ptr, out_ptr, t2, A, E, K, N, p21, p22,
-             FMT2: tl.constexpr, BK2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             DOT_F32: tl.constexpr):
+             FMT2: tl.constexpr, BK2: tl.constexpr, ALN2: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(experts_ptr + pid_b)
@@ -185,7 +190,7 @@ def moe_down(act_ptr, rows_ptr, experts_ptr, rw_ptr, out_ptr, t2, A, E, K, N, p2
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         acc = _project(tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32), act_ptr, r64, r_mask, K, t2, E, e, offs_n,
-                       n_mask, K, p21, p22, FMT2, BK2, DOT_F32)
+                       n_mask, K, p21, p22, FMT2, BK2, ALN2, DOT_F32)
         dt = act_ptr.dtype.element_ty
         rw = tl.load(rw_ptr + r64, mask=r_mask, other=0.0)
         y = acc.to(dt).to(tl.float32) * rw[:, None]
@@ -258,11 +263,12 @@ COMBINE_BLOCK = 256
 _GATE_UP_SIG = {"x_ptr": "*{dt}", "rows_ptr": "*i32", "experts_ptr": "*i32", "act_ptr": "*{dt}", "t1": "*i64",
                 "t3": "*i64", "A": "i32", "E": "i32", "K": "i32", "N": "i32", "p11": "i32", "p12": "i32",
                 "p31": "i32", "p32": "i32", "stride_x": "i32", "TOPK": "constexpr", "FMT1": "constexpr",
-                "FMT3": "constexpr", "BK1": "constexpr", "BK3": "constexpr", "ACT": "constexpr",
+                "FMT3": "constexpr", "BK1": "constexpr", "BK3": "constexpr", "ALN1": "constexpr",
+                "ALN3": "constexpr", "ACT": "constexpr",
                 "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "DOT_F32": "constexpr"}
 _DOWN_SIG = {"act_ptr": "*{dt}", "rows_ptr": "*i32", "experts_ptr": "*i32", "rw_ptr": "*fp32", "out_ptr": "*{dt}",
              "t2": "*i64", "A": "i32", "E": "i32", "K": "i32", "N": "i32", "p21": "i32", "p22": "i32",
-             "FMT2": "constexpr", "BK2": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+             "FMT2": "constexpr", "BK2": "constexpr", "ALN2": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
              "DOT_F32": "constexpr"}
 
 AOT_SPECS = [
@@ -276,12 +282,14 @@ AOT_SPECS = [
        "constexprs": {"TOPK": k, "K_PAD": 1 << (k - 1).bit_length(), "BLOCK_H": COMBINE_BLOCK},
        "aot_default": dt == "bf16" and k == 8} for dt in ("fp16", "bf16") for k in (1, 2, 6, 8)),
     *({"kernel": "moe_gate_up", "signature": {k: v.format(dt=dt) for k, v in _GATE_UP_SIG.items()},
-       "constexprs": {**TILE, "TOPK": 2, "FMT1": fmt, "FMT3": fmt, "BK1": bk, "BK3": bk, "ACT": act,
-                      "DOT_F32": False},
-       "aot_default": dt == "bf16" and fmt == 16 and act == 0}
+       "constexprs": {**TILE, "TOPK": 2, "FMT1": fmt, "FMT3": fmt, "BK1": bk, "BK3": bk, "ALN1": aln, "ALN3": aln,
+                      "ACT": act, "DOT_F32": False},
+       "aot_default": dt == "bf16" and fmt == 16 and act == 0 and aln}
       for dt in ("fp16", "bf16") for fmt, bk in ((16, 64), (17, 32), (0, 64), (3, 64), (32 + 16 + 2 + 1, 64),
-                                                  (32 + 32, 64)) for act in (0, 2)),
+                                                  (32 + 32, 64)) for act in (0, 2) for aln in (False, True)),
     *({"kernel": "moe_down", "signature": {k: v.format(dt=dt) for k, v in _DOWN_SIG.items()},
-       "constexprs": {**TILE, "FMT2": fmt, "BK2": bk, "DOT_F32": False}, "aot_default": dt == "bf16" and fmt == 16}
-      for dt in ("fp16", "bf16") for fmt, bk in ((16, 64), (17, 16), (0, 64), (5, 64), (32 + 16, 64))),
+       "constexprs": {**TILE, "FMT2": fmt, "BK2": bk, "ALN2": aln, "DOT_F32": False},
+       "aot_default": dt == "bf16" and fmt == 16 and aln}
+      for dt in ("fp16", "bf16") for fmt, bk in ((16, 64), (17, 16), (0, 64), (5, 64), (32 + 16, 64))
+      for aln in (False, True)),
 ]
