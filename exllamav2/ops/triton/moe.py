@@ -135,6 +135,17 @@ def route_blocks(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[tor
     return rows, experts
 
 
+def block_n(n: int, largest: int) -> int:
+    """Output features a program takes: the largest tile (halving down to 16) that still cuts n into 128 tiles or
+    more, so a decode step's few active blocks keep the GPU's SMs busy (Mixtral's 4096-wide down projection at
+    one token: 2 blocks x 128 tiles of 32, not 2 x 64 of 64). From the shape alone: a token's result never
+    depends on the batch."""
+    bn = largest
+    while bn > 16 and triton_cdiv(n, bn) < 128:
+        bn //= 2
+    return bn
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -150,13 +161,14 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, t
     A, I, E = T * k, t1.out_features, t1.table.shape[1]
     interpret = x.device.type == "cpu" and interpreting()
     mod = kernels("moe_kernels", interpret)
-    bm, bn = mod.TILE["BLOCK_M"], mod.TILE["BLOCK_N"]
+    bm = mod.TILE["BLOCK_M"]
     dot_f32 = interpret and x.dtype == torch.bfloat16
     x = x if x.stride(1) == 1 else x.contiguous()
     rows, experts = route_blocks(ids, E, bm)
     n_blocks = experts.shape[0]
 
     act_buf = torch.empty((A, I), dtype=x.dtype, device=x.device)
+    bn = block_n(I, mod.TILE["BLOCK_N"])
     mod.moe_gate_up[(n_blocks, triton_cdiv(I, bn))](
         x, rows, experts, act_buf, t1.table, t3.table, A, E, H, I, *t1.params, *t3.params, x.stride(0),
         TOPK=k, FMT1=t1.fmt, FMT3=t3.fmt, BK1=t1.block_k, BK3=t3.block_k, ALN1=t1.aligned, ALN3=t3.aligned,
@@ -168,6 +180,7 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, t
         act_buf = pre_down(act_buf.view(T, k * I)).reshape(A, I).to(x.dtype).contiguous()
 
     out = torch.empty((A, H), dtype=x.dtype, device=x.device)
+    bn = block_n(H, mod.TILE["BLOCK_N"])
     mod.moe_down[(n_blocks, triton_cdiv(H, bn))](
         act_buf, rows, experts, weights.reshape(-1).float().contiguous(), out, t2.table, A, E, I, H, *t2.params,
         FMT2=t2.fmt, BK2=t2.block_k, ALN2=t2.aligned, BLOCK_M=bm, BLOCK_N=bn, DOT_F32=dot_f32)

@@ -253,8 +253,9 @@ def moe_combine(out_ptr, ids_ptr, y_ptr, H, TOPK: tl.constexpr, K_PAD: tl.conste
     tl.store(y_ptr + t.to(tl.int64) * H + offs_h, y.to(dt), mask=h_mask)
 
 
-# Tile sizes (moe.py reads them; an EXL2 projection's K tile is its groups' common divisor, exl2_kernels'
-# BLOCK_K_CHOICES) and the signatures the AOT test compiles.
+# Tile sizes (moe.py reads them; BLOCK_N is the largest, moe.block_n halves it for narrow outputs; an EXL2
+# projection's K tile is its groups' common divisor, exl2_kernels' BLOCK_K_CHOICES) and the signatures the AOT test
+# compiles.
 TILE = dict(BLOCK_M=16, BLOCK_N=64)
 BLOCK_K = 64
 ROUTE_CHUNK = 64
@@ -282,14 +283,15 @@ AOT_SPECS = [
        "constexprs": {"TOPK": k, "K_PAD": 1 << (k - 1).bit_length(), "BLOCK_H": COMBINE_BLOCK},
        "aot_default": dt == "bf16" and k == 8} for dt in ("fp16", "bf16") for k in (1, 2, 6, 8)),
     *({"kernel": "moe_gate_up", "signature": {k: v.format(dt=dt) for k, v in _GATE_UP_SIG.items()},
-       "constexprs": {**TILE, "TOPK": 2, "FMT1": fmt, "FMT3": fmt, "BK1": bk, "BK3": bk, "ALN1": aln, "ALN3": aln,
-                      "ACT": act, "DOT_F32": False},
-       "aot_default": dt == "bf16" and fmt == 16 and act == 0 and aln}
+       "constexprs": {**TILE, "BLOCK_N": bn, "TOPK": 2, "FMT1": fmt, "FMT3": fmt, "BK1": bk, "BK3": bk,
+                      "ALN1": aln, "ALN3": aln, "ACT": act, "DOT_F32": False},
+       "aot_default": dt == "bf16" and fmt == 16 and act == 0 and aln and bn == 64}
       for dt in ("fp16", "bf16") for fmt, bk in ((16, 64), (17, 32), (0, 64), (3, 64), (32 + 16 + 2 + 1, 64),
-                                                  (32 + 32, 64)) for act in (0, 2) for aln in (False, True)),
+                                                  (32 + 32, 64)) for act in (0, 2) for aln in (False, True)
+      for bn in (64, 16)),
     *({"kernel": "moe_down", "signature": {k: v.format(dt=dt) for k, v in _DOWN_SIG.items()},
-       "constexprs": {**TILE, "FMT2": fmt, "BK2": bk, "ALN2": aln, "DOT_F32": False},
-       "aot_default": dt == "bf16" and fmt == 16 and aln}
+       "constexprs": {**TILE, "BLOCK_N": bn, "FMT2": fmt, "BK2": bk, "ALN2": aln, "DOT_F32": False},
+       "aot_default": dt == "bf16" and fmt == 16 and aln and bn == 32}
       for dt in ("fp16", "bf16") for fmt, bk in ((16, 64), (17, 16), (0, 64), (5, 64), (32 + 16, 64))
-      for aln in (False, True)),
+      for aln in (False, True) for bn in (64, 32)),
 ]
