@@ -34,6 +34,10 @@ from .triton import linear as triton_linear
 from .triton import attention as _tri_attn
 from .triton import attention_quant as _tri_attn_q
 
+# filled now, not at first use inside a step being traced: dynamo would guard on the list being empty, a guard
+# that fails at every later call (runtime/guards.py then cannot run the compiled step directly)
+_attn._cpu_modules()
+
 __all__ = ["NoBackendError", "set_backend", "use_backend", "pinned_backend", "active_backends", "prepare_linear",
            "rms_norm", "layer_norm", "rope", "rope_kv_write", "attention", "paged_attention", "quant_paged_attention",
            "activation", "gated_activation", "softmax_temperature", "top_candidates", "set_batch_invariant",

@@ -96,9 +96,9 @@ def quant_paged_decode(q, pages, block_index, kv_lens, page_size: int, sliding_w
 
 def quant_write(pages, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> bool:
     """k, v (T, kv_heads, head_dim) quantised into their slots of `pages` (kv_quant.QuantPages) in one C++ call
-    (csrc/kv_quant_write.cpp), bit-identical to QuantPages.write; False (nothing written) where the kernel does not
-    apply: traced by dynamo (the reference is traced there), gradients, other devices, no kernels."""
-    if (torch.compiler.is_compiling() or k.device.type != "cpu" or pages.k_codes.device.type != "cpu"
+    (csrc/kv_quant_write.cpp), bit-identical to QuantPages.write, also inside a compiled step (a mutating custom op
+    with a fake); False (nothing written) where the kernel does not apply: gradients, other devices, no kernels."""
+    if (k.device.type != "cpu" or pages.k_codes.device.type != "cpu"
             or slots.device.type != "cpu" or k.dtype not in _FLOATS or v.dtype not in _FLOATS
             or k.shape[-1] % 32 or needs_grad(k, v) or not _kernels_ready()):
         return False

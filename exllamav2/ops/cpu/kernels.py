@@ -65,6 +65,10 @@ def _register_fakes() -> None:
                                            kv_lens, page_size, sliding_window, scale, softcap):
         return q.new_empty(q.shape)
 
+    @torch.library.register_fake("exllamav2_cpu::quant_kv_write")
+    def _quant_kv_write_fake(k, v, k_codes, k_scales, v_codes, v_scales, k_fmt, v_fmt, slots):
+        return None
+
     @torch.library.register_fake("exllamav2_cpu::paged_decode_attention")
     def _paged_decode_attention_fake(q, kflat, vflat, block_index, kv_lens, page_size, sliding_window, scale,
                                      softcap):
