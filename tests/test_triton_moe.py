@@ -422,3 +422,47 @@ def test_aligned_dense_experts_promise_vector_loads_and_compute_the_same():
     odd = buf[1:].view(I, H)
     t = tmoe.ExpertTables([DenseKernel(odd, None)] * E, "w1")
     assert not t.aligned
+
+
+def test_gptq_experts_with_and_without_act_order_share_the_kernel():
+    """GPTQ experts of one projection, some in row order (scales read a row per tile) and some act-order (each
+    row's group looked up): all run the looked-up variant, against each expert's own GPTQ linear."""
+    import torch.nn.functional as F
+    from exllamav2.quant import gptq_quantize, make_quant_weight
+
+    g = torch.Generator().manual_seed(6)
+    H, I, E = 128, 64, 3
+
+    def expert(n, k, act_order):
+        w = torch.randn(n, k, generator=g) * 0.1
+        hess = torch.eye(k) + torch.diag(torch.rand(k, generator=g)) if act_order else None
+        t = gptq_quantize(w, group_size=64, sym=False, act_order=act_order, hessian=hess)
+        q = make_quant_weight(f"e{n}x{k}", t, k, n, F16, "cpu")
+        with ops.use_backend("triton"):
+            fast = ops.prepare_linear(None, None, q, "cpu", F16)
+        with ops.use_backend("torch"):
+            ref = ops.prepare_linear(None, None, q, "cpu", F16)
+        return fast, ref
+
+    class Lin:
+        def __init__(self, k):
+            self.k = k
+
+        def kernel(self, dtype):
+            return self.k
+
+    w1, w3, w2 = ([expert(n, k, e == 1) for e in range(E)] for n, k in ((I, H), (I, H), (H, I)))
+    assert [k.seq_groups for k, _ in w1] == [True, False, True]
+    tables = tmoe.expert_tables(*([Lin(f) for f, _ in ws] for ws in (w1, w3, w2)), F.silu, F16)
+    assert not isinstance(tables, str), tables
+    x = (torch.randn(4, H, generator=g) * 0.5).to(F16)
+    ids = torch.tensor([[1, 0], [2, 1], [0, 2], [1, 2]])
+    weights = torch.rand(4, 2, generator=g)
+    got = tmoe.grouped_experts(x, weights, ids, tables, F.silu)
+    want = torch.zeros_like(x)
+    for t in range(4):
+        for j in sorted(range(2), key=lambda j: int(ids[t, j])):
+            e = int(ids[t, j])
+            a = F.silu(w1[e][1](x[t:t + 1])) * w3[e][1](x[t:t + 1])
+            want[t] += (w2[e][1](a) * weights[t, j]).to(F16)[0]
+    torch.testing.assert_close(got, want, atol=3e-3, rtol=5e-3)

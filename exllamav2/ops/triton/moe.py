@@ -54,7 +54,10 @@ class ExpertTables:
             self.block_k = min(k.block_k for k in kernel_list)  # the choices divide each other (64, 32, 16)
             rows = [[k.qw, k.qs, k.table, k.smax, k.perm, k.num_groups] for k in kernel_list]
         elif type(first).__name__ == "GptqKernel":
-            self.fmt = GPTQ_FMT + 4 * first.bits + 2 * first.zero_plus + int(first.seq_groups)
+            # in-order groups only when every expert has them; otherwise all look each row's group up (g_idx is
+            # resident for every expert, so that reads any of them right)
+            seq = all(k.seq_groups for k in kernel_list)
+            self.fmt = GPTQ_FMT + 4 * first.bits + 2 * first.zero_plus + int(seq)
             self.params, self.block_k = (first.qw.stride(0), first.sc.stride(0)), first.block_k
             rows = [[k.qw, k.qz, k.sc, k.gidx, k.qz.stride(0), k.group_size] for k in kernel_list]
         else:
@@ -69,10 +72,9 @@ class ExpertTables:
                 raise _Declined(f"{what}: experts in different GGUF types")
             if self.fmt == EXL2_FMT and (k.qw.stride(0), k.qs.stride(0)) != self.params:
                 raise _Declined(f"{what}: EXL2 experts with different strides")
-            if self.fmt >= GPTQ_FMT and (GPTQ_FMT + 4 * k.bits + 2 * k.zero_plus + int(k.seq_groups),
-                                         k.qw.stride(0), k.sc.stride(0), k.block_k) != (self.fmt, *self.params,
-                                                                                         self.block_k):
-                raise _Declined(f"{what}: GPTQ experts with different bits, zeros, grouping or strides")
+            if self.fmt >= GPTQ_FMT and (GPTQ_FMT + 4 * k.bits + 2 * k.zero_plus + int(seq), k.qw.stride(0),
+                                         k.sc.stride(0), k.block_k) != (self.fmt, *self.params, self.block_k):
+                raise _Declined(f"{what}: GPTQ experts with different bits, zero convention or strides")
         for r in rows:
             if any(isinstance(t, torch.Tensor) and not t.is_contiguous() for t in r):
                 raise _Declined(f"{what}: an expert's weight is not contiguous")
@@ -109,9 +111,15 @@ def expert_tables(w1: list, w3: list, w2: list, act, dtype: torch.dtype):
     if any(getattr(k, "backend", None) != "triton" for group in ks for k in group):
         return "the experts' linears run on another backend"
     try:
-        return tuple(ExpertTables(group, what) for group, what in zip(ks, ("w1", "w3", "w2")))
+        tables = tuple(ExpertTables(group, what) for group, what in zip(ks, ("w1", "w3", "w2")))
     except _Declined as e:
         return str(e)
+    t1, t3, t2 = tables
+    if (t3.in_features, t3.out_features, t2.in_features, t2.out_features) != (t1.in_features, t1.out_features,
+                                                                             t1.out_features, t1.in_features):
+        return (f"expert shapes do not chain: w1 {t1.out_features}x{t1.in_features}, w3 {t3.out_features}x"
+                f"{t3.in_features}, w2 {t2.out_features}x{t2.in_features}")
+    return tables
 
 
 def route_blocks(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
