@@ -140,19 +140,34 @@ class GGUFArch:
     hidden_act: str = "silu"
     head_dim_from_rope: bool = False  # no attention.key_length: head_dim is rope.dimension_count (llama)
     config: Callable[[Any, dict], None] | None = None
+    # serves the files with experts (`<name>.expert_count` > 0; llama.cpp writes Mixtral as "llama"): a name may have
+    # one spec without and one with; block names with `*` for the expert index are 3-D tensors (gguf/experts.py)
+    moe: bool = False
+    one_row_matrices: frozenset = frozenset()  # block names HF holds as (1, n) that llama.cpp stores as n-vectors
 
 
-_GGUF_REGISTRY: dict[str, GGUFArch] = {}
+_GGUF_REGISTRY: dict[str, GGUFArch] = {}      # files without experts (or a name's only spec)
+_GGUF_MOE_REGISTRY: dict[str, GGUFArch] = {}  # files with experts
 
 
 def register_gguf(spec: GGUFArch) -> None:
-    _GGUF_REGISTRY[spec.name] = spec
+    (_GGUF_MOE_REGISTRY if spec.moe else _GGUF_REGISTRY)[spec.name] = spec
 
 
 def gguf_architectures() -> dict[str, GGUFArch]:
-    """{GGUF general.architecture: GGUFArch} for every family that declares one, sorted by name."""
+    """{GGUF general.architecture: GGUFArch} for every family that declares one, sorted by name; where a name has a
+    spec for files with experts and one without, the one without (`gguf_architecture` picks per file)."""
     _load_families()
-    return dict(sorted(_GGUF_REGISTRY.items()))
+    return dict(sorted({**_GGUF_MOE_REGISTRY, **_GGUF_REGISTRY}.items()))
+
+
+def gguf_architecture(name: str, experts: bool) -> GGUFArch | None:
+    """The GGUFArch for a file of GGUF architecture `name` with experts or without, or None. A name served only
+    with experts gets that spec either way: its `config` hook then asks for the missing expert count."""
+    _load_families()
+    if experts:
+        return _GGUF_MOE_REGISTRY.get(name)
+    return _GGUF_REGISTRY.get(name) or _GGUF_MOE_REGISTRY.get(name)
 
 
 def _load_families() -> None:

@@ -116,28 +116,37 @@ def test_the_device_step_makes_no_host_sync(tmp_path):
     assert not host_syncs(trace.ops), host_syncs(trace.ops)
 
 
+def spy_grouped_device(monkeypatch) -> list:
+    """The token count of every call of the device-routed MoE path (moe_mlp.grouped_device), which still runs."""
+    calls = []
+    real = tmoe.grouped_experts
+    monkeypatch.setattr("exllamav2.moe_mlp.grouped_device",
+                        lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    return calls
+
+
+def greedy(model, ids, steps: int, backend, max_seq_len: int = 64) -> torch.Tensor:
+    """`steps` greedy tokens per row after the prompt `ids` (rows, length), every op on `backend` (None: the
+    normal order, triton first)."""
+    with ops.use_backend(backend):
+        cache = ExLlamaV2Cache(model, batch_size=ids.shape[0], max_seq_len=max_seq_len)
+        logits = model.forward(ids, cache, last_id_only=True)[:, -1]
+        out = []
+        for _ in range(steps):
+            out.append(logits.argmax(-1, keepdim=True))
+            logits = model.forward(out[-1], cache)[:, -1]
+    return torch.cat(out, 1)
+
+
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
 def test_model_decodes_the_torch_backends_tokens_through_the_device_path(name, tmp_path, monkeypatch):
     model = _load(name, tmp_path)
-    calls = []
-    real = tmoe.grouped_experts
-    monkeypatch.setattr("exllamav2.moe_mlp.grouped_device", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    calls = spy_grouped_device(monkeypatch)
     ids = torch.randint(0, 131, (2, 7), generator=torch.Generator().manual_seed(2))
-
-    def greedy(backend):
-        with ops.use_backend(backend):
-            cache = ExLlamaV2Cache(model, batch_size=2, max_seq_len=64)
-            logits = model.forward(ids, cache, last_id_only=True)[:, -1]
-            out = []
-            for _ in range(4):
-                tok = logits.argmax(-1, keepdim=True)
-                out.append(tok)
-                logits = model.forward(tok, cache)[:, -1]
-        return torch.cat(out, 1)
-
-    ref = greedy("torch")
+    ref = greedy(model, ids, 4, "torch")
     assert not calls
-    got = greedy(None)  # triton first: the expert linears take its kernels, so the MoE layers route on the device
+    # triton first: the expert linears take its kernels, so the MoE layers route on the device
+    got = greedy(model, ids, 4, None)
     assert torch.equal(got, ref)
     moes = _moe_layers(model)
     # the prompt's 14 rows (the model's last layer on the 2 sampled rows only: model.last_rows_layer), then 4
@@ -313,22 +322,12 @@ def test_quantized_experts_route_on_the_device(fmt, kernel, tmp_path, monkeypatc
     torch.testing.assert_close(got, moe.forward_grouped(x, weights, ids), atol=3e-3, rtol=5e-3)
     assert torch.equal(_device(moe, x[2:3], weights[2:3], ids[2:3])[0], got[2])
 
-    calls = []
-    real = tmoe.grouped_experts
-    monkeypatch.setattr("exllamav2.moe_mlp.grouped_device", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = spy_grouped_device(monkeypatch)
     prompt = torch.randint(0, 131, (1, 6), generator=torch.Generator().manual_seed(4))
-    runs = {}
-    for backend in ("torch", None):
-        with ops.use_backend(backend):
-            cache = ExLlamaV2Cache(model, max_seq_len=64)
-            logits = model.forward(prompt, cache, last_id_only=True)[:, -1]
-            toks = []
-            for _ in range(4):
-                toks.append(logits.argmax(-1, keepdim=True))
-                logits = model.forward(toks[-1], cache)[:, -1]
-        runs[backend] = torch.cat(toks, 1)
-        assert bool(calls) == (backend is None)
-    assert torch.equal(runs[None], runs["torch"])
+    ref = greedy(model, prompt, 4, "torch")
+    assert not calls
+    assert torch.equal(greedy(model, prompt, 4, None), ref)
+    assert calls
 
 
 def test_graphed_decode_step_routes_moe_on_the_device(tmp_path, monkeypatch):

@@ -52,7 +52,8 @@ _GGUF_BLOCK = {**BLOCK_COMMON, "ffn_norm": "post_attention_layernorm"}
 
 # llama.cpp writes Mistral models as "llama"; they read as LlamaForCausalLM, as in HF's GGUF loader
 # (which names them "mistral" only when general.name is exactly "mistral"). llama.cpp permutes Llama's q/k
-# rows, and older Llama files give head_dim only as rope.dimension_count.
+# rows, and older Llama files give head_dim only as rope.dimension_count. A "llama" file with experts is Mixtral
+# (mixtral.py).
 register_gguf(GGUFArch("llama", "LlamaForCausalLM", "llama", _GGUF_BLOCK, permuted_qk=True, head_dim_from_rope=True))
 
 

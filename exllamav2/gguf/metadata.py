@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from gguf.gguf_reader import ReaderField
 
-from ..architecture import GGUFArch, gguf_architectures
+from ..architecture import GGUFArch, gguf_architecture, gguf_architectures
 from .errors import GGUFError
 from .rope_freqs import llama3_rope_scaling
 
@@ -63,7 +63,11 @@ def architecture_spec(path: str, fields: dict[str, ReaderField]) -> tuple[str, G
     f = GGUFMeta(path, fields)
     arch = f.require("general.architecture")
     archs = gguf_architectures()
-    spec = archs.get(arch)
+    experts = f.uniform_int(f"{arch}.expert_count", 0) if arch in archs else 0
+    spec = gguf_architecture(arch, experts > 0)
+    if spec is None and arch in archs:
+        raise GGUFError(f"{path}: GGUF architecture '{arch}' with experts ('{arch}.expert_count' = {experts}) is not "
+                        f"supported; it is supported without experts")
     if spec is None:
         raise GGUFError(f"{path}: GGUF architecture '{arch}' is not supported (supported: {', '.join(archs)})")
     return arch, spec

@@ -47,6 +47,12 @@ def _spec(arch):
     return archs[arch]
 
 
+def block_part(gguf_name: str) -> str | None:
+    """The block name of a `blk.N.<name>.weight|bias` tensor (e.g. attn_q), else None."""
+    m = _BLOCK_RE.match(gguf_name)
+    return m.group(2) if m else None
+
+
 def hf_tensor_name(arch, gguf_name: str) -> str | None:
     """The HF name for a GGUF tensor name, or None when the name is unknown for this architecture.
     `arch` is a GGUF architecture name or its GGUFArch."""
@@ -63,7 +69,8 @@ def hf_tensor_name(arch, gguf_name: str) -> str | None:
 
 
 def map_tensor_names(path: str, arch, gguf_names: list[str]) -> dict[str, str]:
-    """{hf_name: gguf_name} for every tensor in the file; unknown names raise one error listing them all."""
+    """{hf_name: gguf_name} for every tensor in the file; unknown names raise one error listing them all. A stacked
+    expert tensor's HF name keeps the family's `*` for the expert index (gguf/experts.py splits it per expert)."""
     spec = _spec(arch)
     mapping: dict[str, str] = {}
     unknown: list[str] = []
@@ -78,5 +85,15 @@ def map_tensor_names(path: str, arch, gguf_names: list[str]) -> dict[str, str]:
     if unknown:
         raise GGUFError(
             f"{path}: {len(unknown)} tensor name(s) unknown for GGUF architecture '{spec.name}': {', '.join(unknown)}"
+            + _experts_hint(spec, unknown)
         )
     return mapping
+
+
+def _experts_hint(spec, unknown: list[str]) -> str:
+    """Why a file's expert tensors are unknown: read without experts, its metadata gives no expert count."""
+    from ..architecture import gguf_architecture
+    moe = None if spec.moe else gguf_architecture(spec.name, True)
+    if moe is None or not any(block_part(name) in moe.block_names for name in unknown):
+        return ""
+    return f" (expert tensors: the metadata field '{spec.name}.expert_count' must be > 0 for them)"

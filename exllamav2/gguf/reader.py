@@ -10,8 +10,9 @@ from gguf.quants import dequantize
 
 from .errors import GGUFError
 from .layout import unpermute_rotary_rows
-from .metadata import architecture_spec, build_hf_config
-from .names import map_tensor_names
+from .experts import ExpertView, split_experts
+from .metadata import GGUFMeta, architecture_spec, build_hf_config
+from .names import block_part, map_tensor_names
 
 _NATURAL_DTYPE = {
     GGMLQuantizationType.F32: torch.float32,
@@ -45,11 +46,16 @@ class GGUFFile:
         self._reader = _open_reader(self.path)
         self.architecture, self._spec = architecture_spec(self.path, self._reader.fields)
         by_gguf_name = {t.name: t for t in self._reader.tensors}
-        self._gguf_names = map_tensor_names(self.path, self.architecture, list(by_gguf_name))
-        self._tensors: dict[str, ReaderTensor] = {hf: by_gguf_name[g] for hf, g in self._gguf_names.items()}
+        self._gguf_names = map_tensor_names(self.path, self._spec, list(by_gguf_name))
         rope_freqs = by_gguf_name.get("rope_freqs.weight")
         self._config = build_hf_config(self.path, self._reader.fields, set(by_gguf_name),
                                        None if rope_freqs is None else dequantize(rope_freqs.data, rope_freqs.tensor_type))
+        meta = GGUFMeta(self.path, self._reader.fields, set(by_gguf_name))
+        meta.arch = self.architecture
+        # stacked expert tensors become one tensor per expert (a view of its rows)
+        self._tensors: dict[str, ReaderTensor | ExpertView] = split_experts(
+            self.path, meta, {hf: by_gguf_name[g] for hf, g in self._gguf_names.items()})
+        self._one_row = {hf for hf, g in self._gguf_names.items() if block_part(g) in self._spec.one_row_matrices}
 
     def __repr__(self) -> str:
         return f"GGUFFile({self.path!r}, architecture={self.architecture!r}, tensors={len(self._tensors)})"
@@ -75,7 +81,8 @@ class GGUFFile:
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape in HF layout: GGUF lists dimensions innermost first, HF outermost first."""
-        return tuple(int(d) for d in reversed(self._tensor(key).shape))
+        shape = tuple(int(d) for d in reversed(self._tensor(key).shape))
+        return (1, *shape) if len(shape) == 1 and key in self._one_row else shape
 
     def dtype(self, key: str) -> torch.dtype:
         """The float type the tensor holds once dequantised (float32 for quantized types)."""
@@ -123,7 +130,7 @@ class GGUFFile:
             return unpermute_rotary_rows(rows, self._config["num_key_value_heads"])
         return rows
 
-    def _tensor(self, key: str) -> ReaderTensor:
+    def _tensor(self, key: str) -> ReaderTensor | ExpertView:
         t = self._tensors.get(key)
         if t is None:
             raise KeyError(f"{self.path}: no tensor '{key}' (HF name) in this GGUF file")
