@@ -64,9 +64,11 @@ def _encode(values: np.ndarray, qtype: str):
 
 
 def write_moe_gguf(hf, path: str, expert_qtype: str = "F32", *, omit: tuple = (), expert_count: int | None = None,
-                   arch: str | None = None) -> str:
+                   arch: str | None = None, raw_experts: dict | None = None) -> str:
     """`hf` as llama.cpp writes it: metadata, F32 tensors, stacked experts (E, rows, columns) as `expert_qtype`.
-    `omit` leaves metadata fields out (names after '<arch>.'), `expert_count` overrides the stored count."""
+    `omit` leaves metadata fields out (names after '<arch>.'), `expert_count` overrides the stored count;
+    `raw_experts` {GGUF name: uint8 blocks} writes those blocks as they are (K-quants, which the gguf library
+    cannot quantize: see k_quant_experts)."""
     cfg = hf.config
     name = cfg.model_type
     arch = arch or GGUF_ARCH[name]
@@ -103,7 +105,10 @@ def write_moe_gguf(hf, path: str, expert_qtype: str = "F32", *, omit: tuple = ()
             add(value)
 
     def add(gguf_name, values, qtype="F32"):
-        data, raw_dtype = _encode(values, qtype)
+        if raw_experts and gguf_name in raw_experts:
+            data, raw_dtype = raw_experts[gguf_name], GGMLQuantizationType[qtype]
+        else:
+            data, raw_dtype = _encode(values, qtype)
         w.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
 
     add("token_embd.weight", sd["model.embed_tokens.weight"])
@@ -278,3 +283,39 @@ def test_triton_device_routed_gguf_experts(tmp_path, monkeypatch):
         assert all(isinstance(lin.q_handle, GgufWeight) for m in moes for lin in m.experts)
     finally:
         ops.set_backend(None)
+
+
+def k_quant_experts(hf, qtype: str, seed: int = 0) -> dict:
+    """Random `qtype` blocks for every stacked expert tensor of `hf` ({GGUF name: uint8 (E, rows, bytes)}), with
+    `hf`'s expert weights set to their values, so HF holds what the file will."""
+    from test_gguf_support import random_kquant_blocks
+    rng, t = np.random.default_rng(seed), GGMLQuantizationType[qtype]
+    raw = {}
+    with torch.no_grad():
+        for i in range(hf.config.num_hidden_layers):
+            experts = hf.model.layers[i].mlp.experts
+            E, two_i, H = experts.gate_up_proj.shape
+            I = two_i // 2
+            for part, param, rows in (("gate", experts.gate_up_proj[:, :I], I), ("up", experts.gate_up_proj[:, I:], I),
+                                      ("down", experts.down_proj, H)):
+                blocks = random_kquant_blocks((E * rows, param.shape[-1]), qtype, rng, scale=0.05)
+                raw[f"blk.{i}.ffn_{part}_exps.weight"] = blocks.reshape(E, rows, -1)  # 3-D, as llama.cpp stacks
+                param.copy_(torch.from_numpy(dequantize(blocks, t).reshape(param.shape).copy()))
+    return raw
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_k_quant_experts_match_hf(qtype, tmp_path):
+    """K-quant experts (super-blocks of 256 columns: a model 256 wide), kept as the file's blocks, against HF
+    holding the blocks' values."""
+    model_cls, cfg_cls, extra = CASES["mixtral"]
+    hf = make_tiny(model_cls, cfg_cls(**{**COMMON, **extra, "hidden_size": 256, "intermediate_size": 256,
+                                         "head_dim": 64}), seed=7, init_scale=0.05)
+    raw = k_quant_experts(hf, qtype)
+    path = write_moe_gguf(hf, str(tmp_path / f"k_{qtype}.gguf"), qtype, raw_experts=raw)
+    # the CPU's Q4_K kernel quantises activations in two int8 stages (~1e-5 relative a dot product,
+    # ops.set_cpu_activations): over 256-wide rows the logits land a few 1e-4 from HF's fp32
+    runner = ParityRunner(path, hf, prompt_len=8, decode_steps=2, max_seq_len=32, tol=1e-3)
+    model = runner.check_prefill_and_decode()
+    for moe in _moe_layers(model):
+        assert all(isinstance(lin.q_handle, GgufWeight) and set(lin.q_handle.types) == {qtype} for lin in moe.experts)
