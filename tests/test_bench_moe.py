@@ -18,4 +18,6 @@ def test_bench_moe_cpu_mode_runs():
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "all checks passed" in r.stdout
-    assert sum(line.split()[:1] == ["5"] for line in r.stdout.splitlines()) == 2, r.stdout
+    # two shapes, dense and EXL2 experts each
+    assert sum(line.split()[:1] == ["5"] for line in r.stdout.splitlines()) == 4, r.stdout
+    assert "exl2_4.0" in r.stdout

@@ -2,12 +2,13 @@
 the eager grouped path (tokens counted per expert on the host, one matmul per picked expert: what
 exllamav2/moe_mlp.py runs outside a graph) and the static path (every expert over every token, masked: what a
 captured graph ran). Shapes: a Mixtral-8x7B layer (hidden 4096, 8 experts of 14336, top-2) and a Qwen3-30B-A3B
-layer (hidden 2048, 128 experts of 768, top-8), fp16 dense experts with random weights.
+layer (hidden 2048, 128 experts of 768, top-8), experts with random weights in each format asked for.
 
 Checks first (the run exits 1 if one fails): the kernels against the grouped path; a token's result the same bits
 alone as in a batch; a CUDA graph captured once and replayed with other routings giving the eager call's bits.
 Then median µs per call for 1, 8, 32 and 128 tokens (CUDA-graph replays; `*`: timed eagerly, it cannot be
-captured) and GB/s over the weight bytes of the experts the tokens picked.
+captured) and GB/s over the file bytes of the experts the tokens picked. Expert formats: `--formats` (default
+fp16 and EXL2 4.0 bpw; bench_linears.py's names and random layouts).
 
     python bench/gpu/bench_moe.py          # on a CUDA GPU, about a minute
     python bench/gpu/bench_moe.py --cpu    # Triton's interpreter on tiny shapes: checks the script runs
@@ -26,7 +27,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHAPES = {"mixtral-8x7b": (4096, 14336, 8, 2), "qwen3-30b-a3b": (2048, 768, 128, 8)}
-CPU_SHAPES = {"tiny-8": (64, 96, 8, 2), "tiny-16": (32, 48, 16, 4)}
+CPU_SHAPES = {"tiny-8": (64, 96, 8, 2), "tiny-16": (32, 64, 16, 4)}  # widths: multiples of 32 (EXL2 groups)
 
 
 def parse_args(argv=None):
@@ -34,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--cpu", action="store_true", help="run under Triton's interpreter on CPU tensors, tiny shapes")
     p.add_argument("--tokens", default=None, help="comma-separated token counts (default 1,8,32,128; --cpu 1,5)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 30; --cpu 1)")
+    p.add_argument("--formats", default="fp16,exl2_4.0", help="comma-separated expert formats, as bench_linears.py "
+                                                              "names them (fp16, exl2_<bpw>, gptq_4, gguf_Q4_K)")
     return p.parse_args(argv)
 
 
@@ -45,6 +48,8 @@ def main(argv=None):
     import torch
     import torch.nn.functional as F
 
+    from bench_linears import make_weight
+    from exllamav2 import ops
     from exllamav2.ops.triton import moe as tmoe
     from exllamav2.ops.triton.linear import DenseKernel
 
@@ -85,16 +90,24 @@ def main(argv=None):
         return statistics.median(ts), mark
 
     where = "Triton interpreter on the CPU (figures are not kernel speeds)" if cpu else torch.cuda.get_device_name()
-    print(f"MoE experts, fp16, {where}")
+    print(f"MoE experts, {where}")
     gd = torch.Generator(device=dev).manual_seed(0)
-    for name, (H, I, E, k) in (CPU_SHAPES if cpu else SHAPES).items():
-        w1 = [torch.randn(I, H, device=dev, dtype=dtype, generator=gd) * H ** -0.5 for _ in range(E)]
-        w3 = [torch.randn(I, H, device=dev, dtype=dtype, generator=gd) * H ** -0.5 for _ in range(E)]
-        w2 = [torch.randn(H, I, device=dev, dtype=dtype, generator=gd) * I ** -0.5 for _ in range(E)]
-        tables = tmoe.expert_tables(*([_Lin(DenseKernel(w, None)) for w in ws] for ws in (w1, w3, w2)), F.silu, dtype)
-        if isinstance(tables, str):
-            sys.exit(f"bench_moe: the kernel declined the experts: {tables}")
-
+    cases = [(name, shape, fmt) for name, shape in (CPU_SHAPES if cpu else SHAPES).items()
+             for fmt in args.formats.split(",") if fmt]
+    for name, (H, I, E, k), fmt in cases:
+        name = f"{name} {fmt}"
+        # each expert's linear as the engine prepares it (bench_linears.make_weight: random codes in the format's
+        # real layout), and the bytes its file holds
+        k1, k3, k2, nb = [], [], [], []
+        for e in range(E):
+            made = [make_weight(fmt, out, n_in, dev, seed=1000 * e + j)
+                    for j, (out, n_in) in enumerate(((I, H), (I, H), (H, I)))]
+            ks = [DenseKernel(w, None) if isinstance(w, torch.Tensor) else ops.prepare_linear(None, None, w, dev, dtype)
+                  for w, _ in made]
+            for lst, kern in zip((k1, k3, k2), ks):
+                lst.append(kern)
+            nb.append(sum(b for _, b in made))
+        tables = tmoe.expert_tables(*([_Lin(kern) for kern in ks] for ks in (k1, k3, k2)), F.silu, dtype)
         def routing(T, seed):
             g = torch.Generator(device=dev).manual_seed(seed)
             x = torch.randn(T, H, device=dev, dtype=dtype, generator=g)
@@ -112,17 +125,17 @@ def main(argv=None):
                 if n:
                     sel = order[beg:beg + n]
                     xe = x.index_select(0, sel // k)
-                    a = F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e])
-                    y.index_add_(0, sel // k, (F.linear(a, w2[e]) * w.reshape(-1)[sel, None]).to(x.dtype))
+                    a = F.silu(k1[e](xe)) * k3[e](xe)
+                    y.index_add_(0, sel // k, (k2[e](a) * w.reshape(-1)[sel, None]).to(x.dtype))
                     beg += n
             return y
 
         def static(x, w, ids):
             y = torch.zeros_like(x)
             for e in range(E):
-                a = F.silu(F.linear(x, w1[e])) * F.linear(x, w3[e])
+                a = F.silu(k1[e](x)) * k3[e](x)
                 we = torch.where(ids == e, w, torch.zeros_like(w)).sum(-1, keepdim=True)
-                y += (F.linear(a, w2[e]) * we).to(x.dtype)
+                y += (k2[e](a) * we).to(x.dtype)
             return y
 
         def device(x, w, ids):
@@ -156,8 +169,9 @@ def main(argv=None):
               f"{'static us':>9} {'x':>6}")
         for T in tokens:
             x, w, ids = routing(T, 10 + T)
-            picked = int(torch.unique(ids).numel())
-            nbytes = picked * 3 * H * I * 2
+            picked_ids = torch.unique(ids).tolist()
+            picked = len(picked_ids)
+            nbytes = sum(nb[e] for e in picked_ids)
             td, md = timed(lambda: device(x, w, ids))
             tg, mg = timed(lambda: grouped(x, w, ids), capture=False)
             ts, ms = timed(lambda: static(x, w, ids))
