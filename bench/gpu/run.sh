@@ -25,4 +25,4 @@ run() {  # name, seconds, command...
 case "$what" in *" all "*|*" attention "*) run attention 120 python bench/gpu/bench_attention.py ;; esac
 case "$what" in *" all "*|*" linears "*) run linears 300 python bench/gpu/bench_linears.py --out "$OUT" ;; esac
 case "$what" in *" all "*|*" decode "*) run decode 420 python bench/gpu/bench_decode.py --out "$OUT" --model-dir /tmp/bench_decode_8b ${orig:+--original-wheel "$orig"} ;; esac
-case "$what" in *" all "*|*" moe "*) run moe 90 python bench/gpu/bench_moe.py ;; esac
+case "$what" in *" all "*|*" moe "*) run moe 150 python bench/gpu/bench_moe.py ;; esac
