@@ -64,11 +64,12 @@ def _encode(values: np.ndarray, qtype: str):
 
 
 def write_moe_gguf(hf, path: str, expert_qtype: str = "F32", *, omit: tuple = (), expert_count: int | None = None,
-                   arch: str | None = None, raw_experts: dict | None = None) -> str:
+                   arch: str | None = None, raw_experts: dict | None = None, per_expert: bool = False) -> str:
     """`hf` as llama.cpp writes it: metadata, F32 tensors, stacked experts (E, rows, columns) as `expert_qtype`.
     `omit` leaves metadata fields out (names after '<arch>.'), `expert_count` overrides the stored count;
     `raw_experts` {GGUF name: uint8 blocks} writes those blocks as they are (K-quants, which the gguf library
-    cannot quantize: see k_quant_experts)."""
+    cannot quantize: see k_quant_experts); `per_expert` writes llama.cpp's layout from before the stacked tensors,
+    one 2-D tensor per expert (blk.N.ffn_gate.E.weight)."""
     cfg = hf.config
     name = cfg.model_type
     arch = arch or GGUF_ARCH[name]
@@ -135,9 +136,15 @@ def write_moe_gguf(hf, path: str, expert_qtype: str = "F32", *, omit: tuple = ()
             continue
         gate_up, down = sd[hf_b + "mlp.experts.gate_up_proj"], sd[hf_b + "mlp.experts.down_proj"]
         add(b + "ffn_gate_inp.weight", sd[hf_b + "mlp.gate.weight"])
-        add(b + "ffn_gate_exps.weight", gate_up[:, :I], expert_qtype)
-        add(b + "ffn_up_exps.weight", gate_up[:, I:], expert_qtype)
-        add(b + "ffn_down_exps.weight", down, expert_qtype)
+        if per_expert:
+            for e in range(E):
+                add(b + f"ffn_gate.{e}.weight", gate_up[e, :I], expert_qtype)
+                add(b + f"ffn_up.{e}.weight", gate_up[e, I:], expert_qtype)
+                add(b + f"ffn_down.{e}.weight", down[e], expert_qtype)
+        else:
+            add(b + "ffn_gate_exps.weight", gate_up[:, :I], expert_qtype)
+            add(b + "ffn_up_exps.weight", gate_up[:, I:], expert_qtype)
+            add(b + "ffn_down_exps.weight", down, expert_qtype)
         if hf_b + "mlp.shared_expert_gate.weight" in sd:
             for part in ("gate", "up", "down"):
                 add(b + f"ffn_{part}_shexp.weight", sd[hf_b + f"mlp.shared_expert.{part}_proj.weight"])
@@ -319,3 +326,16 @@ def test_k_quant_experts_match_hf(qtype, tmp_path):
     model = runner.check_prefill_and_decode()
     for moe in _moe_layers(model):
         assert all(isinstance(lin.q_handle, GgufWeight) and set(lin.q_handle.types) == {qtype} for lin in moe.experts)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_per_expert_tensors_of_older_files(qtype, tmp_path):
+    """llama.cpp's Mixtral layout before the stacked tensors (one 2-D tensor per expert, blk.N.ffn_gate.E.weight):
+    the same model as the stacked file gives."""
+    hf = build("mixtral")
+    want = hf if qtype == "F32" else hf_on_dequantised_experts(hf, qtype)
+    path = write_moe_gguf(hf, str(tmp_path / "old.gguf"), qtype, per_expert=True)
+    assert "blk.0.ffn_gate.3.weight" in {t.name for t in GGUFFile(path)._reader.tensors}
+    model = ParityRunner(path, want, prompt_len=8, decode_steps=2, max_seq_len=32).check_prefill_and_decode()
+    if qtype != "F32":
+        assert all(isinstance(lin.q_handle, GgufWeight) for m in _moe_layers(model) for lin in m.experts)

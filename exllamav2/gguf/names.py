@@ -34,6 +34,9 @@ SKIPPED_TENSORS = {"rope_freqs.weight"}
 
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)$")
 _TOP_RE = re.compile(r"^([a-z0-9_]+)\.(weight|bias)$")
+# llama.cpp's layout before the stacked experts (April 2024; many Mixtral files still in use): one 2-D tensor per
+# expert, blk.N.ffn_gate.E.weight; read as expert E of the stacked name's HF entry (`ffn_gate_exps`)
+_EXPERT_RE = re.compile(r"^blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)\.(\d+)\.weight$")
 
 
 def _spec(arch):
@@ -61,6 +64,10 @@ def hf_tensor_name(arch, gguf_name: str) -> str | None:
         layer, part, kind = m.groups()
         hf_part = spec.block_names.get(part)
         return None if hf_part is None else f"model.layers.{layer}.{hf_part}.{kind}"
+    if spec.moe and (m := _EXPERT_RE.match(gguf_name)):
+        layer, part, expert = m.groups()
+        hf_part = spec.block_names.get(part + "_exps")
+        return None if hf_part is None else f"model.layers.{layer}.{hf_part.replace('*', expert)}.weight"
     if m := _TOP_RE.match(gguf_name):
         part, kind = m.groups()
         hf_part = (TOP_LEVEL if spec.top_names is None else spec.top_names).get(part)
