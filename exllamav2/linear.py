@@ -13,8 +13,8 @@ from .ops import dispatch
 
 
 class ExLlamaV2Linear(ExLlamaV2Module):
-    # counts kernels prepared by any linear: a cache of kernels (moe_mlp.py's expert tables) is current while it
-    # stands still
+    # counts kernels prepared or dropped by any linear: a cache of kernels (moe_mlp.py's expert tables) is current
+    # while it stands still
     kernel_epoch = 0
     name = "Linear"
     per_position = True
@@ -75,6 +75,7 @@ class ExLlamaV2Linear(ExLlamaV2Module):
 
     def weights_changed(self) -> None:
         self._kernels = {}
+        ExLlamaV2Linear.kernel_epoch += 1
         for group in self.fused_in:
             group.invalidate()
 

@@ -465,3 +465,18 @@ def test_gptq_experts_with_and_without_act_order_share_the_kernel():
             a = F.silu(w1[e][1](x[t:t + 1])) * w3[e][1](x[t:t + 1])
             want[t] += (w2[e][1](a) * weights[t, j]).to(F16)[0]
     torch.testing.assert_close(got, want, atol=3e-3, rtol=5e-3)
+
+
+def test_a_changed_expert_weight_is_seen(tmp_path):
+    """Setting an expert linear's weight drops its kernels (ExLlamaV2Linear.weights_changed): the layer's expert
+    tables are rebuilt, and the device path computes with the new weight."""
+    model = _load("mixtral", tmp_path)
+    moe = _moe_layers(model)[0]
+    x, weights, ids = _routing(moe, 4, 8)
+    before = moe._device_tables(x)
+    assert before is not None
+    for lin in moe.w2:
+        lin.weight = torch.zeros_like(lin.weight)
+    after = moe._device_tables(x)
+    assert after is not None and after is not before
+    assert torch.equal(tmoe.grouped_experts(x, weights, ids, after, moe.act), torch.zeros_like(x))
