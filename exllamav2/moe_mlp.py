@@ -27,6 +27,9 @@ shared expert] [-> post norm]).
 
 from __future__ import annotations
 
+import itertools
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 
@@ -42,6 +45,14 @@ from .ops.triton import linear as triton_linear
 from .ops.triton.moe import expert_tables
 from .ops.triton.moe import grouped_experts as grouped_device
 from .runtime.graph_step import in_graph_step
+
+
+class _TablesCache(NamedTuple):
+    """What ExLlamaV2MoEMLP._device_tables built, and what it was built from."""
+    key: tuple              # (dtype, dispatch generation, ExLlamaV2Linear.kernel_epoch)
+    tables: tuple | None    # ops/triton/moe.py ExpertTables for w1, w3, w2; None: declined
+    experts: tuple          # copies of the w1, w3, w2 lists
+    kernels: list           # the experts' kernels, in w1 + w3 + w2 order
 
 
 class ExLlamaV2HookPoint(ExLlamaV2Module):
@@ -122,7 +133,7 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
         self.pre_down_point = ExLlamaV2HookPoint(model, key + ".hook_pre_down", ap)
         self.out_point = ExLlamaV2HookPoint(model, key + ".hook_out", ap)
         self.handle = register(self)  # the grouped path's custom op finds this module by it
-        self._tables = None  # (key, expert tables, the kernels they were built from): see _device_tables
+        self._tables: _TablesCache | None = None  # see _device_tables
         self.device_path_declined: str | None = None  # why the device-routed kernels last declined this layer
         self.submodules = [m for m in (self.pre_layernorm, self.gate, *self.experts, self.shared_expert,
                                        self.shared_gate, self.post_layernorm) if m is not None]
@@ -290,11 +301,11 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
             return None
         cached = self._tables
         key = (x.dtype, dispatch.generation(), ExLlamaV2Linear.kernel_epoch)
-        if cached is not None and cached[0] != key and cached[0][:2] == key[:2] and all(
-                lin._kernels.get(x.dtype) is k for lin, k in zip(cached[2], cached[3])):
+        if cached is not None and cached.key != key and cached.key[:2] == key[:2] and all(
+                lin._kernels.get(x.dtype) is k for lin, k in zip(itertools.chain(*cached.experts), cached.kernels)):
             # kernels were prepared somewhere, but these experts' are the ones the tables hold
-            cached = self._tables = (key, *cached[1:])
-        if cached is None or cached[0] != key or cached[2] != self.w1 + self.w3 + self.w2:
+            cached = self._tables = cached._replace(key=key)
+        if cached is None or cached.key != key or cached.experts != (self.w1, self.w3, self.w2):
             # rebuilt when the experts' kernels or the backend choice changed or an expert was replaced (an
             # Intervention wrapping one); list equality is identity here
             experts = self.w1 + self.w3 + self.w2
@@ -305,12 +316,13 @@ class ExLlamaV2MoEMLP(ExLlamaV2Module):
                 tables = expert_tables(self.w1, self.w3, self.w2, self.act, x.dtype)
             self.device_path_declined = tables if isinstance(tables, str) else None
             # the key read after the build, which may have prepared the experts' kernels
-            cached = self._tables = ((x.dtype, dispatch.generation(), ExLlamaV2Linear.kernel_epoch),
-                                     None if isinstance(tables, str) else tables, experts,
-                                     [getattr(lin, "_kernels", {}).get(x.dtype) for lin in experts])
+            cached = self._tables = _TablesCache(
+                (x.dtype, dispatch.generation(), ExLlamaV2Linear.kernel_epoch),
+                None if isinstance(tables, str) else tables, (list(self.w1), list(self.w3), list(self.w2)),
+                [getattr(lin, "_kernels", {}).get(x.dtype) for lin in experts])
         if x.shape[0] > triton_linear.DENSE_ROWS and not dispatch.batch_invariant() and not in_graph_step(x):
             return None
-        return cached[1]
+        return cached.tables
 
     def _routes_statically(self, x: torch.Tensor) -> bool:
         if self.static_routing is not None:

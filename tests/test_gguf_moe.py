@@ -339,3 +339,34 @@ def test_per_expert_tensors_of_older_files(qtype, tmp_path):
     model = ParityRunner(path, want, prompt_len=8, decode_steps=2, max_seq_len=32).check_prefill_and_decode()
     if qtype != "F32":
         assert all(isinstance(lin.q_handle, GgufWeight) for m in _moe_layers(model) for lin in m.experts)
+
+
+@pytest.mark.slow
+def test_compiled_decode_of_a_gguf_moe_model_gives_eager_tokens(tmp_path):
+    """model.compile_decode() on a Q8_0 Qwen3-MoE GGUF (the experts as one opaque op in the graph,
+    moe_grouped_op.py): one graph, run without dynamo after its first call, eager's greedy tokens for 2 rows
+    (~15 s, the compile)."""
+    cfg = ExLlamaV2Config(write_moe_gguf(build("qwen3_moe"), str(tmp_path / "m.gguf"), "Q8_0"))
+    cfg.max_seq_len = 64
+    model = ExLlamaV2(cfg)
+    model.load()
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(1))
+
+    def greedy():
+        cache = ExLlamaV2Cache(model, batch_size=2, max_seq_len=64)
+        logits = model.forward(ids, cache, last_id_only=True)[:, -1]
+        out = []
+        for _ in range(5):
+            out.append(logits.argmax(-1, keepdim=True))
+            logits = model.forward(out[-1], cache)[:, -1]
+        return torch.cat(out, 1)
+
+    with torch.inference_mode():
+        eager = greedy()
+    runner = model.compile_decode(max_seq_len=64, progress=False)
+    try:
+        with torch.inference_mode():
+            assert torch.equal(greedy(), eager)
+        assert not runner.graph_breaks and runner.trusted.direct > 0
+    finally:
+        model.decode_runner = None

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
+
+from graph_timing import median_seconds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,35 +72,7 @@ def main(argv=None):
     scale = d ** -0.5
 
     def timed(fn):
-        """Median seconds per call. On a GPU the call is captured once as a CUDA graph and replayed (kernel time,
-        as the graph-captured decode step sees it); a call that cannot be captured is timed eagerly and marked."""
-        fn()  # warm-up (compiles the kernel on a GPU, builds the per-forward metadata)
-        if cpu:
-            ts = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            return statistics.median(ts), ""
-        torch.cuda.synchronize()
-        run, mark = fn, "*"
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            run, mark = graph.replay, ""
-        except Exception:  # noqa: BLE001  (host syncs in the reference's per-sequence loop)
-            torch.cuda.synchronize()
-        run()
-        ts = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            run()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b) / 1000)
-        return statistics.median(ts), mark
+        return median_seconds(fn, reps, cpu, capture="try")
 
     def call(backend, op, *a):
         with ops.use_backend(backend):

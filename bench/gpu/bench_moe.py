@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
+
+from graph_timing import median_seconds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -63,31 +63,7 @@ def main(argv=None):
     failed = []
 
     def timed(fn, capture=True):
-        """Median seconds per call: CUDA-graph replays, or eager calls (marked *) for a path that syncs with the
-        host (never captured: a failed capture can leave the stream unusable)."""
-        fn()
-        if cpu:
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            return (time.perf_counter() - t0) / reps, ""
-        torch.cuda.synchronize()
-        run, mark = fn, "*"
-        if capture:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            run, mark = graph.replay, ""
-        run()
-        ts = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            run()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b) / 1000)
-        return statistics.median(ts), mark
+        return median_seconds(fn, reps, cpu, capture)
 
     where = "Triton interpreter on the CPU (figures are not kernel speeds)" if cpu else torch.cuda.get_device_name()
     print(f"MoE experts, {where}")

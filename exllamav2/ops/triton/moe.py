@@ -15,6 +15,8 @@ knows (`_act_codes`). Anything else is declined with a reason, and the module ru
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import interpreting, kernels
@@ -24,6 +26,7 @@ DENSE_FMT, EXL2_FMT, GPTQ_FMT = 16, 17, 32  # moe_kernels' codes; GGUF types use
 BLOCK_K = 64  # moe_kernels.BLOCK_K: the K tile of dense and GGUF experts
 
 
+@functools.lru_cache(maxsize=None)
 def _act_codes() -> dict:
     """The activation functions the kernel computes (exllamav2/ops/torch_ref/activation.py), by function."""
     from ..torch_ref.activation import ACTIVATIONS

@@ -151,18 +151,24 @@ def _activation(g, ACT: tl.constexpr):
 
 
 @triton.jit
+def _block(rows_ptr, experts_ptr, A, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's block: its expert (-1: a spare block, nothing to do), its assignments (int64) and which are
+    real (padding holds A), and its tile of output features and which are real."""
+    pid_b = tl.program_id(0)
+    e = tl.load(experts_ptr + pid_b)
+    rows = tl.load(rows_ptr + pid_b * BLOCK_M + tl.arange(0, BLOCK_M))
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return e, rows.to(tl.int64), rows < A, offs_n, offs_n < N
+
+
+@triton.jit
 def moe_gate_up(x_ptr, rows_ptr, experts_ptr, act_ptr, t1, t3, A, E, K, N, p11, p12, p31, p32, stride_x,
                 TOPK: tl.constexpr, FMT1: tl.constexpr, FMT3: tl.constexpr, BK1: tl.constexpr, BK3: tl.constexpr,
-                ALN1: tl.constexpr, ALN3: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
-    pid_b = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(experts_ptr + pid_b)
+                ALN1: tl.constexpr, ALN3: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+    e, rows, r_mask, offs_n, n_mask = _block(rows_ptr, experts_ptr, A, N, BLOCK_M, BLOCK_N)
     if e >= 0:
-        rows = tl.load(rows_ptr + pid_b * BLOCK_M + tl.arange(0, BLOCK_M))
-        r_mask = rows < A
-        tok = (rows // TOPK).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
+        tok = rows // TOPK
         zero = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         acc_g = _project(zero, x_ptr, tok, r_mask, stride_x, t1, E, e, offs_n, n_mask, K, p11, p12, FMT1, BK1, ALN1,
                          DOT_F32)
@@ -172,7 +178,7 @@ def moe_gate_up(x_ptr, rows_ptr, experts_ptr, act_ptr, t1, t3, A, E, K, N, p11, 
         g = acc_g.to(dt).to(tl.float32)
         u = acc_u.to(dt).to(tl.float32)
         a = _activation(g, ACT).to(dt).to(tl.float32)
-        out = act_ptr + rows[:, None].to(tl.int64) * N + offs_n[None, :]
+        out = act_ptr + rows[:, None] * N + offs_n[None, :]
         tl.store(out, (a * u).to(dt), mask=r_mask[:, None] & n_mask[None, :])
 
 
@@ -180,21 +186,14 @@ def moe_gate_up(x_ptr, rows_ptr, experts_ptr, act_ptr, t1, t3, A, E, K, N, p11, 
 def moe_down(act_ptr, rows_ptr, experts_ptr, rw_ptr, out_ptr, t2, A, E, K, N, p21, p22,
              FMT2: tl.constexpr, BK2: tl.constexpr, ALN2: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
-    pid_b = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(experts_ptr + pid_b)
+    e, rows, r_mask, offs_n, n_mask = _block(rows_ptr, experts_ptr, A, N, BLOCK_M, BLOCK_N)
     if e >= 0:
-        rows = tl.load(rows_ptr + pid_b * BLOCK_M + tl.arange(0, BLOCK_M))
-        r_mask = rows < A
-        r64 = rows.to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        acc = _project(tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32), act_ptr, r64, r_mask, K, t2, E, e, offs_n,
+        acc = _project(tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32), act_ptr, rows, r_mask, K, t2, E, e, offs_n,
                        n_mask, K, p21, p22, FMT2, BK2, ALN2, DOT_F32)
         dt = act_ptr.dtype.element_ty
-        rw = tl.load(rw_ptr + r64, mask=r_mask, other=0.0)
+        rw = tl.load(rw_ptr + rows, mask=r_mask, other=0.0)
         y = acc.to(dt).to(tl.float32) * rw[:, None]
-        tl.store(out_ptr + r64[:, None] * N + offs_n[None, :], y.to(dt), mask=r_mask[:, None] & n_mask[None, :])
+        tl.store(out_ptr + rows[:, None] * N + offs_n[None, :], y.to(dt), mask=r_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit

@@ -104,7 +104,7 @@ struct Problem {
 };
 
 struct Scratch {
-    std::vector<float> qr, qsum, scores;
+    std::vector<float> scores;
     std::vector<int64_t> slots;
 };
 
@@ -230,17 +230,13 @@ struct Partial {
     float* ws;  // (G, NG)
 };
 
-// One split of (b, h)'s keys, [t_lo, t_hi) (not empty): its partial sums for the G query rows.
-AVX512_TARGET void split_task(const Problem& P, int64_t b, int64_t h, int64_t t_lo, int64_t t_hi, Partial out,
-                              Scratch& w) {
-    const int64_t G = P.G, D = P.D, NG = D / kGroup, n = t_hi - t_lo;
-    w.qr.resize(G * D);
-    w.qsum.resize(G * NG);
+// One split of (b, h)'s keys, [t_lo, t_hi) (not empty): its partial sums for the G query rows, whose rotated
+// values and group sums (rotated_query) are qr and qsum.
+AVX512_TARGET void split_task(const Problem& P, int64_t b, int64_t h, int64_t t_lo, int64_t t_hi, const float* qr,
+                              const float* qsum, Partial out, Scratch& w) {
+    const int64_t G = P.G, D = P.D, n = t_hi - t_lo;
     w.scores.resize(G * n);
-    float* qr = w.qr.data();
-    float* qsum = w.qsum.data();
     float* sc = w.scores.data();
-    rotated_query(P, b, h, qr, qsum);
     const int64_t* row = P.table + b * P.pages;
     w.slots.resize(n);
     int64_t* slots = w.slots.data();
@@ -419,6 +415,11 @@ at::Tensor quant_paged_decode_attention(const at::Tensor& q, const at::Tensor& k
     }
     const int64_t tasks = first[B];
     std::vector<float> buf(static_cast<size_t>(std::max<int64_t>(tasks, 1) * per));
+    // each (b, h)'s query rows rotated once, for all its splits
+    const int64_t qper = G * (D + NG);
+    std::vector<float> qbuf(static_cast<size_t>(B * HK * qper));
+    for (int64_t i = 0; i < B * HK; ++i)
+        if (ns[i / HK] > 0) rotated_query(P, i / HK, i % HK, qbuf.data() + i * qper, qbuf.data() + i * qper + G * D);
     auto part = [&](int64_t i) {
         float* p = buf.data() + i * per;
         return Partial{p, p + G, p + 2 * G, p + 2 * G + G * D};
@@ -430,7 +431,9 @@ at::Tensor quant_paged_decode_attention(const at::Tensor& q, const at::Tensor& k
             while (i >= first[b + 1]) ++b;
             const int64_t h = (i - first[b]) / ns[b], s = (i - first[b]) % ns[b];
             const int64_t s0 = lo[b] / kSplitKeys + s;
-            split_task(P, b, h, std::max(lo[b], s0 * kSplitKeys), std::min(lp[b], (s0 + 1) * kSplitKeys), part(i), w);
+            const float* q = qbuf.data() + (b * HK + h) * qper;
+            split_task(P, b, h, std::max(lo[b], s0 * kSplitKeys), std::min(lp[b], (s0 + 1) * kSplitKeys), q,
+                       q + G * D, part(i), w);
         }
     };
     auto merge_work = [&](int64_t i0, int64_t i1) {
