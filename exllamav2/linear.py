@@ -192,8 +192,13 @@ class ExLlamaV2Linear(ExLlamaV2Module):
     def forward(self, hidden_states, cache=None, attn_params=None, past_len=None,
                 intermediates=False, loras=None, force_recons=False, force_cuda=False, **kwargs):
         x = hidden_states
-        if self._q_handle is None and x.dtype != self._weight.dtype:
-            x = x.to(self._weight.dtype)
+        if self._q_handle is None:
+            if x.dtype != self._weight.dtype:
+                x = x.to(self._weight.dtype)
+        elif x.dtype == torch.float32 and self.dtype != torch.float32:
+            # an fp32 residual stream (Gemma 2/3) hands the head its final norm in fp32: a quantized weight takes
+            # the model's dtype as a dense one does (HF's lm_head sees bf16 there too), not an fp32 dequantised copy
+            x = x.to(self.dtype)
         k = self._kernels.get(x.dtype) if self._kernel_gen == dispatch._generation else None
         if k is None:
             k = self.kernel(x.dtype)
