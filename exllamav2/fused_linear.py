@@ -112,9 +112,7 @@ class FusedLinear:
     def _matmul(self, x: torch.Tensor) -> torch.Tensor | None:
         """The parts' outputs side by side (..., total), before LoRA and prescale; None when the parts cannot share
         a kernel."""
-        w0 = self.parts[0].weight
-        if w0 is not None and self.parts[0].q_handle is None and x.dtype != w0.dtype:
-            x = x.to(w0.dtype)
+        x = self.parts[0].cast_input(x)
         k = self.kernel(x.dtype)
         if k is False:
             return None

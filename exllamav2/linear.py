@@ -189,16 +189,20 @@ class ExLlamaV2Linear(ExLlamaV2Module):
             ExLlamaV2Linear.kernel_epoch += 1
         return k
 
+    def cast_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the dtype this linear computes in: a dense weight's own; for a quantized one x's, except that fp32
+        activations in a bf16/fp16 model take the model's dtype as a dense weight would. An fp32 residual stream
+        (Gemma 2/3) hands its norms' fp32 outputs to q/k/v, gate/up and the head, where HF's bf16 model sees bf16;
+        run in fp32 they took an fp32 dequantised copy of each weight (the CPU's GEMV keeps fp32 exact)."""
+        if self._q_handle is None:
+            return x if x.dtype == self._weight.dtype else x.to(self._weight.dtype)
+        if x.dtype == torch.float32 and self.dtype != torch.float32:
+            return x.to(self.dtype)
+        return x
+
     def forward(self, hidden_states, cache=None, attn_params=None, past_len=None,
                 intermediates=False, loras=None, force_recons=False, force_cuda=False, **kwargs):
-        x = hidden_states
-        if self._q_handle is None:
-            if x.dtype != self._weight.dtype:
-                x = x.to(self._weight.dtype)
-        elif x.dtype == torch.float32 and self.dtype != torch.float32:
-            # an fp32 residual stream (Gemma 2/3) hands the head its final norm in fp32: a quantized weight takes
-            # the model's dtype as a dense one does (HF's lm_head sees bf16 there too), not an fp32 dequantised copy
-            x = x.to(self.dtype)
+        x = self.cast_input(hidden_states)
         k = self._kernels.get(x.dtype) if self._kernel_gen == dispatch._generation else None
         if k is None:
             k = self.kernel(x.dtype)

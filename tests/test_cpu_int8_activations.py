@@ -24,7 +24,7 @@ if not kernels.ready():
 
 from exllamav2.ops.cpu.gguf_pack import pack_gguf_blocks  # noqa: E402
 from exllamav2.quant.gguf_blocks import decode_blocks, dequantize_digits  # noqa: E402
-from test_cpu_kernels import random_blocks, random_q4_k  # noqa: E402
+from test_cpu_kernels import random_blocks, random_raw  # noqa: E402
 
 
 def int8_activations(x: torch.Tensor) -> torch.Tensor:
@@ -37,10 +37,10 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 def weights(qtype: str, n: int, k: int):
-    if qtype == "Q4_K":
+    if qtype not in ("Q4_0", "Q4_1", "Q8_0"):
         from gguf import GGMLQuantizationType, quants
-        raw = random_q4_k(n, k, seed=n)
-        w = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q4_K).copy())
+        raw = random_raw(qtype, n, k, seed=n)
+        w = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[qtype]).copy()).reshape(n, k)
     else:
         raw = random_blocks(qtype, n, k, seed=n + k)
         w = dequantize_digits(decode_blocks(qtype, raw, (n, k)))
@@ -56,7 +56,7 @@ def restore():
     ops.set_cpu_activations("int16")
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
 def test_one_stage_gemv_is_the_int8_quantised_product(qtype):
     n, k = 100, 512
     packed, w = weights(qtype, n, k)

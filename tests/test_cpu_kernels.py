@@ -96,7 +96,7 @@ def test_gguf_gemv_is_batch_invariant_and_avx2_gives_the_same_bits(qtype):
 
 
 @pytest.mark.parametrize("act_stages", [2, 1])
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
 def test_gguf_gemv_gives_each_row_its_one_row_result_for_any_row_count_isa_and_threads(qtype, act_stages):
     """Prefill and batched decode go through the same kernels as one row (chunks of 8 rows, the rows side by side
     in the quantised activations; past 8 rows on AVX-512, two 16-row groups per call): every row of an R-row call
@@ -104,7 +104,7 @@ def test_gguf_gemv_gives_each_row_its_one_row_result_for_any_row_count_isa_and_t
     1 and 2 threads, AVX-512 and AVX2, in both activation modes; and the dtype readers and the stores must equal
     the fp32 call's values rounded by torch (x16/bf16 in, same dtype out)."""
     n, k = 100, 512   # 7 groups (the last one ragged), 16 blocks (2 Q4_K super-blocks)
-    raw = random_q4_k(n, k, seed=5) if qtype == "Q4_K" else random_blocks(qtype, n, k, seed=5)
+    raw = random_raw(qtype, n, k, seed=5)
     packed = pack_gguf_blocks(qtype, raw, (n, k))
     g = torch.Generator().manual_seed(6)
     x = torch.randn(40, k, generator=g)
@@ -153,24 +153,46 @@ def test_vector_activation_quantisers_equal_the_scalar_contract(tmp_path):
     assert run.returncode == 0 and run.stdout.startswith("ok "), run.stdout + run.stderr
 
 
-def random_q4_k(n: int, k: int, seed: int = 0) -> np.ndarray:
-    """Raw Q4_K super-blocks (n, k/256 * 144): random codes and 6-bit scales/mins, realistic fp16 d and dmin."""
+# (fp16 field offsets: scale d, and the offset m / dmin where the type has one), per block of the raw layout
+_F16_FIELDS = {"Q4_0": (0, None), "Q4_1": (0, 2), "Q8_0": (0, None), "Q5_0": (0, None), "Q5_1": (0, 2),
+               "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208, None)}
+
+
+def random_raw(qtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Raw GGUF blocks (n, k / block * block bytes) of any packed type: random codes, high bits and (6- or 8-bit)
+    sub-block scales, realistic fp16 d (and m / dmin)."""
+    from exllamav2.quant.gguf_blocks import BLOCK_GEOMETRY
+    per, bb = BLOCK_GEOMETRY[qtype]
     g = np.random.default_rng(seed)
-    raw = g.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
-    raw[..., 0:2] = (g.random((n, k // 256, 1)) * 0.002 + 1e-4).astype(np.float16).view(np.uint8)
-    raw[..., 2:4] = (g.random((n, k // 256, 1)) * 0.005).astype(np.float16).view(np.uint8)
+    raw = g.integers(0, 256, (n, k // per, bb), dtype=np.uint8)
+    d_at, m_at = _F16_FIELDS[qtype]
+    big = per == 256   # super-block d multiplies 6- or 8-bit sub-block scales
+    d = g.random((n, k // per)) * (0.002 if big else 0.02) + (1e-4 if big else 1e-3)
+    raw[..., d_at:d_at + 2] = d.astype(np.float16).view(np.uint8).reshape(n, k // per, 2)
+    if m_at is not None:
+        m = g.random((n, k // per)) * (0.005 if big else -0.1)
+        raw[..., m_at:m_at + 2] = m.astype(np.float16).view(np.uint8).reshape(n, k // per, 2)
     return raw.reshape(n, -1)
 
 
+NEW_KINDS = ["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"]
+# file bytes per 256 weights; the pack's are the same except the K-quants' unpacked scales (Q4_K/Q5_K: 16 bytes
+# of 6-bit scales and mins as 32; Q6_K: the same 16 int8 scales)
+PACKED_BYTES_PER_256 = {"Q4_K": 148, "Q5_K": 180, "Q6_K": 210, "Q5_0": 176, "Q5_1": 192}
+
+
+@pytest.mark.parametrize("qtype", NEW_KINDS)
 @pytest.mark.parametrize("shape", [(37, 256), (100, 768), (16, 512)])
-def test_q4_k_gemv_equals_gguf_dequantisation(shape):
+def test_kquant_and_q5_gemv_equals_gguf_dequantisation(qtype, shape):
+    """The layout round-trips to gguf-py's own dequantisation exactly; the GEMV against x @ W.T within 1e-4 of
+    the largest output; AVX2 bit-identical to AVX-512; rows independent of the call's row count."""
     from gguf import GGMLQuantizationType, quants
     n, k = shape
-    raw = random_q4_k(n, k, seed=n)
-    w = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q4_K).copy())
-    packed = pack_gguf_blocks("Q4_K", raw, shape)
+    raw = random_raw(qtype, n, k, seed=n + len(qtype))
+    w = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[qtype]).copy()).reshape(n, k)
+    packed = pack_gguf_blocks(qtype, raw, shape)
     assert torch.equal(kernels.gguf_dequant(packed, torch.float32), w)
-    assert packed.nbytes() == -(-n // 16) * 16 * k // 256 * 148   # 4.625 bits per weight
+    assert packed.nbytes() == -(-n // 16) * 16 * k // 256 * PACKED_BYTES_PER_256[qtype]
     g = torch.Generator().manual_seed(2)
     x = torch.randn(13, k, generator=g)
     ref = x @ w.t()
@@ -178,17 +200,29 @@ def test_q4_k_gemv_equals_gguf_dequantisation(shape):
     for isa in ("avx512", "avx2") if kernels.isa() == "avx512" else (kernels.isa(),):
         kernels.set_isa(isa)
         got = kernels.gguf_gemv(x, packed)
-        assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+        assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), (isa, (got - ref).abs().max())
         for rows in (1, 3, 8):
             assert torch.equal(kernels.gguf_gemv(x[rows - 1:rows], packed), got[rows - 1:rows])
             assert torch.equal(kernels.gguf_gemv(x[:rows], packed), got[:rows])
         results[isa] = got
     if len(results) == 2:
         assert torch.equal(results["avx512"], results["avx2"])
-    with pytest.raises(ValueError, match="multiple of 256 columns"):
-        pack_gguf_blocks("Q4_K", raw[:, :144], (n, 128))
-    with pytest.raises(RuntimeError, match="Q4_K needs float16 super-block scales"):
-        torch.ops.exllamav2_cpu.gguf_gemv(x, packed.qweight, 3, n, None, None)
+
+
+@pytest.mark.parametrize("qtype", NEW_KINDS)
+def test_kquant_and_q5_packing_refuses_bad_shapes_naming_the_tensor(qtype):
+    per = 256 if qtype.endswith("_K") else 32
+    n, k = 16, 2 * per
+    raw = random_raw(qtype, n, k)
+    with pytest.raises(ValueError, match=f"blk.3.w: shape .* multiple of {per} columns"):
+        pack_gguf_blocks(qtype, raw[:, :raw.shape[1] // 2], (n, k - per // 2), name="blk.3.w")
+    with pytest.raises(ValueError, match=f"blk.3.w: {qtype} data has shape"):
+        pack_gguf_blocks(qtype, raw[:, :-1], (n, k), name="blk.3.w")
+    packed = pack_gguf_blocks(qtype, raw, (n, k))
+    if packed.super_scales is not None:
+        with pytest.raises(RuntimeError, match=f"{qtype} needs float16 super-block scales"):
+            torch.ops.exllamav2_cpu.gguf_gemv(torch.randn(1, k), packed.qweight, packed.kind, n, None, None)
+
 
 
 @pytest.mark.parametrize("shape", [(64, 128), (37, 100), (333, 576), (50, 7)])
@@ -224,8 +258,8 @@ def test_kernels_reject_bad_inputs_with_clear_errors():
         kernels.bf16_gemv(torch.randn(1, 32).bfloat16(), torch.randn(8, 64).bfloat16())
     with pytest.raises(ValueError, match="w.up: Q4_0 data has shape"):
         pack_gguf_blocks("Q4_0", random_blocks("Q4_0", 32, 64)[:, :-1], (32, 64), name="w.up")
-    with pytest.raises(ValueError, match="Q6_K has no CPU GEMV kernel"):
-        pack_gguf_blocks("Q6_K", random_blocks("Q4_0", 32, 64), (32, 64))
+    with pytest.raises(ValueError, match="Q3_K has no CPU GEMV kernel"):
+        pack_gguf_blocks("Q3_K", random_blocks("Q4_0", 32, 64), (32, 64))
     with pytest.raises(ValueError, match="instruction set 'sse9' is unknown"):
         kernels.set_isa("sse9")
 

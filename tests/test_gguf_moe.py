@@ -35,7 +35,7 @@ CASES = {
         num_experts=5, moe_intermediate_size=32, norm_topk_prob=True)),
 }
 GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
-QUANT = {"mixtral": "Q8_0", "qwen2_moe": "Q4_0", "qwen3_moe": "Q8_0"}
+QUANT = {"mixtral": "Q8_0", "qwen2_moe": "Q4_0", "qwen3_moe": "Q5_0"}
 
 
 def build(name):
@@ -328,7 +328,7 @@ def test_k_quant_experts_match_hf(qtype, tmp_path):
         assert all(isinstance(lin.q_handle, GgufWeight) and set(lin.q_handle.types) == {qtype} for lin in moe.experts)
 
 
-@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q5_1"])
 def test_per_expert_tensors_of_older_files(qtype, tmp_path):
     """llama.cpp's Mixtral layout before the stacked tensors (one 2-D tensor per expert, blk.N.ffn_gate.E.weight):
     the same model as the stacked file gives."""

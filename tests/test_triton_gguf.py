@@ -16,7 +16,7 @@ from exllamav2.gguf import GGUFFile  # noqa: E402
 from exllamav2.quant.gguf import GgufWeight  # noqa: E402
 from test_gguf_support import write_tiny_gguf  # noqa: E402
 
-TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"]
 F16 = torch.float16
 UP = "model.layers.0.mlp.up_proj.weight"        # (ffn, hidden)
 DOWN = "model.layers.0.mlp.down_proj.weight"    # (hidden, ffn)
@@ -77,6 +77,8 @@ def test_blocks_decode_as_gguf_dequantize(files, qtype):
     _, raw, shape = src.raw(DOWN)
     expected = torch.from_numpy(np.ascontiguousarray(dequantize(raw, GGMLQuantizationType[qtype]))).reshape(shape)
     assert torch.equal(w.t(), expected)
+    # the reader (the torch reference and a dense load read through it) dequantises the same
+    assert torch.equal(src.get_tensor(DOWN, dtype=torch.float32), expected)
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -137,8 +139,12 @@ def test_fused_parts_of_different_types(files):
     assert [k.qtype for k in fast.runs] == ["Q4_K", "Q6_K"] and fast.nbytes() == fused.file_bytes()
     x = inputs(2, 256)
     assert_close(fast(x), ref(x))
-    # Q4_0/Q4_1/Q8_0 mixes stay apart (each keeps the CPU's packed int4 kernel)
-    assert GgufWeight.concat("qk", [weight(files["Q4_0"], DOWN), weight(files["Q8_0"], DOWN)], F16, "cpu") is None
+    # mixes of 32-weight block types stay apart (each keeps its own CPU kernel)
+    for a, b in (("Q4_0", "Q8_0"), ("Q5_0", "Q8_0"), ("Q5_1", "Q4_1")):
+        assert GgufWeight.concat("qk", [weight(files[a], DOWN), weight(files[b], DOWN)], F16, "cpu") is None
+    # one beside a K-quant is fused (the CPU runs it dense, triton one kernel per type)
+    mixed = GgufWeight.concat("qk", [weight(files["Q5_0"], DOWN), weight(files["Q4_K"], DOWN)], F16, "cpu")
+    assert mixed is not None and mixed.types == ["Q5_0", "Q4_K"] and mixed.dense_on_cpu
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q6_K"])
@@ -180,3 +186,33 @@ def test_bad_input_is_named(files):
     from exllamav2.ops.triton import kernels
     why = kernels("gguf_linear").prepare(q, None, torch.device("cpu"), torch.float32)
     assert isinstance(why, str) and "float16 or bfloat16" in why
+
+
+class _CutBlocks:
+    """A GGUF source whose tensor `name` holds two bytes per row less than its shape needs (in its byte count
+    too, unless `honest_count` is False)."""
+
+    def __init__(self, src, name, honest_count=True):
+        self.src, self.name, self.honest_count = src, name, honest_count
+
+    def __getattr__(self, attr):
+        return getattr(self.src, attr)
+
+    def nbytes(self, key):
+        cut = key == self.name and self.honest_count
+        return self.src.nbytes(key) - (2 * self.src.shape(key)[0] if cut else 0)
+
+    def raw(self, key):
+        t, data, shape = self.src.raw(key)
+        return (t, data[:, :-2], shape) if key == self.name else (t, data, shape)
+
+
+def test_block_bytes_that_do_not_match_the_shape_are_refused(files):
+    src = files["Q5_0"]
+    with pytest.raises(ValueError, match=rf"up: tensor '{UP}' \(Q5_0, 512 x 256\) holds 89088 bytes, "
+                                         rf"expected 90112"):
+        GgufWeight("up", [(_CutBlocks(src, UP), UP, 512)], 256, 512, F16, "cpu")
+    # a byte count that matches but blocks that do not are refused where the blocks are read
+    q = GgufWeight("up", [(_CutBlocks(src, UP, honest_count=False), UP, 512)], 256, 512, F16, "cpu")
+    with pytest.raises(ValueError, match=rf"tensor '{UP}' \(Q5_0, shape \[512, 256\]\) holds \[512, 174\] bytes"):
+        kernels_for(q)

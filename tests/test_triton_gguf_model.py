@@ -1,7 +1,7 @@
 """GGUF models on the `triton` backend under the Triton interpreter (CPU tensors): greedy decoding equal to the
 torch backend, every quantized matrix held as the file's blocks (no dense copy). A tiny random K-quant model in the
 default suite (the interpreter runs ~0.5 s per linear call here); SmolLM2-135M Q4_1 as a slow check. Also the
-K-quants' other side of keeping them packed: the cpu backend runs them as the dense matrix a dense load gives."""
+other side of keeping Q5_0/Q5_1/Q5_K packed: the cpu backend runs them as the dense matrix a dense load gives."""
 
 import pytest
 import torch
@@ -114,21 +114,38 @@ def test_smollm2_q4_1_greedy_on_triton_equals_torch(smollm2_gguf):
     assert tokens == greedy(model, ids, 1, "torch")[0]
 
 
-def test_kquant_model_on_cpu_backend_runs_the_dense_load_matrices(tmp_path, monkeypatch):
+@pytest.mark.parametrize("qtype", ["Q5_K", "Q5_0", "Q5_1"])
+def test_q5_model_on_cpu_backend_equals_the_dense_load(qtype, tmp_path, monkeypatch):
+    # a type the cpu backend has a GEMV for runs there; the others run as the dense load's matrix
     monkeypatch.delenv("TRITON_INTERPRET")
-    path = write_tiny_gguf(str(tmp_path / "q5k.gguf"), qtype="Q5_K", hidden=256, heads=4, kv_heads=2, ffn=256,
+    path = write_tiny_gguf(str(tmp_path / f"{qtype}.gguf"), qtype=qtype, hidden=256, heads=4, kv_heads=2, ffn=256,
                            layers=1, vocab=64, seed=4)
-    cfg = ExLlamaV2Config(path)
-    cfg.dtype = torch.bfloat16
-    model = ExLlamaV2(cfg)
-    model.load()
+
+    def load_bf16(**opts):
+        cfg = ExLlamaV2Config(path)
+        cfg.dtype = torch.bfloat16
+        for k, v in opts.items():
+            setattr(cfg, k, v)
+        model = ExLlamaV2(cfg)
+        model.load()
+        return model
+
+    model = load_bf16()
+    assert all(isinstance(lin.q_handle, GgufWeight) and lin.q_handle.types == [qtype] and lin.weight is None
+               for lin in linears(model) if lin.key.startswith("model.layers."))
     ids = torch.tensor([[1, 7, 3, 20, 11]])
     with ops.use_backend("cpu"):
         down = model.modules_dict["model.layers.0.mlp.down_proj"]
         k = down.kernel(torch.bfloat16)
-        assert type(k).__name__ == "DequantizedKernel" and isinstance(down.q_handle, GgufWeight)
-        assert torch.equal(k.weight, GGUFFile(path).get_tensor(down.key + ".weight", dtype=torch.bfloat16))
+        assert type(k).__name__ in ("DequantizedKernel", "GgufGemvKernel")
+        if type(k).__name__ == "DequantizedKernel":
+            assert torch.equal(k.weight, GGUFFile(path).get_tensor(down.key + ".weight", dtype=torch.bfloat16))
         got = model.forward(ids)
     with ops.use_backend("torch"):
         ref = model.forward(ids)
     assert (got - ref).abs().max().item() <= 0.02 * ref.abs().max().item()
+    dense = load_bf16(gguf_dequantize=True)
+    assert all(lin.q_handle is None for lin in linears(dense))
+    with ops.use_backend("cpu"):
+        want = dense.forward(ids)
+    assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item()

@@ -79,7 +79,8 @@ def run(args) -> int:
     gguf_path = getattr(config, "gguf_path", None)
     if gguf_path:
         fmt = ("GGUF (dequantized on load)" if config.gguf_dequantize else
-               "GGUF (Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K linears kept in their blocks; other types dequantized on load)")
+               "GGUF (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K linears kept in their blocks; other types dequantized "
+               "on load)")
     else:
         fmt = "quantized" if model.is_quant() else "safetensors"
     print(f"Model:         {os.path.normpath(path)}")

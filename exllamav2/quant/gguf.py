@@ -1,11 +1,12 @@
-"""GgufWeight: a linear weight kept in the GGUF file's own quant blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K),
-possibly the row concatenation of several tensors of one type (fused q/k/v or gate/up).
+"""GgufWeight: a linear weight kept in the GGUF file's own quant blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
+Q6_K), possibly the row concatenation of several tensors (fused q/k/v or gate/up).
 
 Nothing is copied at load: the blocks are read from the file's memory map when a backend prepares its kernel and
 when the reference dequantises (through the GGUF reader, as a dense load would). The backends:
 - triton (exllamav2/ops/triton/gguf_linear.py): the blocks as they are in the file, on the device;
 - cpu: Q4_0/Q4_1/Q8_0 packed for torch's int4 kernel (4-bit blocks one digit per weight, Q8_0 as two digits, both
-  exact); the K-quants dequantised to a dense matrix at prepare, as a dense load would (`dense_on_cpu`);
+  exact); the other types (`dense_on_cpu`) run by the backend's GEMV where it has one for the type, else
+  dequantised to a dense matrix at prepare, as a dense load would;
 - torch: the reference dequantise-then-matmul.
 """
 
@@ -36,13 +37,17 @@ class GgufWeight(QuantWeight):
             raise ValueError(f"{key}: GGUF parts hold {sum(r for _, _, r in parts)} rows, expected {out_features}")
         self.parts = list(parts)
         self.types = [src.ggml_type(name) for src, name, _ in parts]
-        for t, (_, name, _) in zip(self.types, parts):
+        for t, (src, name, rows) in zip(self.types, parts):
             if t not in BLOCK_GEOMETRY:
                 raise ValueError(f"{key}: tensor '{name}' is GGUF {t}, expected one of {', '.join(PACKED_TYPES)}")
-            block = BLOCK_GEOMETRY[t][0]
+            block, block_bytes = BLOCK_GEOMETRY[t]
             if in_features % block:
                 raise ValueError(f"{key}: {in_features} input features is not a multiple of the GGUF {t} block "
                                  f"({block})")
+            want = rows * (in_features // block) * block_bytes
+            if src.nbytes(name) != want:
+                raise ValueError(f"{key}: tensor '{name}' ({t}, {rows} x {in_features}) holds {src.nbytes(name)} "
+                                 f"bytes, expected {want}")
         kw.setdefault("precision", torch.float32)
         super().__init__(key, in_features, out_features, dtype, device, bias, **kw)
 
@@ -50,9 +55,11 @@ class GgufWeight(QuantWeight):
     def concat(cls, key: str, weights: list["GgufWeight"], dtype, device) -> "GgufWeight | None":
         """One weight over the rows of several (fused q/k/v, gate/up), or None when they cannot share a kernel:
         parts of one type, or of several when one is a K-quant (the CPU runs those dense, and the triton kernel
-        runs each type's rows on their own: `runs_by_type`). Q4_0/Q4_1/Q8_0 mixes stay apart, each packed."""
+        runs each type's rows on their own: `runs_by_type`). Mixes of 32-weight block types (Q4_0, Q4_1, Q5_0,
+        Q5_1, Q8_0) stay apart, each with its own kernel on every backend."""
         types = {t for w in weights for t in w.types}
-        if len({w.in_features for w in weights}) != 1 or (len(types) != 1 and types <= set(SUPPORTED_TYPES)):
+        if len({w.in_features for w in weights}) != 1 or (
+                len(types) != 1 and all(BLOCK_GEOMETRY[t][0] == BLOCK for t in types)):
             return None
         biases = [w.bias for w in weights]
         bias = None
@@ -86,7 +93,8 @@ class GgufWeight(QuantWeight):
 
     @property
     def dense_on_cpu(self) -> bool:
-        """True when the CPU backend runs this weight dequantised (the K-quants: no exact int4 mapping)."""
+        """True when this weight has no exact int4 mapping for the CPU (Q5_0, Q5_1, the K-quants): the CPU backend
+        runs it by its GEMV when it has one for the type, else dequantised."""
         return any(t not in SUPPORTED_TYPES for t in self.types)
 
     def raw_blocks(self) -> tuple[str, torch.Tensor]:

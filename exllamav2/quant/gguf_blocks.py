@@ -1,13 +1,16 @@
-"""GGUF quant blocks: the geometry of every type kept packed (BLOCK_GEOMETRY), and Q4_0, Q4_1, Q8_0 decoded into
-integer digits and per-32-column scales, in HF row order (for the CPU int4 kernel).
+"""GGUF quant blocks: the geometry of every type kept packed (BLOCK_GEOMETRY: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+Q5_K, Q6_K), and Q4_0, Q4_1, Q8_0 decoded into integer digits and per-32-column scales, in HF row order (for the
+CPU int4 kernel).
 
 Block layouts (32 weights per block, little endian):
-- Q4_0: fp16 d, 16 bytes of nibbles;          w = d * (q - 8)
-- Q4_1: fp16 d, fp16 m, 16 bytes of nibbles;  w = d * q + m
-- Q8_0: fp16 d, 32 int8;                      w = d * q
+- Q4_0: fp16 d, 16 bytes of nibbles;                  w = d * (q - 8)
+- Q4_1: fp16 d, fp16 m, 16 bytes of nibbles;          w = d * q + m
+- Q5_0: fp16 d, uint32 qh, 16 bytes of nibbles;       w = d * (q - 16), bit j of qh the fifth bit of weight j
+- Q5_1: fp16 d, fp16 m, uint32 qh, 16 bytes of nibbles; w = d * q + m
+- Q8_0: fp16 d, 32 int8;                              w = d * q
 Nibble j < 16 of a block is the low half of byte j, nibble j >= 16 the high half of byte j - 16.
-The K-quants (Q4_K, Q5_K, Q6_K: 256-weight super-blocks) have no such integer mapping; the Triton kernels decode
-them from the file's bytes (exllamav2/ops/triton/gguf_kernels.py documents their layouts).
+Q5_0/Q5_1 and the K-quants (Q4_K, Q5_K, Q6_K: 256-weight super-blocks) have no int4 mapping; the Triton kernels
+decode them from the file's bytes (exllamav2/ops/triton/gguf_kernels.py documents their layouts).
 """
 
 from __future__ import annotations
@@ -18,10 +21,9 @@ import numpy as np
 import torch
 
 BLOCK = 32
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
-SUPPORTED_TYPES = tuple(_BLOCK_BYTES)   # the types decode_blocks maps to integer digits
+SUPPORTED_TYPES = ("Q4_0", "Q4_1", "Q8_0")   # the types decode_blocks maps to integer digits
 # (weights per block, bytes per block) of every type a linear keeps packed as the file's blocks
-BLOCK_GEOMETRY = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34),
+BLOCK_GEOMETRY = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
                   "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
 PACKED_TYPES = tuple(BLOCK_GEOMETRY)
 
@@ -37,13 +39,15 @@ class BlockDigits:
 
 def check_block_matrix(ggml_type: str, raw: np.ndarray, shape: tuple[int, ...], name: str, kinds,
                        what: str = "no direct integer mapping") -> tuple[int, int, int]:
-    """(rows, blocks per row, bytes per block) of a Q4_0/Q4_1/Q8_0 matrix, or a ValueError naming the tensor."""
+    """(rows, blocks per row, bytes per block) of a matrix of one of `kinds` (types of BLOCK_GEOMETRY), or a
+    ValueError naming the tensor."""
     if ggml_type not in kinds:
         raise ValueError(f"{name}: GGUF type {ggml_type} has {what} (expected one of {', '.join(kinds)})")
-    if len(shape) != 2 or shape[1] % BLOCK:
-        raise ValueError(f"{name}: shape {list(shape)} is not a matrix with a multiple of {BLOCK} columns")
+    block, bb = BLOCK_GEOMETRY[ggml_type]
+    if len(shape) != 2 or shape[1] % block:
+        raise ValueError(f"{name}: shape {list(shape)} is not a matrix with a multiple of {block} columns")
     n, k = shape
-    nb, bb = k // BLOCK, _BLOCK_BYTES[ggml_type]
+    nb = k // block
     if raw.shape != (n, nb * bb):
         raise ValueError(f"{name}: {ggml_type} data has shape {list(raw.shape)}, expected [{n}, {nb * bb}]")
     return n, nb, bb

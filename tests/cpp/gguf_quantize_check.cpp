@@ -26,10 +26,12 @@ static float from_bf16(uint16_t h) {
 struct Out {
     std::vector<int8_t> q;
     std::vector<float> sx, xs;
-    std::vector<int32_t> nsum;
-    Out(int64_t nb, int64_t stride) : q(nb * stride * 64), sx(nb * stride), xs(nb * stride), nsum(nb * stride) {}
+    std::vector<int32_t> nsum, hsum;
+    Out(int64_t nb, int64_t stride)
+        : q(nb * stride * 64), sx(nb * stride), xs(nb * stride), nsum(nb * stride), hsum(nb * stride) {}
     bool operator==(const Out& o) const {
         return q == o.q && std::memcmp(sx.data(), o.sx.data(), sx.size() * 4) == 0 && nsum == o.nsum &&
+               hsum == o.hsum &&
                std::memcmp(xs.data(), o.xs.data(), xs.size() * 4) == 0;
     }
 };
@@ -38,21 +40,22 @@ template <int IN>
 static bool check_stages(const void* src, const float* xf, int64_t K, int64_t stride, bool avx512, bool two) {
     const int64_t nb = K / kBlock;
     Out ref(nb, stride), a(nb, stride), b(nb, stride);
-    quantize_row(xf, K, ref.q.data(), ref.sx.data(), ref.nsum.data(), ref.xs.data(), stride, two);
+    quantize_row(xf, K, ref.q.data(), ref.sx.data(), ref.nsum.data(), ref.hsum.data(), ref.xs.data(), stride, two);
     if (!two)  // one stage: no residual codes, and the sum is 256 * sum(q1) (what the kernels' offsets assume)
         for (int64_t blk = 0; blk < nb; ++blk) {
             const int8_t* qb = ref.q.data() + blk * stride * 64;
-            int n1 = 0;
+            int n1 = 0, h1 = 0;
             for (int j = 0; j < 32; ++j) {
                 n1 += qb[j];
+                if (j < 16) h1 += qb[j];
                 if (qb[32 + j] != 0) return false;
             }
-            if (ref.nsum[blk * stride] != 256 * n1) return false;
+            if (ref.nsum[blk * stride] != 256 * n1 || ref.hsum[blk * stride] != 256 * h1) return false;
         }
-    quantize_row_avx2<IN>(src, K, a.q.data(), a.sx.data(), a.nsum.data(), a.xs.data(), stride, two);
+    quantize_row_avx2<IN>(src, K, a.q.data(), a.sx.data(), a.nsum.data(), a.hsum.data(), a.xs.data(), stride, two);
     if (!(a == ref)) return false;
     if (!avx512) return true;
-    quantize_row_avx512<IN>(src, K, b.q.data(), b.sx.data(), b.nsum.data(), b.xs.data(), stride, two);
+    quantize_row_avx512<IN>(src, K, b.q.data(), b.sx.data(), b.nsum.data(), b.hsum.data(), b.xs.data(), stride, two);
     return b == ref;
 }
 

@@ -1,6 +1,6 @@
 """Linear kernels of the `cpu` backend over the C++ kernels (csrc/gemv.cpp, kernels.py).
 
-- GGUF Q4_0/Q4_1/Q8_0 blocks (repacked at the file's size) and Q4_K super-blocks (gguf_pack.py): the int8-dot kernel for every number of rows, in
+- GGUF blocks, every type but the 2- and 3-bit K-quants (gguf_pack.py): the int8-dot kernel for every number of rows, in
   chunks of 8 sharing each weight group while it is in cache, so a row's result never depends on the rows beside
   it (tests/test_batch_invariance.py holds the dynamic generator to that, prefill included).
 - EXL2 and GPTQ weights repacked as Q4_0/Q4_1/Q8_0 blocks, one segment per block kind (quant_repack.py): the same
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from . import kernels
-from .gguf_pack import GgufPacked
+from .gguf_pack import GgufPacked, GgufRowRuns
 from .quant_repack import SegmentedPacked
 
 # Rows up to which the bf16 GEMV runs; above it F.linear (oneDNN).
@@ -34,10 +34,11 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
 
 
 class GgufGemvKernel:
-    """GGUF Q4_0/Q4_1/Q8_0/Q4_K blocks (repacked, gguf_pack.py) for activations of any float dtype."""
+    """GGUF blocks (repacked, gguf_pack.py; runs of rows of several types side by side) for activations of any
+    float dtype."""
     backend = "cpu"
 
-    def __init__(self, packed: GgufPacked, bias: torch.Tensor | None, dtype: torch.dtype, quant=None):
+    def __init__(self, packed: GgufPacked | GgufRowRuns, bias: torch.Tensor | None, dtype: torch.dtype, quant=None):
         self.packed = packed
         self.quant = quant  # the weight, dequantised for calls that need gradients
         self.bias = None if bias is None else bias.to(dtype).contiguous()
@@ -46,7 +47,15 @@ class GgufGemvKernel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if needs_grad(x) and self.quant is not None:
             return F.linear(x, self.quant.dense(x.dtype), self.bias)
-        return kernels.gguf_gemv(x, self.packed, self.bias, dispatch.cpu_activation_stages())
+        stages = dispatch.cpu_activation_stages()
+        if isinstance(self.packed, GgufRowRuns):
+            ys, row = [], 0
+            for run in self.packed.runs:
+                bias = None if self.bias is None else self.bias[row:row + run.out_features]
+                ys.append(kernels.gguf_gemv(x, run, bias, stages))
+                row += run.out_features
+            return torch.cat(ys, dim=-1)
+        return kernels.gguf_gemv(x, self.packed, self.bias, stages)
 
     def nbytes(self) -> int:
         return self.packed.nbytes()

@@ -1,6 +1,7 @@
-"""GGUF Q4_0/Q4_1/Q8_0 blocks rearranged for the C++ GEMV (csrc/gemv.cpp, csrc/gguf_gemv_kernels.h), at the
-file's own size; Q4_K super-blocks as 32-column 4-bit blocks with their integer scales and mins (4.625 bits per
-weight against the file's 4.5, the same weights).
+"""GGUF blocks rearranged for the C++ GEMV (csrc/gemv.cpp; the layout in csrc/gguf_gemv_kernels.h): Q4_0, Q4_1,
+Q5_0, Q5_1 and Q8_0 at the file's own size; the K-quants (Q4_K, Q5_K, Q6_K) as 32-column blocks with their integer
+sub-block scales (and mins) unpacked (Q4_K 4.625 bits per weight against the file's 4.5, Q5_K 5.625 against 5.5,
+Q6_K the file's 6.5625), the same weights.
 
 Output rows go in groups of 16 (the last padded with zero-scale rows). Per group and 32-column block one record,
 the records of a group in column order and the groups one after another, so the kernel reads one sequential stream
@@ -13,7 +14,9 @@ the records of a group in column order and the groups one after another, so the 
   320 (Q4_1) and 544 (Q8_0) bytes, the file's bytes exactly;
 - Q4_K: sub-block j's codes (low nibbles of qs[32*(j//2):][:32] for even j, high for odd) in the 4-bit layout,
   then the 16 rows' 6-bit scales and mins (llama.cpp's get_scale_min_k4) as uint8 (288-byte records); the
-  super-blocks' fp16 d and dmin in `super_scales` (groups, blocks / 8, 2, 16).
+  super-blocks' fp16 d and dmin in `super_scales` (groups, blocks / 8, 2, 16);
+- 5- and 6-bit codes: the nibbles as above, then their high bits in one (Q5_0, Q5_1, Q5_K) or two (Q6_K) 64-byte
+  planes (csrc/gguf_gemv_kernels.h); Q6_K's int8 scales per 16 columns and its super-blocks' d alone.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...quant.gguf_blocks import check_block_matrix
+from ...quant.gguf_blocks import BLOCK_GEOMETRY, check_block_matrix
 from .kernels import GGUF_KINDS, GROUP_ROWS
 
 
@@ -35,7 +38,7 @@ class GgufPacked:
     ggml_type: str
     out_features: int
     in_features: int
-    super_scales: torch.Tensor | None = None   # Q4_K: (groups, blocks / 8, 2, 16) float16 d, dmin
+    super_scales: torch.Tensor | None = None   # K-quants: (groups, blocks / 8, fields, 16) float16 d[, dmin]
 
     def __post_init__(self):
         # parameters, not plain tensors: dynamo then leaves them out of the guard that no two inputs of a compiled
@@ -75,27 +78,23 @@ def _records(codes: np.ndarray, *tails: np.ndarray) -> torch.Tensor:
 
 def pack_gguf_blocks(ggml_type: str, raw: np.ndarray, shape: tuple[int, ...], name: str = "tensor") -> GgufPacked:
     """`raw`: uint8 (rows, bytes per row) as GGUFFile.raw returns it, rows in HF order; `shape`: (N, K)."""
-    if ggml_type == "Q4_K":
-        return _pack_q4_k(raw, shape, name)
-    n, nb, bb = check_block_matrix(ggml_type, raw, shape, name, GGUF_KINDS, "no CPU GEMV kernel")
-    groups = -(-n // GROUP_ROWS)
-    pad = groups * GROUP_ROWS - n
-    blocks = np.ascontiguousarray(raw).reshape(n, nb, bb)
-    if pad:  # padding rows: zero scale, zero offset, codes that dequantise to 0
-        blocks = np.concatenate([blocks, np.zeros((pad, nb, bb), np.uint8)])
-    d = _group_major(blocks[..., 0:2].copy().view(np.float16)[..., 0], groups, nb)
+    blocks, n, k, groups = _padded_blocks(ggml_type, raw, shape, name)
+    if ggml_type in ("Q4_K", "Q5_K"):
+        return _pack_q45_k(ggml_type, blocks, n, k, groups)
+    if ggml_type == "Q6_K":
+        return _pack_q6_k(blocks, n, k, groups)
+    if ggml_type in ("Q5_0", "Q5_1"):
+        return _pack_q5(ggml_type, blocks, n, k, groups)
+    nb = k // 32
+    d = _group_major(_f16(blocks[..., 0:2]), groups, nb)
     if ggml_type == "Q8_0":
         codes = blocks[..., 2:] ^ np.uint8(0x80)  # q + 128 as unsigned
         rec = _records(_interleave(codes, groups, nb, 8), d)
     elif ggml_type == "Q4_1":
-        m = _group_major(blocks[..., 2:4].copy().view(np.float16)[..., 0], groups, nb)
-        rec = _records(_interleave(blocks[..., 4:], groups, nb, 4), d, m)
+        rec = _records(_interleave(blocks[..., 4:], groups, nb, 4), d, _group_major(_f16(blocks[..., 2:4]), groups, nb))
     else:
         rec = _records(_interleave(blocks[..., 2:], groups, nb, 4), d)
-    return GgufPacked(rec, GGUF_KINDS[ggml_type], ggml_type, n, shape[1])
-
-
-Q4_K_BYTES = 144   # per 256-column super-block: fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins, 128 of nibbles
+    return GgufPacked(rec, GGUF_KINDS[ggml_type], ggml_type, n, k)
 
 
 def _q4_k_scales_mins(sc12: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -107,39 +106,122 @@ def _q4_k_scales_mins(sc12: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
-def _pack_q4_k(raw: np.ndarray, shape: tuple[int, ...], name: str) -> GgufPacked:
-    if len(shape) != 2 or shape[1] % 256:
-        raise ValueError(f"{name}: shape {list(shape)} is not a matrix with a multiple of 256 columns (Q4_K)")
-    n, k = shape
-    nsb = k // 256
-    if raw.shape != (n, nsb * Q4_K_BYTES):
-        raise ValueError(f"{name}: Q4_K data has shape {list(raw.shape)}, expected [{n}, {nsb * Q4_K_BYTES}]")
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """(..., 4) bytes of a little-endian uint32 -> (..., 32) its bits, bit j at j."""
+    return np.unpackbits(np.ascontiguousarray(qh), axis=-1, bitorder="little")
+
+
+def _nibble_records(codes: np.ndarray, high_bits: int, groups: int, nb: int, *tails: np.ndarray) -> torch.Tensor:
+    """codes (rows_padded, nb, 32) uint8 with `high_bits` (0-2) bits above the nibble -> records: the nibbles in
+    the 4-bit layout, then the high-bit planes (csrc/gguf_gemv_kernels.h), then the tails."""
+    rows = codes.shape[0]
+    nib = codes & 0xF
+    packed = nib[..., :16] | (nib[..., 16:] << 4)
+    planes = []
+    if high_bits:
+        hi = (codes >> 4).reshape(rows, nb, 2, 4, 4)            # (half, chunk c, byte i): column 16*half + 4c + i
+        shift = (np.arange(4, dtype=np.uint8) * high_bits)[:, None]  # chunk c at bit c (one bit) or 2c (two)
+        per_half = (hi << shift).sum(axis=3, dtype=np.uint8)    # (rows, nb, half, 4)
+        if high_bits == 1:   # columns 0..15 in bits 0..3, 16..31 in bits 4..7 of one plane
+            planes = [per_half[:, :, 0] | (per_half[:, :, 1] << 4)]
+        else:                # a plane per half
+            planes = [per_half[:, :, 0], per_half[:, :, 1]]
+    return _records(_interleave(packed, groups, nb, 4), *(_group_major(p, groups, nb) for p in planes), *tails)
+
+
+def _padded_blocks(ggml_type: str, raw: np.ndarray, shape: tuple[int, ...], name: str):
+    """(blocks (rows_padded, blocks per row, bytes), n, k, groups) for a matrix of `ggml_type` blocks, padded with
+    zero rows (zero scales and offsets: they dequantise to 0) to whole groups of 16 rows; a ValueError names the
+    tensor."""
+    n, nblk, block_bytes = check_block_matrix(ggml_type, raw, shape, name, GGUF_KINDS, "no CPU GEMV kernel")
     groups = -(-n // GROUP_ROWS)
+    blocks = np.ascontiguousarray(raw).reshape(n, nblk, block_bytes)
     pad = groups * GROUP_ROWS - n
-    blocks = np.ascontiguousarray(raw).reshape(n, nsb, Q4_K_BYTES)
-    if pad:  # padding rows: zero scales and mins
-        blocks = np.concatenate([blocks, np.zeros((pad, nsb, Q4_K_BYTES), np.uint8)])
-    rows = n + pad
-    dd = blocks[..., 0:4].copy().view(np.float16)                        # (rows, nsb, 2): d, dmin
-    sc, mn = _q4_k_scales_mins(blocks[..., 4:16])                         # (rows, nsb, 8)
-    qs = blocks[..., 16:].reshape(rows, nsb, 4, 32)
-    codes = np.stack([qs & 0xF, qs >> 4], axis=3).reshape(rows, nsb * 8, 32)   # sub-block j = 2i + (0 low, 1 high)
-    packed = codes[..., :16] | (codes[..., 16:] << 4)                      # the Q4 block byte order
+    if pad:
+        blocks = np.concatenate([blocks, np.zeros((pad, nblk, block_bytes), np.uint8)])
+    return blocks, n, shape[1], groups
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """(..., 2) bytes -> (...) float16."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0]
+
+
+def _pack_q5(ggml_type: str, blocks: np.ndarray, n: int, k: int, groups: int) -> GgufPacked:
+    """Q5_0 (d, qh, qs) and Q5_1 (d, m, qh, qs): 32-column blocks with a fifth bit per code."""
+    nb = k // 32
+    first = 4 if ggml_type == "Q5_1" else 2
+    qs = blocks[..., first + 4:]
+    codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1) | (_fifth_bits(blocks[..., first:first + 4]) << 4)
+    tails = [_group_major(_f16(blocks[..., 0:2]), groups, nb)]
+    if ggml_type == "Q5_1":
+        tails.append(_group_major(_f16(blocks[..., 2:4]), groups, nb))
+    return GgufPacked(_nibble_records(codes, 1, groups, nb, *tails), GGUF_KINDS[ggml_type], ggml_type, n, k)
+
+
+def _super_scales(d: np.ndarray, groups: int) -> torch.Tensor:
+    """(rows_padded, super-blocks, fields) float16 -> (groups, super-blocks, fields, 16)."""
+    rows, nsb, fields = d.shape
+    return torch.from_numpy(np.ascontiguousarray(d.reshape(groups, GROUP_ROWS, nsb, fields).transpose(0, 2, 3, 1)))
+
+
+def _pack_q45_k(ggml_type: str, blocks: np.ndarray, n: int, k: int, groups: int) -> GgufPacked:
+    """Q4_K (d, dmin, scales[12], qs[128]) and Q5_K (the same with qh[32] before qs): sub-block j's codes are the
+    low nibbles of qs[32*(j//2):][:32] for even j, the high ones for odd j, and bit j of qh[l] the fifth bit of
+    its column l."""
+    rows, nsb = blocks.shape[:2]
+    five = ggml_type == "Q5_K"
+    sc, mn = _q4_k_scales_mins(blocks[..., 4:16])                          # (rows, nsb, 8)
+    qs = blocks[..., 48 if five else 16:].reshape(rows, nsb, 4, 32)
+    codes = np.stack([qs & 0xF, qs >> 4], axis=3).reshape(rows, nsb, 8, 32)
+    if five:   # qh (rows, nsb, 32): bit j of byte l -> sub-block j, column l
+        bits = np.unpackbits(blocks[..., 16:48, None], axis=-1, bitorder="little")   # (rows, nsb, 32 l, 8 j)
+        codes = codes | (bits.transpose(0, 1, 3, 2) << 4)
     nb = nsb * 8
-    rec = _records(_interleave(packed, groups, nb, 4), _group_major(sc.reshape(rows, nb), groups, nb),
-                   _group_major(mn.reshape(rows, nb), groups, nb))
-    supers = np.ascontiguousarray(dd.reshape(groups, GROUP_ROWS, nsb, 2).transpose(0, 2, 3, 1))
-    return GgufPacked(rec, GGUF_KINDS["Q4_K"], "Q4_K", n, k, torch.from_numpy(supers))
+    rec = _nibble_records(codes.reshape(rows, nb, 32), 1 if five else 0, groups, nb,
+                          _group_major(sc.reshape(rows, nb), groups, nb), _group_major(mn.reshape(rows, nb), groups, nb))
+    dd = blocks[..., 0:4].copy().view(np.float16)                          # (rows, nsb, 2): d, dmin
+    return GgufPacked(rec, GGUF_KINDS[ggml_type], ggml_type, n, k, _super_scales(dd, groups))
 
 
-def pack_gguf_weight(quant) -> GgufPacked | None:
-    """The packed matrix of a GgufWeight (exllamav2/quant/gguf.py), its parts stacked by rows; None when its parts
-    mix types or use one without a kernel."""
-    types = set(quant.types)
-    if len(types) != 1 or next(iter(types)) not in GGUF_KINDS:
+def _pack_q6_k(blocks: np.ndarray, n: int, k: int, groups: int) -> GgufPacked:
+    """Q6_K (ql[128], qh[64], int8 scales[16], d): per 128-column half n and l < 32, columns l, l+32, l+64, l+96
+    take ql[64n+l] & 15, ql[64n+l+32] & 15, ql[64n+l] >> 4, ql[64n+l+32] >> 4 and bits 0-1, 2-3, 4-5, 6-7 of
+    qh[32n+l] on top; w = (d * scale[column // 16]) * (q - 32)."""
+    rows, nsb = blocks.shape[:2]
+    ql = blocks[..., 0:128].reshape(rows, nsb, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
+    ql = (ql & 0xF).reshape(rows, nsb, 2, 4, 32)
+    qh = blocks[..., 128:192].reshape(rows, nsb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)
+    codes = (ql | ((qh & 3) << 4)).reshape(rows, nsb * 8, 32)
+    nb = nsb * 8
+    scales = blocks[..., 192:208].reshape(rows, nb, 2)                     # int8 bytes, halves of each block
+    rec = _nibble_records(codes, 2, groups, nb, _group_major(scales[..., 0], groups, nb),
+                          _group_major(scales[..., 1], groups, nb))
+    d = blocks[..., 208:210].copy().view(np.float16)                       # (rows, nsb, 1)
+    return GgufPacked(rec, GGUF_KINDS["Q6_K"], "Q6_K", n, k, _super_scales(d, groups))
+
+
+@dataclass
+class GgufRowRuns:
+    """A weight whose rows come in runs of different GGUF types (a Q4_K_M file's fused q/k in Q5_0 beside v in
+    Q8_0): each run packed on its own, their outputs side by side."""
+    runs: list[GgufPacked]
+    out_features: int
+    in_features: int
+
+    def nbytes(self) -> int:
+        return sum(r.nbytes() for r in self.runs)
+
+
+def pack_gguf_weight(quant) -> GgufPacked | GgufRowRuns | None:
+    """The packed matrix of a GgufWeight (exllamav2/quant/gguf.py), its parts stacked by rows (a GgufRowRuns when
+    they are of several types); None when a part's type has no kernel."""
+    if any(t not in GGUF_KINDS for t in quant.types):
         return None
-    raws = [src.raw(name) for src, name, _ in quant.parts]
-    t = raws[0][0]
-    data = np.concatenate([r[1] for r in raws]) if len(raws) > 1 else raws[0][1]
-    shape = (sum(r[2][0] for r in raws), quant.in_features)
-    return pack_gguf_blocks(t, data, shape, name=quant.key)
+    runs = []
+    for run in quant.runs_by_type():
+        raws = [src.raw(name) for src, name, _ in run.parts]
+        data = np.concatenate([r[1] for r in raws]) if len(raws) > 1 else raws[0][1]
+        shape = (sum(r[2][0] for r in raws), quant.in_features)
+        runs.append(pack_gguf_blocks(raws[0][0], data, shape, name=run.key))
+    return runs[0] if len(runs) == 1 else GgufRowRuns(runs, quant.out_features, quant.in_features)

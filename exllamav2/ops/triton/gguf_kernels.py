@@ -10,6 +10,9 @@ with w the weight at index j of its block:
 - Q4_0 (32 weights, 18 bytes): d, qs[16];       w = d * (q - 8), q of j<16 the low nibble of qs[j], else the high
                                                 nibble of qs[j-16]
 - Q4_1 (32, 20): d, m, qs[16];                  w = d * q + m (nibbles as Q4_0)
+- Q5_0 (32, 22): d, qh[4], qs[16];               w = d * (q - 16), q the Q4_0 nibble with bit j of qh (little
+                                                endian uint32) as its fifth bit
+- Q5_1 (32, 24): d, m, qh[4], qs[16];           w = d * q + m (q as Q5_0)
 - Q8_0 (32, 34): d, int8 qs[32];                w = d * q
 - Q4_K (256, 144): d, dmin, scales[12], qs[128]; 8 sub-blocks of 32 with 6-bit scale sc and min mn packed in
   `scales`; sub-block s uses the low (s even) or high nibbles of qs[32 * (s // 2) ...]; w = (d * sc) * q - dmin * mn
@@ -29,6 +32,8 @@ Q8_0 = tl.constexpr(2)
 Q4_K = tl.constexpr(3)
 Q5_K = tl.constexpr(4)
 Q6_K = tl.constexpr(5)
+Q5_0 = tl.constexpr(6)
+Q5_1 = tl.constexpr(7)
 
 
 @triton.jit
@@ -55,6 +60,31 @@ def _decode_q4_1(w8, w16, row0, k, mask):
     m = tl.load(w16 + base // 2 + 1, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(w8 + base + 4 + (j % 16), mask=mask, other=0).to(tl.int32)
     q = (b >> ((j // 16) * 4)) & 15
+    return d * q.to(tl.float32) + m
+
+
+@triton.jit
+def _q5_nibble(w8, base, j, mask):
+    """The 5-bit q of weight j of a Q5_0/Q5_1 block whose qh starts at `base` (qs follows it)."""
+    h = tl.load(w8 + base + j // 8, mask=mask, other=0).to(tl.int32)
+    b = tl.load(w8 + base + 4 + (j % 16), mask=mask, other=0).to(tl.int32)
+    return ((b >> ((j // 16) * 4)) & 15) | (((h >> (j % 8)) & 1) << 4)
+
+
+@triton.jit
+def _decode_q5_0(w8, w16, row0, k, mask):
+    base = row0 + (k // 32) * 22
+    d = tl.load(w16 + base // 2, mask=mask, other=0.0).to(tl.float32)
+    q = _q5_nibble(w8, base + 2, k % 32, mask)
+    return d * (q - 16).to(tl.float32)
+
+
+@triton.jit
+def _decode_q5_1(w8, w16, row0, k, mask):
+    base = row0 + (k // 32) * 24
+    d = tl.load(w16 + base // 2, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(w16 + base // 2 + 1, mask=mask, other=0.0).to(tl.float32)
+    q = _q5_nibble(w8, base + 4, k % 32, mask)
     return d * q.to(tl.float32) + m
 
 
@@ -134,6 +164,10 @@ def _decode(w8, w16, n, k, row_bytes, mask, QTYPE: tl.constexpr):
         w = _decode_q4_k(w8, w16, row0, k, mask)
     elif QTYPE == Q5_K:
         w = _decode_q5_k(w8, w16, row0, k, mask)
+    elif QTYPE == Q5_0:
+        w = _decode_q5_0(w8, w16, row0, k, mask)
+    elif QTYPE == Q5_1:
+        w = _decode_q5_1(w8, w16, row0, k, mask)
     else:
         w = _decode_q6_k(w8, w16, row0, k, mask)
     return w
@@ -186,7 +220,7 @@ def gguf_dequant(w8, w16, out_ptr, N, K, row_bytes, stride_out, QTYPE: tl.conste
 
 
 # Tile sizes the kernels run with (gguf_linear.py reads them) and the signatures the AOT test compiles.
-QTYPE_CODES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}
+QTYPE_CODES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "Q5_0": 6, "Q5_1": 7}
 MATMUL_TILE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)
 DEQUANT_TILE = dict(BLOCK_K=32, BLOCK_N=64)
 

@@ -1,11 +1,12 @@
-// GEMV / skinny GEMM kernels on x86 CPUs: GGUF Q4_0/Q4_1/Q8_0/Q4_K blocks through int8 dot products (AVX512-VNNI
+// GEMV / skinny GEMM kernels on x86 CPUs: GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K blocks through int8 dot
+// products (AVX512-VNNI
 // vpdpbusd, or AVX2 vpmaddubsw) for any number of rows (decode, batched decode and prefill, in chunks of 8 rows),
 // bf16 weights through AVX512-BF16 vdpbf16ps (or AVX2 FMA).
 // Built at first use by exllamav2/ops/cpu/build.py; the Python side is exllamav2/ops/cpu/kernels.py and the
 // weight layout is made by exllamav2/ops/cpu/gguf_pack.py.
 //
-// GGUF: the weight layout, the two-stage int8 activations and the inner kernels are described in
-// gguf_gemv_kernels.h; this file holds the torch ops around them (checks, activation quantisation, the thread split).
+// GGUF: the weight layout and the two-stage int8 activations are described in gguf_gemv_kernels.h, the inner
+// kernels are gguf_gemv_avx512.h and gguf_gemv_avx2.h; this file holds the torch ops around them (checks, activation quantisation, the thread split).
 //
 // Batch invariance: a row's result is computed by the same instruction sequence whatever the number of rows and
 // whatever the thread split (threads split output rows; the reduction over k never crosses threads).
@@ -26,17 +27,23 @@
 #include <vector>
 
 #include "bf16_round.h"
-#include "gguf_gemv_kernels.h"
+#include "gguf_gemv_avx2.h"
+#include "gguf_gemv_avx512.h"
 
 namespace {
 
 using gguf_kernels::kBlock;
 using gguf_kernels::kGroup;
 using gguf_kernels::kMaxRows;
+using gguf_kernels::kKinds;
 using gguf_kernels::Q4_0;
 using gguf_kernels::Q4_1;
 using gguf_kernels::Q8_0;
 using gguf_kernels::Q4_K;
+using gguf_kernels::Q5_0;
+using gguf_kernels::Q5_1;
+using gguf_kernels::Q5_K;
+using gguf_kernels::Q6_K;
 enum Isa : int64_t { ISA_NONE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 
 int64_t detect_isa() {
@@ -145,25 +152,37 @@ GroupFn pair_fn_for_rows(int64_t rows, bool two) {
 }
 
 GroupFn group_fn(int64_t kind, int64_t rows, int64_t isa, bool two) {
-    return kind == Q4_0 ? group_fn_for_rows<Q4_0>(rows, isa, two)
-         : kind == Q4_1 ? group_fn_for_rows<Q4_1>(rows, isa, two)
-         : kind == Q8_0 ? group_fn_for_rows<Q8_0>(rows, isa, two)
-                        : group_fn_for_rows<Q4_K>(rows, isa, two);
+    switch (kind) {
+        case Q4_0: return group_fn_for_rows<Q4_0>(rows, isa, two);
+        case Q4_1: return group_fn_for_rows<Q4_1>(rows, isa, two);
+        case Q8_0: return group_fn_for_rows<Q8_0>(rows, isa, two);
+        case Q4_K: return group_fn_for_rows<Q4_K>(rows, isa, two);
+        case Q5_0: return group_fn_for_rows<Q5_0>(rows, isa, two);
+        case Q5_1: return group_fn_for_rows<Q5_1>(rows, isa, two);
+        case Q5_K: return group_fn_for_rows<Q5_K>(rows, isa, two);
+        default: return group_fn_for_rows<Q6_K>(rows, isa, two);
+    }
 }
 
 GroupFn pair_fn(int64_t kind, int64_t rows, bool two) {
-    return kind == Q4_0 ? pair_fn_for_rows<Q4_0>(rows, two)
-         : kind == Q4_1 ? pair_fn_for_rows<Q4_1>(rows, two)
-         : kind == Q8_0 ? pair_fn_for_rows<Q8_0>(rows, two)
-                        : pair_fn_for_rows<Q4_K>(rows, two);
+    switch (kind) {
+        case Q4_0: return pair_fn_for_rows<Q4_0>(rows, two);
+        case Q4_1: return pair_fn_for_rows<Q4_1>(rows, two);
+        case Q8_0: return pair_fn_for_rows<Q8_0>(rows, two);
+        case Q4_K: return pair_fn_for_rows<Q4_K>(rows, two);
+        case Q5_0: return pair_fn_for_rows<Q5_0>(rows, two);
+        case Q5_1: return pair_fn_for_rows<Q5_1>(rows, two);
+        case Q5_K: return pair_fn_for_rows<Q5_K>(rows, two);
+        default: return pair_fn_for_rows<Q6_K>(rows, two);
+    }
 }
 
 // rows [m0, m1) of x (float32, bfloat16 or float16) quantised for the GGUF kernels (gguf_gemv_kernels.h), read in
 // their own dtype by the vector quantiser of the active ISA (both bit-identical to gguf_kernels::quantize_row)
 void quantize_x(const at::Tensor& x, int64_t isa, int64_t m0, int64_t m1, int8_t* q, float* sx, int32_t* nsum,
-                float* xs, bool two) {
+                int32_t* hsum, float* xs, bool two) {
     using namespace gguf_kernels;
-    using QuantFn = void (*)(const void*, int64_t, int8_t*, float*, int32_t*, float*, int64_t, bool);
+    using QuantFn = void (*)(const void*, int64_t, int8_t*, float*, int32_t*, int32_t*, float*, int64_t, bool);
     const int in = x.scalar_type() == at::kFloat ? IN_F32 : x.scalar_type() == at::kBFloat16 ? IN_BF16 : IN_F16;
     static constexpr QuantFn avx512[3] = {&quantize_row_avx512<IN_F32>, &quantize_row_avx512<IN_BF16>,
                                           &quantize_row_avx512<IN_F16>};
@@ -175,7 +194,7 @@ void quantize_x(const at::Tensor& x, int64_t isa, int64_t m0, int64_t m1, int8_t
     for (int64_t m = m0; m < m1; ++m) {
         // row m's place in its chunk of kMaxRows rows (QuantX: block-major, the chunk's rows side by side)
         const int64_t i = (m / kMaxRows) * nb * kMaxRows + m % kMaxRows;
-        fn(base + m * K * x.element_size(), K, q + i * 64, sx + i, nsum + i, xs + i, kMaxRows, two);
+        fn(base + m * K * x.element_size(), K, q + i * 64, sx + i, nsum + i, hsum + i, xs + i, kMaxRows, two);
     }
 }
 
@@ -187,20 +206,23 @@ void check_isa(const char* op) {
 // The packed weight for `kind`, checked against n x K (gguf_pack.py makes it).
 Weights check_weights(const char* op, int64_t kind, int64_t n, int64_t K, const at::Tensor& qweight,
                       const std::optional<at::Tensor>& super_scales) {
-    TORCH_CHECK(kind == Q4_0 || kind == Q4_1 || kind == Q8_0 || kind == Q4_K, op, ": kind ", kind, " is not 0 (Q4_0), "
-                "1 (Q4_1), 2 (Q8_0) or 3 (Q4_K)");
-    const int64_t blk = kind == Q4_K ? 256 : kBlock;
-    TORCH_CHECK(K % blk == 0, op, ": ", K, " columns, expected a multiple of ", blk);
+    static const char* const names[kKinds] = {"Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"};
+    TORCH_CHECK(kind >= 0 && kind < kKinds, op, ": kind ", kind, " is not one of 0..7 (Q4_0, Q4_1, Q8_0, Q4_K, Q5_0, "
+                "Q5_1, Q5_K, Q6_K)");
+    const int sf = gguf_kernels::super_fields(static_cast<int>(kind));
+    const int64_t blk = sf ? 256 : kBlock;
+    TORCH_CHECK(K % blk == 0, op, ": ", K, " columns, expected a multiple of ", blk, " (", names[kind], ")");
     const int64_t nb = K / kBlock, groups = (n + kGroup - 1) / kGroup;
-    const int64_t rec = kind == Q8_0 ? 544 : kind == Q4_1 ? 320 : 288;
+    const int64_t rec = gguf_kernels::record_bytes(static_cast<int>(kind));
     TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous() && qweight.numel() == groups * nb * rec,
                 op, ": qweight must be contiguous uint8 with ", groups * nb * rec, " bytes for ", n, " rows x ", K,
-                " columns, got ", qweight.numel());
+                " columns of ", names[kind], ", got ", qweight.numel());
     Weights wt{qweight.data_ptr<uint8_t>(), nullptr};
-    if (kind == Q4_K) {
+    if (sf) {
+        const int64_t want = groups * nb / 8 * sf * kGroup;
         TORCH_CHECK(super_scales.has_value() && super_scales->scalar_type() == at::kHalf &&
-                    super_scales->is_contiguous() && super_scales->numel() == groups * nb / 8 * 2 * kGroup, op,
-                    ": Q4_K needs float16 super-block scales (d, dmin) with ", groups * nb / 8 * 2 * kGroup, " values");
+                    super_scales->is_contiguous() && super_scales->numel() == want, op, ": ", names[kind],
+                    " needs float16 super-block scales (", sf == 2 ? "d, dmin" : "d", ") with ", want, " values");
         wt.super = reinterpret_cast<const uint16_t*>(super_scales->data_ptr<c10::Half>());
     }
     return wt;
@@ -231,13 +253,16 @@ at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, int64_t kin
     static thread_local std::vector<float> s_scratch;
     const int64_t chunks = (rows + kMaxRows - 1) / kMaxRows, slots = chunks * kMaxRows;  // rows padded per chunk
     q_scratch.resize(std::max<size_t>(q_scratch.size(), slots * nb * 64));
-    s_scratch.resize(std::max<size_t>(s_scratch.size(), 3 * slots * nb));
+    s_scratch.resize(std::max<size_t>(s_scratch.size(), 4 * slots * nb));
     int8_t* qp = q_scratch.data();
     float* sxp = s_scratch.data();
     int32_t* nsp = reinterpret_cast<int32_t*>(sxp + slots * nb);
-    float* xsp = sxp + 2 * slots * nb;
+    int32_t* hsp = reinterpret_cast<int32_t*>(sxp + 2 * slots * nb);
+    float* xsp = sxp + 3 * slots * nb;
     const int64_t isa = active_isa();
-    at::parallel_for(0, rows, 16, [&](int64_t m0, int64_t m1) { quantize_x(xc, isa, m0, m1, qp, sxp, nsp, xsp, two); });
+    at::parallel_for(0, rows, 16, [&](int64_t m0, int64_t m1) {
+        quantize_x(xc, isa, m0, m1, qp, sxp, nsp, hsp, xsp, two);
+    });
     const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
     const float* bptr = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
 
@@ -262,7 +287,7 @@ at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, int64_t kin
                 for (int64_t s0 = 0; s0 < mr; s0 += step) {
                     const int64_t sr = std::min<int64_t>(step, mr - s0);
                     const int64_t i = ch * nb * kMaxRows + s0;  // row s0 of the chunk (rows side by side per block)
-                    const QuantX xq{qp + i * 64, sxp + i, nsp + i, xsp + i, K};
+                    const QuantX xq{qp + i * 64, sxp + i, nsp + i, hsp + i, xsp + i, K};
                     (ng == 2 ? pair_fn(kind, sr, two) : group_fn(kind, sr, isa, two))(wt, xq, g, tile);
                     for (int64_t m = 0; m < sr; ++m)
                         store_tile_row(out_base + ((r0 + s0 + m) * n + c0) * out_elem, out_type,
@@ -279,9 +304,11 @@ at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, int64_t kin
 // transient copy the caller feeds to oneDNN and drops.
 at::Tensor gguf_dequant(const at::Tensor& qweight, int64_t kind, int64_t n, int64_t K, at::ScalarType dtype,
                         const std::optional<at::Tensor>& super_scales) {
+    using namespace gguf_kernels;
     const Weights wt = check_weights("gguf_dequant", kind, n, K, qweight, super_scales);
+    const int kd = static_cast<int>(kind);
     const int64_t nb = K / kBlock;
-    const int64_t code_bytes = kind == Q8_0 ? 512 : 256, rec = kind == Q8_0 ? 544 : kind == Q4_1 ? 320 : 288;
+    const int64_t cbytes = code_bytes(kd), rec = record_bytes(kd), sf = super_fields(kd), hb = high_bits(kd);
     at::Tensor out = at::empty({n, K}, qweight.options().dtype(dtype));
     auto half = [](const uint16_t* p, int64_t i) { return static_cast<float>(c10::Half(p[i], c10::Half::from_bits())); };
     at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
@@ -290,28 +317,49 @@ at::Tensor gguf_dequant(const at::Tensor& qweight, int64_t kind, int64_t n, int6
             const int64_t g = r / kGroup, rr = r % kGroup;
             for (int64_t b = 0; b < nb; ++b) {
                 const uint8_t* wb = wt.rec + (g * nb + b) * rec;
-                const uint16_t* dp = reinterpret_cast<const uint16_t*>(wb + code_bytes);
+                const uint16_t* dp = reinterpret_cast<const uint16_t*>(wb + cbytes);
+                float* rb = row.data() + b * kBlock;
+                if (kd == Q8_0) {
+                    const float d = half(dp, rr);
+                    for (int ch = 0; ch < 8; ++ch)
+                        for (int i = 0; i < 4; ++i) rb[4 * ch + i] = d * wb[ch * 64 + rr * 4 + i] + -128.f * d;
+                    continue;
+                }
+                // the 32 codes of this row, high bits included
+                int q[kBlock];
+                for (int ch = 0; ch < 4; ++ch)
+                    for (int i = 0; i < 4; ++i) {
+                        const uint8_t v = wb[ch * 64 + rr * 4 + i];
+                        int lo = v & 15, hi = v >> 4;
+                        if (hb == 1) {
+                            const uint8_t h = wb[256 + rr * 4 + i];
+                            lo |= ((h >> ch) & 1) << 4;
+                            hi |= ((h >> (4 + ch)) & 1) << 4;
+                        } else if (hb == 2) {
+                            lo |= ((wb[256 + rr * 4 + i] >> (2 * ch)) & 3) << 4;
+                            hi |= ((wb[320 + rr * 4 + i] >> (2 * ch)) & 3) << 4;
+                        }
+                        q[4 * ch + i] = lo;
+                        q[16 + 4 * ch + i] = hi;
+                    }
+                if (kd == Q6_K) {  // (d * sc) * (q - 32), per 16 columns, as gguf-py dequantises
+                    const float d = half(wt.super, (g * (nb / 8) + b / 8) * kGroup + rr);
+                    for (int hf = 0; hf < 2; ++hf) {
+                        const float ds = d * static_cast<float>(static_cast<int8_t>(wb[cbytes + hf * kGroup + rr]));
+                        for (int j = 0; j < 16; ++j) rb[16 * hf + j] = ds * static_cast<float>(q[16 * hf + j] - 32);
+                    }
+                    continue;
+                }
                 float d, c;
-                if (kind == Q4_K) {
+                if (sf == 2) {
                     const int64_t sp = (g * (nb / 8) + b / 8) * 2 * kGroup + rr;
-                    d = half(wt.super, sp) * static_cast<float>(wb[code_bytes + rr]);
-                    c = -(half(wt.super, sp + kGroup) * static_cast<float>(wb[code_bytes + kGroup + rr]));
+                    d = half(wt.super, sp) * static_cast<float>(wb[cbytes + rr]);
+                    c = -(half(wt.super, sp + kGroup) * static_cast<float>(wb[cbytes + kGroup + rr]));
                 } else {
                     d = half(dp, rr);
-                    c = kind == Q4_1 ? half(dp, kGroup + rr) : (kind == Q4_0 ? -8.f * d : -128.f * d);
+                    c = has_m(kd) ? half(dp, kGroup + rr) : -static_cast<float>(code_offset(kd)) * d;
                 }
-                float* rb = row.data() + b * kBlock;
-                if (kind == Q8_0) {
-                    for (int ch = 0; ch < 8; ++ch)
-                        for (int i = 0; i < 4; ++i) rb[4 * ch + i] = d * wb[ch * 64 + rr * 4 + i] + c;
-                } else {
-                    for (int ch = 0; ch < 4; ++ch)
-                        for (int i = 0; i < 4; ++i) {
-                            const uint8_t v = wb[ch * 64 + rr * 4 + i];
-                            rb[4 * ch + i] = d * (v & 15) + c;
-                            rb[16 + 4 * ch + i] = d * (v >> 4) + c;
-                        }
-                }
+                for (int j = 0; j < kBlock; ++j) rb[j] = d * static_cast<float>(q[j]) + c;
             }
             if (dtype == at::kFloat) store_out(out.data_ptr<float>() + r * K, row.data(), K);
             else if (dtype == at::kBFloat16) store_out(out.data_ptr<c10::BFloat16>() + r * K, row.data(), K);
