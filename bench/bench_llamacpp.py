@@ -4,7 +4,7 @@ Q4_0 / Q8_0 / BF16 requantizations (made once with llama-quantize --allow-requan
 
     bench/setup_llamacpp.sh                     # builds llama-bench + llama-quantize once (~10+ min on 2 cores)
     python bench/bench_llamacpp.py --llama-bench ~/.cache/exllamav2/llama.cpp/bin/llama-bench [--compile]
-           [-m MODEL.gguf] [--quants Q4_1,Q4_0,Q8_0,BF16] [--threads N] [--reps R] [--tokens N] [--prefill P]
+           [-m MODEL.gguf] [--quants Q4_1,Q4_0,Q8_0,BF16,shipped] [--threads N] [--reps R] [--tokens N] [--prefill P]
            [--batch B] [--no-generators] [--int8-activations]
 
 Ours, per file, through the public API (bench/bench_engines.py): the seed-API loop (`model.forward` per token,
@@ -45,12 +45,23 @@ def log(msg: str) -> None:
 
 def gguf_type_of(path: str) -> str:
     """The type most of the file's 2-D weights use (what the file is 'in')."""
-    from gguf import GGUFReader
+    from exllamav2.gguf.header import read_header
     counts: dict[str, int] = {}
-    for t in GGUFReader(path).tensors:
+    for t in read_header(path).tensors:
         if len(t.shape) == 2:
-            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + t.n_elements
     return max(counts, key=counts.get)
+
+
+def file_type_of(path: str) -> str:
+    """The file's own type name (general.file_type, e.g. Q4_K_M: a mix of types), else its majority type."""
+    from gguf import LlamaFileType
+    from exllamav2.gguf.header import read_header
+    field = read_header(path).fields.get("general.file_type")
+    try:
+        return LlamaFileType(int(field.value)).name.removeprefix("MOSTLY_")
+    except (AttributeError, ValueError, TypeError):
+        return gguf_type_of(path)
 
 
 def requantize(quantize: str, src: str, qtype: str) -> str:
@@ -135,7 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--llama-quantize", default=None, help="path of llama-quantize (default: beside llama-bench)")
     p.add_argument("-m", "--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--quants", default=",".join(QUANT_TYPES),
-                   help=f"comma-separated: the shipped type and requantizations among {', '.join(QUANT_TYPES)}")
+                   help=f"comma-separated: requantizations among {', '.join(QUANT_TYPES)} (the file itself where "
+                        f"it is that type), and 'shipped': the file as given, named by its file type (Q4_K_M ...)")
     p.add_argument("--compile", action="store_true", help="also time the compiled decode step (model.compile_decode)")
     p.add_argument("--int8-activations", action="store_true",
                    help="also our rows with ops.set_cpu_activations('int8'): llama.cpp's own q8_0 activation precision")
@@ -158,10 +170,10 @@ def main(argv=None) -> int:
             print(f"error: {name} {path} is not an executable (build it with bench/setup_llamacpp.sh)", file=sys.stderr)
             return 2
     quants = [q.strip().upper() for q in args.quants.split(",") if q.strip()]
-    bad = [q for q in quants if q not in QUANT_TYPES]
+    bad = [q for q in quants if q not in QUANT_TYPES and q != "SHIPPED"]
     if bad or not quants:
-        print(f"error: --quants {args.quants}: expected a comma-separated subset of {', '.join(QUANT_TYPES)}",
-              file=sys.stderr)
+        print(f"error: --quants {args.quants}: expected a comma-separated subset of {', '.join(QUANT_TYPES)} "
+              f"and 'shipped' (the file as given)", file=sys.stderr)
         return 2
     src = args.model
     if src is None:
@@ -179,7 +191,9 @@ def main(argv=None) -> int:
     shipped = gguf_type_of(src)
     files = {}
     for q in quants:
-        if q == shipped:
+        if q == "SHIPPED":
+            files[f"{file_type_of(src)} (shipped)"] = src
+        elif q == shipped:
             files[q] = src
         elif quant_bin is not None:
             files[q] = requantize(quant_bin, src, q)

@@ -210,7 +210,7 @@ def test_quantized_experts_stay_packed_and_match_hf(case, tmp_path):
                 assert src.gguf_name(tensor) == f"blk.{moe.layer_idx}.ffn_{part}_exps.weight"
                 # the expert's rows of the 3-D tensor, as stored
                 qt, data, shape = src.raw(tensor)
-                stacked = next(t for t in src._reader.tensors if t.name == src.gguf_name(tensor))
+                stacked = src._gguf_tensors[src.gguf_name(tensor)]
                 all_rows = np.asarray(stacked.data).reshape(E * rows, -1)
                 assert qt == qtype and np.shares_memory(data, all_rows)
                 assert np.array_equal(data, all_rows[e * rows:(e + 1) * rows])
@@ -335,7 +335,8 @@ def test_per_expert_tensors_of_older_files(qtype, tmp_path):
     hf = build("mixtral")
     want = hf if qtype == "F32" else hf_on_dequantised_experts(hf, qtype)
     path = write_moe_gguf(hf, str(tmp_path / "old.gguf"), qtype, per_expert=True)
-    assert "blk.0.ffn_gate.3.weight" in {t.name for t in GGUFFile(path)._reader.tensors}
+    gguf_file = GGUFFile(path)
+    assert "blk.0.ffn_gate.3.weight" in {gguf_file.gguf_name(k) for k in gguf_file.keys()}
     model = ParityRunner(path, want, prompt_len=8, decode_steps=2, max_seq_len=32).check_prefill_and_decode()
     if qtype != "F32":
         assert all(isinstance(lin.q_handle, GgufWeight) for m in _moe_layers(model) for lin in m.experts)

@@ -12,6 +12,7 @@ import torch
 
 from ..architecture import gguf_architectures
 from ..config import ExLlamaV2Config
+from ..gguf.header import read_header
 from ..gguf.names import TOP_LEVEL
 
 DECODER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -143,10 +144,8 @@ def write_f16_gguf(model_dir: str, out_path: str, progress: bool = True) -> str:
 def gguf_decoder_bpw(path: str) -> tuple[float, dict[str, int]]:
     """Bits per weight of a GGUF file's decoder linears (attention and MLP projections of every block, stored
     bytes / elements) and a count of their ggml types."""
-    import gguf
-    reader = gguf.GGUFReader(path)
     bits, numel, types = 0, 0, {}
-    for t in reader.tensors:
+    for t in read_header(path).tensors:
         parts = t.name.split(".")
         if len(parts) == 4 and parts[0] == "blk" and parts[2] in DECODER_LINEARS and parts[3] == "weight":
             bits += int(t.n_bytes) * 8

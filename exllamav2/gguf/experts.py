@@ -6,9 +6,8 @@ file's blocks (exllamav2/quant/gguf.py) and a dense load dequantises that expert
 
 import re
 
-from gguf.gguf_reader import ReaderTensor
-
 from .errors import GGUFError
+from .tensors import GGUFTensor
 
 EXPERT = "*"  # the expert index in a family's HF block name
 
@@ -18,10 +17,10 @@ _PART_RE = re.compile(r"^blk\.\d+\.([a-z0-9_]+)\.weight$")
 
 
 class ExpertView:
-    """One expert of a stacked tensor, read like the gguf library's ReaderTensor (the attributes GGUFFile uses):
+    """One expert of a stacked tensor, read like a GGUFTensor (the attributes GGUFFile uses):
     `name` is the stacked tensor's, `shape` (innermost first, as GGUF lists it) and `data` are the expert's."""
 
-    def __init__(self, tensor: ReaderTensor, expert: int, count: int):
+    def __init__(self, tensor: GGUFTensor, expert: int, count: int):
         self.tensor, self.expert, self.count = tensor, expert, count
         self.name = tensor.name
         self.tensor_type = tensor.tensor_type
@@ -33,7 +32,7 @@ class ExpertView:
         return self.tensor.data[self.expert]
 
 
-def _check(path: str, arch: str, t: ReaderTensor, count: int, sizes: dict) -> None:
+def _check(path: str, arch: str, t: GGUFTensor, count: int, sizes: dict) -> None:
     shape = [int(d) for d in reversed(t.shape)]
     part = _PART_RE.match(t.name)
     dims = _STACKED.get(part.group(1)) if part else None
@@ -44,7 +43,7 @@ def _check(path: str, arch: str, t: ReaderTensor, count: int, sizes: dict) -> No
                         f"'{arch}.expert_count' = {count}, expert width {sizes['ffn']}, hidden size {sizes['hidden']})")
 
 
-def split_experts(path: str, meta, tensors: dict[str, ReaderTensor]) -> dict:
+def split_experts(path: str, meta, tensors: dict[str, GGUFTensor]) -> dict:
     """{HF name: tensor} with every stacked expert tensor (its HF name holds `*`) replaced by one ExpertView per
     expert. The stacked tensors must be (expert_count, rows, columns), as the metadata (`meta`, see metadata.py
     GGUFMeta, its `arch` set) says: the expert width is expert_feed_forward_length, else feed_forward_length."""

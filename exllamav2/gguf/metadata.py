@@ -7,10 +7,10 @@ Gemma 3's layer types) is declared by the family in its file under exllamav2/arc
 from typing import Any
 
 import numpy as np
-from gguf.gguf_reader import ReaderField
 
 from ..architecture import GGUFArch, gguf_architecture, gguf_architectures
 from .errors import GGUFError
+from .header import GGUFField
 from .rope_freqs import llama3_rope_scaling
 
 
@@ -18,7 +18,7 @@ from .rope_freqs import llama3_rope_scaling
 ArchSpec = GGUFArch
 
 
-def field_value(field: ReaderField) -> Any:
+def field_value(field: GGUFField) -> Any:
     """A scalar or small array field as Python values."""
     return field.contents()
 
@@ -28,7 +28,7 @@ class GGUFMeta:
     `arch` (general.architecture), `tensor_names` (the file's GGUF tensor names) and, once the generic
     fields are built, `full_rope` (the full-attention rope parameters)."""
 
-    def __init__(self, path: str, fields: dict[str, ReaderField], tensor_names: set[str] | None = None):
+    def __init__(self, path: str, fields: dict[str, GGUFField], tensor_names: set[str] | None = None):
         self.path = path
         self.fields = fields
         self.arch: str | None = None
@@ -58,7 +58,7 @@ class GGUFMeta:
         return None if value is None else int(value)
 
 
-def architecture_spec(path: str, fields: dict[str, ReaderField]) -> tuple[str, GGUFArch]:
+def architecture_spec(path: str, fields: dict[str, GGUFField]) -> tuple[str, GGUFArch]:
     """(GGUF architecture name, its GGUFArch); an unsupported architecture raises GGUFError."""
     f = GGUFMeta(path, fields)
     arch = f.require("general.architecture")
@@ -96,7 +96,7 @@ def _rope_scaling(f: GGUFMeta, arch: str) -> dict | None:
     return scaling
 
 
-def build_hf_config(path: str, fields: dict[str, ReaderField], tensor_names: set[str],
+def build_hf_config(path: str, fields: dict[str, GGUFField], tensor_names: set[str],
                     rope_freqs: np.ndarray | None = None) -> dict:
     """The HF config.json dict for a GGUF file; `tensor_names` are the file's GGUF tensor names,
     `rope_freqs` the values of its rope_freqs.weight tensor if it has one."""
@@ -118,7 +118,7 @@ def build_hf_config(path: str, fields: dict[str, ReaderField], tensor_names: set
 
     vocab_size = f.get(f"{arch}.vocab_size")
     if vocab_size is None and "tokenizer.ggml.tokens" in fields:
-        vocab_size = len(fields["tokenizer.ggml.tokens"].data)
+        vocab_size = len(fields["tokenizer.ggml.tokens"].value)
     if vocab_size is None:
         raise GGUFError(f"{path}: no '{arch}.vocab_size' and no tokenizer.ggml.tokens to count the vocabulary")
 

@@ -4,15 +4,16 @@ import os
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
-from gguf.gguf_reader import ReaderTensor
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from .errors import GGUFError
 from .layout import unpermute_rotary_rows
 from .experts import ExpertView, split_experts
+from .header import GGUFHeader
 from .metadata import GGUFMeta, architecture_spec, build_hf_config
 from .names import block_part, map_tensor_names
+from .tensors import GGUFTensor, read_gguf
 
 _NATURAL_DTYPE = {
     GGMLQuantizationType.F32: torch.float32,
@@ -21,39 +22,28 @@ _NATURAL_DTYPE = {
 }
 
 
-def _open_reader(path: str) -> GGUFReader:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: GGUF file not found")
-    try:
-        reader = GGUFReader(path, "r")
-    except Exception as e:  # the gguf library raises ValueError, IndexError, etc. for damaged files
-        raise GGUFError(f"{path}: not a readable GGUF file, it may be truncated or corrupt "
-                        f"({type(e).__name__}: {e})") from e
-    file_size = os.path.getsize(path)
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > file_size or t.data.nbytes != int(t.n_bytes):
-            raise GGUFError(f"{path}: tensor '{t.name}' ends at byte {end} but the file has {file_size} bytes; "
-                            f"the file is truncated")
-    return reader
-
-
 class GGUFFile:
     """A memory-mapped GGUF file. Tensor data is read (and dequantised) only by get_tensor/raw."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        self._reader = _open_reader(self.path)
-        self.architecture, self._spec = architecture_spec(self.path, self._reader.fields)
-        by_gguf_name = {t.name: t for t in self._reader.tensors}
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"{self.path}: GGUF file not found")
+        header, tensors = read_gguf(self.path)
+        self._header: GGUFHeader = header
+        fields = header.fields
+        self.architecture, self._spec = architecture_spec(self.path, fields)
+        # the file's own tensors by GGUF name (stacked experts still stacked)
+        by_gguf_name: dict[str, GGUFTensor] = {t.name: t for t in tensors}
+        self._gguf_tensors = by_gguf_name
         self._gguf_names = map_tensor_names(self.path, self._spec, list(by_gguf_name))
         rope_freqs = by_gguf_name.get("rope_freqs.weight")
-        self._config = build_hf_config(self.path, self._reader.fields, set(by_gguf_name),
+        self._config = build_hf_config(self.path, fields, set(by_gguf_name),
                                        None if rope_freqs is None else dequantize(rope_freqs.data, rope_freqs.tensor_type))
-        meta = GGUFMeta(self.path, self._reader.fields, set(by_gguf_name))
+        meta = GGUFMeta(self.path, fields, set(by_gguf_name))
         meta.arch = self.architecture
         # stacked expert tensors become one tensor per expert (a view of its rows)
-        self._tensors: dict[str, ReaderTensor | ExpertView] = split_experts(
+        self._tensors: dict[str, GGUFTensor | ExpertView] = split_experts(
             self.path, meta, {hf: by_gguf_name[g] for hf, g in self._gguf_names.items()})
         self._one_row = {hf for hf, g in self._gguf_names.items() if block_part(g) in self._spec.one_row_matrices}
 
@@ -67,7 +57,7 @@ class GGUFFile:
 
     def metadata(self, key: str, default=None):
         """A GGUF metadata field as Python values (e.g. 'general.name'), or `default` when absent."""
-        field = self._reader.fields.get(key)
+        field = self._header.fields.get(key)
         return default if field is None else field.contents()
 
     def keys(self) -> list[str]:
@@ -130,7 +120,7 @@ class GGUFFile:
             return unpermute_rotary_rows(rows, self._config["num_key_value_heads"])
         return rows
 
-    def _tensor(self, key: str) -> ReaderTensor | ExpertView:
+    def _tensor(self, key: str) -> GGUFTensor | ExpertView:
         t = self._tensors.get(key)
         if t is None:
             raise KeyError(f"{self.path}: no tensor '{key}' (HF name) in this GGUF file")
