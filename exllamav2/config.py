@@ -61,8 +61,9 @@ class ExLlamaV2Config:
         self.no_graphs = True
         self.load_in_q4 = False
         self.tensor_file_map: dict = {}
-        # GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K linears stay in their blocks (exllamav2/quant/gguf.py); True
-        # dequantises them to dense weights in `dtype` at load, as a plain safetensors model would hold them
+        # GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL/Q2_K/Q3_K/Q4_K/Q5_K/Q6_K/IQ4_XS linears stay in their blocks
+        # (exllamav2/quant/gguf.py); True dequantises them to dense weights in `dtype` at load, as a plain
+        # safetensors model would hold them
         self.gguf_dequantize = False
         self.checkpoint_offset_qzeros = False  # GPTQ "gptq_v2" checkpoints store zeros without the +1 offset
         self.residual_rotation: dict | None = None  # set by `convert --rotate`: hidden states are in rotated coordinates

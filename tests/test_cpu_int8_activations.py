@@ -56,7 +56,8 @@ def restore():
     ops.set_cpu_activations("int16")
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q2_K", "Q3_K",
+                                   "IQ4_NL", "IQ4_XS"])
 def test_one_stage_gemv_is_the_int8_quantised_product(qtype):
     n, k = 100, 512
     packed, w = weights(qtype, n, k)

@@ -96,7 +96,8 @@ def test_gguf_gemv_is_batch_invariant_and_avx2_gives_the_same_bits(qtype):
 
 
 @pytest.mark.parametrize("act_stages", [2, 1])
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q2_K", "Q3_K",
+                                   "IQ4_NL", "IQ4_XS"])
 def test_gguf_gemv_gives_each_row_its_one_row_result_for_any_row_count_isa_and_threads(qtype, act_stages):
     """Prefill and batched decode go through the same kernels as one row (chunks of 8 rows, the rows side by side
     in the quantised activations; past 8 rows on AVX-512, two 16-row groups per call): every row of an R-row call
@@ -155,7 +156,8 @@ def test_vector_activation_quantisers_equal_the_scalar_contract(tmp_path):
 
 # (fp16 field offsets: scale d, and the offset m / dmin where the type has one), per block of the raw layout
 _F16_FIELDS = {"Q4_0": (0, None), "Q4_1": (0, 2), "Q8_0": (0, None), "Q5_0": (0, None), "Q5_1": (0, 2),
-               "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208, None)}
+               "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208, None), "Q2_K": (80, 82), "Q3_K": (108, None),
+               "IQ4_NL": (0, None), "IQ4_XS": (0, None)}
 
 
 def random_raw(qtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
@@ -175,10 +177,11 @@ def random_raw(qtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
     return raw.reshape(n, -1)
 
 
-NEW_KINDS = ["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"]
-# file bytes per 256 weights; the pack's are the same except the K-quants' unpacked scales (Q4_K/Q5_K: 16 bytes
-# of 6-bit scales and mins as 32; Q6_K: the same 16 int8 scales)
-PACKED_BYTES_PER_256 = {"Q4_K": 148, "Q5_K": 180, "Q6_K": 210, "Q5_0": 176, "Q5_1": 192}
+NEW_KINDS = ["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"]
+# packed bytes per 256 weights: the file's, except the 6-bit scales as bytes (Q4_K/Q5_K: 12 bytes of scales and
+# mins as 16 + 16; Q3_K: 12 as 16; IQ4_XS: 6 as 8 and 8 unused)
+PACKED_BYTES_PER_256 = {"Q4_K": 148, "Q5_K": 180, "Q6_K": 210, "Q5_0": 176, "Q5_1": 192, "Q2_K": 84, "Q3_K": 114,
+                        "IQ4_NL": 144, "IQ4_XS": 146}
 
 
 @pytest.mark.parametrize("qtype", NEW_KINDS)
@@ -211,7 +214,8 @@ def test_kquant_and_q5_gemv_equals_gguf_dequantisation(qtype, shape):
 
 @pytest.mark.parametrize("qtype", NEW_KINDS)
 def test_kquant_and_q5_packing_refuses_bad_shapes_naming_the_tensor(qtype):
-    per = 256 if qtype.endswith("_K") else 32
+    from exllamav2.quant.gguf_blocks import BLOCK_GEOMETRY
+    per = BLOCK_GEOMETRY[qtype][0]
     n, k = 16, 2 * per
     raw = random_raw(qtype, n, k)
     with pytest.raises(ValueError, match=f"blk.3.w: shape .* multiple of {per} columns"):
@@ -258,8 +262,8 @@ def test_kernels_reject_bad_inputs_with_clear_errors():
         kernels.bf16_gemv(torch.randn(1, 32).bfloat16(), torch.randn(8, 64).bfloat16())
     with pytest.raises(ValueError, match="w.up: Q4_0 data has shape"):
         pack_gguf_blocks("Q4_0", random_blocks("Q4_0", 32, 64)[:, :-1], (32, 64), name="w.up")
-    with pytest.raises(ValueError, match="Q3_K has no CPU GEMV kernel"):
-        pack_gguf_blocks("Q3_K", random_blocks("Q4_0", 32, 64), (32, 64))
+    with pytest.raises(ValueError, match="IQ2_XS has no CPU GEMV kernel"):
+        pack_gguf_blocks("IQ2_XS", random_blocks("Q4_0", 32, 64), (32, 64))
     with pytest.raises(ValueError, match="instruction set 'sse9' is unknown"):
         kernels.set_isa("sse9")
 

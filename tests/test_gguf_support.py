@@ -73,24 +73,34 @@ def stored_nbytes(gguf_file, key: str) -> int:
     return int(np.prod(gguf_file.shape(key))) // block_size * type_size
 
 
-# Standard deviation of the codes (uniform digits) and the code a min offsets, for random K-quant blocks.
-_KQUANT_CODES = {"Q4_K": (4.6, 7.5), "Q5_K": (9.2, 15.5), "Q6_K": (18.5, 0.0)}
+# For random blocks: the spread of a weight in units of d (uniform scales and codes), the code a min offsets
+# (dmin = d * that; None: no dmin) and the byte offsets of the fp16 d and dmin.
+_KQUANT_CODES = {"Q4_K": (32 * 4.6, 7.5, 0, 2), "Q5_K": (32 * 9.2, 15.5, 0, 2), "Q6_K": (32 * 18.5, None, 208, None),
+                 "Q2_K": (10.0, 1.5, 80, 82), "Q3_K": (42.0, None, 108, None), "IQ4_XS": (1220.0, None, 0, None),
+                 "IQ4_NL": (66.0, None, 0, None)}
 
 
 def random_kquant_blocks(shape: tuple[int, int], qtype: str, rng, scale: float = 0.1) -> np.ndarray:
-    """uint8 (rows, bytes per row) of random Q4_K/Q5_K/Q6_K super-blocks whose weights spread about `scale` around
-    zero (the gguf library cannot quantize K-quants; any codes are valid, only the fp16 d/dmin fields are set)."""
+    """uint8 (rows, bytes per row) of random Q2_K/Q3_K/Q4_K/Q5_K/Q6_K/IQ4_XS super-blocks (or IQ4_NL blocks) whose
+    weights spread about `scale` around zero (the gguf library cannot quantize these; any codes are valid, only the
+    fp16 d/dmin fields are set)."""
     from gguf import GGML_QUANT_SIZES
     block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
     rows, cols = shape
     blocks = rng.integers(0, 256, (rows, cols // block, block_bytes), dtype=np.uint8)
-    code_std, code_mid = _KQUANT_CODES[qtype]
-    d = (scale / (32 * code_std) * (0.5 + rng.random(blocks.shape[:2]))).astype(np.float16)
-    if qtype == "Q6_K":
-        blocks[..., 208:210] = d.view(np.uint8).reshape(*d.shape, 2)   # d is the last field
-    else:
-        blocks[..., 0:2] = d.view(np.uint8).reshape(*d.shape, 2)
-        blocks[..., 2:4] = (d.astype(np.float32) * code_mid).astype(np.float16).view(np.uint8).reshape(*d.shape, 2)
+    spread, code_mid, d_at, dmin_at = _KQUANT_CODES[qtype]
+    d = (scale / spread * (0.5 + rng.random(blocks.shape[:2]))).astype(np.float16)
+    blocks[..., d_at:d_at + 2] = d.view(np.uint8).reshape(*d.shape, 2)
+    if dmin_at is not None:
+        dmin = (d.astype(np.float32) * code_mid).astype(np.float16)
+        blocks[..., dmin_at:dmin_at + 2] = dmin.view(np.uint8).reshape(*d.shape, 2)
+    if qtype == "Q2_K":
+        # each 16-weight min near its scale (as a quantizer picks them: the groups centred on zero); independent
+        # mins offset whole groups by up to 22 codes, which the cpu GEMV's int8 activations turned into 3% of the
+        # logits' span on a tiny model (the dense path: exact)
+        sc = blocks[..., :16] & 15
+        mn = np.clip(sc.astype(np.int16) + rng.integers(-2, 3, sc.shape), 0, 15).astype(np.uint8)
+        blocks[..., :16] = sc | (mn << 4)
     return blocks.reshape(rows, -1)
 
 
@@ -98,8 +108,9 @@ def write_tiny_gguf(path: str, arch: str = "llama", *, name: str = "tiny", vocab
                     heads: int = 4, kv_heads: int = 2, layers: int = 2, ffn: int = 96, head_dim: int | None = None,
                     tied: bool = True, extra_tensors: tuple[str, ...] = (), rope_linear: float | None = None, rope_freqs: np.ndarray | None = None,
                     seed: int = 0, qtype: str = "Q8_0") -> str:
-    """A small random model as llama.cpp would lay it out; big 2-D weights are `qtype` (Q8_0, Q4_0, Q4_1, or random
-    Q4_K/Q5_K/Q6_K blocks: their input widths must then be multiples of 256), the rest F32."""
+    """A small random model as llama.cpp would lay it out; big 2-D weights are `qtype` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+    or random IQ4_NL blocks, or random Q2_K/Q3_K/Q4_K/Q5_K/Q6_K/IQ4_XS blocks: their input widths must then be
+    multiples of 256), the rest F32."""
     rng = np.random.default_rng(seed)
     head_dim = head_dim or hidden // heads
     w = GGUFWriter(path, arch)

@@ -16,7 +16,7 @@ from exllamav2.gguf import GGUFFile  # noqa: E402
 from exllamav2.quant.gguf import GgufWeight  # noqa: E402
 from test_gguf_support import write_tiny_gguf  # noqa: E402
 
-TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"]
+TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"]
 F16 = torch.float16
 UP = "model.layers.0.mlp.up_proj.weight"        # (ffn, hidden)
 DOWN = "model.layers.0.mlp.down_proj.weight"    # (hidden, ffn)
@@ -140,11 +140,16 @@ def test_fused_parts_of_different_types(files):
     x = inputs(2, 256)
     assert_close(fast(x), ref(x))
     # mixes of 32-weight block types stay apart (each keeps its own CPU kernel)
-    for a, b in (("Q4_0", "Q8_0"), ("Q5_0", "Q8_0"), ("Q5_1", "Q4_1")):
+    for a, b in (("Q4_0", "Q8_0"), ("Q5_0", "Q8_0"), ("Q5_1", "Q4_1"), ("IQ4_NL", "Q4_0")):
         assert GgufWeight.concat("qk", [weight(files[a], DOWN), weight(files[b], DOWN)], F16, "cpu") is None
-    # one beside a K-quant is fused (the CPU runs it dense, triton one kernel per type)
-    mixed = GgufWeight.concat("qk", [weight(files["Q5_0"], DOWN), weight(files["Q4_K"], DOWN)], F16, "cpu")
-    assert mixed is not None and mixed.types == ["Q5_0", "Q4_K"] and mixed.dense_on_cpu
+    # one beside a 256-weight block type is fused (the CPU runs it dense, triton one kernel per type)
+    for a, b in (("Q5_0", "Q4_K"), ("IQ4_NL", "Q3_K"), ("Q8_0", "IQ4_XS")):
+        mixed = GgufWeight.concat("qk", [weight(files[a], DOWN), weight(files[b], DOWN)], F16, "cpu")
+        assert mixed is not None and mixed.types == [a, b] and mixed.dense_on_cpu
+    fast, ref = kernels_for(mixed)
+    assert [k.qtype for k in fast.runs] == ["Q8_0", "IQ4_XS"]
+    x = inputs(2, 512)
+    assert_close(fast(x), ref(x))
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q6_K"])
@@ -207,12 +212,17 @@ class _CutBlocks:
         return (t, data[:, :-2], shape) if key == self.name else (t, data, shape)
 
 
-def test_block_bytes_that_do_not_match_the_shape_are_refused(files):
-    src = files["Q5_0"]
-    with pytest.raises(ValueError, match=rf"up: tensor '{UP}' \(Q5_0, 512 x 256\) holds 89088 bytes, "
-                                         rf"expected 90112"):
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"])
+def test_block_bytes_that_do_not_match_the_shape_are_refused(files, qtype):
+    from exllamav2.quant.gguf_blocks import BLOCK_GEOMETRY
+    src = files[qtype]
+    block, block_bytes = BLOCK_GEOMETRY[qtype]
+    row = 256 // block * block_bytes
+    with pytest.raises(ValueError, match=rf"up: tensor '{UP}' \({qtype}, 512 x 256\) holds {512 * (row - 2)} "
+                                         rf"bytes, expected {512 * row}"):
         GgufWeight("up", [(_CutBlocks(src, UP), UP, 512)], 256, 512, F16, "cpu")
     # a byte count that matches but blocks that do not are refused where the blocks are read
     q = GgufWeight("up", [(_CutBlocks(src, UP, honest_count=False), UP, 512)], 256, 512, F16, "cpu")
-    with pytest.raises(ValueError, match=rf"tensor '{UP}' \(Q5_0, shape \[512, 256\]\) holds \[512, 174\] bytes"):
+    with pytest.raises(ValueError, match=rf"tensor '{UP}' \({qtype}, shape \[512, 256\]\) holds "
+                                         rf"\[512, {row - 2}\] bytes"):
         kernels_for(q)

@@ -51,7 +51,8 @@ def test_specs_cover_every_kernel_type_and_dtype(compiled):
     assert min(compiled.MATMUL_TILE.values()) >= 16  # tl.dot needs every dimension >= 16 on a GPU
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                                   "Q6_K", "IQ4_XS"])
 def test_every_block_type_compiles_for_sm90(compiled, qtype):
     (spec,) = _specs(compiled, "gguf_matmul_partials", "fp16", qtype)
     _compile_and_check(compiled, spec, 90)

@@ -1,7 +1,8 @@
 """GGUF models on the `triton` backend under the Triton interpreter (CPU tensors): greedy decoding equal to the
 torch backend, every quantized matrix held as the file's blocks (no dense copy). A tiny random K-quant model in the
-default suite (the interpreter runs ~0.5 s per linear call here); SmolLM2-135M Q4_1 as a slow check. Also the
-other side of keeping Q5_0/Q5_1/Q5_K packed: the cpu backend runs them as the dense matrix a dense load gives."""
+default suite (the interpreter runs ~0.5 s per linear call here); SmolLM2-135M Q4_1 as a slow check; a tiny model
+in each of Q2_K, Q3_K, IQ4_NL and IQ4_XS against its dense load. Also the other side of keeping the types without an
+int4 mapping packed: the cpu backend runs them by its GEMV, or as the dense matrix a dense load gives."""
 
 import pytest
 import torch
@@ -23,10 +24,12 @@ def interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def load(path):
+def load(path, **opts):
     cfg = ExLlamaV2Config(path)
     cfg.dtype = F16
     cfg.max_seq_len = 64
+    for k, v in opts.items():
+        setattr(cfg, k, v)
     model = ExLlamaV2(cfg)
     model.load()
     return model
@@ -103,6 +106,24 @@ def test_tiny_kquant_model_greedy_on_triton_equals_torch(qtype, tmp_path):
     assert_triton_greedy_equals_torch(model, ids, steps=3)
 
 
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"])
+def test_low_bit_model_on_triton_equals_the_dense_load(qtype, tmp_path):
+    path = write_tiny_gguf(str(tmp_path / f"{qtype}.gguf"), qtype=qtype, hidden=256, heads=4, kv_heads=2, ffn=256,
+                           layers=1, vocab=64, tied=False, seed=5)
+    model = load(path)
+    assert all(isinstance(lin.q_handle, GgufWeight) and lin.q_handle.types == [qtype] and lin.weight is None
+               for lin in linears(model))
+    ids = torch.tensor([[1, 7, 3, 20, 11, 40]])
+    got = model.forward(ids).float()
+    assert_only_file_blocks_resident(model)
+    dense = load(path, gguf_dequantize=True)
+    assert all(lin.q_handle is None for lin in linears(dense))
+    with ops.use_backend("torch"):
+        want = dense.forward(ids).float()
+    span = want.abs().max().item()
+    assert (got - want).abs().max().item() <= 0.02 * span, ((got - want).abs().max().item(), span)
+
+
 @pytest.mark.slow
 def test_smollm2_q4_1_greedy_on_triton_equals_torch(smollm2_gguf):
     # ~35k interpreted tile iterations per forward (30 layers and the 49k-row tied head): tens of minutes here
@@ -114,8 +135,8 @@ def test_smollm2_q4_1_greedy_on_triton_equals_torch(smollm2_gguf):
     assert tokens == greedy(model, ids, 1, "torch")[0]
 
 
-@pytest.mark.parametrize("qtype", ["Q5_K", "Q5_0", "Q5_1"])
-def test_q5_model_on_cpu_backend_equals_the_dense_load(qtype, tmp_path, monkeypatch):
+@pytest.mark.parametrize("qtype", ["Q5_K", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"])
+def test_dense_on_cpu_model_on_cpu_backend_equals_the_dense_load(qtype, tmp_path, monkeypatch):
     # a type the cpu backend has a GEMV for runs there; the others run as the dense load's matrix
     monkeypatch.delenv("TRITON_INTERPRET")
     path = write_tiny_gguf(str(tmp_path / f"{qtype}.gguf"), qtype=qtype, hidden=256, heads=4, kv_heads=2, ffn=256,

@@ -227,7 +227,8 @@ def test_gguf_experts_of_several_types(tmp_path):
         def kernel(self, dtype):
             return linear(self.ns, "triton")
 
-    for t1, t3, t2 in (("Q4_0", "Q8_0", "Q4_K"), ("Q6_K", "Q4_1", "Q5_K"), ("Q5_0", "Q5_1", "Q6_K")):
+    for t1, t3, t2 in (("Q4_0", "Q8_0", "Q4_K"), ("Q6_K", "Q4_1", "Q5_K"), ("Q5_0", "Q5_1", "Q6_K"),
+                       ("Q2_K", "IQ4_NL", "IQ4_XS"), ("Q3_K", "IQ4_XS", "Q2_K")):
         w1, w3, w2 = experts(t1, up), experts(t3, up), experts(t2, down)
         tables = tmoe.expert_tables([Lin(n) for n in w1], [Lin(n) for n in w3], [Lin(n) for n in w2],
                                     torch.nn.functional.silu, F16)

@@ -50,8 +50,8 @@ def human_count(n: int) -> str:
 def gguf_tensor_types(path: str) -> str:
     from collections import Counter
 
-    from gguf import GGUFReader
-    counts = Counter(t.tensor_type.name for t in GGUFReader(path).tensors)
+    from ..gguf.header import read_header
+    counts = Counter(t.tensor_type.name for t in read_header(path).tensors)
     return ", ".join(f"{name} x{n}" for name, n in counts.most_common())
 
 
@@ -79,8 +79,8 @@ def run(args) -> int:
     gguf_path = getattr(config, "gguf_path", None)
     if gguf_path:
         fmt = ("GGUF (dequantized on load)" if config.gguf_dequantize else
-               "GGUF (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K linears kept in their blocks; other types dequantized "
-               "on load)")
+               "GGUF (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL/Q2_K/Q3_K/Q4_K/Q5_K/Q6_K/IQ4_XS linears kept in their "
+               "blocks; other types dequantized on load)")
     else:
         fmt = "quantized" if model.is_quant() else "safetensors"
     print(f"Model:         {os.path.normpath(path)}")

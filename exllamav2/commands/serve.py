@@ -65,8 +65,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "any dtype (default GGUF weights are invariant anyway; dense bf16 then costs some prefill "
                         "and large-batch speed, see README)")
     p.add_argument("--dense-gguf", dest="dense_gguf", action="store_true",
-                   help="dequantize a GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K blocks to dense weights at load "
-                        "(default: kept packed)")
+                   help="dequantize a GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL/Q2_K/Q3_K/Q4_K/Q5_K/Q6_K/IQ4_XS blocks "
+                        "to dense weights at load (default: kept packed)")
     p.add_argument("--replicas", type=_positive, default=None, metavar="N",
                    help="run N engine replicas as a Ray Serve app behind Ray's HTTP proxy, with prefix-aware "
                         "routing (needs the ray extra; default: one plain process, no Ray)")

@@ -1,5 +1,5 @@
-"""GgufWeight: a linear weight kept in the GGUF file's own quant blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
-Q6_K), possibly the row concatenation of several tensors (fused q/k/v or gate/up).
+"""GgufWeight: a linear weight kept in the GGUF file's own quant blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL,
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS), possibly the row concatenation of several tensors (fused q/k/v or gate/up).
 
 Nothing is copied at load: the blocks are read from the file's memory map when a backend prepares its kernel and
 when the reference dequantises (through the GGUF reader, as a dense load would). The backends:
@@ -54,9 +54,9 @@ class GgufWeight(QuantWeight):
     @classmethod
     def concat(cls, key: str, weights: list["GgufWeight"], dtype, device) -> "GgufWeight | None":
         """One weight over the rows of several (fused q/k/v, gate/up), or None when they cannot share a kernel:
-        parts of one type, or of several when one is a K-quant (the CPU runs those dense, and the triton kernel
-        runs each type's rows on their own: `runs_by_type`). Mixes of 32-weight block types (Q4_0, Q4_1, Q5_0,
-        Q5_1, Q8_0) stay apart, each with its own kernel on every backend."""
+        parts of one type, or of several when one is of 256-weight blocks (the CPU runs those dense, and the triton
+        kernel runs each type's rows on their own: `runs_by_type`). Mixes of 32-weight block types (Q4_0, Q4_1, Q5_0,
+        Q5_1, Q8_0, IQ4_NL) stay apart, each with its own kernel on every backend."""
         types = {t for w in weights for t in w.types}
         if len({w.in_features for w in weights}) != 1 or (
                 len(types) != 1 and all(BLOCK_GEOMETRY[t][0] == BLOCK for t in types)):
@@ -93,8 +93,8 @@ class GgufWeight(QuantWeight):
 
     @property
     def dense_on_cpu(self) -> bool:
-        """True when this weight has no exact int4 mapping for the CPU (Q5_0, Q5_1, the K-quants): the CPU backend
-        runs it by its GEMV when it has one for the type, else dequantised."""
+        """True when this weight has no exact int4 mapping for the CPU (Q5_0, Q5_1, IQ4_NL, the 256-weight
+        super-block types): the CPU backend runs it by its GEMV when it has one for the type, else dequantised."""
         return any(t not in SUPPORTED_TYPES for t in self.types)
 
     def raw_blocks(self) -> tuple[str, torch.Tensor]:

@@ -1,6 +1,6 @@
-"""GGUF quant blocks: the geometry of every type kept packed (BLOCK_GEOMETRY: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
-Q5_K, Q6_K), and Q4_0, Q4_1, Q8_0 decoded into integer digits and per-32-column scales, in HF row order (for the
-CPU int4 kernel).
+"""GGUF quant blocks: the geometry of every type kept packed (BLOCK_GEOMETRY: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL,
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS), and Q4_0, Q4_1, Q8_0 decoded into integer digits and per-32-column scales,
+in HF row order (for the CPU int4 kernel).
 
 Block layouts (32 weights per block, little endian):
 - Q4_0: fp16 d, 16 bytes of nibbles;                  w = d * (q - 8)
@@ -9,8 +9,9 @@ Block layouts (32 weights per block, little endian):
 - Q5_1: fp16 d, fp16 m, uint32 qh, 16 bytes of nibbles; w = d * q + m
 - Q8_0: fp16 d, 32 int8;                              w = d * q
 Nibble j < 16 of a block is the low half of byte j, nibble j >= 16 the high half of byte j - 16.
-Q5_0/Q5_1 and the K-quants (Q4_K, Q5_K, Q6_K: 256-weight super-blocks) have no int4 mapping; the Triton kernels
-decode them from the file's bytes (exllamav2/ops/triton/gguf_kernels.py documents their layouts).
+Q5_0/Q5_1, IQ4_NL (a non-linear 16-value table) and the 256-weight super-blocks (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+IQ4_XS) have no int4 mapping; the Triton kernels decode them from the file's bytes (exllamav2/ops/triton/
+gguf_kernels.py documents their layouts).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ BLOCK = 32
 SUPPORTED_TYPES = ("Q4_0", "Q4_1", "Q8_0")   # the types decode_blocks maps to integer digits
 # (weights per block, bytes per block) of every type a linear keeps packed as the file's blocks
 BLOCK_GEOMETRY = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-                  "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+                  "IQ4_NL": (32, 18), "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144),
+                  "Q5_K": (256, 176), "Q6_K": (256, 210), "IQ4_XS": (256, 136)}
 PACKED_TYPES = tuple(BLOCK_GEOMETRY)
 
 

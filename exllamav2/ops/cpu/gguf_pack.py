@@ -85,6 +85,10 @@ def pack_gguf_blocks(ggml_type: str, raw: np.ndarray, shape: tuple[int, ...], na
         return _pack_q6_k(blocks, n, k, groups)
     if ggml_type in ("Q5_0", "Q5_1"):
         return _pack_q5(ggml_type, blocks, n, k, groups)
+    if ggml_type in ("Q2_K", "Q3_K"):
+        return _pack_q23_k(ggml_type, blocks, n, k, groups)
+    if ggml_type == "IQ4_XS":
+        return _pack_iq4_xs(blocks, n, k, groups)
     nb = k // 32
     d = _group_major(_f16(blocks[..., 0:2]), groups, nb)
     if ggml_type == "Q8_0":
@@ -92,7 +96,7 @@ def pack_gguf_blocks(ggml_type: str, raw: np.ndarray, shape: tuple[int, ...], na
         rec = _records(_interleave(codes, groups, nb, 8), d)
     elif ggml_type == "Q4_1":
         rec = _records(_interleave(blocks[..., 4:], groups, nb, 4), d, _group_major(_f16(blocks[..., 2:4]), groups, nb))
-    else:
+    else:  # Q4_0, IQ4_NL (whose nibbles index a table): d, then 16 bytes of nibbles
         rec = _records(_interleave(blocks[..., 2:], groups, nb, 4), d)
     return GgufPacked(rec, GGUF_KINDS[ggml_type], ggml_type, n, k)
 
@@ -111,22 +115,32 @@ def _fifth_bits(qh: np.ndarray) -> np.ndarray:
     return np.unpackbits(np.ascontiguousarray(qh), axis=-1, bitorder="little")
 
 
+def _bit_planes(values: np.ndarray, bits: int, groups: int, nb: int) -> list[np.ndarray]:
+    """values (rows_padded, nb, 32) of 1 or 2 bits -> their planes (csrc/gguf_gemv_kernels.h), group-major: one bit
+    in one plane (columns 0..15 in bits 0..3 of byte i, column 4c+i at bit c, 16..31 in bits 4..7), two bits in two
+    (column 4c+i of each half at bits 2c, 2c+1)."""
+    rows = values.shape[0]
+    v = values.reshape(rows, nb, 2, 4, 4)                          # (half, chunk c, byte i)
+    shift = (np.arange(4, dtype=np.uint8) * bits)[:, None]
+    per_half = (v << shift).sum(axis=3, dtype=np.uint8)            # (rows, nb, half, 4)
+    planes = [per_half[:, :, 0] | (per_half[:, :, 1] << 4)] if bits == 1 else [per_half[:, :, 0], per_half[:, :, 1]]
+    return [_group_major(p, groups, nb) for p in planes]
+
+
 def _nibble_records(codes: np.ndarray, high_bits: int, groups: int, nb: int, *tails: np.ndarray) -> torch.Tensor:
     """codes (rows_padded, nb, 32) uint8 with `high_bits` (0-2) bits above the nibble -> records: the nibbles in
-    the 4-bit layout, then the high-bit planes (csrc/gguf_gemv_kernels.h), then the tails."""
-    rows = codes.shape[0]
+    the 4-bit layout, then the high-bit planes, then the tails."""
     nib = codes & 0xF
     packed = nib[..., :16] | (nib[..., 16:] << 4)
-    planes = []
-    if high_bits:
-        hi = (codes >> 4).reshape(rows, nb, 2, 4, 4)            # (half, chunk c, byte i): column 16*half + 4c + i
-        shift = (np.arange(4, dtype=np.uint8) * high_bits)[:, None]  # chunk c at bit c (one bit) or 2c (two)
-        per_half = (hi << shift).sum(axis=3, dtype=np.uint8)    # (rows, nb, half, 4)
-        if high_bits == 1:   # columns 0..15 in bits 0..3, 16..31 in bits 4..7 of one plane
-            planes = [per_half[:, :, 0] | (per_half[:, :, 1] << 4)]
-        else:                # a plane per half
-            planes = [per_half[:, :, 0], per_half[:, :, 1]]
-    return _records(_interleave(packed, groups, nb, 4), *(_group_major(p, groups, nb) for p in planes), *tails)
+    planes = _bit_planes(codes >> 4, high_bits, groups, nb) if high_bits else []
+    return _records(_interleave(packed, groups, nb, 4), *planes, *tails)
+
+
+def _crumb_records(codes: np.ndarray, third: bool, groups: int, nb: int, *tails: np.ndarray) -> torch.Tensor:
+    """codes (rows_padded, nb, 32) of 2 bits (or 3: Q3_K's third in its own plane) -> records: the two 2-bit
+    planes, the third bit's plane, then the tails."""
+    planes = _bit_planes(codes & 3, 2, groups, nb) + (_bit_planes((codes >> 2) & 1, 1, groups, nb) if third else [])
+    return _records(*planes, *tails)
 
 
 def _padded_blocks(ggml_type: str, raw: np.ndarray, shape: tuple[int, ...], name: str):
@@ -199,6 +213,55 @@ def _pack_q6_k(blocks: np.ndarray, n: int, k: int, groups: int) -> GgufPacked:
                           _group_major(scales[..., 1], groups, nb))
     d = blocks[..., 208:210].copy().view(np.float16)                       # (rows, nsb, 1)
     return GgufPacked(rec, GGUF_KINDS["Q6_K"], "Q6_K", n, k, _super_scales(d, groups))
+
+
+def _pack_q23_k(ggml_type: str, blocks: np.ndarray, n: int, k: int, groups: int) -> GgufPacked:
+    """Q2_K (scales[16]: 4-bit scale | 4-bit min << 4, qs[64], d, dmin) and Q3_K (hmask[32], qs[64], 12 bytes of
+    16 6-bit scales, d): per 128-column half n and sub-block s = 4n + j, column 32s + l takes bits 2j, 2j+1 of
+    qs[32n + l] (and for Q3_K bit s of hmask[l] as its third bit); a scale per 16 columns. Q3_K's codes are
+    stored unsigned (low2 + 4 * hbit, offset 4: gguf-py's low2 - 4 unless the bit is set), its scales less 32 as
+    int8."""
+    rows, nsb = blocks.shape[:2]
+    q3 = ggml_type == "Q3_K"
+    qs = blocks[..., 32:96] if q3 else blocks[..., 16:80]
+    shifts = np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)
+    codes = (qs.reshape(rows, nsb, 2, 1, 32) >> shifts) & 3                     # (rows, nsb, n, j, l)
+    if q3:
+        bits = np.unpackbits(blocks[..., 0:32, None], axis=-1, bitorder="little")  # (rows, nsb, l, s)
+        codes = codes | (bits.transpose(0, 1, 3, 2).reshape(rows, nsb, 2, 4, 32) << 2)
+        sc12 = blocks[..., 96:108]
+        low = np.concatenate([sc12[..., 0:8] & 0xF, sc12[..., 0:8] >> 4], axis=-1)            # scales 0..15, low 4 bits
+        high = (sc12[..., 8:12, None] >> np.array([0, 2, 4, 6], np.uint8)).transpose(0, 1, 3, 2) & 3
+        scales = ((low | (high.reshape(rows, nsb, 16) << 4)).astype(np.int16) - 32).astype(np.int8)
+        tails = [scales]
+        supers = blocks[..., 108:110]
+    else:  # the file's byte per 16 columns: scale | min << 4
+        tails = [blocks[..., 0:16]]
+        supers = blocks[..., 80:84]
+    nb = nsb * 8
+    halves = []   # per tail: the blocks' first halves, then their second halves
+    for t in tails:
+        t = t.reshape(rows, nb, 2)
+        halves += [_group_major(np.ascontiguousarray(t[..., 0]), groups, nb),
+                   _group_major(np.ascontiguousarray(t[..., 1]), groups, nb)]
+    rec = _crumb_records(codes.reshape(rows, nb, 32), q3, groups, nb, *halves)
+    d = supers.copy().view(np.float16)                                          # (rows, nsb, fields)
+    return GgufPacked(rec, GGUF_KINDS[ggml_type], ggml_type, n, k, _super_scales(d, groups))
+
+
+def _pack_iq4_xs(blocks: np.ndarray, n: int, k: int, groups: int) -> GgufPacked:
+    """IQ4_XS (d, uint16 scales_h, scales_l[4], qs[128]): sub-block j's 16 bytes of nibbles in Q4_0's order and
+    its 6-bit scale (nibble j % 2 of scales_l[j // 2], bits 2j, 2j+1 of scales_h above), stored less 32 as int8;
+    the 16 bytes after it unused."""
+    rows, nsb = blocks.shape[:2]
+    nb = nsb * 8
+    sl = (blocks[..., 4:8, None] >> np.array([0, 4], np.uint8)) & 0xF                  # (rows, nsb, 4, 2)
+    sh = blocks[..., 2:4].copy().view(np.uint16)                                       # (rows, nsb, 1)
+    sh = (sh >> (2 * np.arange(8, dtype=np.uint16))) & 3                               # (rows, nsb, 8)
+    scales = ((sl.reshape(rows, nsb, 8) | (sh.astype(np.uint8) << 4)).astype(np.int16) - 32).astype(np.int8)
+    rec = _records(_interleave(blocks[..., 8:].reshape(rows, nb, 16), groups, nb, 4),
+                   _group_major(scales.reshape(rows, nb), groups, nb), np.zeros((groups, nb, 16), np.uint8))
+    return GgufPacked(rec, GGUF_KINDS["IQ4_XS"], "IQ4_XS", n, k, _super_scales(blocks[..., 0:2].copy().view(np.float16), groups))
 
 
 @dataclass

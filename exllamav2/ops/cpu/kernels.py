@@ -15,7 +15,8 @@ import torch
 from . import build
 
 ISA_LEVELS = {"none": 0, "avx2": 1, "avx512": 2}
-GGUF_KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q5_0": 4, "Q5_1": 5, "Q5_K": 6, "Q6_K": 7}
+GGUF_KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q5_0": 4, "Q5_1": 5, "Q5_K": 6, "Q6_K": 7, "Q2_K": 8,
+              "Q3_K": 9, "IQ4_NL": 10, "IQ4_XS": 11}
 GROUP_ROWS = 16   # output rows per interleaved group of the GGUF layout (csrc/gemv.cpp)
 BLOCK = 32        # columns per GGUF block
 

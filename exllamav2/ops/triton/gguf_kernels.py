@@ -18,6 +18,16 @@ with w the weight at index j of its block:
   `scales`; sub-block s uses the low (s even) or high nibbles of qs[32 * (s // 2) ...]; w = (d * sc) * q - dmin * mn
 - Q5_K (256, 176): as Q4_K plus qh[32] before qs: bit s of qh[j % 32] is the fifth bit of q
 - Q6_K (256, 210): ql[128], qh[64], int8 scales[16], d; 16 sub-blocks of 16; w = (d * scale) * (q - 32)
+- Q2_K (256, 84): scales[16], qs[64], d, dmin; 16 sub-blocks of 16, scales[s] holds the 4-bit scale sc (low nibble)
+  and min mn (high); bits 2 * ((j % 128) // 32) of qs[32 * (j // 128) + j % 32] are q; w = (d * sc) * q - dmin * mn
+- Q3_K (256, 110): hmask[32], qs[64], scales[12], d; 16 sub-blocks of 16 with 6-bit scales (low 4 bits in nibble
+  s // 8 of scales[s % 8], high 2 bits in bits 2 * (s // 4) of scales[8 + s % 4]); q the Q2_K 2-bit code minus 4
+  unless bit j // 32 of hmask[j % 32] is set; w = (d * (sc - 32)) * q
+- IQ4_NL (32, 18): d, qs[16];                  w = d * KVALUES[q] (nibbles as Q4_0)
+- IQ4_XS (256, 136): d, uint16 scales_h, scales_l[4], qs[128]; 8 sub-blocks of 32, sub-block s's 6-bit scale ls
+  the nibble s % 2 of scales_l[s // 2] below bits 2s, 2s + 1 of scales_h, its nibbles as IQ4_NL's in qs[16 s ...];
+  w = (d * (ls - 32)) * KVALUES[q]
+KVALUES (IQ4_NL and IQ4_XS) = -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113.
 The arithmetic (fp32, the same association) is that of gguf-py's `gguf.quants.dequantize`, so the interpreter
 reproduces it bit for bit; a GPU may contract a multiply-add into an FMA.
 """
@@ -34,6 +44,16 @@ Q5_K = tl.constexpr(4)
 Q6_K = tl.constexpr(5)
 Q5_0 = tl.constexpr(6)
 Q5_1 = tl.constexpr(7)
+Q2_K = tl.constexpr(8)
+Q3_K = tl.constexpr(9)
+IQ4_NL = tl.constexpr(10)
+IQ4_XS = tl.constexpr(11)
+
+# KVALUES in two int64 constants of eight bytes each (byte i: entry i): the negated first half and the second half,
+# so that every byte, the top one included, is below 128 and neither constant overflows int64
+_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+IQ4_NEG = tl.constexpr(sum(-v << (8 * i) for i, v in enumerate(_KVALUES[:8])))
+IQ4_POS = tl.constexpr(sum(v << (8 * i) for i, v in enumerate(_KVALUES[8:])))
 
 
 @triton.jit
@@ -151,6 +171,64 @@ def _decode_q6_k(w8, w16, row0, k, mask):
 
 
 @triton.jit
+def _decode_q2_k(w8, w16, row0, k, mask):
+    base = row0 + (k // 256) * 84
+    j = k % 256
+    d = tl.load(w16 + base // 2 + 40, mask=mask, other=0.0).to(tl.float32)
+    dmin = tl.load(w16 + base // 2 + 41, mask=mask, other=0.0).to(tl.float32)
+    sm = tl.load(w8 + base + j // 16, mask=mask, other=0).to(tl.int32)
+    b = tl.load(w8 + base + 16 + (j // 128) * 32 + (j % 32), mask=mask, other=0).to(tl.int32)
+    q = (b >> (((j % 128) // 32) * 2)) & 3
+    return (d * (sm & 15).to(tl.float32)) * q.to(tl.float32) - dmin * (sm >> 4).to(tl.float32)
+
+
+@triton.jit
+def _decode_q3_k(w8, w16, row0, k, mask):
+    base = row0 + (k // 256) * 110
+    j = k % 256
+    s = j // 16
+    d = tl.load(w16 + base // 2 + 54, mask=mask, other=0.0).to(tl.float32)
+    lo = tl.load(w8 + base + 96 + (s % 8), mask=mask, other=0).to(tl.int32)
+    hi = tl.load(w8 + base + 104 + (s % 4), mask=mask, other=0).to(tl.int32)
+    sc = (((lo >> ((s // 8) * 4)) & 15) | (((hi >> ((s // 4) * 2)) & 3) << 4)) - 32
+    b = tl.load(w8 + base + 32 + (j // 128) * 32 + (j % 32), mask=mask, other=0).to(tl.int32)
+    h = tl.load(w8 + base + (j % 32), mask=mask, other=0).to(tl.int32)
+    q = ((b >> (((j % 128) // 32) * 2)) & 3) - (((h >> (j // 32)) & 1) ^ 1) * 4
+    return (d * sc.to(tl.float32)) * q.to(tl.float32)
+
+
+@triton.jit
+def _iq4_value(q):
+    """KVALUES[q] (q: 0..15, int32)."""
+    low = q < 8
+    v = ((tl.where(low, IQ4_NEG, IQ4_POS) >> ((q & 7) * 8)) & 255).to(tl.int32)
+    return tl.where(low, -v, v)
+
+
+@triton.jit
+def _decode_iq4_nl(w8, w16, row0, k, mask):
+    base = row0 + (k // 32) * 18
+    j = k % 32
+    d = tl.load(w16 + base // 2, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(w8 + base + 2 + (j % 16), mask=mask, other=0).to(tl.int32)
+    return d * _iq4_value((b >> ((j // 16) * 4)) & 15).to(tl.float32)
+
+
+@triton.jit
+def _decode_iq4_xs(w8, w16, row0, k, mask):
+    base = row0 + (k // 256) * 136
+    j = k % 256
+    s = j // 32
+    d = tl.load(w16 + base // 2, mask=mask, other=0.0).to(tl.float32)
+    hi = tl.load(w8 + base + 2 + s // 4, mask=mask, other=0).to(tl.int32)        # scales_h, little endian
+    lo = tl.load(w8 + base + 4 + s // 2, mask=mask, other=0).to(tl.int32)        # scales_l[s // 2]
+    ls = (((lo >> ((s % 2) * 4)) & 15) | (((hi >> ((s % 4) * 2)) & 3) << 4)) - 32
+    b = tl.load(w8 + base + 8 + s * 16 + (j % 16), mask=mask, other=0).to(tl.int32)
+    q = (b >> (((j % 32) // 16) * 4)) & 15
+    return (d * ls.to(tl.float32)) * _iq4_value(q).to(tl.float32)
+
+
+@triton.jit
 def _decode(w8, w16, n, k, row_bytes, mask, QTYPE: tl.constexpr):
     """fp32 weights W[n, k] (n, k: broadcastable index tensors)."""
     row0 = n.to(tl.int64) * row_bytes
@@ -168,6 +246,14 @@ def _decode(w8, w16, n, k, row_bytes, mask, QTYPE: tl.constexpr):
         w = _decode_q5_0(w8, w16, row0, k, mask)
     elif QTYPE == Q5_1:
         w = _decode_q5_1(w8, w16, row0, k, mask)
+    elif QTYPE == Q2_K:
+        w = _decode_q2_k(w8, w16, row0, k, mask)
+    elif QTYPE == Q3_K:
+        w = _decode_q3_k(w8, w16, row0, k, mask)
+    elif QTYPE == IQ4_NL:
+        w = _decode_iq4_nl(w8, w16, row0, k, mask)
+    elif QTYPE == IQ4_XS:
+        w = _decode_iq4_xs(w8, w16, row0, k, mask)
     else:
         w = _decode_q6_k(w8, w16, row0, k, mask)
     return w
@@ -220,7 +306,8 @@ def gguf_dequant(w8, w16, out_ptr, N, K, row_bytes, stride_out, QTYPE: tl.conste
 
 
 # Tile sizes the kernels run with (gguf_linear.py reads them) and the signatures the AOT test compiles.
-QTYPE_CODES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "Q5_0": 6, "Q5_1": 7}
+QTYPE_CODES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "Q5_0": 6, "Q5_1": 7, "Q2_K": 8,
+               "Q3_K": 9, "IQ4_NL": 10, "IQ4_XS": 11}
 MATMUL_TILE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)
 DEQUANT_TILE = dict(BLOCK_K=32, BLOCK_N=64)
 

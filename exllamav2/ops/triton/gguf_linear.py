@@ -1,9 +1,9 @@
 """The `triton` backend's kernel for GGUF quant blocks (exllamav2/quant/gguf.py::GgufWeight): Q4_0, Q4_1, Q5_0,
-Q5_1, Q8_0, Q4_K, Q5_K and Q6_K, uploaded as the file's bytes, one row of blocks per output feature (a fused
-q/k/v or gate/up weight is its parts' rows one after the other; parts of different types run as one kernel per
-type, GgufRunsKernel), and read as they are by gguf_kernels.py. The resident weight is exactly the file's bytes. The
-two paths (fused few-row matmul, dequantise-then-matmul for many rows) and the split-K reduction are linear.py's
-PackedKernel."""
+Q5_1, Q8_0, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS, uploaded as the file's bytes, one row of blocks per
+output feature (a fused q/k/v or gate/up weight is its parts' rows one after the other; parts of different types run
+as one kernel per type, GgufRunsKernel), and read as they are by gguf_kernels.py. The resident weight is exactly the
+file's bytes. The two paths (fused few-row matmul, dequantise-then-matmul for many rows) and the split-K reduction
+are linear.py's PackedKernel."""
 
 from __future__ import annotations
 

@@ -285,12 +285,13 @@ AOT_SPECS = [
        "constexprs": {**TILE, "BLOCK_N": bn, "TOPK": 2, "FMT1": fmt, "FMT3": fmt, "BK1": bk, "BK3": bk,
                       "ALN1": aln, "ALN3": aln, "ACT": act, "DOT_F32": False},
        "aot_default": dt == "bf16" and fmt == 16 and act == 0 and aln and bn == 64}
-      for dt in ("fp16", "bf16") for fmt, bk in ((16, 64), (17, 32), (0, 64), (3, 64), (32 + 16 + 2 + 1, 64),
-                                                  (32 + 32, 64)) for act in (0, 2) for aln in (False, True)
+      for dt in ("fp16", "bf16") for fmt, bk in ((16, 64), (17, 32), (0, 64), (3, 64), (11, 64),
+                                                  (32 + 16 + 2 + 1, 64), (32 + 32, 64))
+      for act in (0, 2) for aln in (False, True)
       for bn in (64, 16)),
     *({"kernel": "moe_down", "signature": {k: v.format(dt=dt) for k, v in _DOWN_SIG.items()},
        "constexprs": {**TILE, "BLOCK_N": bn, "FMT2": fmt, "BK2": bk, "ALN2": aln, "DOT_F32": False},
        "aot_default": dt == "bf16" and fmt == 16 and aln and bn == 32}
-      for dt in ("fp16", "bf16") for fmt, bk in ((16, 64), (17, 16), (0, 64), (5, 64), (32 + 16, 64))
+      for dt in ("fp16", "bf16") for fmt, bk in ((16, 64), (17, 16), (0, 64), (5, 64), (9, 64), (32 + 16, 64))
       for aln in (False, True) for bn in (64, 32)),
 ]

@@ -44,6 +44,10 @@ using gguf_kernels::Q5_0;
 using gguf_kernels::Q5_1;
 using gguf_kernels::Q5_K;
 using gguf_kernels::Q6_K;
+using gguf_kernels::Q2_K;
+using gguf_kernels::Q3_K;
+using gguf_kernels::IQ4_NL;
+using gguf_kernels::IQ4_XS;
 enum Isa : int64_t { ISA_NONE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 
 int64_t detect_isa() {
@@ -160,7 +164,11 @@ GroupFn group_fn(int64_t kind, int64_t rows, int64_t isa, bool two) {
         case Q5_0: return group_fn_for_rows<Q5_0>(rows, isa, two);
         case Q5_1: return group_fn_for_rows<Q5_1>(rows, isa, two);
         case Q5_K: return group_fn_for_rows<Q5_K>(rows, isa, two);
-        default: return group_fn_for_rows<Q6_K>(rows, isa, two);
+        case Q6_K: return group_fn_for_rows<Q6_K>(rows, isa, two);
+        case Q2_K: return group_fn_for_rows<Q2_K>(rows, isa, two);
+        case Q3_K: return group_fn_for_rows<Q3_K>(rows, isa, two);
+        case IQ4_NL: return group_fn_for_rows<IQ4_NL>(rows, isa, two);
+        default: return group_fn_for_rows<IQ4_XS>(rows, isa, two);
     }
 }
 
@@ -173,7 +181,11 @@ GroupFn pair_fn(int64_t kind, int64_t rows, bool two) {
         case Q5_0: return pair_fn_for_rows<Q5_0>(rows, two);
         case Q5_1: return pair_fn_for_rows<Q5_1>(rows, two);
         case Q5_K: return pair_fn_for_rows<Q5_K>(rows, two);
-        default: return pair_fn_for_rows<Q6_K>(rows, two);
+        case Q6_K: return pair_fn_for_rows<Q6_K>(rows, two);
+        case Q2_K: return pair_fn_for_rows<Q2_K>(rows, two);
+        case Q3_K: return pair_fn_for_rows<Q3_K>(rows, two);
+        case IQ4_NL: return pair_fn_for_rows<IQ4_NL>(rows, two);
+        default: return pair_fn_for_rows<IQ4_XS>(rows, two);
     }
 }
 
@@ -206,9 +218,10 @@ void check_isa(const char* op) {
 // The packed weight for `kind`, checked against n x K (gguf_pack.py makes it).
 Weights check_weights(const char* op, int64_t kind, int64_t n, int64_t K, const at::Tensor& qweight,
                       const std::optional<at::Tensor>& super_scales) {
-    static const char* const names[kKinds] = {"Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"};
-    TORCH_CHECK(kind >= 0 && kind < kKinds, op, ": kind ", kind, " is not one of 0..7 (Q4_0, Q4_1, Q8_0, Q4_K, Q5_0, "
-                "Q5_1, Q5_K, Q6_K)");
+    static const char* const names[kKinds] = {"Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_0", "Q5_1",
+                                              "Q5_K", "Q6_K", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"};
+    TORCH_CHECK(kind >= 0 && kind < kKinds, op, ": kind ", kind, " is not one of 0..11 (Q4_0, Q4_1, Q8_0, Q4_K, "
+                "Q5_0, Q5_1, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS)");
     const int sf = gguf_kernels::super_fields(static_cast<int>(kind));
     const int64_t blk = sf ? 256 : kBlock;
     TORCH_CHECK(K % blk == 0, op, ": ", K, " columns, expected a multiple of ", blk, " (", names[kind], ")");
@@ -327,14 +340,22 @@ at::Tensor gguf_dequant(const at::Tensor& qweight, int64_t kind, int64_t n, int6
                 }
                 // the 32 codes of this row, high bits included
                 int q[kBlock];
+                const int64_t hp = crumbs(kd) ? 128 : 256;  // the high-bit planes
                 for (int ch = 0; ch < 4; ++ch)
                     for (int i = 0; i < 4; ++i) {
-                        const uint8_t v = wb[ch * 64 + rr * 4 + i];
-                        int lo = v & 15, hi = v >> 4;
-                        if (hb == 1) {
-                            const uint8_t h = wb[256 + rr * 4 + i];
-                            lo |= ((h >> ch) & 1) << 4;
-                            hi |= ((h >> (4 + ch)) & 1) << 4;
+                        int lo, hi;
+                        if (crumbs(kd)) {
+                            lo = (wb[rr * 4 + i] >> (2 * ch)) & 3;
+                            hi = (wb[64 + rr * 4 + i] >> (2 * ch)) & 3;
+                        } else {
+                            lo = wb[ch * 64 + rr * 4 + i] & 15;
+                            hi = wb[ch * 64 + rr * 4 + i] >> 4;
+                        }
+                        if (hb == 1) {  // the top bit: above the nibble, or above the crumb (Q3_K)
+                            const uint8_t h = wb[hp + rr * 4 + i];
+                            const int at = crumbs(kd) ? 2 : 4;
+                            lo |= ((h >> ch) & 1) << at;
+                            hi |= ((h >> (4 + ch)) & 1) << at;
                         } else if (hb == 2) {
                             lo |= ((wb[256 + rr * 4 + i] >> (2 * ch)) & 3) << 4;
                             hi |= ((wb[320 + rr * 4 + i] >> (2 * ch)) & 3) << 4;
@@ -342,18 +363,32 @@ at::Tensor gguf_dequant(const at::Tensor& qweight, int64_t kind, int64_t n, int6
                         q[4 * ch + i] = lo;
                         q[16 + 4 * ch + i] = hi;
                     }
-                if (kd == Q6_K) {  // (d * sc) * (q - 32), per 16 columns, as gguf-py dequantises
-                    const float d = half(wt.super, (g * (nb / 8) + b / 8) * kGroup + rr);
+                // the sub-block scale (and min) as gguf-py dequantises: (d * sc) * q [- dmin * mn]
+                auto scale = [&](int64_t i) {
+                    return static_cast<float>(signed_scales(kd) ? static_cast<int8_t>(wb[i]) : static_cast<int>(wb[i]));
+                };
+                const int64_t sp = (g * (nb / 8) + b / 8) * sf * kGroup + rr;
+                if (split_halves(kd)) {
                     for (int hf = 0; hf < 2; ++hf) {
-                        const float ds = d * static_cast<float>(static_cast<int8_t>(wb[cbytes + hf * kGroup + rr]));
-                        for (int j = 0; j < 16; ++j) rb[16 * hf + j] = ds * static_cast<float>(q[16 * hf + j] - 32);
+                        const uint8_t sb = wb[cbytes + hf * kGroup + rr];  // Q2_K: scale | min << 4
+                        const float ds = half(wt.super, sp) * (kd == Q2_K ? static_cast<float>(sb & 15)
+                                                                          : scale(cbytes + hf * kGroup + rr));
+                        const float mn = kd == Q2_K ? half(wt.super, sp + kGroup) * static_cast<float>(sb >> 4) : 0.f;
+                        for (int j = 0; j < 16; ++j) {
+                            const float w = ds * static_cast<float>(q[16 * hf + j] - code_offset(kd));
+                            rb[16 * hf + j] = has_min(kd) ? w - mn : w;
+                        }
                     }
+                    continue;
+                }
+                if (lut(kd)) {
+                    const float d = sf ? half(wt.super, sp) * scale(cbytes + rr) : half(dp, rr);
+                    for (int j = 0; j < kBlock; ++j) rb[j] = d * static_cast<float>(kIq4Values[q[j]]);
                     continue;
                 }
                 float d, c;
                 if (sf == 2) {
-                    const int64_t sp = (g * (nb / 8) + b / 8) * 2 * kGroup + rr;
-                    d = half(wt.super, sp) * static_cast<float>(wb[cbytes + rr]);
+                    d = half(wt.super, sp) * scale(cbytes + rr);
                     c = -(half(wt.super, sp + kGroup) * static_cast<float>(wb[cbytes + kGroup + rr]));
                 } else {
                     d = half(dp, rr);

@@ -55,6 +55,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) i
     constexpr int HB = high_bits(KIND);
     const __m512i low = _mm512_set1_epi8(0x0F);
     const __m512i hmask = _mm512_set1_epi8(HB == 2 ? 0x30 : 0x10);
+    // IQ4: the table + 128 in each 128-bit lane, looked up by vpshufb
+    const __m512i table = _mm512_xor_si512(
+        _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4Values))), _mm512_set1_epi8(-128));
     __m512i pl[G], ph[G], al[G], ah[G];
     if constexpr (HB > 0) {
 #pragma GCC unroll 4
@@ -81,6 +84,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) i
                     lo[j] = _mm512_ternarylogic_epi32(lo[j], pl[j], hmask, 0xF8);  // lo | (pl & hmask)
                     pl[j] = _mm512_srli_epi16(pl[j], HB);
                 }
+                if constexpr (lut(KIND)) lo[j] = _mm512_shuffle_epi8(table, lo[j]);
             }
             if constexpr (PART != 1) {
                 hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
@@ -88,6 +92,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) i
                     hi[j] = _mm512_ternarylogic_epi32(hi[j], ph[j], hmask, 0xF8);
                     ph[j] = _mm512_srli_epi16(ph[j], HB);
                 }
+                if constexpr (lut(KIND)) hi[j] = _mm512_shuffle_epi8(table, hi[j]);
             }
         }
 #pragma GCC unroll 8
@@ -101,6 +106,50 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) i
                 dot_groups<G, M, S>(d1, m, S - 1, hi, qb + 16 + 4 * c);
                 if constexpr (TWO) dot_groups<G, M, S>(d2, m, S - 1, hi, qb + 48 + 4 * c);
             }
+        }
+    }
+}
+
+// Q2_K/Q3_K: one 16-column half (PART 1: columns 0..15, 2: 16..31) of the block's 2-bit codes (and Q3_K's third
+// bit) against the activations, the codes taken times 16 (bits 4-6 of each byte, where the running shifts of
+// nibble_dots put them; scale_into shifts the exact sums back).
+template <int KIND, int M, bool TWO, int G, int S, int PART>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) inline void crumb_dots(
+        __m512i (&d1)[G][M][S], __m512i (&d2)[G][M][S], const uint8_t* const (&wb)[G], const int8_t* xb) {
+    static_assert(PART == 1 || PART == 2, "crumb kinds sum each half apart");
+    constexpr bool kThird = high_bits(KIND) == 1;
+    const __m512i m30 = _mm512_set1_epi8(0x30), m40 = _mm512_set1_epi8(0x40);
+    __m512i base[G], run[G], top[G], trun[G];
+#pragma GCC unroll 4
+    for (int j = 0; j < G; ++j) {
+        base[j] = _mm512_loadu_si512(wb[j] + (PART == 1 ? 0 : 64));
+        run[j] = _mm512_slli_epi16(base[j], 4);
+        if constexpr (kThird) {
+            top[j] = _mm512_loadu_si512(wb[j] + 128);
+            trun[j] = PART == 1 ? _mm512_slli_epi16(top[j], 6) : _mm512_slli_epi16(top[j], 2);
+        }
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+        __m512i w[G];
+#pragma GCC unroll 4
+        for (int j = 0; j < G; ++j) {
+            if (c == 2) {  // the left shifts would have pushed the upper bytes' top bits out of their lanes
+                run[j] = base[j];
+                if constexpr (kThird) trun[j] = PART == 1 ? _mm512_slli_epi16(top[j], 4) : top[j];
+            }
+            w[j] = _mm512_and_si512(run[j], m30);
+            run[j] = _mm512_srli_epi16(run[j], 2);
+            if constexpr (kThird) {
+                w[j] = _mm512_ternarylogic_epi32(w[j], trun[j], m40, 0xF8);  // w | (trun & 0x40)
+                trun[j] = _mm512_srli_epi16(trun[j], 1);
+            }
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+            const int8_t* qb = xb + m * 64 + (PART == 1 ? 0 : 16);
+            dot_groups<G, M, S>(d1, m, 0, w, qb + 4 * c);
+            if constexpr (TWO) dot_groups<G, M, S>(d2, m, 0, w, qb + 32 + 4 * c);
         }
     }
 }
@@ -120,8 +169,8 @@ __attribute__((target("avx512f"), always_inline)) inline void start_sums(
         }
 }
 
-// acc[j][m] += (256*d1 + d2) * (d[j] * sx[m]) for one block or half
-template <int G, int M, int S, bool TWO>
+// acc[j][m] += (256*d1 + d2) / 2^SH * (d[j] * sx[m]) for one block or half (SH: the codes' scaling, exact)
+template <int G, int M, int S, bool TWO, int SH = 0>
 __attribute__((target("avx512f"), always_inline)) inline void scale_into(
         __m512 (&acc)[G][M], const __m512i (&d1)[G][M][S], const __m512i (&d2)[G][M][S], const __m512 (&d)[G],
         const float* sx) {
@@ -134,7 +183,8 @@ __attribute__((target("avx512f"), always_inline)) inline void scale_into(
                 t1 = _mm512_add_epi32(t1, d1[j][m][1]);
                 if constexpr (TWO) t2 = _mm512_add_epi32(t2, d2[j][m][1]);
             }
-            const __m512i s = TWO ? _mm512_add_epi32(_mm512_slli_epi32(t1, 8), t2) : t1;
+            __m512i s = TWO ? _mm512_add_epi32(_mm512_slli_epi32(t1, 8), t2) : t1;
+            if constexpr (SH > 0) s = _mm512_srai_epi32(s, SH);
             const __m512 scale = _mm512_mul_ps(d[j], _mm512_set1_ps(TWO ? sx[m] : 256.f * sx[m]));
             acc[j][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[j][m]);
         }
@@ -142,6 +192,13 @@ __attribute__((target("avx512f"), always_inline)) inline void scale_into(
 
 __attribute__((target("avx512f,f16c"), always_inline)) inline __m512 load16_f16(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// 16 integer sub-block scales (int8 or uint8) as floats
+template <bool SIGNED>
+__attribute__((target("avx512f"), always_inline)) inline __m512 scales16(const uint8_t* p) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm512_cvtepi32_ps(SIGNED ? _mm512_cvtepi8_epi32(v) : _mm512_cvtepu8_epi32(v));
 }
 
 // 16 * G output rows (groups g .. g+G-1) against M activation rows -> out (M, 16 * G) fp32. TWO: the q2 stage's
@@ -156,6 +213,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
     constexpr int kOff = code_offset(KIND);
     constexpr int kSF = super_fields(KIND);
     constexpr bool kSplit = split_halves(KIND);
+    constexpr int kSH = crumbs(KIND) ? 4 : 0;
     // few rows: the low/high nibble (or even/odd chunk) products in separate registers, so that there are enough
     // independent dependency chains; integer sums, so the result is the same. Split kinds sum each half in its
     // own pass, and so use one.
@@ -179,30 +237,44 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
         __m512i d1[G][M][S], d2[G][M][S];
         __m512 d[G];
         if constexpr (kSplit) {
-            // Q6_K: each 16-column half with its own int8 scale, low half first
-            int32_t sums[M];
+            // Q6_K, Q3_K, Q2_K: each 16-column half with its own scale (and min), low half first
+#pragma GCC unroll 2
+            for (int part = 0; part < 2; ++part) {
+                int32_t sums[M];
 #pragma GCC unroll 8
-            for (int m = 0; m < M; ++m) sums[m] = xq.hsum[xi + m];
-            start_sums<G, M, S, TWO>(d1, d2, kOff, sums);
-            nibble_dots<KIND, M, TWO, G, S, 1>(d1, d2, wb, xb);
+                for (int m = 0; m < M; ++m) sums[m] = part == 0 ? xq.hsum[xi + m] : xq.nsum[xi + m] - xq.hsum[xi + m];
+                start_sums<G, M, S, TWO>(d1, d2, kOff << kSH, sums);
+                if constexpr (crumbs(KIND)) {
+                    if (part == 0) crumb_dots<KIND, M, TWO, G, S, 1>(d1, d2, wb, xb);
+                    else crumb_dots<KIND, M, TWO, G, S, 2>(d1, d2, wb, xb);
+                } else {
+                    if (part == 0) nibble_dots<KIND, M, TWO, G, S, 1>(d1, d2, wb, xb);
+                    else nibble_dots<KIND, M, TWO, G, S, 2>(d1, d2, wb, xb);
+                }
+                __m512 mn[G];
 #pragma GCC unroll 4
-            for (int j = 0; j < G; ++j) {
-                const __m512 dd = load16_f16(wt.super + ((g + j) * (nb / 8) + b / 8) * kGroup);
-                const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb[j] + kBytes));
-                d[j] = _mm512_mul_ps(dd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
-            }
-            scale_into<G, M, S, TWO>(acc, d1, d2, d, xq.sx + xi);
+                for (int j = 0; j < G; ++j) {
+                    const uint16_t* sp = wt.super + ((g + j) * (nb / 8) + b / 8) * kSF * kGroup;
+                    const uint8_t* scp = wb[j] + kBytes + part * kGroup;
+                    if constexpr (KIND == Q2_K) {  // the file's byte: scale | min << 4
+                        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scp)));
+                        const __m512i f = _mm512_set1_epi32(15);
+                        d[j] = _mm512_mul_ps(load16_f16(sp), _mm512_cvtepi32_ps(_mm512_and_si512(v, f)));
+                        mn[j] = _mm512_mul_ps(load16_f16(sp + kGroup), _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)));
+                    } else {
+                        d[j] = _mm512_mul_ps(load16_f16(sp), scales16<signed_scales(KIND)>(scp));
+                    }
+                }
+                scale_into<G, M, S, TWO, kSH>(acc, d1, d2, d, xq.sx + xi);
+                if constexpr (has_min(KIND)) {
+#pragma GCC unroll 4
+                    for (int j = 0; j < G; ++j)
 #pragma GCC unroll 8
-            for (int m = 0; m < M; ++m) sums[m] = xq.nsum[xi + m] - xq.hsum[xi + m];
-            start_sums<G, M, S, TWO>(d1, d2, kOff, sums);
-            nibble_dots<KIND, M, TWO, G, S, 2>(d1, d2, wb, xb);
-#pragma GCC unroll 4
-            for (int j = 0; j < G; ++j) {
-                const __m512 dd = load16_f16(wt.super + ((g + j) * (nb / 8) + b / 8) * kGroup);
-                const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb[j] + kBytes + kGroup));
-                d[j] = _mm512_mul_ps(dd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
+                        for (int m = 0; m < M; ++m)
+                            acc[j][m] = _mm512_fnmadd_ps(mn[j], _mm512_set1_ps(xq.sx[xi + m] * static_cast<float>(sums[m])),
+                                                         acc[j][m]);
+                }
             }
-            scale_into<G, M, S, TWO>(acc, d1, d2, d, xq.sx + xi);
             continue;
         }
         start_sums<G, M, S, TWO>(d1, d2, kOff, xq.nsum + xi);
@@ -227,19 +299,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
         for (int j = 0; j < G; ++j) {
             const uint16_t* dp = reinterpret_cast<const uint16_t*>(wb[j] + kBytes);  // d, then m
             const uint8_t* scp = wb[j] + kBytes;                                     // K-quants: sc, then mn
-            if constexpr (kSF == 2) {
-                const uint16_t* sp = wt.super + ((g + j) * (nb / 8) + b / 8) * 2 * kGroup;
-                const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(scp));
-                const __m128i mn = _mm_loadu_si128(reinterpret_cast<const __m128i*>(scp + kGroup));
-                d[j] = _mm512_mul_ps(load16_f16(sp), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc)));
-                off[j] = _mm512_mul_ps(load16_f16(sp + kGroup), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mn)));
+            if constexpr (kSF > 0) {
+                const uint16_t* sp = wt.super + ((g + j) * (nb / 8) + b / 8) * kSF * kGroup;
+                d[j] = _mm512_mul_ps(load16_f16(sp), scales16<signed_scales(KIND)>(scp));
+                if constexpr (has_min(KIND)) off[j] = _mm512_mul_ps(load16_f16(sp + kGroup), scales16<false>(scp + kGroup));
             } else {
                 d[j] = load16_f16(dp);
                 if constexpr (has_m(KIND)) off[j] = load16_f16(dp + kGroup);
             }
         }
         scale_into<G, M, S, TWO>(acc, d1, d2, d, xq.sx + xi);
-        if constexpr (has_m(KIND) || kSF == 2) {
+        if constexpr (has_m(KIND) || has_min(KIND)) {
 #pragma GCC unroll 4
             for (int j = 0; j < G; ++j)
 #pragma GCC unroll 8

@@ -6,18 +6,23 @@
 // Weight layout: output rows in groups of 16 (padded); per (group, 32-column block) one record, the records in
 // column order and the groups one after another, so a thread streams one sequential range. A record:
 //   codes, 4-bit: 4 chunks x 16 rows x 4 bytes; byte i of chunk c of row r holds column 4c+i (low nibble) and
-//          16+4c+i (high nibble), the GGUF Q4_0 block's own byte order, only interleaved over 16 rows;
+//          16+4c+i (high nibble), the GGUF Q4_0 block's own byte order, only interleaved over 16 rows
+//          (IQ4_NL/IQ4_XS's nibbles index kIq4Values);
+//   codes, 2-bit (Q2_K, Q3_K's low bits): two planes of 16 rows x 4 bytes, byte i of row r of the first holding
+//          columns 4c+i (c = 0..3) in bits 2c, 2c+1, the second columns 16+4c+i;
 //   codes, 8-bit (Q8_0): 8 chunks x 16 rows x 4 bytes, column 4c+i, stored as q + 128 (unsigned);
-//   the codes' high bits (5- and 6-bit types), 16 rows x 4 bytes per plane, byte i of row r:
-//     one bit (Q5_0, Q5_1, Q5_K): bit c = the fifth bit of column 4c+i, bit 4+c that of column 16+4c+i;
+//   the codes' high bits, 16 rows x 4 bytes per plane, byte i of row r:
+//     one bit (Q5_0, Q5_1, Q5_K, Q3_K): bit c = the top bit of column 4c+i, bit 4+c that of column 16+4c+i;
 //     two bits (Q6_K): two planes, the first for columns 0..15 (bits 2c, 2c+1: column 4c+i), the second for 16..31;
-//   then per row: Q4_0/Q5_0/Q8_0 the fp16 scale d; Q4_1/Q5_1 d, then the fp16 offset m; Q4_K/Q5_K the sub-block's
-//   6-bit scale sc and min mn as uint8 (llama.cpp's get_scale_min_k4); Q6_K the int8 scales of columns 0..15 and
-//   of 16..31. Records of 288 (Q4_0, Q4_K), 320 (Q4_1), 352 (Q5_0, Q5_K), 384 (Q5_1), 416 (Q6_K), 544 (Q8_0)
-//   bytes: each the file's own weights at its own size, the K-quants' scales unpacked.
-//   K-quants: beside the records per group and 256-column super-block the fp16 d and dmin (Q4_K, Q5_K: 2 x 16)
-//   or d (Q6_K: 16), so w = (d*sc) * q - (dmin*mn), or (d*sc) * (q - 32): d*sc and dmin*mn are exact in fp32
-//   (11-bit by 6- or 8-bit products).
+//   then per row: Q4_0/Q5_0/Q8_0/IQ4_NL the fp16 scale d; Q4_1/Q5_1 d, then the fp16 offset m; Q4_K/Q5_K the
+//   sub-block's 6-bit scale sc and min mn as uint8 (llama.cpp's get_scale_min_k4); IQ4_XS its 6-bit scale less 32
+//   as int8 (16 bytes unused); Q6_K/Q3_K the int8 scales of columns 0..15 and of 16..31; Q2_K the file's byte of
+//   each half (scale | min << 4). Records of 160 (Q2_K), 224 (Q3_K), 288 (Q4_0, Q4_K, IQ4_NL, IQ4_XS), 320 (Q4_1),
+//   352 (Q5_0, Q5_K), 384 (Q5_1), 416 (Q6_K), 544 (Q8_0) bytes: each type's own weights at its file's size, the
+//   6-bit scales as bytes (Q4_K 4.625 bits per weight against the file's 4.5, Q3_K 3.5625 against 3.4375).
+//   K-quants and IQ4_XS: beside the records per group and 256-column super-block the fp16 d and dmin (Q4_K, Q5_K,
+//   Q2_K: 2 x 16) or d (Q6_K, Q3_K, IQ4_XS: 16), so w = (d*sc) * q - (dmin*mn), or (d*sc) * (q - offset): d*sc and
+//   dmin*mn are exact in fp32 (11-bit by 6- or 8-bit products).
 // A 32-bit lane of a vector holds 4 weights of one output row, so the activation's 4 matching int8 values are
 // broadcast to all lanes and one vpdpbusd advances 16 output rows.
 //
@@ -26,10 +31,11 @@
 // error. One stage alone costs about 0.5% relative error per dot product, more than bf16 activations (0.2-0.4%),
 // enough to move whole-model logits past tests/test_backends.py's tolerance; with q2 the activation error is ~1e-5.
 // Because the two stages differ by exactly 2^8, their dot products combine in int32 (256*dot1 + dot2: at most
-// 32*255*127*257 < 2^31), and a code offset (Q4_0 8, Q5_0 16, Q6_K 32, Q8_0 128: the stored +128) is subtracted in
-// integers too (the accumulator starts at -offset * (256*sum(q1) + sum(q2)), over the block, or over each 16-column
-// half for Q6_K, whose halves have their own scales). Per row and block (or half) that leaves one int->float
-// conversion and one FMA: acc += cvt(s) * (d*sx)  [+ m * (sx*sum) for Q4_1/Q5_1, - dmin*mn * (sx*sum) for Q4_K/Q5_K].
+// 32*255*127*257 < 2^31), and a code offset (Q4_0 8, Q5_0 16, Q6_K 32, Q3_K 4, Q8_0 and IQ4 128: their stored
+// +128) is subtracted in integers too (the accumulator starts at -offset * (256*sum(q1) + sum(q2)), over the block,
+// or over each 16-column half for Q6_K/Q3_K/Q2_K, whose halves have their own scales). Per row and block (or half)
+// that leaves one int->float conversion and one FMA: acc += cvt(s) * (d*sx)  [+ m * (sx*sum) for Q4_1/Q5_1,
+// - dmin*mn * (sx*sum) for Q4_K/Q5_K/Q2_K].
 // The AVX2 path computes the same integers (vpmaddubsw) and the same float operations in the same order, so its
 // outputs are bit-identical. A row's instruction sequence never depends on the other rows of the call.
 //
@@ -50,8 +56,14 @@ constexpr int kBlock = 32;   // columns per quant block
 constexpr int kGroup = 16;   // output rows per interleaved group
 constexpr int kMaxRows = 8;  // activation rows per kernel call
 
-enum Kind : int { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, Q4_K = 3, Q5_0 = 4, Q5_1 = 5, Q5_K = 6, Q6_K = 7 };
-constexpr int kKinds = 8;
+enum Kind : int {
+    Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, Q4_K = 3, Q5_0 = 4, Q5_1 = 5, Q5_K = 6, Q6_K = 7, Q2_K = 8, Q3_K = 9,
+    IQ4_NL = 10, IQ4_XS = 11
+};
+constexpr int kKinds = 12;
+
+// IQ4_NL / IQ4_XS: a code indexes llama.cpp's non-linear table (kvalues_iq4nl)
+alignas(16) constexpr int8_t kIq4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 // The packed weight (gguf_pack.py).
 struct Weights {
@@ -59,20 +71,33 @@ struct Weights {
     const uint16_t* super;  // K-quants: fp16 (groups, blocks / 8, super_fields, 16) d[, dmin]; null otherwise
 };
 
-// high bits per code beyond the nibble (0: 4-bit or Q8_0)
-constexpr int high_bits(int kind) { return kind == Q6_K ? 2 : kind == Q5_0 || kind == Q5_1 || kind == Q5_K ? 1 : 0; }
+// 2-bit codes in two planes instead of nibbles (Q2_K; Q3_K with its third bit in a high-bit plane)
+constexpr bool crumbs(int kind) { return kind == Q2_K || kind == Q3_K; }
+// high bits per code beyond the nibble (or the crumb); 0: 4-bit codes, or Q8_0
+constexpr int high_bits(int kind) {
+    return kind == Q6_K ? 2 : kind == Q5_0 || kind == Q5_1 || kind == Q5_K || kind == Q3_K ? 1 : 0;
+}
+// the nibble indexes kIq4Values
+constexpr bool lut(int kind) { return kind == IQ4_NL || kind == IQ4_XS; }
 // an fp16 offset m per row and block (w = d*q + m)
 constexpr bool has_m(int kind) { return kind == Q4_1 || kind == Q5_1; }
 // 256-column super-blocks: fp16 d (and dmin) beside the records
-constexpr int super_fields(int kind) { return kind == Q6_K ? 1 : kind == Q4_K || kind == Q5_K ? 2 : 0; }
-// a scale per 16 columns (each block's halves summed apart)
-constexpr bool split_halves(int kind) { return kind == Q6_K; }
+constexpr int super_fields(int kind) {
+    return kind == Q4_K || kind == Q5_K || kind == Q2_K ? 2 : kind == Q6_K || kind == Q3_K || kind == IQ4_XS ? 1 : 0;
+}
+// integer sub-block scales (K-quants, IQ4_XS): int8 (else uint8), and a uint8 min scaled by dmin (w = ... - dmin*mn)
+constexpr bool signed_scales(int kind) { return kind == Q6_K || kind == Q3_K || kind == IQ4_XS; }
+constexpr bool has_min(int kind) { return kind == Q4_K || kind == Q5_K || kind == Q2_K; }
+// a scale (and min) per 16 columns: each block's halves summed apart
+constexpr bool split_halves(int kind) { return kind == Q6_K || kind == Q3_K || kind == Q2_K; }
 // bytes of codes (high-bit planes included) per (group, block), and of the whole record
-constexpr int code_bytes(int kind) { return kind == Q8_0 ? 512 : 256 + 64 * high_bits(kind); }
+constexpr int code_bytes(int kind) { return kind == Q8_0 ? 512 : (crumbs(kind) ? 128 : 256) + 64 * high_bits(kind); }
 constexpr int record_bytes(int kind) { return code_bytes(kind) + (has_m(kind) ? 64 : 32); }
-// the code offset subtracted in integers (the offsets of Q4_1/Q5_1 and Q4_K/Q5_K are floats per row and block)
+// the code offset subtracted in integers (the offsets of Q4_1/Q5_1 and of the mins are floats per row and block);
+// the IQ4 kinds store kIq4Values + 128 (unsigned for vpdpbusd)
 constexpr int code_offset(int kind) {
-    return kind == Q4_0 ? 8 : kind == Q5_0 ? 16 : kind == Q6_K ? 32 : kind == Q8_0 ? 128 : 0;
+    return kind == Q4_0 ? 8 : kind == Q5_0 ? 16 : kind == Q6_K ? 32 : kind == Q3_K ? 4
+         : kind == Q8_0 || lut(kind) ? 128 : 0;
 }
 
 // A chunk of up to kMaxRows activation rows quantised, block-major with the rows side by side (one base pointer
