@@ -2,7 +2,7 @@
 weights (30 layers of qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536, and the 49152x576 head: ~76-270
 MB, far more than the caches), against a plain read of as many bytes.
 
-    python bench/bench_cpu_kernels.py [--threads 1] [--rows 1] [--kinds Q4_0,Q4_1,Q8_0,Q4_K,BF16] [--reps 9]
+    python bench/bench_cpu_kernels.py [--threads 1] [--rows 1] [--kinds Q4_0,Q4_1,Q8_0,Q4_K,BF16,...] [--reps 9]
     python bench/bench_cpu_kernels.py --prefill MODEL.gguf [--tokens 512] [--threads 2] [--reps 5]
 
 --prefill: the whole model instead (ExLlamaV2Config, max_seq_len 1024): model.forward(ids (1, tokens), cache,
@@ -28,22 +28,25 @@ import numpy as np
 import torch
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+# (fp16 field offsets in a block: d, and m / dmin where the type has one)
+F16_FIELDS = {"Q4_0": (0, None), "Q4_1": (0, 2), "Q8_0": (0, None), "Q5_0": (0, None), "Q5_1": (0, 2),
+              "IQ4_NL": (0, None), "Q2_K": (80, 82), "Q3_K": (108, None), "Q4_K": (0, 2), "Q5_K": (0, 2),
+              "Q6_K": (208, None), "IQ4_XS": (0, None)}
 
 
 def random_matrix(kind: str, n: int, k: int, rng):
+    """Random codes and scales of any GGUF type the kernels take (256-column types round k up)."""
     from exllamav2.ops.cpu.gguf_pack import pack_gguf_blocks
+    from exllamav2.quant.gguf_blocks import BLOCK_GEOMETRY
     if kind == "BF16":
         return torch.randn(n, k, dtype=torch.bfloat16) * 0.02
-    if kind == "Q4_K":
-        kk = -(-k // 256) * 256   # Q4_K needs whole 256-column super-blocks
-        raw = rng.integers(0, 256, (n, kk // 256, 144), dtype=np.uint8)
-        raw[..., 0:4] = np.array([0.001, 0.002], np.float16).view(np.uint8)
-        return pack_gguf_blocks("Q4_K", raw.reshape(n, -1), (n, kk))
-    raw = rng.integers(0, 256, (n, k // 32, BLOCK_BYTES[kind]), dtype=np.uint8)
-    raw[..., 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
-    if kind == "Q4_1":
-        raw[..., 2:4] = np.frombuffer(np.float16(-0.05).tobytes(), np.uint8)
+    per, bb = BLOCK_GEOMETRY[kind]
+    k = -(-k // per) * per
+    raw = rng.integers(0, 256, (n, k // per, bb), dtype=np.uint8)
+    d_at, m_at = F16_FIELDS[kind]
+    raw[..., d_at:d_at + 2] = np.frombuffer(np.float16(0.01 if per == 32 else 0.001).tobytes(), np.uint8)
+    if m_at is not None:
+        raw[..., m_at:m_at + 2] = np.frombuffer(np.float16(-0.05 if per == 32 else 0.002).tobytes(), np.uint8)
     return pack_gguf_blocks(kind, raw.reshape(n, -1), (n, k))
 
 
@@ -88,7 +91,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rows", type=int, default=1, help="activation rows per call (1 = decode at batch 1)")
-    p.add_argument("--kinds", default="Q4_0,Q4_1,Q8_0,Q4_K,BF16")
+    p.add_argument("--kinds", default="Q4_0,Q4_1,Q8_0,Q4_K,BF16",
+                   help="any of BF16 and the GGUF types the kernels take (Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, "
+                        "Q5_K, Q6_K, Q8_0, IQ4_NL, IQ4_XS)")
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--prefill", metavar="MODEL.gguf", help="time a prefill of the whole model instead")
     p.add_argument("--tokens", type=int, default=512, help="prompt length for --prefill")
