@@ -1,7 +1,7 @@
-"""A KV cache in another dtype than the activations: Gemma 2/3 keep their residual stream in fp32 (norms then
-output fp32, so attention runs in fp32) while the cache is in the model's dtype (bf16). Attention reads the
-cache back in the activations' dtype (exllamav2/attn.py); this used to stop SDPA with "expected query, key, and
-value to have the same dtype"."""
+"""A KV cache in another dtype than the activations: an fp32 Gemma 3 (whose attention runs in fp32) over a bf16
+cache. Attention reads the cache back in the activations' dtype (exllamav2/attn.py); this used to stop SDPA with
+"expected query, key, and value to have the same dtype". (A bf16 Gemma no longer gets there: its fp32 residual
+stream's norms hand q/k/v the model's dtype, exllamav2/linear.py `cast_input`.)"""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from test_gguf_support import write_tiny_gguf
 def test_gemma3_fp32_activations_over_a_bf16_cache(tmp_path):
     cfg = ExLlamaV2Config(write_tiny_gguf(str(tmp_path / "g3.gguf"), "gemma3"))
     cfg.max_seq_len = 64
+    cfg.dtype = torch.float32
     model = ExLlamaV2(cfg)
     model.load()
     ids = torch.randint(0, 60, (2, 7), generator=torch.Generator().manual_seed(0))

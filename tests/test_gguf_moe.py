@@ -320,12 +320,21 @@ def test_k_quant_experts_match_hf(qtype, tmp_path):
                                          "head_dim": 64}), seed=7, init_scale=0.05)
     raw = k_quant_experts(hf, qtype)
     path = write_moe_gguf(hf, str(tmp_path / f"k_{qtype}.gguf"), qtype, raw_experts=raw)
-    # the CPU's Q4_K kernel quantises activations in two int8 stages (~1e-5 relative a dot product,
-    # ops.set_cpu_activations): over 256-wide rows the logits land a few 1e-4 from HF's fp32
+    # fp32: the CPU runs the experts' exact dequantised matmul (ops/cpu/linear.py); 256-wide rows of fp32 sums
     runner = ParityRunner(path, hf, prompt_len=8, decode_steps=2, max_seq_len=32, tol=1e-3)
     model = runner.check_prefill_and_decode()
     for moe in _moe_layers(model):
         assert all(isinstance(lin.q_handle, GgufWeight) and set(lin.q_handle.types) == {qtype} for lin in moe.experts)
+    # bf16: every expert through the CPU's GEMV on its own rows of the file's blocks (no dense copy), the logits
+    # within bf16's reach of the fp32 model's
+    from exllamav2.ops.cpu import kernels
+    from exllamav2.ops.cpu.gemv_linear import GgufGemvKernel
+    if kernels.ready():
+        bf16 = runner.load("bfloat16")
+        got = bf16.forward(runner.ids).float()
+        for moe in _moe_layers(bf16):
+            assert all(isinstance(lin.kernel(torch.bfloat16), GgufGemvKernel) for lin in moe.experts)
+        assert ((got - runner.ref).norm() / runner.ref.norm()).item() < 0.03
 
 
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q5_1"])
