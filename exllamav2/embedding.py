@@ -1,4 +1,5 @@
-"""Token embedding: ids (b, s) -> (b, s, hidden)."""
+"""Token embedding: ids (b, s) -> (b, s, hidden). A GGUF file's block-quantized table on the CPU stays in its
+blocks, the looked-up rows dequantised per forward (exllamav2/quant/gguf_embedding.py); otherwise a dense table."""
 
 from __future__ import annotations
 
@@ -14,10 +15,14 @@ class ExLlamaV2Embedding(ExLlamaV2Module):
     def __init__(self, model, key, archparams=None):
         super().__init__(model, key, archparams)
         self.embedding = None
+        self.table = None   # GgufEmbeddingTable: the file's blocks instead of `embedding`
         self.native_vocab_size = self.config.vocab_size
         self.assumed_footprint = self.config.vocab_size * self.config.hidden_size * 2
 
     def load(self, device_context: bool = True):
+        self.table = self._gguf_table()
+        if self.table is not None:
+            return
         w = self.load_weight()
         if w is None:
             raise MissingTensorError(f"{self.key}.weight: tensor not found in the model files")
@@ -30,16 +35,34 @@ class ExLlamaV2Embedding(ExLlamaV2Module):
             w = torch.nn.Parameter(w * self.config.scale_emb, requires_grad=False)
         self.embedding = w
 
+    def _gguf_table(self):
+        name = f"{self.key}.weight"
+        src = self._source(name)
+        if (src is None or self.device() != "cpu" or getattr(self.config, "gguf_dequantize", False)
+                or self.config.scale_emb != 1.0):
+            return None
+        from .quant.gguf_embedding import gguf_embedding_table
+        table = gguf_embedding_table(src, name)
+        if table is not None:
+            v, h = self.config.vocab_size, self.config.hidden_size
+            if table.width != h or table.vocab < v:
+                raise TensorShapeError(f"{name}: shape {[table.vocab, table.width]}, expected [{v}, {h}]")
+        return table
+
     def unload(self):
         self.embedding = None
+        self.table = None
 
     def numel(self) -> int:
         return self.config.vocab_size * self.config.hidden_size
 
     def forward(self, hidden_states, cache=None, attn_params=None, past_len=None,
                 intermediates=False, loras=None, **kwargs):
-        ids = hidden_states.to(self.embedding.device).clamp(min=0)
-        y = F.embedding(ids, self.embedding)
+        if self.table is not None:
+            y = self.table.lookup(hidden_states.cpu().clamp(min=0), self.model.dtype)
+        else:
+            ids = hidden_states.to(self.embedding.device).clamp(min=0)
+            y = F.embedding(ids, self.embedding)
         if self.archparams.normalize_embeddings:
             # HF rounds the normaliser to the activation dtype before multiplying
             y = y * torch.tensor(self.config.hidden_size ** 0.5, dtype=y.dtype)
