@@ -1,5 +1,6 @@
-"""Token embedding: ids (b, s) -> (b, s, hidden). A GGUF file's block-quantized table on the CPU stays in its
-blocks, the looked-up rows dequantised per forward (exllamav2/quant/gguf_embedding.py); otherwise a dense table."""
+"""Token embedding: ids (b, s) -> (b, s, hidden). A GGUF file's block-quantized table stays in its blocks (on the
+CPU the file's memory map, on a GPU its bytes), the looked-up rows dequantised per forward
+(exllamav2/quant/gguf_embedding.py); otherwise a dense table."""
 
 from __future__ import annotations
 
@@ -38,11 +39,10 @@ class ExLlamaV2Embedding(ExLlamaV2Module):
     def _gguf_table(self):
         name = f"{self.key}.weight"
         src = self._source(name)
-        if (src is None or self.device() != "cpu" or getattr(self.config, "gguf_dequantize", False)
-                or self.config.scale_emb != 1.0):
+        if src is None or getattr(self.config, "gguf_dequantize", False) or self.config.scale_emb != 1.0:
             return None
         from .quant.gguf_embedding import gguf_embedding_table
-        table = gguf_embedding_table(src, name)
+        table = gguf_embedding_table(src, name, self.device())
         if table is not None:
             v, h = self.config.vocab_size, self.config.hidden_size
             if table.width != h or table.vocab < v:
@@ -59,7 +59,7 @@ class ExLlamaV2Embedding(ExLlamaV2Module):
     def forward(self, hidden_states, cache=None, attn_params=None, past_len=None,
                 intermediates=False, loras=None, **kwargs):
         if self.table is not None:
-            y = self.table.lookup(hidden_states.cpu().clamp(min=0), self.model.dtype)
+            y = self.table.lookup(hidden_states.clamp(min=0), self.model.dtype)
         else:
             ids = hidden_states.to(self.embedding.device).clamp(min=0)
             y = F.embedding(ids, self.embedding)

@@ -46,6 +46,8 @@ def test_specs_cover_every_kernel_type_and_dtype(compiled):
     for kernel in ("gguf_matmul_partials", "gguf_dequant"):
         for dtype in ("fp16", "bf16"):
             assert len(_specs(compiled, kernel, dtype)) == len(compiled.QTYPE_CODES)
+    # the token embedding's rows (exllamav2/quant/gguf_embedding.py) decode into fp32
+    assert len(_specs(compiled, "gguf_dequant", "fp32")) == len(compiled.QTYPE_CODES)
     matmul = _specs(compiled, "gguf_matmul_partials")[0]["constexprs"]
     assert all(matmul[k] == v for k, v in compiled.MATMUL_TILE.items())
     assert min(compiled.MATMUL_TILE.values()) >= 16  # tl.dot needs every dimension >= 16 on a GPU
@@ -62,7 +64,8 @@ def test_every_block_type_compiles_for_sm90(compiled, qtype):
 def test_kernels_compile_for_ada_and_ampere(compiled, cc):
     (matmul,) = _specs(compiled, "gguf_matmul_partials", "bf16", "Q5_K")
     (dequant,) = _specs(compiled, "gguf_dequant", "fp16", "Q6_K")
-    for spec in (matmul, dequant):
+    (rows,) = _specs(compiled, "gguf_dequant", "fp32", "IQ4_XS")
+    for spec in (matmul, dequant, rows):
         _compile_and_check(compiled, spec, cc)
 
 

@@ -4,9 +4,10 @@ Gemma-3-270M's 262k x 640 Q8_0 table is 178 MB in the file and was 335 MB more i
 a Llama-3-8B Q4_K_M's would be ~1 GB. The rows come out as the dense load's would: the same fp32 values, cast to
 the model's dtype once.
 
-The lookup is a custom op (`exllamav2::gguf_rows`) so the compiled decode step calls it as one opaque node. It reads
-the file's memory map on the host, so it serves embeddings that live on the CPU (exllamav2/embedding.py keeps a
-device's embedding dense: a host read inside a captured CUDA graph would be a sync).
+On the CPU the lookup is a custom op (`exllamav2::gguf_rows`) over the file's memory map, so the compiled decode
+step calls it as one opaque node. On a GPU the table is the file's bytes on the device: the ids' rows are gathered
+(`index_select`) and decoded by the Triton GGUF kernels' `gguf_dequant` (exllamav2/ops/triton/gguf_kernels.py,
+bit for bit gguf-py's values), with no host sync, so a captured decode graph holds it.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def _gguf_rows_fake(blocks, ids, qtype, width, dtype):
 class GgufEmbeddingTable:
     """The (vocab, hidden) table of one GGUF tensor, rows dequantised on lookup."""
 
-    def __init__(self, name: str, qtype: str, blocks: np.ndarray, shape: tuple[int, int]):
+    def __init__(self, name: str, qtype: str, blocks: np.ndarray, shape: tuple[int, int],
+                 device: torch.device | str = "cpu", triton: bool = False):
+        """triton: decode with the Triton kernels (on a GPU; on CPU tensors under TRITON_INTERPRET=1)."""
         vocab, width = shape
         if blocks.shape[0] != vocab:
             raise ValueError(f"{name}: {qtype} data holds {blocks.shape[0]} rows, expected {vocab}")
@@ -45,20 +48,45 @@ class GgufEmbeddingTable:
             # the file's read-only memory map, shared, never written: torch warns that it is not writable
             warnings.simplefilter("ignore", UserWarning)
             self.blocks = torch.from_numpy(blocks)
+        self.triton = triton or torch.device(device).type != "cpu"
+        if self.triton:
+            from ..ops.triton import interpreting, kernels
+            self.blocks = self.blocks.to(device, copy=True)
+            self.k = kernels("gguf_kernels", torch.device(device).type == "cpu" and interpreting())
+            self.triton_code = self.k.QTYPE_CODES[qtype]
         self.qtype, self.code = qtype, int(GGMLQuantizationType[qtype])
         self.vocab, self.width = vocab, width
 
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.triton:
+            return self._triton_rows(ids.to(self.blocks.device, torch.int64), dtype)
         if not torch.compiler.is_compiling():
             bad = (ids >= self.vocab)
             if bad.any():
                 raise IndexError(f"token id {int(ids[bad][0])} is out of range for the embedding's {self.vocab} rows")
-        return torch.ops.exllamav2.gguf_rows(self.blocks, ids.to(torch.int64), self.code, self.width, dtype)
+        return torch.ops.exllamav2.gguf_rows(self.blocks, ids.to("cpu", torch.int64), self.code, self.width, dtype)
+
+    def _triton_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        from ..ops.triton.linear import triton_cdiv
+        flat = ids.reshape(-1)
+        rows = self.blocks.index_select(0, flat)                     # (n, bytes per row), on the device
+        n = rows.shape[0]
+        # fp32 out, cast by torch: the host path's single rounding (the interpreter's own bf16 store truncates)
+        out = torch.empty(self.width, n, dtype=torch.float32, device=rows.device)   # the kernel writes (in, out)
+        tile = self.k.DEQUANT_TILE
+        grid = (triton_cdiv(self.width, tile["BLOCK_K"]), triton_cdiv(n, tile["BLOCK_N"]))
+        self.k.gguf_dequant[grid](rows, rows.view(torch.float16), out, n, self.width, rows.shape[1], out.stride(0),
+                                  QTYPE=self.triton_code, **tile)
+        return out.t().to(dtype).reshape(*ids.shape, self.width)
+
+    def nbytes(self) -> int:
+        """Bytes this table holds beyond the file's memory map (its copy on a device)."""
+        return self.blocks.numel() if self.triton else 0
 
 
-def gguf_embedding_table(src, name: str) -> GgufEmbeddingTable | None:
+def gguf_embedding_table(src, name: str, device: torch.device | str = "cpu") -> GgufEmbeddingTable | None:
     """The table of tensor `name` when its source is a GGUF file holding it in a block type, else None."""
     if not hasattr(src, "ggml_type") or src.ggml_type(name) not in PACKED_TYPES:
         return None
     qtype, blocks, shape = src.raw(name)
-    return GgufEmbeddingTable(name, qtype, blocks, tuple(shape))
+    return GgufEmbeddingTable(name, qtype, blocks, tuple(shape), device)

@@ -322,5 +322,6 @@ AOT_SPECS = [
        "constexprs": {**MATMUL_TILE, "QTYPE": code, "DOT_F32": False}}
       for dt in ("fp16", "bf16") for code in QTYPE_CODES.values()),
     *({"kernel": "gguf_dequant", "signature": {k: v.format(dt=dt) for k, v in _DEQUANT_SIG.items()},
-       "constexprs": {**DEQUANT_TILE, "QTYPE": code}} for dt in ("fp16", "bf16") for code in QTYPE_CODES.values()),
+       "constexprs": {**DEQUANT_TILE, "QTYPE": code}}
+      for dt in ("fp16", "bf16", "fp32") for code in QTYPE_CODES.values()),   # fp32: the embedding's rows
 ]
