@@ -28,16 +28,11 @@ import numpy as np
 import torch
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
-# (fp16 field offsets in a block: d, and m / dmin where the type has one)
-F16_FIELDS = {"Q4_0": (0, None), "Q4_1": (0, 2), "Q8_0": (0, None), "Q5_0": (0, None), "Q5_1": (0, 2),
-              "IQ4_NL": (0, None), "Q2_K": (80, 82), "Q3_K": (108, None), "Q4_K": (0, 2), "Q5_K": (0, 2),
-              "Q6_K": (208, None), "IQ4_XS": (0, None)}
-
 
 def random_matrix(kind: str, n: int, k: int, rng):
     """Random codes and scales of any GGUF type the kernels take (256-column types round k up)."""
     from exllamav2.ops.cpu.gguf_pack import pack_gguf_blocks
-    from exllamav2.quant.gguf_blocks import BLOCK_GEOMETRY
+    from exllamav2.quant.gguf_blocks import BLOCK_GEOMETRY, F16_FIELDS
     if kind == "BF16":
         return torch.randn(n, k, dtype=torch.bfloat16) * 0.02
     per, bb = BLOCK_GEOMETRY[kind]

@@ -154,20 +154,14 @@ def test_vector_activation_quantisers_equal_the_scalar_contract(tmp_path):
     assert run.returncode == 0 and run.stdout.startswith("ok "), run.stdout + run.stderr
 
 
-# (fp16 field offsets: scale d, and the offset m / dmin where the type has one), per block of the raw layout
-_F16_FIELDS = {"Q4_0": (0, None), "Q4_1": (0, 2), "Q8_0": (0, None), "Q5_0": (0, None), "Q5_1": (0, 2),
-               "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208, None), "Q2_K": (80, 82), "Q3_K": (108, None),
-               "IQ4_NL": (0, None), "IQ4_XS": (0, None)}
-
-
 def random_raw(qtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
     """Raw GGUF blocks (n, k / block * block bytes) of any packed type: random codes, high bits and (6- or 8-bit)
     sub-block scales, realistic fp16 d (and m / dmin)."""
-    from exllamav2.quant.gguf_blocks import BLOCK_GEOMETRY
+    from exllamav2.quant.gguf_blocks import BLOCK_GEOMETRY, F16_FIELDS
     per, bb = BLOCK_GEOMETRY[qtype]
     g = np.random.default_rng(seed)
     raw = g.integers(0, 256, (n, k // per, bb), dtype=np.uint8)
-    d_at, m_at = _F16_FIELDS[qtype]
+    d_at, m_at = F16_FIELDS[qtype]
     big = per == 256   # super-block d multiplies 6- or 8-bit sub-block scales
     d = g.random((n, k // per)) * (0.002 if big else 0.02) + (1e-4 if big else 1e-3)
     raw[..., d_at:d_at + 2] = d.astype(np.float16).view(np.uint8).reshape(n, k // per, 2)

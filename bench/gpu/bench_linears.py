@@ -45,6 +45,8 @@ ROWS_CPU = (1, 40)
 # and column add 0.125 bpw
 EXL2_MIXES = {2.5: [(3, 0.4), (2, 0.6)], 4.0: [(5, 0.1), (4, 0.7), (3, 0.2)], 6.0: [(8, 0.1), (6, 0.7), (5, 0.2)]}
 FORMATS = ("fp16", "exl2_2.5", "exl2_4.0", "exl2_6.0", "gptq_4bit_g128", "gguf_Q4_K")
+# more GGUF types of llama.cpp's mixes, on request (--formats): the default run's length stays as it was
+EXTRA_FORMATS = ("gguf_Q6_K", "gguf_Q5_0", "gguf_Q3_K", "gguf_IQ4_XS")
 # Peak memory bandwidth (GB/s) by device name, from the vendors' data sheets; a measured copy is reported beside it
 PEAK_GBS = {"H200": 4800, "H100 SXM": 3350, "H100 NVL": 3900, "H100 PCIe": 2000, "H100": 3350, "A100-SXM4-80GB": 2039,
             "A100 80GB PCIe": 1935, "A100": 1555, "L40S": 864, "RTX 4090": 1008, "RTX 3090": 936, "A10G": 600}
@@ -96,14 +98,17 @@ class BlockSource:
     """One GGUF tensor held in memory, read through the interface GgufWeight uses (exllamav2/gguf/reader.py)."""
 
     def __init__(self, qtype: str, shape: tuple[int, int], rng: np.random.Generator):
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+        from exllamav2.quant.gguf_blocks import BLOCK_GEOMETRY, F16_FIELDS
+        block, block_bytes = BLOCK_GEOMETRY[qtype]
         rows, cols = shape
         blocks = rng.integers(0, 256, (rows, cols // block, block_bytes), dtype=np.uint8)
-        # Q4_K: fp16 d and dmin lead each super-block; keep them small and finite (any other bytes are valid)
+        # the fp16 d (and m / dmin) fields small and finite; any other bytes are valid
+        d_at, m_at = F16_FIELDS[qtype]
         d = (0.002 * (0.5 + rng.random(blocks.shape[:2]))).astype(np.float16)
-        blocks[..., 0:2] = d.view(np.uint8).reshape(*d.shape, 2)
-        blocks[..., 2:4] = (d.astype(np.float32) * 7.5).astype(np.float16).view(np.uint8).reshape(*d.shape, 2)
+        blocks[..., d_at:d_at + 2] = d.view(np.uint8).reshape(*d.shape, 2)
+        if m_at is not None:
+            m = (d.astype(np.float32) * 7.5).astype(np.float16)
+            blocks[..., m_at:m_at + 2] = m.view(np.uint8).reshape(*d.shape, 2)
         self.qtype, self.shape_, self.data = qtype, shape, blocks.reshape(rows, -1)
 
     def ggml_type(self, name):
@@ -392,7 +397,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", action="store_true", help="Triton's interpreter on tiny shapes (no GPU needed)")
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"),
                    help="folder for bench_linears.json and bench_linears.md (default: $OUT, else bench/gpu/results)")
-    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS + EXTRA_FORMATS)
     p.add_argument("--rows", nargs="+", type=int, default=list(ROWS_GPU), help="row counts M (GPU runs)")
     p.add_argument("--reps", type=int, default=20, help="graph replays per timing (GPU runs)")
     args = p.parse_args(argv)

@@ -28,6 +28,10 @@ BLOCK_GEOMETRY = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": 
                   "IQ4_NL": (32, 18), "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144),
                   "Q5_K": (256, 176), "Q6_K": (256, 210), "IQ4_XS": (256, 136)}
 PACKED_TYPES = tuple(BLOCK_GEOMETRY)
+# byte offsets of each block's fp16 fields: the scale d, and the offset m (Q4_1, Q5_1) or dmin (Q2_K, Q4_K, Q5_K)
+F16_FIELDS = {"Q4_0": (0, None), "Q4_1": (0, 2), "Q5_0": (0, None), "Q5_1": (0, 2), "Q8_0": (0, None),
+              "IQ4_NL": (0, None), "Q2_K": (80, 82), "Q3_K": (108, None), "Q4_K": (0, 2), "Q5_K": (0, 2),
+              "Q6_K": (208, None), "IQ4_XS": (0, None)}
 
 
 @dataclass
