@@ -424,3 +424,40 @@ def test_rope_kernel_equals_reference_bit_for_bit(dtype, interleaved):
             assert torch.equal(ops.rope(x, cos, sin, interleaved), ref)
     with pytest.raises(RuntimeError, match="cos and sin must be"):
         torch.ops.exllamav2_cpu.rope(x, cos[:, :2], sin[:, :2], interleaved)
+
+
+def test_fused_parts_of_different_types_run_each_type_through_its_kernel(tmp_path):
+    """A Q4_K_M-style fusion (q/k in Q4_K beside v in Q6_K) on the cpu backend: one packed run per type
+    (GgufRowRuns), the fused output the parts' own outputs side by side bit for bit, bias included, and no dense
+    copy."""
+    from exllamav2 import ops
+    from exllamav2.gguf import GGUFFile
+    from exllamav2.ops.cpu.gemv_linear import GgufGemvKernel
+    from exllamav2.ops.cpu.gguf_pack import GgufRowRuns
+    from exllamav2.quant.gguf import GgufWeight
+    from test_gguf_support import write_tiny_gguf
+
+    def part(t, p):
+        src = GGUFFile(write_tiny_gguf(str(tmp_path / f"{t}.gguf"), qtype=t, hidden=256, heads=4, kv_heads=2,
+                                       ffn=256, layers=1, seed=len(t)))
+        name = f"model.layers.0.self_attn.{p}_proj.weight"
+        rows = src.shape(name)[0]
+        return GgufWeight(p, [(src, name, rows)], 256, rows, torch.bfloat16, "cpu", fast_path=False)
+
+    parts = [part("Q4_K", "q"), part("Q4_K", "k"), part("Q6_K", "v")]
+    bias = torch.randn(512, generator=torch.Generator().manual_seed(2))
+    fused = GgufWeight.concat("qkv", parts, torch.bfloat16, "cpu")
+    fused.bias = bias.bfloat16()
+    with ops.use_backend("cpu"):
+        k = ops.prepare_linear(None, None, fused, "cpu", torch.bfloat16)
+        own = [ops.prepare_linear(None, None, p, "cpu", torch.bfloat16) for p in parts]
+    assert isinstance(k, GgufGemvKernel) and isinstance(k.packed, GgufRowRuns)
+    assert [r.ggml_type for r in k.packed.runs] == ["Q4_K", "Q6_K"] and fused._dense is None
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
+    y = k(x)
+    want = torch.cat([o(x) for o in own], dim=1)
+    # the fused call adds the bias in fp32 before its one rounding, as the parts' own kernel would with it
+    with_bias = torch.cat([kernels.gguf_gemv(x, r, b.bfloat16(), 2) for r, b in
+                           zip(k.packed.runs, bias.split([r.out_features for r in k.packed.runs]))], dim=1)
+    assert torch.equal(y, with_bias)
+    assert (y.float() - bias.bfloat16().float() - want.float()).abs().max() <= 2e-2 * want.float().abs().max()
