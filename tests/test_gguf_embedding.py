@@ -82,3 +82,20 @@ def test_the_device_lookup_equals_the_host_lookup(qtype, tmp_path, monkeypatch):
         want = host.lookup(ids, dtype)
         got = device.lookup(ids, dtype)
         assert got.shape == (2, 4, hidden) and got.dtype == dtype and torch.equal(got, want), dtype
+
+
+def test_an_eager_forward_does_not_import_dynamo(tmp_path):
+    """The eager lookup calls the host function, not the custom op: an op call would import torch._dynamo on first
+    use (custom_op's implementations run under torch._disable_dynamo), ~1 s on a model's first forward."""
+    import subprocess
+    import sys
+    path = write_tiny_gguf(str(tmp_path / "m.gguf"), qtype="Q8_0", vocab=96)
+    code = ("import sys, torch\nfrom exllamav2 import ExLlamaV2, ExLlamaV2Config\n"
+            f"cfg = ExLlamaV2Config({path!r}); cfg.max_seq_len = 64\n"
+            "m = ExLlamaV2(cfg); m.load()\n"
+            "assert m.modules[0].table is not None\n"
+            "m.forward(torch.tensor([[1, 2, 3]]))\n"
+            "print('dynamo' if 'torch._dynamo' in sys.modules else 'clean')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "clean"

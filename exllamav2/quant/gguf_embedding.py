@@ -22,12 +22,16 @@ from gguf.quants import dequantize
 from .gguf_blocks import PACKED_TYPES
 
 
-@torch.library.custom_op("exllamav2::gguf_rows", mutates_args=())
-def gguf_rows(blocks: torch.Tensor, ids: torch.Tensor, qtype: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+def host_rows(blocks: torch.Tensor, ids: torch.Tensor, qtype: int, width: int, dtype: torch.dtype) -> torch.Tensor:
     """blocks: uint8 (vocab, bytes per row) of GGUF type `qtype`; ids: int64, any shape -> (*ids.shape, width)."""
     flat = ids.reshape(-1).numpy()
     rows = dequantize(blocks.numpy()[flat], GGMLQuantizationType(qtype)).reshape(flat.shape[0], width)
     return torch.from_numpy(rows).to(dtype).reshape(*ids.shape, width)
+
+
+# the op for traced code only: an eager call through it would import dynamo on first use (~1 s, custom_op's
+# implementations run under torch._disable_dynamo)
+gguf_rows = torch.library.custom_op("exllamav2::gguf_rows", mutates_args=())(host_rows)
 
 
 @gguf_rows.register_fake
@@ -64,7 +68,8 @@ class GgufEmbeddingTable:
             bad = (ids >= self.vocab)
             if bad.any():
                 raise IndexError(f"token id {int(ids[bad][0])} is out of range for the embedding's {self.vocab} rows")
-        return torch.ops.exllamav2.gguf_rows(self.blocks, ids.to("cpu", torch.int64), self.code, self.width, dtype)
+        op = torch.ops.exllamav2.gguf_rows if torch.compiler.is_compiling() else host_rows
+        return op(self.blocks, ids.to("cpu", torch.int64), self.code, self.width, dtype)
 
     def _triton_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         from ..ops.triton.linear import triton_cdiv
