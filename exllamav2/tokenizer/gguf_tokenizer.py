@@ -19,6 +19,7 @@ from typing import Any, Callable
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from .build_cache import cached_build
 from .gguf_metadata import read_gguf_metadata
 
 SPIECE_SPACE = "\u2581"
@@ -258,9 +259,13 @@ def tokenizer_from_gguf(path: str | os.PathLike, metadata: dict[str, Any] | None
         raise ValueError(f"{path}: GGUF file has no tokenizer vocabulary ('tokenizer.ggml.tokens' missing)")
     model = meta.get("tokenizer.ggml.model")
     architecture = meta.get("general.architecture", "")
-    try:
+    def build() -> Tokenizer:
         tok = _builder_for(model, architecture, path)(meta, path)
         _add_typed_tokens(tok, meta, byte_level=(model == "gpt2"))
+        return tok
+
+    try:
+        tok = cached_build(meta, build)
     except Exception as e:  # the tokenizers library names no file ("Token 'Ġb' out of vocabulary")
         if path in str(e):
             raise
