@@ -121,8 +121,7 @@ def _bit_planes(values: np.ndarray, bits: int, groups: int, nb: int) -> list[np.
     (column 4c+i of each half at bits 2c, 2c+1)."""
     rows = values.shape[0]
     v = values.reshape(rows, nb, 2, 4, 4)                          # (half, chunk c, byte i)
-    shift = (np.arange(4, dtype=np.uint8) * bits)[:, None]
-    per_half = (v << shift).sum(axis=3, dtype=np.uint8)            # (rows, nb, half, 4)
+    per_half = v[:, :, :, 0] | (v[:, :, :, 1] << bits) | (v[:, :, :, 2] << 2 * bits) | (v[:, :, :, 3] << 3 * bits)
     planes = [per_half[:, :, 0] | (per_half[:, :, 1] << 4)] if bits == 1 else [per_half[:, :, 0], per_half[:, :, 1]]
     return [_group_major(p, groups, nb) for p in planes]
 
