@@ -461,3 +461,24 @@ def test_fused_parts_of_different_types_run_each_type_through_its_kernel(tmp_pat
                            zip(k.packed.runs, bias.split([r.out_features for r in k.packed.runs]))], dim=1)
     assert torch.equal(y, with_bias)
     assert (y.float() - bias.bfloat16().float() - want.float()).abs().max() <= 2e-2 * want.float().abs().max()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                                   "Q6_K", "IQ4_XS"])
+def test_native_packer_writes_the_reference_packers_bytes(qtype):
+    """csrc/gguf_pack.cpp (what a load uses) against gguf_pack.py's numpy packer, byte for byte: records, padding
+    rows (packed from zero bytes: Q8_0's codes read 0x80 there) and super-block scales."""
+    from exllamav2.quant.gguf_blocks import BLOCK_GEOMETRY
+    per = BLOCK_GEOMETRY[qtype][0]
+    for n, k in ((37, 2 * max(per, 64)), (16, per), (130, 3 * max(per, 128))):
+        raw = random_raw(qtype, n, k, seed=n + k)
+        raw.setflags(write=False)   # as a file's memory map is
+        native = pack_gguf_blocks(qtype, raw, (n, k))
+        ref = pack_gguf_blocks(qtype, raw, (n, k), native=False)
+        assert torch.equal(native.qweight, ref.qweight), (n, k)
+        assert (native.super_scales is None) == (ref.super_scales is None)
+        if ref.super_scales is not None:
+            assert native.super_scales.shape == ref.super_scales.shape
+            assert torch.equal(native.super_scales.view(torch.int16), ref.super_scales.view(torch.int16))
+    with pytest.raises(ValueError, match=f"w: {qtype} data has shape"):
+        pack_gguf_blocks(qtype, raw[:, :-1], (n, k), name="w")
