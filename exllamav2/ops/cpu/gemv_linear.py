@@ -1,4 +1,4 @@
-"""Linear kernels of the `cpu` backend over the C++ kernels (csrc/gemv.cpp, kernels.py).
+"""Linear kernels of the `cpu` backend over the C++ kernels (csrc/gemv.cpp, csrc/bf16_gemv.cpp, kernels.py).
 
 - GGUF blocks, every type but the 2- and 3-bit K-quants (gguf_pack.py): the int8-dot kernel for every number of rows, in
   chunks of 8 sharing each weight group while it is in cache, so a row's result never depends on the rows beside

@@ -1,4 +1,4 @@
-"""The C++ CPU kernels as torch custom ops (`torch.ops.exllamav2_cpu.*`, csrc/gemv.cpp), with fake (meta)
+"""The C++ CPU kernels as torch custom ops (`torch.ops.exllamav2_cpu.*`, csrc/*.cpp), with fake (meta)
 implementations so that dynamo/inductor trace and call them inside the compiled decode step (runtime/decode.py).
 
 `ready()` builds and loads them on first use (build.py); False means the `cpu` backend keeps torch's kernels.
