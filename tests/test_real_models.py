@@ -174,8 +174,6 @@ def test_bf16_model_runs_every_linear_packed_and_tracks_the_fp32_oracle(real):
     its q/k/v fp32 activations, and prefill failed on the query/value dtype mismatch."""
     from exllamav2.ops.cpu import kernels
     from exllamav2.ops.cpu.gemv_linear import GgufGemvKernel
-    if not kernels.ready():
-        pytest.skip("the CPU kernels cannot be built here")
     config = ExLlamaV2Config(real.path)
     config.max_seq_len = config.max_input_len = 2048
     model = ExLlamaV2(config)
@@ -187,14 +185,15 @@ def test_bf16_model_runs_every_linear_packed_and_tracks_the_fp32_oracle(real):
         ref = real.hf(ids).logits.float()
     assert ((logits - ref).norm() / ref.norm()).item() < 0.05
     assert (logits.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.85
-    linears = [v for mod in model.modules for v in (mod, *vars(mod).values()) if hasattr(v, "_kernels")]
-    prepared = [k for lin in linears for k in lin._kernels.values() if k is not False]
-    assert prepared and all(isinstance(k, GgufGemvKernel) for k in prepared), {type(k).__name__ for k in prepared}
-    from exllamav2.gguf.header import read_header
-    file_bytes = sum(t.n_bytes for t in read_header(real.path).tensors if len(t.shape) == 2)
-    packed_bytes = sum(k.nbytes() for k in prepared)
-    # the file's 2-D weights, the K-quants' sub-block scales unpacked (Q4_K: 4.625 bits per weight against 4.5)
-    assert file_bytes <= packed_bytes <= 1.04 * file_bytes, (packed_bytes, file_bytes)
+    if kernels.ready():   # without a compiler the fallback runs (tests/test_cpu_kernels_build.py); the rest holds
+        linears = [v for mod in model.modules for v in (mod, *vars(mod).values()) if hasattr(v, "_kernels")]
+        prepared = [k for lin in linears for k in lin._kernels.values() if k is not False]
+        assert prepared and all(isinstance(k, GgufGemvKernel) for k in prepared), {type(k).__name__ for k in prepared}
+        from exllamav2.gguf.header import read_header
+        file_bytes = sum(t.n_bytes for t in read_header(real.path).tensors if len(t.shape) == 2)
+        packed_bytes = sum(k.nbytes() for k in prepared)
+        # the file's 2-D weights, the K-quants' sub-block scales unpacked (Q4_K: 4.625 bits per weight against 4.5)
+        assert file_bytes <= packed_bytes <= 1.04 * file_bytes, (packed_bytes, file_bytes)
     # perplexity of the prose through the packed kernels against the exact fp32 path (itself within 0.5% of HF):
     # measured +0.03% (SmolLM2) and +0.15% (Gemma 3)
     with open(PPL_TEXT, encoding="utf-8") as f:

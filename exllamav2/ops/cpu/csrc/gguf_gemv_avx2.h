@@ -184,9 +184,7 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2(
                 int32_t sums[M];
 #pragma GCC unroll 2
                 for (int part = 0; part < 2; ++part) {
-#pragma GCC unroll 8
-                    for (int m = 0; m < M; ++m)
-                        sums[m] = part == 0 ? xq.hsum[xi + m] : xq.nsum[xi + m] - xq.hsum[xi + m];
+                    half_sums<M>(xq, xi, part, sums);
                     start_sums_avx2<M, TWO>(d1, d2, kOff << kSH, sums);
                     if constexpr (crumbs(KIND)) {
                         if (part == 0) crumb_dots_avx2<KIND, M, TWO, 1>(d1, d2, wb, h, xb);

@@ -241,8 +241,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
 #pragma GCC unroll 2
             for (int part = 0; part < 2; ++part) {
                 int32_t sums[M];
-#pragma GCC unroll 8
-                for (int m = 0; m < M; ++m) sums[m] = part == 0 ? xq.hsum[xi + m] : xq.nsum[xi + m] - xq.hsum[xi + m];
+                half_sums<M>(xq, xi, part, sums);
                 start_sums<G, M, S, TWO>(d1, d2, kOff << kSH, sums);
                 if constexpr (crumbs(KIND)) {
                     if (part == 0) crumb_dots<KIND, M, TWO, G, S, 1>(d1, d2, wb, xb);

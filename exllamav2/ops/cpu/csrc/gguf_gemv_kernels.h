@@ -262,6 +262,14 @@ __attribute__((target("avx2,fma,f16c"))) void quantize_row_avx2(
     }
 }
 
+// The integer activation sums (256*sum(q1) + sum(q2)) of M rows over one half of block slot xi (part 0: columns
+// 0..15, 1: 16..31), for the kinds whose halves have their own scales
+template <int M>
+inline void half_sums(const QuantX& xq, int64_t xi, int part, int32_t (&sums)[M]) {
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) sums[m] = part == 0 ? xq.hsum[xi + m] : xq.nsum[xi + m] - xq.hsum[xi + m];
+}
+
 inline int32_t load4(const int8_t* p) {
     int32_t v;
     std::memcpy(&v, p, 4);
