@@ -482,3 +482,28 @@ def test_native_packer_writes_the_reference_packers_bytes(qtype):
             assert torch.equal(native.super_scales.view(torch.int16), ref.super_scales.view(torch.int16))
     with pytest.raises(ValueError, match=f"w: {qtype} data has shape"):
         pack_gguf_blocks(qtype, raw[:, :-1], (n, k), name="w")
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                                   "Q6_K", "IQ4_XS"])
+def test_row_lookup_equals_gguf_py_rows(qtype):
+    """csrc/gguf_rows.cpp (the token embedding's lookup over the file's blocks) against gguf-py's dequantisation of
+    the same rows, cast once: equal bits in fp32, bf16 and fp16, for ids of any shape with repeats; ids out of
+    range fail naming the range."""
+    from exllamav2.quant.gguf_blocks import BLOCK_GEOMETRY
+    from exllamav2.quant.gguf_embedding import host_rows
+    from gguf import GGMLQuantizationType
+    k = 2 * max(BLOCK_GEOMETRY[qtype][0], 64)
+    raw = torch.from_numpy(random_raw(qtype, 53, k, seed=k + len(qtype)))
+    ids = torch.tensor([[0, 52, 17, 17], [3, 40, 2, 51]])
+    code = int(GGMLQuantizationType[qtype])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        got = kernels.gguf_rows(raw, ids, kernels.GGUF_KINDS[qtype], k, dtype)
+        want = host_rows(raw, ids, code, k, dtype)
+        assert got.shape == (2, 4, k) and got.dtype == dtype and torch.equal(got, want), dtype
+    one = kernels.gguf_rows(raw, torch.tensor([5]), kernels.GGUF_KINDS[qtype], k, torch.float32)
+    assert torch.equal(one[0], host_rows(raw, torch.tensor(5), code, k, torch.float32))
+    with pytest.raises(IndexError, match="token id 53 is out of range for the embedding's 53 rows"):
+        kernels.gguf_rows(raw, torch.tensor([1, 53]), kernels.GGUF_KINDS[qtype], k, torch.float32)
+    torch.library.opcheck(torch.ops.exllamav2_cpu.gguf_rows.default,
+                          (raw, ids, kernels.GGUF_KINDS[qtype], k, torch.bfloat16))

@@ -4,8 +4,9 @@ Gemma-3-270M's 262k x 640 Q8_0 table is 178 MB in the file and was 335 MB more i
 a Llama-3-8B Q4_K_M's would be ~1 GB. The rows come out as the dense load's would: the same fp32 values, cast to
 the model's dtype once.
 
-On the CPU the lookup is a custom op (`exllamav2::gguf_rows`) over the file's memory map, so the compiled decode
-step calls it as one opaque node. On a GPU the table is the file's bytes on the device: the ids' rows are gathered
+On the CPU the lookup reads the file's memory map: the C++ op `exllamav2_cpu::gguf_rows` (csrc/gguf_rows.cpp, the
+same values) where the CPU kernels are loaded, else gguf-py under a custom op (`exllamav2::gguf_rows`), so the
+compiled decode step calls either as one opaque node (the gguf-py path cost ~160 us of a ~2.6 ms SmolLM2 step). On a GPU the table is the file's bytes on the device: the ids' rows are gathered
 (`index_select`) and decoded by the Triton GGUF kernels' `gguf_dequant` (exllamav2/ops/triton/gguf_kernels.py,
 bit for bit gguf-py's values), with no host sync, so a captured decode graph holds it.
 """
@@ -19,6 +20,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from ..ops.cpu import kernels as cpu_kernels
 from .gguf_blocks import PACKED_TYPES
 
 
@@ -59,11 +61,14 @@ class GgufEmbeddingTable:
             self.k = kernels("gguf_kernels", torch.device(device).type == "cpu" and interpreting())
             self.triton_code = self.k.QTYPE_CODES[qtype]
         self.qtype, self.code = qtype, int(GGMLQuantizationType[qtype])
+        self.kind = cpu_kernels.GGUF_KINDS.get(qtype)   # the C++ lookup's type code, None where it has none
         self.vocab, self.width = vocab, width
 
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.triton:
             return self._triton_rows(ids.to(self.blocks.device, torch.int64), dtype)
+        if self.kind is not None and cpu_kernels.loaded_usable():
+            return cpu_kernels.gguf_rows(self.blocks, ids.to("cpu", torch.int64), self.kind, self.width, dtype)
         if not torch.compiler.is_compiling():
             bad = (ids >= self.vocab)
             if bad.any():

@@ -36,6 +36,10 @@ def _register_fakes() -> None:
     def _gguf_dequant_fake(qweight, kind, n, k, dtype, super_scales=None):
         return qweight.new_empty((n, k), dtype=dtype)
 
+    @torch.library.register_fake("exllamav2_cpu::gguf_rows")
+    def _gguf_rows_fake(raw, ids, kind, k, dtype):
+        return raw.new_empty((*ids.shape, k), dtype=dtype)
+
     @torch.library.register_fake("exllamav2_cpu::bf16_gemv")
     def _bf16_gemv_fake(x, weight, bias):
         return x.new_empty((x.shape[0], weight.shape[0]))
@@ -139,6 +143,12 @@ def gguf_gemv(x: torch.Tensor, packed, bias: torch.Tensor | None = None, act_sta
 def gguf_dequant(packed, dtype: torch.dtype) -> torch.Tensor:
     return torch.ops.exllamav2_cpu.gguf_dequant(packed.qweight, packed.kind, packed.out_features,
                                                 packed.in_features, dtype, packed.super_scales)
+
+
+def gguf_rows(raw: torch.Tensor, ids: torch.Tensor, kind: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `ids` (int64, any shape) of a GGUF matrix held as its file's bytes, raw uint8 (rows, bytes per row) of
+    GGUF_KINDS type `kind` -> (*ids.shape, width) in dtype: gguf-py's values rounded once (csrc/gguf_rows.cpp)."""
+    return torch.ops.exllamav2_cpu.gguf_rows(raw, ids, kind, width, dtype)
 
 
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

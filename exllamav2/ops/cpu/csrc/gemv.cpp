@@ -30,6 +30,7 @@
 #include "cpu_isa.h"
 #include "gguf_gemv_avx2.h"
 #include "gguf_gemv_avx512.h"
+#include "gguf_file_blocks.h"
 
 namespace {
 
@@ -307,16 +308,13 @@ at::Tensor gguf_dequant(const at::Tensor& qweight, int64_t kind, int64_t n, int6
                 const uint8_t* wb = wt.rec + (g * nb + b) * rec;
                 const uint16_t* dp = reinterpret_cast<const uint16_t*>(wb + cbytes);
                 float* rb = row.data() + b * kBlock;
-                if (kd == Q8_0) {
-                    const float d = half(dp, rr);
-                    for (int ch = 0; ch < 8; ++ch)
-                        for (int i = 0; i < 4; ++i) rb[4 * ch + i] = d * wb[ch * 64 + rr * 4 + i] + -128.f * d;
-                    continue;
-                }
                 // the 32 codes of this row, high bits included
                 int q[kBlock];
+                if (kd == Q8_0)
+                    for (int ch = 0; ch < 8; ++ch)
+                        for (int i = 0; i < 4; ++i) q[4 * ch + i] = wb[ch * 64 + rr * 4 + i];
                 const int64_t hp = crumbs(kd) ? 128 : 256;  // the high-bit planes
-                for (int ch = 0; ch < 4; ++ch)
+                for (int ch = 0; ch < 4 && kd != Q8_0; ++ch)
                     for (int i = 0; i < 4; ++i) {
                         int lo, hi;
                         if (crumbs(kd)) {
@@ -338,38 +336,18 @@ at::Tensor gguf_dequant(const at::Tensor& qweight, int64_t kind, int64_t n, int6
                         q[4 * ch + i] = lo;
                         q[16 + 4 * ch + i] = hi;
                     }
-                // the sub-block scale (and min) as gguf-py dequantises: (d * sc) * q [- dmin * mn]
-                auto scale = [&](int64_t i) {
-                    return static_cast<float>(signed_scales(kd) ? static_cast<int8_t>(wb[i]) : static_cast<int>(wb[i]));
-                };
+                BlockFields f;
                 const int64_t sp = (g * (nb / 8) + b / 8) * sf * kGroup + rr;
-                if (split_halves(kd)) {
-                    for (int hf = 0; hf < 2; ++hf) {
-                        const uint8_t sb = wb[cbytes + hf * kGroup + rr];  // Q2_K: scale | min << 4
-                        const float ds = half(wt.super, sp) * (kd == Q2_K ? static_cast<float>(sb & 15)
-                                                                          : scale(cbytes + hf * kGroup + rr));
-                        const float mn = kd == Q2_K ? half(wt.super, sp + kGroup) * static_cast<float>(sb >> 4) : 0.f;
-                        for (int j = 0; j < 16; ++j) {
-                            const float w = ds * static_cast<float>(q[16 * hf + j] - code_offset(kd));
-                            rb[16 * hf + j] = has_min(kd) ? w - mn : w;
-                        }
-                    }
-                    continue;
-                }
-                if (lut(kd)) {
-                    const float d = sf ? half(wt.super, sp) * scale(cbytes + rr) : half(dp, rr);
-                    for (int j = 0; j < kBlock; ++j) rb[j] = d * static_cast<float>(kIq4Values[q[j]]);
-                    continue;
-                }
-                float d, c;
-                if (sf == 2) {
-                    d = half(wt.super, sp) * scale(cbytes + rr);
-                    c = -(half(wt.super, sp + kGroup) * static_cast<float>(wb[cbytes + kGroup + rr]));
+                if (sf) {
+                    f.b0 = wb[cbytes + rr];
+                    f.b1 = wb[cbytes + kGroup + rr];
+                    f.sd = half(wt.super, sp);
+                    if (sf == 2) f.sdmin = half(wt.super, sp + kGroup);
                 } else {
-                    d = half(dp, rr);
-                    c = has_m(kd) ? half(dp, kGroup + rr) : -static_cast<float>(code_offset(kd)) * d;
+                    f.d = half(dp, rr);
+                    if (has_m(kd)) f.m = half(dp, kGroup + rr);
                 }
-                for (int j = 0; j < kBlock; ++j) rb[j] = d * static_cast<float>(q[j]) + c;
+                block_values(kd, q, f, rb);
             }
             if (dtype == at::kFloat) store_out(out.data_ptr<float>() + r * K, row.data(), K);
             else if (dtype == at::kBFloat16) store_out(out.data_ptr<c10::BFloat16>() + r * K, row.data(), K);

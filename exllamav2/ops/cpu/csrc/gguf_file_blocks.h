@@ -1,0 +1,189 @@
+// A GGUF file's blocks read row by row: each type's block geometry, one 32-column block decoded to the GEMV
+// layout's codes and tail fields (gguf_gemv_kernels.h), and a block's weights as gguf-py dequantises them. Used by
+// the packer (gguf_pack.cpp), the packed matrices' dequantisation (gemv.cpp) and the token embedding's row lookup
+// (gguf_rows.cpp).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "gguf_gemv_kernels.h"
+
+namespace gguf_kernels {
+
+// bytes per file block and weights per file block
+struct Geometry {
+    int per, bytes;
+};
+inline Geometry geometry(int kind) {
+    switch (kind) {
+        case Q4_0: return {32, 18};
+        case Q4_1: return {32, 20};
+        case Q8_0: return {32, 34};
+        case Q5_0: return {32, 22};
+        case Q5_1: return {32, 24};
+        case IQ4_NL: return {32, 18};
+        case Q2_K: return {256, 84};
+        case Q3_K: return {256, 110};
+        case Q4_K: return {256, 144};
+        case Q5_K: return {256, 176};
+        case Q6_K: return {256, 210};
+        default: return {256, 136};  // IQ4_XS
+    }
+}
+
+inline uint16_t u16(const uint8_t* p) {
+    uint16_t v;
+    std::memcpy(&v, p, 2);
+    return v;
+}
+
+inline uint32_t u32(const uint8_t* p) {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+}
+
+// llama.cpp's get_scale_min_k4: sub-block j's 6-bit scale and min of a Q4_K/Q5_K super-block
+inline void scale_min_k4(int j, const uint8_t* q, uint8_t& sc, uint8_t& mn) {
+    if (j < 4) {
+        sc = q[j] & 63;
+        mn = q[j + 4] & 63;
+    } else {
+        sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// One 32-column block of one row: its codes and the bytes of its tail fields (t0: d / sc / the first half's,
+// t1: m / mn / the second half's; fp16 fields as their two bytes).
+struct Block {
+    uint8_t code[32];
+    uint8_t t0[2], t1[2];
+};
+
+// Block b (32 columns) of a row whose file bytes start at `row`.
+inline void decode_block(int kind, const uint8_t* row, int64_t b, Block& out) {
+    const Geometry geo = geometry(kind);
+    std::memset(out.t0, 0, 2);
+    std::memset(out.t1, 0, 2);
+    if (geo.per == 32) {
+        const uint8_t* blk = row + b * geo.bytes;
+        std::memcpy(out.t0, blk, 2);  // d
+        if (kind == Q8_0) {
+            for (int j = 0; j < 32; ++j) out.code[j] = blk[2 + j] ^ 0x80;
+            return;
+        }
+        const bool m = kind == Q4_1 || kind == Q5_1;
+        if (m) std::memcpy(out.t1, blk + 2, 2);
+        const bool five = kind == Q5_0 || kind == Q5_1;
+        const uint8_t* qs = blk + 2 + (m ? 2 : 0) + (five ? 4 : 0);
+        const uint32_t qh = five ? u32(blk + 2 + (m ? 2 : 0)) : 0;
+        for (int j = 0; j < 16; ++j) {
+            out.code[j] = (qs[j] & 15) | (((qh >> j) & 1) << 4);
+            out.code[16 + j] = (qs[j] >> 4) | (((qh >> (16 + j)) & 1) << 4);
+        }
+        return;
+    }
+    const uint8_t* sb = row + (b / 8) * geo.bytes;
+    const int j = static_cast<int>(b % 8), n = j / 4, jj = j % 4;
+    switch (kind) {
+        case Q4_K:
+        case Q5_K: {
+            const uint8_t* qs = sb + (kind == Q5_K ? 48 : 16) + 32 * (j / 2);
+            for (int l = 0; l < 32; ++l) {
+                uint8_t c = j % 2 ? qs[l] >> 4 : qs[l] & 15;
+                if (kind == Q5_K) c |= ((sb[16 + l] >> j) & 1) << 4;
+                out.code[l] = c;
+            }
+            scale_min_k4(j, sb + 4, out.t0[0], out.t1[0]);
+            return;
+        }
+        case Q6_K: {
+            for (int l = 0; l < 32; ++l) {
+                const uint8_t ql = (sb[64 * n + (jj % 2) * 32 + l] >> (4 * (jj / 2))) & 15;
+                out.code[l] = ql | (((sb[128 + 32 * n + l] >> (2 * jj)) & 3) << 4);
+            }
+            out.t0[0] = sb[192 + 2 * j];
+            out.t0[1] = sb[192 + 2 * j + 1];
+            return;
+        }
+        case Q3_K: {
+            for (int l = 0; l < 32; ++l)
+                out.code[l] = ((sb[32 + 32 * n + l] >> (2 * jj)) & 3) | (((sb[l] >> j) & 1) << 2);
+            for (int h = 0; h < 2; ++h) {
+                const int i = 2 * j + h;
+                const int low = i < 8 ? sb[96 + i] & 15 : sb[96 + i - 8] >> 4;
+                const int high = (sb[104 + i % 4] >> (2 * (i / 4))) & 3;
+                out.t0[h] = static_cast<uint8_t>(static_cast<int8_t>((low | (high << 4)) - 32));
+            }
+            return;
+        }
+        case Q2_K: {
+            for (int l = 0; l < 32; ++l) out.code[l] = (sb[16 + 32 * n + l] >> (2 * jj)) & 3;
+            out.t0[0] = sb[2 * j];
+            out.t0[1] = sb[2 * j + 1];
+            return;
+        }
+        default: {  // IQ4_XS
+            const uint8_t* qs = sb + 8 + 16 * j;
+            for (int i = 0; i < 16; ++i) {
+                out.code[i] = qs[i] & 15;
+                out.code[16 + i] = qs[i] >> 4;
+            }
+            const int ls = ((sb[4 + j / 2] >> (4 * (j % 2))) & 15) | (((u16(sb + 2) >> (2 * j)) & 3) << 4);
+            out.t0[0] = static_cast<uint8_t>(static_cast<int8_t>(ls - 32));
+            return;
+        }
+    }
+}
+
+// One row's block as its fields: fp16 types d (and m) as floats; K-quants and IQ4_XS the block's byte fields as the
+// layout keeps them (b0: sc, the first half's scale, or Q2_K's scale | min << 4 byte; b1: mn, or the second half's)
+// and the super-block's d and dmin.
+struct BlockFields {
+    float d = 0.f, m = 0.f;
+    uint8_t b0 = 0, b1 = 0;
+    float sd = 0.f, sdmin = 0.f;
+};
+
+// The block's 32 weights from its codes (the layout's values: high bits merged, Q8_0 and IQ4 as stored) in gguf-py's
+// fp32 order of operations: d * q + m, (d * sc) * q - dmin * mn, d * (q - offset), d * table[q], so a dense table
+// made by gguf-py and these values are the same bits.
+inline void block_values(int kd, const int* q, const BlockFields& f, float* out) {
+    auto scale = [&](uint8_t b) {
+        return static_cast<float>(signed_scales(kd) ? static_cast<int>(static_cast<int8_t>(b)) : static_cast<int>(b));
+    };
+    if (kd == Q8_0) {
+        for (int j = 0; j < kBlock; ++j) out[j] = f.d * static_cast<float>(q[j]) + -128.f * f.d;
+        return;
+    }
+    if (split_halves(kd)) {
+        for (int hf = 0; hf < 2; ++hf) {
+            const uint8_t sb = hf ? f.b1 : f.b0;
+            const float ds = f.sd * (kd == Q2_K ? static_cast<float>(sb & 15) : scale(sb));
+            const float mn = kd == Q2_K ? f.sdmin * static_cast<float>(sb >> 4) : 0.f;
+            for (int j = 0; j < 16; ++j) {
+                const float w = ds * static_cast<float>(q[16 * hf + j] - code_offset(kd));
+                out[16 * hf + j] = has_min(kd) ? w - mn : w;
+            }
+        }
+        return;
+    }
+    if (lut(kd)) {
+        const float d = super_fields(kd) ? f.sd * scale(f.b0) : f.d;
+        for (int j = 0; j < kBlock; ++j) out[j] = d * static_cast<float>(kIq4Values[q[j]]);
+        return;
+    }
+    float d, c;
+    if (super_fields(kd) == 2) {
+        d = f.sd * scale(f.b0);
+        c = -(f.sdmin * static_cast<float>(f.b1));
+    } else {
+        d = f.d;
+        c = has_m(kd) ? f.m : -static_cast<float>(code_offset(kd)) * d;
+    }
+    for (int j = 0; j < kBlock; ++j) out[j] = d * static_cast<float>(q[j]) + c;
+}
+
+}  // namespace gguf_kernels
