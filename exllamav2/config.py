@@ -48,6 +48,7 @@ class ExLlamaV2Config:
     def __init__(self, model_dir: str | None = None):
         self.model_dir = model_dir
         self.gguf_path: str | None = None
+        self.gguf_file = None
         self.max_batch_size = 1
         self.max_input_len = 2048
         self.max_attention_size = 2048 ** 2
@@ -113,6 +114,7 @@ class ExLlamaV2Config:
         if os.path.exists(gen_path):
             with open(gen_path, encoding="utf8") as f:
                 self.generation_config = json.load(f)
+        self.gguf_file = gguf_file   # the parsed header, which the tokenizer reads too
         self.read_config = cfg
         self._read_fields(cfg)
         if no_tensors:

@@ -60,6 +60,11 @@ class GGUFFile:
         field = self._header.fields.get(key)
         return default if field is None else field.contents()
 
+    def all_metadata(self) -> dict:
+        """Every metadata field as plain Python values (arrays as lists), from the header already read: what
+        exllamav2/tokenizer/gguf_metadata.py's read_gguf_metadata reads from the file."""
+        return self._header.metadata()
+
     def keys(self) -> list[str]:
         return list(self._tensors)
 

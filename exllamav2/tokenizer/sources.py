@@ -92,8 +92,8 @@ def load_from_folder(model_dir: str) -> TokenizerSource:
     )
 
 
-def load_from_gguf(gguf_path: str) -> TokenizerSource:
-    info = tokenizer_from_gguf(gguf_path)
+def load_from_gguf(gguf_path: str, metadata: dict | None = None) -> TokenizerSource:
+    info = tokenizer_from_gguf(gguf_path, metadata)
     ids = {"bos_token": info.bos_token_id, "eos_token": info.eos_token_id,
            "pad_token": info.pad_token_id, "unk_token": info.unk_token_id}
     return TokenizerSource(
@@ -107,14 +107,16 @@ def load_from_gguf(gguf_path: str) -> TokenizerSource:
     )
 
 
-def load_tokenizer_source(model_dir: str | None, gguf_path: str | None) -> TokenizerSource:
-    """`tokenizer.json` in `model_dir` wins; otherwise the GGUF file's vocabulary."""
+def load_tokenizer_source(model_dir: str | None, gguf_path: str | None,
+                          gguf_metadata: dict | None = None) -> TokenizerSource:
+    """`tokenizer.json` in `model_dir` wins; otherwise the GGUF file's vocabulary (from `gguf_metadata` when the
+    caller has read the header already)."""
     if model_dir and os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
         return load_from_folder(model_dir)
     if gguf_path:
         if not os.path.isfile(gguf_path):
             raise FileNotFoundError(f"{gguf_path}: GGUF file not found")
-        return load_from_gguf(gguf_path)
+        return load_from_gguf(gguf_path, gguf_metadata)
     raise FileNotFoundError(
         f"{model_dir}: no tokenizer.json in the model folder and no GGUF file to read a vocabulary from "
         "(SentencePiece tokenizer.model alone is not supported)"

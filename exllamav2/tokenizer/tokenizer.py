@@ -29,7 +29,9 @@ class ExLlamaV2Tokenizer:
         self.config = config
         model_dir = getattr(config, "model_dir", None)
         gguf_path = getattr(config, "gguf_path", None)
-        source = load_tokenizer_source(model_dir, gguf_path)
+        gguf_file = getattr(config, "gguf_file", None)
+        meta = gguf_file.all_metadata() if gguf_file is not None and gguf_file.path == gguf_path else None
+        source = load_tokenizer_source(model_dir, gguf_path, meta)
         self.origin = source.origin
         self.tokenizer = source.tokenizer
         self.chat_templates = source.chat_templates
