@@ -133,7 +133,7 @@ class ExLlamaV2Linear(ExLlamaV2Module):
                 continue
             src = self._source(key + ".weight")
             shape = tuple(src.shape(key + ".weight"))
-            if gguf_block_type(src, key + ".weight") is None or len(shape) != 2 or shape[1] != self.in_features \
+            if gguf_block_type(src, key + ".weight", self.device()) is None or len(shape) != 2 or shape[1] != self.in_features \
                     or shape[0] < self.out_features:
                 return None
             if shape[0] != self.out_features:

@@ -171,11 +171,13 @@ def random_raw(qtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
     return raw.reshape(n, -1)
 
 
-NEW_KINDS = ["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"]
+LATTICE = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S"]
+NEW_KINDS = ["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"] + LATTICE
 # packed bytes per 256 weights: the file's, except the 6-bit scales as bytes (Q4_K/Q5_K: 12 bytes of scales and
-# mins as 16 + 16; Q3_K: 12 as 16; IQ4_XS: 6 as 8 and 8 unused)
+# mins as 16 + 16; Q3_K: 12 as 16; IQ4_XS: 6 as 8 and 8 unused; the lattice types: 4-bit table codes, 16 bytes of
+# odd scale factors, 2 of d: 2.2x IQ2_XXS's 66, 1.5x IQ3_XXS's 98)
 PACKED_BYTES_PER_256 = {"Q4_K": 148, "Q5_K": 180, "Q6_K": 210, "Q5_0": 176, "Q5_1": 192, "Q2_K": 84, "Q3_K": 114,
-                        "IQ4_NL": 144, "IQ4_XS": 146}
+                        "IQ4_NL": 144, "IQ4_XS": 146, **{t: 146 for t in LATTICE}}
 
 
 @pytest.mark.parametrize("qtype", NEW_KINDS)
@@ -256,8 +258,8 @@ def test_kernels_reject_bad_inputs_with_clear_errors():
         kernels.bf16_gemv(torch.randn(1, 32).bfloat16(), torch.randn(8, 64).bfloat16())
     with pytest.raises(ValueError, match="w.up: Q4_0 data has shape"):
         pack_gguf_blocks("Q4_0", random_blocks("Q4_0", 32, 64)[:, :-1], (32, 64), name="w.up")
-    with pytest.raises(ValueError, match="IQ2_XS has no CPU GEMV kernel"):
-        pack_gguf_blocks("IQ2_XS", random_blocks("Q4_0", 32, 64), (32, 64))
+    with pytest.raises(ValueError, match="IQ1_M has no CPU GEMV kernel"):
+        pack_gguf_blocks("IQ1_M", random_blocks("Q4_0", 32, 64), (32, 64))
     with pytest.raises(ValueError, match="instruction set 'sse9' is unknown"):
         kernels.set_isa("sse9")
 
@@ -485,7 +487,7 @@ def test_native_packer_writes_the_reference_packers_bytes(qtype):
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-                                   "Q6_K", "IQ4_XS"])
+                                   "Q6_K", "IQ4_XS"] + LATTICE)
 def test_row_lookup_equals_gguf_py_rows(qtype):
     """csrc/gguf_rows.cpp (the token embedding's lookup over the file's blocks) against gguf-py's dequantisation of
     the same rows, cast once: equal bits in fp32, bf16 and fp16, for ids of any shape with repeats; ids out of
@@ -498,12 +500,33 @@ def test_row_lookup_equals_gguf_py_rows(qtype):
     ids = torch.tensor([[0, 52, 17, 17], [3, 40, 2, 51]])
     code = int(GGMLQuantizationType[qtype])
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        got = kernels.gguf_rows(raw, ids, kernels.GGUF_KINDS[qtype], k, dtype)
+        got = kernels.gguf_rows(raw, ids, qtype, k, dtype)
         want = host_rows(raw, ids, code, k, dtype)
         assert got.shape == (2, 4, k) and got.dtype == dtype and torch.equal(got, want), dtype
-    one = kernels.gguf_rows(raw, torch.tensor([5]), kernels.GGUF_KINDS[qtype], k, torch.float32)
+    one = kernels.gguf_rows(raw, torch.tensor([5]), qtype, k, torch.float32)
     assert torch.equal(one[0], host_rows(raw, torch.tensor(5), code, k, torch.float32))
     with pytest.raises(IndexError, match="token id 53 is out of range for the embedding's 53 rows"):
-        kernels.gguf_rows(raw, torch.tensor([1, 53]), kernels.GGUF_KINDS[qtype], k, torch.float32)
+        kernels.gguf_rows(raw, torch.tensor([1, 53]), qtype, k, torch.float32)
     torch.library.opcheck(torch.ops.exllamav2_cpu.gguf_rows.default,
-                          (raw, ids, kernels.GGUF_KINDS[qtype], k, torch.bfloat16))
+                          (raw, ids, kernels.GGUF_KINDS[qtype], k, torch.bfloat16, kernels.lattice_grid(qtype)))
+
+
+def test_lattice_grids_and_their_packing():
+    """The lattice types' grids as indices (kernels.lattice_grid) give gguf-py's grid values; the packing ops refuse
+    a lattice kind without its grid, and the numpy packer (no grids) refuses them naming the tensor."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import _type_traits
+    for qtype in LATTICE:
+        cls = _type_traits[GGMLQuantizationType[qtype]]
+        cls.init_grid()
+        grid = kernels.lattice_grid(qtype)
+        values = np.asarray(cls.grid_map, dtype=np.float32)[grid.numpy()]
+        assert grid.dtype == torch.uint8 and np.array_equal(values, cls.grid.reshape(cls.grid_shape)), qtype
+    raw = random_raw("IQ3_XXS", 16, 256)
+    with pytest.raises(RuntimeError, match=r"kind 15 needs its grid as contiguous uint8 \(256, 4\)"):
+        torch.ops.exllamav2_cpu.gguf_pack(torch.from_numpy(raw), kernels.GGUF_KINDS["IQ3_XXS"], 16, 256)
+    with pytest.raises(RuntimeError, match="needs its grid"):
+        torch.ops.exllamav2_cpu.gguf_rows(torch.from_numpy(raw), torch.tensor([0]), kernels.GGUF_KINDS["IQ3_XXS"], 256,
+                                          torch.float32, kernels.lattice_grid("IQ2_XXS"))
+    with pytest.raises(ValueError, match="blk.0.w: GGUF IQ3_XXS is packed by the C\\+\\+ kernels only"):
+        pack_gguf_blocks("IQ3_XXS", raw, (16, 256), name="blk.0.w", native=False)

@@ -77,7 +77,10 @@ def stored_nbytes(gguf_file, key: str) -> int:
 # (dmin = d * that; None: no dmin) and the byte offsets of the fp16 d and dmin.
 _KQUANT_CODES = {"Q4_K": (32 * 4.6, 7.5, 0, 2), "Q5_K": (32 * 9.2, 15.5, 0, 2), "Q6_K": (32 * 18.5, None, 208, None),
                  "Q2_K": (10.0, 1.5, 80, 82), "Q3_K": (42.0, None, 108, None), "IQ4_XS": (1220.0, None, 0, None),
-                 "IQ4_NL": (66.0, None, 0, None)}
+                 "IQ4_NL": (66.0, None, 0, None),
+                 # the lattice types: |w| ~ d * odd scale (~16, IQ1_S ~8) * grid value * their power-of-two factor
+                 "IQ2_XXS": (50.0, None, 0, None), "IQ2_XS": (50.0, None, 0, None), "IQ2_S": (50.0, None, 0, None),
+                 "IQ3_XXS": (120.0, None, 0, None), "IQ3_S": (128.0, None, 0, None), "IQ1_S": (6.0, None, 0, None)}
 
 
 def random_kquant_blocks(shape: tuple[int, int], qtype: str, rng, scale: float = 0.1) -> np.ndarray:

@@ -1,5 +1,6 @@
 """GgufWeight: a linear weight kept in the GGUF file's own quant blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL,
-Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS), possibly the row concatenation of several tensors (fused q/k/v or gate/up).
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; on the CPU the lattice types IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S too),
+possibly the row concatenation of several tensors (fused q/k/v or gate/up).
 
 Nothing is copied at load: the blocks are read from the file's memory map when a backend prepares its kernel and
 when the reference dequantises (through the GGUF reader, as a dense load would). The backends:
@@ -14,16 +15,19 @@ from __future__ import annotations
 
 import torch
 
-from .gguf_blocks import BLOCK, BLOCK_GEOMETRY, PACKED_TYPES, SUPPORTED_TYPES, decode_blocks
+from .gguf_blocks import BLOCK, BLOCK_GEOMETRY, CPU_ONLY_TYPES, PACKED_TYPES, SUPPORTED_TYPES, decode_blocks
 from .kernels.cpu_int4 import Int4PackedMatrix, build_int4pack, int4pack_available, pack_digits
 from .weight import QuantWeight
 
 
-def gguf_block_type(src, name: str) -> str | None:
-    """The GGUF quant type of `name` when it is one GgufWeight keeps packed, else None."""
+def gguf_block_type(src, name: str, device=None) -> str | None:
+    """The GGUF quant type of `name` when it is one GgufWeight keeps packed on `device` (the lattice types on the
+    CPU only), else None."""
     if not hasattr(src, "ggml_type"):
         return None
     t = src.ggml_type(name)
+    if t in CPU_ONLY_TYPES and device is not None and torch.device(device).type != "cpu":
+        return None
     return t if t in PACKED_TYPES else None
 
 

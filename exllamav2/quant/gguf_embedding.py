@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from ..ops.cpu import kernels as cpu_kernels
-from .gguf_blocks import PACKED_TYPES
+from .gguf_blocks import CPU_ONLY_TYPES, PACKED_TYPES
 
 
 def host_rows(blocks: torch.Tensor, ids: torch.Tensor, qtype: int, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -61,14 +61,14 @@ class GgufEmbeddingTable:
             self.k = kernels("gguf_kernels", torch.device(device).type == "cpu" and interpreting())
             self.triton_code = self.k.QTYPE_CODES[qtype]
         self.qtype, self.code = qtype, int(GGMLQuantizationType[qtype])
-        self.kind = cpu_kernels.GGUF_KINDS.get(qtype)   # the C++ lookup's type code, None where it has none
+        self.native = qtype in cpu_kernels.GGUF_KINDS   # the C++ lookup decodes this type
         self.vocab, self.width = vocab, width
 
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.triton:
             return self._triton_rows(ids.to(self.blocks.device, torch.int64), dtype)
-        if self.kind is not None and cpu_kernels.loaded_usable():
-            return cpu_kernels.gguf_rows(self.blocks, ids.to("cpu", torch.int64), self.kind, self.width, dtype)
+        if self.native and cpu_kernels.loaded_usable():
+            return cpu_kernels.gguf_rows(self.blocks, ids.to("cpu", torch.int64), self.qtype, self.width, dtype)
         if not torch.compiler.is_compiling():
             bad = (ids >= self.vocab)
             if bad.any():
@@ -97,6 +97,8 @@ class GgufEmbeddingTable:
 def gguf_embedding_table(src, name: str, device: torch.device | str = "cpu") -> GgufEmbeddingTable | None:
     """The table of tensor `name` when its source is a GGUF file holding it in a block type, else None."""
     if not hasattr(src, "ggml_type") or src.ggml_type(name) not in PACKED_TYPES:
+        return None
+    if src.ggml_type(name) in CPU_ONLY_TYPES and torch.device(device).type != "cpu":
         return None
     qtype, blocks, shape = src.raw(name)
     return GgufEmbeddingTable(name, qtype, blocks, tuple(shape), device)

@@ -29,7 +29,7 @@ import torch
 
 from ...quant.gguf_blocks import check_block_matrix
 from . import kernels
-from .kernels import GGUF_KINDS, GROUP_ROWS
+from .kernels import GGUF_KINDS, GROUP_ROWS, LATTICE_TYPES, lattice_grid
 
 
 
@@ -88,11 +88,14 @@ def pack_gguf_blocks(ggml_type: str, raw: np.ndarray, shape: tuple[int, ...], na
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)   # a read-only memory map of the file, only read
             src = torch.from_numpy(raw)
-        q, sup = torch.ops.exllamav2_cpu.gguf_pack(src, GGUF_KINDS[ggml_type], n, shape[1])
+        q, sup = torch.ops.exllamav2_cpu.gguf_pack(src, GGUF_KINDS[ggml_type], n, shape[1], lattice_grid(ggml_type))
         if sup.numel():
             sup = sup.view(-1, shape[1] // 256, sup.numel() // (-(-n // GROUP_ROWS) * (shape[1] // 256) * GROUP_ROWS),
                            GROUP_ROWS)
         return GgufPacked(q, GGUF_KINDS[ggml_type], ggml_type, n, shape[1], sup if sup.numel() else None)
+    if ggml_type in LATTICE_TYPES:
+        raise ValueError(f"{name}: GGUF {ggml_type} is packed by the C++ kernels only (csrc/gguf_pack.cpp; checked "
+                         f"against gguf-py's dequantisation instead of a numpy packer)")
     blocks, n, k, groups = _padded_blocks(ggml_type, raw, shape, name)
     if ggml_type in ("Q4_K", "Q5_K"):
         return _pack_q45_k(ggml_type, blocks, n, k, groups)

@@ -8,15 +8,38 @@ comparisons; the default is the best the CPU has.
 
 from __future__ import annotations
 
+import functools
 import os
 
+import numpy as np
 import torch
 
 from . import build
 
 ISA_LEVELS = {"none": 0, "avx2": 1, "avx512": 2}
 GGUF_KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q5_0": 4, "Q5_1": 5, "Q5_K": 6, "Q6_K": 7, "Q2_K": 8,
-              "Q3_K": 9, "IQ4_NL": 10, "IQ4_XS": 11}
+              "Q3_K": 9, "IQ4_NL": 10, "IQ4_XS": 11, "IQ2_XXS": 12, "IQ2_XS": 13, "IQ2_S": 14, "IQ3_XXS": 15,
+              "IQ3_S": 16, "IQ1_S": 17}
+# the lattice types: decoded through their grids (lattice_grid), which the decoding ops take as an argument
+LATTICE_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S")
+
+
+@functools.cache
+def lattice_grid(qtype: str) -> torch.Tensor | None:
+    """The grid of a lattice type as uint8 (entries, 8 or 4) indices into its grid values (IQ2: 8, 25, 43; IQ3_XXS:
+    4 .. 62; IQ3_S: 1 .. 15; IQ1_S: -1, 0, 1), read from gguf-py's definition of the type (its hex string packs
+    ceil(log2(values)) bits an index); None for the other types."""
+    if qtype not in LATTICE_TYPES:
+        return None
+    from gguf import GGMLQuantizationType
+    from gguf.quants import _type_traits
+    cls = _type_traits[GGMLQuantizationType[qtype]]
+    bits = max(1, (len(cls.grid_map) - 1).bit_length())
+    per_byte = 8 // bits
+    step = 8 // per_byte
+    raw = np.frombuffer(bytes.fromhex(cls.grid_hex.decode()), dtype=np.uint8)
+    idx = np.stack([(raw >> (e * step)) & ((1 << bits) - 1) for e in range(per_byte)], axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(idx.reshape(cls.grid_shape)))
 GROUP_ROWS = 16   # output rows per interleaved group of the GGUF layout (csrc/gemv.cpp)
 BLOCK = 32        # columns per GGUF block
 
@@ -37,7 +60,7 @@ def _register_fakes() -> None:
         return qweight.new_empty((n, k), dtype=dtype)
 
     @torch.library.register_fake("exllamav2_cpu::gguf_rows")
-    def _gguf_rows_fake(raw, ids, kind, k, dtype):
+    def _gguf_rows_fake(raw, ids, kind, k, dtype, grid=None):
         return raw.new_empty((*ids.shape, k), dtype=dtype)
 
     @torch.library.register_fake("exllamav2_cpu::bf16_gemv")
@@ -145,10 +168,10 @@ def gguf_dequant(packed, dtype: torch.dtype) -> torch.Tensor:
                                                 packed.in_features, dtype, packed.super_scales)
 
 
-def gguf_rows(raw: torch.Tensor, ids: torch.Tensor, kind: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+def gguf_rows(raw: torch.Tensor, ids: torch.Tensor, qtype: str, width: int, dtype: torch.dtype) -> torch.Tensor:
     """Rows `ids` (int64, any shape) of a GGUF matrix held as its file's bytes, raw uint8 (rows, bytes per row) of
-    GGUF_KINDS type `kind` -> (*ids.shape, width) in dtype: gguf-py's values rounded once (csrc/gguf_rows.cpp)."""
-    return torch.ops.exllamav2_cpu.gguf_rows(raw, ids, kind, width, dtype)
+    GGUF_KINDS type `qtype` -> (*ids.shape, width) in dtype: gguf-py's values rounded once (csrc/gguf_rows.cpp)."""
+    return torch.ops.exllamav2_cpu.gguf_rows(raw, ids, GGUF_KINDS[qtype], width, dtype, lattice_grid(qtype))
 
 
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

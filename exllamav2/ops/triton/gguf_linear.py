@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import declines_device, kernels
+from . import declines_device, interpreting, kernels
 from .linear import PackedKernel, split_count, triton_cdiv
 
 _FLOAT_TYPES = (torch.float16, torch.bfloat16)
@@ -83,6 +83,10 @@ def prepare(quant, bias: torch.Tensor | None, device: torch.device, dtype: torch
     if not hasattr(quant, "raw_blocks"):
         return f"{getattr(quant, 'key', 'weight')}: not GGUF blocks"
     device = torch.device(device)
+    codes = kernels("gguf_kernels", device.type == "cpu" and interpreting()).QTYPE_CODES
+    missing = sorted(set(quant.types) - set(codes))
+    if missing:
+        return f"{quant.key}: no Triton kernel for GGUF {', '.join(missing)}"
     if len(set(quant.types)) != 1:
         return GgufRunsKernel(quant, device, dtype)
     return GgufKernel(quant, device, dtype)

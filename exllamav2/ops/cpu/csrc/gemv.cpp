@@ -50,6 +50,12 @@ using gguf_kernels::Q2_K;
 using gguf_kernels::Q3_K;
 using gguf_kernels::IQ4_NL;
 using gguf_kernels::IQ4_XS;
+using gguf_kernels::IQ2_XXS;
+using gguf_kernels::IQ2_XS;
+using gguf_kernels::IQ2_S;
+using gguf_kernels::IQ3_XXS;
+using gguf_kernels::IQ3_S;
+using gguf_kernels::IQ1_S;
 using namespace cpu_isa;
 
 // ------------------------------------------------------------------------------------------- output storing
@@ -148,7 +154,13 @@ GroupFn group_fn(int64_t kind, int64_t rows, int64_t isa, bool two) {
         case Q2_K: return group_fn_for_rows<Q2_K>(rows, isa, two);
         case Q3_K: return group_fn_for_rows<Q3_K>(rows, isa, two);
         case IQ4_NL: return group_fn_for_rows<IQ4_NL>(rows, isa, two);
-        default: return group_fn_for_rows<IQ4_XS>(rows, isa, two);
+        case IQ4_XS: return group_fn_for_rows<IQ4_XS>(rows, isa, two);
+        case IQ2_XXS: return group_fn_for_rows<IQ2_XXS>(rows, isa, two);
+        case IQ2_XS: return group_fn_for_rows<IQ2_XS>(rows, isa, two);
+        case IQ2_S: return group_fn_for_rows<IQ2_S>(rows, isa, two);
+        case IQ3_XXS: return group_fn_for_rows<IQ3_XXS>(rows, isa, two);
+        case IQ3_S: return group_fn_for_rows<IQ3_S>(rows, isa, two);
+        default: return group_fn_for_rows<IQ1_S>(rows, isa, two);
     }
 }
 
@@ -165,7 +177,13 @@ GroupFn pair_fn(int64_t kind, int64_t rows, bool two) {
         case Q2_K: return pair_fn_for_rows<Q2_K>(rows, two);
         case Q3_K: return pair_fn_for_rows<Q3_K>(rows, two);
         case IQ4_NL: return pair_fn_for_rows<IQ4_NL>(rows, two);
-        default: return pair_fn_for_rows<IQ4_XS>(rows, two);
+        case IQ4_XS: return pair_fn_for_rows<IQ4_XS>(rows, two);
+        case IQ2_XXS: return pair_fn_for_rows<IQ2_XXS>(rows, two);
+        case IQ2_XS: return pair_fn_for_rows<IQ2_XS>(rows, two);
+        case IQ2_S: return pair_fn_for_rows<IQ2_S>(rows, two);
+        case IQ3_XXS: return pair_fn_for_rows<IQ3_XXS>(rows, two);
+        case IQ3_S: return pair_fn_for_rows<IQ3_S>(rows, two);
+        default: return pair_fn_for_rows<IQ1_S>(rows, two);
     }
 }
 
@@ -194,10 +212,12 @@ void quantize_x(const at::Tensor& x, int64_t isa, int64_t m0, int64_t m1, int8_t
 // The packed weight for `kind`, checked against n x K (gguf_pack.py makes it).
 Weights check_weights(const char* op, int64_t kind, int64_t n, int64_t K, const at::Tensor& qweight,
                       const std::optional<at::Tensor>& super_scales) {
-    static const char* const names[kKinds] = {"Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_0", "Q5_1",
-                                              "Q5_K", "Q6_K", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"};
-    TORCH_CHECK(kind >= 0 && kind < kKinds, op, ": kind ", kind, " is not one of 0..11 (Q4_0, Q4_1, Q8_0, Q4_K, "
-                "Q5_0, Q5_1, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS)");
+    static const char* const names[kKinds] = {"Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q2_K",
+                                              "Q3_K", "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
+                                              "IQ3_S", "IQ1_S"};
+    TORCH_CHECK(kind >= 0 && kind < kKinds, op, ": kind ", kind, " is not one of 0..", kKinds - 1, " (Q4_0, Q4_1, "
+                "Q8_0, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, "
+                "IQ3_S, IQ1_S)");
     const int sf = gguf_kernels::super_fields(static_cast<int>(kind));
     const int64_t blk = sf ? 256 : kBlock;
     TORCH_CHECK(K % blk == 0, op, ": ", K, " columns, expected a multiple of ", blk, " (", names[kind], ")");

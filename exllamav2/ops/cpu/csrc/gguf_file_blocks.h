@@ -28,7 +28,13 @@ inline Geometry geometry(int kind) {
         case Q4_K: return {256, 144};
         case Q5_K: return {256, 176};
         case Q6_K: return {256, 210};
-        default: return {256, 136};  // IQ4_XS
+        case IQ4_XS: return {256, 136};
+        case IQ2_XXS: return {256, 66};
+        case IQ2_XS: return {256, 74};
+        case IQ2_S: return {256, 82};
+        case IQ3_XXS: return {256, 98};
+        case IQ3_S: return {256, 110};
+        default: return {256, 50};  // IQ1_S
     }
 }
 
@@ -44,6 +50,98 @@ inline uint32_t u32(const uint8_t* p) {
     return v;
 }
 
+// One 32-column block of one row: its codes and the bytes of its tail fields (t0: d / sc / the first half's,
+// t1: m / mn / the second half's; fp16 fields as their two bytes).
+struct Block {
+    uint8_t code[32];
+    uint8_t t0[2], t1[2];
+};
+
+// The lattice kinds' grids as exllamav2/ops/cpu/gguf_pack.py's lattice_grid gives them: per entry 8 (IQ2, IQ1_S) or
+// 4 (IQ3) indices into the type's grid values (IQ2: 0x08 0x19 0x2b; IQ3_XXS: 0x04 .. 0x3e; IQ3_S: 1 .. 15; IQ1_S:
+// -1 0 1).
+constexpr int grid_width(int kind) { return kind == IQ3_XXS || kind == IQ3_S ? 4 : 8; }
+constexpr int grid_entries(int kind) {
+    return kind == IQ2_XXS || kind == IQ3_XXS ? 256 : kind == IQ2_XS || kind == IQ3_S ? 512 : kind == IQ2_S ? 1024 : 2048;
+}
+
+// The 8 sign bits of a 7-bit sign index (llama.cpp's ksigns_iq2xs): the eighth makes their count even.
+inline uint8_t even_signs(uint32_t i) { return static_cast<uint8_t>(i | ((__builtin_popcount(i) & 1) << 7)); }
+
+// The table code of magnitude index m with a sign (lut_values: m_i at 8 + i, -m_i at 7 - i).
+inline uint8_t signed_code(int m, bool negative) { return static_cast<uint8_t>(negative ? 7 - m : 8 + m); }
+
+// 8 weights from grid entry gi (IQ2 / IQ3 halves) with their 8 sign bits, into code[0..7]
+inline void grid_codes8(const uint8_t* grid, int width, uint32_t gi, uint32_t gi2, uint8_t signs, uint8_t* code) {
+    for (int i = 0; i < 8; ++i) {
+        const int m = width == 8 ? grid[gi * 8 + i] : i < 4 ? grid[gi * 4 + i] : grid[gi2 * 4 + i - 4];
+        code[i] = signed_code(m, (signs >> i) & 1);
+    }
+}
+
+// Sub-block j (32 weights) of a lattice kind's super-block sb: codes and the odd scale factor(s) in t0.
+inline void decode_lattice(int kind, const uint8_t* sb, int j, const uint8_t* grid, Block& out) {
+    const int w = grid_width(kind);
+    switch (kind) {
+        case IQ2_XXS: {
+            const uint32_t grids = u32(sb + 2 + 8 * j), aux = u32(sb + 2 + 8 * j + 4);
+            for (int l = 0; l < 4; ++l)
+                grid_codes8(grid, w, (grids >> (8 * l)) & 255, 0, even_signs((aux >> (7 * l)) & 127), out.code + 8 * l);
+            out.t0[0] = static_cast<uint8_t>(2 * (aux >> 28) + 1);
+            return;
+        }
+        case IQ2_XS:
+        case IQ2_S: {
+            for (int l = 0; l < 4; ++l) {
+                const int g = 4 * j + l;
+                if (kind == IQ2_XS) {
+                    const uint16_t q = u16(sb + 2 + 2 * g);
+                    grid_codes8(grid, w, q & 511, 0, even_signs(q >> 9), out.code + 8 * l);
+                } else {
+                    const uint32_t gi = sb[2 + g] | (((sb[66 + j] >> (2 * l)) & 3) << 8);
+                    grid_codes8(grid, w, gi, 0, sb[34 + g], out.code + 8 * l);
+                }
+            }
+            const uint8_t sc = sb[kind == IQ2_XS ? 66 + j : 74 + j];
+            out.t0[0] = static_cast<uint8_t>(2 * (sc & 15) + 1);
+            out.t0[1] = static_cast<uint8_t>(2 * (sc >> 4) + 1);
+            return;
+        }
+        case IQ3_XXS: {
+            const uint32_t aux = u32(sb + 66 + 4 * j);
+            for (int l = 0; l < 4; ++l)
+                grid_codes8(grid, w, sb[2 + 8 * j + 2 * l], sb[2 + 8 * j + 2 * l + 1],
+                            even_signs((aux >> (7 * l)) & 127), out.code + 8 * l);
+            out.t0[0] = static_cast<uint8_t>(2 * (aux >> 28) + 1);
+            return;
+        }
+        case IQ3_S: {
+            for (int l = 0; l < 4; ++l) {
+                const int t = 2 * l;  // the group's two quads, 4 weights each
+                const uint32_t gi = sb[2 + 8 * j + t] | (((sb[66 + j] >> t) & 1) << 8);
+                const uint32_t gi2 = sb[2 + 8 * j + t + 1] | (((sb[66 + j] >> (t + 1)) & 1) << 8);
+                grid_codes8(grid, w, gi, gi2, sb[74 + 4 * j + l], out.code + 8 * l);
+            }
+            out.t0[0] = static_cast<uint8_t>(2 * ((sb[106 + j / 2] >> (4 * (j % 2))) & 15) + 1);
+            return;
+        }
+        default: {  // IQ1_S: 8 * (grid value + delta), delta = +-1/8 per sub-block: +-1, +-7, +-9
+            const uint16_t h = u16(sb + 34 + 2 * j);
+            const int delta = h & 0x8000 ? -1 : 1;
+            for (int l = 0; l < 4; ++l) {
+                const uint32_t gi = sb[2 + 4 * j + l] | (((h >> (3 * l)) & 7) << 8);
+                for (int i = 0; i < 8; ++i) {
+                    const int v = 8 * (grid[gi * 8 + i] - 1) + delta;
+                    const int a = v < 0 ? -v : v;
+                    out.code[8 * l + i] = signed_code(a == 1 ? 0 : a == 7 ? 1 : 2, v < 0);
+                }
+            }
+            out.t0[0] = static_cast<uint8_t>(2 * ((h >> 12) & 7) + 1);
+            return;
+        }
+    }
+}
+
 // llama.cpp's get_scale_min_k4: sub-block j's 6-bit scale and min of a Q4_K/Q5_K super-block
 inline void scale_min_k4(int j, const uint8_t* q, uint8_t& sc, uint8_t& mn) {
     if (j < 4) {
@@ -55,15 +153,10 @@ inline void scale_min_k4(int j, const uint8_t* q, uint8_t& sc, uint8_t& mn) {
     }
 }
 
-// One 32-column block of one row: its codes and the bytes of its tail fields (t0: d / sc / the first half's,
-// t1: m / mn / the second half's; fp16 fields as their two bytes).
-struct Block {
-    uint8_t code[32];
-    uint8_t t0[2], t1[2];
-};
 
 // Block b (32 columns) of a row whose file bytes start at `row`.
-inline void decode_block(int kind, const uint8_t* row, int64_t b, Block& out) {
+// (grid: the lattice kinds' grid, null for the others)
+inline void decode_block(int kind, const uint8_t* row, int64_t b, Block& out, const uint8_t* grid = nullptr) {
     const Geometry geo = geometry(kind);
     std::memset(out.t0, 0, 2);
     std::memset(out.t1, 0, 2);
@@ -87,6 +180,10 @@ inline void decode_block(int kind, const uint8_t* row, int64_t b, Block& out) {
     }
     const uint8_t* sb = row + (b / 8) * geo.bytes;
     const int j = static_cast<int>(b % 8), n = j / 4, jj = j % 4;
+    if (lattice(kind)) {
+        decode_lattice(kind, sb, j, grid, out);
+        return;
+    }
     switch (kind) {
         case Q4_K:
         case Q5_K: {
@@ -158,13 +255,20 @@ inline void block_values(int kd, const int* q, const BlockFields& f, float* out)
         for (int j = 0; j < kBlock; ++j) out[j] = f.d * static_cast<float>(q[j]) + -128.f * f.d;
         return;
     }
+    // the table kinds' power-of-two factor, applied last (exact)
+    const float kmul = 1.f / static_cast<float>(1 << lut_shift(kd));
     if (split_halves(kd)) {
         for (int hf = 0; hf < 2; ++hf) {
             const uint8_t sb = hf ? f.b1 : f.b0;
             const float ds = f.sd * (kd == Q2_K ? static_cast<float>(sb & 15) : scale(sb));
             const float mn = kd == Q2_K ? f.sdmin * static_cast<float>(sb >> 4) : 0.f;
             for (int j = 0; j < 16; ++j) {
-                const float w = ds * static_cast<float>(q[16 * hf + j] - code_offset(kd));
+                const int c = q[16 * hf + j];
+                if (lut(kd)) {
+                    out[16 * hf + j] = ds * static_cast<float>(lut_values(kd)[c]) * kmul;
+                    continue;
+                }
+                const float w = ds * static_cast<float>(c - code_offset(kd));
                 out[16 * hf + j] = has_min(kd) ? w - mn : w;
             }
         }
@@ -172,7 +276,7 @@ inline void block_values(int kd, const int* q, const BlockFields& f, float* out)
     }
     if (lut(kd)) {
         const float d = super_fields(kd) ? f.sd * scale(f.b0) : f.d;
-        for (int j = 0; j < kBlock; ++j) out[j] = d * static_cast<float>(kIq4Values[q[j]]);
+        for (int j = 0; j < kBlock; ++j) out[j] = d * static_cast<float>(lut_values(kd)[q[j]]) * kmul;
         return;
     }
     float d, c;

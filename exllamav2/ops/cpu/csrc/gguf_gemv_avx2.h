@@ -20,7 +20,7 @@ __attribute__((target("avx2"), always_inline)) inline void nibble_dots_avx2(
     const __m256i low = _mm256_set1_epi8(0x0F);
     const __m256i hmask = _mm256_set1_epi8(HB == 2 ? 0x30 : 0x10);
     const __m256i ones16 = _mm256_set1_epi16(1);
-    const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4Values)));
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(lut_values(KIND))));
     // the high bits as in gguf_gemv_avx512.h's nibble_dots (two bits: chunks 2 and 3 start over from the plane)
     __m256i pl, ph, al, ah;
     if constexpr (HB > 0) {
@@ -252,10 +252,11 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2(
             }
         }
     }
+    const __m256 kmul = _mm256_set1_ps(1.f / static_cast<float>(1 << lut_shift(KIND)));
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
-        _mm256_storeu_ps(out + m * kGroup, acc[0][m]);
-        _mm256_storeu_ps(out + m * kGroup + 8, acc[1][m]);
+        _mm256_storeu_ps(out + m * kGroup, lut_shift(KIND) ? _mm256_mul_ps(acc[0][m], kmul) : acc[0][m]);
+        _mm256_storeu_ps(out + m * kGroup + 8, lut_shift(KIND) ? _mm256_mul_ps(acc[1][m], kmul) : acc[1][m]);
     }
 }
 

@@ -55,9 +55,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) i
     constexpr int HB = high_bits(KIND);
     const __m512i low = _mm512_set1_epi8(0x0F);
     const __m512i hmask = _mm512_set1_epi8(HB == 2 ? 0x30 : 0x10);
-    // IQ4: the table + 128 in each 128-bit lane, looked up by vpshufb
+    // the table kinds: the table + 128 in each 128-bit lane, looked up by vpshufb
     const __m512i table = _mm512_xor_si512(
-        _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4Values))), _mm512_set1_epi8(-128));
+        _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(lut_values(KIND)))), _mm512_set1_epi8(-128));
     __m512i pl[G], ph[G], al[G], ah[G];
     if constexpr (HB > 0) {
 #pragma GCC unroll 4
@@ -319,10 +319,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void group_
                 }
         }
     }
+    const __m512 kmul = _mm512_set1_ps(1.f / static_cast<float>(1 << lut_shift(KIND)));
 #pragma GCC unroll 4
     for (int j = 0; j < G; ++j)
 #pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) _mm512_storeu_ps(out + m * G * kGroup + j * kGroup, acc[j][m]);
+        for (int m = 0; m < M; ++m)
+            _mm512_storeu_ps(out + m * G * kGroup + j * kGroup, lut_shift(KIND) ? _mm512_mul_ps(acc[j][m], kmul) : acc[j][m]);
 }
 
 }  // namespace gguf_kernels

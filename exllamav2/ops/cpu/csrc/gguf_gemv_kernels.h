@@ -7,7 +7,7 @@
 // column order and the groups one after another, so a thread streams one sequential range. A record:
 //   codes, 4-bit: 4 chunks x 16 rows x 4 bytes; byte i of chunk c of row r holds column 4c+i (low nibble) and
 //          16+4c+i (high nibble), the GGUF Q4_0 block's own byte order, only interleaved over 16 rows
-//          (IQ4_NL/IQ4_XS's nibbles index kIq4Values);
+//          (IQ4_NL/IQ4_XS's and the lattice kinds' nibbles index lut_values(kind));
 //   codes, 2-bit (Q2_K, Q3_K's low bits): two planes of 16 rows x 4 bytes, byte i of row r of the first holding
 //          columns 4c+i (c = 0..3) in bits 2c, 2c+1, the second columns 16+4c+i;
 //   codes, 8-bit (Q8_0): 8 chunks x 16 rows x 4 bytes, column 4c+i, stored as q + 128 (unsigned);
@@ -16,12 +16,13 @@
 //     two bits (Q6_K): two planes, the first for columns 0..15 (bits 2c, 2c+1: column 4c+i), the second for 16..31;
 //   then per row: Q4_0/Q5_0/Q8_0/IQ4_NL the fp16 scale d; Q4_1/Q5_1 d, then the fp16 offset m; Q4_K/Q5_K the
 //   sub-block's 6-bit scale sc and min mn as uint8 (llama.cpp's get_scale_min_k4); IQ4_XS its 6-bit scale less 32
-//   as int8 (16 bytes unused); Q6_K/Q3_K the int8 scales of columns 0..15 and of 16..31; Q2_K the file's byte of
-//   each half (scale | min << 4). Records of 160 (Q2_K), 224 (Q3_K), 288 (Q4_0, Q4_K, IQ4_NL, IQ4_XS), 320 (Q4_1),
+//   as int8 (16 bytes unused); IQ3_XXS/IQ3_S/IQ2_XXS/IQ1_S the odd factor 2s + 1 of the sub-block's scale (16
+//   unused), IQ2_XS/IQ2_S that of each 16-column half; Q6_K/Q3_K the int8 scales of columns 0..15 and of 16..31; Q2_K the file's byte of
+//   each half (scale | min << 4). Records of 160 (Q2_K), 224 (Q3_K), 288 (Q4_0, Q4_K, the table kinds), 320 (Q4_1),
 //   352 (Q5_0, Q5_K), 384 (Q5_1), 416 (Q6_K), 544 (Q8_0) bytes: each type's own weights at its file's size, the
 //   6-bit scales as bytes (Q4_K 4.625 bits per weight against the file's 4.5, Q3_K 3.5625 against 3.4375).
 //   K-quants and IQ4_XS: beside the records per group and 256-column super-block the fp16 d and dmin (Q4_K, Q5_K,
-//   Q2_K: 2 x 16) or d (Q6_K, Q3_K, IQ4_XS: 16), so w = (d*sc) * q - (dmin*mn), or (d*sc) * (q - offset): d*sc and
+//   Q2_K: 2 x 16) or d (Q6_K, Q3_K, IQ4_XS, the lattice kinds: 16), so w = (d*sc) * q - (dmin*mn), or (d*sc) * (q - offset): d*sc and
 //   dmin*mn are exact in fp32 (11-bit by 6- or 8-bit products).
 // A 32-bit lane of a vector holds 4 weights of one output row, so the activation's 4 matching int8 values are
 // broadcast to all lanes and one vpdpbusd advances 16 output rows.
@@ -58,12 +59,33 @@ constexpr int kMaxRows = 8;  // activation rows per kernel call
 
 enum Kind : int {
     Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, Q4_K = 3, Q5_0 = 4, Q5_1 = 5, Q5_K = 6, Q6_K = 7, Q2_K = 8, Q3_K = 9,
-    IQ4_NL = 10, IQ4_XS = 11
+    IQ4_NL = 10, IQ4_XS = 11, IQ2_XXS = 12, IQ2_XS = 13, IQ2_S = 14, IQ3_XXS = 15, IQ3_S = 16, IQ1_S = 17
 };
-constexpr int kKinds = 12;
+constexpr int kKinds = 18;
 
-// IQ4_NL / IQ4_XS: a code indexes llama.cpp's non-linear table (kvalues_iq4nl)
-alignas(16) constexpr int8_t kIq4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+// The 4-bit table kinds: a code indexes a 16-value table. IQ4_NL / IQ4_XS: llama.cpp's non-linear table
+// (kvalues_iq4nl). The lattice kinds (IQ2_*, IQ3_*, IQ1_S) keep their grids' values: each weight is one grid
+// value times a sign (IQ1_S: a grid value in {-1, 0, 1} plus the sub-block's delta of +-1/8, times 8), so the
+// table holds the magnitudes m_i at 8 + i and -m_i at 7 - i (unused entries 0, never indexed), and a code is
+// 8 + i or 7 - i. Their fractional factors (IQ2: 1/8, IQ3_XXS: 1/4, IQ1_S: 1/8) are powers of two, applied to
+// the fp32 output (exact: a power-of-two scale commutes with every rounding of the sum).
+alignas(16) constexpr int8_t kLutValues[5][16] = {
+    {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113},   // IQ4_NL, IQ4_XS
+    {0, 0, 0, 0, 0, -43, -25, -8, 8, 25, 43, 0, 0, 0, 0, 0},                       // IQ2_*: grid 0x08 0x19 0x2b
+    {-62, -52, -44, -36, -28, -20, -12, -4, 4, 12, 20, 28, 36, 44, 52, 62},         // IQ3_XXS
+    {-15, -13, -11, -9, -7, -5, -3, -1, 1, 3, 5, 7, 9, 11, 13, 15},                 // IQ3_S
+    {0, 0, 0, 0, 0, -9, -7, -1, 1, 7, 9, 0, 0, 0, 0, 0},                           // IQ1_S: 8 * (grid +- 1/8)
+};
+constexpr const int8_t* lut_values(int kind) {
+    return kind == IQ2_XXS || kind == IQ2_XS || kind == IQ2_S ? kLutValues[1]
+         : kind == IQ3_XXS ? kLutValues[2] : kind == IQ3_S ? kLutValues[3] : kind == IQ1_S ? kLutValues[4]
+         : kLutValues[0];
+}
+// the output's factor 2^-lut_shift
+constexpr int lut_shift(int kind) {
+    return kind == IQ2_XXS || kind == IQ2_XS || kind == IQ2_S || kind == IQ1_S ? 3 : kind == IQ3_XXS ? 2 : 0;
+}
+constexpr bool lattice(int kind) { return kind >= IQ2_XXS; }
 
 // The packed weight (gguf_pack.py).
 struct Weights {
@@ -77,24 +99,27 @@ constexpr bool crumbs(int kind) { return kind == Q2_K || kind == Q3_K; }
 constexpr int high_bits(int kind) {
     return kind == Q6_K ? 2 : kind == Q5_0 || kind == Q5_1 || kind == Q5_K || kind == Q3_K ? 1 : 0;
 }
-// the nibble indexes kIq4Values
-constexpr bool lut(int kind) { return kind == IQ4_NL || kind == IQ4_XS; }
+// the nibble indexes lut_values(kind)
+constexpr bool lut(int kind) { return kind == IQ4_NL || kind == IQ4_XS || lattice(kind); }
 // an fp16 offset m per row and block (w = d*q + m)
 constexpr bool has_m(int kind) { return kind == Q4_1 || kind == Q5_1; }
 // 256-column super-blocks: fp16 d (and dmin) beside the records
 constexpr int super_fields(int kind) {
-    return kind == Q4_K || kind == Q5_K || kind == Q2_K ? 2 : kind == Q6_K || kind == Q3_K || kind == IQ4_XS ? 1 : 0;
+    return kind == Q4_K || kind == Q5_K || kind == Q2_K ? 2
+         : kind == Q6_K || kind == Q3_K || kind == IQ4_XS || lattice(kind) ? 1 : 0;
 }
 // integer sub-block scales (K-quants, IQ4_XS): int8 (else uint8), and a uint8 min scaled by dmin (w = ... - dmin*mn)
-constexpr bool signed_scales(int kind) { return kind == Q6_K || kind == Q3_K || kind == IQ4_XS; }
+constexpr bool signed_scales(int kind) { return kind == Q6_K || kind == Q3_K || kind == IQ4_XS || lattice(kind); }
 constexpr bool has_min(int kind) { return kind == Q4_K || kind == Q5_K || kind == Q2_K; }
 // a scale (and min) per 16 columns: each block's halves summed apart
-constexpr bool split_halves(int kind) { return kind == Q6_K || kind == Q3_K || kind == Q2_K; }
+constexpr bool split_halves(int kind) {
+    return kind == Q6_K || kind == Q3_K || kind == Q2_K || kind == IQ2_XS || kind == IQ2_S;
+}
 // bytes of codes (high-bit planes included) per (group, block), and of the whole record
 constexpr int code_bytes(int kind) { return kind == Q8_0 ? 512 : (crumbs(kind) ? 128 : 256) + 64 * high_bits(kind); }
 constexpr int record_bytes(int kind) { return code_bytes(kind) + (has_m(kind) ? 64 : 32); }
 // the code offset subtracted in integers (the offsets of Q4_1/Q5_1 and of the mins are floats per row and block);
-// the IQ4 kinds store kIq4Values + 128 (unsigned for vpdpbusd)
+// the table kinds store lut_values(kind) + 128 (unsigned for vpdpbusd)
 constexpr int code_offset(int kind) {
     return kind == Q4_0 ? 8 : kind == Q5_0 ? 16 : kind == Q6_K ? 32 : kind == Q3_K ? 4
          : kind == Q8_0 || lut(kind) ? 128 : 0;

@@ -13,10 +13,12 @@
 
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <tuple>
 #include <vector>
 
 #include "gguf_file_blocks.h"
+#include "gguf_lattice_grid.h"
 
 namespace {
 
@@ -72,9 +74,11 @@ void place(int kind, const Block& blk, int rr, uint8_t* rec) {
     }
 }
 
-std::tuple<at::Tensor, at::Tensor> gguf_pack(const at::Tensor& raw, int64_t kind, int64_t n, int64_t k) {
+std::tuple<at::Tensor, at::Tensor> gguf_pack(const at::Tensor& raw, int64_t kind, int64_t n, int64_t k,
+                                             const std::optional<at::Tensor>& grid) {
     TORCH_CHECK(kind >= 0 && kind < kKinds, "gguf_pack: kind ", kind, " is not one of 0..", kKinds - 1);
     const int kd = static_cast<int>(kind);
+    const uint8_t* gp = lattice_grid(kd, grid, "gguf_pack");
     const Geometry geo = geometry(kd);
     TORCH_CHECK(k % geo.per == 0, "gguf_pack: ", k, " columns, expected a multiple of ", geo.per);
     const int64_t row_bytes = k / geo.per * geo.bytes;
@@ -98,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> gguf_pack(const at::Tensor& raw, int64_t kind
                 const int64_t r = g * kGroup + rr;
                 const uint8_t* row = r < n ? src + r * stride : zero_row.data();
                 for (int64_t b = 0; b < nb; ++b) {
-                    decode_block(kd, row, b, blk);
+                    decode_block(kd, row, b, blk, gp);
                     place(kd, blk, rr, dst + (g * nb + b) * rec);
                 }
                 for (int64_t s = 0; s < nb / 8 && sf; ++s) {
@@ -115,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> gguf_pack(const at::Tensor& raw, int64_t kind
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(exllamav2_cpu, m) {
-    m.def("gguf_pack(Tensor raw, int kind, int n, int k) -> (Tensor, Tensor)");
+    m.def("gguf_pack(Tensor raw, int kind, int n, int k, Tensor? grid=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(exllamav2_cpu, CPU, m) {

@@ -10,8 +10,10 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <optional>
 
 #include "gguf_file_blocks.h"
+#include "gguf_lattice_grid.h"
 
 namespace {
 
@@ -20,13 +22,13 @@ using namespace gguf_kernels;
 float half_at(const uint8_t* p) { return static_cast<float>(c10::Half(u16(p), c10::Half::from_bits())); }
 
 // one row's K weights as floats
-void row_values(int kd, const uint8_t* row, int64_t K, float* out) {
+void row_values(int kd, const uint8_t* row, int64_t K, float* out, const uint8_t* grid) {
     const Geometry geo = geometry(kd);
     const int sf = super_fields(kd);
     Block blk;
     int q[kBlock];
     for (int64_t b = 0; b < K / kBlock; ++b) {
-        decode_block(kd, row, b, blk);
+        decode_block(kd, row, b, blk, grid);
         for (int j = 0; j < kBlock; ++j) q[j] = blk.code[j];
         BlockFields f;
         if (sf) {
@@ -49,9 +51,11 @@ void store_row(T* dst, const float* src, int64_t K) {
     for (int64_t i = 0; i < K; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
-at::Tensor gguf_rows(const at::Tensor& raw, const at::Tensor& ids, int64_t kind, int64_t K, at::ScalarType dtype) {
+at::Tensor gguf_rows(const at::Tensor& raw, const at::Tensor& ids, int64_t kind, int64_t K, at::ScalarType dtype,
+                     const std::optional<at::Tensor>& grid) {
     TORCH_CHECK(kind >= 0 && kind < kKinds, "gguf_rows: kind ", kind, " is not one of 0..", kKinds - 1);
     const int kd = static_cast<int>(kind);
+    const uint8_t* gp = lattice_grid(kd, grid, "gguf_rows");
     const Geometry geo = geometry(kd);
     TORCH_CHECK(K > 0 && K % geo.per == 0, "gguf_rows: width ", K, ", expected a multiple of ", geo.per);
     const int64_t row_bytes = K / geo.per * geo.bytes;
@@ -74,7 +78,7 @@ at::Tensor gguf_rows(const at::Tensor& raw, const at::Tensor& ids, int64_t kind,
     at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
         std::vector<float> row(K);
         for (int64_t i = i0; i < i1; ++i) {
-            row_values(kd, src + idp[i] * stride, K, row.data());
+            row_values(kd, src + idp[i] * stride, K, row.data(), gp);
             if (dtype == at::kFloat) store_row(out.data_ptr<float>() + i * K, row.data(), K);
             else if (dtype == at::kBFloat16) store_row(out.data_ptr<c10::BFloat16>() + i * K, row.data(), K);
             else store_row(out.data_ptr<c10::Half>() + i * K, row.data(), K);
@@ -86,7 +90,7 @@ at::Tensor gguf_rows(const at::Tensor& raw, const at::Tensor& ids, int64_t kind,
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(exllamav2_cpu, m) {
-    m.def("gguf_rows(Tensor raw, Tensor ids, int kind, int k, ScalarType dtype) -> Tensor");
+    m.def("gguf_rows(Tensor raw, Tensor ids, int kind, int k, ScalarType dtype, Tensor? grid=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(exllamav2_cpu, CPU, m) {
