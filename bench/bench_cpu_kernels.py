@@ -32,14 +32,14 @@ SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)
 def random_matrix(kind: str, n: int, k: int, rng):
     """Random codes and scales of any GGUF type the kernels take (256-column types round k up)."""
     from exllamav2.ops.cpu.gguf_pack import pack_gguf_blocks
-    from exllamav2.quant.gguf_blocks import BLOCK_GEOMETRY, F16_FIELDS
+    from exllamav2.quant.gguf_blocks import BLOCK_GEOMETRY, F16_FIELDS, set_block_d
     if kind == "BF16":
         return torch.randn(n, k, dtype=torch.bfloat16) * 0.02
     per, bb = BLOCK_GEOMETRY[kind]
     k = -(-k // per) * per
     raw = rng.integers(0, 256, (n, k // per, bb), dtype=np.uint8)
-    d_at, m_at = F16_FIELDS[kind]
-    raw[..., d_at:d_at + 2] = np.frombuffer(np.float16(0.01 if per == 32 else 0.001).tobytes(), np.uint8)
+    _, m_at = F16_FIELDS[kind]
+    set_block_d(kind, raw, np.full(raw.shape[:2], 0.01 if per == 32 else 0.001))
     if m_at is not None:
         raw[..., m_at:m_at + 2] = np.frombuffer(np.float16(-0.05 if per == 32 else 0.002).tobytes(), np.uint8)
     return pack_gguf_blocks(kind, raw.reshape(n, -1), (n, k))

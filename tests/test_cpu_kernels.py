@@ -157,21 +157,21 @@ def test_vector_activation_quantisers_equal_the_scalar_contract(tmp_path):
 def random_raw(qtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
     """Raw GGUF blocks (n, k / block * block bytes) of any packed type: random codes, high bits and (6- or 8-bit)
     sub-block scales, realistic fp16 d (and m / dmin)."""
-    from exllamav2.quant.gguf_blocks import BLOCK_GEOMETRY, F16_FIELDS
+    from exllamav2.quant.gguf_blocks import BLOCK_GEOMETRY, F16_FIELDS, set_block_d
     per, bb = BLOCK_GEOMETRY[qtype]
     g = np.random.default_rng(seed)
     raw = g.integers(0, 256, (n, k // per, bb), dtype=np.uint8)
-    d_at, m_at = F16_FIELDS[qtype]
+    _, m_at = F16_FIELDS[qtype]
     big = per == 256   # super-block d multiplies 6- or 8-bit sub-block scales
     d = g.random((n, k // per)) * (0.002 if big else 0.02) + (1e-4 if big else 1e-3)
-    raw[..., d_at:d_at + 2] = d.astype(np.float16).view(np.uint8).reshape(n, k // per, 2)
+    set_block_d(qtype, raw, d)
     if m_at is not None:
         m = g.random((n, k // per)) * (0.005 if big else -0.1)
         raw[..., m_at:m_at + 2] = m.astype(np.float16).view(np.uint8).reshape(n, k // per, 2)
     return raw.reshape(n, -1)
 
 
-LATTICE = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S"]
+LATTICE = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M"]
 NEW_KINDS = ["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"] + LATTICE
 # packed bytes per 256 weights: the file's, except the 6-bit scales as bytes (Q4_K/Q5_K: 12 bytes of scales and
 # mins as 16 + 16; Q3_K: 12 as 16; IQ4_XS: 6 as 8 and 8 unused; the lattice types: 4-bit table codes, 16 bytes of
@@ -258,8 +258,8 @@ def test_kernels_reject_bad_inputs_with_clear_errors():
         kernels.bf16_gemv(torch.randn(1, 32).bfloat16(), torch.randn(8, 64).bfloat16())
     with pytest.raises(ValueError, match="w.up: Q4_0 data has shape"):
         pack_gguf_blocks("Q4_0", random_blocks("Q4_0", 32, 64)[:, :-1], (32, 64), name="w.up")
-    with pytest.raises(ValueError, match="IQ1_M has no CPU GEMV kernel"):
-        pack_gguf_blocks("IQ1_M", random_blocks("Q4_0", 32, 64), (32, 64))
+    with pytest.raises(ValueError, match="TQ2_0 has no CPU GEMV kernel"):
+        pack_gguf_blocks("TQ2_0", random_blocks("Q4_0", 32, 64), (32, 64))
     with pytest.raises(ValueError, match="instruction set 'sse9' is unknown"):
         kernels.set_isa("sse9")
 

@@ -1,4 +1,4 @@
-"""GGUF's lattice types (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S: grids of 4 or 8 weights per index) kept in
+"""GGUF's lattice types (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M: grids of 4 or 8 weights per index) kept in
 blocks on the CPU: packed as the GEMV's 4-bit table codes (exllamav2/ops/cpu/csrc/gguf_file_blocks.h), where they
 loaded dense in bf16 before. A model of each type gives the torch backend's logits (the reference dequantises
 through gguf-py), its token embedding stays in the file's blocks, and on a GPU the types still load dense (no
@@ -14,7 +14,7 @@ from exllamav2.ops.cpu import kernels
 from test_backends import BF16, _assert_logits_close, _run
 from test_gguf_support import write_tiny_gguf
 
-LATTICE = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S"]
+LATTICE = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M"]
 
 
 def _load(path, dtype=BF16):

@@ -80,7 +80,8 @@ _KQUANT_CODES = {"Q4_K": (32 * 4.6, 7.5, 0, 2), "Q5_K": (32 * 9.2, 15.5, 0, 2), 
                  "IQ4_NL": (66.0, None, 0, None),
                  # the lattice types: |w| ~ d * odd scale (~16, IQ1_S ~8) * grid value * their power-of-two factor
                  "IQ2_XXS": (50.0, None, 0, None), "IQ2_XS": (50.0, None, 0, None), "IQ2_S": (50.0, None, 0, None),
-                 "IQ3_XXS": (120.0, None, 0, None), "IQ3_S": (128.0, None, 0, None), "IQ1_S": (6.0, None, 0, None)}
+                 "IQ3_XXS": (120.0, None, 0, None), "IQ3_S": (128.0, None, 0, None), "IQ1_S": (6.0, None, 0, None),
+                 "IQ1_M": (6.0, None, None, None)}
 
 
 def random_kquant_blocks(shape: tuple[int, int], qtype: str, rng, scale: float = 0.1) -> np.ndarray:
@@ -91,9 +92,10 @@ def random_kquant_blocks(shape: tuple[int, int], qtype: str, rng, scale: float =
     block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
     rows, cols = shape
     blocks = rng.integers(0, 256, (rows, cols // block, block_bytes), dtype=np.uint8)
+    from exllamav2.quant.gguf_blocks import set_block_d
     spread, code_mid, d_at, dmin_at = _KQUANT_CODES[qtype]
     d = (scale / spread * (0.5 + rng.random(blocks.shape[:2]))).astype(np.float16)
-    blocks[..., d_at:d_at + 2] = d.view(np.uint8).reshape(*d.shape, 2)
+    set_block_d(qtype, blocks, d)
     if dmin_at is not None:
         dmin = (d.astype(np.float32) * code_mid).astype(np.float16)
         blocks[..., dmin_at:dmin_at + 2] = dmin.view(np.uint8).reshape(*d.shape, 2)

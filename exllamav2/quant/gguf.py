@@ -1,5 +1,5 @@
 """GgufWeight: a linear weight kept in the GGUF file's own quant blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL,
-Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; on the CPU the lattice types IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S too),
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; on the CPU the lattice types IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M too),
 possibly the row concatenation of several tensors (fused q/k/v or gate/up).
 
 Nothing is copied at load: the blocks are read from the file's memory map when a backend prepares its kernel and

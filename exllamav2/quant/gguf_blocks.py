@@ -1,6 +1,6 @@
 """GGUF quant blocks: the geometry of every type kept packed (BLOCK_GEOMETRY: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL,
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; on the CPU also the lattice types IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S,
-IQ1_S), and Q4_0, Q4_1, Q8_0 decoded into integer digits and per-32-column scales,
+IQ1_S, IQ1_M), and Q4_0, Q4_1, Q8_0 decoded into integer digits and per-32-column scales,
 in HF row order (for the CPU int4 kernel).
 
 Block layouts (32 weights per block, little endian):
@@ -29,16 +29,31 @@ BLOCK_GEOMETRY = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": 
                   "IQ4_NL": (32, 18), "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144),
                   "Q5_K": (256, 176), "Q6_K": (256, 210), "IQ4_XS": (256, 136),
                   "IQ2_XXS": (256, 66), "IQ2_XS": (256, 74), "IQ2_S": (256, 82), "IQ3_XXS": (256, 98),
-                  "IQ3_S": (256, 110), "IQ1_S": (256, 50)}
+                  "IQ3_S": (256, 110), "IQ1_S": (256, 50), "IQ1_M": (256, 56)}
 PACKED_TYPES = tuple(BLOCK_GEOMETRY)
 # kept packed on the CPU only (the CPU GEMV's table kinds, exllamav2/ops/cpu/csrc/gguf_file_blocks.h); on a GPU,
 # which has no Triton kernels for their grids yet, they load dense as before
-CPU_ONLY_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S")
+CPU_ONLY_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M")
 # byte offsets of each block's fp16 fields: the scale d, and the offset m (Q4_1, Q5_1) or dmin (Q2_K, Q4_K, Q5_K)
 F16_FIELDS = {"Q4_0": (0, None), "Q4_1": (0, 2), "Q5_0": (0, None), "Q5_1": (0, 2), "Q8_0": (0, None),
               "IQ4_NL": (0, None), "Q2_K": (80, 82), "Q3_K": (108, None), "Q4_K": (0, 2), "Q5_K": (0, 2),
               "Q6_K": (208, None), "IQ4_XS": (0, None), "IQ2_XXS": (0, None), "IQ2_XS": (0, None),
-              "IQ2_S": (0, None), "IQ3_XXS": (0, None), "IQ3_S": (0, None), "IQ1_S": (0, None)}
+              "IQ2_S": (0, None), "IQ3_XXS": (0, None), "IQ3_S": (0, None), "IQ1_S": (0, None),
+              "IQ1_M": (None, None)}   # IQ1_M: d in the top nibbles of its 4 scale words (set_block_d)
+
+
+def set_block_d(qtype: str, blocks: np.ndarray, d: np.ndarray) -> None:
+    """Write each block's fp16 scale d into `blocks` (uint8 (..., bytes per block)), where the type keeps it: at
+    F16_FIELDS' offset, or for IQ1_M one nibble into the top of each of its four 16-bit scale words."""
+    bits = np.asarray(d, dtype=np.float16).view(np.uint16)
+    if qtype != "IQ1_M":
+        at = F16_FIELDS[qtype][0]
+        blocks[..., at:at + 2] = bits.view(np.uint8).reshape(*bits.shape, 2)
+        return
+    words = np.ascontiguousarray(blocks[..., 48:56]).view(np.uint16)
+    for k in range(4):
+        words[..., k] = (words[..., k] & 0x0FFF) | (((bits >> (4 * k)) & 0xF) << 12)
+    blocks[..., 48:56] = words.view(np.uint8)
 
 
 @dataclass

@@ -19,15 +19,15 @@ from . import build
 ISA_LEVELS = {"none": 0, "avx2": 1, "avx512": 2}
 GGUF_KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q5_0": 4, "Q5_1": 5, "Q5_K": 6, "Q6_K": 7, "Q2_K": 8,
               "Q3_K": 9, "IQ4_NL": 10, "IQ4_XS": 11, "IQ2_XXS": 12, "IQ2_XS": 13, "IQ2_S": 14, "IQ3_XXS": 15,
-              "IQ3_S": 16, "IQ1_S": 17}
+              "IQ3_S": 16, "IQ1_S": 17, "IQ1_M": 18}
 # the lattice types: decoded through their grids (lattice_grid), which the decoding ops take as an argument
-LATTICE_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S")
+LATTICE_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M")
 
 
 @functools.cache
 def lattice_grid(qtype: str) -> torch.Tensor | None:
     """The grid of a lattice type as uint8 (entries, 8 or 4) indices into its grid values (IQ2: 8, 25, 43; IQ3_XXS:
-    4 .. 62; IQ3_S: 1 .. 15; IQ1_S: -1, 0, 1), read from gguf-py's definition of the type (its hex string packs
+    4 .. 62; IQ3_S: 1 .. 15; IQ1_S, IQ1_M: -1, 0, 1), read from gguf-py's definition of the type (its hex string packs
     ceil(log2(values)) bits an index); None for the other types."""
     if qtype not in LATTICE_TYPES:
         return None

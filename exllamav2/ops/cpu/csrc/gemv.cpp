@@ -56,6 +56,7 @@ using gguf_kernels::IQ2_S;
 using gguf_kernels::IQ3_XXS;
 using gguf_kernels::IQ3_S;
 using gguf_kernels::IQ1_S;
+using gguf_kernels::IQ1_M;
 using namespace cpu_isa;
 
 // ------------------------------------------------------------------------------------------- output storing
@@ -160,7 +161,8 @@ GroupFn group_fn(int64_t kind, int64_t rows, int64_t isa, bool two) {
         case IQ2_S: return group_fn_for_rows<IQ2_S>(rows, isa, two);
         case IQ3_XXS: return group_fn_for_rows<IQ3_XXS>(rows, isa, two);
         case IQ3_S: return group_fn_for_rows<IQ3_S>(rows, isa, two);
-        default: return group_fn_for_rows<IQ1_S>(rows, isa, two);
+        case IQ1_S: return group_fn_for_rows<IQ1_S>(rows, isa, two);
+        default: return group_fn_for_rows<IQ1_M>(rows, isa, two);
     }
 }
 
@@ -183,7 +185,8 @@ GroupFn pair_fn(int64_t kind, int64_t rows, bool two) {
         case IQ2_S: return pair_fn_for_rows<IQ2_S>(rows, two);
         case IQ3_XXS: return pair_fn_for_rows<IQ3_XXS>(rows, two);
         case IQ3_S: return pair_fn_for_rows<IQ3_S>(rows, two);
-        default: return pair_fn_for_rows<IQ1_S>(rows, two);
+        case IQ1_S: return pair_fn_for_rows<IQ1_S>(rows, two);
+        default: return pair_fn_for_rows<IQ1_M>(rows, two);
     }
 }
 
@@ -214,10 +217,10 @@ Weights check_weights(const char* op, int64_t kind, int64_t n, int64_t K, const 
                       const std::optional<at::Tensor>& super_scales) {
     static const char* const names[kKinds] = {"Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q2_K",
                                               "Q3_K", "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
-                                              "IQ3_S", "IQ1_S"};
+                                              "IQ3_S", "IQ1_S", "IQ1_M"};
     TORCH_CHECK(kind >= 0 && kind < kKinds, op, ": kind ", kind, " is not one of 0..", kKinds - 1, " (Q4_0, Q4_1, "
                 "Q8_0, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, "
-                "IQ3_S, IQ1_S)");
+                "IQ3_S, IQ1_S, IQ1_M)");
     const int sf = gguf_kernels::super_fields(static_cast<int>(kind));
     const int64_t blk = sf ? 256 : kBlock;
     TORCH_CHECK(K % blk == 0, op, ": ", K, " columns, expected a multiple of ", blk, " (", names[kind], ")");

@@ -34,7 +34,8 @@ inline Geometry geometry(int kind) {
         case IQ2_S: return {256, 82};
         case IQ3_XXS: return {256, 98};
         case IQ3_S: return {256, 110};
-        default: return {256, 50};  // IQ1_S
+        case IQ1_S: return {256, 50};
+        default: return {256, 56};  // IQ1_M
     }
 }
 
@@ -57,8 +58,8 @@ struct Block {
     uint8_t t0[2], t1[2];
 };
 
-// The lattice kinds' grids as exllamav2/ops/cpu/gguf_pack.py's lattice_grid gives them: per entry 8 (IQ2, IQ1_S) or
-// 4 (IQ3) indices into the type's grid values (IQ2: 0x08 0x19 0x2b; IQ3_XXS: 0x04 .. 0x3e; IQ3_S: 1 .. 15; IQ1_S:
+// The lattice kinds' grids as exllamav2/ops/cpu/kernels.py's lattice_grid gives them: per entry 8 (IQ2, IQ1) or
+// 4 (IQ3) indices into the type's grid values (IQ2: 0x08 0x19 0x2b; IQ3_XXS: 0x04 .. 0x3e; IQ3_S: 1 .. 15; IQ1:
 // -1 0 1).
 constexpr int grid_width(int kind) { return kind == IQ3_XXS || kind == IQ3_S ? 4 : 8; }
 constexpr int grid_entries(int kind) {
@@ -77,6 +78,26 @@ inline void grid_codes8(const uint8_t* grid, int width, uint32_t gi, uint32_t gi
         const int m = width == 8 ? grid[gi * 8 + i] : i < 4 ? grid[gi * 4 + i] : grid[gi2 * 4 + i - 4];
         code[i] = signed_code(m, (signs >> i) & 1);
     }
+}
+
+// IQ1: 8 weights of grid entry gi (values -1, 0, 1) plus the delta (+1/8, or -1/8 when `negative`), times 8: the
+// codes of +-1, +-7, +-9
+inline void iq1_codes8(const uint8_t* grid, uint32_t gi, bool negative, uint8_t* code) {
+    for (int i = 0; i < 8; ++i) {
+        const int v = 8 * (grid[gi * 8 + i] - 1) + (negative ? -1 : 1);
+        const int a = v < 0 ? -v : v;
+        code[i] = signed_code(a == 1 ? 0 : a == 7 ? 1 : 2, v < 0);
+    }
+}
+
+// The fp16 bits of super-block field f (0: d, 1: dmin) of a K-quant, IQ4_XS or lattice super-block sb. IQ1_M keeps
+// its d in the top nibbles of its four 16-bit scale words.
+inline uint16_t super_field_bits(int kind, const uint8_t* sb, int f) {
+    if (kind == IQ1_M)
+        return static_cast<uint16_t>((u16(sb + 48) >> 12) | ((u16(sb + 50) >> 8) & 0x00F0) |
+                                     ((u16(sb + 52) >> 4) & 0x0F00) | (u16(sb + 54) & 0xF000));
+    const int at = kind == Q6_K ? 208 : kind == Q3_K ? 108 : kind == Q2_K ? 80 : 0;
+    return u16(sb + at + 2 * f);
 }
 
 // Sub-block j (32 weights) of a lattice kind's super-block sb: codes and the odd scale factor(s) in t0.
@@ -125,18 +146,23 @@ inline void decode_lattice(int kind, const uint8_t* sb, int j, const uint8_t* gr
             out.t0[0] = static_cast<uint8_t>(2 * ((sb[106 + j / 2] >> (4 * (j % 2))) & 15) + 1);
             return;
         }
-        default: {  // IQ1_S: 8 * (grid value + delta), delta = +-1/8 per sub-block: +-1, +-7, +-9
+        case IQ1_S: {  // 8 * (grid value + delta), delta = +-1/8 per sub-block
             const uint16_t h = u16(sb + 34 + 2 * j);
-            const int delta = h & 0x8000 ? -1 : 1;
-            for (int l = 0; l < 4; ++l) {
-                const uint32_t gi = sb[2 + 4 * j + l] | (((h >> (3 * l)) & 7) << 8);
-                for (int i = 0; i < 8; ++i) {
-                    const int v = 8 * (grid[gi * 8 + i] - 1) + delta;
-                    const int a = v < 0 ? -v : v;
-                    out.code[8 * l + i] = signed_code(a == 1 ? 0 : a == 7 ? 1 : 2, v < 0);
-                }
-            }
+            for (int l = 0; l < 4; ++l)
+                iq1_codes8(grid, sb[2 + 4 * j + l] | (((h >> (3 * l)) & 7) << 8), h & 0x8000, out.code + 8 * l);
             out.t0[0] = static_cast<uint8_t>(2 * ((h >> 12) & 7) + 1);
+            return;
+        }
+        default: {  // IQ1_M: a delta per 8 weights, a 3-bit scale per 16 (d is spread over the scales' top nibbles)
+            for (int l = 0; l < 4; ++l) {
+                const int g = 4 * j + l;
+                const uint8_t h = static_cast<uint8_t>(sb[32 + g / 2] >> (4 * (g % 2)));
+                iq1_codes8(grid, sb[g] | ((h & 7u) << 8), h & 8, out.code + 8 * l);
+            }
+            for (int hf = 0; hf < 2; ++hf) {
+                const int t = 2 * j + hf;
+                out.t0[hf] = static_cast<uint8_t>(2 * ((u16(sb + 48 + 2 * (t / 4)) >> (3 * (t % 4))) & 7) + 1);
+            }
             return;
         }
     }

@@ -17,7 +17,7 @@
 //   then per row: Q4_0/Q5_0/Q8_0/IQ4_NL the fp16 scale d; Q4_1/Q5_1 d, then the fp16 offset m; Q4_K/Q5_K the
 //   sub-block's 6-bit scale sc and min mn as uint8 (llama.cpp's get_scale_min_k4); IQ4_XS its 6-bit scale less 32
 //   as int8 (16 bytes unused); IQ3_XXS/IQ3_S/IQ2_XXS/IQ1_S the odd factor 2s + 1 of the sub-block's scale (16
-//   unused), IQ2_XS/IQ2_S that of each 16-column half; Q6_K/Q3_K the int8 scales of columns 0..15 and of 16..31; Q2_K the file's byte of
+//   unused), IQ2_XS/IQ2_S/IQ1_M that of each 16-column half; Q6_K/Q3_K the int8 scales of columns 0..15 and of 16..31; Q2_K the file's byte of
 //   each half (scale | min << 4). Records of 160 (Q2_K), 224 (Q3_K), 288 (Q4_0, Q4_K, the table kinds), 320 (Q4_1),
 //   352 (Q5_0, Q5_K), 384 (Q5_1), 416 (Q6_K), 544 (Q8_0) bytes: each type's own weights at its file's size, the
 //   6-bit scales as bytes (Q4_K 4.625 bits per weight against the file's 4.5, Q3_K 3.5625 against 3.4375).
@@ -59,31 +59,33 @@ constexpr int kMaxRows = 8;  // activation rows per kernel call
 
 enum Kind : int {
     Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, Q4_K = 3, Q5_0 = 4, Q5_1 = 5, Q5_K = 6, Q6_K = 7, Q2_K = 8, Q3_K = 9,
-    IQ4_NL = 10, IQ4_XS = 11, IQ2_XXS = 12, IQ2_XS = 13, IQ2_S = 14, IQ3_XXS = 15, IQ3_S = 16, IQ1_S = 17
+    IQ4_NL = 10, IQ4_XS = 11, IQ2_XXS = 12, IQ2_XS = 13, IQ2_S = 14, IQ3_XXS = 15, IQ3_S = 16, IQ1_S = 17,
+    IQ1_M = 18
 };
-constexpr int kKinds = 18;
+constexpr int kKinds = 19;
 
 // The 4-bit table kinds: a code indexes a 16-value table. IQ4_NL / IQ4_XS: llama.cpp's non-linear table
-// (kvalues_iq4nl). The lattice kinds (IQ2_*, IQ3_*, IQ1_S) keep their grids' values: each weight is one grid
-// value times a sign (IQ1_S: a grid value in {-1, 0, 1} plus the sub-block's delta of +-1/8, times 8), so the
+// (kvalues_iq4nl). The lattice kinds (IQ2_*, IQ3_*, IQ1_S, IQ1_M) keep their grids' values: each weight is one grid
+// value times a sign (IQ1: a grid value in {-1, 0, 1} plus its delta of +-1/8, times 8), so the
 // table holds the magnitudes m_i at 8 + i and -m_i at 7 - i (unused entries 0, never indexed), and a code is
-// 8 + i or 7 - i. Their fractional factors (IQ2: 1/8, IQ3_XXS: 1/4, IQ1_S: 1/8) are powers of two, applied to
+// 8 + i or 7 - i. Their fractional factors (IQ2: 1/8, IQ3_XXS: 1/4, IQ1: 1/8) are powers of two, applied to
 // the fp32 output (exact: a power-of-two scale commutes with every rounding of the sum).
 alignas(16) constexpr int8_t kLutValues[5][16] = {
     {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113},   // IQ4_NL, IQ4_XS
     {0, 0, 0, 0, 0, -43, -25, -8, 8, 25, 43, 0, 0, 0, 0, 0},                       // IQ2_*: grid 0x08 0x19 0x2b
     {-62, -52, -44, -36, -28, -20, -12, -4, 4, 12, 20, 28, 36, 44, 52, 62},         // IQ3_XXS
     {-15, -13, -11, -9, -7, -5, -3, -1, 1, 3, 5, 7, 9, 11, 13, 15},                 // IQ3_S
-    {0, 0, 0, 0, 0, -9, -7, -1, 1, 7, 9, 0, 0, 0, 0, 0},                           // IQ1_S: 8 * (grid +- 1/8)
+    {0, 0, 0, 0, 0, -9, -7, -1, 1, 7, 9, 0, 0, 0, 0, 0},                           // IQ1: 8 * (grid +- 1/8)
 };
 constexpr const int8_t* lut_values(int kind) {
     return kind == IQ2_XXS || kind == IQ2_XS || kind == IQ2_S ? kLutValues[1]
-         : kind == IQ3_XXS ? kLutValues[2] : kind == IQ3_S ? kLutValues[3] : kind == IQ1_S ? kLutValues[4]
+         : kind == IQ3_XXS ? kLutValues[2] : kind == IQ3_S ? kLutValues[3] : kind == IQ1_S || kind == IQ1_M ? kLutValues[4]
          : kLutValues[0];
 }
 // the output's factor 2^-lut_shift
 constexpr int lut_shift(int kind) {
-    return kind == IQ2_XXS || kind == IQ2_XS || kind == IQ2_S || kind == IQ1_S ? 3 : kind == IQ3_XXS ? 2 : 0;
+    return kind == IQ2_XXS || kind == IQ2_XS || kind == IQ2_S || kind == IQ1_S || kind == IQ1_M ? 3
+         : kind == IQ3_XXS ? 2 : 0;
 }
 constexpr bool lattice(int kind) { return kind >= IQ2_XXS; }
 
@@ -113,7 +115,7 @@ constexpr bool signed_scales(int kind) { return kind == Q6_K || kind == Q3_K || 
 constexpr bool has_min(int kind) { return kind == Q4_K || kind == Q5_K || kind == Q2_K; }
 // a scale (and min) per 16 columns: each block's halves summed apart
 constexpr bool split_halves(int kind) {
-    return kind == Q6_K || kind == Q3_K || kind == Q2_K || kind == IQ2_XS || kind == IQ2_S;
+    return kind == Q6_K || kind == Q3_K || kind == Q2_K || kind == IQ2_XS || kind == IQ2_S || kind == IQ1_M;
 }
 // bytes of codes (high-bit planes included) per (group, block), and of the whole record
 constexpr int code_bytes(int kind) { return kind == Q8_0 ? 512 : (crumbs(kind) ? 128 : 256) + 64 * high_bits(kind); }

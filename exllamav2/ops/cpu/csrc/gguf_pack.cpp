@@ -107,9 +107,10 @@ std::tuple<at::Tensor, at::Tensor> gguf_pack(const at::Tensor& raw, int64_t kind
                 }
                 for (int64_t s = 0; s < nb / 8 && sf; ++s) {
                     const uint8_t* sb = row + s * geo.bytes;
-                    const int at_d = kd == Q6_K ? 208 : kd == Q3_K ? 108 : kd == Q2_K ? 80 : 0;
-                    for (int f = 0; f < sf; ++f)
-                        std::memcpy(sup + (((g * (nb / 8) + s) * sf + f) * kGroup + rr) * 2, sb + at_d + 2 * f, 2);
+                    for (int f = 0; f < sf; ++f) {
+                        const uint16_t bits = super_field_bits(kd, sb, f);
+                        std::memcpy(sup + (((g * (nb / 8) + s) * sf + f) * kGroup + rr) * 2, &bits, 2);
+                    }
                 }
             }
     });

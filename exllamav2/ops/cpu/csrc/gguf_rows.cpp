@@ -19,7 +19,8 @@ namespace {
 
 using namespace gguf_kernels;
 
-float half_at(const uint8_t* p) { return static_cast<float>(c10::Half(u16(p), c10::Half::from_bits())); }
+float half_bits(uint16_t v) { return static_cast<float>(c10::Half(v, c10::Half::from_bits())); }
+float half_at(const uint8_t* p) { return half_bits(u16(p)); }
 
 // one row's K weights as floats
 void row_values(int kd, const uint8_t* row, int64_t K, float* out, const uint8_t* grid) {
@@ -33,9 +34,8 @@ void row_values(int kd, const uint8_t* row, int64_t K, float* out, const uint8_t
         BlockFields f;
         if (sf) {
             const uint8_t* sb = row + (b / 8) * geo.bytes;
-            const int at_d = kd == Q6_K ? 208 : kd == Q3_K ? 108 : kd == Q2_K ? 80 : 0;
-            f.sd = half_at(sb + at_d);
-            if (sf == 2) f.sdmin = half_at(sb + at_d + 2);
+            f.sd = half_bits(super_field_bits(kd, sb, 0));
+            if (sf == 2) f.sdmin = half_bits(super_field_bits(kd, sb, 1));
             f.b0 = blk.t0[0];
             f.b1 = split_halves(kd) ? blk.t0[1] : blk.t1[0];
         } else {
