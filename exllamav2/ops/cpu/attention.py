@@ -27,9 +27,23 @@ def _kernels_ready() -> bool:
     return build.disabled_reason() is None and kernels.ready() and kernels.loaded_with_avx512()
 
 
+def kernel_mask(mask, q, k):
+    """A bool mask as the kernel reads it, (b or 1, 1, s, t): any mask the reference's SDPA broadcasts over the
+    query heads, e.g. a key-padding mask (b, 1, 1, t) or a 2-D (s, t) one, as an expanded view; None when the kernel
+    cannot read it (a mask per query head, or a shape that does not broadcast to (b, 1, s, t))."""
+    b, s, t = q.shape[0], q.shape[2], k.shape[2]
+    if mask.dim() > 4:
+        return None
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
+    if m.shape[1] != 1 or m.shape[0] not in (1, b) or m.shape[2] not in (1, s) or m.shape[3] not in (1, t):
+        return None
+    return m if m.shape[2:] == (s, t) else m.expand(m.shape[0], 1, s, t)
+
+
 def takes(q, k, v, mask, softcap) -> bool:
     return (q.dtype in _FLOATS and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256
-            and k.dtype == q.dtype and v.dtype == q.dtype and (mask is None or mask.dtype == torch.bool)
+            and k.dtype == q.dtype and v.dtype == q.dtype
+            and (mask is None or (mask.dtype == torch.bool and kernel_mask(mask, q, k) is not None))
             and not needs_grad(q, k, v) and _kernels_ready())
 
 
@@ -40,7 +54,13 @@ def attention(q, k, v, mask, scale: float, softcap: float = 0.0, is_causal: bool
 
 
 def kernel(q, k, v, mask, scale: float, softcap: float, is_causal: bool) -> torch.Tensor:
-    """The C++ kernel itself, for a caller that has already asked `takes` (the paged decode rows)."""
+    """The C++ kernel itself, for a caller that has already asked `takes` (the paged decode rows). A mask is read
+    as (b or 1, 1, s, t) (kernel_mask); one the kernel cannot read goes to the reference."""
+    if mask is not None:
+        km = kernel_mask(mask, q, k)
+        if km is None:
+            return _ref.attention(q, k, v, mask, scale, softcap, is_causal)
+        mask = km
     return torch.ops.exllamav2_cpu.decode_attention(q, k, v, mask, float(scale), float(softcap or 0.0),
                                                     bool(is_causal))
 

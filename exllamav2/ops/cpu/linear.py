@@ -81,9 +81,12 @@ def prepare(dense: torch.Tensor | None, bias: torch.Tensor | None, quant, device
             gemv = _gguf_gemv_kernel(quant, dtype)
             if gemv is not None:
                 return gemv
-        if getattr(quant, "dense_on_cpu", False):
+        if getattr(quant, "dense_on_cpu", False) or (getattr(quant, "format", None) == "gguf"
+                                                     and dtype != torch.bfloat16):
             # fp32 activations keep the exact dequantised matmul: the GEMV's int8 activations (~1e-5) moved
-            # SmolLM2's fp32 logits past the HF oracle's 1e-4 (tests/test_real_models.py); also without kernels
+            # SmolLM2's fp32 logits past the HF oracle's 1e-4 (tests/test_real_models.py); also without kernels.
+            # Every GGUF type, Q4_0/Q4_1/Q8_0 included: torch's int4 kernel below takes bf16 only, so an fp32 (or,
+            # without the kernels, fp16) model of those types pinned to this backend had no linear at all
             return DequantizedKernel(quant, device, dtype)
         gemv = _quant_gemv_kernel(quant, dtype)
         if gemv is not None:
