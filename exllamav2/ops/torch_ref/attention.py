@@ -11,9 +11,10 @@ def attention(q, k, v, mask, scale: float, softcap: float = 0.0, is_causal: bool
     query i sits at key position t - s + i."""
     b, hq, s, d = q.shape
     hk = k.shape[1]
-    if hq != hk and s == 1:
+    if hq != hk and s == 1 and (mask is None or mask.dim() < 4 or mask.shape[1] == 1):
         # one query per head (decode): fold each KV head's query group into the query axis so K/V are read
-        # once instead of being copied per query head; the mask is per key, so it broadcasts unchanged
+        # once instead of being copied per query head; the mask is per key, so it broadcasts unchanged (a mask
+        # per query head takes the path below)
         out = attention(q.reshape(b, hk, hq // hk, d), k, v, mask, scale, softcap, False)
         return out.reshape(b, hq, 1, d)
     if hq != hk:
