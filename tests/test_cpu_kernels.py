@@ -500,13 +500,13 @@ def test_row_lookup_equals_gguf_py_rows(qtype):
     ids = torch.tensor([[0, 52, 17, 17], [3, 40, 2, 51]])
     code = int(GGMLQuantizationType[qtype])
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        got = kernels.gguf_rows(raw, ids, qtype, k, dtype)
+        got = kernels.gguf_rows(raw, ids, qtype, k, dtype, kernels.lattice_grid(qtype))
         want = host_rows(raw, ids, code, k, dtype)
         assert got.shape == (2, 4, k) and got.dtype == dtype and torch.equal(got, want), dtype
-    one = kernels.gguf_rows(raw, torch.tensor([5]), qtype, k, torch.float32)
+    one = kernels.gguf_rows(raw, torch.tensor([5]), qtype, k, torch.float32, kernels.lattice_grid(qtype))
     assert torch.equal(one[0], host_rows(raw, torch.tensor(5), code, k, torch.float32))
     with pytest.raises(IndexError, match="token id 53 is out of range for the embedding's 53 rows"):
-        kernels.gguf_rows(raw, torch.tensor([1, 53]), qtype, k, torch.float32)
+        kernels.gguf_rows(raw, torch.tensor([1, 53]), qtype, k, torch.float32, kernels.lattice_grid(qtype))
     torch.library.opcheck(torch.ops.exllamav2_cpu.gguf_rows.default,
                           (raw, ids, kernels.GGUF_KINDS[qtype], k, torch.bfloat16, kernels.lattice_grid(qtype)))
 

@@ -62,13 +62,15 @@ class GgufEmbeddingTable:
             self.triton_code = self.k.QTYPE_CODES[qtype]
         self.qtype, self.code = qtype, int(GGMLQuantizationType[qtype])
         self.native = qtype in cpu_kernels.GGUF_KINDS   # the C++ lookup decodes this type
+        self.grid = cpu_kernels.lattice_grid(qtype)      # its grid, for the lattice types
         self.vocab, self.width = vocab, width
 
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.triton:
             return self._triton_rows(ids.to(self.blocks.device, torch.int64), dtype)
         if self.native and cpu_kernels.loaded_usable():
-            return cpu_kernels.gguf_rows(self.blocks, ids.to("cpu", torch.int64), self.qtype, self.width, dtype)
+            return cpu_kernels.gguf_rows(self.blocks, ids.to("cpu", torch.int64), self.qtype, self.width, dtype,
+                                         self.grid)
         if not torch.compiler.is_compiling():
             bad = (ids >= self.vocab)
             if bad.any():

@@ -168,10 +168,12 @@ def gguf_dequant(packed, dtype: torch.dtype) -> torch.Tensor:
                                                 packed.in_features, dtype, packed.super_scales)
 
 
-def gguf_rows(raw: torch.Tensor, ids: torch.Tensor, qtype: str, width: int, dtype: torch.dtype) -> torch.Tensor:
+def gguf_rows(raw: torch.Tensor, ids: torch.Tensor, qtype: str, width: int, dtype: torch.dtype,
+              grid: torch.Tensor | None) -> torch.Tensor:
     """Rows `ids` (int64, any shape) of a GGUF matrix held as its file's bytes, raw uint8 (rows, bytes per row) of
-    GGUF_KINDS type `qtype` -> (*ids.shape, width) in dtype: gguf-py's values rounded once (csrc/gguf_rows.cpp)."""
-    return torch.ops.exllamav2_cpu.gguf_rows(raw, ids, GGUF_KINDS[qtype], width, dtype, lattice_grid(qtype))
+    GGUF_KINDS type `qtype` -> (*ids.shape, width) in dtype: gguf-py's values rounded once (csrc/gguf_rows.cpp).
+    grid: lattice_grid(qtype), fetched by the caller ahead (not inside a traced step)."""
+    return torch.ops.exllamav2_cpu.gguf_rows(raw, ids, GGUF_KINDS[qtype], width, dtype, grid)
 
 
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
