@@ -63,7 +63,7 @@ def test_the_op_and_its_fake_agree(tmp_path):
     assert rows.shape == (2, 3, 64) and torch.equal(rows[1, 0], rows[1, 1])
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q6_K", "IQ4_NL"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q6_K", "IQ4_NL", "IQ2_XS", "IQ1_M"])
 def test_the_device_lookup_equals_the_host_lookup(qtype, tmp_path, monkeypatch):
     """The GPU path (the file's bytes on the device, rows gathered and decoded by the Triton GGUF kernels, no host
     sync), run on CPU tensors under Triton's interpreter: the host lookup's values bit for bit, in fp16 and bf16."""
@@ -71,7 +71,7 @@ def test_the_device_lookup_equals_the_host_lookup(qtype, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     from exllamav2.gguf import GGUFFile
     from exllamav2.quant.gguf_embedding import gguf_embedding_table
-    hidden = 256 if qtype in ("Q4_K", "Q6_K") else 64
+    hidden = 64 if qtype in ("Q8_0", "IQ4_NL") else 256
     path = write_tiny_gguf(str(tmp_path / "m.gguf"), qtype=qtype, hidden=hidden, ffn=256, vocab=96)
     src = GGUFFile(path)
     host = gguf_embedding_table(src, "model.embed_tokens.weight")

@@ -1,8 +1,8 @@
 """GGUF's lattice types (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M: grids of 4 or 8 weights per index) kept in
 blocks on the CPU: packed as the GEMV's 4-bit table codes (exllamav2/ops/cpu/csrc/gguf_file_blocks.h), where they
 loaded dense in bf16 before. A model of each type gives the torch backend's logits (the reference dequantises
-through gguf-py), its token embedding stays in the file's blocks, and on a GPU the types still load dense (no
-Triton kernels for their grids)."""
+through gguf-py), its token embedding stays in the file's blocks, and the Triton kernels (a GPU) read them
+re-encoded as 4-bit table blocks."""
 
 from __future__ import annotations
 
@@ -55,18 +55,28 @@ def test_lattice_model_runs_packed_and_equals_torch(qtype, tmp_path):
         assert layer.q_proj.q_handle._dense is None   # nothing dense kept beside the packed copy
 
 
-def test_lattice_types_load_dense_off_the_cpu_and_triton_declines_them(tmp_path, monkeypatch):
-    """gguf_block_type keeps a lattice type packed on the CPU only; the Triton GGUF linear (interpreter) names the
-    type it has no kernel for, so a pinned triton backend falls back instead of failing."""
+def test_lattice_types_reach_the_gpu_path_re_encoded(tmp_path, monkeypatch):
+    """Off the CPU a lattice type stays in blocks where the CPU kernels can re-encode it (lattice_on_device): the
+    Triton GGUF linear (interpreter, on CPU tensors) then reads 4-bit table blocks of 146 bytes per 256 weights,
+    and its output equals the torch backend's dequantise-then-matmul."""
     pytest.importorskip("triton")
     from exllamav2.gguf import GGUFFile
-    from exllamav2.quant.gguf import GgufWeight, gguf_block_type
+    from exllamav2.quant.gguf import GgufWeight, gguf_block_type, lattice_on_device
     path = write_tiny_gguf(str(tmp_path / "m.gguf"), qtype="IQ3_S", hidden=256, ffn=512, vocab=96)
     src = GGUFFile(path)
     name = "model.layers.0.mlp.up_proj.weight"
-    assert gguf_block_type(src, name, "cpu") == "IQ3_S" and gguf_block_type(src, name, "cuda") is None
+    assert gguf_block_type(src, name, "cpu") == "IQ3_S"
+    assert gguf_block_type(src, name, "cuda") == ("IQ3_S" if lattice_on_device() else None)
+    if not kernels.ready():
+        return
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from exllamav2.ops.triton import gguf_linear
     n, k = src.shape(name)
     q = GgufWeight("up", [(src, name, n)], k, n, torch.float16, "cpu")
-    assert gguf_linear.prepare(q, None, torch.device("cpu"), torch.float16) == "up: no Triton kernel for GGUF IQ3_S"
+    with ops.use_backend("triton"):
+        fast = ops.prepare_linear(None, None, q, "cpu", torch.float16)
+    with ops.use_backend("torch"):
+        ref = ops.prepare_linear(None, None, q, "cpu", torch.float16)
+    assert fast.backend == "triton" and fast.row_bytes == k // 256 * 146 and fast.qcode == 14
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(0)).half()
+    got, want = fast(x).float(), ref(x).float()
+    assert (got - want).abs().max() <= 2e-3 * want.abs().max()

@@ -1,10 +1,11 @@
 """GgufWeight: a linear weight kept in the GGUF file's own quant blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL,
-Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; on the CPU the lattice types IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M too),
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, and the lattice types IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M),
 possibly the row concatenation of several tensors (fused q/k/v or gate/up).
 
 Nothing is copied at load: the blocks are read from the file's memory map when a backend prepares its kernel and
 when the reference dequantises (through the GGUF reader, as a dense load would). The backends:
-- triton (exllamav2/ops/triton/gguf_linear.py): the blocks as they are in the file, on the device;
+- triton (exllamav2/ops/triton/gguf_linear.py): the blocks as they are in the file, on the device (the lattice
+  types re-encoded as 4-bit table blocks: device_blocks);
 - cpu: Q4_0/Q4_1/Q8_0 packed for torch's int4 kernel (4-bit blocks one digit per weight, Q8_0 as two digits, both
   exact); the other types (`dense_on_cpu`) run by the backend's GEMV where it has one for the type, else
   dequantised to a dense matrix at prepare, as a dense load would;
@@ -15,20 +16,27 @@ from __future__ import annotations
 
 import torch
 
-from .gguf_blocks import BLOCK, BLOCK_GEOMETRY, CPU_ONLY_TYPES, PACKED_TYPES, SUPPORTED_TYPES, decode_blocks
+from .gguf_blocks import BLOCK, BLOCK_GEOMETRY, LATTICE_TYPES, PACKED_TYPES, SUPPORTED_TYPES, decode_blocks
 from .kernels.cpu_int4 import Int4PackedMatrix, build_int4pack, int4pack_available, pack_digits
 from .weight import QuantWeight
 
 
 def gguf_block_type(src, name: str, device=None) -> str | None:
-    """The GGUF quant type of `name` when it is one GgufWeight keeps packed on `device` (the lattice types on the
-    CPU only), else None."""
+    """The GGUF quant type of `name` when it is one GgufWeight keeps packed on `device` (the lattice types off the
+    CPU only where lattice_on_device), else None."""
     if not hasattr(src, "ggml_type"):
         return None
     t = src.ggml_type(name)
-    if t in CPU_ONLY_TYPES and device is not None and torch.device(device).type != "cpu":
+    if t in LATTICE_TYPES and device is not None and torch.device(device).type != "cpu" and not lattice_on_device():
         return None
     return t if t in PACKED_TYPES else None
+
+
+def lattice_on_device() -> bool:
+    """Whether a lattice type can go to a GPU in blocks: re-encoded for the Triton kernels by the CPU kernels
+    (`GgufWeight.device_blocks`), which must build on this machine; else those types load dense there."""
+    from ..ops.cpu import build, kernels
+    return build.disabled_reason() is None and kernels.ready()
 
 
 class GgufWeight(QuantWeight):
@@ -119,6 +127,17 @@ class GgufWeight(QuantWeight):
                                  f"{list(data.shape)} bytes, expected [{n}, {row_bytes}]")
             rows.append(torch.from_numpy(data.copy()))
         return qtype, torch.cat(rows) if len(rows) > 1 else rows[0]
+
+    def device_blocks(self) -> tuple[str, torch.Tensor]:
+        """raw_blocks() as the Triton kernels read them: the lattice types re-encoded as 4-bit table blocks
+        (exllamav2/ops/cpu/kernels.py: lut_blocks), every other type the file's own bytes."""
+        qtype, blocks = self.raw_blocks()
+        if qtype in LATTICE_TYPES:
+            from ..ops.cpu import kernels
+            if not kernels.ready():
+                raise RuntimeError(f"{self.key}: GGUF {qtype} needs the CPU kernels to be re-encoded for the GPU")
+            blocks = kernels.lut_blocks(qtype, blocks)
+        return qtype, blocks
 
     def _build_packed(self) -> Int4PackedMatrix | None:
         if not int4pack_available() or self.dense_on_cpu:

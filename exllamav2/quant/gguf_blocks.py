@@ -31,9 +31,9 @@ BLOCK_GEOMETRY = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": 
                   "IQ2_XXS": (256, 66), "IQ2_XS": (256, 74), "IQ2_S": (256, 82), "IQ3_XXS": (256, 98),
                   "IQ3_S": (256, 110), "IQ1_S": (256, 50), "IQ1_M": (256, 56)}
 PACKED_TYPES = tuple(BLOCK_GEOMETRY)
-# kept packed on the CPU only (the CPU GEMV's table kinds, exllamav2/ops/cpu/csrc/gguf_file_blocks.h); on a GPU,
-# which has no Triton kernels for their grids yet, they load dense as before
-CPU_ONLY_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M")
+# the lattice types: grids of 4 or 8 weights per index, decoded by the CPU kernels (csrc/gguf_file_blocks.h), for the
+# CPU GEMV's table codes and, re-encoded as 4-bit table blocks, for the Triton kernels (quant/gguf.py: device_blocks)
+LATTICE_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M")
 # byte offsets of each block's fp16 fields: the scale d, and the offset m (Q4_1, Q5_1) or dmin (Q2_K, Q4_K, Q5_K)
 F16_FIELDS = {"Q4_0": (0, None), "Q4_1": (0, 2), "Q5_0": (0, None), "Q5_1": (0, 2), "Q8_0": (0, None),
               "IQ4_NL": (0, None), "Q2_K": (80, 82), "Q3_K": (108, None), "Q4_K": (0, 2), "Q5_K": (0, 2),

@@ -21,7 +21,8 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from ..ops.cpu import kernels as cpu_kernels
-from .gguf_blocks import CPU_ONLY_TYPES, PACKED_TYPES
+from .gguf import lattice_on_device
+from .gguf_blocks import LATTICE_TYPES, PACKED_TYPES
 
 
 def host_rows(blocks: torch.Tensor, ids: torch.Tensor, qtype: int, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -57,6 +58,8 @@ class GgufEmbeddingTable:
         self.triton = triton or torch.device(device).type != "cpu"
         if self.triton:
             from ..ops.triton import interpreting, kernels
+            if qtype in LATTICE_TYPES:   # 4-bit table blocks (quant/gguf.py: device_blocks)
+                self.blocks = cpu_kernels.lut_blocks(qtype, self.blocks)
             self.blocks = self.blocks.to(device, copy=True)
             self.k = kernels("gguf_kernels", torch.device(device).type == "cpu" and interpreting())
             self.triton_code = self.k.QTYPE_CODES[qtype]
@@ -100,7 +103,7 @@ def gguf_embedding_table(src, name: str, device: torch.device | str = "cpu") -> 
     """The table of tensor `name` when its source is a GGUF file holding it in a block type, else None."""
     if not hasattr(src, "ggml_type") or src.ggml_type(name) not in PACKED_TYPES:
         return None
-    if src.ggml_type(name) in CPU_ONLY_TYPES and torch.device(device).type != "cpu":
+    if src.ggml_type(name) in LATTICE_TYPES and torch.device(device).type != "cpu" and not lattice_on_device():
         return None
     qtype, blocks, shape = src.raw(name)
     return GgufEmbeddingTable(name, qtype, blocks, tuple(shape), device)

@@ -26,7 +26,7 @@ import torch
 KERNEL_VERSION = 1
 LIBRARY_NAME = "exllamav2_cpu"
 SOURCES = ("gemv.cpp", "bf16_gemv.cpp", "small_ops.cpp", "attention.cpp", "attention_quant.cpp", "kv_quant_write.cpp",
-           "gguf_pack.cpp", "gguf_rows.cpp")
+           "gguf_pack.cpp", "gguf_rows.cpp", "gguf_lut_blocks.cpp")
 CSRC = Path(__file__).parent / "csrc"
 COLD_BUILD_SECONDS = 45  # a cold build on 2 cores (30-120 s measured while other jobs shared them)
 # -fopenmp: at::parallel_for is OpenMP inline in the header; the library then binds to the libgomp torch loaded

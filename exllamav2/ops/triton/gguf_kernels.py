@@ -28,6 +28,11 @@ with w the weight at index j of its block:
   the nibble s % 2 of scales_l[s // 2] below bits 2s, 2s + 1 of scales_h, its nibbles as IQ4_NL's in qs[16 s ...];
   w = (d * (ls - 32)) * KVALUES[q]
 KVALUES (IQ4_NL and IQ4_XS) = -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113.
+- the lattice types (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M), re-encoded at load by the CPU kernels
+  (exllamav2/ops/cpu/csrc/gguf_lut_blocks.cpp) as 4-bit table blocks (256, 146): d, scales[16] (the odd factor of
+  each 16 weights' scale), qs[128] (32 weights per 16 bytes, nibbles as Q4_0's); w = (d * scale) * T[q] * 2^-e with
+  the type's table T and exponent e (LUT_* below: IQ2 8/25/43 and e = 3, IQ3_XXS 4..62 and 2, IQ3_S 1..15 and 0,
+  IQ1 8 * (grid +- 1/8) = 1/7/9 and 3), each weight's sign in its code (T holds m_i at 8 + i, -m_i at 7 - i)
 The arithmetic (fp32, the same association) is that of gguf-py's `gguf.quants.dequantize`, so the interpreter
 reproduces it bit for bit; a GPU may contract a multiply-add into an FMA.
 """
@@ -48,12 +53,28 @@ Q2_K = tl.constexpr(8)
 Q3_K = tl.constexpr(9)
 IQ4_NL = tl.constexpr(10)
 IQ4_XS = tl.constexpr(11)
+LUT_IQ2 = tl.constexpr(12)     # the 4-bit table blocks of the lattice types, one code per table
+LUT_IQ3_XXS = tl.constexpr(13)
+LUT_IQ3_S = tl.constexpr(14)
+LUT_IQ1 = tl.constexpr(15)
 
 # KVALUES in two int64 constants of eight bytes each (byte i: entry i): the negated first half and the second half,
 # so that every byte, the top one included, is below 128 and neither constant overflows int64
 _KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 IQ4_NEG = tl.constexpr(sum(-v << (8 * i) for i, v in enumerate(_KVALUES[:8])))
 IQ4_POS = tl.constexpr(sum(v << (8 * i) for i, v in enumerate(_KVALUES[8:])))
+
+
+def _halves(mags):
+    """A lattice table (magnitudes m_i at 8 + i, -m_i at 7 - i) as the two constants _table_value reads."""
+    return (tl.constexpr(sum(m << (8 * (7 - i)) for i, m in enumerate(mags))),
+            tl.constexpr(sum(m << (8 * i) for i, m in enumerate(mags))))
+
+
+IQ2_NEG, IQ2_POS = _halves((8, 25, 43))
+IQ3XXS_NEG, IQ3XXS_POS = _halves((4, 12, 20, 28, 36, 44, 52, 62))
+IQ3S_NEG, IQ3S_POS = _halves((1, 3, 5, 7, 9, 11, 13, 15))
+IQ1_NEG, IQ1_POS = _halves((1, 7, 9))
 
 
 @triton.jit
@@ -206,6 +227,25 @@ def _iq4_value(q):
 
 
 @triton.jit
+def _table_value(q, NEG: tl.constexpr, POS: tl.constexpr):
+    """Entry q (0..15, int32) of a table given as its negated first half and its second half, a byte an entry."""
+    low = q < 8
+    v = ((tl.where(low, NEG, POS) >> ((q & 7) * 8)) & 255).to(tl.int32)
+    return tl.where(low, -v, v)
+
+
+@triton.jit
+def _decode_lut4(w8, w16, row0, k, mask, NEG: tl.constexpr, POS: tl.constexpr, SHIFT: tl.constexpr):
+    base = row0 + (k // 256) * 146
+    j = k % 256
+    d = tl.load(w16 + base // 2, mask=mask, other=0.0).to(tl.float32)
+    sc = tl.load(w8 + base + 2 + j // 16, mask=mask, other=0).to(tl.float32)
+    b = tl.load(w8 + base + 18 + (j // 32) * 16 + (j % 16), mask=mask, other=0).to(tl.int32)
+    q = (b >> (((j % 32) // 16) * 4)) & 15
+    return (d * sc) * _table_value(q, NEG, POS).to(tl.float32) * (1.0 / (1 << SHIFT))
+
+
+@triton.jit
 def _decode_iq4_nl(w8, w16, row0, k, mask):
     base = row0 + (k // 32) * 18
     j = k % 32
@@ -254,6 +294,14 @@ def _decode(w8, w16, n, k, row_bytes, mask, QTYPE: tl.constexpr):
         w = _decode_iq4_nl(w8, w16, row0, k, mask)
     elif QTYPE == IQ4_XS:
         w = _decode_iq4_xs(w8, w16, row0, k, mask)
+    elif QTYPE == LUT_IQ2:
+        w = _decode_lut4(w8, w16, row0, k, mask, IQ2_NEG, IQ2_POS, 3)
+    elif QTYPE == LUT_IQ3_XXS:
+        w = _decode_lut4(w8, w16, row0, k, mask, IQ3XXS_NEG, IQ3XXS_POS, 2)
+    elif QTYPE == LUT_IQ3_S:
+        w = _decode_lut4(w8, w16, row0, k, mask, IQ3S_NEG, IQ3S_POS, 0)
+    elif QTYPE == LUT_IQ1:
+        w = _decode_lut4(w8, w16, row0, k, mask, IQ1_NEG, IQ1_POS, 3)
     else:
         w = _decode_q6_k(w8, w16, row0, k, mask)
     return w
@@ -307,7 +355,8 @@ def gguf_dequant(w8, w16, out_ptr, N, K, row_bytes, stride_out, QTYPE: tl.conste
 
 # Tile sizes the kernels run with (gguf_linear.py reads them) and the signatures the AOT test compiles.
 QTYPE_CODES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "Q5_0": 6, "Q5_1": 7, "Q2_K": 8,
-               "Q3_K": 9, "IQ4_NL": 10, "IQ4_XS": 11}
+               "Q3_K": 9, "IQ4_NL": 10, "IQ4_XS": 11, "IQ2_XXS": 12, "IQ2_XS": 12, "IQ2_S": 12, "IQ3_XXS": 13,
+               "IQ3_S": 14, "IQ1_S": 15, "IQ1_M": 15}   # the lattice types' blocks re-encoded: a code per table
 MATMUL_TILE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)
 DEQUANT_TILE = dict(BLOCK_K=32, BLOCK_N=64)
 
@@ -320,8 +369,8 @@ _DEQUANT_SIG = {"w8": "*u8", "w16": "*fp16", "out_ptr": "*{dt}", "N": "i32", "K"
 AOT_SPECS = [
     *({"kernel": "gguf_matmul_partials", "signature": {k: v.format(dt=dt) for k, v in _MATMUL_SIG.items()},
        "constexprs": {**MATMUL_TILE, "QTYPE": code, "DOT_F32": False}}
-      for dt in ("fp16", "bf16") for code in QTYPE_CODES.values()),
+      for dt in ("fp16", "bf16") for code in sorted(set(QTYPE_CODES.values()))),
     *({"kernel": "gguf_dequant", "signature": {k: v.format(dt=dt) for k, v in _DEQUANT_SIG.items()},
        "constexprs": {**DEQUANT_TILE, "QTYPE": code}}
-      for dt in ("fp16", "bf16", "fp32") for code in QTYPE_CODES.values()),   # fp32: the embedding's rows
+      for dt in ("fp16", "bf16", "fp32") for code in sorted(set(QTYPE_CODES.values()))),   # fp32: embedding rows
 ]

@@ -21,7 +21,7 @@ class GgufKernel(PackedKernel):
     def __init__(self, q, device: torch.device, dtype: torch.dtype):
         super().__init__(q, device, dtype)
         self.k = kernels("gguf_kernels", self.interpret)
-        qtype, blocks = q.raw_blocks()
+        qtype, blocks = q.device_blocks()
         self.qtype, self.qcode = qtype, self.k.QTYPE_CODES[qtype]
         self.blocks = self.own(blocks.to(device))
         self.row_bytes = self.blocks.shape[1]

@@ -22,7 +22,7 @@ import torch
 from . import interpreting, kernels
 from .linear import triton_cdiv
 
-DENSE_FMT, EXL2_FMT, GPTQ_FMT = 16, 17, 32  # moe_kernels' codes; GGUF types use gguf_kernels.QTYPE_CODES (0-11)
+DENSE_FMT, EXL2_FMT, GPTQ_FMT = 16, 17, 32  # moe_kernels' codes; GGUF types use gguf_kernels.QTYPE_CODES (0-15)
 BLOCK_K = 64  # moe_kernels.BLOCK_K: the K tile of dense and GGUF experts
 
 
