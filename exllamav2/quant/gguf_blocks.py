@@ -1,5 +1,5 @@
 """GGUF quant blocks: the geometry of every type kept packed (BLOCK_GEOMETRY: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL,
-Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; on the CPU also the lattice types IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S,
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, and the lattice types IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S,
 IQ1_S, IQ1_M), and Q4_0, Q4_1, Q8_0 decoded into integer digits and per-32-column scales,
 in HF row order (for the CPU int4 kernel).
 
@@ -12,7 +12,8 @@ Block layouts (32 weights per block, little endian):
 Nibble j < 16 of a block is the low half of byte j, nibble j >= 16 the high half of byte j - 16.
 Q5_0/Q5_1, IQ4_NL (a non-linear 16-value table) and the 256-weight super-blocks (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
 IQ4_XS) have no int4 mapping; the Triton kernels decode them from the file's bytes (exllamav2/ops/triton/
-gguf_kernels.py documents their layouts).
+gguf_kernels.py documents their layouts), the lattice types after the CPU kernels' re-encoding (quant/gguf.py:
+device_blocks).
 """
 
 from __future__ import annotations

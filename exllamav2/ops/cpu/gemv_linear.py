@@ -1,6 +1,7 @@
 """Linear kernels of the `cpu` backend over the C++ kernels (csrc/gemv.cpp, csrc/bf16_gemv.cpp, kernels.py).
 
-- GGUF blocks, every type but the 2- and 3-bit K-quants (gguf_pack.py): the int8-dot kernel for every number of rows, in
+- GGUF blocks, every type of GGUF_KINDS (kernels.py: the legacy, K-quant, IQ4 and lattice types; gguf_pack.py): the
+  int8-dot kernel for every number of rows, in
   chunks of 8 sharing each weight group while it is in cache, so a row's result never depends on the rows beside
   it (tests/test_batch_invariance.py holds the dynamic generator to that, prefill included).
 - EXL2 and GPTQ weights repacked as Q4_0/Q4_1/Q8_0 blocks, one segment per block kind (quant_repack.py): the same
