@@ -311,10 +311,10 @@ def k_quant_experts(hf, qtype: str, seed: int = 0) -> dict:
     return raw
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "IQ2_XS", "IQ3_XXS"])
 def test_k_quant_experts_match_hf(qtype, tmp_path):
-    """K-quant experts (super-blocks of 256 columns: a model 256 wide), kept as the file's blocks, against HF
-    holding the blocks' values."""
+    """K-quant and lattice experts (super-blocks of 256 columns: a model 256 wide), kept as the file's blocks,
+    against HF holding the blocks' values."""
     model_cls, cfg_cls, extra = CASES["mixtral"]
     hf = make_tiny(model_cls, cfg_cls(**{**COMMON, **extra, "hidden_size": 256, "intermediate_size": 256,
                                          "head_dim": 64}), seed=7, init_scale=0.05)
