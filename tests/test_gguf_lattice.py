@@ -80,3 +80,53 @@ def test_lattice_types_reach_the_gpu_path_re_encoded(tmp_path, monkeypatch):
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(0)).half()
     got, want = fast(x).float(), ref(x).float()
     assert (got - want).abs().max() <= 2e-3 * want.abs().max()
+
+
+# the 4-bit table blocks' decoding (exllamav2/ops/triton/gguf_kernels.py: _decode_lut4): magnitudes, output shift
+_LUT = {"IQ2_XXS": ((8, 25, 43), 3), "IQ2_XS": ((8, 25, 43), 3), "IQ2_S": ((8, 25, 43), 3),
+        "IQ3_XXS": ((4, 12, 20, 28, 36, 44, 52, 62), 2), "IQ3_S": ((1, 3, 5, 7, 9, 11, 13, 15), 0),
+        "IQ1_S": ((1, 7, 9), 3), "IQ1_M": ((1, 7, 9), 3)}
+
+
+@pytest.mark.parametrize("qtype", LATTICE)
+def test_lattice_edge_blocks_equal_gguf_py_bit_for_bit(qtype):
+    """What random codes with realistic d do not reach: d of +-0, fp16 subnormals, +-65504, +-inf and NaN, and
+    blocks of all-zero and all-one bytes (every scale nibble 15, every grid index its maximum, every delta and sign
+    bit set). The row lookup, the packed layout's dequantisation and the 4-bit table blocks the Triton kernels read
+    (decoded here as _decode_lut4 does) all give gguf-py's fp32 bits (NaN where it has NaN)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    from exllamav2.ops.cpu.gguf_pack import pack_gguf_blocks
+    from exllamav2.quant.gguf_blocks import BLOCK_GEOMETRY, set_block_d
+    if not kernels.ready():
+        pytest.skip("the CPU kernels cannot be built here")
+    per, bb = BLOCK_GEOMETRY[qtype]
+    n, k = 48, 512
+    d_values = np.array([0.0, -0.0, 2 ** -24, -2 ** -24, 2 ** -14 - 2 ** -24, 6.1e-5, 1.0, -0.37, 65504, -65504,
+                         np.inf, -np.inf, np.nan], dtype=np.float16)
+    g = np.random.default_rng(len(qtype))
+    raw = g.integers(0, 256, (n, k // per, bb), dtype=np.uint8)
+    raw[:16], raw[16:32] = 0, 255
+    set_block_d(qtype, raw, d_values[g.integers(0, len(d_values), (n, k // per))])
+    raw = raw.reshape(n, -1)
+    want = dequantize(raw, GGMLQuantizationType[qtype]).astype(np.float32)
+
+    def same_bits(got):
+        got = np.ascontiguousarray(got, dtype=np.float32)
+        nan = np.isnan(want)
+        return np.array_equal(np.isnan(got), nan) and np.array_equal(got.view(np.uint32)[~nan],
+                                                                     want.view(np.uint32)[~nan])
+    grid = kernels.lattice_grid(qtype)
+    assert same_bits(kernels.gguf_rows(torch.from_numpy(raw), torch.arange(n), qtype, k, torch.float32, grid))
+    assert same_bits(kernels.gguf_dequant(pack_gguf_blocks(qtype, raw, (n, k)), torch.float32))
+    lut = kernels.lut_blocks(qtype, torch.from_numpy(raw)).numpy().reshape(n, k // 256, 146)
+    mags, shift = _LUT[qtype]
+    table = np.zeros(16, np.float32)
+    table[8:8 + len(mags)], table[8 - len(mags):8] = mags, [-m for m in reversed(mags)]
+    d = lut[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = lut[..., 18:].reshape(n, k // 256, 8, 16)
+    codes = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(n, k // 256, 256)
+    j = np.arange(256)
+    w = (d[..., None] * lut[..., 2 + j // 16].astype(np.float32)) * table[codes] * np.float32(2.0 ** -shift)
+    assert same_bits(w.reshape(n, k))

@@ -172,8 +172,9 @@ def lut_blocks(qtype: str, raw: torch.Tensor) -> torch.Tensor:
     """A lattice type's rows, raw uint8 (rows, bytes per row), re-encoded as 4-bit table blocks of 146 bytes per 256
     weights (csrc/gguf_lut_blocks.cpp: fp16 d, 16 odd scale factors, 128 bytes of codes), which the Triton GGUF
     kernels decode (exllamav2/ops/triton/gguf_kernels.py: _decode_lut4); the same weights."""
+    from ...quant.gguf_blocks import BLOCK_GEOMETRY
     n, row_bytes = raw.shape
-    per, bb = 256, {"IQ2_XXS": 66, "IQ2_XS": 74, "IQ2_S": 82, "IQ3_XXS": 98, "IQ3_S": 110, "IQ1_S": 50, "IQ1_M": 56}[qtype]
+    per, bb = BLOCK_GEOMETRY[qtype]
     return torch.ops.exllamav2_cpu.gguf_lut_blocks(raw, GGUF_KINDS[qtype], n, row_bytes // bb * per,
                                                    lattice_grid(qtype))
 

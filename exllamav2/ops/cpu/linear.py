@@ -52,8 +52,9 @@ class DenseKernel(torch_linear.DenseKernel):
 
 
 class DequantizedKernel:
-    """A quantized weight dequantised once at prepare (GGUF K-quants, which have no exact int4 mapping: the same
-    dense matrix a dense load of the file gives), run by the kernel this backend prepares for that dense matrix.
+    """A quantized weight dequantised once at prepare (a GGUF weight the C++ GEMV does not run: fp32 activations, or
+    no kernels and a type or dtype torch's int4 kernel cannot take; the same dense matrix a dense load of the file
+    gives), run by the kernel this backend prepares for that matrix.
     The kernel owns that copy."""
     backend = "cpu"
 
