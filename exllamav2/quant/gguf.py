@@ -36,7 +36,7 @@ def lattice_on_device() -> bool:
     """Whether a lattice type can go to a GPU in blocks: re-encoded for the Triton kernels by the CPU kernels
     (`GgufWeight.device_blocks`), which must build on this machine; else those types load dense there."""
     from ..ops.cpu import build, kernels
-    return build.disabled_reason() is None and kernels.ready()
+    return build.disabled_reason() is None and kernels.decoders_ready()
 
 
 class GgufWeight(QuantWeight):
@@ -134,7 +134,7 @@ class GgufWeight(QuantWeight):
         qtype, blocks = self.raw_blocks()
         if qtype in LATTICE_TYPES:
             from ..ops.cpu import kernels
-            if not kernels.ready():
+            if not kernels.decoders_ready():
                 raise RuntimeError(f"{self.key}: GGUF {qtype} needs the CPU kernels to be re-encoded for the GPU")
             blocks = kernels.lut_blocks(qtype, blocks)
         return qtype, blocks

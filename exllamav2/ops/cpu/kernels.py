@@ -14,14 +14,15 @@ import os
 import numpy as np
 import torch
 
+from ...quant.gguf_blocks import LATTICE_TYPES
 from . import build
 
 ISA_LEVELS = {"none": 0, "avx2": 1, "avx512": 2}
 GGUF_KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q5_0": 4, "Q5_1": 5, "Q5_K": 6, "Q6_K": 7, "Q2_K": 8,
               "Q3_K": 9, "IQ4_NL": 10, "IQ4_XS": 11, "IQ2_XXS": 12, "IQ2_XS": 13, "IQ2_S": 14, "IQ3_XXS": 15,
               "IQ3_S": 16, "IQ1_S": 17, "IQ1_M": 18}
-# the lattice types: decoded through their grids (lattice_grid), which the decoding ops take as an argument
-LATTICE_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M")
+# the lattice types (quant/gguf_blocks.py) are decoded through their grids (lattice_grid), which the decoding ops
+# take as an argument
 
 
 @functools.cache
@@ -118,6 +119,15 @@ def ready(progress: bool = True) -> bool:
         if env and env != "auto":
             set_isa(env, source="EXLLAMAV2_CPU_ISA")
     return isa() != "none"
+
+
+def decoders_ready(progress: bool = True) -> bool:
+    """True when the kernels' library is loaded (built at first use): enough for the block decoders (gguf_pack,
+    gguf_rows, gguf_lut_blocks), which are scalar code, where ready() also needs AVX2 or AVX-512 for the GEMVs."""
+    if not build.load_library(progress):
+        return False
+    _register_fakes()
+    return True
 
 
 def loaded_usable() -> bool:

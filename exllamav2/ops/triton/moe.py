@@ -50,6 +50,8 @@ class ExpertTables:
             self.fmt, self.params, self.block_k = DENSE_FMT, (0, 0), BLOCK_K
             rows = [[k.weight] for k in kernel_list]
         elif _is_gguf(first):
+            # moe_kernels tells the formats apart by code: GGUF's must stay below the others'
+            assert first.qcode < DENSE_FMT, f"GGUF type code {first.qcode} collides with the MoE format codes"
             self.fmt, self.params, self.block_k = first.qcode, (first.row_bytes, 0), BLOCK_K
             rows = [[k.blocks] for k in kernel_list]
         elif type(first).__name__ == "Exl2Kernel":

@@ -69,7 +69,8 @@ constexpr int kKinds = 19;
 // value times a sign (IQ1: a grid value in {-1, 0, 1} plus its delta of +-1/8, times 8), so the
 // table holds the magnitudes m_i at 8 + i and -m_i at 7 - i (unused entries 0, never indexed), and a code is
 // 8 + i or 7 - i. Their fractional factors (IQ2: 1/8, IQ3_XXS: 1/4, IQ1: 1/8) are powers of two, applied to
-// the fp32 output (exact: a power-of-two scale commutes with every rounding of the sum).
+// the fp32 output (exact: a power-of-two scale commutes with every rounding of the sum, barring fp32 under-
+// or overflow).
 alignas(16) constexpr int8_t kLutValues[5][16] = {
     {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113},   // IQ4_NL, IQ4_XS
     {0, 0, 0, 0, 0, -43, -25, -8, 8, 25, 43, 0, 0, 0, 0, 0},                       // IQ2_*: grid 0x08 0x19 0x2b
