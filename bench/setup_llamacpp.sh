@@ -14,9 +14,10 @@ JOBS="${2:-$(nproc)}"
 [[ "${1:-}" == "--jobs" ]] || JOBS="$(nproc)"
 
 TOOLS=(llama-bench llama-quantize llama-imatrix llama-perplexity)
-if [[ -x "$CACHE/bin/llama-bench" && -x "$CACHE/bin/llama-quantize" && -x "$CACHE/bin/llama-imatrix" \
-      && -x "$CACHE/bin/llama-perplexity" ]]; then
-    echo "llama.cpp already built: $CACHE/bin/llama-bench"
+missing=0
+for t in "${TOOLS[@]}"; do [[ -x "$CACHE/bin/$t" ]] || missing=1; done
+if [[ $missing == 0 ]]; then
+    echo "llama.cpp already built: ${TOOLS[*]} in $CACHE/bin"
     exit 0
 fi
 for tool in cmake c++ pip; do
