@@ -69,6 +69,9 @@ def test_info_describes_default_model():
     assert "LlamaForCausalLM" in r.stdout
     assert re.search(r"Parameters:\s+13[45]\.\d M", r.stdout), r.stdout
     assert "model.layers.29" in r.stdout and "GGUF" in r.stdout
+    # the shipped file's Q8_0 token embedding stays in its blocks, and the format line lists the lattice types
+    assert re.search(r"model\.embed_tokens .* GGUF Q8_0, rows dequantized on lookup", r.stdout), r.stdout
+    assert "IQ2_XXS" in r.stdout.split("Format:")[1].splitlines()[0]
 
 
 @pytest.mark.slow

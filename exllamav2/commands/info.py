@@ -67,6 +67,9 @@ def module_format(module) -> str:
                 described.append(type(h).__name__)
     if described:
         return "; ".join(dict.fromkeys(described))
+    table = getattr(module, "table", None)   # a GGUF token embedding kept in its blocks
+    if table is not None and hasattr(table, "qtype"):
+        return f"GGUF {table.qtype}, rows dequantized on lookup"
     return "quantized" if module.is_quant() else str(getattr(module, "dtype", "")).replace("torch.", "")
 
 
@@ -78,9 +81,10 @@ def run(args) -> int:
     path = model_path(args)
     gguf_path = getattr(config, "gguf_path", None)
     if gguf_path:
+        from ..quant.gguf_blocks import PACKED_TYPES
         fmt = ("GGUF (dequantized on load)" if config.gguf_dequantize else
-               "GGUF (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL/Q2_K/Q3_K/Q4_K/Q5_K/Q6_K/IQ4_XS linears kept in their "
-               "blocks; other types dequantized on load)")
+               f"GGUF ({'/'.join(PACKED_TYPES)} linears and token embeddings kept in their blocks; other types "
+               "dequantized on load)")
     else:
         fmt = "quantized" if model.is_quant() else "safetensors"
     print(f"Model:         {os.path.normpath(path)}")
