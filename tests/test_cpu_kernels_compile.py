@@ -37,7 +37,8 @@ def tiny_model(kind, tmp_path):
         from test_backends import tiny_dense
         path = tiny_dense.__wrapped__(type("F", (), {"mktemp": lambda self, n: tmp_path / n})())
     else:
-        path = write_tiny_gguf(str(tmp_path / f"{kind}.gguf"), qtype=kind, hidden=128, ffn=256, vocab=96)
+        hidden = 256 if kind.startswith("IQ") else 128   # the lattice types' super-blocks are 256 wide
+        path = write_tiny_gguf(str(tmp_path / f"{kind}.gguf"), qtype=kind, hidden=hidden, ffn=256, vocab=96)
     cfg = ExLlamaV2Config(path)
     cfg.max_seq_len = 128
     model = ExLlamaV2(cfg)
@@ -46,7 +47,7 @@ def tiny_model(kind, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["Q4_0", "Q8_0", "dense"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q8_0", "IQ2_XS", "dense"])
 def test_compiled_decode_with_the_kernels_gives_the_eager_tokens(kind, tmp_path):
     model = tiny_model(kind, tmp_path)
     want = GgufGemvKernel if kind != "dense" else Bf16GemvKernel
@@ -62,6 +63,8 @@ def test_compiled_decode_with_the_kernels_gives_the_eager_tokens(kind, tmp_path)
             got = teacher_forced(model, ids, tokens, cache)
         op = "exllamav2_cpu::gguf_gemv" if kind != "dense" else "exllamav2_cpu::bf16_gemv"
         assert any(e.name == op for e in prof.events()), "the compiled step did not call the C++ kernel"
+        if kind != "dense":   # the token embedding's rows from the file's blocks, in C++ (csrc/gguf_rows.cpp)
+            assert any(e.name == "exllamav2_cpu::gguf_rows" for e in prof.events())
         # inductor keeps some elementwise intermediates in fp32 where eager rounds them to bf16: logits agree to
         # bf16 precision, and the greedy token is the same wherever eager's top two are not a near tie
         span = eager.abs().max()
