@@ -58,23 +58,28 @@ LUT_IQ3_XXS = tl.constexpr(13)
 LUT_IQ3_S = tl.constexpr(14)
 LUT_IQ1 = tl.constexpr(15)
 
-# KVALUES in two int64 constants of eight bytes each (byte i: entry i): the negated first half and the second half,
-# so that every byte, the top one included, is below 128 and neither constant overflows int64
-_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-IQ4_NEG = tl.constexpr(sum(-v << (8 * i) for i, v in enumerate(_KVALUES[:8])))
-IQ4_POS = tl.constexpr(sum(v << (8 * i) for i, v in enumerate(_KVALUES[8:])))
+
+def _halves(table):
+    """A 16-entry table as two int64 constants of eight bytes each (byte i: entry i): the negated first half and
+    the second half, so that every byte, the top one included, is below 128 and neither overflows int64
+    (_table_value reads them)."""
+    return (tl.constexpr(sum(-v << (8 * i) for i, v in enumerate(table[:8]))),
+            tl.constexpr(sum(v << (8 * i) for i, v in enumerate(table[8:]))))
 
 
-def _halves(mags):
-    """A lattice table (magnitudes m_i at 8 + i, -m_i at 7 - i) as the two constants _table_value reads."""
-    return (tl.constexpr(sum(m << (8 * (7 - i)) for i, m in enumerate(mags))),
-            tl.constexpr(sum(m << (8 * i) for i, m in enumerate(mags))))
+def _lattice(mags):
+    """A lattice type's table: magnitudes m_i at 8 + i, -m_i at 7 - i, the unused entries 0."""
+    table = [0] * 16
+    for i, m in enumerate(mags):
+        table[8 + i], table[7 - i] = m, -m
+    return table
 
 
-IQ2_NEG, IQ2_POS = _halves((8, 25, 43))
-IQ3XXS_NEG, IQ3XXS_POS = _halves((4, 12, 20, 28, 36, 44, 52, 62))
-IQ3S_NEG, IQ3S_POS = _halves((1, 3, 5, 7, 9, 11, 13, 15))
-IQ1_NEG, IQ1_POS = _halves((1, 7, 9))
+IQ4_NEG, IQ4_POS = _halves((-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113))  # KVALUES
+IQ2_NEG, IQ2_POS = _halves(_lattice((8, 25, 43)))
+IQ3XXS_NEG, IQ3XXS_POS = _halves(_lattice((4, 12, 20, 28, 36, 44, 52, 62)))
+IQ3S_NEG, IQ3S_POS = _halves(_lattice((1, 3, 5, 7, 9, 11, 13, 15)))
+IQ1_NEG, IQ1_POS = _halves(_lattice((1, 7, 9)))
 
 
 @triton.jit
@@ -219,14 +224,6 @@ def _decode_q3_k(w8, w16, row0, k, mask):
 
 
 @triton.jit
-def _iq4_value(q):
-    """KVALUES[q] (q: 0..15, int32)."""
-    low = q < 8
-    v = ((tl.where(low, IQ4_NEG, IQ4_POS) >> ((q & 7) * 8)) & 255).to(tl.int32)
-    return tl.where(low, -v, v)
-
-
-@triton.jit
 def _table_value(q, NEG: tl.constexpr, POS: tl.constexpr):
     """Entry q (0..15, int32) of a table given as its negated first half and its second half, a byte an entry."""
     low = q < 8
@@ -251,7 +248,7 @@ def _decode_iq4_nl(w8, w16, row0, k, mask):
     j = k % 32
     d = tl.load(w16 + base // 2, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(w8 + base + 2 + (j % 16), mask=mask, other=0).to(tl.int32)
-    return d * _iq4_value((b >> ((j // 16) * 4)) & 15).to(tl.float32)
+    return d * _table_value((b >> ((j // 16) * 4)) & 15, IQ4_NEG, IQ4_POS).to(tl.float32)
 
 
 @triton.jit
@@ -265,7 +262,7 @@ def _decode_iq4_xs(w8, w16, row0, k, mask):
     ls = (((lo >> ((s % 2) * 4)) & 15) | (((hi >> ((s % 4) * 2)) & 3) << 4)) - 32
     b = tl.load(w8 + base + 8 + s * 16 + (j % 16), mask=mask, other=0).to(tl.int32)
     q = (b >> (((j % 32) // 16) * 4)) & 15
-    return (d * ls.to(tl.float32)) * _iq4_value(q).to(tl.float32)
+    return (d * ls.to(tl.float32)) * _table_value(q, IQ4_NEG, IQ4_POS).to(tl.float32)
 
 
 @triton.jit
