@@ -13,8 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ops
+from exllamav2 import ExLlamaV2Cache, ops
 from exllamav2.ops.torch_ref import attention as ref_attention
+from test_backends import _load
 from test_gguf_support import write_tiny_gguf
 
 
@@ -23,15 +24,6 @@ def _auto_backend():
     ops.set_backend(None)
     yield
     ops.set_backend(None)
-
-
-def _load(path, dtype):
-    cfg = ExLlamaV2Config(path)
-    cfg.dtype = dtype
-    cfg.max_seq_len = 64
-    m = ExLlamaV2(cfg)
-    m.load()
-    return m
 
 
 def _run(model, ids, prompt, backend):
