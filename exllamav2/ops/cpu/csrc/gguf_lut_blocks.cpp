@@ -14,7 +14,7 @@
 #include <optional>
 
 #include "gguf_file_blocks.h"
-#include "gguf_lattice_grid.h"
+#include "gguf_file_rows.h"
 
 namespace {
 
@@ -26,14 +26,10 @@ at::Tensor gguf_lut_blocks(const at::Tensor& raw, int64_t kind, int64_t n, int64
                            const std::optional<at::Tensor>& grid) {
     TORCH_CHECK(kind >= 0 && kind < kKinds && lattice(static_cast<int>(kind)), "gguf_lut_blocks: kind ", kind,
                 " is not a lattice kind (", static_cast<int>(IQ2_XXS), "..", kKinds - 1, ")");
-    const int kd = static_cast<int>(kind);
-    const uint8_t* gp = lattice_grid(kd, grid, "gguf_lut_blocks");
-    const Geometry geo = geometry(kd);
-    TORCH_CHECK(k > 0 && k % 256 == 0, "gguf_lut_blocks: ", k, " columns, expected a multiple of 256");
-    const int64_t row_bytes = k / 256 * geo.bytes;
-    TORCH_CHECK(raw.scalar_type() == at::kByte && raw.dim() == 2 && raw.size(0) == n && raw.size(1) == row_bytes &&
-                raw.stride(1) == 1, "gguf_lut_blocks: raw must be uint8 (", n, ", ", row_bytes,
-                ") with contiguous rows, got ", raw.sizes());
+    const FileRows fr = file_rows("gguf_lut_blocks", raw, kind, n, k, grid);
+    const int kd = fr.kind;
+    const uint8_t* gp = fr.grid;
+    const Geometry geo = fr.geo;
     const int64_t supers = k / 256;
     at::Tensor out = at::empty({n, supers * kLutBlockBytes}, raw.options());
     const uint8_t* src = raw.data_ptr<uint8_t>();

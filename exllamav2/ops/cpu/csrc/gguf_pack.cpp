@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "gguf_file_blocks.h"
-#include "gguf_lattice_grid.h"
+#include "gguf_file_rows.h"
 
 namespace {
 
@@ -76,15 +76,11 @@ void place(int kind, const Block& blk, int rr, uint8_t* rec) {
 
 std::tuple<at::Tensor, at::Tensor> gguf_pack(const at::Tensor& raw, int64_t kind, int64_t n, int64_t k,
                                              const std::optional<at::Tensor>& grid) {
-    TORCH_CHECK(kind >= 0 && kind < kKinds, "gguf_pack: kind ", kind, " is not one of 0..", kKinds - 1);
-    const int kd = static_cast<int>(kind);
-    const uint8_t* gp = lattice_grid(kd, grid, "gguf_pack");
-    const Geometry geo = geometry(kd);
-    TORCH_CHECK(k % geo.per == 0, "gguf_pack: ", k, " columns, expected a multiple of ", geo.per);
-    const int64_t row_bytes = k / geo.per * geo.bytes;
-    TORCH_CHECK(raw.scalar_type() == at::kByte && raw.dim() == 2 && raw.size(0) == n && raw.size(1) == row_bytes &&
-                raw.stride(1) == 1, "gguf_pack: raw must be uint8 (", n, ", ", row_bytes, ") with contiguous rows, got ",
-                raw.sizes());
+    const FileRows fr = file_rows("gguf_pack", raw, kind, n, k, grid);
+    const int kd = fr.kind;
+    const uint8_t* gp = fr.grid;
+    const Geometry geo = fr.geo;
+    const int64_t row_bytes = fr.row_bytes;
     const int64_t nb = k / kBlock, groups = (n + kGroup - 1) / kGroup, rec = record_bytes(kd);
     const int sf = super_fields(kd);
     at::Tensor out = at::zeros({groups * nb * rec}, raw.options());

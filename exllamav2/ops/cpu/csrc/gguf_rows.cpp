@@ -13,7 +13,7 @@
 #include <optional>
 
 #include "gguf_file_blocks.h"
-#include "gguf_lattice_grid.h"
+#include "gguf_file_rows.h"
 
 namespace {
 
@@ -53,14 +53,9 @@ void store_row(T* dst, const float* src, int64_t K) {
 
 at::Tensor gguf_rows(const at::Tensor& raw, const at::Tensor& ids, int64_t kind, int64_t K, at::ScalarType dtype,
                      const std::optional<at::Tensor>& grid) {
-    TORCH_CHECK(kind >= 0 && kind < kKinds, "gguf_rows: kind ", kind, " is not one of 0..", kKinds - 1);
-    const int kd = static_cast<int>(kind);
-    const uint8_t* gp = lattice_grid(kd, grid, "gguf_rows");
-    const Geometry geo = geometry(kd);
-    TORCH_CHECK(K > 0 && K % geo.per == 0, "gguf_rows: width ", K, ", expected a multiple of ", geo.per);
-    const int64_t row_bytes = K / geo.per * geo.bytes;
-    TORCH_CHECK(raw.scalar_type() == at::kByte && raw.dim() == 2 && raw.size(1) == row_bytes && raw.stride(1) == 1,
-                "gguf_rows: the table must be uint8 (rows, ", row_bytes, ") with contiguous rows, got ", raw.sizes());
+    const FileRows fr = file_rows("gguf_rows", raw, kind, -1, K, grid);
+    const int kd = fr.kind;
+    const uint8_t* gp = fr.grid;
     TORCH_CHECK(ids.scalar_type() == at::kLong, "gguf_rows: ids must be int64, got ", ids.scalar_type());
     TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
                 "gguf_rows: dtype must be float32, bfloat16 or float16, got ", dtype);
