@@ -134,8 +134,6 @@ class GgufWeight(QuantWeight):
         qtype, blocks = self.raw_blocks()
         if qtype in LATTICE_TYPES:
             from ..ops.cpu import kernels
-            if not kernels.decoders_ready():
-                raise RuntimeError(f"{self.key}: GGUF {qtype} needs the CPU kernels to be re-encoded for the GPU")
             blocks = kernels.lut_blocks(qtype, blocks)
         return qtype, blocks
 

@@ -32,9 +32,8 @@ def lattice_grid(qtype: str) -> torch.Tensor | None:
     ceil(log2(values)) bits an index); None for the other types."""
     if qtype not in LATTICE_TYPES:
         return None
-    from gguf import GGMLQuantizationType
-    from gguf.quants import _type_traits
-    cls = _type_traits[GGMLQuantizationType[qtype]]
+    from gguf import quants
+    cls = getattr(quants, qtype)   # gguf-py's class of the type, which holds its grid
     bits = max(1, (len(cls.grid_map) - 1).bit_length())
     per_byte = 8 // bits
     step = 8 // per_byte
@@ -181,8 +180,12 @@ def gguf_dequant(packed, dtype: torch.dtype) -> torch.Tensor:
 def lut_blocks(qtype: str, raw: torch.Tensor) -> torch.Tensor:
     """A lattice type's rows, raw uint8 (rows, bytes per row), re-encoded as 4-bit table blocks of 146 bytes per 256
     weights (csrc/gguf_lut_blocks.cpp: fp16 d, 16 odd scale factors, 128 bytes of codes), which the Triton GGUF
-    kernels decode (exllamav2/ops/triton/gguf_kernels.py: _decode_lut4); the same weights."""
+    kernels decode (exllamav2/ops/triton/gguf_kernels.py: _decode_lut4); the same weights. Builds the kernels'
+    library at first use; a RuntimeError where it cannot (quant/gguf.py's lattice_on_device asks first)."""
     from ...quant.gguf_blocks import BLOCK_GEOMETRY
+    if not decoders_ready():
+        raise RuntimeError(f"GGUF {qtype} is re-encoded for the GPU by the CPU kernels, which are not available "
+                           f"here ({build.disabled_reason() or 'the build failed'})")
     n, row_bytes = raw.shape
     per, bb = BLOCK_GEOMETRY[qtype]
     return torch.ops.exllamav2_cpu.gguf_lut_blocks(raw, GGUF_KINDS[qtype], n, row_bytes // bb * per,
