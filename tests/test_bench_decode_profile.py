@@ -1,0 +1,24 @@
+"""bench/bench_decode_profile.py runs as its docstring shows (eager, a few steps, times not checked): it prints its
+header line and the profiler's table, in which the GGUF GEMV and the token embedding's C++ row lookup appear once
+per step (SmolLM2: 30 layers x 4 linears + the head = 121 GEMV calls)."""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_decode_profile_runs(smollm2_gguf):
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "bench_decode_profile.py"), "-m", smollm2_gguf, "--steps", "3",
+           "--rows", "40"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "eager, 3 decode steps, 2 threads" in r.stdout, r.stdout
+    calls = {m[1]: int(m[2]) for m in re.finditer(r"^\s*(exllamav2_cpu::\w+)\s.*?\s(\d+)\s*$", r.stdout, re.M)}
+    from exllamav2.ops.cpu import kernels
+    if kernels.ready():
+        assert calls.get("exllamav2_cpu::gguf_gemv") == 3 * 121 and calls.get("exllamav2_cpu::gguf_rows") == 3, calls
+    else:   # no compiler here: torch's own ops run, and the table names those
+        assert not calls, calls
