@@ -44,19 +44,22 @@ class GgufGemvKernel:
         self.quant = quant  # the weight, dequantised for calls that need gradients
         self.bias = None if bias is None else bias.to(dtype).contiguous()
         self.out_features, self.in_features = packed.out_features, packed.in_features
+        self.single = None if isinstance(packed, GgufRowRuns) else (packed.qweight, packed.kind, packed.out_features)
+        self.super_scales = None if self.single is None else packed.super_scales
+        self.op = torch.ops.exllamav2_cpu.gguf_gemv.default  # kernels.gguf_gemv's op, without its Python frame
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if needs_grad(x) and self.quant is not None:
+        if torch.is_grad_enabled() and x.requires_grad and self.quant is not None:
             return F.linear(x, self.quant.dense(x.dtype), self.bias)
         stages = dispatch.cpu_activation_stages()
-        if isinstance(self.packed, GgufRowRuns):
-            ys, row = [], 0
-            for run in self.packed.runs:
-                bias = None if self.bias is None else self.bias[row:row + run.out_features]
-                ys.append(kernels.gguf_gemv(x, run, bias, stages))
-                row += run.out_features
-            return torch.cat(ys, dim=-1)
-        return kernels.gguf_gemv(x, self.packed, self.bias, stages)
+        if self.single is not None:  # one run: the op called directly (this is every decode step's linear)
+            return self.op(x, *self.single, self.bias, self.super_scales, stages)
+        ys, row = [], 0
+        for run in self.packed.runs:
+            bias = None if self.bias is None else self.bias[row:row + run.out_features]
+            ys.append(kernels.gguf_gemv(x, run, bias, stages))
+            row += run.out_features
+        return torch.cat(ys, dim=-1)
 
     def nbytes(self) -> int:
         return self.packed.nbytes()
