@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import eager_decode, ops
 from .architecture import RopeStyle
 from .attn_params import Params
 from .cache_q import ExLlamaV2CacheQuantBase, has_quant_pages
@@ -124,6 +124,10 @@ class ExLlamaV2Attention(ExLlamaV2Module):
         """`out_rows` (model.last_rows_layer: the last KV layer of a call that wants some positions' logits only):
         after writing every position's k/v, "last" returns the last position only, (b, 1, hidden), a tensor of
         positions returns those, (b, len, hidden), and "none" returns None."""
+        if not intermediates and out_rows is None:
+            out = eager_decode.attention(self, hidden_states, cache, attn_params, loras, kwargs)
+            if out is not None:
+                return out
         b, s = hidden_states.shape[0], hidden_states.shape[1]
         if attn_params is None:
             past = past_len if past_len is not None else (cache.current_seq_len if cache is not None else 0)

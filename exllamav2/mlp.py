@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import ops
+from . import eager_decode, ops
 from .activations import get_activation
 from .fused_linear import FusedLinear
 from .linear import ExLlamaV2Linear
@@ -86,6 +86,10 @@ class ExLlamaV2MLP(ExLlamaV2Module):
 
     def forward(self, hidden_states, cache=None, attn_params=None, past_len=None, intermediates=False,
                 loras=None, **kwargs):
+        if not intermediates:
+            out = eager_decode.mlp(self, hidden_states, loras, kwargs)
+            if out is not None:
+                return out
         residual = hidden_states
         x = self.pre_layernorm.forward(hidden_states) if self.pre_layernorm is not None else hidden_states
         post_norm = x

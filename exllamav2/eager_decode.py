@@ -1,0 +1,184 @@
+"""The eager decode step's short path through a decoder layer on the `cpu` backend: the same kernel calls, in the
+same order, as the modules' general forwards (attn.py, mlp.py) make for one new token per row, without the general
+forwards' per-call decisions.
+
+Why: an eager SmolLM2 step (30 layers) spent ~1.3 ms of ~4.3 in Python deciding, per op and per layer, what the
+previous step had already decided (backend choice, fused-linear checks, cast rules, cache layout, masks). Eager
+decode is what the CLI, the server and every intervention run. A layer's decisions are made once here, as a plan
+per (module, dtype, backend generation, kernel epoch); each step then checks only what can change between calls.
+
+Taken only where the result is the general forward's, bit for bit (tests/test_eager_decode.py):
+- one new token per row over a plain `ExLlamaV2Cache`, no padding mask, no sliding window in reach, no LoRA, no
+  intervention alive anywhere in the process, nothing traced, no gradients, no intermediates requested;
+- a pre-norm RMSNorm block, no post-norm, a residual in the activations' dtype;
+- attention: fused q/k/v without q/k norms, RoPE written into the cache with k/v in one pass, the `cpu` backend's
+  attention kernel; MLP: fused gate/up and the `cpu` backend's act(gate) * up;
+- linears on their prepared kernels with no prescale, none of them replaced on the instance.
+Anything else takes the general forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .cache import ExLlamaV2Cache
+from .linear import ExLlamaV2Linear
+from .module import interventions_alive
+from .ops import dispatch
+from .ops.cpu import attention as cpu_attention
+from .ops.cpu import small_ops
+from .architecture import RopeStyle
+
+_is_compiling = torch.compiler.is_compiling
+
+
+def _linear_ready(lin, dtype: torch.dtype) -> bool:
+    """The linear runs its own prepared kernel on `dtype` activations as given (no cast, no prescale, no LoRA
+    tensors consulted, forward not replaced)."""
+    if lin.prescale != 1 or "forward" in lin.__dict__:
+        return False
+    if lin.q_handle is None:
+        return lin.weight is not None and lin.weight.dtype == dtype
+    return not (dtype == torch.float32 and lin.dtype != torch.float32)
+
+
+def _norm_ready(norm) -> bool:
+    from .rmsnorm import ExLlamaV2RMSNorm
+    return type(norm) is ExLlamaV2RMSNorm and not norm.output_fp32 and "forward" not in norm.__dict__
+
+
+def _chooses_cpu(op, fn, *args) -> bool:
+    """The op's backend choice for these arguments is the `cpu` backend's function `fn`."""
+    try:
+        impl = op.implementation(*args)
+    except Exception:
+        return False
+    return impl.backend == "cpu" and impl.fn is fn
+
+
+def _block_ready(module, dtype: torch.dtype) -> bool:
+    from .attn import ExLlamaV2Attention
+    from .mlp import ExLlamaV2MLP
+    ap = module.archparams
+    # exactly these classes: a subclass may override a step this path inlines
+    return (type(module) in (ExLlamaV2Attention, ExLlamaV2MLP) and _norm_ready(module.pre_layernorm) and module.post_layernorm is None
+            and getattr(module, "has_residual", True) and not ap.residual_stream_fp32)
+
+
+class _Plan:
+    __slots__ = ("key", "ok", "k1", "k2", "interleaved", "sizes")
+
+    def __init__(self, key):
+        self.key, self.ok = key, False
+
+
+def _plan_for(module, dtype: torch.dtype, build) -> _Plan:
+    key = (dtype, dispatch._generation, ExLlamaV2Linear.kernel_epoch)
+    plan = module.__dict__.get("_eager_plan")
+    if plan is None or plan.key != key:
+        plan = _Plan(key)
+        try:
+            build(module, dtype, plan)
+        except Exception:
+            plan.ok = False
+        module._eager_plan = plan
+    return plan
+
+
+def _build_attn(attn, dtype: torch.dtype, plan: _Plan) -> None:
+    if attn.q_norm is not None or not attn.uses_rope() or not _block_ready(attn, dtype):
+        return
+    if attn.qkv.scaled or not all(_linear_ready(p, dtype) for p in attn.qkv.parts) or not _linear_ready(attn.o_proj,
+                                                                                                         dtype):
+        return
+    k1, k2 = attn.qkv.kernel(dtype), attn.o_proj.kernel(dtype)
+    if k1 is False or k2 is False:
+        return
+    d, H, Hkv = attn.head_dim, attn.num_heads, attn.num_kv_heads
+    interleaved = attn.rope().style == RopeStyle.GPTJ
+    w = attn.pre_layernorm.weight
+    x = torch.zeros(1, 1, attn.pre_layernorm.size, dtype=dtype)
+    qk = torch.zeros(1, 1, H + Hkv, d, dtype=dtype)
+    v = torch.zeros(1, 1, Hkv, d, dtype=dtype)
+    q = torch.zeros(1, H, 1, d, dtype=dtype)
+    cs = torch.zeros(1, 1, 1, d, dtype=dtype)
+    kc = torch.zeros(1, 2, Hkv, d, dtype=dtype)
+    if not (_chooses_cpu(ops.rms_norm, small_ops.rms_norm, x, w, 1e-6, dtype)
+            and _chooses_cpu(ops.rope_kv_write, small_ops.rope_kv_write, qk, v, cs, cs, interleaved, kc, kc,
+                             torch.zeros(1, dtype=torch.long), H)
+            and _chooses_cpu(ops.attention, cpu_attention.attention, q, q, q, None, attn.scaling, attn.softcap, False)):
+        return
+    plan.k1, plan.k2, plan.interleaved = k1, k2, interleaved
+    plan.ok = True
+
+
+def _build_mlp(mlp, dtype: torch.dtype, plan: _Plan) -> None:
+    if mlp.gate_proj is None or mlp.act_name not in small_ops._GATED or not _block_ready(mlp, dtype):
+        return
+    gu = mlp.gate_up
+    if gu.scaled or not all(_linear_ready(p, dtype) for p in gu.parts) or not _linear_ready(mlp.down_proj, dtype):
+        return
+    k1, k2 = gu.kernel(dtype), mlp.down_proj.kernel(dtype)
+    if k1 is False or k2 is False:
+        return
+    w = mlp.pre_layernorm.weight
+    x = torch.zeros(1, 1, mlp.pre_layernorm.size, dtype=dtype)
+    g = torch.zeros(1, 1, gu.sizes[0], dtype=dtype)
+    if not (_chooses_cpu(ops.rms_norm, small_ops.rms_norm, x, w, 1e-6, dtype)
+            and _chooses_cpu(ops.gated_activation, small_ops.gated_activation, g, g, mlp.act_name)):
+        return
+    plan.k1, plan.k2, plan.sizes = k1, k2, gu.sizes
+    plan.ok = True
+
+
+def _step_allowed(x: torch.Tensor, loras, kwargs) -> bool:
+    return (not loras and not kwargs and x.device.type == "cpu" and not _is_compiling()
+            and not torch.is_grad_enabled() and not interventions_alive())
+
+
+def attention(attn, x: torch.Tensor, cache, params, loras, kwargs) -> torch.Tensor | None:
+    """The attention block's output for a decode step, or None where the general forward must run."""
+    b, s = x.shape[0], x.shape[1]
+    if (s != 1 or type(cache) is not ExLlamaV2Cache or params is None or params.paged
+            or not _step_allowed(x, loras, kwargs)):
+        return None
+    plan = _plan_for(attn, x.dtype, _build_attn)
+    if not plan.ok or not attn.qkv.runs() or "forward" in attn.o_proj.__dict__ or "attend" in attn.__dict__:
+        return None
+    past = params.past_len
+    if params.get_attn_mask(x.device, attn.sliding_window) is not None:
+        return None
+    kc, vc = attn.cache_views(cache, b, past + 1)
+    H, Hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    if kc.dtype != x.dtype:
+        return None
+    norm = attn.pre_layernorm
+    y = plan.k1(small_ops.rms_norm(x, norm.weight, norm.variance_epsilon, x.dtype).reshape(b, -1))
+    y = y.view(b, 1, -1)
+    qk = y[..., :(H + Hkv) * d].view(b, 1, H + Hkv, d)
+    v = y[..., (H + Hkv) * d:].view(b, 1, Hkv, d)
+    cos, sin = params.get_rope(attn.rope(), x.device, x.dtype)
+    q = small_ops.rope_kv_write(qk, v, cos, sin, plan.interleaved, kc, vc, params.get_write_index(x.device), H)
+    k, v = kc[:, :past + 1], vc[:, :past + 1]
+    out = cpu_attention.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, attn.scaling,
+                                  attn.softcap, False)
+    o = plan.k2(out.transpose(1, 2).reshape(b, H * d))
+    return x + o.view(b, 1, -1)
+
+
+def mlp(module, x: torch.Tensor, loras, kwargs) -> torch.Tensor | None:
+    """The MLP block's output for a decode step (any rows, one position each), or None where the general forward
+    must run."""
+    if x.shape[1] != 1 or not _step_allowed(x, loras, kwargs):
+        return None
+    plan = _plan_for(module, x.dtype, _build_mlp)
+    if (not plan.ok or not module.gate_up.runs() or "forward" in module.down_proj.__dict__
+            or "activate" in module.__dict__):
+        return None
+    b = x.shape[0]
+    norm = module.pre_layernorm
+    y = plan.k1(small_ops.rms_norm(x, norm.weight, norm.variance_epsilon, x.dtype).reshape(b, -1))
+    gate, up = y.split(plan.sizes, dim=-1)
+    a = small_ops.gated_activation(gate, up, module.act_name)
+    return x + plan.k2(a).view(b, 1, -1)

@@ -1,0 +1,162 @@
+"""The eager decode step's short path (exllamav2/eager_decode.py) against the general module forwards: the same
+logits bit for bit, taken at every layer of a plain decode step, and not taken where the general forward must run
+(an intervention, a padding mask, a quantized cache, the torch backend, a linear's forward replaced)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exllamav2 import ExLlamaV2Cache, eager_decode, ops
+from exllamav2.cache_q import ExLlamaV2Cache_Q4
+from exllamav2.module import Intervention
+from test_backends import _load
+from test_gguf_support import write_tiny_gguf
+
+
+@pytest.fixture(autouse=True)
+def _auto_backend():
+    ops.set_backend(None)
+    yield
+    ops.set_backend(None)
+
+
+@pytest.fixture(scope="module")
+def tiny_dense(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=200, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256, attention_bias=True)
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.06) if p.dim() > 1 else p.normal_(1.0, 0.05)
+    path = tmp_path_factory.mktemp("dense")
+    m.save_pretrained(str(path), safe_serialization=True)
+    return str(path)
+
+
+class _Counter:
+    """Wraps eager_decode's two entry points: counts the calls that took the short path; `off` forces the general
+    forward."""
+
+    def __init__(self, monkeypatch):
+        self.taken, self.off, self.by_block = 0, False, {"attention": 0, "mlp": 0}
+        for name in ("attention", "mlp"):
+            monkeypatch.setattr(eager_decode, name, self._wrap(name, getattr(eager_decode, name)))
+
+    def reset(self):
+        self.taken, self.by_block = 0, {"attention": 0, "mlp": 0}
+
+    def _wrap(self, name, fn):
+        def run(*args):
+            if self.off:
+                return None
+            out = fn(*args)
+            self.taken += out is not None
+            self.by_block[name] += out is not None
+            return out
+        return run
+
+
+def _decode(model, ids, prompt, cache=None, **kw):
+    cache = cache or ExLlamaV2Cache(model, batch_size=ids.shape[0], max_seq_len=64)
+    out = [model.forward(ids[:, :prompt], cache, last_id_only=True, **kw)[:, -1]]
+    for i in range(prompt, ids.shape[1]):
+        out.append(model.forward(ids[:, i:i + 1], cache, **kw)[:, -1])
+    return torch.stack(out, 1)
+
+
+def _models(tiny_dense, tmp_path):
+    yield "dense bf16", _load(tiny_dense)
+    yield "dense fp32", _load(tiny_dense, dtype=torch.float32)
+    for q in ("Q4_0", "Q8_0", "Q4_K"):
+        hidden = 256 if q == "Q4_K" else 128
+        path = write_tiny_gguf(str(tmp_path / f"{q}.gguf"), qtype=q, hidden=hidden, ffn=2 * hidden, vocab=96,
+                               heads=4, kv_heads=2, tied=False)
+        yield f"gguf {q}", _load(path)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_short_path_equals_the_general_forward(rows, tiny_dense, tmp_path, monkeypatch):
+    counter = _Counter(monkeypatch)
+    for name, model in _models(tiny_dense, tmp_path):
+        vocab = model.config.vocab_size
+        ids = torch.randint(3, vocab, (rows, 12), generator=torch.Generator().manual_seed(rows))
+        counter.off, counter.taken = True, 0
+        ref = _decode(model, ids, 5)
+        counter.off = False
+        got = _decode(model, ids, 5)
+        layers = model.config.num_hidden_layers
+        # every decode step's two blocks per layer, and the prompt's last MLP (run on the last position only)
+        assert counter.taken == 7 * 2 * layers + 1, (name, counter.taken)
+        assert torch.equal(got, ref), name
+
+
+def test_not_taken_where_the_general_forward_must_run(tiny_dense, monkeypatch):
+    counter = _Counter(monkeypatch)
+    model = _load(tiny_dense)
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(1))
+    counter.off = True
+    ref = _decode(model, ids, 5)
+    counter.off = False
+
+    # an intervention anywhere in the process: the modules' hook points must see every tensor
+    attn = model.modules[1]
+    seen = []
+    attn.o_proj = Intervention(attn.o_proj, post_forward=lambda h, *a, **k: seen.append(h.shape) or h)
+    counter.taken = 0
+    assert torch.equal(_decode(model, ids, 5), ref) and seen and counter.taken == 0
+    attn.o_proj = attn.o_proj.inner
+    del seen[:]
+
+    # a padding mask (and the positions it shifts): attention runs the general forward, the MLP (per position)
+    # still takes the short path, and the logits are the general forward's
+    offsets = torch.tensor([[0], [-2]])
+    mask = torch.arange(9).unsqueeze(0) >= (-offsets)
+    counter.off = True
+    masked_ref = _decode(model, ids, 5, input_mask=mask, position_offsets=offsets)
+    counter.off = False
+    counter.reset()
+    assert torch.equal(_decode(model, ids, 5, input_mask=mask, position_offsets=offsets), masked_ref)
+    assert counter.by_block == {"attention": 0, "mlp": 4 * model.config.num_hidden_layers + 1}
+
+    # a quantized cache reads its codes inside attention; the MLP still takes the short path
+    counter.reset()
+    _decode(model, ids, 5, cache=ExLlamaV2Cache_Q4(model, batch_size=2, max_seq_len=64))
+    assert counter.by_block == {"attention": 0, "mlp": 4 * model.config.num_hidden_layers + 1}
+
+    # the torch backend pinned: its reference ops, not the cpu kernels
+    counter.taken = 0
+    with ops.use_backend("torch"):
+        _decode(model, ids, 5)
+    assert counter.taken == 0
+
+    # a linear's forward replaced on the instance (the converter watches outputs that way)
+    counter.reset()
+    mlp = model.modules[2]
+    mlp.down_proj.forward = lambda x, *a, **k: type(mlp.down_proj).forward(mlp.down_proj, x, *a, **k) * 0
+    try:
+        out = _decode(model, ids, 5)
+    finally:
+        del mlp.down_proj.forward
+    # the first layer's MLP runs the general forward at each of the 4 decode steps
+    assert counter.taken == 2 * 4 * model.config.num_hidden_layers + 1 - 4
+    assert not torch.equal(out, ref)
+    assert torch.equal(_decode(model, ids, 5), ref)
+
+
+def test_weight_edits_reach_the_short_path(tiny_dense, monkeypatch):
+    """A weight set after the first step (the plan holds the prepared kernels) is used by the next step."""
+    counter = _Counter(monkeypatch)
+    model = _load(tiny_dense)
+    ids = torch.randint(3, 200, (1, 8), generator=torch.Generator().manual_seed(2))
+    before = _decode(model, ids, 4)
+    o = model.modules[1].o_proj
+    w = o.weight.data.clone()
+    o.weight = torch.nn.Parameter(w * 0.5, requires_grad=False)
+    counter.off = True
+    ref = _decode(model, ids, 4)
+    counter.off, counter.taken = False, 0
+    got = _decode(model, ids, 4)
+    assert counter.taken > 0 and torch.equal(got, ref) and not torch.equal(got, before)
