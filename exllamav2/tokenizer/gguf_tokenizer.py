@@ -222,6 +222,23 @@ def _add_typed_tokens(tok: Tokenizer, meta: dict[str, Any], byte_level: bool) ->
         tok.add_tokens(user)
 
 
+def _add_named_special_tokens(tok: Tokenizer, meta: dict[str, Any]) -> None:
+    """BOS, EOS, UNK and PAD are special tokens whatever their type: HF registers the tokens they name as special
+    (so llama.cpp's UNKNOWN-typed `<unk>` is matched whole and skipped in decoding, as in HF)."""
+    tokens = meta["tokenizer.ggml.tokens"]
+    added = tok.get_added_tokens_decoder()
+    named = []
+    for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        token_id = int(token_id) if token_id is not None else -1
+        if not 0 <= token_id < len(tokens) or (token_id in added and added[token_id].special):
+            continue
+        if tok.token_to_id(tokens[token_id]) == token_id:
+            named.append(AddedToken(tokens[token_id], normalized=False, special=True))
+    if named:
+        tok.add_special_tokens(named)
+
+
 def _post_processor(tok: Tokenizer, bos: int | None, eos: int | None, add_bos: bool, add_eos: bool):
     single, pair, specials = [], [], []
     if add_bos and bos is not None:
@@ -262,6 +279,7 @@ def tokenizer_from_gguf(path: str | os.PathLike, metadata: dict[str, Any] | None
     def build() -> Tokenizer:
         tok = _builder_for(model, architecture, path)(meta, path)
         _add_typed_tokens(tok, meta, byte_level=(model == "gpt2"))
+        _add_named_special_tokens(tok, meta)
         return tok
 
     try:

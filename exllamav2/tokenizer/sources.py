@@ -45,6 +45,19 @@ def _piece(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _post_processor_adds(tokenizer: Tokenizer) -> tuple[bool, bool]:
+    """(adds BOS, adds EOS): whether tokenizer.json's post-processor puts tokens before / after the text. HF follows
+    it when tokenizer_config.json does not say add_bos_token / add_eos_token."""
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    full = tokenizer.encode("a", add_special_tokens=True).ids
+    if not plain or len(full) == len(plain):
+        return False, False
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+    if at is None:
+        return False, False
+    return at > 0, at + len(plain) < len(full)
+
+
 def load_from_folder(model_dir: str) -> TokenizerSource:
     tok_path = os.path.join(model_dir, "tokenizer.json")
     try:
@@ -80,13 +93,14 @@ def load_from_folder(model_dir: str) -> TokenizerSource:
     if templates is None and os.path.isfile(json_template_path):
         templates = normalize_chat_templates(_read_json(json_template_path).get("chat_template"), json_template_path)
 
+    adds_bos, adds_eos = _post_processor_adds(tokenizer)
     return TokenizerSource(
         tokenizer=tokenizer,
         origin=model_dir,
         special_tokens=special_tokens,
         special_ids={},
-        add_bos_token=cfg.get("add_bos_token"),
-        add_eos_token=cfg.get("add_eos_token"),
+        add_bos_token=adds_bos if cfg.get("add_bos_token") is None else cfg["add_bos_token"],
+        add_eos_token=adds_eos if cfg.get("add_eos_token") is None else cfg["add_eos_token"],
         chat_templates=templates,
         extra_special_pieces=extra,
     )

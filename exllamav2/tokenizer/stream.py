@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
+
+from .inputs import id_list
 
 if TYPE_CHECKING:
     from .tokenizer import ExLlamaV2Tokenizer
 
 _REPLACEMENT = "\ufffd"
+_MAX_TRIES = 8  # window decodes per feed while looking back for text that is final
 
 
 class ExLlamaV2TokenizerStream:
@@ -17,9 +20,10 @@ class ExLlamaV2TokenizerStream:
 
     Text is decoded over a short window (`prefix_offset` .. end) and compared with the window's known
     part, so decoders with context (byte fallback, byte-level pieces, the SentencePiece leading-space
-    strip) see the same neighbours as a full decode. While the new text ends in U+FFFD a multi-byte
-    character is still incomplete and is held back. `finish()` returns whatever is left, so the
-    concatenation of all returned pieces equals `tokenizer.decode(all_ids)`.
+    strip) see the same neighbours as a full decode. New text is held back while it may still change:
+    while it ends in U+FFFD (a multi-byte character still incomplete) and while the last token is a
+    byte-fallback token (a later byte can turn the whole byte run into U+FFFDs). `finish()` returns
+    whatever is left, so the concatenation of all returned pieces equals `tokenizer.decode(all_ids)`.
     """
 
     def __init__(self, tokenizer: "ExLlamaV2Tokenizer", decode_special_tokens: bool = False):
@@ -36,17 +40,30 @@ class ExLlamaV2TokenizerStream:
         return self.tokenizer.decode_list(ids, self.decode_special_tokens)
 
     def feed(self, ids: int | Iterable[int] | torch.Tensor) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.flatten().tolist()
-        elif isinstance(ids, int):
-            ids = [ids]
-        self.ids.extend(int(i) for i in ids)
+        self.ids.extend(id_list(ids, "stream.feed"))
         known = self._text(self.ids[self.prefix_offset : self.read_offset])
-        window = self._text(self.ids[self.prefix_offset :])
-        if len(window) <= len(known) or window.endswith(_REPLACEMENT):
-            return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return window[len(known) :]
+        for end in self._final_ends():
+            window = self._text(self.ids[self.prefix_offset : end])
+            if window.endswith(_REPLACEMENT):
+                continue
+            if len(window) <= len(known):
+                return ""
+            self.prefix_offset, self.read_offset = self.read_offset, end
+            return window[len(known) :]
+        return ""
+
+    def _final_ends(self) -> Iterator[int]:
+        """Ends of the ids past read_offset after which the text may be final, latest first: not inside a run of
+        byte-fallback tokens. The caller also skips ends whose text ends in U+FFFD. Feeding many ids at once thus
+        returns what feeding them one by one would (up to _MAX_TRIES decodes back)."""
+        flags = self.tokenizer.byte_fallback_flags(self.ids[self.read_offset :], self.decode_special_tokens)
+        in_run, ends = False, []
+        for n, flag in enumerate(flags, self.read_offset + 1):
+            if flag is not None:
+                in_run = flag
+            if not in_run:
+                ends.append(n)
+        return iter(ends[: -_MAX_TRIES - 1 : -1])
 
     def finish(self) -> str:
         """The held-back tail (possibly an incomplete character, decoded as U+FFFD)."""

@@ -9,10 +9,11 @@ from typing import Any, Sequence
 import torch
 
 from .chat_template import ChatTemplateError, content_spans, render_chat_template, select_chat_template
+from .inputs import check_texts, id_rows
 from .sources import load_tokenizer_source
 from .stream import ExLlamaV2TokenizerStream
 from .vocab_index import (CharTrie, build_char_trie, build_id_to_ord, build_prefix_id_to_ids,
-                          build_prefix_to_ids, is_byte_level)
+                          build_prefix_to_ids, byte_fallback_ids, is_byte_level)
 
 # Additive mask value at pads: finite (a fully masked row must not turn into NaN) and exactly
 # representable in fp16/bf16/fp32, yet far below any attention score.
@@ -69,6 +70,7 @@ class ExLlamaV2Tokenizer:
         self._id_to_piece_special: list[str] | None = None
         self._piece_to_id: dict[str, int] | None = None
         self._id_to_ord: list[int] | None = None
+        self._byte_fallback_ids: frozenset[int] | None = None
         self._prefix_to_ids: dict[str, list[int]] | None = None
         self._prefix_id_to_ids: dict[int, list[int]] | None = None
         self._char_trie: CharTrie | None = None
@@ -154,10 +156,7 @@ class ExLlamaV2Tokenizer:
         if embeddings:
             raise NotImplementedError("encode: embeddings= (ExLlamaV2MMEmbedding text aliases) is not supported: "
                                       "this implementation has no multimodal models; pass text only")
-        single = isinstance(text, str)
-        texts = [text] if single else list(text)
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError("encode: expected a str or a list of str")
+        texts, single = check_texts(text, "encode")
         seqs = self._encode_lists(texts, add_bos, add_eos, encode_special_tokens)
         length = max((len(s) for s in seqs), default=0)
         pad = self.pad_token_id if self.pad_token_id is not None else 0
@@ -171,10 +170,16 @@ class ExLlamaV2Tokenizer:
         return ids, offsets
 
     def num_tokens(self, text: str, encode_special_tokens: bool = False) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"num_tokens: expected a str, got {type(text).__name__}")
+        check_texts(text, "num_tokens")
         return len(self._encode_lists([text], False, False, encode_special_tokens)[0])
 
     def single_id(self, piece: str) -> int | None:
         """The id of one token given as its vocabulary piece (or text that encodes to one token)."""
+        if not isinstance(piece, str):
+            raise TypeError(f"single_id: expected a str, got {type(piece).__name__}")
+        check_texts(piece, "single_id")
         if piece in self.extended_piece_to_id:
             return self.extended_piece_to_id[piece]
         token_id = self.tokenizer.token_to_id(piece)
@@ -193,6 +198,8 @@ class ExLlamaV2Tokenizer:
     def padding_mask(self, ids: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
         """Additive attention mask, same shape as `ids`: 0, or PAD_MASK_VALUE on the left padding.
         Only the leading run of pad ids counts, so a pad id that is also EOS stays visible later on."""
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"padding_mask: expected a tensor of ids, got {type(ids).__name__}")
         if self.pad_token_id is None:
             return torch.zeros(ids.shape, dtype=dtype, device=ids.device)
         leading_pad = torch.cumprod((ids == self.pad_token_id).to(torch.int32), dim=-1).bool()
@@ -202,7 +209,10 @@ class ExLlamaV2Tokenizer:
     # --- decoding -----------------------------------------------------------------------------------
 
     def decode_list(self, ids: list[int], decode_special_tokens: bool = False) -> str:
-        return self._decode_many([ids], decode_special_tokens, strip_left_pad=False)[0]
+        rows, batched = id_rows(ids, "decode_list")
+        if batched:
+            raise TypeError("decode_list: expected one sequence of ids, got rows of ids (use decode)")
+        return self._decode_many(rows, decode_special_tokens, strip_left_pad=False)[0]
 
     def _decode_many(self, seqs: list[list[int]], decode_special_tokens: bool, strip_left_pad: bool) -> list[str]:
         cleaned = []
@@ -219,18 +229,28 @@ class ExLlamaV2Tokenizer:
             cleaned.append(seq)
         return self.tokenizer.decode_batch(cleaned, skip_special_tokens=not decode_special_tokens)
 
+    def byte_fallback_flags(self, ids: list[int], decode_special_tokens: bool = False) -> list[bool | None]:
+        """Per id: True for a byte-fallback token (see vocab_index.byte_fallback_ids), False for any other token the
+        decoder sees, None for one that decoding drops (outside the vocabulary; specials and padding unless
+        decode_special_tokens)."""
+        byte_ids = self.get_byte_fallback_ids()
+        out: list[bool | None] = []
+        for i in ids:
+            if not 0 <= i < self.actual_vocab_size or (
+                    not decode_special_tokens and (i == self.pad_token_id or i in self.extended_id_to_piece)):
+                out.append(None)
+            else:
+                out.append(i in byte_ids)
+        return out
+
     def decode(self, ids, decode_special_tokens: bool = False):
-        """str for a 1-D tensor or list of ids; list[str] for a 2-D tensor (rows lose their left padding)."""
-        if isinstance(ids, torch.Tensor):
-            if ids.dim() == 2:
-                return self._decode_many(ids.tolist(), decode_special_tokens, strip_left_pad=True)
-            if ids.dim() > 2:
-                raise ValueError(f"decode: expected a 1-D or 2-D tensor of ids, got shape {tuple(ids.shape)}")
-            ids = ids.tolist()
-        ids = list(ids)
-        if ids and isinstance(ids[0], (list, tuple)):
-            return self._decode_many([list(r) for r in ids], decode_special_tokens, strip_left_pad=True)
-        return self.decode_list([int(i) for i in ids], decode_special_tokens)
+        """str for one sequence of ids (an int, a 1-D tensor or a list); list[str] for a batch (a 2-D tensor or a
+        list of rows), whose rows lose their left padding. Ids outside the vocabulary are dropped (as HF does for
+        ids past its end: a model's padded embedding rows have no text)."""
+        rows, batched = id_rows(ids, "decode")
+        if batched:
+            return self._decode_many(rows, decode_special_tokens, strip_left_pad=True)
+        return self._decode_many(rows, decode_special_tokens, strip_left_pad=False)[0]
 
     def stream(self, decode_special_tokens: bool = False) -> ExLlamaV2TokenizerStream:
         """A fresh incremental decoder over this tokenizer."""
@@ -276,6 +296,13 @@ class ExLlamaV2Tokenizer:
                 self._id_to_ord = build_id_to_ord(raw, self.get_id_to_piece_list(False), byte_level)
             return self._id_to_ord
 
+    def get_byte_fallback_ids(self) -> frozenset[int]:
+        with self._vocab_lock:
+            if self._byte_fallback_ids is None:
+                self._byte_fallback_ids = byte_fallback_ids(self.tokenizer.token_to_id,
+                                                            lambda i: self.tokenizer.decode([i]))
+            return self._byte_fallback_ids
+
     def get_prefix_to_ids_dict(self) -> dict[str, list[int]]:
         """Each distinct (non-special) piece -> ascending ids of all tokens whose piece starts with it."""
         with self._vocab_lock:
@@ -308,6 +335,8 @@ class ExLlamaV2Tokenizer:
 
     def cached_encode_str(self, text: str) -> torch.Tensor:
         """encode(text) through a small cache of the most recently used strings; returns a fresh tensor."""
+        if not isinstance(text, str):
+            raise TypeError(f"cached_encode_str: expected a str, got {type(text).__name__}")
         with self._vocab_lock:
             ids = self.tokenized_str_cache.get(text)
             if ids is not None:
@@ -354,6 +383,7 @@ class ExLlamaV2Tokenizer:
         if encode_special_tokens_in_content:
             return self.encode(render(messages), encode_special_tokens=True)
         text, spans = content_spans(render, messages)
+        check_texts(text, "encode_chat")
         for i, (m, span) in enumerate(zip(messages, spans)):
             content = m.get("content")
             if span is None and isinstance(content, str):

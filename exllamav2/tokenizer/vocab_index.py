@@ -54,6 +54,17 @@ def is_byte_level(raw_vocab: dict[str, int], decode_one) -> bool:
     return decode_one(raw_vocab["Ġ"]) == " " and decode_one(raw_vocab["Ċ"]) == "\n"
 
 
+def byte_fallback_ids(token_to_id, decode_one) -> frozenset[int]:
+    """Ids of the `<0xHH>` tokens when the decoder turns them into bytes (SentencePiece byte fallback), else empty.
+    Such a decoder joins each run of them into UTF-8 as a whole, and a run that is not valid UTF-8 becomes one
+    U+FFFD per byte, so a later byte token can change the text of the run before it."""
+    ids = {b: token_to_id(f"<0x{b:02X}>") for b in range(256)}
+    probe = ids[0x41]
+    if probe is None or decode_one(probe) != "A":
+        return frozenset()
+    return frozenset(i for i in ids.values() if i is not None)
+
+
 def build_id_to_ord(raw_pieces: list[str | None], pieces: list[str], byte_level: bool) -> list[int]:
     """Per id, the one byte the token stands for, or -1. Byte-fallback pieces `<0xHH>` give HH; in a
     byte-level vocabulary a one-character piece gives its byte; otherwise a token whose text is one ASCII
