@@ -27,7 +27,7 @@ from .linear import ExLlamaV2Linear
 from .module import interventions_alive
 from .ops import dispatch
 from .ops.cpu import attention as cpu_attention
-from .ops.cpu import small_ops
+from .ops.cpu import kernels, small_ops
 from .architecture import RopeStyle
 
 _is_compiling = torch.compiler.is_compiling
@@ -62,15 +62,36 @@ def _block_ready(module, dtype: torch.dtype) -> bool:
     from .mlp import ExLlamaV2MLP
     ap = module.archparams
     # exactly these classes: a subclass may override a step this path inlines
-    return (type(module) in (ExLlamaV2Attention, ExLlamaV2MLP) and _norm_ready(module.pre_layernorm) and module.post_layernorm is None
-            and getattr(module, "has_residual", True) and not ap.residual_stream_fp32)
+    return (type(module) in (ExLlamaV2Attention, ExLlamaV2MLP) and _norm_ready(module.pre_layernorm)
+            and module.post_layernorm is None and getattr(module, "has_residual", True)
+            and not ap.residual_stream_fp32)
 
 
 class _Plan:
-    __slots__ = ("key", "ok", "k1", "k2", "interleaved", "sizes")
+    # block: the C++ block op's linear arguments (csrc/decode_block.cpp), or None where a kernel is not one it takes;
+    # block_rows: the most rows it takes (the bf16 GEMV's, where a linear is dense)
+    __slots__ = ("key", "ok", "k1", "k2", "interleaved", "sizes", "block", "block_rows")
 
     def __init__(self, key):
-        self.key, self.ok = key, False
+        self.key, self.ok, self.block, self.block_rows = key, False, None, 0
+
+
+def _block_linear(k) -> tuple | None:
+    """A prepared kernel as decode_block.cpp's linear arguments (w, kind, n, bias, super_scales) with the rows it
+    takes them for, or None where its kernel is another (runs of several types, EXL2/GPTQ segments, oneDNN)."""
+    from .ops.cpu.gemv_linear import GEMV_MAX_ROWS, Bf16GemvKernel, GgufGemvKernel
+    if type(k) is GgufGemvKernel and k.single is not None:
+        qweight, kind, n = k.single
+        return (qweight, kind, n, k.bias, k.super_scales), 1 << 30
+    if type(k) is Bf16GemvKernel and k.weight.dtype == torch.bfloat16:
+        return (k.weight, -1, k.out_features, k.bias, None), GEMV_MAX_ROWS
+    return None
+
+
+def _plan_block(plan: _Plan) -> None:
+    a, b = _block_linear(plan.k1), _block_linear(plan.k2)
+    if a is not None and b is not None and small_ops._kernels_ready():
+        plan.block, plan.block_rows = a[0] + b[0], min(a[1], b[1])
 
 
 def _plan_for(module, dtype: torch.dtype, build) -> _Plan:
@@ -110,6 +131,8 @@ def _build_attn(attn, dtype: torch.dtype, plan: _Plan) -> None:
             and _chooses_cpu(ops.attention, cpu_attention.attention, q, q, q, None, attn.scaling, attn.softcap, False)):
         return
     plan.k1, plan.k2, plan.interleaved = k1, k2, interleaved
+    if attn.qkv.total == (H + 2 * Hkv) * d and cpu_attention.takes(q, q, q, None, attn.softcap):
+        _plan_block(plan)
     plan.ok = True
 
 
@@ -129,6 +152,8 @@ def _build_mlp(mlp, dtype: torch.dtype, plan: _Plan) -> None:
             and _chooses_cpu(ops.gated_activation, small_ops.gated_activation, g, g, mlp.act_name)):
         return
     plan.k1, plan.k2, plan.sizes = k1, k2, gu.sizes
+    if gu.sizes[0] == gu.sizes[1]:
+        _plan_block(plan)
     plan.ok = True
 
 
@@ -154,12 +179,18 @@ def attention(attn, x: torch.Tensor, cache, params, loras, kwargs) -> torch.Tens
     if kc.dtype != x.dtype:
         return None
     norm = attn.pre_layernorm
+    cos, sin = params.get_rope(attn.rope(), x.device, x.dtype)
+    index = params.get_write_index(x.device)
+    if (plan.block is not None and b <= plan.block_rows and cos.dim() == 4 and cos.stride(-1) == 1
+            and sin.stride(-1) == 1 and kc.stride(-1) == 1 and vc.stride(-1) == 1):
+        return torch.ops.exllamav2_cpu.attn_decode_block.default(
+            x, norm.weight, norm.variance_epsilon, *plan.block, cos, sin, plan.interleaved, kc, vc, index, H, d,
+            past + 1, attn.scaling, attn.softcap, dispatch.cpu_activation_stages())
     y = plan.k1(small_ops.rms_norm(x, norm.weight, norm.variance_epsilon, x.dtype).reshape(b, -1))
     y = y.view(b, 1, -1)
     qk = y[..., :(H + Hkv) * d].view(b, 1, H + Hkv, d)
     v = y[..., (H + Hkv) * d:].view(b, 1, Hkv, d)
-    cos, sin = params.get_rope(attn.rope(), x.device, x.dtype)
-    q = small_ops.rope_kv_write(qk, v, cos, sin, plan.interleaved, kc, vc, params.get_write_index(x.device), H)
+    q = small_ops.rope_kv_write(qk, v, cos, sin, plan.interleaved, kc, vc, index, H)
     k, v = kc[:, :past + 1], vc[:, :past + 1]
     out = cpu_attention.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, attn.scaling,
                                   attn.softcap, False)
@@ -178,6 +209,10 @@ def mlp(module, x: torch.Tensor, loras, kwargs) -> torch.Tensor | None:
         return None
     b = x.shape[0]
     norm = module.pre_layernorm
+    if plan.block is not None and b <= plan.block_rows and kernels.active_avx512():
+        return torch.ops.exllamav2_cpu.mlp_decode_block.default(
+            x, norm.weight, norm.variance_epsilon, *plan.block, small_ops._GATED[module.act_name],
+            dispatch.cpu_activation_stages())
     y = plan.k1(small_ops.rms_norm(x, norm.weight, norm.variance_epsilon, x.dtype).reshape(b, -1))
     gate, up = y.split(plan.sizes, dim=-1)
     a = small_ops.gated_activation(gate, up, module.act_name)

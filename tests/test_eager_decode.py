@@ -77,8 +77,10 @@ def _models(tiny_dense, tmp_path):
         yield f"gguf {q}", _load(path)
 
 
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 9])
 def test_short_path_equals_the_general_forward(rows, tiny_dense, tmp_path, monkeypatch):
+    """Bit for bit, through the C++ block ops (GGUF blocks; dense bf16 up to the bf16 GEMV's 8 rows) and through the
+    Python short path (dense fp32; dense bf16 at 9 rows)."""
     counter = _Counter(monkeypatch)
     for name, model in _models(tiny_dense, tmp_path):
         vocab = model.config.vocab_size
@@ -91,6 +93,9 @@ def test_short_path_equals_the_general_forward(rows, tiny_dense, tmp_path, monke
         # every decode step's two blocks per layer, and the prompt's last MLP (run on the last position only)
         assert counter.taken == 7 * 2 * layers + 1, (name, counter.taken)
         assert torch.equal(got, ref), name
+        blocks = [m._eager_plan.block is not None for m in model.modules if "_eager_plan" in m.__dict__]
+        assert len(blocks) == 2 * layers
+        assert all(blocks) == (name != "dense fp32"), (name, blocks)
 
 
 def test_not_taken_where_the_general_forward_must_run(tiny_dense, monkeypatch):

@@ -26,6 +26,7 @@ import torch
 KERNEL_VERSION = 1
 LIBRARY_NAME = "exllamav2_cpu"
 SOURCES = ("gemv.cpp", "bf16_gemv.cpp", "small_ops.cpp", "attention.cpp", "attention_quant.cpp", "kv_quant_write.cpp",
+           "decode_block.cpp",
            "gguf_pack.cpp", "gguf_rows.cpp", "gguf_lut_blocks.cpp")
 CSRC = Path(__file__).parent / "csrc"
 COLD_BUILD_SECONDS = 75  # a cold build on 2 idle cores (74 s for the 19 GGUF kinds, session 18; more on busy ones)

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "attention_kernels.h"
+#include "ops_api.h"
 
 namespace {
 
@@ -365,6 +366,13 @@ at::Tensor paged_decode_attention(const at::Tensor& q_, const at::Tensor& kflat_
 }
 
 }  // namespace
+
+namespace exl2_ops {
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, double scale, double softcap, bool is_causal) {
+    return ::decode_attention(q, k, v, mask, scale, softcap, is_causal);
+}
+}  // namespace exl2_ops
 
 TORCH_LIBRARY_FRAGMENT(exllamav2_cpu, m) {
     m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, float softcap, bool is_causal) "

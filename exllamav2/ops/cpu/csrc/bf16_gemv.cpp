@@ -17,6 +17,7 @@
 #include <optional>
 
 #include "cpu_isa.h"
+#include "ops_api.h"
 
 namespace {
 
@@ -190,6 +191,12 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& weight, const std::o
 }
 
 }  // namespace
+
+namespace exl2_ops {
+at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+    return ::bf16_gemv(x, weight, bias);
+}
+}  // namespace exl2_ops
 
 TORCH_LIBRARY_FRAGMENT(exllamav2_cpu, m) {
     m.def("bf16_gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");

@@ -31,6 +31,7 @@
 #include "gguf_gemv_avx2.h"
 #include "gguf_gemv_avx512.h"
 #include "gguf_file_blocks.h"
+#include "ops_api.h"
 
 namespace {
 
@@ -391,6 +392,14 @@ int64_t set_isa_op(int64_t level) {
 }
 
 }  // namespace
+
+namespace exl2_ops {
+at::Tensor gguf_gemv(const at::Tensor& x, const at::Tensor& qweight, int64_t kind, int64_t n,
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& super_scales,
+                     int64_t act_stages) {
+    return ::gguf_gemv(x, qweight, kind, n, bias, super_scales, act_stages);
+}
+}  // namespace exl2_ops
 
 TORCH_LIBRARY(exllamav2_cpu, m) {
     m.def("gguf_gemv(Tensor x, Tensor qweight, int kind, int n, Tensor? bias, Tensor? super_scales=None, "

@@ -26,6 +26,7 @@
 
 #include "avx512_math.h"
 #include "bf16_round.h"
+#include "ops_api.h"
 
 namespace {
 
@@ -457,6 +458,20 @@ at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_
 }
 
 }  // namespace
+
+namespace exl2_ops {
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, at::ScalarType out_dtype) {
+    return ::rms_norm(x, w, eps, out_dtype);
+}
+at::Tensor rope_kv_write(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
+                         bool interleaved, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& index,
+                         int64_t q_heads) {
+    return ::rope_kv_write(qk, v, cos, sin, interleaved, k_cache, v_cache, index, q_heads);
+}
+at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_t act) {
+    return ::gated_activation(gate, up, act);
+}
+}  // namespace exl2_ops
 
 TORCH_LIBRARY_FRAGMENT(exllamav2_cpu, m) {
     m.def("rms_norm(Tensor x, Tensor weight, float eps, ScalarType out_dtype) -> Tensor");
