@@ -199,3 +199,18 @@ def test_decode_accepts_lists_and_drops_invalid_ids(ours):
     assert ours.decode(ids.tolist()) == "hello world"
     assert ours.decode(torch.cat([ids, torch.tensor([-1, ours.actual_vocab_size + 5])])) == "hello world"
     assert ours.decode(ids.unsqueeze(0)) == ["hello world"]
+
+
+def test_stream_started_after_a_prompt_never_returns_prompt_text(ours):
+    """A prompt cut inside a character (its last token one byte of three) is context, not output: the streaming
+    generator starts its text stream after the prompt's tail, and the first text it gets for new tokens holds none
+    of the prompt's bytes. Priming by feed() used to hold the cut character back and return it (as U+FFFD) with the
+    first new token's text."""
+    cut = ours.encode("Hi 漢")[0].tolist()[:-1]
+    new = ours.encode(" the")[0].tolist()
+    s = ours.stream()
+    s.start_after(cut[-2:])
+    assert s.feed(new) == " the"
+    primed = ours.stream()
+    primed.feed(cut[-2:])
+    assert primed.feed(new) != " the"  # the old priming: the prompt's held bytes come out with " the"

@@ -176,7 +176,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         self.prompt_len = self.sequence_ids.shape[-1] - (1 if self.heal_next_token else 0)
         self.text_stream = self.tokenizer.stream(decode_special_tokens)
         context = self.sequence_ids[0, :-1] if self.heal_next_token else self.sequence_ids[0]
-        self.text_stream.feed(context[-self.tail_decode_tokens:])
+        self.text_stream.start_after(context[-self.tail_decode_tokens:])
 
     def _prefill_reusing_cache(self, input_ids: torch.Tensor) -> None:
         reuse = 0
@@ -413,10 +413,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         self.cache.current_seq_len = cp.seq_len - 1
         self.held = cp.held
         # everything before the offending token has been decoded: restart the stream's window there
-        ids = list(cp.stream_ids)
-        self.text_stream.ids = ids
-        self.text_stream.prefix_offset = max(0, len(ids) - self.tail_decode_tokens)
-        self.text_stream.read_offset = len(ids)
+        self.text_stream.start_after(cp.stream_ids, self.tail_decode_tokens)
         self.skip_chars = cp.skip_chars
         self.blocked_tokens.append(cp.offending_token)
         self.future_tokens = self.future_logits = None

@@ -36,6 +36,14 @@ class ExLlamaV2TokenizerStream:
         self.prefix_offset = 0
         self.read_offset = 0
 
+    def start_after(self, ids: Iterable[int] | torch.Tensor, window: int | None = None) -> None:
+        """Restart with `ids` as text already shown (a prompt, or the tokens kept by a rewind): they are the decoding
+        context of what is fed next, and none of their text is returned, not even a tail that feed() would have
+        held back. `window`: keep only that many of them as context."""
+        self.ids = id_list(ids, "stream.start_after")
+        self.prefix_offset = 0 if window is None else max(0, len(self.ids) - window)
+        self.read_offset = len(self.ids)
+
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode_list(ids, self.decode_special_tokens)
 
