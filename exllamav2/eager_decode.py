@@ -1,18 +1,22 @@
 """The eager decode step's short path through a decoder layer on the `cpu` backend: the same kernel calls, in the
-same order, as the modules' general forwards (attn.py, mlp.py) make for one new token per row, without the general
-forwards' per-call decisions.
+same order, as the modules' general forwards (attn.py, mlp.py) make, without the general forwards' per-call
+decisions; where every linear is a single-type GGUF GEMV or the bf16 GEMV, each block is one C++ op
+(ops/cpu/csrc/decode_block.cpp) that makes those calls itself.
 
 Why: an eager SmolLM2 step (30 layers) spent ~1.3 ms of ~4.3 in Python deciding, per op and per layer, what the
-previous step had already decided (backend choice, fused-linear checks, cast rules, cache layout, masks). Eager
-decode is what the CLI, the server and every intervention run. A layer's decisions are made once here, as a plan
-per (module, dtype, backend generation, kernel epoch); each step then checks only what can change between calls.
+previous step had already decided (backend choice, fused-linear checks, cast rules, cache layout, masks), and ~2 us
+per op crossing from Python into torch's dispatcher. Eager decode is what the CLI, the server and every
+intervention run. A layer's decisions are made once here, as a plan per (module, dtype, backend generation, kernel
+epoch); each step then checks only what can change between calls.
 
 Taken only where the result is the general forward's, bit for bit (tests/test_eager_decode.py):
-- one new token per row over a plain `ExLlamaV2Cache`, no padding mask, no sliding window in reach, no LoRA, no
-  intervention alive anywhere in the process, nothing traced, no gradients, no intermediates requested;
+- no LoRA, no intervention alive anywhere in the process, nothing traced, no gradients, no intermediates requested;
 - a pre-norm RMSNorm block, no post-norm, a residual in the activations' dtype;
-- attention: fused q/k/v without q/k norms, RoPE written into the cache with k/v in one pass, the `cpu` backend's
-  attention kernel; MLP: fused gate/up and the `cpu` backend's act(gate) * up;
+- attention: one new token per row over a plain `ExLlamaV2Cache`, no mask (padding, sliding window in reach),
+  fused q/k/v without q/k norms, RoPE written into the cache with k/v in one pass, the `cpu` backend's attention
+  kernel;
+- MLP: up to MLP_ROWS rows (batch x positions: decode steps, the dynamic generator's packed steps), fused gate/up
+  and the `cpu` backend's act(gate) * up;
 - linears on their prepared kernels with no prescale, none of them replaced on the instance.
 Anything else takes the general forward.
 """
@@ -23,14 +27,19 @@ import torch
 
 from . import ops
 from .cache import ExLlamaV2Cache
+from .cache_q import has_quant_pages
 from .linear import ExLlamaV2Linear
 from .module import interventions_alive
 from .ops import dispatch
 from .ops.cpu import attention as cpu_attention
 from .ops.cpu import kernels, small_ops
+from .ops.torch_ref import attention as ref_attention
 from .architecture import RopeStyle
 
 _is_compiling = torch.compiler.is_compiling
+# The MLP's short path takes calls of up to this many rows (batch x positions): decode steps and the dynamic
+# generator's packed steps; a prompt's MLP, where Python's share of the time is small, keeps the general forward.
+MLP_ROWS = 64
 
 
 def _linear_ready(lin, dtype: torch.dtype) -> bool:
@@ -70,10 +79,10 @@ def _block_ready(module, dtype: torch.dtype) -> bool:
 class _Plan:
     # block: the C++ block op's linear arguments (csrc/decode_block.cpp), or None where a kernel is not one it takes;
     # block_rows: the most rows it takes (the bf16 GEMV's, where a linear is dense)
-    __slots__ = ("key", "ok", "k1", "k2", "interleaved", "sizes", "block", "block_rows")
+    __slots__ = ("key", "ok", "k1", "k2", "interleaved", "sizes", "block", "block_rows", "paged")
 
     def __init__(self, key):
-        self.key, self.ok, self.block, self.block_rows = key, False, None, 0
+        self.key, self.ok, self.block, self.block_rows, self.paged = key, False, None, 0, False
 
 
 def _block_linear(k) -> tuple | None:
@@ -133,6 +142,14 @@ def _build_attn(attn, dtype: torch.dtype, plan: _Plan) -> None:
     plan.k1, plan.k2, plan.interleaved = k1, k2, interleaved
     if attn.qkv.total == (H + 2 * Hkv) * d and cpu_attention.takes(q, q, q, None, attn.softcap):
         _plan_block(plan)
+        # the packed step's attention: the reference's paged_attention (the cpu backend's choice), which hands a
+        # decode-only call to the cpu kernel when takes_paged_decode says so
+        pages = torch.zeros(1, 2, Hkv, d, dtype=dtype)
+        tables = torch.zeros(1, 1, dtype=torch.long)
+        plan.paged = (plan.block is not None
+                      and _chooses_cpu(ops.paged_attention, ref_attention.paged_attention, qk, None, None, pages,
+                                       pages, None, 0, attn.scaling, attn.softcap)
+                      and cpu_attention.takes_paged_decode(q[0], pages[0], pages[0], tables, tables[0]))
     plan.ok = True
 
 
@@ -164,9 +181,12 @@ def _step_allowed(x: torch.Tensor, loras, kwargs) -> bool:
 
 def attention(attn, x: torch.Tensor, cache, params, loras, kwargs) -> torch.Tensor | None:
     """The attention block's output for a decode step, or None where the general forward must run."""
+    if params is None or not _step_allowed(x, loras, kwargs):
+        return None
+    if params.paged:
+        return _paged_attention(attn, x, cache, params)
     b, s = x.shape[0], x.shape[1]
-    if (s != 1 or type(cache) is not ExLlamaV2Cache or params is None or params.paged
-            or not _step_allowed(x, loras, kwargs)):
+    if s != 1 or type(cache) is not ExLlamaV2Cache:
         return None
     plan = _plan_for(attn, x.dtype, _build_attn)
     if not plan.ok or not attn.qkv.runs() or "forward" in attn.o_proj.__dict__ or "attend" in attn.__dict__:
@@ -198,22 +218,49 @@ def attention(attn, x: torch.Tensor, cache, params, loras, kwargs) -> torch.Tens
     return x + o.view(b, 1, -1)
 
 
+def _paged_attention(attn, x: torch.Tensor, cache, params) -> torch.Tensor | None:
+    """The dynamic generator's packed decode step (one new token per sequence, PagedParams.decode_only) as the C++
+    block, where the general forward writes k/v with RoPE into the pages and runs the cpu kernel over every
+    sequence at once (attn.py: _kv_write_target; torch_ref/attention.py: paged_attention)."""
+    if (x.shape[0] != 1 or getattr(params, "sequences", None) is None or not params.decode_only
+            or x.shape[1] != params.seq_len or cache is None or cache.batch_size != 1 or has_quant_pages(cache)
+            or params.slots.device.type != "cpu" or params.block_index.device.type != "cpu"
+            or params.kv_lens.device.type != "cpu" or "cpu" not in dispatch.active_backends()):
+        return None
+    plan = _plan_for(attn, x.dtype, _build_attn)
+    if (not plan.ok or not plan.paged or x.shape[1] > plan.block_rows or not attn.qkv.runs()
+            or "forward" in attn.o_proj.__dict__ or "attend" in attn.__dict__):
+        return None
+    kc, vc = cache.get_kv_state(attn.layer_idx, 1, 0, 0)
+    if kc.dtype != x.dtype or vc.dtype != x.dtype or kc.stride(-1) != 1 or vc.stride(-1) != 1:
+        return None
+    cos, sin = params.get_rope(attn.rope(), x.device, x.dtype)
+    if cos.dim() != 4 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        return None
+    norm = attn.pre_layernorm
+    return torch.ops.exllamav2_cpu.paged_attn_decode_block.default(
+        x, norm.weight, norm.variance_epsilon, *plan.block, cos, sin, plan.interleaved, kc, vc, params.slots,
+        params.block_index, params.kv_lens, params.page_size, attn.sliding_window or 0, attn.num_heads,
+        attn.head_dim, attn.scaling, attn.softcap, dispatch.cpu_activation_stages())
+
+
 def mlp(module, x: torch.Tensor, loras, kwargs) -> torch.Tensor | None:
-    """The MLP block's output for a decode step (any rows, one position each), or None where the general forward
-    must run."""
-    if x.shape[1] != 1 or not _step_allowed(x, loras, kwargs):
+    """The MLP block's output for a decode step: every row of x (b, s, hidden) of up to MLP_ROWS rows in all (a decode
+    step's rows, or the dynamic generator's packed step, one position per sequence), or None where the general
+    forward must run."""
+    if x.dim() != 3 or x.shape[0] * x.shape[1] > MLP_ROWS or not _step_allowed(x, loras, kwargs):
         return None
     plan = _plan_for(module, x.dtype, _build_mlp)
     if (not plan.ok or not module.gate_up.runs() or "forward" in module.down_proj.__dict__
             or "activate" in module.__dict__):
         return None
-    b = x.shape[0]
+    b, s = x.shape[0], x.shape[1]
     norm = module.pre_layernorm
-    if plan.block is not None and b <= plan.block_rows and kernels.active_avx512():
+    if plan.block is not None and b * s <= plan.block_rows and kernels.active_avx512():
         return torch.ops.exllamav2_cpu.mlp_decode_block.default(
             x, norm.weight, norm.variance_epsilon, *plan.block, small_ops._GATED[module.act_name],
             dispatch.cpu_activation_stages())
-    y = plan.k1(small_ops.rms_norm(x, norm.weight, norm.variance_epsilon, x.dtype).reshape(b, -1))
+    y = plan.k1(small_ops.rms_norm(x, norm.weight, norm.variance_epsilon, x.dtype).reshape(b * s, -1))
     gate, up = y.split(plan.sizes, dim=-1)
     a = small_ops.gated_activation(gate, up, module.act_name)
-    return x + plan.k2(a).view(b, 1, -1)
+    return x + plan.k2(a).view(b, s, -1)

@@ -90,8 +90,9 @@ def test_short_path_equals_the_general_forward(rows, tiny_dense, tmp_path, monke
         counter.off = False
         got = _decode(model, ids, 5)
         layers = model.config.num_hidden_layers
-        # every decode step's two blocks per layer, and the prompt's last MLP (run on the last position only)
-        assert counter.taken == 7 * 2 * layers + 1, (name, counter.taken)
+        # every decode step's two blocks per layer, and the prompt's MLPs (rows x positions within MLP_ROWS)
+        prompt_mlps = layers if rows * 5 <= eager_decode.MLP_ROWS else 1  # else only the last one, on 1 position
+        assert counter.taken == 7 * 2 * layers + prompt_mlps, (name, counter.taken)
         assert torch.equal(got, ref), name
         blocks = [m._eager_plan.block is not None for m in model.modules if "_eager_plan" in m.__dict__]
         assert len(blocks) == 2 * layers
@@ -124,12 +125,12 @@ def test_not_taken_where_the_general_forward_must_run(tiny_dense, monkeypatch):
     counter.off = False
     counter.reset()
     assert torch.equal(_decode(model, ids, 5, input_mask=mask, position_offsets=offsets), masked_ref)
-    assert counter.by_block == {"attention": 0, "mlp": 4 * model.config.num_hidden_layers + 1}
+    assert counter.by_block == {"attention": 0, "mlp": 5 * model.config.num_hidden_layers}
 
     # a quantized cache reads its codes inside attention; the MLP still takes the short path
     counter.reset()
     _decode(model, ids, 5, cache=ExLlamaV2Cache_Q4(model, batch_size=2, max_seq_len=64))
-    assert counter.by_block == {"attention": 0, "mlp": 4 * model.config.num_hidden_layers + 1}
+    assert counter.by_block == {"attention": 0, "mlp": 5 * model.config.num_hidden_layers}
 
     # the torch backend pinned: its reference ops, not the cpu kernels
     counter.taken = 0
@@ -145,8 +146,8 @@ def test_not_taken_where_the_general_forward_must_run(tiny_dense, monkeypatch):
         out = _decode(model, ids, 5)
     finally:
         del mlp.down_proj.forward
-    # the first layer's MLP runs the general forward at each of the 4 decode steps
-    assert counter.taken == 2 * 4 * model.config.num_hidden_layers + 1 - 4
+    # the first layer's MLP runs the general forward for the prompt and at each of the 4 decode steps
+    assert counter.taken == (2 * 4 + 1) * model.config.num_hidden_layers - 5
     assert not torch.equal(out, ref)
     assert torch.equal(_decode(model, ids, 5), ref)
 
@@ -165,3 +166,38 @@ def test_weight_edits_reach_the_short_path(tiny_dense, monkeypatch):
     counter.off, counter.taken = False, 0
     got = _decode(model, ids, 4)
     assert counter.taken > 0 and torch.equal(got, ref) and not torch.equal(got, before)
+
+
+def test_dynamic_generator_packed_steps(tmp_path, monkeypatch):
+    """The dynamic generator's packed decode steps (several sequences, one new token each, over the paged cache)
+    take the C++ attention block and the MLP block: the same greedy tokens, logprobs bit for bit."""
+    from exllamav2.generator.dynamic import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob
+    from exllamav2.generator.sampler import ExLlamaV2Sampler
+    from test_dynamic_tiny import PAGE, build_tiny_dir, load_tiny
+
+    model, tok = load_tiny(build_tiny_dir(tmp_path / "m"), "bfloat16")
+    counter = _Counter(monkeypatch)
+    prompts = ["The capital of France is", "Once upon a time", "1, 2, 3,"]
+
+    def run():
+        gen = ExLlamaV2DynamicGenerator(model, ExLlamaV2Cache(model, 1, 32 * PAGE), tok, page_size=PAGE)
+        gen.enqueue([ExLlamaV2DynamicJob(tok.encode(p), 10, gen_settings=ExLlamaV2Sampler.Settings.greedy(),
+                                         identifier=i, return_logits=True) for i, p in enumerate(prompts)])
+        out = {}
+        while gen.num_remaining_jobs():
+            for r in gen.iterate():
+                if r.get("stage") == "streaming":
+                    out.setdefault(r["identifier"], []).append(r.get("logits"))
+        return out
+
+    counter.off = True
+    ref = run()
+    counter.off = False
+    counter.reset()
+    got = run()
+    assert counter.by_block["attention"] > 0 and counter.by_block["mlp"] > 0
+    assert ref.keys() == got.keys() == {0, 1, 2}
+    for i in ref:
+        a = torch.cat([t for t in ref[i] if t is not None], 1)
+        b = torch.cat([t for t in got[i] if t is not None], 1)
+        assert a.shape[1] > 1 and torch.equal(a, b)

@@ -372,6 +372,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             const std::optional<at::Tensor>& mask, double scale, double softcap, bool is_causal) {
     return ::decode_attention(q, k, v, mask, scale, softcap, is_causal);
 }
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kflat, const at::Tensor& vflat,
+                                  const at::Tensor& block_index, const at::Tensor& kv_lens, int64_t page_size,
+                                  int64_t sliding_window, double scale, double softcap) {
+    return ::paged_decode_attention(q, kflat, vflat, block_index, kv_lens, page_size, sliding_window, scale, softcap);
+}
 }  // namespace exl2_ops
 
 TORCH_LIBRARY_FRAGMENT(exllamav2_cpu, m) {

@@ -50,20 +50,55 @@ at::Tensor attn_decode_block(const at::Tensor& x, const at::Tensor& norm_w, doub
     return x + o.view({b, 1, o_n});
 }
 
-// x (b, 1, hidden) -> x + down(act(gate) * up) of the fused gate|up projection (gate first, `interm` wide each)
+// The dynamic generator's packed decode step: x (1, T, hidden), one new token for each of T sequences, k/v written
+// at `slots` of the page-major caches (1, slots, kv heads, d) and each sequence attending to its own pages
+// (paged_decode_attention) -> x + o_proj(attention)
+at::Tensor paged_attn_decode_block(const at::Tensor& x, const at::Tensor& norm_w, double eps,
+                                   const at::Tensor& qkv_w, int64_t qkv_kind, int64_t qkv_n,
+                                   const std::optional<at::Tensor>& qkv_bias,
+                                   const std::optional<at::Tensor>& qkv_super, const at::Tensor& o_w, int64_t o_kind,
+                                   int64_t o_n, const std::optional<at::Tensor>& o_bias,
+                                   const std::optional<at::Tensor>& o_super, const at::Tensor& cos,
+                                   const at::Tensor& sin, bool interleaved, at::Tensor& k_pages, at::Tensor& v_pages,
+                                   const at::Tensor& slots, const at::Tensor& block_index, const at::Tensor& kv_lens,
+                                   int64_t page_size, int64_t sliding_window, int64_t q_heads, int64_t head_dim,
+                                   double scale, double softcap, int64_t act_stages) {
+    TORCH_CHECK(x.dim() == 3 && x.size(0) == 1, "paged_attn_decode_block: x must be (1, tokens, hidden), got ",
+                x.sizes());
+    TORCH_CHECK(k_pages.dim() == 4 && k_pages.size(0) == 1 && v_pages.dim() == 4 && v_pages.size(0) == 1,
+                "paged_attn_decode_block: the caches must be (1, slots, kv heads, head dim)");
+    const int64_t t = x.size(1), hidden = x.size(2), d = head_dim;
+    TORCH_CHECK(d > 0 && qkv_n % d == 0 && qkv_n / d > q_heads && (qkv_n / d - q_heads) % 2 == 0,
+                "paged_attn_decode_block: q/k/v width ", qkv_n, " does not hold ", q_heads, " query heads and equal "
+                "k/v heads of ", d);
+    const int64_t kv_heads = (qkv_n / d - q_heads) / 2;
+    const at::Tensor xn = exl2_ops::rms_norm(x, norm_w, eps, x.scalar_type());
+    const at::Tensor y = linear(xn.view({t, hidden}), qkv_w, qkv_kind, qkv_n, qkv_bias, qkv_super, act_stages)
+                             .view({1, t, qkv_n});
+    const at::Tensor qk = y.narrow(2, 0, (q_heads + kv_heads) * d).view({1, t, q_heads + kv_heads, d});
+    const at::Tensor v = y.narrow(2, (q_heads + kv_heads) * d, kv_heads * d).view({1, t, kv_heads, d});
+    const at::Tensor q = exl2_ops::rope_kv_write(qk, v, cos, sin, interleaved, k_pages, v_pages, slots, q_heads);
+    const at::Tensor a = exl2_ops::paged_decode_attention(q[0], k_pages[0], v_pages[0], block_index, kv_lens,
+                                                          page_size, sliding_window, scale, softcap);
+    const at::Tensor o = linear(a.reshape({t, q_heads * d}), o_w, o_kind, o_n, o_bias, o_super, act_stages);
+    return x + o.view({1, t, o_n});
+}
+
+// x (b, s, hidden) -> x + down(act(gate) * up) of the fused gate|up projection (gate first, `interm` wide each),
+// row by row (the dynamic generator's packed steps have every sequence's new token as one of s positions)
 at::Tensor mlp_decode_block(const at::Tensor& x, const at::Tensor& norm_w, double eps,
                             const at::Tensor& gu_w, int64_t gu_kind, int64_t gu_n,
                             const std::optional<at::Tensor>& gu_bias, const std::optional<at::Tensor>& gu_super,
                             const at::Tensor& down_w, int64_t down_kind, int64_t down_n,
                             const std::optional<at::Tensor>& down_bias, const std::optional<at::Tensor>& down_super,
                             int64_t act, int64_t act_stages) {
-    TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "mlp_decode_block: x must be (rows, 1, hidden), got ", x.sizes());
+    TORCH_CHECK(x.dim() == 3, "mlp_decode_block: x must be (batch, positions, hidden), got ", x.sizes());
     TORCH_CHECK(gu_n % 2 == 0, "mlp_decode_block: the gate|up width must be even, got ", gu_n);
-    const int64_t b = x.size(0), hidden = x.size(2), interm = gu_n / 2;
+    const int64_t b = x.size(0), s = x.size(1), hidden = x.size(2), interm = gu_n / 2;
     const at::Tensor xn = exl2_ops::rms_norm(x, norm_w, eps, x.scalar_type());
-    const at::Tensor y = linear(xn.view({b, hidden}), gu_w, gu_kind, gu_n, gu_bias, gu_super, act_stages);
+    const at::Tensor y = linear(xn.reshape({b * s, hidden}), gu_w, gu_kind, gu_n, gu_bias, gu_super, act_stages);
     const at::Tensor a = exl2_ops::gated_activation(y.narrow(1, 0, interm), y.narrow(1, interm, interm), act);
-    return x + linear(a, down_w, down_kind, down_n, down_bias, down_super, act_stages).view({b, 1, down_n});
+    return x + linear(a, down_w, down_kind, down_n, down_bias, down_super, act_stages).view({b, s, down_n});
 }
 
 }  // namespace
@@ -73,6 +108,11 @@ TORCH_LIBRARY_FRAGMENT(exllamav2_cpu, m) {
           "Tensor? qkv_bias, Tensor? qkv_super, Tensor o_w, int o_kind, int o_n, Tensor? o_bias, Tensor? o_super, "
           "Tensor cos, Tensor sin, bool interleaved, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor index, "
           "int q_heads, int head_dim, int kv_len, float scale, float softcap, int act_stages) -> Tensor");
+    m.def("paged_attn_decode_block(Tensor x, Tensor norm_w, float eps, Tensor qkv_w, int qkv_kind, int qkv_n, "
+          "Tensor? qkv_bias, Tensor? qkv_super, Tensor o_w, int o_kind, int o_n, Tensor? o_bias, Tensor? o_super, "
+          "Tensor cos, Tensor sin, bool interleaved, Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor slots, "
+          "Tensor block_index, Tensor kv_lens, int page_size, int sliding_window, int q_heads, int head_dim, "
+          "float scale, float softcap, int act_stages) -> Tensor");
     m.def("mlp_decode_block(Tensor x, Tensor norm_w, float eps, Tensor gu_w, int gu_kind, int gu_n, "
           "Tensor? gu_bias, Tensor? gu_super, Tensor down_w, int down_kind, int down_n, Tensor? down_bias, "
           "Tensor? down_super, int act, int act_stages) -> Tensor");
@@ -80,5 +120,6 @@ TORCH_LIBRARY_FRAGMENT(exllamav2_cpu, m) {
 
 TORCH_LIBRARY_IMPL(exllamav2_cpu, CPU, m) {
     m.impl("attn_decode_block", &attn_decode_block);
+    m.impl("paged_attn_decode_block", &paged_attn_decode_block);
     m.impl("mlp_decode_block", &mlp_decode_block);
 }

@@ -23,5 +23,8 @@ at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_
 // attention.cpp
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& mask, double scale, double softcap, bool is_causal);
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kflat, const at::Tensor& vflat,
+                                  const at::Tensor& block_index, const at::Tensor& kv_lens, int64_t page_size,
+                                  int64_t sliding_window, double scale, double softcap);
 
 }  // namespace exl2_ops
