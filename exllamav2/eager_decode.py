@@ -17,11 +17,15 @@ Taken only where the result is the general forward's, bit for bit (tests/test_ea
   kernel;
 - MLP: up to MLP_ROWS rows (batch x positions: decode steps, the dynamic generator's packed steps), fused gate/up
   and the `cpu` backend's act(gate) * up;
-- linears on their prepared kernels with no prescale, none of them replaced on the instance.
-Anything else takes the general forward.
+- linears on their prepared kernels with no prescale, none of them (nor the norm) replaced on the instance.
+Anything else takes the general forward. A plan is remade when another norm or output linear is put in place of the
+one it was made for, and it holds the prepared kernels weakly: it keeps none of a layer's weights alive
+(model.unload() frees them).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -77,12 +81,30 @@ def _block_ready(module, dtype: torch.dtype) -> bool:
 
 
 class _Plan:
+    # norm, out: the block's input norm and last linear the plan was made for (_plan_for remakes it for others);
+    # k1, k2: weak references to the two prepared kernels (_hold);
     # block: the C++ block op's linear arguments (csrc/decode_block.cpp), or None where a kernel is not one it takes;
     # block_rows: the most rows it takes (the bf16 GEMV's, where a linear is dense)
-    __slots__ = ("key", "ok", "k1", "k2", "interleaved", "sizes", "block", "block_rows", "paged")
+    __slots__ = ("key", "norm", "out", "ok", "k1", "k2", "interleaved", "sizes", "block", "block_rows", "paged",
+                 "__weakref__")
 
-    def __init__(self, key):
-        self.key, self.ok, self.block, self.block_rows, self.paged = key, False, None, 0, False
+    def __init__(self, key, norm, out):
+        self.key, self.norm, self.out = key, norm, out
+        self.ok, self.block, self.block_rows, self.paged = False, None, 0, False
+
+
+def _hold(plan: _Plan, kernel):
+    """A weak reference to a prepared kernel of `plan`: the linears own their kernels, and when one goes (its layer
+    unloaded, a weight replaced) the plan lets go of the block arguments taken from it (the weights themselves) and
+    is made again at the next step."""
+    plan_ref = weakref.ref(plan)
+
+    def gone(_):
+        p = plan_ref()
+        if p is not None:
+            p.key, p.ok, p.block = None, False, None
+
+    return weakref.ref(kernel, gone)
 
 
 def _block_linear(k) -> tuple | None:
@@ -97,17 +119,18 @@ def _block_linear(k) -> tuple | None:
     return None
 
 
-def _plan_block(plan: _Plan) -> None:
-    a, b = _block_linear(plan.k1), _block_linear(plan.k2)
+def _plan_block(plan: _Plan, k1, k2) -> None:
+    a, b = _block_linear(k1), _block_linear(k2)
     if a is not None and b is not None and small_ops._kernels_ready():
         plan.block, plan.block_rows = a[0] + b[0], min(a[1], b[1])
 
 
-def _plan_for(module, dtype: torch.dtype, build) -> _Plan:
+def _plan_for(module, dtype: torch.dtype, out, build) -> _Plan:
+    """The module's plan for `dtype` activations and its output linear `out` (o_proj, down_proj)."""
     key = (dtype, dispatch._generation, ExLlamaV2Linear.kernel_epoch)
     plan = module.__dict__.get("_eager_plan")
-    if plan is None or plan.key != key:
-        plan = _Plan(key)
+    if plan is None or plan.key != key or plan.norm is not module.pre_layernorm or plan.out is not out:
+        plan = _Plan(key, module.pre_layernorm, out)
         try:
             build(module, dtype, plan)
         except Exception:
@@ -139,9 +162,9 @@ def _build_attn(attn, dtype: torch.dtype, plan: _Plan) -> None:
                              torch.zeros(1, dtype=torch.long), H)
             and _chooses_cpu(ops.attention, cpu_attention.attention, q, q, q, None, attn.scaling, attn.softcap, False)):
         return
-    plan.k1, plan.k2, plan.interleaved = k1, k2, interleaved
+    plan.k1, plan.k2, plan.interleaved = _hold(plan, k1), _hold(plan, k2), interleaved
     if attn.qkv.total == (H + 2 * Hkv) * d and cpu_attention.takes(q, q, q, None, attn.softcap):
-        _plan_block(plan)
+        _plan_block(plan, k1, k2)
         # the packed step's attention: the reference's paged_attention (the cpu backend's choice), which hands a
         # decode-only call to the cpu kernel when takes_paged_decode says so
         pages = torch.zeros(1, 2, Hkv, d, dtype=dtype)
@@ -168,9 +191,9 @@ def _build_mlp(mlp, dtype: torch.dtype, plan: _Plan) -> None:
     if not (_chooses_cpu(ops.rms_norm, small_ops.rms_norm, x, w, 1e-6, dtype)
             and _chooses_cpu(ops.gated_activation, small_ops.gated_activation, g, g, mlp.act_name)):
         return
-    plan.k1, plan.k2, plan.sizes = k1, k2, gu.sizes
+    plan.k1, plan.k2, plan.sizes = _hold(plan, k1), _hold(plan, k2), gu.sizes
     if gu.sizes[0] == gu.sizes[1]:
-        _plan_block(plan)
+        _plan_block(plan, k1, k2)
     plan.ok = True
 
 
@@ -188,8 +211,10 @@ def attention(attn, x: torch.Tensor, cache, params, loras, kwargs) -> torch.Tens
     b, s = x.shape[0], x.shape[1]
     if s != 1 or type(cache) is not ExLlamaV2Cache:
         return None
-    plan = _plan_for(attn, x.dtype, _build_attn)
-    if not plan.ok or not attn.qkv.runs() or "forward" in attn.o_proj.__dict__ or "attend" in attn.__dict__:
+    plan = _plan_for(attn, x.dtype, attn.o_proj, _build_attn)
+    norm = plan.norm
+    if (not plan.ok or "forward" in norm.__dict__ or not attn.qkv.runs() or "forward" in plan.out.__dict__
+            or "attend" in attn.__dict__):
         return None
     past = params.past_len
     if params.get_attn_mask(x.device, attn.sliding_window) is not None:
@@ -198,7 +223,6 @@ def attention(attn, x: torch.Tensor, cache, params, loras, kwargs) -> torch.Tens
     H, Hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
     if kc.dtype != x.dtype:
         return None
-    norm = attn.pre_layernorm
     cos, sin = params.get_rope(attn.rope(), x.device, x.dtype)
     index = params.get_write_index(x.device)
     if (plan.block is not None and b <= plan.block_rows and cos.dim() == 4 and cos.stride(-1) == 1
@@ -206,7 +230,10 @@ def attention(attn, x: torch.Tensor, cache, params, loras, kwargs) -> torch.Tens
         return torch.ops.exllamav2_cpu.attn_decode_block.default(
             x, norm.weight, norm.variance_epsilon, *plan.block, cos, sin, plan.interleaved, kc, vc, index, H, d,
             past + 1, attn.scaling, attn.softcap, dispatch.cpu_activation_stages())
-    y = plan.k1(small_ops.rms_norm(x, norm.weight, norm.variance_epsilon, x.dtype).reshape(b, -1))
+    k1, k2 = plan.k1(), plan.k2()
+    if k1 is None or k2 is None:
+        return None
+    y = k1(small_ops.rms_norm(x, norm.weight, norm.variance_epsilon, x.dtype).reshape(b, -1))
     y = y.view(b, 1, -1)
     qk = y[..., :(H + Hkv) * d].view(b, 1, H + Hkv, d)
     v = y[..., (H + Hkv) * d:].view(b, 1, Hkv, d)
@@ -214,7 +241,7 @@ def attention(attn, x: torch.Tensor, cache, params, loras, kwargs) -> torch.Tens
     k, v = kc[:, :past + 1], vc[:, :past + 1]
     out = cpu_attention.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, attn.scaling,
                                   attn.softcap, False)
-    o = plan.k2(out.transpose(1, 2).reshape(b, H * d))
+    o = k2(out.transpose(1, 2).reshape(b, H * d))
     return x + o.view(b, 1, -1)
 
 
@@ -227,9 +254,10 @@ def _paged_attention(attn, x: torch.Tensor, cache, params) -> torch.Tensor | Non
             or params.slots.device.type != "cpu" or params.block_index.device.type != "cpu"
             or params.kv_lens.device.type != "cpu" or "cpu" not in dispatch.active_backends()):
         return None
-    plan = _plan_for(attn, x.dtype, _build_attn)
-    if (not plan.ok or not plan.paged or x.shape[1] > plan.block_rows or not attn.qkv.runs()
-            or "forward" in attn.o_proj.__dict__ or "attend" in attn.__dict__):
+    plan = _plan_for(attn, x.dtype, attn.o_proj, _build_attn)
+    norm = plan.norm
+    if (not plan.ok or not plan.paged or x.shape[1] > plan.block_rows or "forward" in norm.__dict__
+            or not attn.qkv.runs() or "forward" in plan.out.__dict__ or "attend" in attn.__dict__):
         return None
     kc, vc = cache.get_kv_state(attn.layer_idx, 1, 0, 0)
     if kc.dtype != x.dtype or vc.dtype != x.dtype or kc.stride(-1) != 1 or vc.stride(-1) != 1:
@@ -237,7 +265,6 @@ def _paged_attention(attn, x: torch.Tensor, cache, params) -> torch.Tensor | Non
     cos, sin = params.get_rope(attn.rope(), x.device, x.dtype)
     if cos.dim() != 4 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
         return None
-    norm = attn.pre_layernorm
     return torch.ops.exllamav2_cpu.paged_attn_decode_block.default(
         x, norm.weight, norm.variance_epsilon, *plan.block, cos, sin, plan.interleaved, kc, vc, params.slots,
         params.block_index, params.kv_lens, params.page_size, attn.sliding_window or 0, attn.num_heads,
@@ -250,17 +277,20 @@ def mlp(module, x: torch.Tensor, loras, kwargs) -> torch.Tensor | None:
     forward must run."""
     if x.dim() != 3 or x.shape[0] * x.shape[1] > MLP_ROWS or not _step_allowed(x, loras, kwargs):
         return None
-    plan = _plan_for(module, x.dtype, _build_mlp)
-    if (not plan.ok or not module.gate_up.runs() or "forward" in module.down_proj.__dict__
+    plan = _plan_for(module, x.dtype, module.down_proj, _build_mlp)
+    norm = plan.norm
+    if (not plan.ok or "forward" in norm.__dict__ or not module.gate_up.runs() or "forward" in plan.out.__dict__
             or "activate" in module.__dict__):
         return None
     b, s = x.shape[0], x.shape[1]
-    norm = module.pre_layernorm
-    if plan.block is not None and b * s <= plan.block_rows and kernels.active_avx512():
+    act = small_ops._GATED.get(module.act_name)  # read at each call, as activate() reads it
+    if plan.block is not None and act is not None and b * s <= plan.block_rows and kernels.active_avx512():
         return torch.ops.exllamav2_cpu.mlp_decode_block.default(
-            x, norm.weight, norm.variance_epsilon, *plan.block, small_ops._GATED[module.act_name],
-            dispatch.cpu_activation_stages())
-    y = plan.k1(small_ops.rms_norm(x, norm.weight, norm.variance_epsilon, x.dtype).reshape(b * s, -1))
+            x, norm.weight, norm.variance_epsilon, *plan.block, act, dispatch.cpu_activation_stages())
+    k1, k2 = plan.k1(), plan.k2()
+    if k1 is None or k2 is None:
+        return None
+    y = k1(small_ops.rms_norm(x, norm.weight, norm.variance_epsilon, x.dtype).reshape(b * s, -1))
     gate, up = y.split(plan.sizes, dim=-1)
     a = small_ops.gated_activation(gate, up, module.act_name)
-    return x + plan.k2(a).view(b, s, -1)
+    return x + k2(a).view(b, s, -1)

@@ -201,3 +201,72 @@ def test_dynamic_generator_packed_steps(tmp_path, monkeypatch):
         a = torch.cat([t for t in ref[i] if t is not None], 1)
         b = torch.cat([t for t in got[i] if t is not None], 1)
         assert a.shape[1] > 1 and torch.equal(a, b)
+
+
+def test_modules_replaced_after_the_first_step(tiny_dense, monkeypatch):
+    """What the general forward reads at each call, the short path reads too: a norm's forward replaced on the
+    instance, an output linear (o_proj, down_proj) swapped for another loaded one (no kernel is prepared, so the
+    kernel epoch stays), an activation renamed. Before, the first step's plan kept running the old modules (and a
+    renamed activation raised KeyError in the MLP block op's argument)."""
+    counter = _Counter(monkeypatch)
+    model = _load(tiny_dense)
+    ids = torch.randint(3, 200, (2, 8), generator=torch.Generator().manual_seed(4))
+    a0, m0, a1, m1 = model.modules[1:5]
+    _decode(model, ids, 4)  # the plans are made
+
+    def check(change, undo):
+        change()
+        try:
+            counter.off = True
+            ref = _decode(model, ids, 4)
+            counter.off = False
+            counter.reset()
+            got = _decode(model, ids, 4)
+        finally:
+            undo()
+        # the other blocks keep the short path; a swapped-in linear's block takes it too (its plan made again)
+        assert torch.equal(got, ref) and counter.taken > 0
+
+    def half(x, *a, **k):
+        return x * 0.5
+
+    for norm in (a0.pre_layernorm, m0.pre_layernorm):
+        check(lambda: setattr(norm, "forward", half), lambda: delattr(norm, "forward"))
+
+    def swap(name, p, q):
+        def run():
+            x, y = getattr(p, name), getattr(q, name)
+            setattr(p, name, y)
+            setattr(q, name, x)
+        return run
+
+    check(swap("o_proj", a0, a1), swap("o_proj", a0, a1))
+    check(swap("down_proj", m0, m1), swap("down_proj", m0, m1))
+    check(lambda: setattr(m0, "act_name", "relu"), lambda: setattr(m0, "act_name", "silu"))
+
+
+def test_unload_frees_the_weights_the_plans_read(tiny_dense, tmp_path, monkeypatch):
+    """The plans hold no kernel (nor the weights in their block arguments): model.unload() frees every layer's
+    prepared kernels as it does without the short path, and the reloaded model takes the short path again."""
+    import gc
+    import weakref
+
+    counter = _Counter(monkeypatch)
+    path = write_tiny_gguf(str(tmp_path / "q8.gguf"), qtype="Q8_0", hidden=128, ffn=256, vocab=96, heads=4,
+                           kv_heads=2, tied=False)
+    for model in (_load(tiny_dense), _load(path)):
+        ids = torch.randint(3, 96, (2, 8), generator=torch.Generator().manual_seed(5))
+        ref = _decode(model, ids, 4)
+        blocks = [m for m in model.modules if "_eager_plan" in m.__dict__]
+        assert blocks and all(m._eager_plan.block is not None for m in blocks)
+        held = [weakref.ref(k) for m in blocks
+                for g in ((m.qkv, m.o_proj) if hasattr(m, "qkv") else (m.gate_up, m.down_proj))
+                for k in g._kernels.values() if k]
+        assert len(held) >= 2 * len(blocks)
+        model.unload()
+        gc.collect()
+        assert not any(r() is not None for r in held)
+        assert all(m._eager_plan.block is None for m in blocks)
+        model.load()
+        counter.reset()
+        assert torch.equal(_decode(model, ids, 4), ref) and counter.taken > 0
