@@ -214,3 +214,24 @@ def test_stream_started_after_a_prompt_never_returns_prompt_text(ours):
     primed = ours.stream()
     primed.feed(cut[-2:])
     assert primed.feed(new) != " the"  # the old priming: the prompt's held bytes come out with " the"
+
+
+def test_lookups_wait_for_another_threads_encode(ours):
+    """The tokenizer's own lookups (_last_id, and single_id's fallback) encode under the lock that an encode of
+    plain text holds while it switches the shared tokenizer to splitting special tokens as text: they wait for it
+    instead of seeing a special token's text split."""
+    import threading
+    special = "<|im_end|>"
+    want = ours.extended_piece_to_id[special]
+    seen = []
+    with ours._encode_lock:
+        ours.tokenizer.encode_special_tokens = True  # what _encode_lists sets, under the lock, for plain text
+        try:
+            t = threading.Thread(target=lambda: seen.append(ours._last_id(special)))
+            t.start()
+            t.join(0.3)
+            assert not seen  # waiting for the lock
+        finally:
+            ours.tokenizer.encode_special_tokens = False
+    t.join()
+    assert seen == [want]

@@ -39,6 +39,7 @@ class ExLlamaV2Tokenizer:
         self.add_bos_token_default = bool(source.add_bos_token)
         self.add_eos_token_default = bool(source.add_eos_token)
 
+        self._encode_lock = threading.Lock()  # tokenizers' split-specials flag is shared state (_encode_lists)
         added = self.tokenizer.get_added_tokens_decoder()
         self.extended_piece_to_id: dict[str, int] = {a.content: i for i, a in added.items() if a.special}
         for piece, token_id in source.extra_special_pieces.items():
@@ -75,7 +76,6 @@ class ExLlamaV2Tokenizer:
         self._prefix_id_to_ids: dict[int, list[int]] | None = None
         self._char_trie: CharTrie | None = None
         self._char_trie_ci: CharTrie | None = None
-        self._encode_lock = threading.Lock()
         self._vocab_lock = threading.RLock()  # lazy vocabulary views may be first asked for from several threads
         self.tokenized_str_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         if not lazy_init:
@@ -124,8 +124,15 @@ class ExLlamaV2Tokenizer:
         return None if token_id is None else self.tokenizer.id_to_token(token_id)
 
     def _last_id(self, text: str) -> int | None:
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self._encode_one(text).ids
         return ids[-1] if ids else None
+
+    def _encode_one(self, text: str):
+        """`tokenizers`' encoding of text with special tokens recognised, under the lock that keeps another
+        thread's encode from flipping the shared split-specials flag in between (_encode_lists)."""
+        with self._encode_lock:
+            self.tokenizer.encode_special_tokens = False
+            return self.tokenizer.encode(text, add_special_tokens=False)
 
     # --- encoding -----------------------------------------------------------------------------------
 
@@ -185,7 +192,7 @@ class ExLlamaV2Tokenizer:
         token_id = self.tokenizer.token_to_id(piece)
         if token_id is not None:
             return token_id
-        ids = self.tokenizer.encode(piece, add_special_tokens=False).ids
+        ids = self._encode_one(piece).ids
         return ids[0] if len(ids) == 1 else None
 
     @staticmethod
@@ -265,7 +272,7 @@ class ExLlamaV2Tokenizer:
             return cached
         # Decode each token behind a plain anchor token and cut the anchor off: a token decoded alone
         # would lose the leading space that SentencePiece decoders strip at the start of a text.
-        anchor = self.tokenizer.encode("a", add_special_tokens=False).ids[:1]
+        anchor = self._encode_one("a").ids[:1]
         anchor_text = self.tokenizer.decode(anchor)
         pieces = self.tokenizer.decode_batch([anchor + [i] for i in range(self.actual_vocab_size)],
                                              skip_special_tokens=False)
@@ -392,9 +399,7 @@ class ExLlamaV2Tokenizer:
                     raise ChatTemplateError(
                         f"messages[{i}].content: holds the control-token text {forged!r} and the chat template "
                         "rewrites message contents, so it cannot be kept as plain text")
-        with self._encode_lock:
-            self.tokenizer.encode_special_tokens = False
-            enc = self.tokenizer.encode(text, add_special_tokens=False)
+        enc = self._encode_one(text)
         located = sorted(s for s in spans if s is not None)
         special = self.extended_id_to_piece
         inside = any(t in special and any(a < e and s < b for s, e in located)
