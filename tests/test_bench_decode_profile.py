@@ -1,6 +1,7 @@
 """bench/bench_decode_profile.py runs as its docstring shows (eager, a few steps, times not checked): it prints its
-header line and the profiler's table, in which the GGUF GEMV and the token embedding's C++ row lookup appear once
-per step (SmolLM2: 30 layers x 4 linears + the head = 121 GEMV calls)."""
+header line and the profiler's table, in which each of SmolLM2's 30 layers runs its attention and MLP blocks as one
+op each (csrc/decode_block.cpp, whose GEMVs the profiler does not see), the head's GEMV and the token embedding's C++
+row lookup once per step."""
 
 import os
 import re
@@ -19,6 +20,7 @@ def test_bench_decode_profile_runs(smollm2_gguf):
     calls = {m[1]: int(m[2]) for m in re.finditer(r"^\s*(exllamav2_cpu::\w+)\s.*?\s(\d+)\s*$", r.stdout, re.M)}
     from exllamav2.ops.cpu import kernels
     if kernels.ready():
-        assert calls.get("exllamav2_cpu::gguf_gemv") == 3 * 121 and calls.get("exllamav2_cpu::gguf_rows") == 3, calls
+        assert calls.get("exllamav2_cpu::attn_decode_block") == calls.get("exllamav2_cpu::mlp_decode_block") == 3 * 30
+        assert calls.get("exllamav2_cpu::gguf_gemv") == 3 and calls.get("exllamav2_cpu::gguf_rows") == 3, calls
     else:   # no compiler here: torch's own ops run, and the table names those
         assert not calls, calls
