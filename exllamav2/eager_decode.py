@@ -11,7 +11,9 @@ epoch); each step then checks only what can change between calls.
 
 Taken only where the result is the general forward's, bit for bit (tests/test_eager_decode.py):
 - no LoRA, no intervention alive anywhere in the process, nothing traced, no gradients, no intermediates requested;
-- a pre-norm RMSNorm block, no post-norm, a residual in the activations' dtype;
+- a pre-norm RMSNorm block, no post-norm, a residual in the activations' dtype (the C++ blocks also take a
+  post-norm, an fp32 residual stream and the input cast to the linears' dtype: Gemma 2/3's MLP; and attention with
+  per-head q/k RMSNorms, Qwen3 and Gemma 3, whose masks of a sliding window they pass to the kernel);
 - attention: one new token per row over a plain `ExLlamaV2Cache`, no mask (padding, sliding window in reach),
   fused q/k/v without q/k norms, RoPE written into the cache with k/v in one pass, the `cpu` backend's attention
   kernel;
@@ -56,6 +58,16 @@ def _linear_ready(lin, dtype: torch.dtype) -> bool:
     return not (dtype == torch.float32 and lin.dtype != torch.float32)
 
 
+def _cast_dtype(lin, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype the linear's kernel gets `dtype` activations in (ExLlamaV2Linear.cast_input), or None where the
+    linear is not run by its prepared kernel alone (prescale, forward replaced)."""
+    if lin.prescale != 1 or "forward" in lin.__dict__:
+        return None
+    if lin.q_handle is None:
+        return None if lin.weight is None else lin.weight.dtype
+    return lin.dtype if dtype == torch.float32 and lin.dtype != torch.float32 else dtype
+
+
 def _norm_ready(norm) -> bool:
     from .rmsnorm import ExLlamaV2RMSNorm
     return type(norm) is ExLlamaV2RMSNorm and not norm.output_fp32 and "forward" not in norm.__dict__
@@ -80,17 +92,36 @@ def _block_ready(module, dtype: torch.dtype) -> bool:
             and not ap.residual_stream_fp32)
 
 
+def _tail_ready(module) -> bool:
+    """The block ends as the C++ blocks' `residual` does: an optional RMSNorm post-norm, then the residual add (in
+    fp32 for an fp32 residual stream)."""
+    from .attn import ExLlamaV2Attention
+    from .mlp import ExLlamaV2MLP
+    return (type(module) in (ExLlamaV2Attention, ExLlamaV2MLP) and _norm_ready(module.pre_layernorm)
+            and (module.post_layernorm is None or _norm_ready(module.post_layernorm))
+            and getattr(module, "has_residual", True))
+
+
+def _tail_args(module, plan) -> None:
+    post = module.post_layernorm
+    plan.post = post
+    plan.res32 = bool(module.archparams.residual_stream_fp32)
+
+
 class _Plan:
     # norm, out: the block's input norm and last linear the plan was made for (_plan_for remakes it for others);
     # k1, k2: weak references to the two prepared kernels (_hold);
     # block: the C++ block op's linear arguments (csrc/decode_block.cpp), or None where a kernel is not one it takes;
     # block_rows: the most rows it takes (the bf16 GEMV's, where a linear is dense)
+    # normed: the attention's per-head q/k norms, or the MLP's extended block (lin_dtype, post, res32: the input
+    # cast, post-norm and fp32 residual the C++ blocks take; C++ only)
     __slots__ = ("key", "norm", "out", "ok", "k1", "k2", "interleaved", "sizes", "block", "block_rows", "paged",
-                 "__weakref__")
+                 "normed", "lin_dtype", "post", "res32", "__weakref__")
 
     def __init__(self, key, norm, out):
         self.key, self.norm, self.out = key, norm, out
         self.ok, self.block, self.block_rows, self.paged = False, None, 0, False
+        self.normed, self.lin_dtype, self.post, self.res32 = None, None, None, False
 
 
 def _hold(plan: _Plan, kernel):
@@ -140,7 +171,10 @@ def _plan_for(module, dtype: torch.dtype, out, build) -> _Plan:
 
 
 def _build_attn(attn, dtype: torch.dtype, plan: _Plan) -> None:
-    if attn.q_norm is not None or not attn.uses_rope() or not _block_ready(attn, dtype):
+    if attn.q_norm is not None:
+        _build_attn_normed(attn, dtype, plan)
+        return
+    if not attn.uses_rope() or not _block_ready(attn, dtype):
         return
     if attn.qkv.scaled or not all(_linear_ready(p, dtype) for p in attn.qkv.parts) or not _linear_ready(attn.o_proj,
                                                                                                          dtype):
@@ -176,8 +210,92 @@ def _build_attn(attn, dtype: torch.dtype, plan: _Plan) -> None:
     plan.ok = True
 
 
+def _head_norm_ready(norm, head_dim: int) -> bool:
+    from .headnorm import ExLlamaV2HeadNorm
+    return (type(norm) is ExLlamaV2HeadNorm and norm.is_rms and norm.weight is not None
+            and tuple(norm.weight.shape) == (head_dim,) and "forward" not in norm.__dict__)
+
+
+def _build_attn_normed(attn, dtype: torch.dtype, plan: _Plan) -> None:
+    """Per-head q/k norms (attn.py: project_qkv, then rope on q and k, k/v copied into the cache): the C++ block
+    attn_normed_decode_block only, where every step of that order runs the `cpu` backend's kernels."""
+    d, H, Hkv = attn.head_dim, attn.num_heads, attn.num_kv_heads
+    if (not attn.uses_rope() or not _tail_ready(attn) or attn.archparams.qk_norm_before_reshape
+            or not _head_norm_ready(attn.q_norm, d) or not _head_norm_ready(attn.k_norm, d)
+            or attn.qkv.scaled or attn.qkv.total != (H + 2 * Hkv) * d or not small_ops._kernels_ready()):
+        return
+    lin = {_cast_dtype(p, dtype) for p in attn.qkv.parts}
+    if len(lin) != 1 or None in lin:
+        return
+    lin = lin.pop()
+    if _cast_dtype(attn.o_proj, lin) != lin or lin not in (torch.float32, torch.bfloat16, torch.float16):
+        return
+    k1, k2 = attn.qkv.kernel(lin), attn.o_proj.kernel(lin)
+    if k1 is False or k2 is False:
+        return
+    a, b = _block_linear(k1), _block_linear(k2)
+    if a is None or b is None:
+        return
+    interleaved = attn.rope().style == RopeStyle.GPTJ
+    x = torch.zeros(1, 1, attn.pre_layernorm.size, dtype=dtype)
+    q = torch.zeros(1, 1, H, d, dtype=lin)
+    qt = torch.zeros(1, H, 1, d, dtype=lin)
+    cs = torch.zeros(1, 1, 1, d, dtype=lin)
+    mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    post = attn.post_layernorm
+    if not (_chooses_cpu(ops.rms_norm, small_ops.rms_norm, x, attn.pre_layernorm.weight, 1e-6, dtype)
+            and _chooses_cpu(ops.rms_norm, small_ops.rms_norm, q, attn.q_norm.weight, 1e-6, lin)
+            and _chooses_cpu(ops.rms_norm, small_ops.rms_norm, q, attn.k_norm.weight, 1e-6, lin)
+            and (post is None or _chooses_cpu(ops.rms_norm, small_ops.rms_norm, x.to(lin), post.weight, 1e-6, lin))
+            and _chooses_cpu(ops.rope, small_ops.rope, q, cs, cs, interleaved)
+            and all(_chooses_cpu(ops.attention, cpu_attention.attention, qt, qt, qt, m, attn.scaling, attn.softcap,
+                                 False) and cpu_attention.takes(qt, qt, qt, m, attn.softcap) for m in (None, mask))):
+        return
+    plan.k1, plan.k2, plan.interleaved = _hold(plan, k1), _hold(plan, k2), interleaved
+    plan.block, plan.block_rows = a[0] + b[0], min(a[1], b[1])
+    plan.normed, plan.lin_dtype = (attn.q_norm, attn.k_norm), lin
+    _tail_args(attn, plan)
+    plan.ok = True
+
+
+def _build_mlp_extended(mlp, dtype: torch.dtype, plan: _Plan) -> None:
+    """An MLP with a post-norm, an fp32 residual stream or its input cast to the linears' dtype (Gemma 2/3): the C++
+    block only."""
+    gu = mlp.gate_up
+    if (mlp.gate_proj is None or mlp.act_name not in small_ops._GATED or not _tail_ready(mlp) or gu.scaled
+            or gu.sizes[0] != gu.sizes[1] or not small_ops._kernels_ready()):
+        return
+    lin = {_cast_dtype(p, dtype) for p in gu.parts}
+    if len(lin) != 1 or None in lin:
+        return
+    lin = lin.pop()
+    if _cast_dtype(mlp.down_proj, lin) != lin or lin not in (torch.float32, torch.bfloat16, torch.float16):
+        return
+    k1, k2 = gu.kernel(lin), mlp.down_proj.kernel(lin)
+    if k1 is False or k2 is False:
+        return
+    a, b = _block_linear(k1), _block_linear(k2)
+    if a is None or b is None:
+        return
+    x = torch.zeros(1, 1, mlp.pre_layernorm.size, dtype=dtype)
+    g = torch.zeros(1, 1, gu.sizes[0], dtype=lin)
+    post = mlp.post_layernorm
+    if not (_chooses_cpu(ops.rms_norm, small_ops.rms_norm, x, mlp.pre_layernorm.weight, 1e-6, dtype)
+            and (post is None or _chooses_cpu(ops.rms_norm, small_ops.rms_norm, x.to(lin), post.weight, 1e-6, lin))
+            and _chooses_cpu(ops.gated_activation, small_ops.gated_activation, g, g, mlp.act_name)):
+        return
+    plan.k1, plan.k2, plan.sizes = _hold(plan, k1), _hold(plan, k2), gu.sizes
+    plan.block, plan.block_rows = a[0] + b[0], min(a[1], b[1])
+    plan.normed, plan.lin_dtype = True, lin
+    _tail_args(mlp, plan)
+    plan.ok = True
+
+
 def _build_mlp(mlp, dtype: torch.dtype, plan: _Plan) -> None:
-    if mlp.gate_proj is None or mlp.act_name not in small_ops._GATED or not _block_ready(mlp, dtype):
+    if mlp.gate_proj is None or mlp.act_name not in small_ops._GATED:
+        return
+    if not _block_ready(mlp, dtype) or any(_cast_dtype(p, dtype) != dtype for p in mlp.gate_up.parts):
+        _build_mlp_extended(mlp, dtype, plan)
         return
     gu = mlp.gate_up
     if gu.scaled or not all(_linear_ready(p, dtype) for p in gu.parts) or not _linear_ready(mlp.down_proj, dtype):
@@ -216,6 +334,8 @@ def attention(attn, x: torch.Tensor, cache, params, loras, kwargs) -> torch.Tens
     if (not plan.ok or "forward" in norm.__dict__ or not attn.qkv.runs() or "forward" in plan.out.__dict__
             or "attend" in attn.__dict__):
         return None
+    if plan.normed is not None:
+        return _normed_attention(attn, plan, x, cache, params)
     past = params.past_len
     if params.get_attn_mask(x.device, attn.sliding_window) is not None:
         return None
@@ -243,6 +363,36 @@ def attention(attn, x: torch.Tensor, cache, params, loras, kwargs) -> torch.Tens
                                   attn.softcap, False)
     o = k2(out.transpose(1, 2).reshape(b, H * d))
     return x + o.view(b, 1, -1)
+
+
+def _tail_unchanged(module, plan: _Plan) -> bool:
+    post = plan.post
+    return module.post_layernorm is post and (post is None or "forward" not in post.__dict__)
+
+
+def _normed_attention(attn, plan: _Plan, x: torch.Tensor, cache, params) -> torch.Tensor | None:
+    q_norm, k_norm = plan.normed
+    if (attn.q_norm is not q_norm or attn.k_norm is not k_norm or "forward" in q_norm.__dict__
+            or "forward" in k_norm.__dict__ or not _tail_unchanged(attn, plan) or x.shape[0] > plan.block_rows):
+        return None
+    b, past, lin = x.shape[0], params.past_len, plan.lin_dtype
+    mask = params.get_attn_mask(x.device, attn.sliding_window)
+    if mask is not None and not (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] in (1, b)
+                                 and mask.shape[1:] == (1, 1, past + 1)):
+        return None
+    kc, vc = attn.cache_views(cache, b, past + 1)
+    if kc.dtype != lin or vc.dtype != lin:
+        return None
+    cos, sin = params.get_rope(attn.rope(), x.device, lin)
+    if cos.dim() != 4 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        return None
+    norm, post = plan.norm, plan.post
+    return torch.ops.exllamav2_cpu.attn_normed_decode_block.default(
+        x, norm.weight, norm.variance_epsilon, lin, *plan.block, q_norm.weight, q_norm.variance_epsilon,
+        k_norm.weight, k_norm.variance_epsilon, cos, sin, plan.interleaved, kc, vc, params.get_write_index(x.device),
+        mask, attn.num_heads, attn.head_dim, past + 1, attn.scaling, attn.softcap,
+        None if post is None else post.weight, 0.0 if post is None else post.variance_epsilon, plan.res32,
+        dispatch.cpu_activation_stages())
 
 
 def _paged_attention(attn, x: torch.Tensor, cache, params) -> torch.Tensor | None:
@@ -285,8 +435,18 @@ def mlp(module, x: torch.Tensor, loras, kwargs) -> torch.Tensor | None:
     b, s = x.shape[0], x.shape[1]
     act = small_ops._GATED.get(module.act_name)  # read at each call, as activate() reads it
     if plan.block is not None and act is not None and b * s <= plan.block_rows and kernels.active_avx512():
-        return torch.ops.exllamav2_cpu.mlp_decode_block.default(
-            x, norm.weight, norm.variance_epsilon, *plan.block, act, dispatch.cpu_activation_stages())
+        if plan.normed is None:
+            return torch.ops.exllamav2_cpu.mlp_decode_block.default(
+                x, norm.weight, norm.variance_epsilon, *plan.block, act, dispatch.cpu_activation_stages(), x.dtype,
+                None, 0.0, False)
+        if _tail_unchanged(module, plan):
+            post = plan.post
+            return torch.ops.exllamav2_cpu.mlp_decode_block.default(
+                x, norm.weight, norm.variance_epsilon, *plan.block, act, dispatch.cpu_activation_stages(),
+                plan.lin_dtype, None if post is None else post.weight, 0.0 if post is None else post.variance_epsilon,
+                plan.res32)
+    if plan.normed is not None:  # the extended block has no Python twin here: the general forward
+        return None
     k1, k2 = plan.k1(), plan.k2()
     if k1 is None or k2 is None:
         return None

@@ -270,3 +270,42 @@ def test_unload_frees_the_weights_the_plans_read(tiny_dense, tmp_path, monkeypat
         model.load()
         counter.reset()
         assert torch.equal(_decode(model, ids, 4), ref) and counter.taken > 0
+
+
+def _normed_model(kind, tmp_path):
+    """Per-head q/k norms: Qwen3 (plain residual), Gemma 3 (post-norms, fp32 residual stream, sliding windows shorter
+    than the decode, per-layer RoPE)."""
+    import transformers as tf
+    from parity import make_tiny, save_hf_model
+    common = dict(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    if kind == "qwen3":
+        hf = make_tiny(tf.Qwen3ForCausalLM, tf.Qwen3Config(**common), seed=5, init_scale=0.08)
+    else:
+        cfg = tf.Gemma3TextConfig(**common, sliding_window=8, query_pre_attn_scalar=12,
+                                  layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+        hf = make_tiny(tf.Gemma3ForCausalLM, cfg, seed=6, init_scale=0.08)
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if "norm" in name and name.endswith("weight"):
+                    p.sub_(1.0)  # Gemma applies (1 + w)
+    return _load(save_hf_model(hf, tmp_path / kind))
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_q_k_norm_blocks_equal_the_general_forward(kind, rows, tmp_path, monkeypatch):
+    model = _normed_model(kind, tmp_path)
+    counter = _Counter(monkeypatch)
+    ids = torch.randint(3, 131, (rows, 14), generator=torch.Generator().manual_seed(rows))
+    counter.off = True
+    ref = _decode(model, ids, 5)
+    counter.off = False
+    counter.reset()
+    got = _decode(model, ids, 5)
+    layers = model.config.num_hidden_layers
+    assert torch.equal(got, ref)
+    # every decode step's attention through attn_normed_decode_block, its MLP through the (extended) MLP block
+    assert counter.by_block["attention"] == 9 * layers and counter.by_block["mlp"] >= 9 * layers
+    plans = [m._eager_plan for m in model.modules if "_eager_plan" in m.__dict__]
+    assert len(plans) == 2 * layers and all(p.block is not None and p.normed is not None for p in plans[::2])

@@ -463,6 +463,9 @@ namespace exl2_ops {
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, at::ScalarType out_dtype) {
     return ::rms_norm(x, w, eps, out_dtype);
 }
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool interleaved) {
+    return ::rope(x, cos, sin, interleaved);
+}
 at::Tensor rope_kv_write(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
                          bool interleaved, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& index,
                          int64_t q_heads) {
