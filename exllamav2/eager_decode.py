@@ -32,6 +32,7 @@ import weakref
 import torch
 
 from . import ops
+from .architecture import RopeStyle
 from .cache import ExLlamaV2Cache
 from .cache_q import has_quant_pages
 from .linear import ExLlamaV2Linear
@@ -40,22 +41,11 @@ from .ops import dispatch
 from .ops.cpu import attention as cpu_attention
 from .ops.cpu import kernels, small_ops
 from .ops.torch_ref import attention as ref_attention
-from .architecture import RopeStyle
 
 _is_compiling = torch.compiler.is_compiling
 # The MLP's short path takes calls of up to this many rows (batch x positions): decode steps and the dynamic
 # generator's packed steps; a prompt's MLP, where Python's share of the time is small, keeps the general forward.
 MLP_ROWS = 64
-
-
-def _linear_ready(lin, dtype: torch.dtype) -> bool:
-    """The linear runs its own prepared kernel on `dtype` activations as given (no cast, no prescale, no LoRA
-    tensors consulted, forward not replaced)."""
-    if lin.prescale != 1 or "forward" in lin.__dict__:
-        return False
-    if lin.q_handle is None:
-        return lin.weight is not None and lin.weight.dtype == dtype
-    return not (dtype == torch.float32 and lin.dtype != torch.float32)
 
 
 def _cast_dtype(lin, dtype: torch.dtype) -> torch.dtype | None:
@@ -82,24 +72,20 @@ def _chooses_cpu(op, fn, *args) -> bool:
     return impl.backend == "cpu" and impl.fn is fn
 
 
-def _block_ready(module, dtype: torch.dtype) -> bool:
-    from .attn import ExLlamaV2Attention
-    from .mlp import ExLlamaV2MLP
-    ap = module.archparams
-    # exactly these classes: a subclass may override a step this path inlines
-    return (type(module) in (ExLlamaV2Attention, ExLlamaV2MLP) and _norm_ready(module.pre_layernorm)
-            and module.post_layernorm is None and getattr(module, "has_residual", True)
-            and not ap.residual_stream_fp32)
-
-
 def _tail_ready(module) -> bool:
     """The block ends as the C++ blocks' `residual` does: an optional RMSNorm post-norm, then the residual add (in
     fp32 for an fp32 residual stream)."""
     from .attn import ExLlamaV2Attention
     from .mlp import ExLlamaV2MLP
+    # exactly these classes: a subclass may override a step this path inlines
     return (type(module) in (ExLlamaV2Attention, ExLlamaV2MLP) and _norm_ready(module.pre_layernorm)
             and (module.post_layernorm is None or _norm_ready(module.post_layernorm))
             and getattr(module, "has_residual", True))
+
+
+def _block_ready(module) -> bool:
+    """The block the Python path and the plain C++ blocks take: no post-norm, a residual in the activations' dtype."""
+    return _tail_ready(module) and module.post_layernorm is None and not module.archparams.residual_stream_fp32
 
 
 def _tail_args(module, plan) -> None:
@@ -150,6 +136,26 @@ def _block_linear(k) -> tuple | None:
     return None
 
 
+def _block_kernels(fused, out, dtype: torch.dtype) -> tuple | None:
+    """For the C++ blocks that cast their input: (the linears' dtype, the fused kernel, the output kernel, the
+    block's linear arguments, the most rows it takes), or None where the linears compute in different dtypes or a
+    kernel is not one the blocks take."""
+    lin = {_cast_dtype(p, dtype) for p in fused.parts}
+    if len(lin) != 1 or None in lin:
+        return None
+    lin = lin.pop()
+    # the output linear gets the block's inner activations, already in `lin`
+    if _cast_dtype(out, lin) != lin or lin not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    k1, k2 = fused.kernel(lin), out.kernel(lin)
+    if k1 is False or k2 is False:
+        return None
+    a, b = _block_linear(k1), _block_linear(k2)
+    if a is None or b is None:
+        return None
+    return lin, k1, k2, a[0] + b[0], min(a[1], b[1])
+
+
 def _plan_block(plan: _Plan, k1, k2) -> None:
     a, b = _block_linear(k1), _block_linear(k2)
     if a is not None and b is not None and small_ops._kernels_ready():
@@ -174,10 +180,9 @@ def _build_attn(attn, dtype: torch.dtype, plan: _Plan) -> None:
     if attn.q_norm is not None:
         _build_attn_normed(attn, dtype, plan)
         return
-    if not attn.uses_rope() or not _block_ready(attn, dtype):
+    if not attn.uses_rope() or not _block_ready(attn):
         return
-    if attn.qkv.scaled or not all(_linear_ready(p, dtype) for p in attn.qkv.parts) or not _linear_ready(attn.o_proj,
-                                                                                                         dtype):
+    if attn.qkv.scaled or any(_cast_dtype(p, dtype) != dtype for p in (*attn.qkv.parts, attn.o_proj)):
         return
     k1, k2 = attn.qkv.kernel(dtype), attn.o_proj.kernel(dtype)
     if k1 is False or k2 is False:
@@ -224,18 +229,10 @@ def _build_attn_normed(attn, dtype: torch.dtype, plan: _Plan) -> None:
             or not _head_norm_ready(attn.q_norm, d) or not _head_norm_ready(attn.k_norm, d)
             or attn.qkv.scaled or attn.qkv.total != (H + 2 * Hkv) * d or not small_ops._kernels_ready()):
         return
-    lin = {_cast_dtype(p, dtype) for p in attn.qkv.parts}
-    if len(lin) != 1 or None in lin:
+    kernels_ = _block_kernels(attn.qkv, attn.o_proj, dtype)
+    if kernels_ is None:
         return
-    lin = lin.pop()
-    if _cast_dtype(attn.o_proj, lin) != lin or lin not in (torch.float32, torch.bfloat16, torch.float16):
-        return
-    k1, k2 = attn.qkv.kernel(lin), attn.o_proj.kernel(lin)
-    if k1 is False or k2 is False:
-        return
-    a, b = _block_linear(k1), _block_linear(k2)
-    if a is None or b is None:
-        return
+    lin, k1, k2, block, block_rows = kernels_
     interleaved = attn.rope().style == RopeStyle.GPTJ
     x = torch.zeros(1, 1, attn.pre_layernorm.size, dtype=dtype)
     q = torch.zeros(1, 1, H, d, dtype=lin)
@@ -252,7 +249,7 @@ def _build_attn_normed(attn, dtype: torch.dtype, plan: _Plan) -> None:
                                  False) and cpu_attention.takes(qt, qt, qt, m, attn.softcap) for m in (None, mask))):
         return
     plan.k1, plan.k2, plan.interleaved = _hold(plan, k1), _hold(plan, k2), interleaved
-    plan.block, plan.block_rows = a[0] + b[0], min(a[1], b[1])
+    plan.block, plan.block_rows = block, block_rows
     plan.normed, plan.lin_dtype = (attn.q_norm, attn.k_norm), lin
     _tail_args(attn, plan)
     plan.ok = True
@@ -265,18 +262,10 @@ def _build_mlp_extended(mlp, dtype: torch.dtype, plan: _Plan) -> None:
     if (mlp.gate_proj is None or mlp.act_name not in small_ops._GATED or not _tail_ready(mlp) or gu.scaled
             or gu.sizes[0] != gu.sizes[1] or not small_ops._kernels_ready()):
         return
-    lin = {_cast_dtype(p, dtype) for p in gu.parts}
-    if len(lin) != 1 or None in lin:
+    kernels_ = _block_kernels(gu, mlp.down_proj, dtype)
+    if kernels_ is None:
         return
-    lin = lin.pop()
-    if _cast_dtype(mlp.down_proj, lin) != lin or lin not in (torch.float32, torch.bfloat16, torch.float16):
-        return
-    k1, k2 = gu.kernel(lin), mlp.down_proj.kernel(lin)
-    if k1 is False or k2 is False:
-        return
-    a, b = _block_linear(k1), _block_linear(k2)
-    if a is None or b is None:
-        return
+    lin, k1, k2, block, block_rows = kernels_
     x = torch.zeros(1, 1, mlp.pre_layernorm.size, dtype=dtype)
     g = torch.zeros(1, 1, gu.sizes[0], dtype=lin)
     post = mlp.post_layernorm
@@ -285,7 +274,7 @@ def _build_mlp_extended(mlp, dtype: torch.dtype, plan: _Plan) -> None:
             and _chooses_cpu(ops.gated_activation, small_ops.gated_activation, g, g, mlp.act_name)):
         return
     plan.k1, plan.k2, plan.sizes = _hold(plan, k1), _hold(plan, k2), gu.sizes
-    plan.block, plan.block_rows = a[0] + b[0], min(a[1], b[1])
+    plan.block, plan.block_rows = block, block_rows
     plan.normed, plan.lin_dtype = True, lin
     _tail_args(mlp, plan)
     plan.ok = True
@@ -294,11 +283,11 @@ def _build_mlp_extended(mlp, dtype: torch.dtype, plan: _Plan) -> None:
 def _build_mlp(mlp, dtype: torch.dtype, plan: _Plan) -> None:
     if mlp.gate_proj is None or mlp.act_name not in small_ops._GATED:
         return
-    if not _block_ready(mlp, dtype) or any(_cast_dtype(p, dtype) != dtype for p in mlp.gate_up.parts):
+    gu = mlp.gate_up
+    if not _block_ready(mlp) or any(_cast_dtype(p, dtype) != dtype for p in (*gu.parts, mlp.down_proj)):
         _build_mlp_extended(mlp, dtype, plan)
         return
-    gu = mlp.gate_up
-    if gu.scaled or not all(_linear_ready(p, dtype) for p in gu.parts) or not _linear_ready(mlp.down_proj, dtype):
+    if gu.scaled:
         return
     k1, k2 = gu.kernel(dtype), mlp.down_proj.kernel(dtype)
     if k1 is False or k2 is False:
@@ -332,7 +321,7 @@ def attention(attn, x: torch.Tensor, cache, params, loras, kwargs) -> torch.Tens
     plan = _plan_for(attn, x.dtype, attn.o_proj, _build_attn)
     norm = plan.norm
     if (not plan.ok or "forward" in norm.__dict__ or not attn.qkv.runs() or "forward" in plan.out.__dict__
-            or "attend" in attn.__dict__):
+            or "attend" in attn.__dict__ or not _tail_unchanged(attn, plan)):
         return None
     if plan.normed is not None:
         return _normed_attention(attn, plan, x, cache, params)
@@ -373,7 +362,7 @@ def _tail_unchanged(module, plan: _Plan) -> bool:
 def _normed_attention(attn, plan: _Plan, x: torch.Tensor, cache, params) -> torch.Tensor | None:
     q_norm, k_norm = plan.normed
     if (attn.q_norm is not q_norm or attn.k_norm is not k_norm or "forward" in q_norm.__dict__
-            or "forward" in k_norm.__dict__ or not _tail_unchanged(attn, plan) or x.shape[0] > plan.block_rows):
+            or "forward" in k_norm.__dict__ or x.shape[0] > plan.block_rows):
         return None
     b, past, lin = x.shape[0], params.past_len, plan.lin_dtype
     mask = params.get_attn_mask(x.device, attn.sliding_window)
@@ -407,7 +396,8 @@ def _paged_attention(attn, x: torch.Tensor, cache, params) -> torch.Tensor | Non
     plan = _plan_for(attn, x.dtype, attn.o_proj, _build_attn)
     norm = plan.norm
     if (not plan.ok or not plan.paged or x.shape[1] > plan.block_rows or "forward" in norm.__dict__
-            or not attn.qkv.runs() or "forward" in plan.out.__dict__ or "attend" in attn.__dict__):
+            or not attn.qkv.runs() or "forward" in plan.out.__dict__ or "attend" in attn.__dict__
+            or not _tail_unchanged(attn, plan)):
         return None
     kc, vc = cache.get_kv_state(attn.layer_idx, 1, 0, 0)
     if kc.dtype != x.dtype or vc.dtype != x.dtype or kc.stride(-1) != 1 or vc.stride(-1) != 1:
@@ -430,21 +420,16 @@ def mlp(module, x: torch.Tensor, loras, kwargs) -> torch.Tensor | None:
     plan = _plan_for(module, x.dtype, module.down_proj, _build_mlp)
     norm = plan.norm
     if (not plan.ok or "forward" in norm.__dict__ or not module.gate_up.runs() or "forward" in plan.out.__dict__
-            or "activate" in module.__dict__):
+            or "activate" in module.__dict__ or not _tail_unchanged(module, plan)):
         return None
     b, s = x.shape[0], x.shape[1]
     act = small_ops._GATED.get(module.act_name)  # read at each call, as activate() reads it
     if plan.block is not None and act is not None and b * s <= plan.block_rows and kernels.active_avx512():
-        if plan.normed is None:
-            return torch.ops.exllamav2_cpu.mlp_decode_block.default(
-                x, norm.weight, norm.variance_epsilon, *plan.block, act, dispatch.cpu_activation_stages(), x.dtype,
-                None, 0.0, False)
-        if _tail_unchanged(module, plan):
-            post = plan.post
-            return torch.ops.exllamav2_cpu.mlp_decode_block.default(
-                x, norm.weight, norm.variance_epsilon, *plan.block, act, dispatch.cpu_activation_stages(),
-                plan.lin_dtype, None if post is None else post.weight, 0.0 if post is None else post.variance_epsilon,
-                plan.res32)
+        post = plan.post
+        return torch.ops.exllamav2_cpu.mlp_decode_block.default(
+            x, norm.weight, norm.variance_epsilon, *plan.block, act, dispatch.cpu_activation_stages(),
+            plan.lin_dtype or x.dtype, None if post is None else post.weight,
+            0.0 if post is None else post.variance_epsilon, plan.res32)
     if plan.normed is not None:  # the extended block has no Python twin here: the general forward
         return None
     k1, k2 = plan.k1(), plan.k2()

@@ -84,16 +84,8 @@ class FusedLinear:
         """True when the fused kernel may run: every part is still the raw linear (no Intervention around it) and
         nobody replaced its forward on the instance (the converter watches outputs that way). Without arguments,
         the parts are read from the owner."""
-        if owners_parts:
-            return all(a is b and "forward" not in vars(b) for a, b in zip(owners_parts, self.parts))
-        # spelled out (no generators): this runs twice per layer in every eager step
-        owner = self.owner
-        for name, p in zip(self.names, self.parts) if owner is not None else ():
-            if getattr(owner, name) is not p or "forward" in p.__dict__:
-                return False
-        if owner is None:
-            return not any("forward" in p.__dict__ for p in self.parts)
-        return True
+        held = owners_parts or self._owner_parts()
+        return all(a is b and "forward" not in vars(b) for a, b in zip(held, self.parts))
 
     def kernel(self, dtype: torch.dtype):
         if self._gen != dispatch._generation:
@@ -121,9 +113,7 @@ class FusedLinear:
         """The parts' outputs side by side (..., total), before LoRA and prescale; None when the parts cannot share
         a kernel."""
         x = self.parts[0].cast_input(x)
-        k = self._kernels.get(x.dtype) if self._gen == dispatch._generation else None
-        if k is None:
-            k = self.kernel(x.dtype)
+        k = self.kernel(x.dtype)
         if k is False:
             return None
         return k(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.total)

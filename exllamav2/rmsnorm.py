@@ -39,8 +39,8 @@ class ExLlamaV2RMSNorm(ExLlamaV2Module):
 
     def forward(self, hidden_states, cache=None, attn_params=None, past_len=None,
                 intermediates=False, loras=None, **kwargs):
-        y = ops.rms_norm(hidden_states, self.weight, self.variance_epsilon,
-                         torch.float32 if self.output_fp32 else hidden_states.dtype)
+        y = rms_norm(hidden_states, self.weight, self.variance_epsilon,
+                     torch.float32 if self.output_fp32 else hidden_states.dtype)
         return {"hidden_states": y} if intermediates else y
 
 

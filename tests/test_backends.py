@@ -224,19 +224,24 @@ def _run(model, ids, prompt, backend, padded=False):
         return torch.stack(out, 1)
 
 
-@pytest.fixture(scope="module")
-def tiny_dense(tmp_path_factory):
+def write_tiny_llama(path, **overrides) -> str:
+    """A random 2-layer Llama with q/k/v biases saved as safetensors (weights ~N(0, 0.06), norms ~N(1, 0.05))."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, attention_bias=True)
+    cfg = LlamaConfig(**{**dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                attention_bias=True), **overrides})
     m = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0.0, 0.06) if p.dim() > 1 else p.normal_(1.0, 0.05)
-    path = tmp_path_factory.mktemp("dense")
     m.save_pretrained(str(path), safe_serialization=True)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_dense(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("dense"))
 
 
 @pytest.fixture(scope="module")

@@ -109,10 +109,6 @@ def test_the_backend_runs_the_kernel_and_other_cases_the_reference(monkeypatch):
             calls.append(a[-1])
             return real(*a)
 
-        @property
-        def default(self):  # small_ops calls the op's overload
-            return self
-
     monkeypatch.setattr(torch.ops.exllamav2_cpu, "gated_activation", Spy())
     ops.gated_activation(gate, up, "silu")
     assert calls == [0]

@@ -10,7 +10,7 @@ import torch
 from exllamav2 import ExLlamaV2Cache, eager_decode, ops
 from exllamav2.cache_q import ExLlamaV2Cache_Q4
 from exllamav2.module import Intervention
-from test_backends import _load
+from test_backends import _load, write_tiny_llama
 from test_gguf_support import write_tiny_gguf
 
 
@@ -23,17 +23,8 @@ def _auto_backend():
 
 @pytest.fixture(scope="module")
 def tiny_dense(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=200, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256, attention_bias=True)
-    m = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0.0, 0.06) if p.dim() > 1 else p.normal_(1.0, 0.05)
-    path = tmp_path_factory.mktemp("dense")
-    m.save_pretrained(str(path), safe_serialization=True)
-    return str(path)
+    return write_tiny_llama(tmp_path_factory.mktemp("dense"), vocab_size=200, intermediate_size=192,
+                            num_key_value_heads=1)
 
 
 class _Counter:

@@ -36,7 +36,6 @@ def _parse(name: str | None, source: str) -> str | None:
     return name
 
 
-_is_compiling = torch.compiler.is_compiling
 _pinned: str | None = _parse(os.environ.get(ENV_VAR), ENV_VAR)
 _generation = 0  # bumped whenever the choice changes; prepared kernels compare it to know they are stale
 
@@ -150,7 +149,7 @@ class Op:
 
     def implementation(self, *args, **kwargs) -> Impl:
         """What a call with these arguments runs (the choice cached per `key_fn` outside compiled code)."""
-        if _is_compiling():
+        if torch.compiler.is_compiling():
             return self.choose(*args, **kwargs)
         key = self.key_fn(*args, **kwargs)
         impl = self.cache.get(key)
@@ -159,11 +158,6 @@ class Op:
         return impl
 
     def __call__(self, *args, **kwargs):
-        # the cached choice inline (implementation() spelled out): this runs for every op of an eager step
-        if not _is_compiling():
-            impl = self.cache.get(self.key_fn(*args, **kwargs))
-            if impl is not None:
-                return impl.fn(*args, **kwargs)
         return self.implementation(*args, **kwargs).fn(*args, **kwargs)
 
 

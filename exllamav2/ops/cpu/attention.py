@@ -44,7 +44,7 @@ def takes(q, k, v, mask, softcap) -> bool:
     return (q.dtype in _FLOATS and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256
             and k.dtype == q.dtype and v.dtype == q.dtype
             and (mask is None or (mask.dtype == torch.bool and kernel_mask(mask, q, k) is not None))
-            and not (torch.is_grad_enabled() and needs_grad(q, k, v)) and _kernels_ready())
+            and not needs_grad(q, k, v) and _kernels_ready())
 
 
 def attention(q, k, v, mask, scale: float, softcap: float = 0.0, is_causal: bool = False) -> torch.Tensor:
@@ -61,8 +61,8 @@ def kernel(q, k, v, mask, scale: float, softcap: float, is_causal: bool) -> torc
         if km is None:
             return _ref.attention(q, k, v, mask, scale, softcap, is_causal)
         mask = km
-    return torch.ops.exllamav2_cpu.decode_attention.default(q, k, v, mask, float(scale), float(softcap or 0.0),
-                                                            bool(is_causal))
+    return torch.ops.exllamav2_cpu.decode_attention(q, k, v, mask, float(scale), float(softcap or 0.0),
+                                                    bool(is_causal))
 
 
 def takes_paged_decode(q, kflat, vflat, block_index, kv_lens) -> bool:

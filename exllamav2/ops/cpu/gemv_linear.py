@@ -49,7 +49,7 @@ class GgufGemvKernel:
         self.op = torch.ops.exllamav2_cpu.gguf_gemv.default  # kernels.gguf_gemv's op, without its Python frame
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad and self.quant is not None:
+        if needs_grad(x) and self.quant is not None:
             return F.linear(x, self.quant.dense(x.dtype), self.bias)
         stages = dispatch.cpu_activation_stages()
         if self.single is not None:  # one run: the op called directly (this is every decode step's linear)

@@ -24,14 +24,11 @@ def _kernels_ready() -> bool:
     return _ready[0]
 
 
-_is_compiling = torch.compiler.is_compiling
-
-
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
-    if (_is_compiling() or x.dtype not in _FLOATS or w.dtype not in _FLOATS or w.dim() != 1
-            or out_dtype not in _FLOATS or (torch.is_grad_enabled() and needs_grad(x, w)) or not _kernels_ready()):
+    if (torch.compiler.is_compiling() or x.dtype not in _FLOATS or w.dtype not in _FLOATS or w.dim() != 1
+            or out_dtype not in _FLOATS or needs_grad(x, w) or not _kernels_ready()):
         return _norm.rms_norm(x, w, eps, out_dtype)
-    return torch.ops.exllamav2_cpu.rms_norm.default(x, w, eps, out_dtype)
+    return torch.ops.exllamav2_cpu.rms_norm(x, w, eps, out_dtype)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -49,14 +46,13 @@ def rope_kv_write(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: tor
     the same per-head arithmetic as `rope`). Returns q contiguous where the reference returns a view of the same
     values."""
     t = qk.dtype
-    if (_is_compiling() or t not in _FLOATS or cos.dtype != t or sin.dtype != t or v.dtype != t
+    if (torch.compiler.is_compiling() or t not in _FLOATS or cos.dtype != t or sin.dtype != t or v.dtype != t
             or k_cache.dtype != t or v_cache.dtype != t or qk.dim() != 4 or cos.dim() != 4 or qk.stride(-1) != 1
             or v.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1 or k_cache.stride(-1) != 1
-            or v_cache.stride(-1) != 1 or index.dtype != torch.int64
-            or (torch.is_grad_enabled() and needs_grad(qk, v, cos, sin)) or not _kernels_ready()):
+            or v_cache.stride(-1) != 1 or index.dtype != torch.int64 or needs_grad(qk, v, cos, sin)
+            or not _kernels_ready()):
         return _rope_kv.rope_kv_write(qk, v, cos, sin, interleaved, k_cache, v_cache, index, q_heads)
-    return torch.ops.exllamav2_cpu.rope_kv_write.default(qk, v, cos, sin, interleaved, k_cache, v_cache, index,
-                                                         q_heads)
+    return torch.ops.exllamav2_cpu.rope_kv_write(qk, v, cos, sin, interleaved, k_cache, v_cache, index, q_heads)
 
 
 
@@ -68,8 +64,7 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Te
     fp32, see csrc/small_ops.cpp); other activations, or no AVX-512, run the reference. Few checks here: this runs
     once per MLP per step, and the op checks its arguments itself."""
     code = _GATED.get(act)
-    if (code is None or gate.dtype not in _FLOATS or _is_compiling() or not kernels.active_avx512()
-            or gate.shape != up.shape or gate.stride(-1) != 1 or up.stride(-1) != 1
-            or (torch.is_grad_enabled() and needs_grad(gate, up))):
+    if (code is None or gate.dtype not in _FLOATS or torch.compiler.is_compiling() or not kernels.active_avx512()
+            or gate.shape != up.shape or gate.stride(-1) != 1 or up.stride(-1) != 1 or needs_grad(gate, up)):
         return _act.gated_activation(gate, up, act)
-    return torch.ops.exllamav2_cpu.gated_activation.default(gate, up, code)
+    return torch.ops.exllamav2_cpu.gated_activation(gate, up, code)

@@ -21,6 +21,23 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t kind, int64_
     return exl2_ops::gguf_gemv(x, w, kind, n, bias, super_scales, act_stages);
 }
 
+// the k/v heads in a fused q|k|v projection `qkv_n` wide (q_heads query heads and equal k and v heads of d)
+int64_t kv_heads_of(const char* op, int64_t qkv_n, int64_t q_heads, int64_t d) {
+    TORCH_CHECK(d > 0 && qkv_n % d == 0 && qkv_n / d > q_heads && (qkv_n / d - q_heads) % 2 == 0, op,
+                ": q/k/v width ", qkv_n, " does not hold ", q_heads, " query heads and equal k/v heads of ", d);
+    return (qkv_n / d - q_heads) / 2;
+}
+
+// x (..., hidden): the block's input norm, cast to the linears' dtype where it differs, through the block's first
+// linear -> (rows, n)
+at::Tensor norm_linear(const at::Tensor& x, const at::Tensor& norm_w, double eps, at::ScalarType lin_dtype,
+                       const at::Tensor& w, int64_t kind, int64_t n, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& super_scales, int64_t act_stages) {
+    at::Tensor xn = exl2_ops::rms_norm(x, norm_w, eps, x.scalar_type());
+    if (xn.scalar_type() != lin_dtype) xn = xn.to(lin_dtype);
+    return linear(xn.reshape({-1, x.size(-1)}), w, kind, n, bias, super_scales, act_stages);
+}
+
 // the block's output added to the residual stream x as ExLlamaV2Module.add_residual does, after the optional
 // post-norm (exllamav2/module.py)
 at::Tensor residual(const at::Tensor& x, at::Tensor y, const std::optional<at::Tensor>& post_w, double post_eps,
@@ -40,14 +57,10 @@ at::Tensor attn_decode_block(const at::Tensor& x, const at::Tensor& norm_w, doub
                              at::Tensor& v_cache, const at::Tensor& index, int64_t q_heads, int64_t head_dim,
                              int64_t kv_len, double scale, double softcap, int64_t act_stages) {
     TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "attn_decode_block: x must be (rows, 1, hidden), got ", x.sizes());
-    const int64_t b = x.size(0), hidden = x.size(2), d = head_dim;
-    TORCH_CHECK(d > 0 && qkv_n % d == 0 && qkv_n / d > q_heads && (qkv_n / d - q_heads) % 2 == 0,
-                "attn_decode_block: q/k/v width ", qkv_n, " does not hold ", q_heads, " query heads and equal k/v "
-                "heads of ", d);
-    const int64_t kv_heads = (qkv_n / d - q_heads) / 2;
-    const at::Tensor xn = exl2_ops::rms_norm(x, norm_w, eps, x.scalar_type());
-    const at::Tensor y = linear(xn.view({b, hidden}), qkv_w, qkv_kind, qkv_n, qkv_bias, qkv_super, act_stages)
-                             .view({b, 1, qkv_n});
+    const int64_t b = x.size(0), d = head_dim;
+    const int64_t kv_heads = kv_heads_of("attn_decode_block", qkv_n, q_heads, d);
+    const at::Tensor y = norm_linear(x, norm_w, eps, x.scalar_type(), qkv_w, qkv_kind, qkv_n, qkv_bias, qkv_super,
+                                     act_stages).view({b, 1, qkv_n});
     const at::Tensor qk = y.narrow(2, 0, (q_heads + kv_heads) * d).view({b, 1, q_heads + kv_heads, d});
     const at::Tensor v = y.narrow(2, (q_heads + kv_heads) * d, kv_heads * d).view({b, 1, kv_heads, d});
     const at::Tensor q = exl2_ops::rope_kv_write(qk, v, cos, sin, interleaved, k_cache, v_cache, index, q_heads);
@@ -56,7 +69,7 @@ at::Tensor attn_decode_block(const at::Tensor& x, const at::Tensor& norm_w, doub
                                                     std::nullopt, scale, softcap, false);
     const at::Tensor o = linear(a.transpose(1, 2).reshape({b, q_heads * d}), o_w, o_kind, o_n, o_bias, o_super,
                                 act_stages);
-    return x + o.view({b, 1, o_n});
+    return residual(x, o.view({b, 1, o_n}), std::nullopt, 0.0, false);
 }
 
 // Attention with per-head q/k norms (Qwen3, Gemma 3): the modules' other order (attn.py: project_qkv, then each of
@@ -76,15 +89,10 @@ at::Tensor attn_normed_decode_block(const at::Tensor& x, const at::Tensor& norm_
                                     int64_t act_stages) {
     TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "attn_normed_decode_block: x must be (rows, 1, hidden), got ",
                 x.sizes());
-    const int64_t b = x.size(0), hidden = x.size(2), d = head_dim;
-    TORCH_CHECK(d > 0 && qkv_n % d == 0 && qkv_n / d > q_heads && (qkv_n / d - q_heads) % 2 == 0,
-                "attn_normed_decode_block: q/k/v width ", qkv_n, " does not hold ", q_heads, " query heads and equal "
-                "k/v heads of ", d);
-    const int64_t kv_heads = (qkv_n / d - q_heads) / 2;
-    at::Tensor xn = exl2_ops::rms_norm(x, norm_w, eps, x.scalar_type());
-    if (xn.scalar_type() != lin_dtype) xn = xn.to(lin_dtype);
-    const at::Tensor y = linear(xn.view({b, hidden}), qkv_w, qkv_kind, qkv_n, qkv_bias, qkv_super, act_stages)
-                             .view({b, 1, qkv_n});
+    const int64_t b = x.size(0), d = head_dim;
+    const int64_t kv_heads = kv_heads_of("attn_normed_decode_block", qkv_n, q_heads, d);
+    const at::Tensor y = norm_linear(x, norm_w, eps, lin_dtype, qkv_w, qkv_kind, qkv_n, qkv_bias, qkv_super,
+                                     act_stages).view({b, 1, qkv_n});
     at::Tensor q = y.narrow(2, 0, q_heads * d).reshape({b, 1, q_heads, d});
     at::Tensor k = y.narrow(2, q_heads * d, kv_heads * d).reshape({b, 1, kv_heads, d});
     const at::Tensor v = y.narrow(2, (q_heads + kv_heads) * d, kv_heads * d).reshape({b, 1, kv_heads, d});
@@ -117,21 +125,17 @@ at::Tensor paged_attn_decode_block(const at::Tensor& x, const at::Tensor& norm_w
                 x.sizes());
     TORCH_CHECK(k_pages.dim() == 4 && k_pages.size(0) == 1 && v_pages.dim() == 4 && v_pages.size(0) == 1,
                 "paged_attn_decode_block: the caches must be (1, slots, kv heads, head dim)");
-    const int64_t t = x.size(1), hidden = x.size(2), d = head_dim;
-    TORCH_CHECK(d > 0 && qkv_n % d == 0 && qkv_n / d > q_heads && (qkv_n / d - q_heads) % 2 == 0,
-                "paged_attn_decode_block: q/k/v width ", qkv_n, " does not hold ", q_heads, " query heads and equal "
-                "k/v heads of ", d);
-    const int64_t kv_heads = (qkv_n / d - q_heads) / 2;
-    const at::Tensor xn = exl2_ops::rms_norm(x, norm_w, eps, x.scalar_type());
-    const at::Tensor y = linear(xn.view({t, hidden}), qkv_w, qkv_kind, qkv_n, qkv_bias, qkv_super, act_stages)
-                             .view({1, t, qkv_n});
+    const int64_t t = x.size(1), d = head_dim;
+    const int64_t kv_heads = kv_heads_of("paged_attn_decode_block", qkv_n, q_heads, d);
+    const at::Tensor y = norm_linear(x, norm_w, eps, x.scalar_type(), qkv_w, qkv_kind, qkv_n, qkv_bias, qkv_super,
+                                     act_stages).view({1, t, qkv_n});
     const at::Tensor qk = y.narrow(2, 0, (q_heads + kv_heads) * d).view({1, t, q_heads + kv_heads, d});
     const at::Tensor v = y.narrow(2, (q_heads + kv_heads) * d, kv_heads * d).view({1, t, kv_heads, d});
     const at::Tensor q = exl2_ops::rope_kv_write(qk, v, cos, sin, interleaved, k_pages, v_pages, slots, q_heads);
     const at::Tensor a = exl2_ops::paged_decode_attention(q[0], k_pages[0], v_pages[0], block_index, kv_lens,
                                                           page_size, sliding_window, scale, softcap);
     const at::Tensor o = linear(a.reshape({t, q_heads * d}), o_w, o_kind, o_n, o_bias, o_super, act_stages);
-    return x + o.view({1, t, o_n});
+    return residual(x, o.view({1, t, o_n}), std::nullopt, 0.0, false);
 }
 
 // x (b, s, hidden) -> x + down(act(gate) * up) of the fused gate|up projection (gate first, `interm` wide each),
@@ -147,10 +151,8 @@ at::Tensor mlp_decode_block(const at::Tensor& x, const at::Tensor& norm_w, doubl
                             const std::optional<at::Tensor>& post_w, double post_eps, bool residual_fp32) {
     TORCH_CHECK(x.dim() == 3, "mlp_decode_block: x must be (batch, positions, hidden), got ", x.sizes());
     TORCH_CHECK(gu_n % 2 == 0, "mlp_decode_block: the gate|up width must be even, got ", gu_n);
-    const int64_t b = x.size(0), s = x.size(1), hidden = x.size(2), interm = gu_n / 2;
-    at::Tensor xn = exl2_ops::rms_norm(x, norm_w, eps, x.scalar_type());
-    if (xn.scalar_type() != lin_dtype) xn = xn.to(lin_dtype);
-    const at::Tensor y = linear(xn.reshape({b * s, hidden}), gu_w, gu_kind, gu_n, gu_bias, gu_super, act_stages);
+    const int64_t b = x.size(0), s = x.size(1), interm = gu_n / 2;
+    const at::Tensor y = norm_linear(x, norm_w, eps, lin_dtype, gu_w, gu_kind, gu_n, gu_bias, gu_super, act_stages);
     const at::Tensor a = exl2_ops::gated_activation(y.narrow(1, 0, interm), y.narrow(1, interm, interm), act);
     return residual(x, linear(a, down_w, down_kind, down_n, down_bias, down_super, act_stages).view({b, s, down_n}),
                     post_w, post_eps, residual_fp32);
