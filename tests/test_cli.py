@@ -72,6 +72,34 @@ def test_info_describes_default_model():
     # the shipped file's Q8_0 token embedding stays in its blocks, and the format line lists the lattice types
     assert re.search(r"model\.embed_tokens .* GGUF Q8_0, rows dequantized on lookup", r.stdout), r.stdout
     assert "IQ2_XXS" in r.stdout.split("Format:")[1].splitlines()[0]
+    assert re.search(r"CPU matmuls:\s+int16 activations", r.stdout), r.stdout
+    r = cli("info", "--quiet", "--no-modules", "--cpu-activations", "int8")
+    assert r.returncode == 0 and re.search(r"CPU matmuls:\s+int8 activations", r.stdout), r.stdout + r.stderr
+
+
+def test_cpu_activations_option_sets_the_kernels_precision():
+    import argparse
+
+    from exllamav2 import ops
+    from exllamav2.commands import add_model_args, apply_kernel_args
+    from exllamav2.commands.serve import add_parser as add_serve_parser
+
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    serve = add_serve_parser(argparse.ArgumentParser().add_subparsers())
+    before = ops.cpu_activations()
+    try:
+        for parser in (p, serve):
+            apply_kernel_args(parser.parse_args(["--cpu-activations", "int8"]))
+            assert ops.cpu_activations() == "int8"
+            apply_kernel_args(parser.parse_args([]))  # not given: the process's choice stands
+            assert ops.cpu_activations() == "int8"
+            apply_kernel_args(parser.parse_args(["--cpu-activations", "int16"]))
+            assert ops.cpu_activations() == "int16"
+    finally:
+        ops.set_cpu_activations(before)
+    r = cli("generate", "--cpu-activations", "int4")
+    assert r.returncode != 0 and "--cpu-activations" in r.stderr and "int4" in r.stderr
 
 
 @pytest.mark.slow

@@ -97,6 +97,11 @@ def run(args) -> int:
     print(f"Format:        {fmt}")
     if gguf_path:
         print(f"GGUF tensors:  {gguf_tensor_types(gguf_path)}")
+    if model.is_quant() and any(m.device() == "cpu" for m in model.modules[1:]):
+        from .. import ops
+        mode = ops.cpu_activations()
+        print(f"CPU matmuls:   {mode} activations" + (" (two int8 stages; --cpu-activations int8 for llama.cpp's "
+                                                      "one stage)" if mode == "int16" else " (one int8 stage)"))
     rotation = config.residual_rotation
     if rotation:
         print(f"Rotation:      residual stream rotated at conversion ({rotation.get('method', '?')}, matrix in "

@@ -8,6 +8,8 @@ import importlib
 import os
 import sys
 
+from . import add_cpu_activations_arg, apply_kernel_args
+
 NAME = "serve"
 EXTRAS = ("fastapi", "uvicorn")  # the `server` extra; prometheus_client is optional (/metrics answers 501 without)
 
@@ -60,6 +62,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "it, requests may only send vectors inline")
     p.add_argument("--backend", default=None, choices=["auto", "torch", "cpu", "triton"],
                    help="pin one kernel backend (default: each op takes the first that accepts it)")
+    add_cpu_activations_arg(p)
     p.add_argument("--deterministic", action="store_true",
                    help="batch-invariant kernels: a request's tokens do not depend on what else runs beside it, in "
                         "any dtype (default GGUF weights are invariant anyway; dense bf16 then costs some prefill "
@@ -116,9 +119,7 @@ def run(args) -> int:
     if args.replicas is not None:
         from ..server.cluster import run as run_replicated
         return run_replicated(args)
-    if args.backend:
-        from .. import ops
-        ops.set_backend(args.backend)
+    apply_kernel_args(args)
     if args.deterministic:
         from .. import ops
         ops.set_batch_invariant(True)

@@ -59,7 +59,8 @@ def replica_resources(replicas: int, cluster: dict, nodes: list[dict]) -> Replic
 
 def build_app(engine_kwargs: dict, replicas: int, resources: ReplicaResources, *, api_key: str | None = None,
               max_batch_size: int = 16, max_queue: int = 64, max_request_bytes: int = 8 * 1024 * 1024,
-              routing: str = "prefix", backend: str | None = None, retries: int = 2):
+              routing: str = "prefix", backend: str | None = None, retries: int = 2,
+              cpu_activations: str | None = None):
     """The Ray Serve application (bind it with serve.run). `routing`: "prefix" (ray_router.PrefixAffinityRouter)
     or "default" (Ray Serve's power-of-two-choices, for comparison)."""
     import ray
@@ -80,6 +81,9 @@ def build_app(engine_kwargs: dict, replicas: int, resources: ReplicaResources, *
     engine_kwargs = {**engine_kwargs, "max_batch_size": max_batch_size, "max_queue": max_ongoing,
                      "max_request_bytes": max_request_bytes}
     env = {"OMP_NUM_THREADS": str(resources.torch_threads)}
+    if cpu_activations:
+        from ..ops.dispatch import CPU_ACTIVATIONS_ENV
+        env[CPU_ACTIVATIONS_ENV] = cpu_activations  # read when a replica's process imports the ops
     router = {}
     if routing == "prefix":
         from .ray_router import PrefixAffinityRouter
@@ -127,7 +131,8 @@ def start(args, log=print):
     app, board = build_app(engine_kwargs, args.replicas, resources, api_key=args.api_key,
                        max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                        max_request_bytes=args.max_request_bytes, backend=args.backend,
-                       routing=getattr(args, "routing", "prefix"))
+                       routing=getattr(args, "routing", "prefix"),
+                       cpu_activations=getattr(args, "cpu_activations", None))
     log(f"starting {args.replicas} replica(s), each on {resources.device}, {getattr(args, 'routing', 'prefix')} "
         f"routing; each loads the model ...")
     try:
