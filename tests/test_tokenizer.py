@@ -235,3 +235,15 @@ def test_lookups_wait_for_another_threads_encode(ours):
             ours.tokenizer.encode_special_tokens = False
     t.join()
     assert seen == [want]
+
+
+def test_llama3_style_vocabularies_take_whole_words_before_merges():
+    # "abc" is in the vocabulary but no merge reaches it ("a" + "bc" is not a merge): Llama 3's tokenizer (and
+    # llama.cpp for its pre-tokenizer names) takes the whole word; GPT-2's rule merges pair by pair
+    meta = {"general.architecture": "llama", "tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.tokens": ["a", "b", "c", "Ġ", "bc", "abc"], "tokenizer.ggml.merges": ["b c"],
+            "tokenizer.ggml.add_bos_token": False}
+    for pre, expected in (("llama-bpe", [5]), ("tekken", [5]), ("gpt2", [0, 4]), ("qwen2", [0, 4])):
+        info = tokenizer_from_gguf("vocab.gguf", metadata={**meta, "tokenizer.ggml.pre": pre})
+        assert info.tokenizer.encode("abc", add_special_tokens=False).ids == expected, pre
+        assert info.tokenizer.encode("bc", add_special_tokens=False).ids == [4], pre

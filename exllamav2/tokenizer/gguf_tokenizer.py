@@ -63,6 +63,12 @@ PRE_TOKENIZER_SPLITS: dict[str, str] = {
     **dict.fromkeys(["gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"], _GPT4O_SPLIT),
 }
 
+# pre-tokenizers whose words found whole in the vocabulary are taken whole before any merge (tiktoken's rule, the
+# original tokenizers' `ignore_merges`): the names llama.cpp's llama-vocab.cpp sets ignore_merges for. HF's GGUF
+# conversion leaves it off, which splits some words the original keeps whole (Llama 3: "Cửa Việt").
+IGNORE_MERGES_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                     "jina-v5-nano", "minicpm5", "youtu", "glm4", "glm5", "tekken", "granite-embed-multi-97m"}
+
 GEMMA_ARCHITECTURES = {"gemma", "gemma2", "gemma3", "gemma3n"}
 
 
@@ -135,7 +141,8 @@ def _byte_level_tokenizer(meta: dict[str, Any], path: str) -> Tokenizer:
         raise ValueError(f"{path}: byte-level GGUF vocabulary has no 'tokenizer.ggml.merges'")
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                        end_of_word_suffix="", fuse_unk=False))
+                        end_of_word_suffix="", fuse_unk=False,
+                        ignore_merges=meta.get("tokenizer.ggml.pre") in IGNORE_MERGES_PRE))
     split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
     if split is None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
