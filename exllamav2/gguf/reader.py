@@ -97,6 +97,9 @@ class GGUFFile:
             values = dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
             raise GGUFError(f"{self.path}: tensor '{t.name}': cannot dequantise {t.tensor_type.name} ({e})") from e
+        except ValueError as e:  # gguf-py on a malformed tensor (a zero dimension, say): name the file and tensor
+            raise GGUFError(f"{self.path}: tensor '{t.name}' ({t.tensor_type.name}, shape {list(self.shape(key))}) "
+                            f"cannot be read: {e}") from e
         values = values.reshape(self.shape(key))
         values = self._to_hf_rows(key, values)
         if not values.flags.writeable:
@@ -119,10 +122,13 @@ class GGUFFile:
     def _to_hf_rows(self, key: str, rows: np.ndarray) -> np.ndarray:
         if not self._spec.permuted_qk:
             return rows
-        if ".self_attn.q_proj." in key:
-            return unpermute_rotary_rows(rows, self._config["num_attention_heads"])
-        if ".self_attn.k_proj." in key:
-            return unpermute_rotary_rows(rows, self._config["num_key_value_heads"])
+        for part, heads_key in ((".self_attn.q_proj.", "num_attention_heads"), (".self_attn.k_proj.", "num_key_value_heads")):
+            if part in key:
+                try:
+                    return unpermute_rotary_rows(rows, self._config[heads_key])
+                except ValueError as e:  # rows that do not split into the metadata's heads
+                    raise GGUFError(f"{self.path}: tensor '{self._tensor(key).name}': {e} ({heads_key} "
+                                    f"{self._config[heads_key]} from the metadata)") from e
         return rows
 
     def _tensor(self, key: str) -> GGUFTensor | ExpertView:
