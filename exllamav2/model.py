@@ -11,7 +11,7 @@ from .attn_params import Params
 from .embedding import ExLlamaV2Embedding
 from .linear import ExLlamaV2Linear
 from .mlp import ExLlamaV2MLP
-from .module import interventions_alive
+from .module import TensorShapeError, interventions_alive
 from .norms import make_norm
 from .rope import RotaryEmbedding
 from .runtime.stack_chunk import fresh_stack_chunk
@@ -130,7 +130,10 @@ class ExLlamaV2:
             from tqdm import tqdm
             bar = tqdm(total=len(mods), desc="Loading model", unit="module", leave=False)
         for i, m in enumerate(mods):
-            m.load()
+            try:
+                m.load()
+            except TensorShapeError as e:
+                raise TensorShapeError(self._shape_error_source(str(e))) from None
             if bar is not None:
                 bar.update(1)
             if callback is not None:
@@ -143,6 +146,19 @@ class ExLlamaV2:
         from .util import release_freed_memory
         release_freed_memory()
         self.loaded = True
+
+    def _shape_error_source(self, message: str) -> str:
+        """A module's shape error ("KEY: shape ..., expected ...") with the file that holds KEY, and the GGUF
+        tensor's own name, in front."""
+        key = message.split(":", 1)[0]
+        for k in (key, key.rsplit(".", 1)[0] + ".weight"):
+            src = self.config.tensor_file_map.get(k)
+            if src is not None:
+                where = getattr(src, "path", str(src))
+                if hasattr(src, "gguf_name") and k == key:
+                    where += f" (tensor '{src.gguf_name(key)}')"
+                return f"{where}: {message}"
+        return f"{self.config.model_dir}: {message}"
 
     def load_autosplit(self, cache=None, reserve_vram=None, last_id_only=False, callback=None, callback_gen=None,
                        progress: bool = False):

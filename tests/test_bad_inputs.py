@@ -116,7 +116,8 @@ def test_wrong_shape(model_dir):
     def shrink(t):
         t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:8].contiguous()
     _rewrite_tensors(model_dir, shrink)
-    with pytest.raises(TensorShapeError, match=r"k_proj\.weight: shape \[8, 32\], expected \[16, 32\]"):
+    with pytest.raises(TensorShapeError, match=r"model\.safetensors: model\.layers\.0\.self_attn\.k_proj\.weight: "
+                                               r"shape \[8, 32\], expected \[16, 32\]"):
         load(model_dir)
 
 

@@ -84,23 +84,25 @@ def test_kernel_audit_catches_a_wrong_kernel(tmp_path):
     assert any(p.startswith("kernel float16 Q4_0") for p in case.problems), case.problems
 
 
-def test_zero_width_tensor_names_file_and_tensor(tmp_path):
-    """A quantized tensor with a zero dimension used to fail inside gguf-py ("cannot reshape array of size 0")
-    with no file or tensor named."""
+def _rewrite_gguf(src: str, dst: str, meta: dict | None = None, tensor=None) -> str:
+    """A copy of the GGUF file `src` with metadata values replaced (`meta`: key -> value) and each tensor's data
+    passed through `tensor(name, data)`."""
     import gguf
-    hf = fz.random_model("llama", 3)
-    path = fz.write_f16_gguf(hf, "llama", str(tmp_path / "zero.gguf"), qtype="Q8_0")
-    r = gguf.GGUFReader(path)
-    w = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "llama")
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, "llama")
     for k, f in r.fields.items():
         if k.startswith("GGUF.") or k == "general.architecture":
             continue
         vt = f.types[0]
-        w.add_key_value(k, f.contents(), vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+        value = (meta or {}).get(k, f.contents())
+        w.add_key_value(k, value, vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+    for k, value in (meta or {}).items():  # keys the file lacks (integers)
+        if k not in r.fields:
+            w.add_uint32(k, value)
     for t in r.tensors:
         data = np.asarray(t.data)
-        if t.name == "blk.0.attn_output.weight":
-            data = data[:, :0]
+        if tensor is not None:
+            data = tensor(t.name, data)
         if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             w.add_tensor(t.name, data)
         else:
@@ -109,7 +111,17 @@ def test_zero_width_tensor_names_file_and_tensor(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    src = GGUFFile(str(tmp_path / "bad.gguf"))
+    return dst
+
+
+def test_zero_width_tensor_names_file_and_tensor(tmp_path):
+    """A quantized tensor with a zero dimension used to fail inside gguf-py ("cannot reshape array of size 0")
+    with no file or tensor named."""
+    hf = fz.random_model("llama", 3)
+    path = fz.write_f16_gguf(hf, "llama", str(tmp_path / "zero.gguf"), qtype="Q8_0")
+    bad = _rewrite_gguf(path, str(tmp_path / "bad.gguf"),
+                        tensor=lambda name, data: data[:, :0] if name == "blk.0.attn_output.weight" else data)
+    src = GGUFFile(bad)
     with pytest.raises(GGUFError, match=r"bad\.gguf: tensor 'blk\.0\.attn_output\.weight'"):
         src.get_tensor("model.layers.0.self_attn.o_proj.weight")
 
@@ -120,27 +132,36 @@ def test_head_count_not_matching_q_rows_names_file_and_tensor(tmp_path):
     from test_gguf_support import write_tiny_gguf
     path = write_tiny_gguf(str(tmp_path / "heads.gguf"), heads=4, kv_heads=2, head_dim=16, hidden=64)
     # attn_q holds 4 * 16 = 64 rows; make the metadata say 5 heads, which 64 rows do not split into
-    import gguf
-    r = gguf.GGUFReader(path)
-    w = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "llama")
-    for k, f in r.fields.items():
-        if k.startswith("GGUF.") or k == "general.architecture":
-            continue
-        vt = f.types[0]
-        value = 5 if k == "llama.attention.head_count" else f.contents()
-        w.add_key_value(k, value, vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
-    for t in r.tensors:
-        if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            w.add_tensor(t.name, np.asarray(t.data))
-        else:
-            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    src = GGUFFile(str(tmp_path / "bad.gguf"))
+    bad = _rewrite_gguf(path, str(tmp_path / "bad.gguf"), meta={"llama.attention.head_count": 5})
+    src = GGUFFile(bad)
     with pytest.raises(GGUFError, match=r"bad\.gguf: tensor 'blk\.0\.attn_q\.weight'.*num_attention_heads 5"):
         src.get_tensor("model.layers.0.self_attn.q_proj.weight")
+
+
+def test_metadata_disagreeing_with_a_tensor_names_file_and_tensor(tmp_path):
+    """feed_forward_length says one width, ffn_gate holds another: the shape error names the file and the GGUF
+    tensor, not only the HF key."""
+    from exllamav2 import ExLlamaV2, ExLlamaV2Config
+    from exllamav2.module import TensorShapeError
+    from test_gguf_support import write_tiny_gguf
+    path = write_tiny_gguf(str(tmp_path / "ffn.gguf"), heads=4, kv_heads=2, head_dim=16, hidden=64)
+    width = int(GGUFFile(path).shape("model.layers.0.mlp.gate_proj.weight")[0])
+    bad = _rewrite_gguf(path, str(tmp_path / "bad.gguf"), meta={"llama.feed_forward_length": width + 32})
+    with pytest.raises(TensorShapeError, match=r"bad\.gguf \(tensor 'blk\.0\.ffn_(gate|up)\.weight'\): "
+                                               r"model\.layers\.0\.mlp\.(gate|up)_proj\.weight: shape"):
+        ExLlamaV2(ExLlamaV2Config(bad)).load()
+
+
+def test_partial_rotary_llama_file_is_refused(tmp_path):
+    """llama.cpp refuses a "llama" file whose rope.dimension_count is not the head width ("invalid n_rot"); loading
+    it as full rotary would be a silent wrong answer."""
+    from exllamav2 import ExLlamaV2Config
+    from test_gguf_support import write_tiny_gguf
+    path = write_tiny_gguf(str(tmp_path / "rot.gguf"), heads=4, kv_heads=2, head_dim=16, hidden=64)
+    bad = _rewrite_gguf(path, str(tmp_path / "bad.gguf"), meta={"llama.rope.dimension_count": 8,
+                                                                          "llama.attention.key_length": 16})
+    with pytest.raises(GGUFError, match=r"bad\.gguf: llama\.rope\.dimension_count 8"):
+        ExLlamaV2Config(bad)
 
 
 # ------------------------------------------------------------------------------------------------ llama.cpp

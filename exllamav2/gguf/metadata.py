@@ -115,6 +115,11 @@ def build_hf_config(path: str, fields: dict[str, GGUFField], tensor_names: set[s
     if head_dim is None and spec.head_dim_from_rope:
         head_dim = f.get(f"{arch}.rope.dimension_count")
     head_dim = int(head_dim) if head_dim is not None else hidden_size // num_heads
+    rotary = f.get(f"{arch}.rope.dimension_count")
+    if rotary is not None and int(rotary) != head_dim:
+        # every family read from GGUF here rotates whole heads; llama.cpp refuses these files too ("invalid n_rot")
+        raise GGUFError(f"{path}: {arch}.rope.dimension_count {int(rotary)} is not the head width {head_dim}: "
+                        f"partial rotary embeddings are not supported in '{arch}' GGUF files")
 
     vocab_size = f.get(f"{arch}.vocab_size")
     if vocab_size is None and "tokenizer.ggml.tokens" in fields:
