@@ -242,7 +242,8 @@ class ExLlamaV2Config:
         self.query_pre_attn_scalar = g(cfg, "query_pre_attn_scalar", kind=float)
         # a family may list no keys for a field its HF model ignores (Gemma 3 never applies attention softcap)
         self.attn_logit_softcapping = g(cfg, *al.get("attn_logit_softcapping", ["attn_logit_softcapping"]), kind=float)
-        self.final_logit_softcapping = g(cfg, "final_logit_softcapping", kind=float)
+        # (and Gemma3ForConditionalGeneration never applies the text config's final softcap)
+        self.final_logit_softcapping = g(cfg, *al.get("final_logit_softcapping", ["final_logit_softcapping"]), kind=float)
         self.use_qk_norm = bool(g(cfg, "use_qk_norm", default=lm.use_qk_norm))
 
         # MoE

@@ -109,6 +109,26 @@ class PagedParams(Params):
     def get_positions(self, device) -> tuple[torch.Tensor, int]:
         return self.positions.to(device), self.max_position
 
+    def get_rope(self, rope, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """As Params.get_rope, but length-dependent RoPE (longrope, dynamic NTK: `rope.dynamic`) takes each
+        sequence's frequencies from that sequence's own length, as a forward of the sequence alone would: never
+        from the longest sequence packed beside it (a short job would otherwise switch to longrope's long factors
+        whenever a long job shares its step)."""
+        if not getattr(rope, "dynamic", False) or self.num_sequences == 1:
+            return super().get_rope(rope, device, dtype)
+        key = ("rope", id(rope), str(device), dtype)
+        hit = self._cache.get(key)
+        if hit is None:
+            pos = self.positions[0].to(device)
+            cos, sin, start = [], [], 0
+            for p, q in zip(self.past_lens, self.q_lens):
+                c, s = rope.tables(p + q, device, dtype)
+                cos.append(c[pos[start:start + q]])
+                sin.append(s[pos[start:start + q]])
+                start += q
+            hit = self._cache[key] = (torch.cat(cos).unsqueeze(0).unsqueeze(2), torch.cat(sin).unsqueeze(0).unsqueeze(2))
+        return hit
+
     def get_attn_mask(self, device, sliding_window: int = 0):
         raise RuntimeError("PagedParams: masks are per group; use paged_attention()")
 

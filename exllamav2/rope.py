@@ -137,7 +137,9 @@ class RotaryEmbedding:
                 key_len = orig + 1 if total_len > orig else 0
             key = (key_len, str(device), dtype)
             if key not in self._tables:
-                self._tables = {k: v for k, v in self._tables.items() if k[0] == key_len}
+                # keep a few lengths: the sequences of one packed paged step each pick their own (paged_attn.py)
+                keep = list(dict.fromkeys(k[0] for k in self._tables))[-3:]
+                self._tables = {k: v for k, v in self._tables.items() if k[0] in keep}
                 self._tables[key] = self._build(key_len or None, device, dtype)
             cos, sin = self._tables[key]
         else:

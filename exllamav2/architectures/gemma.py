@@ -58,6 +58,9 @@ GEMMA3_MM = GEMMA3.clone()
 GEMMA3_MM.keymap = [("$language_model.model.", "model.language_model."), ("$language_model.lm_head.", "lm_head.")]
 GEMMA3_MM.keys = {**_FOUR_NORM_KEYS, "embed_tokens": "model.language_model.embed_tokens",
                   "layers": "model.language_model.layers", "norm": "model.language_model.norm"}
+# HF's Gemma3ForConditionalGeneration applies no final logit softcap, whatever text_config says (released Gemma 3
+# checkpoints set none); Gemma3ForCausalLM does apply it
+GEMMA3_MM.config_aliases = {**GEMMA3.config_aliases, "final_logit_softcapping": []}
 
 register("GemmaForCausalLM", GEMMA, notes="Gemma 1: (1 + w) norms, scaled embeddings, GeGLU")
 register("Gemma2ForCausalLM", GEMMA2,
