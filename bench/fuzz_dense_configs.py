@@ -486,11 +486,13 @@ def hf_greedy(hf, prompt, n):
     return toks, margins
 
 
-def load_ours(path, dtype, max_seq_len=256):
+def load_ours(path, dtype, max_seq_len=256, **options):
     from exllamav2 import ExLlamaV2, ExLlamaV2Config
     cfg = ExLlamaV2Config(path)
     cfg.dtype = dtype
     cfg.max_seq_len = max_seq_len
+    for k, v in options.items():
+        setattr(cfg, k, v)
     m = ExLlamaV2(cfg)
     m.load()
     return m

@@ -45,6 +45,9 @@ class Params:
         self.input_mask = input_mask
         self.alt_rope_embed = alt_rope_embed
         self.rope_offsets = rope_offsets
+        # positions of the same input beyond this chunk (model.forward's chunked prefill): length-dependent RoPE
+        # (longrope, dynamic NTK) takes its frequencies from the whole input's length, as one pass would
+        self.rope_ahead = 0
         self._keep = None
         if input_mask is not None:
             self._keep = _keep_mask(input_mask, batch_size, self.past_len + self.seq_len)
@@ -74,7 +77,7 @@ class Params:
         hit = self._cache.get(key)
         if hit is None:
             pos, total = self.get_positions(device)
-            hit = self._cache[key] = rope.gathered(pos, total, device, dtype)
+            hit = self._cache[key] = rope.gathered(pos, total + self.rope_ahead, device, dtype)
         return hit
 
     def get_write_index(self, device) -> torch.Tensor:

@@ -276,7 +276,8 @@ class ExLlamaV2:
             end = min(beg + max(1, min(chunk, att)), q_len)
             last = end == q_len
             r = self.forward_chunk(input_ids[:, beg:end], cache, input_mask, preprocess_only or (last_id_only and not last),
-                                   last_id_only, loras, return_last_state, position_offsets, abort_event, **kwargs)
+                                   last_id_only, loras, return_last_state, position_offsets, abort_event,
+                                   rope_ahead=q_len - end, **kwargs)
             if r is None:
                 return None
             if r.get("logits") is not None:
@@ -290,11 +291,12 @@ class ExLlamaV2:
 
     def forward_chunk(self, input_ids, cache=None, input_mask=None, preprocess_only=False, last_id_only=False,
                       loras=None, return_last_state=False, position_offsets=None, abort_event=None,
-                      attn_params=None, extract_state_indices=None, **kwargs) -> dict | None:
+                      attn_params=None, extract_state_indices=None, rope_ahead: int = 0, **kwargs) -> dict | None:
         bsz, q_len = input_ids.shape[:2]
         past = cache.current_seq_len if cache is not None else 0
         if attn_params is None:
             attn_params = Params(bsz, q_len, past, input_mask, position_offsets)
+            attn_params.rope_ahead = rope_ahead
         past = attn_params.past_len
         x = input_ids
         states = {}

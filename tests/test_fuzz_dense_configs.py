@@ -115,3 +115,30 @@ def test_length_dependent_rope_is_per_job_in_the_dynamic_generator(rope, tmp_pat
     together = fuzz.ours_dynamic_greedy(model, [long_job, short_job], 30, chunk=256)[1]
     assert alone == ref
     assert together == alone
+
+
+@pytest.mark.parametrize("rope", ["longrope", "dynamic"])
+def test_chunked_prefill_takes_length_dependent_rope_from_the_whole_prompt(rope, tmp_path):
+    """model.forward cuts a long prompt into max_input_len chunks; with longrope / dynamic NTK every chunk must be
+    rotated with the frequencies of the whole prompt's length, as HF's one pass is (before, a first chunk shorter
+    than original_max_position_embeddings kept the short factors while later chunks took the long ones)."""
+    from exllamav2 import ExLlamaV2Cache
+    half = 32
+    rs = ({"rope_type": "longrope", "long_factor": [1.0 + 1.2 * i / half for i in range(half)],
+           "short_factor": [1.0 + 0.1 * i / half for i in range(half)], "original_max_position_embeddings": 24}
+          if rope == "longrope" else {"rope_type": "dynamic", "factor": 4.0})
+    case = fuzz.Case("LlamaForCausalLM", "LlamaForCausalLM", "LlamaConfig", dict(
+        vocab_size=513, hidden_size=256, intermediate_size=200, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=128 if rope == "longrope" else 24,
+        rope_scaling=rs), seed=4)
+    hf = fuzz.build_hf(case)
+    path = fuzz.save_ours(case, hf, str(tmp_path))
+    ids = torch.randint(0, 513, (1, 60), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = hf(ids).logits.float()
+    for chunk in (60, 16, 7):
+        model = fuzz.load_ours(path, "float32", max_input_len=chunk)
+        cache = ExLlamaV2Cache(model, max_seq_len=model.config.max_seq_len)
+        out = model.forward(ids, cache)
+        err = (out - ref).abs().max().item() / ref.abs().max().item()
+        assert err < 2e-4, (chunk, err)
