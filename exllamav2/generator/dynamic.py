@@ -106,6 +106,7 @@ class ExLlamaV2DynamicGenerator:
         # plain sampled rows sample together on the logits' device (dynamic_sampling.py): None = when the logits
         # are on a GPU (on the CPU the per-row host path is faster), True / False = always / never
         self.device_sampling: bool | None = None
+        self._carry: list[dict] = []  # results of a step that raised for one job, returned by the next iterate()
 
     # ------------------------------------------------------------------ queue
 
@@ -131,6 +132,14 @@ class ExLlamaV2DynamicGenerator:
         if job.prompt_len >= self.cache.max_seq_len:
             raise ValueError(f"enqueue: the prompt has {job.prompt_len} tokens but the cache holds "
                              f"{self.cache.max_seq_len} (prompt plus at least one new token)")
+        vocab = self.model.config.vocab_size
+        if vocab and (min(job.prompt_ids) < 0 or max(job.prompt_ids) >= vocab):
+            raise ValueError(f"enqueue: input_ids holds token ids outside the model's vocabulary [0, {vocab}): "
+                             f"{[t for t in job.prompt_ids if not 0 <= t < vocab][:8]}")
+        if vocab and job.return_top_tokens > vocab:
+            raise ValueError(f"enqueue: return_top_tokens={job.return_top_tokens} exceeds the vocabulary ({vocab})")
+        if self.tokenizer is not None:
+            job.gen_settings.validate(self.tokenizer.get_vocab_size(), name="gen_settings")
         # a job can grow until the context, or the whole cache, is full
         job.max_new_tokens = min(job.max_new_tokens, self.max_seq_len - job.prompt_len,
                                  self.cache.max_seq_len - job.prompt_len)
@@ -319,7 +328,7 @@ class ExLlamaV2DynamicGenerator:
     @fresh_stack_chunk
     def iterate(self) -> list[dict]:
         """Run one step: admit what fits, one packed forward over all active jobs, sample. Returns result dicts."""
-        results: list[dict] = []
+        results, self._carry = self._carry, []
         self._admit(results)
         if not self.active:
             return results
@@ -383,15 +392,24 @@ class ExLlamaV2DynamicGenerator:
             logits is not None and logits.device.type != "cpu"
         presampled = sample_step_on_device(segments, drafts, logits, self.tokenizer) if on_device else {}
         row = 0
+        failed = None
         for job, n, want in segments:
             if not want:
                 continue
-            if job in drafts:
-                results.append(self._verify(job, logits[row:row + n], drafts[job]))
-                row += n
-            else:
-                results.append(self._sample(job, logits[row:row + 1], presampled.get(job)))
-                row += 1
+            rows_of_job = n if job in drafts else 1
+            try:
+                if job in drafts:
+                    results.append(self._verify(job, logits[row:row + n], drafts[job]))
+                else:
+                    results.append(self._sample(job, logits[row:row + 1], presampled.get(job)))
+            except Exception as e:  # noqa: BLE001 -- one job's failure must not stall the others
+                # the job cannot go on (every token masked, a filter that raised, ...): it ends here, the other
+                # jobs of the step are still sampled, and the error is raised once the step is complete
+                self.cancel(job)
+                failed = failed or (job, e)
+                row += rows_of_job
+                continue
+            row += rows_of_job
             if job.finished:
                 self._retire(job)
             elif self.speculative and job in decoding:  # pages taken only for drafts that were not accepted
@@ -399,6 +417,15 @@ class ExLlamaV2DynamicGenerator:
                 if len(job.pages) > keep:
                     self.page_table.release(job.pages[keep:])
                     del job.pages[keep:]
+        if failed is not None:
+            job, e = failed
+            self._carry = results  # the other jobs' results of this step come with the next iterate()
+            msg = f"job {job.serial} (identifier {job.identifier!r}) was cancelled: {e}"
+            try:
+                err = type(e)(msg)
+            except Exception:  # noqa: BLE001 -- an exception type with another signature
+                err = RuntimeError(msg)
+            raise err from e
         return results
 
     def _make_drafts(self, segments: list) -> dict:

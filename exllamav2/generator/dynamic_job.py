@@ -38,6 +38,20 @@ class ExLlamaV2DynamicJob:
         if return_top_tokens < 0:
             raise ValueError("ExLlamaV2DynamicJob: return_top_tokens must be >= 0")
 
+        if input_ids.dtype in (torch.bool,) or input_ids.is_floating_point() or input_ids.is_complex():
+            raise ValueError(f"ExLlamaV2DynamicJob: input_ids must hold integer token ids, got {input_ids.dtype}")
+        if gen_settings is not None and not isinstance(gen_settings, ExLlamaV2Sampler.Settings):
+            raise TypeError(f"ExLlamaV2DynamicJob: gen_settings must be ExLlamaV2Sampler.Settings, got "
+                            f"{type(gen_settings).__name__}")
+        if gen_settings is not None:
+            gen_settings.validate(name="gen_settings")
+        if stop_conditions is not None and not isinstance(stop_conditions, (list, tuple, set)):
+            raise TypeError(f"ExLlamaV2DynamicJob: stop_conditions must be a list of token ids and strings, got "
+                            f"{type(stop_conditions).__name__} {stop_conditions!r}")
+        if banned_strings is not None and (not isinstance(banned_strings, (list, tuple, set))
+                                           or not all(isinstance(b, str) for b in banned_strings)):
+            raise TypeError(f"ExLlamaV2DynamicJob: banned_strings must be a list of strings, got {banned_strings!r}")
+
         self.prompt_ids: list[int] = input_ids[0].tolist()
         self.max_new_tokens = max_new_tokens
         self.min_new_tokens = min_new_tokens
@@ -93,7 +107,11 @@ class ExLlamaV2DynamicJob:
         self.held_text = ""
         self.held_tokens: list[int] = []
         self.held_extras: list[dict] = []
-        self.checkpoint = 0  # new tokens at the last point where nothing was held back
+        # banned strings: new tokens before the token whose text began the pending (partial) match, or all of
+        # them when none is pending; a rewind goes back there. ban_held: (held_text, len(held_tokens)) just before
+        # that token, restored by the rewind (text held then for a stop string stays held)
+        self.checkpoint = 0
+        self.ban_held: tuple[str, int] | None = None
         self.blocked_at: dict[int, set[int]] = {}
         self.started = False
         self.finished = False
@@ -135,7 +153,8 @@ class ExLlamaV2DynamicJob:
             return self.prompt_page_hashes[:(self.prompt_len - 1) // ps]
         # a job resuming after preemption may also find the pages of its generated tokens (published when it
         # was preempted), up to where a banned string could still rewind it (it must never write a shared page)
-        n = (min(len(self.sequence), self.prompt_len + self.checkpoint) - 1) // ps
+        floor = self.checkpoint if self.ban_held is not None else len(self.new_token_ids)
+        n = (min(len(self.sequence), self.prompt_len + floor) - 1) // ps
         if n <= len(self.prompt_page_hashes):
             return self.prompt_page_hashes[:n]
         return page_hashes(self.sequence[:n * ps], ps)
@@ -233,12 +252,20 @@ class ExLlamaV2DynamicJob:
         if token in self.stop_tokens:
             self.held_text += self.stream.finish()
             return self._release(len(self.held_text), eos_reason="stop_token", trigger={"eos_triggering_token": token})
+        before = self.held_text
         self.held_text += self.stream.feed(token)
 
-        for b in self.banned_strings:
-            if b in self.held_text:
-                self._rewind()
-                return self._release(0)
+        if self.banned_strings:
+            found = any(b in self.held_text for b in self.banned_strings)
+            if found or self._ban_pending():
+                if self.ban_held is None:  # the match begins in this token's text (or in text held before it)
+                    self.checkpoint = len(self.new_token_ids) - 1
+                    self.ban_held = (before, len(self.held_tokens) - 1)
+                if found:
+                    self._rewind()
+                    return self._release(0)
+            else:
+                self.checkpoint, self.ban_held = len(self.new_token_ids), None
         for s in self.stop_strings:
             pos = self.held_text.find(s)
             if pos >= 0:
@@ -246,15 +273,21 @@ class ExLlamaV2DynamicJob:
         if len(self.new_token_ids) >= self.max_new_tokens:
             self.held_text += self.stream.finish()
             return self._release(len(self.held_text), eos_reason="max_new_tokens")
-        keep = self._hold_limit()
+        # while a banned string may still complete, hold the text from where it began: a rewind drops those tokens
+        keep = max(self._hold_limit(), len(self.held_text) - len(self.ban_held[0]) if self.ban_held else 0)
         return self._release(len(self.held_text) - keep)
+
+    def _ban_pending(self) -> bool:
+        """Whether held_text ends with a proper start of a banned string."""
+        return any(self.held_text.endswith(b[:n]) for b in self.banned_strings for n in range(1, len(b)))
 
     def finish_with(self, eos_reason: str, trigger: dict | None = None) -> dict:
         self.held_text += self.stream.finish()
         return self._release(len(self.held_text), eos_reason=eos_reason, trigger=trigger)
 
     def _rewind(self) -> None:
-        """A banned string appeared: drop the tokens since the checkpoint and block the one that began it."""
+        """A banned string appeared: drop the tokens since the checkpoint (the token whose text began the match)
+        and block that token there; the text and tokens held before it stay held."""
         c = self.checkpoint
         offending = self.new_token_ids[c]
         self.blocked_at.setdefault(c, set()).add(offending)
@@ -264,8 +297,9 @@ class ExLlamaV2DynamicJob:
         self.kv_len = min(self.kv_len, len(self.sequence) - 1)
         self.draft_kv_len = min(self.draft_kv_len, self.kv_len)
         self.ngram = None  # its index holds n-grams of the dropped tokens
-        self.held_text = ""
-        self.held_tokens, self.held_extras = [], []
+        self.held_text, n_held = self.ban_held
+        self.ban_held = None
+        del self.held_tokens[n_held:], self.held_extras[n_held:]
         self.stream = self.generator.tokenizer.stream(self.decode_special_tokens)
         self.stream.feed(self.new_token_ids)
 
@@ -274,14 +308,14 @@ class ExLlamaV2DynamicJob:
         eos = eos_reason is not None
         release_tokens = eos or n_chars == len(self.held_text)
         self.held_text = self.held_text[n_chars:]
+        if self.ban_held is not None:  # text before the pending match may go (it is never past where it began)
+            self.ban_held = (self.ban_held[0][n_chars:], self.ban_held[1])
         self.full_completion += text
         out = {"text": text, "eos": eos}
         if release_tokens:
             out["token_ids"] = self.held_tokens
             out["extras"] = self.held_extras
             self.held_tokens, self.held_extras = [], []
-            if not self.held_text:
-                self.checkpoint = len(self.new_token_ids)
         else:
             out["token_ids"], out["extras"] = [], []
         if eos:

@@ -74,6 +74,46 @@ class ExLlamaV2SamplerSettings:
         rows of logits into one. Everything else samples on the device too (generator/sampler_device.py)."""
         return self.cfg_scale is not None
 
+    def validate(self, vocab_size: int | None = None, name: str = "gen_settings") -> None:
+        """Raise ValueError, naming the field, for a setting no sampler stage can honour (a probability outside
+        [0, 1], a negative or NaN temperature, a non-positive repetition penalty, a token bias that does not cover
+        the vocabulary). Values that switch a stage off (top_p=0 or 1, top_k=0, ...) are fine."""
+        import math
+
+        def bad(field_name, value, want):
+            raise ValueError(f"{name}.{field_name}={value!r}: must be {want}")
+
+        def number(field_name):
+            v = getattr(self, field_name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+                bad(field_name, v, "a number")
+            return v
+
+        for f in ("top_p", "min_p", "typical", "tfs", "top_a", "xtc_probability", "xtc_threshold"):
+            if not 0.0 <= number(f) <= 1.0:
+                bad(f, getattr(self, f), "in [0, 1]")
+        for f in ("temperature", "min_temp", "max_temp", "smoothing_factor", "dry_multiplier"):
+            if not 0.0 <= number(f) < math.inf:
+                bad(f, getattr(self, f), "finite and >= 0")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", self.top_k, "an int >= 0 (0: off)")
+        if not 0.0 < number("token_repetition_penalty") < math.inf:
+            bad("token_repetition_penalty", self.token_repetition_penalty, "finite and > 0 (1: off)")
+        for f in ("token_frequency_penalty", "token_presence_penalty", "temp_exponent", "skew",
+                  "mirostat_tau", "mirostat_eta", "dry_base"):
+            if not math.isfinite(number(f)):
+                bad(f, getattr(self, f), "finite")
+        if self.token_bias is not None:
+            b = self.token_bias
+            if not isinstance(b, torch.Tensor) or b.dim() != 1 or not b.is_floating_point():
+                bad("token_bias", type(b).__name__ if not isinstance(b, torch.Tensor) else tuple(b.shape),
+                    "a 1-d float tensor over the vocabulary")
+            if vocab_size is not None and b.shape[0] < vocab_size:
+                bad("token_bias", f"<{b.shape[0]} entries>", f"a tensor of at least the vocabulary's {vocab_size} "
+                    f"entries")
+            if bool(torch.isnan(b).any()) or bool(torch.isposinf(b).any()):
+                bad("token_bias", "<tensor with NaN or +inf>", "free of NaN and +inf")
+
     @staticmethod
     def greedy(**kwargs) -> ExLlamaV2SamplerSettings:
         defaults = {

@@ -49,7 +49,7 @@ class _Held:
 class _BanCheckpoint:
     seq_len: int  # length of sequence_ids before the offending token
     held: _Held
-    stream_ids: list
+    stream_state: tuple  # the text stream's (ids, prefix_offset, read_offset) before the offending token
     offending_token: int
     skip_chars: int
 
@@ -259,7 +259,9 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         if token in self.stop_tokens:
             return self._release(eos_reason="stop_token")
 
-        text = self.text_stream.feed(token)
+        ts = self.text_stream
+        self._stream_before = (len(ts.ids), ts.prefix_offset, ts.read_offset)  # for a banned-string checkpoint
+        text = ts.feed(token)
         if self.skip_chars:
             cut = min(self.skip_chars, len(text))
             text, self.skip_chars = text[cut:], self.skip_chars - cut
@@ -395,6 +397,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
     # ------------------------------------------------------------------ banned strings
 
     def _set_checkpoint(self, new_text: str, token: int) -> None:
+        n_ids, prefix, read = self._stream_before
         held = self.held.copy()
         held.text = held.text[:len(held.text) - len(new_text)]
         for name in ("tokens", "probs", "top_tokens", "top_probs", "logits"):
@@ -402,8 +405,9 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
             if lst:
                 lst.pop()
         self.ban_checkpoint = _BanCheckpoint(
-            seq_len=self.sequence_ids.shape[-1] - 1, held=held, stream_ids=list(self.text_stream.ids[:-1]),
-            offending_token=token, skip_chars=self.skip_chars)
+            seq_len=self.sequence_ids.shape[-1] - 1, held=held,
+            stream_state=(list(self.text_stream.ids[:n_ids]), prefix, read), offending_token=token,
+            skip_chars=self.skip_chars)
         self.blocked_position = self.sequence_ids.shape[-1] - 2
 
     def _rewind(self) -> dict:
@@ -412,8 +416,10 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         self.sequence_ids = self.sequence_ids[:, :cp.seq_len]
         self.cache.current_seq_len = cp.seq_len - 1
         self.held = cp.held
-        # everything before the offending token has been decoded: restart the stream's window there
-        self.text_stream.start_after(cp.stream_ids, self.tail_decode_tokens)
+        # the text stream as it was before the offending token: text it held back then (an incomplete character)
+        # still comes out
+        ids, self.text_stream.prefix_offset, self.text_stream.read_offset = cp.stream_state
+        self.text_stream.ids = list(ids)
         self.skip_chars = cp.skip_chars
         self.blocked_tokens.append(cp.offending_token)
         self.future_tokens = self.future_logits = None
