@@ -94,6 +94,12 @@ class ExLlamaV2:
                                                alpha=cfg.scale_alpha_value, table_len=cfg.max_seq_len)
         return self._rotary[lt]
 
+    def rope_length_key(self, total_len: int) -> tuple:
+        """Which frequencies the model's rotary embeddings rotate a sequence `total_len` long with: all zeros
+        unless a length-dependent RoPE (longrope, dynamic NTK) changes them with the length (the dynamic
+        generator keeps K/V computed at other frequencies out of a prompt's prefix matches)."""
+        return tuple(r.length_key(total_len) for r in self._rotary.values())
+
     # ------------------------------------------------------------------ loading
 
     def set_device_map(self, allocation, embed_cpu: bool = True) -> list:

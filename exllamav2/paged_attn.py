@@ -68,6 +68,9 @@ class PagedParams(Params):
         self.num_sequences = len(q_lens)
         self.q_lens = list(q_lens)
         self.past_lens = list(past_lens)
+        # per sequence, the positions of its input beyond this chunk (a prompt prefilled in chunks), so that
+        # length-dependent RoPE rotates every chunk with the whole prompt's frequencies (as Params.rope_ahead)
+        self.rope_ahead_of: list[int] | None = None
         # positions, write slots and last-token indices are worked out in Python and uploaded once: a decode step's
         # handful of sequences would otherwise cost a dozen small tensor ops per step
         self.block_tables = [list(pages) for pages in block_tables]
@@ -114,15 +117,15 @@ class PagedParams(Params):
         sequence's frequencies from that sequence's own length, as a forward of the sequence alone would: never
         from the longest sequence packed beside it (a short job would otherwise switch to longrope's long factors
         whenever a long job shares its step)."""
-        if not getattr(rope, "dynamic", False) or self.num_sequences == 1:
+        if not getattr(rope, "dynamic", False):
             return super().get_rope(rope, device, dtype)
         key = ("rope", id(rope), str(device), dtype)
         hit = self._cache.get(key)
         if hit is None:
             pos = self.positions[0].to(device)
             cos, sin, start = [], [], 0
-            for p, q in zip(self.past_lens, self.q_lens):
-                c, s = rope.tables(p + q, device, dtype)
+            for p, q, ahead in zip(self.past_lens, self.q_lens, self.rope_ahead_of or [0] * self.num_sequences):
+                c, s = rope.tables(p + q + ahead, device, dtype)
                 cos.append(c[pos[start:start + q]])
                 sin.append(s[pos[start:start + q]])
                 start += q

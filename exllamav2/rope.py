@@ -126,15 +126,21 @@ class RotaryEmbedding:
             emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * att).to(device=device, dtype=dtype), (emb.sin() * att).to(device=device, dtype=dtype)
 
+    def length_key(self, total_len: int) -> int:
+        """Which frequencies a sequence `total_len` long is rotated with: 0 for the length-independent ones, else
+        the length whose tables length-dependent RoPE (longrope, dynamic NTK) builds, as HF's updates pick them."""
+        if not self.dynamic:
+            return 0
+        orig = self.rp.get("original_max_position_embeddings") or self.max_pos
+        if self.rp.get("rope_type") == "dynamic":
+            return max(total_len, self.max_pos)
+        return orig + 1 if total_len > orig else 0
+
     def tables(self, total_len: int, device, dtype):
         """cos, sin of shape (n, rot_dim) with n >= total_len."""
         if self.dynamic:
             # frequencies depend on the longest position seen, as HF's dynamic/longrope updates do
-            orig = self.rp.get("original_max_position_embeddings") or self.max_pos
-            if self.rp.get("rope_type") == "dynamic":
-                key_len = max(total_len, self.max_pos)
-            else:
-                key_len = orig + 1 if total_len > orig else 0
+            key_len = self.length_key(total_len)
             key = (key_len, str(device), dtype)
             if key not in self._tables:
                 # keep a few lengths: the sequences of one packed paged step each pick their own (paged_attn.py)

@@ -91,11 +91,9 @@ def test_gemma3_conditional_generation_ignores_text_final_softcap(tmp_path):
     assert ExLlamaV2Config(path2).final_logit_softcapping == 2.0
 
 
-@pytest.mark.parametrize("rope", ["longrope", "dynamic"])
-def test_length_dependent_rope_is_per_job_in_the_dynamic_generator(rope, tmp_path):
-    """A short job's greedy tokens must not depend on a long job packed into the same steps: longrope / dynamic
-    NTK pick their frequencies from each sequence's own length (as HF and as the job alone), not the batch's
-    longest (before the fix a 5-token job switched to the long factors whenever a 40-token job shared its steps)."""
+def _length_rope_model(rope: str, seed: int, tmp_path):
+    """A tiny Llama with longrope (original_max_position_embeddings 24) or dynamic NTK (max positions 24), saved
+    with a word tokenizer: (hf model, folder)."""
     half = 32
     rs = ({"rope_type": "longrope", "long_factor": [1.0 + 1.2 * i / half for i in range(half)],
            "short_factor": [1.0 + 0.1 * i / half for i in range(half)], "original_max_position_embeddings": 24}
@@ -103,10 +101,19 @@ def test_length_dependent_rope_is_per_job_in_the_dynamic_generator(rope, tmp_pat
     case = fuzz.Case("LlamaForCausalLM", "LlamaForCausalLM", "LlamaConfig", dict(
         vocab_size=513, hidden_size=256, intermediate_size=200, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, max_position_embeddings=128 if rope == "longrope" else 24,
-        rope_scaling=rs), seed=3)
+        rope_scaling=rs), seed=seed)
     hf = fuzz.build_hf(case)
     path = fuzz.save_ours(case, hf, str(tmp_path))
     fuzz.save_word_tokenizer(path, 513)
+    return hf, path
+
+
+@pytest.mark.parametrize("rope", ["longrope", "dynamic"])
+def test_length_dependent_rope_is_per_job_in_the_dynamic_generator(rope, tmp_path):
+    """A short job's greedy tokens must not depend on a long job packed into the same steps: longrope / dynamic
+    NTK pick their frequencies from each sequence's own length (as HF and as the job alone), not the batch's
+    longest (before the fix a 5-token job switched to the long factors whenever a 40-token job shared its steps)."""
+    hf, path = _length_rope_model(rope, 3, tmp_path)
     g = torch.Generator().manual_seed(5)
     long_job, short_job = torch.randint(0, 513, (1, 40), generator=g), torch.randint(0, 513, (1, 5), generator=g)
     ref, _ = fuzz.hf_greedy(hf, short_job, 30)  # crosses original_max_position_embeddings / max_position_embeddings
@@ -123,16 +130,7 @@ def test_chunked_prefill_takes_length_dependent_rope_from_the_whole_prompt(rope,
     rotated with the frequencies of the whole prompt's length, as HF's one pass is (before, a first chunk shorter
     than original_max_position_embeddings kept the short factors while later chunks took the long ones)."""
     from exllamav2 import ExLlamaV2Cache
-    half = 32
-    rs = ({"rope_type": "longrope", "long_factor": [1.0 + 1.2 * i / half for i in range(half)],
-           "short_factor": [1.0 + 0.1 * i / half for i in range(half)], "original_max_position_embeddings": 24}
-          if rope == "longrope" else {"rope_type": "dynamic", "factor": 4.0})
-    case = fuzz.Case("LlamaForCausalLM", "LlamaForCausalLM", "LlamaConfig", dict(
-        vocab_size=513, hidden_size=256, intermediate_size=200, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=64, max_position_embeddings=128 if rope == "longrope" else 24,
-        rope_scaling=rs), seed=4)
-    hf = fuzz.build_hf(case)
-    path = fuzz.save_ours(case, hf, str(tmp_path))
+    hf, path = _length_rope_model(rope, 4, tmp_path)
     ids = torch.randint(0, 513, (1, 60), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         ref = hf(ids).logits.float()
@@ -142,3 +140,27 @@ def test_chunked_prefill_takes_length_dependent_rope_from_the_whole_prompt(rope,
         out = model.forward(ids, cache)
         err = (out - ref).abs().max().item() / ref.abs().max().item()
         assert err < 2e-4, (chunk, err)
+
+
+@pytest.mark.parametrize("rope", ["longrope", "dynamic"])
+def test_dynamic_generator_prefills_length_dependent_rope_by_the_whole_prompt(rope, tmp_path):
+    """The dynamic generator's chunked prefill rotates each chunk with the whole prompt's frequencies (HF's one
+    pass), and a prompt's prefix pages computed at other frequencies (a shorter prompt's, run before in the same
+    generator) are not reused."""
+    from exllamav2 import ExLlamaV2Cache
+    from exllamav2.generator.dynamic import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob
+    from exllamav2.generator.sampler import ExLlamaV2Sampler
+    from exllamav2.tokenizer import ExLlamaV2Tokenizer
+    hf, path = _length_rope_model(rope, 5, tmp_path)
+    prompt = torch.randint(0, 513, (1, 40), generator=torch.Generator().manual_seed(7))
+    ref, _ = fuzz.hf_greedy(hf, prompt, 12)
+    model = fuzz.load_ours(path, "float32")
+    assert fuzz.ours_dynamic_greedy(model, [prompt], 12, chunk=16)[0] == ref
+    gen = ExLlamaV2DynamicGenerator(model, ExLlamaV2Cache(model, 1, 512), ExLlamaV2Tokenizer(model.config),
+                                    page_size=16, max_chunk_size=16)
+    for ids in (prompt[:, :20], prompt):  # the first leaves a 16-token page of the shared prefix
+        job = ExLlamaV2DynamicJob(ids, 12, gen_settings=ExLlamaV2Sampler.Settings.greedy())
+        gen.enqueue(job)
+        while gen.num_remaining_jobs():
+            gen.iterate()
+    assert list(job.new_token_ids) == ref

@@ -347,7 +347,7 @@ class ExLlamaV2DynamicGenerator:
         # written before any sequence attends): each position is computed exactly as a plain decode step would
         # compute it, so accepting a draft never changes a token (one query block of 1 + k rows would reduce
         # the attention in another order)
-        seq_jobs, tables, pasts, q_lens = [], [], [], []
+        seq_jobs, tables, pasts, q_lens, ahead = [], [], [], [], []
         rows: list[int] = []  # packed tokens whose logits are sampled: the last of each, all of a verified draft
         start = 0
         for job, n, want in segments:
@@ -357,10 +357,13 @@ class ExLlamaV2DynamicGenerator:
                 tables.append(job.pages)
                 pasts.append(job.kv_len + i)
                 q_lens.append(1 if split else n)
+                # a prompt prefilled in chunks: length-dependent RoPE takes the whole prompt's length for each chunk
+                ahead.append(0 if split else max(0, job.prompt_len - job.kv_len - n))
             if want:
                 rows.extend(range(start, start + n) if split else [start + n - 1])
             start += n
         params = PagedParams(tables, pasts, q_lens, self.page_size)
+        params.rope_ahead_of = ahead
         rows_t = torch.tensor(rows, dtype=torch.long)
         if any(job.intervention_group is not None for job, _, _ in segments):
             from ..interventions import TokenStreams, token_streams

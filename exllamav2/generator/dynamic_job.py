@@ -100,6 +100,7 @@ class ExLlamaV2DynamicJob:
         self.pages: list[int] = []
         self.cached_tokens = 0
         self.prompt_page_hashes: list[bytes] = []
+        self.hash_salt = b""
         self.registered_pages = 0
         self.new_token_ids: list[int] = []
         self.full_completion = ""
@@ -141,7 +142,10 @@ class ExLlamaV2DynamicJob:
         tok = generator.tokenizer
         self.stream = tok.stream(self.decode_special_tokens)
         ps = generator.page_size
-        self.prompt_page_hashes = page_hashes(self.prompt_ids, ps)
+        key = getattr(getattr(generator, "model", None), "rope_length_key", lambda n: ())(self.prompt_len)
+        # a length-dependent RoPE rotates a prompt's K by its length: prefixes match only at the same frequencies
+        self.hash_salt = repr(key).encode() if any(key) else b""
+        self.prompt_page_hashes = page_hashes(self.prompt_ids, ps, self.hash_salt)
 
     def reusable_hashes(self) -> list[bytes]:
         """Prefix pages the job may skip: at least the last prompt token must still run through the model. A job
@@ -157,7 +161,7 @@ class ExLlamaV2DynamicJob:
         n = (min(len(self.sequence), self.prompt_len + floor) - 1) // ps
         if n <= len(self.prompt_page_hashes):
             return self.prompt_page_hashes[:n]
-        return page_hashes(self.sequence[:n * ps], ps)
+        return page_hashes(self.sequence[:n * ps], ps, self.hash_salt)
 
     def publish_pages(self, page_table) -> None:
         """On preemption: name every full page of written K/V by its prefix hash, so the job (or another with the
@@ -166,7 +170,7 @@ class ExLlamaV2DynamicJob:
             return
         ps = page_table.page_size
         full = min(self.kv_len, len(self.sequence)) // ps
-        for i, h in enumerate(page_hashes(self.sequence[:full * ps], ps)):
+        for i, h in enumerate(page_hashes(self.sequence[:full * ps], ps, self.hash_salt)):
             page_table.register(self.pages[i], h)
 
     def edits_prompt(self) -> bool:

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 
 
-def page_hashes(tokens: list[int], page_size: int) -> list[bytes]:
-    """Chained 16-byte blake2b hashes of every full page of `tokens`."""
+def page_hashes(tokens: list[int], page_size: int, salt: bytes = b"") -> list[bytes]:
+    """Chained 16-byte blake2b hashes of every full page of `tokens`; `salt` starts the chain (K/V that the same
+    tokens give differently, e.g. at other RoPE frequencies, must not match)."""
     out: list[bytes] = []
-    prev = b""
+    prev = salt
     arr = torch.tensor(tokens, dtype=torch.int64).numpy() if tokens else None
     for p in range(len(tokens) // page_size):
         h = hashlib.blake2b(prev, digest_size=16)
