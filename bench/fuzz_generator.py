@@ -584,13 +584,13 @@ def main(argv=None) -> int:
     ap.add_argument("--robustness", action="store_true", help="also run the bad-request pass")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch-invariant", choices=["auto", "on", "off"], default="auto",
-                    help="exllamav2.ops.set_batch_invariant: auto = on for the fp32 tiny model (dense fp32 GEMMs "
-                         "round a row by the call's row count unless it is on; README 'Determinism'), off for "
-                         "smollm2 (its packed GGUF kernels are invariant as they are)")
+                    help="exllamav2.ops.set_batch_invariant: auto (the default: invariant wherever it is cheap, "
+                         "every CPU kernel with the C++ kernels built), on (every kernel at any cost), off (the "
+                         "fastest kernel per row count: dense prefill and large batches through oneDNN)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from exllamav2 import ops
-    ops.set_batch_invariant(args.batch_invariant == "on" or (args.batch_invariant == "auto" and args.model == "tiny"))
+    ops.set_batch_invariant({"auto": None, "on": True, "off": False}[args.batch_invariant])
     model, tokenizer = load_model(args.model)
     failed = 0
     t0 = time.time()

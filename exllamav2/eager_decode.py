@@ -127,11 +127,11 @@ def _hold(plan: _Plan, kernel):
 def _block_linear(k) -> tuple | None:
     """A prepared kernel as decode_block.cpp's linear arguments (w, kind, n, bias, super_scales) with the rows it
     takes them for, or None where its kernel is another (runs of several types, EXL2/GPTQ segments, oneDNN)."""
-    from .ops.cpu.gemv_linear import GEMV_MAX_ROWS, Bf16GemvKernel, GgufGemvKernel
+    from .ops.cpu.gemv_linear import GEMV_MAX_ROWS, DenseGemvKernel, GgufGemvKernel
     if type(k) is GgufGemvKernel and k.single is not None:
         qweight, kind, n = k.single
         return (qweight, kind, n, k.bias, k.super_scales), 1 << 30
-    if type(k) is Bf16GemvKernel and k.weight.dtype == torch.bfloat16:
+    if type(k) is DenseGemvKernel and k.weight.dtype == torch.bfloat16:
         return (k.weight, -1, k.out_features, k.bias, None), GEMV_MAX_ROWS
     return None
 

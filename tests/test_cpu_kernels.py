@@ -268,7 +268,7 @@ def test_a_gguf_and_a_dense_model_run_their_linears_through_the_kernels(tmp_path
     from test_gguf_support import write_tiny_gguf
 
     from exllamav2 import ExLlamaV2, ExLlamaV2Config, ExLlamaV2Cache, ops
-    from exllamav2.ops.cpu.gemv_linear import Bf16GemvKernel, GgufGemvKernel
+    from exllamav2.ops.cpu.gemv_linear import DenseGemvKernel, GgufGemvKernel
     path = write_tiny_gguf(str(tmp_path / "q4_1.gguf"), qtype="Q4_1", hidden=128, ffn=256, vocab=96)
     cfg = ExLlamaV2Config(path)
     model = ExLlamaV2(cfg)
@@ -289,12 +289,18 @@ def test_a_gguf_and_a_dense_model_run_their_linears_through_the_kernels(tmp_path
     # dense bf16: the module's own weight, no copy
     w = mlp.down_proj.get_weight().bfloat16().contiguous()
     k = ops.prepare_linear(w, None, None, "cpu", torch.bfloat16)
-    assert isinstance(k, Bf16GemvKernel) and k.weight is w and k.nbytes() == 0
+    assert isinstance(k, DenseGemvKernel) and k.weight is w and k.nbytes() == 0
     x = torch.randn(3, w.shape[1]).bfloat16()
     assert (k(x).float() - F.linear(x, w).float()).norm() <= 1e-2 * F.linear(x, w).float().norm()
-    # above the row threshold (prefill) it is oneDNN's GEMM on the same weight
+    # above the row threshold (prefill) it stays the GEMV (batch invariance, the default); opted out, it is
+    # oneDNN's GEMM on the same weight
     x9 = torch.randn(GEMV_MAX_ROWS + 1, w.shape[1]).bfloat16()
-    assert torch.equal(k(x9), F.linear(x9, w))
+    assert torch.equal(k(x9), kernels.bf16_gemv(x9, w))
+    ops.set_batch_invariant(False)
+    try:
+        assert torch.equal(k(x9), F.linear(x9, w))
+    finally:
+        ops.set_batch_invariant(None)
 
 
 def test_custom_ops_trace_under_dynamo():

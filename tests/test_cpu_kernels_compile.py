@@ -9,7 +9,7 @@ import torch
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
 from exllamav2.ops.cpu import kernels
-from exllamav2.ops.cpu.gemv_linear import Bf16GemvKernel, GgufGemvKernel
+from exllamav2.ops.cpu.gemv_linear import DenseGemvKernel, GgufGemvKernel
 
 pytestmark = pytest.mark.skipif(not kernels.ready(), reason="the CPU kernels cannot be built here")
 
@@ -50,7 +50,7 @@ def tiny_model(kind, tmp_path):
 @pytest.mark.parametrize("kind", ["Q4_0", "Q8_0", "IQ2_XS", "dense"])
 def test_compiled_decode_with_the_kernels_gives_the_eager_tokens(kind, tmp_path):
     model = tiny_model(kind, tmp_path)
-    want = GgufGemvKernel if kind != "dense" else Bf16GemvKernel
+    want = GgufGemvKernel if kind != "dense" else DenseGemvKernel
     assert isinstance(model.modules[2].down_proj.kernel(torch.bfloat16), want)
     ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(1))
     cache = ExLlamaV2Cache(model, max_seq_len=128)

@@ -29,11 +29,26 @@ PROMPTS = ["Write a haiku about the sea.", "What is 17 times 23?", "Name three p
            "What is photosynthesis?"]
 
 
+def _mode(value):
+    from exllamav2.ops import dispatch
+    before = dispatch._batch_invariant
+    ops.set_batch_invariant(value)
+    try:
+        yield value
+    finally:
+        ops.set_batch_invariant(before)
+
+
 @pytest.fixture
 def batch_invariant():
-    ops.set_batch_invariant(True)
-    yield
-    ops.set_batch_invariant(False)
+    """Invariance asked for explicitly (serve --deterministic)."""
+    yield from _mode(True)
+
+
+@pytest.fixture(params=[None, True], ids=["default", "explicit"])
+def invariant_mode(request):
+    """The default (auto: every CPU kernel with the C++ kernels built) and invariance asked for explicitly."""
+    yield from _mode(request.param)
 
 
 def run_jobs(model, tok, prompts, n=16, chat=True, logits=False):
@@ -93,19 +108,42 @@ def test_server_16_concurrent_requests_equal_one_at_a_time(smollm2_default):
         engine.close()
 
 
-def test_bf16_gemv_rows_do_not_depend_on_the_batch(batch_invariant):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("k", [256, 100])
+def test_dense_gemv_rows_do_not_depend_on_the_batch(invariant_mode, dtype, k):
     from exllamav2.ops.cpu import kernels
-    from exllamav2.ops.cpu.gemv_linear import GEMV_MAX_ROWS, Bf16GemvKernel
+    from exllamav2.ops.cpu.gemv_linear import GEMV_MAX_ROWS, DenseGemvKernel
 
     if not kernels.ready(progress=False):
         pytest.skip("the C++ CPU kernels are not available here")
     g = torch.Generator().manual_seed(0)
-    w = (torch.randn(384, 256, generator=g) * 0.05).bfloat16()
-    x = torch.randn(4 * GEMV_MAX_ROWS, 256, generator=g).bfloat16()
-    kernel = Bf16GemvKernel(w, None)
+    w = (torch.randn(384, k, generator=g) * 0.05).to(dtype)
+    b = torch.randn(384, generator=g).to(dtype)
+    x = torch.randn(4 * GEMV_MAX_ROWS + 3, k, generator=g).to(dtype)
+    kernel = DenseGemvKernel(w, b)
     alone = torch.cat([kernel(x[i:i + 1]) for i in range(x.shape[0])])
     for m in (1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, x.shape[0]):
         assert torch.equal(kernel(x[:m]), alone[:m]), f"a row changed in a call of {m} rows"
+        assert torch.equal(kernel(x[3:m + 3]), alone[3:m + 3]), f"a row changed with an offset, {m} rows"
+    ref = x.double() @ w.double().T + b.double()
+    tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert ((alone.double() - ref).abs().max() / ref.abs().max()).item() < tol
+
+
+def test_opting_out_of_invariance_gives_dense_prefill_to_onednn():
+    """set_batch_invariant(False): calls above GEMV_MAX_ROWS rows are F.linear's (the fastest per row count), and
+    their rows may round otherwise than alone; the default keeps them on the GEMV."""
+    from exllamav2.ops.cpu import kernels
+    from exllamav2.ops.cpu.gemv_linear import GEMV_MAX_ROWS, DenseGemvKernel
+
+    if not kernels.ready(progress=False):
+        pytest.skip("the C++ CPU kernels are not available here")
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(64, 96, generator=g), torch.randn(GEMV_MAX_ROWS + 5, 96, generator=g)
+    kernel = DenseGemvKernel(w, None)
+    for mode in _mode(False):
+        assert torch.equal(kernel(x), torch.nn.functional.linear(x, w))
+    assert torch.equal(kernel(x), kernels.dense_gemv(x, w))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -124,16 +162,12 @@ def test_dense_float_rows_do_not_depend_on_the_batch(batch_invariant, dtype):
         assert torch.equal(kernel(x[1:m]), alone[1:m]), f"a row changed with an offset in a call of {m - 1} rows"
 
 
-def test_dense_float32_model_invariant_with_the_option(tmp_path, batch_invariant):
-    """The tiny Llama in float32: 16 jobs together compute, bit for bit, the logits each computes alone."""
-    model, tok = load_tiny(build_tiny_dir(tmp_path / "tiny"), dtype="float32")
-    assert_alone_equals_together(model, tok, n=6, chat=False, logits=True)
-
-
-def test_dense_bf16_model_invariant_with_the_option(tmp_path, batch_invariant):
-    """A tiny dense bf16 Llama: with batch invariance on, 16 jobs together compute, bit for bit, the logits each
-    computes alone (without it, 16 decode rows go through oneDNN and one row through the GEMV, and they differ)."""
-    model, tok = load_tiny(build_tiny_dir(tmp_path / "tiny"), dtype="bfloat16")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_dense_model_invariant(tmp_path, invariant_mode, dtype):
+    """A tiny dense Llama: 16 jobs together compute, bit for bit, the logits each computes alone, by default and
+    with invariance asked for (with it switched off, 16 decode rows go through oneDNN and one row through the
+    GEMV, and they differ)."""
+    model, tok = load_tiny(build_tiny_dir(tmp_path / "tiny"), dtype=dtype)
     assert_alone_equals_together(model, tok, n=6, chat=False, logits=True)
 
 

@@ -72,7 +72,7 @@ def test_unbounded_job_does_not_block_short_ones(tiny):
 def batch_invariant():
     ops.set_batch_invariant(True)
     yield
-    ops.set_batch_invariant(False)
+    ops.set_batch_invariant(None)
 
 
 def test_preempted_jobs_resume_with_the_same_tokens(tiny, batch_invariant):

@@ -76,7 +76,7 @@ def test_device_sampled_job_alone_equals_batched(tmp_path):
             alone = _run(model, tok, True, [_jobs(tok, 20)[i]])
             assert alone[i] == batched[i]
     finally:
-        ops.set_batch_invariant(False)
+        ops.set_batch_invariant(None)
 
 
 def test_decode_step_and_device_sampling_make_no_host_sync(tmp_path):

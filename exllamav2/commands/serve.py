@@ -64,9 +64,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="pin one kernel backend (default: each op takes the first that accepts it)")
     add_cpu_activations_arg(p)
     p.add_argument("--deterministic", action="store_true",
-                   help="batch-invariant kernels: a request's tokens do not depend on what else runs beside it, in "
-                        "any dtype (default GGUF weights are invariant anyway; dense bf16 then costs some prefill "
-                        "and large-batch speed, see README)")
+                   help="batch invariance in every kernel, at any cost: a request's tokens do not depend on what "
+                        "else runs beside it (the default already holds it on the CPU with the C++ kernels, packed "
+                        "and dense weights alike; this adds the paths without them and the GPU's, see README)")
     p.add_argument("--dense-gguf", dest="dense_gguf", action="store_true",
                    help="dequantize a GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL/Q2_K/Q3_K/Q4_K/Q5_K/Q6_K/IQ4_XS blocks "
                         "to dense weights at load (default: kept packed)")

@@ -44,12 +44,16 @@ __all__ = ["NoBackendError", "set_backend", "use_backend", "pinned_backend", "ac
            "batch_invariant", "set_cpu_activations", "cpu_activations"]
 
 
-def set_batch_invariant(enabled: bool = True) -> None:
-    """Make every linear kernel compute each row independently of how many rows share the call, so a request's
-    tokens are the same alone or batched with others (serve --deterministic). Packed GGUF weights are batch
-    invariant anyway on the CPU; this switches dense bf16 weights on the CPU to the bf16 GEMV for every batch size
-    (ops/cpu/gemv_linear.py; its cost is measured in bench/bench_determinism.py) and keeps the triton backend's
-    quantized linears on their fused kernel above DENSE_ROWS (ops/triton/linear.py). Process-wide."""
+def set_batch_invariant(enabled: bool | None = True) -> None:
+    """Whether a linear kernel computes each row independently of how many rows share the call, so that a request's
+    tokens are the same alone or batched with others. Process-wide; also `EXLLAMAV2_BATCH_INVARIANT=1|0|auto`.
+
+    None ("auto", the default): invariant wherever it is cheap: on the CPU with the C++ kernels every linear is
+    (packed GGUF, EXL2 and GPTQ weights, and dense bf16/fp16/fp32 weights through their GEMV at every row count,
+    ops/cpu/gemv_linear.py); the triton backend's quantized linears switch to a dense GEMM above DENSE_ROWS.
+    True (serve --deterministic): every kernel, at any cost: the triton linears stay on their fused kernel, and
+    without the C++ kernels the CPU's dense linears run one row per call. False: the fastest kernel for each row
+    count (dense CPU prefill through oneDNN: bench/bench_determinism.py measures what invariance costs)."""
     dispatch.set_batch_invariant(enabled)
 
 

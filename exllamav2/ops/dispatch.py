@@ -40,12 +40,31 @@ _pinned: str | None = _parse(os.environ.get(ENV_VAR), ENV_VAR)
 _generation = 0  # bumped whenever the choice changes; prepared kernels compare it to know they are stale
 
 
-_batch_invariant = False  # ops.set_batch_invariant: no kernel switches algorithm with the number of rows
+BATCH_INVARIANT_ENV = "EXLLAMAV2_BATCH_INVARIANT"
 
 
-def set_batch_invariant(enabled: bool = True) -> None:
+def _parse_batch_invariant(value, source: str) -> bool | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
+        return None
+    if isinstance(value, bool):
+        return value
+    key = str(value).strip().lower()
+    if key in ("1", "true", "on", "yes"):
+        return True
+    if key in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"{source}: expected 1/on, 0/off or auto, got {value!r}")
+
+
+# ops.set_batch_invariant: True, no kernel switches algorithm with the number of rows, at any cost; False, the
+# fastest kernel for each row count; None (auto, the default): invariant wherever that is cheap, which is every CPU
+# kernel with the C++ kernels built (packed GGUF/EXL2/GPTQ, and dense weights through their GEMV)
+_batch_invariant: bool | None = _parse_batch_invariant(os.environ.get(BATCH_INVARIANT_ENV), BATCH_INVARIANT_ENV)
+
+
+def set_batch_invariant(enabled: bool | None = True) -> None:
     global _batch_invariant
-    _batch_invariant = bool(enabled)
+    _batch_invariant = _parse_batch_invariant(enabled, "set_batch_invariant")
 
 
 CPU_ACTIVATIONS = {"int16": 2, "int8": 1}  # name -> the GGUF GEMV's activation stages (ops/cpu/csrc/gemv.cpp)
@@ -76,7 +95,13 @@ def cpu_activation_stages() -> int:
 
 
 def batch_invariant() -> bool:
-    return _batch_invariant
+    """Invariance asked for explicitly: every kernel, whatever it costs."""
+    return _batch_invariant is True
+
+
+def dense_gemv_every_call() -> bool:
+    """The CPU's dense GEMV for every row count (invariant; the default), or oneDNN above its rows (opted out)."""
+    return _batch_invariant is not False
 
 
 def pinned_backend() -> str | None:

@@ -20,11 +20,11 @@ from . import kernels
 from .gguf_pack import GgufPacked, GgufRowRuns
 from .quant_repack import SegmentedPacked
 
-# Rows up to which the bf16 GEMV runs; above it F.linear (oneDNN).
+# Rows up to which the dense GEMV runs when batch invariance is switched off; above it F.linear (oneDNN).
 GEMV_MAX_ROWS = 8
-# Batch invariance (exllamav2.ops.set_batch_invariant): the bf16 GEMV for every number of rows. The GEMV and
-# oneDNN round differently, so without it a request decoded alone (1 row) and among 16 others (16 rows) can get
-# other tokens; the GEMV computes each row alone, at some cost to prefill and to batches above GEMV_MAX_ROWS
+# Batch invariance (exllamav2.ops.set_batch_invariant; on by default): the dense GEMV for every number of rows. The
+# GEMV and oneDNN round differently, so otherwise a request decoded alone (1 row) and among 16 others (16 rows) can
+# get other tokens; the GEMV computes each row alone, at some cost to prefill and to batches above GEMV_MAX_ROWS
 # (bench/bench_determinism.py).
 
 
@@ -100,17 +100,19 @@ class SegmentedGemvKernel:
         return self.packed.nbytes()
 
 
-class Bf16GemvKernel:
-    """A dense bf16 weight, the module's own tensor (no copy): AVX512-BF16 GEMV for decode, F.linear above."""
+class DenseGemvKernel:
+    """A dense bf16, fp16 or fp32 weight, the module's own tensor (no copy): the GEMV (csrc/bf16_gemv.cpp) for every
+    call while batch invariance is on (the default), else for decode and F.linear (oneDNN) above GEMV_MAX_ROWS."""
     backend = "cpu"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.weight, self.bias = weight, bias
         self.out_features, self.in_features = weight.shape
+        self.op = kernels.bf16_gemv if weight.dtype == torch.bfloat16 else kernels.dense_gemv
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.shape[0] <= GEMV_MAX_ROWS or dispatch.batch_invariant()) and not needs_grad(x, self.weight):
-            return kernels.bf16_gemv(x, self.weight, self.bias)
+        if (x.shape[0] <= GEMV_MAX_ROWS or dispatch.dense_gemv_every_call()) and not needs_grad(x, self.weight):
+            return self.op(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def nbytes(self) -> int:

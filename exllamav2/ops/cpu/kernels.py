@@ -67,6 +67,10 @@ def _register_fakes() -> None:
     def _bf16_gemv_fake(x, weight, bias):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
+    @torch.library.register_fake("exllamav2_cpu::dense_gemv")
+    def _dense_gemv_fake(x, weight, bias):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
     @torch.library.register_fake("exllamav2_cpu::rms_norm")
     def _rms_norm_fake(x, weight, eps, out_dtype):
         return x.new_empty(x.shape, dtype=out_dtype)
@@ -203,3 +207,9 @@ def gguf_rows(raw: torch.Tensor, ids: torch.Tensor, qtype: str, width: int, dtyp
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (rows, K) bf16, weight (N, K) bf16 row-major (the module's own tensor) -> (rows, N) bf16."""
     return torch.ops.exllamav2_cpu.bf16_gemv(x, weight, bias)
+
+
+def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (rows, K) and weight (N, K) row-major, both bf16, fp16 or fp32 -> (rows, N) in that dtype; each row computed
+    alone (the same for any number of rows)."""
+    return torch.ops.exllamav2_cpu.dense_gemv(x, weight, bias)

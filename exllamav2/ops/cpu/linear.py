@@ -9,7 +9,7 @@ import torch
 from .. import dispatch
 from ..torch_ref import linear as torch_linear
 from . import build, kernels
-from .gemv_linear import Bf16GemvKernel, GgufGemvKernel, SegmentedGemvKernel
+from .gemv_linear import DenseGemvKernel, GgufGemvKernel, SegmentedGemvKernel
 from .gguf_pack import pack_gguf_weight
 from .quant_repack import repack_quant_weight
 
@@ -37,11 +37,11 @@ class Int4Kernel:
 class DenseKernel(torch_linear.DenseKernel):
     """F.linear on the module's own weight (oneDNN underneath); the weight and activations share a dtype.
 
-    Batch-invariant mode (ops.set_batch_invariant): each row runs alone, from a fresh copy. torch's GEMM picks
-    its blocking by the row count, and a BLAS may take other code paths by the data's alignment, so a row computed
-    among others can round differently from the same row alone. One call per row makes float32/float16 prefill
-    slow in that mode; bfloat16 weights take the GEMV instead (gemv_linear.py). A traced (compiled) step keeps
-    the single call."""
+    Taken where the C++ kernels are not built (their dense GEMV is batch invariant: gemv_linear.py). With batch
+    invariance asked for explicitly (ops.set_batch_invariant(True)) each row runs alone, from a fresh copy: torch's
+    GEMM picks its blocking by the row count, and a BLAS may take other code paths by the data's alignment, so a
+    row computed among others can round differently from the same row alone; one call per row makes prefill slow.
+    A traced (compiled) step keeps the single call."""
     backend = "cpu"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,8 +100,9 @@ def prepare(dense: torch.Tensor | None, bias: torch.Tensor | None, quant, device
         return Int4Kernel(packed, quant.bias)
     if dense.dtype != dtype:
         return f"weight in {dense.dtype}, activations in {dtype}"
-    if dtype == torch.bfloat16 and dense.is_contiguous() and _kernels_ready():
-        return Bf16GemvKernel(dense, bias)
+    if dtype in (torch.bfloat16, torch.float16, torch.float32) and dense.dtype == dtype and dense.is_contiguous() \
+            and _kernels_ready():
+        return DenseGemvKernel(dense, bias)
     return DenseKernel(dense, bias)
 
 
