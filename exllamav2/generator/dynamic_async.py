@@ -60,8 +60,15 @@ class ExLlamaV2DynamicGeneratorAsync:
             try:
                 results = gen.iterate()
             except Exception as e:  # a failed step ends the jobs it ran, not the loop
-                for job in list(gen.active):
-                    gen.cancel(job)
+                # the generator cancels a job whose sampling failed and keeps the others' results for the next
+                # step (dynamic.py): end the jobs it dropped; a failure of the whole step ends every job it ran
+                live = set(gen.active) | set(gen.pending)
+                dropped = [job for job in self.jobs if job not in live]
+                if not dropped:
+                    dropped = list(gen.active)
+                    for job in dropped:
+                        gen.cancel(job)
+                for job in dropped:
                     ajob = self.jobs.pop(job, None)
                     if ajob is not None:
                         ajob._push(e)

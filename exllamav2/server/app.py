@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generator.dynamic_async import ExLlamaV2DynamicJobAsync
-from .engine import ServerEngine, encode_prompt, job_seed, sampler_settings, token_text
+from .engine import ServerEngine, encode_prompt, job_seed, sampler_settings, token_bytes, token_text
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .structured import OutputPlan, ReplyStream, StructuredRequestError, chat_messages, plan_output
 
@@ -276,6 +276,12 @@ def _interventions(engine: ServerEngine, items) -> list:
 async def _serve(engine: ServerEngine, req, request: Request, encoded, chat: bool, max_tokens, logprobs,
                  metrics=None, t0: float | None = None, plan: OutputPlan | None = None):
     specs = _check_request(engine, req, encoded)
+    if max_tokens is not None and max_tokens > engine.max_seq_len:
+        # a budget no prompt can leave room for (e.g. 10**9); one that only the prompt squeezes is cut to the
+        # context and ends with finish_reason "length"
+        param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+        raise APIError(400, f"{param}: {max_tokens} is more than this model's context of {engine.max_seq_len} "
+                            f"tokens", param=param, code="context_length_exceeded")
     plan = plan or OutputPlan()
     tok = engine.tokenizer
     stops = list(tok.eos_token_ids) + req.stop_strings()
@@ -467,10 +473,11 @@ class _Formatter:
         if self.logprobs is None:
             return None
         text = lambda t: token_text(self.tok, t)
+        raw = lambda t: list(token_bytes(self.tok, t))
         if self.chat:
             return {"content": [{"token": text(e["token"]), "logprob": e["logprob"],
-                                 "bytes": list(text(e["token"]).encode()),
-                                 "top_logprobs": [{"token": text(t), "logprob": lp, "bytes": list(text(t).encode())}
+                                 "bytes": raw(e["token"]),
+                                 "top_logprobs": [{"token": text(t), "logprob": lp, "bytes": raw(t)}
                                                   for t, lp in e["top_logprobs"]]} for e in entries]}
         return {"tokens": [text(e["token"]) for e in entries], "token_logprobs": [e["logprob"] for e in entries],
                 "top_logprobs": [{text(t): lp for t, lp in e["top_logprobs"]} for e in entries],

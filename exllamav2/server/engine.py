@@ -100,3 +100,51 @@ def encode_prompt(tokenizer, text: str, special: bool) -> torch.Tensor:
 
 def token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode_list([token_id], decode_special_tokens=True)
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The bytes a token stands for, as OpenAI's logprobs `bytes` carry them: a token holding part of a multi-byte
+    character gives those bytes (so a client can join them into the character), not the UTF-8 of U+FFFD that its
+    decoded text shows. Byte-level BPE pieces map through the GPT-2 byte alphabet, `<0xHH>` byte-fallback pieces
+    give their byte; any other token gives its text in UTF-8."""
+    table = getattr(tokenizer, "_server_token_bytes", None)
+    if table is None:
+        table = tokenizer._server_token_bytes = _TokenBytes(tokenizer)
+    return table.get(int(token_id))
+
+
+class _TokenBytes:
+    def __init__(self, tokenizer):
+        from ..tokenizer.vocab_index import byte_level_alphabet, is_byte_level
+        self.tokenizer = tokenizer
+        self.cache: dict[int, bytes] = {}
+        self.raw: dict[int, str] = {}
+        self.alphabet: dict[str, int] = {}
+        self.fallback = frozenset()
+        inner = getattr(tokenizer, "tokenizer", None)
+        try:
+            vocab = inner.get_vocab(with_added_tokens=True)
+            self.raw = {i: p for p, i in vocab.items()}
+            if is_byte_level(vocab, lambda i: inner.decode([i], skip_special_tokens=False)):
+                self.alphabet = byte_level_alphabet()
+            self.fallback = tokenizer.get_byte_fallback_ids()
+        except Exception:  # noqa: BLE001 -- a tokenizer without these views: the decoded text's bytes
+            pass
+
+    def get(self, token_id: int) -> bytes:
+        hit = self.cache.get(token_id)
+        if hit is not None:
+            return hit
+        raw = self.raw.get(token_id)
+        text = token_text(self.tokenizer, token_id)
+        out = None
+        if raw is not None and "\ufffd" in text:
+            if token_id in self.fallback and raw.startswith("<0x") and len(raw) == 6:
+                out = bytes([int(raw[3:5], 16)])
+            elif self.alphabet and all(ch in self.alphabet for ch in raw):
+                out = bytes(self.alphabet[ch] for ch in raw)
+        if out is None:
+            out = text.encode("utf-8")
+        self.cache[token_id] = out
+        return out
+

@@ -205,10 +205,40 @@ def _check_tools(model, tokenizer, tools) -> list[dict]:
     return out
 
 
+# keywords whose value is a JSON value (not a schema): a "$ref" inside one is data, not a reference
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "example"})
+# keywords whose value maps names to schemas
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+
+
+def _rebase_refs(schema, base: str):
+    """`schema` with every local `$ref` ("#...") rewritten to point below `base` ("#/$defs/x"), so the schema can
+    sit inside a larger one and its `#/$defs/...` references (and recursive "#") still resolve."""
+    if isinstance(schema, list):
+        return [_rebase_refs(s, base) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = base + value[1:]
+        elif key in _DATA_KEYWORDS:
+            out[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _rebase_refs(sub, base) for name, sub in value.items()}
+        else:
+            out[key] = _rebase_refs(value, base)
+    return out
+
+
 def _required_schema(tools: list[dict], parallel: bool) -> dict:
-    calls = [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
-              "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
-    schema = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1}
+    # each tool's parameters sit in the root's $defs, their local references rebased, so a parameters schema
+    # with its own $defs / definitions / recursive "#" compiles as it does alone (a named tool_choice)
+    defs = {f"tool_{i}": _rebase_refs(t["parameters"], f"#/$defs/tool_{i}") for i, t in enumerate(tools)}
+    calls = [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": {"$ref": f"#/$defs/tool_{i}"}},
+              "required": ["name", "arguments"], "additionalProperties": False} for i, t in enumerate(tools)]
+    schema = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1,
+              "$defs": defs}
     if not parallel:
         schema["maxItems"] = 1
     return schema

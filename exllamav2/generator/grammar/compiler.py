@@ -90,15 +90,21 @@ def grammar_text(kind: str, spec: Any) -> str:
             spec = {} if spec else {"not": {}}
         if not isinstance(spec, dict):
             raise GrammarError(f"a JSON schema must be an object, got {type(spec).__name__}")
-        return M.grammar_from_json_schema(spec, defaults=JSON_OPTIONS)
+        try:
+            return M.grammar_from_json_schema(spec, defaults=JSON_OPTIONS)
+        except (ValueError, TypeError, OverflowError) as e:  # e.g. an integer too large for a JSON number
+            raise GrammarError(f"the JSON schema cannot be read: {e}") from None
     if kind == "json_object":
         return M.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
     if not isinstance(spec, str) or not spec:
         raise GrammarError(f"a {kind} constraint must be a non-empty string, got {spec!r}")
-    if kind == "regex":
-        return M.grammar_from_regex(spec)
-    if kind == "lark":
-        return M.grammar_from_lark(spec)
+    try:
+        if kind == "regex":
+            return M.grammar_from_regex(spec)
+        if kind == "lark":
+            return M.grammar_from_lark(spec)
+    except (ValueError, TypeError) as e:
+        raise GrammarError(f"{_describe(kind)} cannot be read: {e}") from None
     if kind == "ebnf":
         try:
             return llg.grammar_from("gbnf", spec)
@@ -134,6 +140,13 @@ class GrammarCache:
         matcher = llg.LLMatcher(llt, text, log_level=0)
         if matcher.is_error():
             raise GrammarError(f"{_describe(kind)} cannot be enforced: {matcher.get_error().strip()}")
+        # the first mask, on a copy: a grammar with no way to start (a schema such as {"$ref": "#"} that no
+        # finite text satisfies) only shows its error once a mask is computed, and would allow nothing but EOS
+        probe = matcher.deep_copy()
+        probe.compute_bitmask()
+        if probe.is_error() or (not probe.is_accepting() and probe.is_stopped()):
+            why = probe.get_error().strip() if probe.is_error() else "it allows no text"
+            raise GrammarError(f"{_describe(kind)} cannot be enforced: no text satisfies it ({why.splitlines()[0]})")
         with self._lock:
             self.compiled += 1
             self._items[key] = matcher

@@ -109,7 +109,7 @@ class ExLlamaV2GrammarFilter(ExLlamaV2Filter):
         self.background_drop()
         token = int(token)
         if token in self.eos_ids:
-            return self._accepting or self._stopped
+            return (self._accepting or self._stopped) and not self._error
         if self._error or self.matcher.try_consume_tokens([token]) != 1:
             return False
         stopped = self.matcher.is_stopped()
@@ -147,7 +147,7 @@ class ExLlamaV2GrammarFilter(ExLlamaV2Filter):
         self.prepare_logit_mask()
         self.background_drop()
         if self._error:
-            raise ValueError(f"grammar filter ({self.kind}): the generated tokens left the grammar: "
+            raise ValueError(f"grammar filter ({self.kind}): the grammar cannot go on after {self._fed} tokens: "
                              f"{self._error[:500]}")
         return self._bitmask
 
@@ -182,6 +182,10 @@ class ExLlamaV2GrammarFilter(ExLlamaV2Filter):
 
         def compute():
             matcher.unsafe_compute_mask_ptr(bitmask.data_ptr(), bitmask.numel() * 4)
+            if matcher.is_error():
+                # the grammar has no way on (e.g. a schema with no finite instance, a parser grown too complex):
+                # llguidance then allows only EOS, which must not pass as a finished text
+                self._error = matcher.get_error().strip() or "the grammar cannot go on"
             self._bitmask = bitmask
 
         self._pending = _worker_pool().submit(compute)
