@@ -162,6 +162,16 @@ def test_batch_larger_than_cache(good_dir):
         m.forward(torch.zeros(2, 4, dtype=torch.long), cache)
 
 
+def test_dynamic_generator_without_a_tokenizer(good_dir):
+    from exllamav2.generator.dynamic import ExLlamaV2DynamicGenerator
+    m = load(good_dir)
+    from exllamav2.generator.dynamic import ExLlamaV2DynamicJob
+    gen = ExLlamaV2DynamicGenerator(m, ExLlamaV2Cache(m, max_seq_len=64), None, page_size=16)
+    with pytest.raises(ValueError, match="without a tokenizer"):
+        gen.enqueue(ExLlamaV2DynamicJob(torch.zeros(1, 4, dtype=torch.long), 4))
+    assert gen.num_remaining_jobs() == 0
+
+
 def test_forward_before_load(good_dir):
     m = ExLlamaV2(ExLlamaV2Config(good_dir))
     with pytest.raises(RuntimeError, match="not loaded"):

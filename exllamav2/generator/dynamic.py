@@ -126,6 +126,9 @@ class ExLlamaV2DynamicGenerator:
 
     def validate(self, job: ExLlamaV2DynamicJob) -> None:
         """Raise ValueError if the job can never run here; caps max_new_tokens at the context length."""
+        if self.tokenizer is None:
+            raise ValueError("enqueue: this ExLlamaV2DynamicGenerator was made without a tokenizer; a job needs one "
+                             "to decode its text and match stop strings (pass an ExLlamaV2Tokenizer)")
         if job.prompt_len >= self.max_seq_len:
             raise ValueError(f"enqueue: the prompt has {job.prompt_len} tokens; the context holds "
                              f"max_seq_len={self.max_seq_len} (prompt plus at least one new token)")
