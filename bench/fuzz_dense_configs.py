@@ -366,12 +366,15 @@ def save_ours(case: Case, hf, path: str) -> str:
         cfg["architectures"] = ["YiForCausalLM"]
         json.dump(cfg, open(p, "w"))
     elif case.repack == "internlm2":
-        _to_internlm2(hf, path, bool(case.kwargs.get("attention_bias")))
+        to_internlm2(hf, path, bool(case.kwargs.get("attention_bias")))
     return path
 
 
-def _to_internlm2(hf, path, bias: bool):
+def to_internlm2(hf, path, bias: bool) -> str:
+    """Write an HF Llama model's weights under InternLM2 names (the altpack wqkv layout) into the folder `path`, in
+    place of what it held; returns the folder (InternLM2 has no HF model: tests/test_more_arch_parity.py)."""
     from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
     for f in os.listdir(path):
         os.remove(os.path.join(path, f))
     c = hf.config
@@ -411,6 +414,7 @@ def _to_internlm2(hf, path, bias: bool):
         cfg["head_dim"] = d
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
+    return str(path)
 
 
 # ------------------------------------------------------------------------------------------------ checking

@@ -2,12 +2,16 @@
 the shared parity runner (fp32 logits, cache, padded batch, chunked prefill, bf16, intermediates)."""
 
 import os
+import sys
 
 import pytest
 import torch
 import transformers as tf
 
 from parity import ParityRunner, default_hf_names, make_tiny, save_hf_model
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from fuzz_dense_configs import to_internlm2  # noqa: E402  (InternLM2 has no HF model: Llama weights repacked)
 
 COMMON = dict(vocab_size=131, hidden_size=48, intermediate_size=88, num_hidden_layers=3, num_attention_heads=6,
               num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
@@ -104,53 +108,11 @@ def test_logits_have_spread(runner):
 
 # ---------------------------------------------------------------- InternLM2 (no HF model: Llama weights repacked)
 
-def _to_internlm2(hf, path, bias: bool):
-    """Write an HF Llama model's weights under InternLM2 names with the altpack wqkv layout."""
-    import json
-    from safetensors.torch import save_file
-    c = hf.config
-    H, Hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    g = H // Hkv
-    sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
-    out = {"model.tok_embeddings.weight": sd["model.embed_tokens.weight"], "model.norm.weight": sd["model.norm.weight"],
-           "output.weight": sd["lm_head.weight"]}
-    for i in range(c.num_hidden_layers):
-        p = q = f"model.layers.{i}."  # same layer prefix in both layouts
-
-        def pack(suffix):
-            qw = sd[p + "self_attn.q_proj." + suffix].reshape(Hkv, g, d, -1)
-            kw = sd[p + "self_attn.k_proj." + suffix].reshape(Hkv, 1, d, -1)
-            vw = sd[p + "self_attn.v_proj." + suffix].reshape(Hkv, 1, d, -1)
-            t = torch.cat((qw, kw, vw), 1).reshape((H + 2 * Hkv) * d, -1)
-            return t if suffix == "weight" else t.reshape(-1)
-
-        out[q + "attention.wqkv.weight"] = pack("weight")
-        out[q + "attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
-        if bias:
-            out[q + "attention.wqkv.bias"] = pack("bias")
-            out[q + "attention.wo.bias"] = sd[p + "self_attn.o_proj.bias"]
-        out[q + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
-        out[q + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
-        for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-            out[q + f"feed_forward.{ours}.weight"] = sd[p + f"mlp.{theirs}.weight"]
-    os.makedirs(path, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(path, "model.safetensors"))
-    cfg = {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "vocab_size": c.vocab_size,
-           "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-           "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": H, "num_key_value_heads": Hkv,
-           "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.rms_norm_eps,
-           "rope_theta": c.rope_parameters["rope_theta"], "hidden_act": "silu", "bias": bias,
-           "tie_word_embeddings": False}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    return str(path)
-
-
 @pytest.fixture(scope="module", params=["gqa_bias", "mha"])
 def internlm2(request, tmp_path_factory):
     extra = dict(attention_bias=True) if request.param == "gqa_bias" else dict(num_key_value_heads=6)
     hf = make_tiny(tf.LlamaForCausalLM, tf.LlamaConfig(**{**COMMON, **extra, "head_dim": 8}), seed=11, init_scale=0.08)
-    path = _to_internlm2(hf, str(tmp_path_factory.mktemp("internlm2_" + request.param)), "bias" in request.param)
+    path = to_internlm2(hf, str(tmp_path_factory.mktemp("internlm2_" + request.param)), "bias" in request.param)
     return ParityRunner(path, hf)
 
 

@@ -125,49 +125,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_rows_a
     reduce_tile<R, M>(acc, out);
 }
 
-__attribute__((target("avx2,fma"))) inline __m256 widen_bf16(const uint16_t* p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(
-        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
-
-template <int R, int M>
-__attribute__((target("avx2,fma"))) void bf16_rows_avx2(const uint16_t* w, const uint16_t* x, int64_t K,
-                                                        float* out /* (M, R) */, const uint16_t*, int64_t) {
-    __m256 acc[R][M];
-    #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-        #pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-        __m256 xv[M];
-        #pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) xv[m] = widen_bf16(x + m * K + k);
-        #pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-            const __m256 wv = widen_bf16(w + r * K + k);
-            #pragma GCC unroll 8
-            for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
-        }
-    }
-    #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-        #pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) {
-            alignas(32) float lanes[8];
-            _mm256_store_ps(lanes, acc[r][m]);
-            float sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-            for (int64_t kk = k; kk < K; ++kk) {
-                uint32_t wb = static_cast<uint32_t>(w[r * K + kk]) << 16, xb = static_cast<uint32_t>(x[m * K + kk]) << 16;
-                float wf, xf;
-                std::memcpy(&wf, &wb, 4);
-                std::memcpy(&xf, &xb, 4);
-                sum = std::fma(wf, xf, sum);
-            }
-            out[m * R + r] = sum;
-        }
-}
-
 // float32 / float16 weights and activations (one dtype): 16 columns per FMA, a masked tail, one horizontal sum in a
 // fixed order; as bf16_rows_avx512, the per (row, activation row) sequence does not depend on R or M.
 template <typename T>
@@ -206,19 +163,31 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void float_rows_avx512
     reduce_tile<R, M>(acc, out);
 }
 
-template <typename T>
+// AVX2, all three weight types in fp32 FMAs: 8 columns a step, one fixed horizontal order, a scalar tail. BF16
+// widens bf16 (stored as uint16_t, as float16 is) by a shift.
+template <bool BF16, typename T>
 __attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 load8(const T* p) {
     if constexpr (sizeof(T) == 4) return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+    else if constexpr (BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
     else return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-template <typename T>
+template <bool BF16, typename T>
 inline float scalar_of(T v) {
-    if constexpr (sizeof(T) == 4) return v;
-    else return static_cast<float>(c10::Half(v, c10::Half::from_bits()));
+    if constexpr (sizeof(T) == 4) {
+        return v;
+    } else if constexpr (BF16) {
+        const uint32_t bits = static_cast<uint32_t>(v) << 16;
+        float f;
+        std::memcpy(&f, &bits, 4);
+        return f;
+    } else {
+        return static_cast<float>(c10::Half(v, c10::Half::from_bits()));
+    }
 }
 
-template <typename T, int R, int M>
+template <bool BF16, typename T, int R, int M>
 __attribute__((target("avx2,fma,f16c"))) void float_rows_avx2(const T* w, const T* x, int64_t K,
                                                              float* out /* (M, R) */, const T*, int64_t) {
     __m256 acc[R][M];
@@ -230,10 +199,10 @@ __attribute__((target("avx2,fma,f16c"))) void float_rows_avx2(const T* w, const 
     for (; k + 8 <= K; k += 8) {
         __m256 xv[M];
         #pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) xv[m] = load8(x + m * K + k);
+        for (int m = 0; m < M; ++m) xv[m] = load8<BF16>(x + m * K + k);
         #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-            const __m256 wv = load8(w + r * K + k);
+            const __m256 wv = load8<BF16>(w + r * K + k);
             #pragma GCC unroll 8
             for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
         }
@@ -245,7 +214,8 @@ __attribute__((target("avx2,fma,f16c"))) void float_rows_avx2(const T* w, const 
             alignas(32) float lanes[8];
             _mm256_store_ps(lanes, acc[r][m]);
             float sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-            for (int64_t kk = k; kk < K; ++kk) sum = std::fma(scalar_of(w[r * K + kk]), scalar_of(x[m * K + kk]), sum);
+            for (int64_t kk = k; kk < K; ++kk)
+                sum = std::fma(scalar_of<BF16>(w[r * K + kk]), scalar_of<BF16>(x[m * K + kk]), sum);
             out[m * R + r] = sum;
         }
 }
@@ -258,14 +228,16 @@ struct Bf16W {
     using T = uint16_t;
     using Out = c10::BFloat16;
     template <int R, int M>
-    static RowsFn<T> pick(int64_t isa) { return isa == ISA_AVX512 ? &bf16_rows_avx512<R, M> : &bf16_rows_avx2<R, M>; }
+    static RowsFn<T> pick(int64_t isa) {
+        return isa == ISA_AVX512 ? &bf16_rows_avx512<R, M> : &float_rows_avx2<true, T, R, M>;
+    }
 };
 struct F16W {
     using T = uint16_t;
     using Out = c10::Half;
     template <int R, int M>
     static RowsFn<T> pick(int64_t isa) {
-        return isa == ISA_AVX512 ? &float_rows_avx512<T, R, M> : &float_rows_avx2<T, R, M>;
+        return isa == ISA_AVX512 ? &float_rows_avx512<T, R, M> : &float_rows_avx2<false, T, R, M>;
     }
 };
 struct F32W {
@@ -273,7 +245,7 @@ struct F32W {
     using Out = float;
     template <int R, int M>
     static RowsFn<T> pick(int64_t isa) {
-        return isa == ISA_AVX512 ? &float_rows_avx512<T, R, M> : &float_rows_avx2<T, R, M>;
+        return isa == ISA_AVX512 ? &float_rows_avx512<T, R, M> : &float_rows_avx2<false, T, R, M>;
     }
 };
 
