@@ -60,7 +60,7 @@ def _internlm2(path):
     from transformers import LlamaConfig, LlamaForCausalLM
     mod = importlib.import_module("test_more_arch_parity")
     hf = make_tiny(LlamaForCausalLM, LlamaConfig(**{**mod.COMMON, "attention_bias": True}), seed=11, init_scale=0.08)
-    return mod._to_internlm2(hf, str(path), True)
+    return mod.to_internlm2(hf, str(path), True)
 
 
 # case id -> (architecture string, builder(path) -> model folder)
