@@ -79,6 +79,20 @@ def test_completion_greedy_equals_engine(tiny, client):
         assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
 
 
+def test_completion_echo_puts_the_prompt_first(tiny, client):
+    _, model, tok = tiny
+    prompts = PROMPTS[:2]
+    refs = [reference_text(tok, model, tok.encode(p), 6) for p in prompts]
+    r = client.completions.create(model="tiny", prompt=prompts, max_tokens=6, temperature=0, echo=True, n=2)
+    assert [c.text for c in r.choices] == [p + ref for p, ref in zip(prompts, refs) for _ in range(2)]
+    assert r.usage.prompt_tokens == sum(tok.encode(p).shape[1] for p in prompts)
+    chunks = list(client.completions.create(model="tiny", prompt=prompts[0], max_tokens=6, temperature=0, echo=True,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == prompts[0] + refs[0]
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.completions.create(model="tiny", prompt=prompts[0], max_tokens=2, echo=True, logprobs=1)
+
+
 def test_chat_greedy_equals_engine(tiny, client):
     _, model, tok = tiny
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]

@@ -175,8 +175,12 @@ def create_app(engine: ServerEngine, api_key: str | None = None) -> FastAPI:
         encoded = await off_loop(lambda: [encode_prompt(engine.tokenizer, p, special=False) for p in prompts],
                                  "prompt")
         plan = await off_loop(lambda: plan_output(engine.model, engine.tokenizer, req), "response_format")
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs would need the prompt tokens' logprobs, which this server does "
+                                "not compute; send echo or logprobs, not both", param="echo")
         return await _serve(engine, req, request, encoded, chat=False, max_tokens=req.max_tokens,
-                            logprobs=req.logprobs, metrics=metrics, t0=t0, plan=plan)
+                            logprobs=req.logprobs, metrics=metrics, t0=t0, plan=plan,
+                            echo=prompts if req.echo else None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
@@ -274,7 +278,8 @@ def _interventions(engine: ServerEngine, items) -> list:
 
 
 async def _serve(engine: ServerEngine, req, request: Request, encoded, chat: bool, max_tokens, logprobs,
-                 metrics=None, t0: float | None = None, plan: OutputPlan | None = None):
+                 metrics=None, t0: float | None = None, plan: OutputPlan | None = None, echo: list | None = None):
+    """`echo`: the prompts' texts, put before each choice's completion (/v1/completions with echo)."""
     specs = _check_request(engine, req, encoded)
     if max_tokens is not None and max_tokens > engine.max_seq_len:
         # a budget no prompt can leave room for (e.g. 10**9); one that only the prompt squeezes is cut to the
@@ -311,9 +316,10 @@ async def _serve(engine: ServerEngine, req, request: Request, encoded, chat: boo
     timing = _Timing(metrics, t0 if t0 is not None else time.perf_counter(), len(jobs))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(jobs, request, fmt, prompt_tokens, include_usage, timing, plan),
+        heads = [echo[i // req.n] for i in range(len(jobs))] if echo else None
+        return StreamingResponse(_stream(jobs, request, fmt, prompt_tokens, include_usage, timing, plan, heads),
                                  media_type="text/event-stream")
-    texts = [""] * len(jobs)
+    texts = [echo[i // req.n] if echo else "" for i in range(len(jobs))]
     lps: list[list] = [[] for _ in jobs]
     finish = [None] * len(jobs)
     completion_tokens = 0
@@ -420,12 +426,15 @@ async def _merged(jobs, request: Request, timing: _Timing | None = None):
 
 
 async def _stream(jobs, request: Request, fmt: "_Formatter", prompt_tokens: int, include_usage: bool,
-                  timing: _Timing | None = None, plan: OutputPlan | None = None):
+                  timing: _Timing | None = None, plan: OutputPlan | None = None, heads: list[str] | None = None):
     completion_tokens = 0
     replies = [ReplyStream(plan) for _ in jobs] if plan is not None and plan.parses_tools else None
     if fmt.chat:
         for i in range(len(jobs)):
             yield _sse(fmt.chunk(i, None, [], None, role=True))
+    for i, head in enumerate(heads or ()):  # echo: each choice's prompt first
+        if head:
+            yield _sse(fmt.chunk(i, head, [], None))
     try:
         async for index, r in _merged(jobs, request, timing):
             finish = _finish_reason(r) if r.get("eos") else None
