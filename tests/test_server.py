@@ -169,6 +169,14 @@ def test_auth_and_unknown_fields(server):
     assert r.status_code == 400
 
 
+@pytest.mark.parametrize("body", [b'{"prompt": "h\xff"}', b'{"prompt": ', b'\x00{}', b'prompt=hi'])
+def test_a_body_that_is_not_json_names_the_body(server, body):
+    r = httpx.post(server[0].url + "/v1/completions", content=body,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "body" and err["message"].startswith("body: "), r.text
+
+
 def test_disconnect_cancels_and_frees_pages(server):
     srv, engine = server
     pt = engine.generator.generator.page_table

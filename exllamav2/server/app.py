@@ -135,6 +135,11 @@ def create_app(engine: ServerEngine, api_key: str | None = None) -> FastAPI:
     async def _validation_error(request: Request, e: RequestValidationError):
         errs = e.errors()
         first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":  # the body itself (a BOM, a stray byte): loc is its byte offset
+            where = first.get("loc", ("body", "?"))[-1]
+            ctx = (first.get("ctx") or {}).get("error", "")
+            return error_response(400, f"body: not valid JSON at byte {where}{f' ({ctx})' if ctx else ''}",
+                                  "invalid_request_error", "body", "invalid_json")
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ()) if x != 'body') or 'body'}: {er.get('msg')}"
                         for er in errs)
@@ -144,6 +149,9 @@ def create_app(engine: ServerEngine, api_key: str | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         code = "request_too_large" if e.status_code == 413 else None
+        if e.status_code == 400 and str(e.detail) == "There was an error parsing the body":  # FastAPI's own words
+            return error_response(400, "body: not JSON text in UTF-8", "invalid_request_error", "body",
+                                  "invalid_json")
         return error_response(e.status_code, str(e.detail), "invalid_request_error", None, code)
 
     @app.exception_handler(Exception)
