@@ -134,6 +134,12 @@ def test_seed_and_n(client):
     a, b = client.completions.create(**kw), client.completions.create(**kw)
     assert [c.text for c in a.choices] == [c.text for c in b.choices] and len(a.choices) == 2
     assert [c.index for c in a.choices] == [0, 1]
+    # the first choice is the seed's own; the others' seeds are not the next seeds' first
+    one = client.completions.create(**{**kw, "n": 1})
+    assert one.choices[0].text == a.choices[0].text
+    from exllamav2.server.engine import job_seed
+    seeds = {job_seed(type("R", (), {"seed": s})(), i) for s in range(11, 43) for i in range(4)}
+    assert len(seeds) == 32 * 4
 
 
 @pytest.mark.parametrize("body,status,param", [

@@ -3,6 +3,7 @@ request fields to generator jobs."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -91,7 +92,13 @@ def sampler_settings(req) -> ExLlamaV2Sampler.Settings:
 
 
 def job_seed(req, index: int) -> int | None:
-    return None if req.seed is None else req.seed + index
+    """Choice `index`'s sampling seed: the request's own for the first (what a job of that seed gives), a hash of
+    (seed, index) for the others, so that no choice of one seed repeats a choice of another (seed + index would
+    make seed 5's second choice seed 6's first)."""
+    if req.seed is None or index == 0:
+        return req.seed
+    digest = hashlib.blake2b(f"{req.seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def encode_prompt(tokenizer, text: str, special: bool) -> torch.Tensor:
