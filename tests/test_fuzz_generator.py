@@ -196,3 +196,17 @@ def test_fuzz_smollm2_rounds(smollm2_gguf):
         _rounds(model, tok, seeds=range(3000, 3012))
     finally:
         ops.set_batch_invariant(None)
+
+
+def test_banned_strings_match_case_insensitively(tiny_fuzz):
+    """As in the original and in the streaming generator: a banned " s" also bans " Sacramento" (the dynamic job
+    matched banned strings as given, so the two generators gave other tokens for the same request)."""
+    import random as _random
+    model, tok = tiny_fuzz
+    config, reqs = fz.random_round(_random.Random(3100123), tok, model.config.max_seq_len)
+    r = fz.Request(**{**reqs[0].__dict__, "enqueue_step": 0, "cancel_step": None})
+    assert r.banned_strings == [" 1", " s"]
+    alone, _, problems = fz.run_jobs(model, tok, config, [r])
+    assert not problems
+    assert " s" not in alone[0].text.lower()
+    assert fz.check_streaming(model, tok, r, alone[0]) == []

@@ -69,7 +69,9 @@ class ExLlamaV2DynamicJob:
                 self.stop_tokens.add(c)
             elif c:
                 self.stop_strings.append(c)
-        self.banned_strings = [s for s in (banned_strings or []) if s]
+        # matched case-insensitively, as the original and the streaming generator do: lowered here, against the
+        # lowered held text
+        self.banned_strings = [s.lower() for s in (banned_strings or []) if s]
         self.decode_special_tokens = decode_special_tokens
         self.return_top_tokens = return_top_tokens
         self.return_logits = return_logits
@@ -235,9 +237,10 @@ class ExLlamaV2DynamicJob:
     def _hold_limit(self) -> int:
         """Characters that must stay held: the longest suffix of held_text that starts a stop or banned string."""
         keep = 0
-        for s in self.stop_strings + self.banned_strings:
-            for n in range(min(len(s) - 1, len(self.held_text)), keep, -1):
-                if self.held_text.endswith(s[:n]):
+        lowered = self.held_text.lower() if self.banned_strings else ""
+        for s, text in [(s, self.held_text) for s in self.stop_strings] + [(b, lowered) for b in self.banned_strings]:
+            for n in range(min(len(s) - 1, len(text)), keep, -1):
+                if text.endswith(s[:n]):
                     keep = n
                     break
         return keep
@@ -260,7 +263,8 @@ class ExLlamaV2DynamicJob:
         self.held_text += self.stream.feed(token)
 
         if self.banned_strings:
-            found = any(b in self.held_text for b in self.banned_strings)
+            lowered = self.held_text.lower()
+            found = any(b in lowered for b in self.banned_strings)
             if found or self._ban_pending():
                 if self.ban_held is None:  # the match begins in this token's text (or in text held before it)
                     self.checkpoint = len(self.new_token_ids) - 1
@@ -283,7 +287,8 @@ class ExLlamaV2DynamicJob:
 
     def _ban_pending(self) -> bool:
         """Whether held_text ends with a proper start of a banned string."""
-        return any(self.held_text.endswith(b[:n]) for b in self.banned_strings for n in range(1, len(b)))
+        lowered = self.held_text.lower()
+        return any(lowered.endswith(b[:n]) for b in self.banned_strings for n in range(1, len(b)))
 
     def finish_with(self, eos_reason: str, trigger: dict | None = None) -> dict:
         self.held_text += self.stream.finish()
