@@ -109,7 +109,7 @@ def test_server_16_concurrent_requests_equal_one_at_a_time(smollm2_default):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("k", [256, 100])
+@pytest.mark.parametrize("k", [256, 100, 2100])  # 2100: the k loop in parts (csrc/bf16_gemv.cpp)
 def test_dense_gemv_rows_do_not_depend_on_the_batch(invariant_mode, dtype, k):
     from exllamav2.ops.cpu import kernels
     from exllamav2.ops.cpu.gemv_linear import GEMV_MAX_ROWS, DenseGemvKernel

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <vector>
 
 #include "cpu_isa.h"
 #include "ops_api.h"
@@ -84,17 +85,12 @@ __attribute__((target("avx512f"), always_inline)) inline void reduce_tile(const 
 // prefetches R cache lines of the next R rows (`next`, `next_lines` lines in all), so they arrive just as they are
 // needed (single-thread stream rate 12.5 -> 18 GB/s on SmolLM2's shapes, Zen 4).
 template <int R, int M>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_rows_avx512(
-        const uint16_t* w, const uint16_t* x, int64_t K, float* out /* (M, R) */, const uint16_t* next,
-        int64_t next_lines) {
-    __m512 acc[R][M];
-    #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-        #pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-    int64_t k = 0, line = 0;
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"), always_inline)) inline void bf16_steps(
+        const uint16_t* w, const uint16_t* x, int64_t K, int64_t k0, int64_t k1, __m512 (&acc)[R][M],
+        const uint16_t* next, int64_t next_lines) {
+    int64_t k = k0, line = 0;
     const char* pf = reinterpret_cast<const char*>(next);
-    for (; k + 32 <= K; k += 32) {
+    for (; k + 32 <= k1; k += 32) {
         #pragma GCC unroll 8
         for (int r = 0; r < R; ++r, ++line)
             if (line < next_lines) _mm_prefetch(pf + 64 * line, _MM_HINT_T0);
@@ -109,8 +105,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_rows_a
                 acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv, (__m512bh)xv[m]);
         }
     }
-    if (k < K) {
-        const __mmask32 mask = (__mmask32)((1ull << (K - k)) - 1);
+    if (k < k1) {
+        const __mmask32 mask = (__mmask32)((1ull << (k1 - k)) - 1);
         __m512i xv[M];
         #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_epi16(mask, x + m * K + k);
@@ -122,6 +118,18 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_rows_a
                 acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv, (__m512bh)xv[m]);
         }
     }
+}
+
+template <int R, int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_rows_avx512(
+        const uint16_t* w, const uint16_t* x, int64_t K, float* out /* (M, R) */, const uint16_t* next,
+        int64_t next_lines) {
+    __m512 acc[R][M];
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+        #pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+    bf16_steps<R, M>(w, x, K, 0, K, acc, next, next_lines);
     reduce_tile<R, M>(acc, out);
 }
 
@@ -134,17 +142,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"), always_inline)) inline 
 }
 
 template <typename T, int R, int M>
-__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void float_rows_avx512(
-        const T* w, const T* x, int64_t K, float* out /* (M, R) */, const T* next, int64_t next_lines) {
-    __m512 acc[R][M];
-    #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-        #pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c"), always_inline)) inline void float_steps(
+        const T* w, const T* x, int64_t K, int64_t k0, int64_t k1, __m512 (&acc)[R][M], const T* next,
+        int64_t next_lines) {
     int64_t line = 0;
     const char* pf = reinterpret_cast<const char*>(next);
-    for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+    for (int64_t k = k0; k < k1; k += 16) {
+        const __mmask16 mask = k1 - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k1 - k)) - 1);
         if ((k * sizeof(T)) % 64 == 0) {
             #pragma GCC unroll 8
             for (int r = 0; r < R; ++r, ++line)
@@ -160,7 +164,42 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void float_rows_avx512
             for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
         }
     }
+}
+
+template <typename T, int R, int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void float_rows_avx512(
+        const T* w, const T* x, int64_t K, float* out /* (M, R) */, const T* next, int64_t next_lines) {
+    __m512 acc[R][M];
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+        #pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+    float_steps<T, R, M>(w, x, K, 0, K, acc, next, next_lines);
     reduce_tile<R, M>(acc, out);
+}
+
+// Part of the k loop, [k0, k1) with k0 and k1 multiples of 32 unless k1 == K: the accumulators come from `state`
+// (zeros at k0 == 0) and go back to it, or, at k1 == K, are summed into out. Each accumulator sees the same
+// operations in the same order as in the one-pass kernels above, so the result is theirs bit for bit.
+template <bool BF16, typename T, int R, int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,f16c"))) void part_avx512(
+        const T* w, const T* x, int64_t K, int64_t k0, int64_t k1, float* state, float* out) {
+    __m512 acc[R][M];
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+        #pragma GCC unroll 8
+        for (int m = 0; m < M; ++m)
+            acc[r][m] = k0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(state + (r * M + m) * 16);
+    if constexpr (BF16) bf16_steps<R, M>(w, x, K, k0, k1, acc, nullptr, 0);
+    else float_steps<T, R, M>(w, x, K, k0, k1, acc, nullptr, 0);
+    if (k1 == K) {
+        reduce_tile<R, M>(acc, out);
+        return;
+    }
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+        #pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) _mm512_storeu_ps(state + (r * M + m) * 16, acc[r][m]);
 }
 
 // AVX2, all three weight types in fp32 FMAs: 8 columns a step, one fixed horizontal order, a scalar tail. BF16
@@ -222,6 +261,8 @@ __attribute__((target("avx2,fma,f16c"))) void float_rows_avx2(const T* w, const 
 
 template <typename T>
 using RowsFn = void (*)(const T*, const T*, int64_t, float*, const T*, int64_t);
+template <typename T>
+using PartFn = void (*)(const T*, const T*, int64_t, int64_t, int64_t, float*, float*);
 
 // the weight types: storage element, output element, and the row kernels for R output rows x M activation rows
 struct Bf16W {
@@ -231,6 +272,8 @@ struct Bf16W {
     static RowsFn<T> pick(int64_t isa) {
         return isa == ISA_AVX512 ? &bf16_rows_avx512<R, M> : &float_rows_avx2<true, T, R, M>;
     }
+    template <int R, int M>
+    static PartFn<T> pick_part() { return &part_avx512<true, T, R, M>; }
 };
 struct F16W {
     using T = uint16_t;
@@ -239,6 +282,8 @@ struct F16W {
     static RowsFn<T> pick(int64_t isa) {
         return isa == ISA_AVX512 ? &float_rows_avx512<T, R, M> : &float_rows_avx2<false, T, R, M>;
     }
+    template <int R, int M>
+    static PartFn<T> pick_part() { return &part_avx512<false, T, R, M>; }
 };
 struct F32W {
     using T = float;
@@ -247,6 +292,8 @@ struct F32W {
     static RowsFn<T> pick(int64_t isa) {
         return isa == ISA_AVX512 ? &float_rows_avx512<T, R, M> : &float_rows_avx2<false, T, R, M>;
     }
+    template <int R, int M>
+    static PartFn<T> pick_part() { return &part_avx512<false, T, R, M>; }
 };
 
 // R output rows per step: 4 for one activation row down to 1 for eight, keeping R*M accumulators in registers
@@ -264,6 +311,20 @@ RowsFn<typename W::T> rows_fn(int64_t m, int64_t isa) {
     }
 }
 
+template <typename W, int R>
+PartFn<typename W::T> part_fn(int64_t m) {
+    switch (m) {
+        case 1: return W::template pick_part<R, 1>();
+        case 2: return W::template pick_part<R, 2>();
+        case 3: return W::template pick_part<R, 3>();
+        case 4: return W::template pick_part<R, 4>();
+        case 5: return W::template pick_part<R, 5>();
+        case 6: return W::template pick_part<R, 6>();
+        case 7: return W::template pick_part<R, 7>();
+        default: return W::template pick_part<R, 8>();
+    }
+}
+
 // Calls of more than kMaxRows rows (prefill): each thread takes a range of weight rows in blocks that stay in L2;
 // for each block, every chunk of 8 activation rows (in L1) runs against the block's weight rows two at a time. The
 // same row kernels as a decode call, so a row's result is the same.
@@ -276,6 +337,39 @@ void gemm_rows(const at::Tensor& xc, const at::Tensor& weight, const float* bptr
     const T* x = static_cast<const T*>(xc.data_ptr());
     typename W::Out* y = static_cast<typename W::Out*>(out.data_ptr());
     const int64_t block = std::max<int64_t>(2, (256 * 1024 / (K * static_cast<int64_t>(sizeof(T)))) / 2 * 2);
+    // long rows (8 activation rows of K beyond 32 KiB: a large model's down projection): the k loop in parts that
+    // keep a chunk's part in L1, the accumulators kept between parts (part_avx512)
+    const int64_t kpart = 4096 / static_cast<int64_t>(sizeof(T));
+    if (isa == ISA_AVX512 && K > kpart) {
+        at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+            float tile[2 * kMaxRows];
+            std::vector<float> state;
+            for (int64_t nb0 = n0; nb0 < n1; nb0 += block) {
+                const int64_t nb1 = std::min(n1, nb0 + block);
+                state.resize(static_cast<size_t>((nb1 - nb0 + 1) / 2) * 2 * kMaxRows * 16);
+                for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+                    const int64_t mr = std::min<int64_t>(kMaxRows, rows - r0);
+                    const PartFn<T> two = part_fn<W, 2>(mr), one = part_fn<W, 1>(mr);
+                    for (int64_t k0 = 0; k0 < K; k0 += kpart) {
+                        const int64_t k1 = std::min(K, k0 + kpart);
+                        for (int64_t i = nb0; i < nb1; i += 2) {
+                            const int R = i + 2 <= nb1 ? 2 : 1;
+                            (R == 2 ? two : one)(w + i * K, x + r0 * K, K, k0, k1,
+                                                 state.data() + (i - nb0) / 2 * 2 * kMaxRows * 16, tile);
+                            if (k1 < K) continue;
+                            for (int64_t m = 0; m < mr; ++m)
+                                for (int r = 0; r < R; ++r) {
+                                    float v = tile[m * R + r];
+                                    if (bptr) v += bptr[i + r];
+                                    y[(r0 + m) * n + i + r] = static_cast<typename W::Out>(v);
+                                }
+                        }
+                    }
+                }
+            }
+        });
+        return;
+    }
     at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
         float tile[2 * kMaxRows];
         for (int64_t nb0 = n0; nb0 < n1; nb0 += block) {
