@@ -173,6 +173,8 @@ def test_grammar_failing_mid_generation_does_not_hang(ctx):
     except httpx.TimeoutException:
         pytest.fail("the request hung")
     assert status != 200 or json.loads(raw)["choices"][0]["finish_reason"] == "length", raw
+    if status != 200:  # the request's own constraint failed: a 400 that says so, not a server error
+        assert status == 400 and json.loads(raw)["error"]["code"] == "constraint_failed", raw
     fz.check_baseline(ctx, -1, "after")
     assert not ctx.failures
 

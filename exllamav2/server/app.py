@@ -419,6 +419,10 @@ async def _merged(jobs, request: Request, timing: _Timing | None = None):
                 open_jobs -= 1
                 continue
             if isinstance(r, Exception):
+                from ..generator.grammar.compiler import GrammarError
+                if isinstance(r, GrammarError):  # the request's own constraint, not the server, failed
+                    raise APIError(400, f"the output constraint (response_format, guided_* or tools) could not "
+                                        f"be followed: {r}", code="constraint_failed")
                 raise APIError(500, f"generation failed: {r}", "server_error")
             if r.get("stage") == "streaming":
                 if timing is not None:

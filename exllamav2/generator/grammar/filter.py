@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..filters import ExLlamaV2Filter
-from .compiler import GrammarCache, default_cache, vocab_size_of
+from .compiler import GrammarCache, GrammarError, default_cache, vocab_size_of
 
 _pool: ThreadPoolExecutor | None = None
 
@@ -147,8 +147,8 @@ class ExLlamaV2GrammarFilter(ExLlamaV2Filter):
         self.prepare_logit_mask()
         self.background_drop()
         if self._error:
-            raise ValueError(f"grammar filter ({self.kind}): the grammar cannot go on after {self._fed} tokens: "
-                             f"{self._error[:500]}")
+            raise GrammarError(f"grammar filter ({self.kind}): the grammar cannot go on after {self._fed} tokens: "
+                               f"{self._error[:500]}")
         return self._bitmask
 
     def allowed_mask(self, vocab: int, device) -> torch.Tensor:
