@@ -172,22 +172,12 @@ def random_settings(rng: random.Random, tokenizer) -> tuple[dict, list, int | No
          "token_repetition_penalty": rng.choice([1.0, 1.0, 1.025, 1.2]),
          "token_frequency_penalty": rng.choice([0.0, 0.0, 0.3]),
          "token_presence_penalty": rng.choice([0.0, 0.0, 0.4])}
-    if rng.random() < 0.15:
-        s["tfs"] = 0.9
-    if rng.random() < 0.15:
-        s["top_a"] = 0.1
-    if rng.random() < 0.15:
-        s["temperature_last"] = True
-    if rng.random() < 0.1:
-        s["dry_multiplier"] = 0.8
-    if rng.random() < 0.1:
-        s["xtc_probability"] = 0.5
-    if rng.random() < 0.1:
-        s["mirostat"] = True
-    if rng.random() < 0.1:
-        s["min_temp"], s["max_temp"] = 0.5, 1.5
-    if rng.random() < 0.1:
-        s["smoothing_factor"] = 0.3
+    # the rarer stages, each switched on with its probability (in this order: a seed's draws stay the same)
+    for p, extra in ((0.15, {"tfs": 0.9}), (0.15, {"top_a": 0.1}), (0.15, {"temperature_last": True}),
+                     (0.1, {"dry_multiplier": 0.8}), (0.1, {"xtc_probability": 0.5}), (0.1, {"mirostat": True}),
+                     (0.1, {"min_temp": 0.5, "max_temp": 1.5}), (0.1, {"smoothing_factor": 0.3})):
+        if rng.random() < p:
+            s.update(extra)
     return s, bias, rng.randrange(2**31)
 
 

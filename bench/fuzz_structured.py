@@ -617,24 +617,24 @@ def round_regex(ctx: Ctx, seed: int, rng: random.Random) -> str:
     return f"regex /{rx}/"
 
 
-def round_lark(ctx: Ctx, seed: int, rng: random.Random) -> str:
-    from exllamav2.generator.grammar import ExLlamaV2LarkFilter
+def _round_grammar(ctx: Ctx, seed: int, rng: random.Random, kind: str) -> str:
+    """A random Lark or GBNF grammar through the generator's filter and the server's guided_grammar."""
+    from exllamav2.generator.grammar import ExLlamaV2EbnfFilter, ExLlamaV2LarkFilter
 
-    g, py = random_lark(rng)
+    filter_cls, make = ((ExLlamaV2LarkFilter, random_lark) if kind == "lark" else (ExLlamaV2EbnfFilter, random_ebnf))
+    g, py = make(rng)
     checker = _lang_checker(py)
-    direct_filter(ctx, seed, "lark", rng, lambda: ExLlamaV2LarkFilter(ctx.model, ctx.tok, g), checker, 40)
-    server_structured(ctx, seed, "lark", rng, {"guided_grammar": g}, checker, 40)
-    return "lark"
+    direct_filter(ctx, seed, kind, rng, lambda: filter_cls(ctx.model, ctx.tok, g), checker, 40)
+    server_structured(ctx, seed, kind, rng, {"guided_grammar": g}, checker, 40)
+    return kind
+
+
+def round_lark(ctx: Ctx, seed: int, rng: random.Random) -> str:
+    return _round_grammar(ctx, seed, rng, "lark")
 
 
 def round_ebnf(ctx: Ctx, seed: int, rng: random.Random) -> str:
-    from exllamav2.generator.grammar import ExLlamaV2EbnfFilter
-
-    g, py = random_ebnf(rng)
-    checker = _lang_checker(py)
-    direct_filter(ctx, seed, "ebnf", rng, lambda: ExLlamaV2EbnfFilter(ctx.model, ctx.tok, g), checker, 40)
-    server_structured(ctx, seed, "ebnf", rng, {"guided_grammar": g}, checker, 40)
-    return "ebnf"
+    return _round_grammar(ctx, seed, rng, "ebnf")
 
 
 TOOL_NAMES = ["get_weather", "add", "search_web", "lookup-user", "f1", "send_email"]

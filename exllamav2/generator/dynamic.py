@@ -141,8 +141,7 @@ class ExLlamaV2DynamicGenerator:
                              f"{[t for t in job.prompt_ids if not 0 <= t < vocab][:8]}")
         if vocab and job.return_top_tokens > vocab:
             raise ValueError(f"enqueue: return_top_tokens={job.return_top_tokens} exceeds the vocabulary ({vocab})")
-        if self.tokenizer is not None:
-            job.gen_settings.validate(self.tokenizer.get_vocab_size(), name="gen_settings")
+        job.gen_settings.validate(self.tokenizer.get_vocab_size(), name="gen_settings")
         # a job can grow until the context, or the whole cache, is full
         job.max_new_tokens = min(job.max_new_tokens, self.max_seq_len - job.prompt_len,
                                  self.cache.max_seq_len - job.prompt_len)

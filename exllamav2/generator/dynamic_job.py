@@ -265,7 +265,7 @@ class ExLlamaV2DynamicJob:
         if self.banned_strings:
             lowered = self.held_text.lower()
             found = any(b in lowered for b in self.banned_strings)
-            if found or self._ban_pending():
+            if found or self._ban_pending(lowered):
                 if self.ban_held is None:  # the match begins in this token's text (or in text held before it)
                     self.checkpoint = len(self.new_token_ids) - 1
                     self.ban_held = (before, len(self.held_tokens) - 1)
@@ -285,9 +285,8 @@ class ExLlamaV2DynamicJob:
         keep = max(self._hold_limit(), len(self.held_text) - len(self.ban_held[0]) if self.ban_held else 0)
         return self._release(len(self.held_text) - keep)
 
-    def _ban_pending(self) -> bool:
-        """Whether held_text ends with a proper start of a banned string."""
-        lowered = self.held_text.lower()
+    def _ban_pending(self, lowered: str) -> bool:
+        """Whether the held text (lowered) ends with a proper start of a banned string."""
         return any(lowered.endswith(b[:n]) for b in self.banned_strings for n in range(1, len(b)))
 
     def finish_with(self, eos_reason: str, trigger: dict | None = None) -> dict:

@@ -100,8 +100,7 @@ def prepare(dense: torch.Tensor | None, bias: torch.Tensor | None, quant, device
         return Int4Kernel(packed, quant.bias)
     if dense.dtype != dtype:
         return f"weight in {dense.dtype}, activations in {dtype}"
-    if dtype in (torch.bfloat16, torch.float16, torch.float32) and dense.dtype == dtype and dense.is_contiguous() \
-            and _kernels_ready():
+    if dtype in (torch.bfloat16, torch.float16, torch.float32) and dense.is_contiguous() and _kernels_ready():
         return DenseGemvKernel(dense, bias)
     return DenseKernel(dense, bias)
 

@@ -325,9 +325,24 @@ PartFn<typename W::T> part_fn(int64_t m) {
     }
 }
 
+// tile (mr, count) plus the bias, rounded once into y's rows r0.. and columns first..
+template <typename Out>
+inline void emit_tile(const float* tile, int64_t mr, int count, const float* bptr, Out* y, int64_t n, int64_t r0,
+                      int64_t first) {
+    for (int64_t m = 0; m < mr; ++m)
+        #pragma GCC unroll 8
+        for (int r = 0; r < count; ++r) {
+            float v = tile[m * count + r];
+            if (bptr) v += bptr[first + r];
+            y[(r0 + m) * n + first + r] = static_cast<Out>(v);
+        }
+}
+
 // Calls of more than kMaxRows rows (prefill): each thread takes a range of weight rows in blocks that stay in L2;
-// for each block, every chunk of 8 activation rows (in L1) runs against the block's weight rows two at a time. The
-// same row kernels as a decode call, so a row's result is the same.
+// for each block, every chunk of 8 activation rows (in L1) runs against the block's weight rows two at a time. On
+// AVX-512, rows longer than 32 KiB for 8 activation rows (a large model's down projection) run the k loop in parts
+// that keep a chunk's part in L1, the accumulators kept between parts (part_avx512). The same operations per
+// accumulator as a decode call, so a row's result is the same.
 template <typename W>
 void gemm_rows(const at::Tensor& xc, const at::Tensor& weight, const float* bptr, at::Tensor& out) {
     using T = typename W::T;
@@ -337,55 +352,31 @@ void gemm_rows(const at::Tensor& xc, const at::Tensor& weight, const float* bptr
     const T* x = static_cast<const T*>(xc.data_ptr());
     typename W::Out* y = static_cast<typename W::Out*>(out.data_ptr());
     const int64_t block = std::max<int64_t>(2, (256 * 1024 / (K * static_cast<int64_t>(sizeof(T)))) / 2 * 2);
-    // long rows (8 activation rows of K beyond 32 KiB: a large model's down projection): the k loop in parts that
-    // keep a chunk's part in L1, the accumulators kept between parts (part_avx512)
-    const int64_t kpart = 4096 / static_cast<int64_t>(sizeof(T));
-    if (isa == ISA_AVX512 && K > kpart) {
-        at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
-            float tile[2 * kMaxRows];
-            std::vector<float> state;
-            for (int64_t nb0 = n0; nb0 < n1; nb0 += block) {
-                const int64_t nb1 = std::min(n1, nb0 + block);
-                state.resize(static_cast<size_t>((nb1 - nb0 + 1) / 2) * 2 * kMaxRows * 16);
-                for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
-                    const int64_t mr = std::min<int64_t>(kMaxRows, rows - r0);
-                    const PartFn<T> two = part_fn<W, 2>(mr), one = part_fn<W, 1>(mr);
-                    for (int64_t k0 = 0; k0 < K; k0 += kpart) {
-                        const int64_t k1 = std::min(K, k0 + kpart);
-                        for (int64_t i = nb0; i < nb1; i += 2) {
-                            const int R = i + 2 <= nb1 ? 2 : 1;
-                            (R == 2 ? two : one)(w + i * K, x + r0 * K, K, k0, k1,
-                                                 state.data() + (i - nb0) / 2 * 2 * kMaxRows * 16, tile);
-                            if (k1 < K) continue;
-                            for (int64_t m = 0; m < mr; ++m)
-                                for (int r = 0; r < R; ++r) {
-                                    float v = tile[m * R + r];
-                                    if (bptr) v += bptr[i + r];
-                                    y[(r0 + m) * n + i + r] = static_cast<typename W::Out>(v);
-                                }
-                        }
-                    }
-                }
-            }
-        });
-        return;
-    }
+    const bool parts = isa == ISA_AVX512;
+    const int64_t kpart = parts ? std::min<int64_t>(K, 4096 / static_cast<int64_t>(sizeof(T))) : K;
     at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
         float tile[2 * kMaxRows];
+        std::vector<float> state;
         for (int64_t nb0 = n0; nb0 < n1; nb0 += block) {
             const int64_t nb1 = std::min(n1, nb0 + block);
+            state.resize(static_cast<size_t>((nb1 - nb0 + 1) / 2) * 2 * kMaxRows * 16);
             for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
                 const int64_t mr = std::min<int64_t>(kMaxRows, rows - r0);
-                const RowsFn<T> two = rows_fn<W, 2>(mr, isa), one = rows_fn<W, 1>(mr, isa);
-                for (int64_t i = nb0; i < nb1; i += 2) {
-                    const int R = i + 2 <= nb1 ? 2 : 1;
-                    (R == 2 ? two : one)(w + i * K, x + r0 * K, K, tile, nullptr, 0);
-                    for (int64_t m = 0; m < mr; ++m)
-                        for (int r = 0; r < R; ++r) {
-                            float v = tile[m * R + r];
-                            if (bptr) v += bptr[i + r];
-                            y[(r0 + m) * n + i + r] = static_cast<typename W::Out>(v);
-                        }
+                const RowsFn<T> two = parts ? nullptr : rows_fn<W, 2>(mr, isa);
+                const RowsFn<T> one = parts ? nullptr : rows_fn<W, 1>(mr, isa);
+                const PartFn<T> two_p = parts ? part_fn<W, 2>(mr) : nullptr;
+                const PartFn<T> one_p = parts ? part_fn<W, 1>(mr) : nullptr;
+                for (int64_t k0 = 0; k0 < K; k0 += kpart) {
+                    const int64_t k1 = std::min(K, k0 + kpart);
+                    for (int64_t i = nb0; i < nb1; i += 2) {
+                        const int R = i + 2 <= nb1 ? 2 : 1;
+                        if (parts)
+                            (R == 2 ? two_p : one_p)(w + i * K, x + r0 * K, K, k0, k1,
+                                                     state.data() + (i - nb0) / 2 * 2 * kMaxRows * 16, tile);
+                        else
+                            (R == 2 ? two : one)(w + i * K, x + r0 * K, K, tile, nullptr, 0);
+                        if (k1 == K) emit_tile(tile, mr, R, bptr, y, n, r0, i);
+                    }
                 }
             }
         }
@@ -399,37 +390,26 @@ void gemv_rows(const at::Tensor& xc, const at::Tensor& weight, const float* bptr
     if (rows > kMaxRows) return gemm_rows<W>(xc, weight, bptr, out);
     const int64_t isa = active_isa();
     const T* w = static_cast<const T*>(weight.data_ptr());
+    const T* xp = static_cast<const T*>(xc.data_ptr());
     typename W::Out* y = static_cast<typename W::Out*>(out.data_ptr());
-    for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
-        const int64_t mr = std::min<int64_t>(kMaxRows, rows - r0);
-        const T* xp = static_cast<const T*>(xc.data_ptr()) + r0 * K;
-        const int R = mr == 1 ? 4 : mr == 2 ? 4 : mr <= 4 ? 2 : 1;
-        const RowsFn<T> main = R == 4 ? rows_fn<W, 4>(mr, isa) : R == 2 ? rows_fn<W, 2>(mr, isa) : rows_fn<W, 1>(mr, isa);
-        const RowsFn<T> one = rows_fn<W, 1>(mr, isa);
-        at::parallel_for(0, n, 64, [&](int64_t n0, int64_t n1) {
-            float tile[4 * kMaxRows];
-            int64_t i = n0;
-            auto emit = [&](int64_t first, int count) {
-                for (int64_t m = 0; m < mr; ++m)
-                    #pragma GCC unroll 8
-                    for (int r = 0; r < count; ++r) {
-                        float v = tile[m * count + r];
-                        if (bptr) v += bptr[first + r];
-                        y[(r0 + m) * n + first + r] = static_cast<typename W::Out>(v);
-                    }
-            };
-            for (; i + R <= n1; i += R) {
-                const int64_t ahead = std::min<int64_t>(R, n1 - i - R);  // rows of the next step in this range
-                main(w + i * K, xp, K, tile, w + (i + R) * K,
-                     ahead > 0 ? ahead * K * static_cast<int64_t>(sizeof(T)) / 64 : 0);
-                emit(i, R);
-            }
-            for (; i < n1; ++i) {
-                one(w + i * K, xp, K, tile, nullptr, 0);
-                emit(i, 1);
-            }
-        });
-    }
+    const int R = rows <= 2 ? 4 : rows <= 4 ? 2 : 1;
+    const RowsFn<T> main =
+        R == 4 ? rows_fn<W, 4>(rows, isa) : R == 2 ? rows_fn<W, 2>(rows, isa) : rows_fn<W, 1>(rows, isa);
+    const RowsFn<T> one = rows_fn<W, 1>(rows, isa);
+    at::parallel_for(0, n, 64, [&](int64_t n0, int64_t n1) {
+        float tile[4 * kMaxRows];
+        int64_t i = n0;
+        for (; i + R <= n1; i += R) {
+            const int64_t ahead = std::min<int64_t>(R, n1 - i - R);  // rows of the next step in this range
+            main(w + i * K, xp, K, tile, w + (i + R) * K,
+                 ahead > 0 ? ahead * K * static_cast<int64_t>(sizeof(T)) / 64 : 0);
+            emit_tile(tile, rows, R, bptr, y, n, 0, i);
+        }
+        for (; i < n1; ++i) {
+            one(w + i * K, xp, K, tile, nullptr, 0);
+            emit_tile(tile, rows, 1, bptr, y, n, 0, i);
+        }
+    });
 }
 
 // x (rows, K) against weight (n, K), both of one dtype (bfloat16, float16 or float32) -> (rows, n) in that dtype,
